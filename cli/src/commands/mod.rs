@@ -1,0 +1,22 @@
+//! One module per subcommand (or group of subcommands).
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+/// Every kiln subcommand.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Print the version.
+    Version,
+}
+
+/// Runs one subcommand and returns the process exit code.
+pub(crate) fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Version => {
+            println!("kiln {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The `kiln` binary: clap commands, rendering and exit codes.
+//!
+//! Each subcommand lives in its own file under `commands/` and is a thin
+//! adapter from its flags onto the library crates.
+#![expect(clippy::print_stdout, clippy::print_stderr, reason = "the CLI prints")]
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// kiln builds container images from Dockerfiles and runs them, with no daemon.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            // A closed pipe (`kiln ... | head`) is not an error.
+            if err.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

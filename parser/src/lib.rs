@@ -1,0 +1,6 @@
+//! kiln-parser: Dockerfile text to a typed AST with source spans, BuildKit's
+//! shell-word expansion, and `.dockerignore` matching.
+//!
+//! Pure functions over `&str`; the only I/O is reading a file in the
+//! functions that say so.
+#![deny(missing_docs)]
