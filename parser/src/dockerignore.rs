@@ -1,0 +1,771 @@
+//! `.dockerignore` files and the patterns in them, with the semantics of
+//! moby/patternmatcher (`patternmatcher.go`) and its `ignorefile.ReadAll`
+//! reader, which is what BuildKit and the docker CLI use.
+//!
+//! * [`read_ignore_patterns`] turns file text into patterns: `#` lines are
+//!   comments, lines are trimmed, empty lines dropped, each pattern is cleaned
+//!   like Go's `filepath.Clean` and loses a leading `/`, and a `!` prefix marks
+//!   an exception (re-inclusion).
+//! * [`PatternMatcher`] compiles each pattern once. A path is excluded when the
+//!   last pattern that matches it, or matches one of its parent directories,
+//!   is not an exception. `*` and `?` never cross `/`, `**` crosses any number
+//!   of directories, `[a-z]`/`[^a-z]` are character classes and `\` escapes.
+//! * [`read_dockerignore`] picks the file: `<Dockerfile name>.dockerignore`
+//!   beside the Dockerfile wins over the context's `.dockerignore`. It is the
+//!   only function here that does I/O.
+//!
+//! Matching is a hand-written matcher over the pattern's tokens (no regex per
+//! path): exact, prefix (`dir/**`) and suffix (`**/name`) patterns are a string
+//! comparison, other patterns reject on their literal prefix or suffix before
+//! the backtracking matcher runs.
+
+use std::borrow::Cow;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Errors from reading or compiling ignore patterns.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerignoreError {
+    /// A pattern that is only `!`.
+    #[error("illegal exclusion pattern `!`{}", at_line(*.line))]
+    IllegalExclusion {
+        /// 1-based line in the ignore file, when the pattern came from one.
+        line: Option<usize>,
+    },
+    /// A pattern that Go's `filepath.Match` rejects (an unclosed `[`, a bad
+    /// range, a trailing `\`).
+    #[error("syntax error in pattern `{pattern}`{}\n\nhint: `[` starts a character class such as `[a-z]`; write `\\[` for a literal `[`", at_line(*.line))]
+    BadPattern {
+        /// The pattern, after cleaning.
+        pattern: String,
+        /// 1-based line in the ignore file, when the pattern came from one.
+        line: Option<usize>,
+    },
+    /// An ignore file that could not be read.
+    #[error("failed to read ignore file `{}`", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// An error in a pattern of an ignore file.
+    #[error("in ignore file `{}`", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// The error in one of its patterns.
+        #[source]
+        source: Box<DockerignoreError>,
+    },
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|l| format!(" on line {l}")).unwrap_or_default()
+}
+
+/// Go's `filepath.Clean` on Unix: the shortest path equivalent to `path` by
+/// purely lexical processing (`//` → `/`, `.` dropped, `x/..` removed, `..`
+/// at the root dropped, no trailing `/`, empty → `.`).
+pub fn clean_path(path: &str) -> Cow<'_, str> {
+    if is_clean(path) {
+        return Cow::Borrowed(path);
+    }
+    let rooted = path.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if parts.last().is_some_and(|p| *p != "..") {
+                    parts.pop();
+                } else if !rooted {
+                    parts.push("..");
+                }
+            }
+            p => parts.push(p),
+        }
+    }
+    let joined = parts.join("/");
+    Cow::Owned(match (rooted, joined.is_empty()) {
+        (true, _) => format!("/{joined}"),
+        (false, true) => ".".to_owned(),
+        (false, false) => joined,
+    })
+}
+
+fn is_clean(path: &str) -> bool {
+    if path.is_empty() {
+        return false;
+    }
+    if path == "/" || path == "." {
+        return true;
+    }
+    if path.ends_with('/') {
+        return false;
+    }
+    let body = path.strip_prefix('/').unwrap_or(path);
+    let mut only_dotdot = true;
+    for p in body.split('/') {
+        match p {
+            "" | "." => return false,
+            ".." if !only_dotdot || path.starts_with('/') => return false,
+            ".." => {}
+            _ => only_dotdot = false,
+        }
+    }
+    true
+}
+
+/// Go's `filepath.Dir`: everything before the last `/`, cleaned.
+fn go_dir(path: &str) -> Cow<'_, str> {
+    match path.rfind('/') {
+        Some(i) => clean_path(&path[..=i]),
+        None => Cow::Borrowed("."),
+    }
+}
+
+/// The patterns of an ignore file, as `ignorefile.ReadAll` returns them.
+///
+/// ```
+/// let p = kiln_parser::read_ignore_patterns("# comment\n/build/\n! /keep/me \n\n*.log\n");
+/// assert_eq!(p, ["build", "!keep/me", "*.log"]);
+/// ```
+pub fn read_ignore_patterns(text: &str) -> Vec<String> {
+    read_ignore_lines(text).into_iter().map(|(_, p)| p).collect()
+}
+
+/// Like [`read_ignore_patterns`], with the 1-based line of each pattern.
+fn read_ignore_lines(text: &str) -> Vec<(usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut out = Vec::new();
+    // bufio.ScanLines: split on `\n`, drop one `\r` before it, and a final
+    // line without a newline still counts.
+    let lines = text.strip_suffix('\n').unwrap_or(text).split('\n');
+    for (index, line) in lines.enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if text.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut pattern = line.trim();
+        if pattern.is_empty() {
+            continue;
+        }
+        let invert = pattern.starts_with('!');
+        if invert {
+            pattern = pattern[1..].trim();
+        }
+        let mut cleaned = String::new();
+        if !pattern.is_empty() {
+            let c = clean_path(pattern);
+            cleaned = match c.strip_prefix('/') {
+                Some(rest) if c.len() > 1 => rest.to_owned(),
+                _ => c.into_owned(),
+            };
+        }
+        if invert {
+            cleaned.insert(0, '!');
+        }
+        out.push((index + 1, cleaned));
+    }
+    out
+}
+
+/// One compiled pattern.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    text: String,
+    exclusion: bool,
+    kind: Kind,
+}
+
+impl Pattern {
+    /// The cleaned pattern, without its `!`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether this is a `!` exception, which re-includes what it matches.
+    pub fn is_exclusion(&self) -> bool {
+        self.exclusion
+    }
+
+    /// Whether the pattern matches `path` itself (no parent matching).
+    pub fn matches(&self, path: &str) -> bool {
+        match &self.kind {
+            Kind::Exact => path == self.text,
+            Kind::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            Kind::Suffix(suffix) => suffix_matches(suffix, path),
+            Kind::Glob(glob) => glob.matches(path),
+        }
+    }
+
+    /// Whether the pattern matches `path` or one of the directories of
+    /// `parent` (Go's `filepath.Dir(path)`): `parent` itself and each prefix of
+    /// it that ends before a `/`.
+    fn matches_self_or_parent(&self, path: &str, parent: &str) -> bool {
+        if self.matches(path) {
+            return true;
+        }
+        if parent == "." {
+            return false;
+        }
+        match &self.kind {
+            Kind::Exact => {
+                parent.starts_with(self.text.as_str())
+                    && (parent.len() == self.text.len() || parent.as_bytes()[self.text.len()] == b'/')
+            }
+            Kind::Prefix(prefix) => parent.starts_with(prefix.as_str()),
+            Kind::Suffix(suffix) => dir_prefixes(parent).any(|d| suffix_matches(suffix, d)),
+            Kind::Glob(glob) => dir_prefixes(parent).any(|d| glob.matches(d)),
+        }
+    }
+}
+
+/// `parent` split at each `/`, as the joined prefixes `a`, `a/b`, `a/b/c`.
+fn dir_prefixes(parent: &str) -> impl Iterator<Item = &str> {
+    parent.match_indices('/').map(|(i, _)| &parent[..i]).chain(std::iter::once(parent))
+}
+
+fn suffix_matches(suffix: &str, path: &str) -> bool {
+    // `**/foo` also matches `foo` itself.
+    path.ends_with(suffix) || suffix.strip_prefix('/').is_some_and(|s| s == path)
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// No wildcard: the path equals the pattern.
+    Exact,
+    /// `literal**`: the path starts with the literal.
+    Prefix(String),
+    /// `**literal`: the path ends with the literal (or is it, without its `/`).
+    Suffix(String),
+    /// Anything else.
+    Glob(Glob),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Lit(String),
+    /// `?`: one character but `/`.
+    One,
+    /// `*`: any run of characters without `/`.
+    Star,
+    /// `**` followed by more pattern: `(.*/)?`, any number of whole directories.
+    Dirs,
+    /// `**` at the end of a pattern that had wildcards before: `.*`.
+    Rest,
+    /// `[...]`.
+    Class(Class),
+    /// An unescaped `^` in a pattern that became a regular expression
+    /// upstream, where it is a start-of-text anchor.
+    Caret,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Class {
+    negated: bool,
+    ranges: Vec<(char, char)>,
+}
+
+impl Class {
+    fn contains(&self, c: char) -> bool {
+        self.ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != self.negated
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Glob {
+    toks: Vec<Tok>,
+    /// Literal the path must start / end with: a cheap reject before matching.
+    prefix: String,
+    suffix: String,
+    /// More than one looping token: remember failed states.
+    memo: bool,
+}
+
+impl Glob {
+    fn new(toks: Vec<Tok>) -> Self {
+        let prefix = match toks.first() {
+            Some(Tok::Lit(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let suffix = match toks.last() {
+            Some(Tok::Lit(s)) if toks.len() > 1 => s.clone(),
+            _ => String::new(),
+        };
+        let loops = toks.iter().filter(|t| matches!(t, Tok::Star | Tok::Dirs | Tok::Rest)).count();
+        Self { toks, prefix, suffix, memo: loops > 1 }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        if !path.starts_with(self.prefix.as_str()) || !path.ends_with(self.suffix.as_str()) {
+            return false;
+        }
+        if self.memo {
+            let mut failed = vec![false; (self.toks.len() + 1) * (path.len() + 1)];
+            self.step(path, 0, 0, Some(&mut failed))
+        } else {
+            self.step(path, 0, 0, None)
+        }
+    }
+
+    /// Whether `toks[ti..]` matches `path[pos..]` to the end.
+    fn step(&self, path: &str, ti: usize, pos: usize, mut failed: Option<&mut Vec<bool>>) -> bool {
+        let key = ti * (path.len() + 1) + pos;
+        if failed.as_ref().is_some_and(|f| f[key]) {
+            return false;
+        }
+        let (mut t, mut p) = (ti, pos);
+        let ok = loop {
+            let Some(tok) = self.toks.get(t) else { break p == path.len() };
+            let rest = &path[p..];
+            match tok {
+                Tok::Lit(s) if rest.starts_with(s.as_str()) => p += s.len(),
+                Tok::One => match rest.chars().next() {
+                    Some(c) if c != '/' => p += c.len_utf8(),
+                    _ => break false,
+                },
+                Tok::Class(class) => match rest.chars().next() {
+                    Some(c) if class.contains(c) => p += c.len_utf8(),
+                    _ => break false,
+                },
+                Tok::Caret if p == 0 => {}
+                Tok::Lit(_) | Tok::Caret => break false,
+                Tok::Star | Tok::Rest => {
+                    let stop = if *tok == Tok::Star { '/' } else { '\n' };
+                    let run = rest.find(stop).unwrap_or(rest.len());
+                    let mut found = false;
+                    for end in (p..=p + run).filter(|e| path.is_char_boundary(*e)) {
+                        if self.step(path, t + 1, end, failed.as_deref_mut()) {
+                            found = true;
+                            break;
+                        }
+                    }
+                    break found;
+                }
+                Tok::Dirs => {
+                    // Skip the group, or take `.*/` up to any later `/` that
+                    // no newline separates from here.
+                    let run = rest.find('\n').unwrap_or(rest.len());
+                    let mut found = self.step(path, t + 1, p, failed.as_deref_mut());
+                    if !found {
+                        for (i, _) in rest[..run].match_indices('/') {
+                            if self.step(path, t + 1, p + i + 1, failed.as_deref_mut()) {
+                                found = true;
+                                break;
+                            }
+                        }
+                    }
+                    break found;
+                }
+            }
+            t += 1;
+        };
+        if !ok && let Some(f) = failed {
+            f[key] = true;
+        }
+        ok
+    }
+}
+
+/// What [`PatternMatcher::matches_with_parent`] remembers about a directory
+/// for its children: which patterns matched it or one of its parents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MatchInfo {
+    parent_matched: Vec<bool>,
+}
+
+/// A compiled list of ignore patterns.
+///
+/// ```
+/// use kiln_parser::PatternMatcher;
+/// let m = PatternMatcher::new(["docs", "!docs/README.md", "**/*.log"]).unwrap();
+/// assert!(m.matches("docs/guide.md"));
+/// assert!(!m.matches("docs/README.md"));
+/// assert!(m.matches("a/b/c.log"));
+/// assert!(!m.matches("src/main.rs"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct PatternMatcher {
+    patterns: Vec<Pattern>,
+    exclusions: bool,
+}
+
+impl PatternMatcher {
+    /// Compile patterns as patternmatcher's `New` does: each is trimmed,
+    /// empty ones are dropped, each is cleaned, a leading `!` makes an
+    /// exception, and the syntax is checked.
+    pub fn new<I, S>(patterns: I) -> Result<Self, DockerignoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::compile(patterns.into_iter().map(|p| (None, p)))
+    }
+
+    /// Read the text of an ignore file ([`read_ignore_patterns`]) and compile
+    /// its patterns; errors name the line.
+    pub fn from_ignore_file_text(text: &str) -> Result<Self, DockerignoreError> {
+        Self::compile(read_ignore_lines(text).into_iter().map(|(l, p)| (Some(l), p)))
+    }
+
+    fn compile<S: AsRef<str>>(patterns: impl Iterator<Item = (Option<usize>, S)>) -> Result<Self, DockerignoreError> {
+        let mut out = Self::default();
+        for (line, p) in patterns {
+            let p = p.as_ref().trim();
+            if p.is_empty() {
+                continue;
+            }
+            let p = clean_path(p);
+            let (exclusion, text) = match p.strip_prefix('!') {
+                Some("") => return Err(DockerignoreError::IllegalExclusion { line }),
+                Some(rest) => (true, rest),
+                None => (false, p.as_ref()),
+            };
+            out.exclusions |= exclusion;
+            let kind = compile_kind(text).ok_or_else(|| DockerignoreError::BadPattern { pattern: text.to_owned(), line })?;
+            out.patterns.push(Pattern { text: text.to_owned(), exclusion, kind });
+        }
+        Ok(out)
+    }
+
+    /// The compiled patterns, in file order.
+    pub fn patterns(&self) -> &[Pattern] {
+        &self.patterns
+    }
+
+    /// Whether any pattern is a `!` exception.
+    pub fn has_exclusions(&self) -> bool {
+        self.exclusions
+    }
+
+    /// Whether `path` is ignored: the last pattern that matches it or one of
+    /// its parent directories decides (patternmatcher's
+    /// `MatchesOrParentMatches`). `path` is relative to the context, with `/`
+    /// separators; it is used as given (see [`clean_path`]).
+    pub fn matches(&self, path: &str) -> bool {
+        let parent = go_dir(path);
+        let mut matched = false;
+        for pattern in &self.patterns {
+            // An inclusion cannot change a match, an exception cannot change
+            // a non-match: skip them.
+            if pattern.exclusion != matched {
+                continue;
+            }
+            if pattern.matches_self_or_parent(path, &parent) {
+                matched = !pattern.exclusion;
+            }
+        }
+        matched
+    }
+
+    /// Like [`matches`](Self::matches), but only the path itself is matched,
+    /// never its parents (patternmatcher's `MatchesExact`).
+    pub fn matches_exact(&self, path: &str) -> bool {
+        let mut matched = false;
+        for pattern in &self.patterns {
+            if pattern.exclusion != matched {
+                continue;
+            }
+            if pattern.matches(path) {
+                matched = !pattern.exclusion;
+            }
+        }
+        matched
+    }
+
+    /// The form a directory walker uses (patternmatcher's
+    /// `MatchesUsingParentResults`, which BuildKit's context walker calls):
+    /// pass the [`MatchInfo`] returned for the parent directory (or the
+    /// default for a top-level entry, which then falls back to checking the
+    /// parents itself) and each pattern is matched against `path` alone.
+    pub fn matches_with_parent(&self, path: &str, parent: &MatchInfo) -> (bool, MatchInfo) {
+        let known = !parent.parent_matched.is_empty() && parent.parent_matched.len() == self.patterns.len();
+        let mut info = MatchInfo { parent_matched: vec![false; self.patterns.len()] };
+        let mut matched = false;
+        let dir = (!known).then(|| go_dir(path));
+        for (i, pattern) in self.patterns.iter().enumerate() {
+            let mut m = known && parent.parent_matched[i];
+            if !m {
+                if pattern.exclusion != matched {
+                    continue;
+                }
+                m = match &dir {
+                    Some(d) => pattern.matches_self_or_parent(path, d),
+                    None => pattern.matches(path),
+                };
+            }
+            info.parent_matched[i] = m;
+            if m {
+                matched = !pattern.exclusion;
+            }
+        }
+        (matched, info)
+    }
+
+    /// For a directory `dir` that [`matches`](Self::matches) excluded: whether
+    /// a walker may skip everything under it. This is BuildKit's (fsutil's)
+    /// rule: yes when there are no exceptions, or when no exception pattern
+    /// followed by `/` starts with `dir/`. Like BuildKit, an exception that
+    /// does not spell out the directory (`!**/keep`) does not stop the skip.
+    pub fn can_skip_dir(&self, dir: &str) -> bool {
+        if !self.exclusions {
+            return true;
+        }
+        !self.patterns.iter().filter(|p| p.exclusion).any(|p| {
+            let pat = p.text.as_str();
+            // `pat + "/"` starts with `dir + "/"`.
+            pat.len() >= dir.len()
+                && pat.starts_with(dir)
+                && (pat.len() == dir.len() || pat.as_bytes()[dir.len()] == b'/')
+        })
+    }
+}
+
+/// Compile one cleaned pattern (without `!`); `None` when Go's
+/// `filepath.Match` would call it malformed.
+fn compile_kind(pattern: &str) -> Option<Kind> {
+    validate_glob(pattern)?;
+    #[derive(PartialEq)]
+    enum Detected {
+        Exact,
+        Prefix,
+        Suffix,
+        Regexp,
+    }
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut toks: Vec<Tok> = Vec::new();
+    let push_char = |toks: &mut Vec<Tok>, c: char| match toks.last_mut() {
+        Some(Tok::Lit(s)) => s.push(c),
+        _ => toks.push(Tok::Lit(c.to_string())),
+    };
+    let mut detected = Detected::Exact;
+    let mut idx = 0;
+    let mut iteration = 0;
+    while idx < chars.len() {
+        let ch = chars[idx];
+        idx += 1;
+        match ch {
+            '*' if chars.get(idx) == Some(&'*') => {
+                idx += 1;
+                if chars.get(idx) == Some(&'/') {
+                    idx += 1;
+                }
+                if idx == chars.len() {
+                    if detected == Detected::Exact {
+                        detected = Detected::Prefix;
+                    } else {
+                        toks.push(Tok::Rest);
+                        detected = Detected::Regexp;
+                    }
+                } else {
+                    toks.push(Tok::Dirs);
+                    detected = Detected::Regexp;
+                }
+                if iteration == 0 {
+                    detected = Detected::Suffix;
+                }
+            }
+            '*' => {
+                toks.push(Tok::Star);
+                detected = Detected::Regexp;
+            }
+            '?' => {
+                toks.push(Tok::One);
+                detected = Detected::Regexp;
+            }
+            '\\' => {
+                // Validation guarantees a character follows.
+                let next = chars.get(idx).copied()?;
+                idx += 1;
+                push_char(&mut toks, next);
+                detected = Detected::Regexp;
+            }
+            '[' => {
+                let (class, used) = parse_class(&chars[idx..])?;
+                idx += used;
+                toks.push(Tok::Class(class));
+                detected = Detected::Regexp;
+            }
+            ']' => {
+                // A `]` outside a class is literal in a Go regexp.
+                push_char(&mut toks, ']');
+                detected = Detected::Regexp;
+            }
+            '^' => toks.push(Tok::Caret),
+            c => push_char(&mut toks, c),
+        }
+        iteration += 1;
+    }
+    Some(match detected {
+        Detected::Exact => Kind::Exact,
+        Detected::Prefix => Kind::Prefix(pattern[..pattern.len() - 2].to_owned()),
+        Detected::Suffix => Kind::Suffix(pattern[2..].to_owned()),
+        Detected::Regexp => Kind::Glob(Glob::new(toks)),
+    })
+}
+
+/// Parse a character class after its `[`: `^` negates, ranges `a-z`, `\`
+/// escapes, at least one range, closed by `]`. Returns the class and the
+/// number of characters used, `]` included.
+fn parse_class(chars: &[char]) -> Option<(Class, usize)> {
+    let mut i = 0;
+    let negated = chars.first() == Some(&'^');
+    if negated {
+        i += 1;
+    }
+    let mut ranges = Vec::new();
+    loop {
+        if chars.get(i) == Some(&']') && !ranges.is_empty() {
+            return Some((Class { negated, ranges }, i + 1));
+        }
+        let (lo, n) = class_char(&chars[i..])?;
+        i += n;
+        let mut hi = lo;
+        if chars.get(i) == Some(&'-') {
+            let (h, n) = class_char(&chars[i + 1..])?;
+            hi = h;
+            i += 1 + n;
+        }
+        ranges.push((lo, hi));
+    }
+}
+
+/// Go's `getEsc`: one class character, maybe escaped; never an unescaped
+/// `-` or `]`, and the class must go on after it.
+fn class_char(chars: &[char]) -> Option<(char, usize)> {
+    let mut i = 0;
+    match chars.first() {
+        None | Some('-' | ']') => return None,
+        Some('\\') => i += 1,
+        Some(_) => {}
+    }
+    let c = *chars.get(i)?;
+    if i + 1 >= chars.len() {
+        return None;
+    }
+    Some((c, i + 1))
+}
+
+/// The syntax check of Go's `filepath.Match`: every `[` opens a well-formed
+/// class and no `\` is last. Stars split chunks but a `*` inside a class
+/// does not.
+fn validate_glob(pattern: &str) -> Option<()> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '\\' => {
+                if i + 1 >= chars.len() {
+                    return None;
+                }
+                i += 2;
+            }
+            '[' => {
+                let (_, used) = parse_class(&chars[i + 1..])?;
+                i += 1 + used;
+            }
+            _ => i += 1,
+        }
+    }
+    Some(())
+}
+
+/// An ignore file that was found and read.
+#[derive(Debug, Clone)]
+pub struct IgnoreFile {
+    /// The file that was used.
+    pub path: PathBuf,
+    /// Its compiled patterns.
+    pub matcher: PatternMatcher,
+}
+
+/// Find and read the ignore file for a build, as BuildKit does: the file
+/// `<Dockerfile name>.dockerignore` in the Dockerfile's directory if it
+/// exists, else `.dockerignore` at the root of the context, else none.
+pub fn read_dockerignore(context_dir: &Path, dockerfile: &Path) -> Result<Option<IgnoreFile>, DockerignoreError> {
+    let mut candidates = Vec::with_capacity(2);
+    if let Some(name) = dockerfile.file_name() {
+        let mut specific = name.to_os_string();
+        specific.push(".dockerignore");
+        candidates.push(dockerfile.with_file_name(specific));
+    }
+    candidates.push(context_dir.join(".dockerignore"));
+    for path in candidates {
+        let bytes = match fs_err::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(DockerignoreError::Read { path, source }),
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        return match PatternMatcher::from_ignore_file_text(&text) {
+            Ok(matcher) => Ok(Some(IgnoreFile { path, matcher })),
+            Err(e) => Err(DockerignoreError::InFile { path, source: Box::new(e) }),
+        };
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_follows_go() {
+        for (input, want) in [
+            ("", "."),
+            (".", "."),
+            ("/", "/"),
+            ("a/", "a"),
+            ("a//b", "a/b"),
+            ("./a/./b/", "a/b"),
+            ("a/../b", "b"),
+            ("a/..", "."),
+            ("../a", "../a"),
+            ("../../a/..", "../.."),
+            ("/../a", "/a"),
+            ("/a/b/../../..", "/"),
+            ("**/", "**"),
+            ("abc", "abc"),
+            ("..", ".."),
+            ("a/b/..", "a"),
+        ] {
+            assert_eq!(clean_path(input), want, "clean({input:?})");
+        }
+    }
+
+    #[test]
+    fn dir_follows_go() {
+        assert_eq!(go_dir("a/b/c"), "a/b");
+        assert_eq!(go_dir("a"), ".");
+        assert_eq!(go_dir("dir/dir2/file/"), "dir/dir2/file");
+        assert_eq!(go_dir("/a"), "/");
+    }
+
+    #[test]
+    fn kinds_follow_patternmatcher_compile() {
+        // From patternmatcher's compile table: which patterns are plain
+        // string comparisons.
+        let kind = |p: &str| match compile_kind(p) {
+            Some(Kind::Exact) => "exact",
+            Some(Kind::Prefix(_)) => "prefix",
+            Some(Kind::Suffix(_)) => "suffix",
+            Some(Kind::Glob(_)) => "regexp",
+            None => "error",
+        };
+        assert_eq!(kind("*"), "regexp");
+        assert_eq!(kind("**"), "suffix");
+        assert_eq!(kind("**/**"), "regexp");
+        assert_eq!(kind("dir/**"), "prefix");
+        assert_eq!(kind("**/dir"), "suffix");
+        assert_eq!(kind("**file"), "suffix");
+        assert_eq!(kind("**/dir2/*"), "regexp");
+        assert_eq!(kind("a.|)$(}+{bc"), "exact");
+        assert_eq!(kind("abc"), "exact");
+        assert_eq!(kind("a\\*b"), "regexp");
+        assert_eq!(kind("a[b-d]e"), "regexp");
+        assert_eq!(kind("["), "error");
+    }
+}
