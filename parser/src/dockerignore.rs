@@ -133,7 +133,10 @@ fn go_dir(path: &str) -> Cow<'_, str> {
 /// assert_eq!(p, ["build", "!keep/me", "*.log"]);
 /// ```
 pub fn read_ignore_patterns(text: &str) -> Vec<String> {
-    read_ignore_lines(text).into_iter().map(|(_, p)| p).collect()
+    read_ignore_lines(text)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
 }
 
 /// Like [`read_ignore_patterns`], with the 1-based line of each pattern.
@@ -214,7 +217,8 @@ impl Pattern {
         match &self.kind {
             Kind::Exact => {
                 parent.starts_with(self.text.as_str())
-                    && (parent.len() == self.text.len() || parent.as_bytes()[self.text.len()] == b'/')
+                    && (parent.len() == self.text.len()
+                        || parent.as_bytes()[self.text.len()] == b'/')
             }
             Kind::Prefix(prefix) => parent.starts_with(prefix.as_str()),
             Kind::Suffix(suffix) => dir_prefixes(parent).any(|d| suffix_matches(suffix, d)),
@@ -225,7 +229,10 @@ impl Pattern {
 
 /// `parent` split at each `/`, as the joined prefixes `a`, `a/b`, `a/b/c`.
 fn dir_prefixes(parent: &str) -> impl Iterator<Item = &str> {
-    parent.match_indices('/').map(|(i, _)| &parent[..i]).chain(std::iter::once(parent))
+    parent
+        .match_indices('/')
+        .map(|(i, _)| &parent[..i])
+        .chain(std::iter::once(parent))
 }
 
 fn suffix_matches(suffix: &str, path: &str) -> bool {
@@ -295,8 +302,16 @@ impl Glob {
             Some(Tok::Lit(s)) if toks.len() > 1 => s.clone(),
             _ => String::new(),
         };
-        let loops = toks.iter().filter(|t| matches!(t, Tok::Star | Tok::Dirs | Tok::Rest)).count();
-        Self { toks, prefix, suffix, memo: loops > 1 }
+        let loops = toks
+            .iter()
+            .filter(|t| matches!(t, Tok::Star | Tok::Dirs | Tok::Rest))
+            .count();
+        Self {
+            toks,
+            prefix,
+            suffix,
+            memo: loops > 1,
+        }
     }
 
     fn matches(&self, path: &str) -> bool {
@@ -319,7 +334,9 @@ impl Glob {
         }
         let (mut t, mut p) = (ti, pos);
         let ok = loop {
-            let Some(tok) = self.toks.get(t) else { break p == path.len() };
+            let Some(tok) = self.toks.get(t) else {
+                break p == path.len();
+            };
             let rest = &path[p..];
             match tok {
                 Tok::Lit(s) if rest.starts_with(s.as_str()) => p += s.len(),
@@ -408,10 +425,16 @@ impl PatternMatcher {
     /// Read the text of an ignore file ([`read_ignore_patterns`]) and compile
     /// its patterns; errors name the line.
     pub fn from_ignore_file_text(text: &str) -> Result<Self, DockerignoreError> {
-        Self::compile(read_ignore_lines(text).into_iter().map(|(l, p)| (Some(l), p)))
+        Self::compile(
+            read_ignore_lines(text)
+                .into_iter()
+                .map(|(l, p)| (Some(l), p)),
+        )
     }
 
-    fn compile<S: AsRef<str>>(patterns: impl Iterator<Item = (Option<usize>, S)>) -> Result<Self, DockerignoreError> {
+    fn compile<S: AsRef<str>>(
+        patterns: impl Iterator<Item = (Option<usize>, S)>,
+    ) -> Result<Self, DockerignoreError> {
         let mut out = Self::default();
         for (line, p) in patterns {
             let p = p.as_ref().trim();
@@ -425,8 +448,15 @@ impl PatternMatcher {
                 None => (false, p.as_ref()),
             };
             out.exclusions |= exclusion;
-            let kind = compile_kind(text).ok_or_else(|| DockerignoreError::BadPattern { pattern: text.to_owned(), line })?;
-            out.patterns.push(Pattern { text: text.to_owned(), exclusion, kind });
+            let kind = compile_kind(text).ok_or_else(|| DockerignoreError::BadPattern {
+                pattern: text.to_owned(),
+                line,
+            })?;
+            out.patterns.push(Pattern {
+                text: text.to_owned(),
+                exclusion,
+                kind,
+            });
         }
         Ok(out)
     }
@@ -482,8 +512,11 @@ impl PatternMatcher {
     /// default for a top-level entry, which then falls back to checking the
     /// parents itself) and each pattern is matched against `path` alone.
     pub fn matches_with_parent(&self, path: &str, parent: &MatchInfo) -> (bool, MatchInfo) {
-        let known = !parent.parent_matched.is_empty() && parent.parent_matched.len() == self.patterns.len();
-        let mut info = MatchInfo { parent_matched: vec![false; self.patterns.len()] };
+        let known =
+            !parent.parent_matched.is_empty() && parent.parent_matched.len() == self.patterns.len();
+        let mut info = MatchInfo {
+            parent_matched: vec![false; self.patterns.len()],
+        };
         let mut matched = false;
         let dir = (!known).then(|| go_dir(path));
         for (i, pattern) in self.patterns.iter().enumerate() {
@@ -685,7 +718,10 @@ pub struct IgnoreFile {
 /// Find and read the ignore file for a build, as BuildKit does: the file
 /// `<Dockerfile name>.dockerignore` in the Dockerfile's directory if it
 /// exists, else `.dockerignore` at the root of the context, else none.
-pub fn read_dockerignore(context_dir: &Path, dockerfile: &Path) -> Result<Option<IgnoreFile>, DockerignoreError> {
+pub fn read_dockerignore(
+    context_dir: &Path,
+    dockerfile: &Path,
+) -> Result<Option<IgnoreFile>, DockerignoreError> {
     let mut candidates = Vec::with_capacity(2);
     if let Some(name) = dockerfile.file_name() {
         let mut specific = name.to_os_string();
@@ -702,7 +738,10 @@ pub fn read_dockerignore(context_dir: &Path, dockerfile: &Path) -> Result<Option
         let text = String::from_utf8_lossy(&bytes);
         return match PatternMatcher::from_ignore_file_text(&text) {
             Ok(matcher) => Ok(Some(IgnoreFile { path, matcher })),
-            Err(e) => Err(DockerignoreError::InFile { path, source: Box::new(e) }),
+            Err(e) => Err(DockerignoreError::InFile {
+                path,
+                source: Box::new(e),
+            }),
         };
     }
     Ok(None)

@@ -177,7 +177,13 @@ impl Lexer {
     /// A lexer with the given escape character (`\` by default, `` ` `` after
     /// an `# escape=`` ` `` directive) and every option off.
     pub fn new(escape: char) -> Self {
-        Self { escape, raw_quotes: false, raw_escapes: false, skip_process_quotes: false, skip_unset_env: false }
+        Self {
+            escape,
+            raw_quotes: false,
+            raw_escapes: false,
+            skip_process_quotes: false,
+            skip_unset_env: false,
+        }
     }
 
     /// Keep quote characters in the output (BuildKit `RawQuotes`).
@@ -211,18 +217,30 @@ impl Lexer {
     }
 
     /// Expand `word` into one string (BuildKit `ProcessWord`).
-    pub fn process_word<E: Env + ?Sized>(&self, word: &str, env: &E) -> Result<String, ExpandError> {
+    pub fn process_word<E: Env + ?Sized>(
+        &self,
+        word: &str,
+        env: &E,
+    ) -> Result<String, ExpandError> {
         self.process_word_with_matches(word, env).map(|e| e.result)
     }
 
     /// Expand `word` and split it into fields (BuildKit `ProcessWords`).
-    pub fn process_words<E: Env + ?Sized>(&self, word: &str, env: &E) -> Result<Vec<String>, ExpandError> {
+    pub fn process_words<E: Env + ?Sized>(
+        &self,
+        word: &str,
+        env: &E,
+    ) -> Result<Vec<String>, ExpandError> {
         self.process_word_with_matches(word, env).map(|e| e.words)
     }
 
     /// Expand `word`, giving the string, the fields, and the variables that
     /// were found and not found (BuildKit `ProcessWordWithMatches`).
-    pub fn process_word_with_matches<E: Env + ?Sized>(&self, word: &str, env: &E) -> Result<Expansion, ExpandError> {
+    pub fn process_word_with_matches<E: Env + ?Sized>(
+        &self,
+        word: &str,
+        env: &E,
+    ) -> Result<Expansion, ExpandError> {
         let mut sw = ShellWord {
             lexer: *self,
             src: word,
@@ -233,8 +251,17 @@ impl Lexer {
             unmatched: BTreeSet::new(),
         };
         match sw.process_stop_on(None, self.raw_escapes) {
-            Ok((result, words)) => Ok(Expansion { result, words, matched: sw.matched, unmatched: sw.unmatched }),
-            Err(kind) => Err(ExpandError { word: word.to_owned(), position: sw.pos, kind }),
+            Ok((result, words)) => Ok(Expansion {
+                result,
+                words,
+                matched: sw.matched,
+                unmatched: sw.unmatched,
+            }),
+            Err(kind) => Err(ExpandError {
+                word: word.to_owned(),
+                position: sw.pos,
+                kind,
+            }),
         }
     }
 }
@@ -323,7 +350,11 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
     }
 
     /// Read up to `stop` (consumed) or to the end when `stop` is `None`.
-    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> Step<(String, Vec<String>)> {
+    fn process_stop_on(
+        &mut self,
+        stop: Option<char>,
+        raw_escapes: bool,
+    ) -> Step<(String, Vec<String>)> {
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
         let out = self.process_stop_on_inner(stop);
@@ -433,7 +464,9 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
                             // An escape just before the end is dropped; the
                             // loop then reports the missing quote.
                             None => continue,
-                            Some(next) if next == '"' || next == '$' || next == self.lexer.escape => {
+                            Some(next)
+                                if next == '"' || next == '$' || next == self.lexer.escape =>
+                            {
                                 self.next();
                                 ch = next;
                             }
@@ -487,15 +520,26 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
                     modifier.push(ch);
                 }
                 let raw = ch == '#' || ch == '%';
-                let (word, _) = self.process_stop_on(Some('}'), raw).map_err(|e| self.at_end_or(e))?;
+                let (word, _) = self
+                    .process_stop_on(Some('}'), raw)
+                    .map_err(|e| self.at_end_or(e))?;
                 let value = self.get_env(&name);
                 if self.lexer.skip_unset_env && value.is_none() {
                     return Ok(format!("${{{name}{modifier}{word}}}"));
                 }
-                let empty_is_unset = |v: &Option<String>| v.is_none() || (null_is_unset && v.as_deref() == Some(""));
+                let empty_is_unset =
+                    |v: &Option<String>| v.is_none() || (null_is_unset && v.as_deref() == Some(""));
                 match ch {
-                    '-' => Ok(if empty_is_unset(&value) { word } else { value.unwrap_or_default() }),
-                    '+' => Ok(if empty_is_unset(&value) { String::new() } else { word }),
+                    '-' => Ok(if empty_is_unset(&value) {
+                        word
+                    } else {
+                        value.unwrap_or_default()
+                    }),
+                    '+' => Ok(if empty_is_unset(&value) {
+                        String::new()
+                    } else {
+                        word
+                    }),
                     '?' => match value {
                         None => Err(required(name, word, "is not allowed to be unset")),
                         Some(v) if null_is_unset && v.is_empty() => {
@@ -509,7 +553,11 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
                             Some(rest) => (true, rest),
                             None => (false, word.as_str()),
                         };
-                        if ch == '%' { trim_suffix(pattern, &value, greedy) } else { trim_prefix(pattern, &value, greedy) }
+                        if ch == '%' {
+                            trim_suffix(pattern, &value, greedy)
+                        } else {
+                            trim_prefix(pattern, &value, greedy)
+                        }
                     }
                     _ => Err(ExpandErrorKind::UnsupportedModifier { modifier }),
                 }
@@ -520,9 +568,15 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
                     self.next();
                 }
                 let (pattern, _) = self.process_stop_on(Some('/'), true).map_err(|e| {
-                    if self.peek().is_none() { ExpandErrorKind::MissingSlash } else { e }
+                    if self.peek().is_none() {
+                        ExpandErrorKind::MissingSlash
+                    } else {
+                        e
+                    }
                 })?;
-                let (replacement, _) = self.process_stop_on(Some('}'), true).map_err(|e| self.at_end_or(e))?;
+                let (replacement, _) = self
+                    .process_stop_on(Some('}'), true)
+                    .map_err(|e| self.at_end_or(e))?;
                 let value = self.get_env(&name);
                 if self.lexer.skip_unset_env && value.is_none() {
                     return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
@@ -551,7 +605,11 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
     /// BuildKit turns any error inside `${...}` into "missing `}`" when the
     /// input ran out.
     fn at_end_or(&self, e: ExpandErrorKind) -> ExpandErrorKind {
-        if self.peek().is_none() { ExpandErrorKind::MissingBrace } else { e }
+        if self.peek().is_none() {
+            ExpandErrorKind::MissingBrace
+        } else {
+            e
+        }
     }
 
     fn process_name(&mut self) -> String {
@@ -580,7 +638,11 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
 }
 
 fn required(name: String, word: String, default: &str) -> ExpandErrorKind {
-    let message = if word.is_empty() { default.to_owned() } else { word };
+    let message = if word.is_empty() {
+        default.to_owned()
+    } else {
+        word
+    };
     ExpandErrorKind::Required { name, message }
 }
 
@@ -709,7 +771,9 @@ impl Glob {
                 Some(Tok::Star) => {
                     let run = text[p..].iter().take_while(|c| **c != '\n').count();
                     break if self.greedy {
-                        (0..=run).rev().find_map(|n| self.step(text, t + 1, p + n, failed))
+                        (0..=run)
+                            .rev()
+                            .find_map(|n| self.step(text, t + 1, p + n, failed))
                     } else {
                         (0..=run).find_map(|n| self.step(text, t + 1, p + n, failed))
                     };
@@ -743,7 +807,9 @@ impl Glob {
         let mut last_end = 0;
         let mut search = 0;
         while search <= text.len() {
-            let Some((a, b)) = self.find_from(text, search) else { break };
+            let Some((a, b)) = self.find_from(text, search) else {
+                break;
+            };
             out.extend(&text[last_end..a]);
             if b > last_end || a == 0 {
                 let matched: String = text[a..b].iter().collect();
@@ -772,8 +838,11 @@ fn expand_template(out: &mut String, template: &str, matched: &str) {
             Some(b) => (true, b),
             None => (false, rest),
         };
-        let name_len: usize =
-            body.chars().take_while(|c| c.is_alphabetic() || is_digit(*c) || *c == '_').map(char::len_utf8).sum();
+        let name_len: usize = body
+            .chars()
+            .take_while(|c| c.is_alphabetic() || is_digit(*c) || *c == '_')
+            .map(char::len_utf8)
+            .sum();
         if name_len == 0 || (brace && !body[name_len..].starts_with('}')) {
             out.push('$');
             continue;

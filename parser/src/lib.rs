@@ -9,6 +9,7 @@ mod dockerignore;
 mod expand;
 
 pub use dockerignore::{
-    DockerignoreError, IgnoreFile, MatchInfo, Pattern, PatternMatcher, clean_path, read_dockerignore, read_ignore_patterns,
+    DockerignoreError, IgnoreFile, MatchInfo, Pattern, PatternMatcher, clean_path,
+    read_dockerignore, read_ignore_patterns,
 };
 pub use expand::{Env, ExpandError, ExpandErrorKind, Expansion, Lexer};
