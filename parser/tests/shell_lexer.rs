@@ -1,0 +1,540 @@
+//! BuildKit's shell-lexer vectors (`../shared/conformance/buildkit-shell`),
+//! plus the cases BuildKit only has as Go code (pattern forms, matches), and
+//! property tests.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use kiln_parser::{ExpandErrorKind, Lexer};
+use proptest::prelude::*;
+
+fn shared_dir() -> PathBuf {
+    match std::env::var_os("KILN_SHARED") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
+    }
+}
+
+fn read_vector(name: &str) -> String {
+    let path = shared_dir().join("conformance/buildkit-shell").join(name);
+    fs_err::read_to_string(&path).unwrap_or_else(|e| panic!("conformance data missing: {e}"))
+}
+
+fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[test]
+fn env_var_test_all_unix_lines_pass() {
+    let text = read_vector("envVarTest");
+    let env = map(&[
+        ("PWD", "/home"),
+        ("SHELL", "bash"),
+        ("KOREAN", "한국어"),
+        ("NULL", ""),
+    ]);
+    let lexer = Lexer::new('\\');
+    let (mut checked, mut windows_only) = (0, 0);
+    let mut failures = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(fields.len(), 3, "line {}: {line:?}", number + 1);
+        let (platform, input, expected) = (fields[0], fields[1], fields[2]);
+        match platform {
+            "A" | "U" => {}
+            // Windows-only expectations (case-insensitive names): kiln is
+            // Unix-only, so these are skipped by design.
+            "W" => {
+                windows_only += 1;
+                continue;
+            }
+            other => panic!("line {}: bad platform tag {other:?}", number + 1),
+        }
+        checked += 1;
+        let got = lexer.process_word(input, &env);
+        let ok = match (&got, expected) {
+            (Err(_), "error") => true,
+            (Ok(word), expected) => expected != "error" && word == expected,
+            (Err(_), _) => false,
+        };
+        if !ok {
+            failures.push(format!(
+                "line {}: {input:?} -> {got:?}, want {expected:?}",
+                number + 1
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // 226 `A` lines and 2 `U` lines (see the conformance README).
+    assert_eq!(checked, 228);
+    assert_eq!(windows_only, 2);
+}
+
+#[test]
+fn words_test_all_lines_pass() {
+    let text = read_vector("wordsTest");
+    let lexer = Lexer::new('\\');
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("ENV ") {
+            let rest = rest.trim_start_matches(' ');
+            let (name, value) = rest.split_once('=').unwrap_or((rest, ""));
+            env.push((name.to_owned(), value.to_owned()));
+            continue;
+        }
+        let fields: Vec<&str> = line.split('|').collect();
+        assert_eq!(fields.len(), 2, "line {}: {line:?}", number + 1);
+        let input = fields[0].trim();
+        let expected: Vec<&str> = fields[1].trim_start_matches(' ').split(',').collect();
+        let got = match lexer.process_words(input, &env) {
+            Ok(words) => words,
+            Err(_) => vec!["error".to_owned()],
+        };
+        checked += 1;
+        if got != expected {
+            failures.push(format!(
+                "line {}: {input:?} -> {got:?}, want {expected:?}",
+                number + 1
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(checked, 24);
+}
+
+/// `(input, env, expected or None for an error, matched, unmatched)`, modelled
+/// on BuildKit's TestProcessWithMatches.
+type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    Option<&'static str>,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+const FOO_BAR: &[(&str, &str)] = &[("FOO", "xxx"), ("BAR", "")];
+
+const CASES: &[Case] = &[
+    ("x", &[("DUMMY", "dummy")], Some("x"), &[], &[]),
+    (
+        "x ${UNUSED}",
+        &[("DUMMY", "dummy")],
+        Some("x "),
+        &[],
+        &["UNUSED"],
+    ),
+    ("x ${FOO}", &[("FOO", "y")], Some("x y"), &["FOO"], &[]),
+    (
+        "${FOO-aaa} ${BAR-bbb} ${BAZ-ccc}",
+        FOO_BAR,
+        Some("xxx  ccc"),
+        &["FOO", "BAR"],
+        &["BAZ"],
+    ),
+    (
+        "${FOO:-aaa} ${BAR:-bbb} ${BAZ:-ccc}",
+        FOO_BAR,
+        Some("xxx bbb ccc"),
+        &["FOO", "BAR"],
+        &["BAZ"],
+    ),
+    ("${FOO:-}", FOO_BAR, Some("xxx"), &["FOO"], &[]),
+    ("${FOO:-}", &[], Some(""), &[], &["FOO"]),
+    (
+        "${FOO+aaa} ${BAR+bbb} ${BAZ+ccc}",
+        FOO_BAR,
+        Some("aaa bbb "),
+        &["FOO", "BAR"],
+        &["BAZ"],
+    ),
+    (
+        "${FOO:+aaa} ${BAR:+bbb} ${BAZ:+ccc}",
+        FOO_BAR,
+        Some("aaa  "),
+        &["FOO", "BAR"],
+        &["BAZ"],
+    ),
+    ("${FOO?aaa}", FOO_BAR, Some("xxx"), &["FOO"], &[]),
+    ("${BAR?bbb}", FOO_BAR, Some(""), &["BAR"], &[]),
+    ("${BAZ?ccc}", FOO_BAR, None, &[], &[]),
+    ("${FOO:?aaa}", FOO_BAR, Some("xxx"), &["FOO"], &[]),
+    ("${BAR:?bbb}", FOO_BAR, None, &[], &[]),
+    ("${BAZ:?ccc}", FOO_BAR, None, &[], &[]),
+    ("${BAZ:?}", FOO_BAR, None, &[], &[]),
+    ("${FOO=aaa}", FOO_BAR, None, &[], &[]),
+    ("${FOO=:aaa}", FOO_BAR, None, &[], &[]),
+    ("${FOO=}", &[], None, &[], &[]),
+    // Regular-expression characters are literal in patterns; `}` must be
+    // escaped so that it does not close the `${`.
+    (
+        "${FOO#()[]{\\}^$.\\*\\?|\\\\}",
+        &[("FOO", "()[]{}^$.*?|\\x")],
+        Some("x"),
+        &["FOO"],
+        &[],
+    ),
+    (
+        "${FOO%%\\**}",
+        &[("FOO", "xx**")],
+        Some("xx"),
+        &["FOO"],
+        &[],
+    ),
+    ("${FOO#*x*y}", &[("FOO", "xxyy")], Some("y"), &["FOO"], &[]),
+    ("${FOO#*}", &[("FOO", "xxyy")], Some("xxyy"), &["FOO"], &[]),
+    (
+        "${FOO#$BAR}",
+        &[("FOO", "xxyy"), ("BAR", "x")],
+        Some("xyy"),
+        &["FOO", "BAR"],
+        &[],
+    ),
+    (
+        "${FOO#$BAR}",
+        &[("FOO", "xxyy"), ("BAR", "")],
+        Some("xxyy"),
+        &["FOO", "BAR"],
+        &[],
+    ),
+    ("${FOO#}", &[("FOO", "xxyy")], Some("xxyy"), &["FOO"], &[]),
+    ("${FOO##*x}", &[("FOO", "xxyy")], Some("yy"), &["FOO"], &[]),
+    ("${FOO##}", &[("FOO", "xxyy")], Some("xxyy"), &["FOO"], &[]),
+    ("${FOO#?\\?}", &[("FOO", "???y")], Some("?y"), &["FOO"], &[]),
+    (
+        "${ABC:-.}${FOO%x}${ABC:-.}",
+        &[("FOO", "xxyy")],
+        Some(".xxyy."),
+        &["FOO"],
+        &["ABC"],
+    ),
+    (
+        "${FOO%%\\**\\*}",
+        &[("FOO", "a***yy*")],
+        Some("a"),
+        &["FOO"],
+        &[],
+    ),
+    ("${FOO%}", &[("FOO", "xxyy")], Some("xxyy"), &["FOO"], &[]),
+    (
+        "${FOO%%$BAR}",
+        &[("FOO", "xxyy"), ("BAR", "")],
+        Some("xxyy"),
+        &["FOO", "BAR"],
+        &[],
+    ),
+    (
+        "${FOO/$NEEDLE/.} - ${FOO//$NEEDLE/.}",
+        &[("FOO", "/foo*/*/*.txt"), ("NEEDLE", "\\*/")],
+        Some("/foo.*/*.txt - /foo..*.txt"),
+        &["FOO", "NEEDLE"],
+        &[],
+    ),
+    (
+        "${FOO/$NEEDLE/} - ${FOO//$NEEDLE/}",
+        &[("FOO", "/tmp/tmp/bar.txt"), ("NEEDLE", "/tmp")],
+        Some("/tmp/bar.txt - /bar.txt"),
+        &["FOO", "NEEDLE"],
+        &[],
+    ),
+    (
+        "${FOO/$NEEDLE/$REPLACEMENT} - ${FOO//$NEEDLE/$REPLACEMENT}",
+        &[
+            ("FOO", "/a/foo/b/c.txt"),
+            ("NEEDLE", "/?/"),
+            ("REPLACEMENT", "/"),
+        ],
+        Some("/foo/b/c.txt - /foo/c.txt"),
+        &["FOO", "NEEDLE", "REPLACEMENT"],
+        &[],
+    ),
+    (
+        "${FOO/$NEEDLE/$REPLACEMENT}",
+        &[
+            ("FOO", "http://google.de"),
+            ("NEEDLE", "http://"),
+            ("REPLACEMENT", "https://"),
+        ],
+        Some("https://google.de"),
+        &["FOO", "NEEDLE", "REPLACEMENT"],
+        &[],
+    ),
+    // Escaped separators: the pattern loses its `\`, the replacement keeps it.
+    (
+        "${FOO//\\//\\/}",
+        &[("FOO", "/tmp/foo.txt")],
+        Some("\\/tmp\\/foo.txt"),
+        &["FOO"],
+        &[],
+    ),
+    (
+        "${FOO/$BAR/ww}",
+        &[("FOO", "xxyy"), ("BAR", "")],
+        Some("wwxxyy"),
+        &["FOO", "BAR"],
+        &[],
+    ),
+    ("${FOO//ww}", &[("FOO", "xxyy")], None, &[], &[]),
+    ("${FOO//}", &[("FOO", "xxyy")], None, &[], &[]),
+    ("${FOO///}", &[("FOO", "xxyy")], Some("xxyy"), &["FOO"], &[]),
+    ("${FOO///}", &[], Some(""), &[], &["FOO"]),
+    // More pattern cases, checked against bash.
+    ("${V#*/}", &[("V", "a/b/c")], Some("b/c"), &["V"], &[]),
+    ("${V##*/}", &[("V", "a/b/c")], Some("c"), &["V"], &[]),
+    ("${V%/*}", &[("V", "a/b/c")], Some("a/b"), &["V"], &[]),
+    ("${V%%/*}", &[("V", "a/b/c")], Some("a"), &["V"], &[]),
+    ("${V%.tar.*}", &[("V", "x.tar.gz")], Some("x"), &["V"], &[]),
+    ("${V#v}", &[("V", "v1.2.3")], Some("1.2.3"), &["V"], &[]),
+    (
+        "${V%-*}",
+        &[("V", "1.2-rc1-x")],
+        Some("1.2-rc1"),
+        &["V"],
+        &[],
+    ),
+    ("${V%%-*}", &[("V", "1.2-rc1-x")], Some("1.2"), &["V"], &[]),
+    ("${V/./_}", &[("V", "1.2.3")], Some("1_2.3"), &["V"], &[]),
+    ("${V//./_}", &[("V", "1.2.3")], Some("1_2_3"), &["V"], &[]),
+    ("${V//?/x}", &[("V", "héé")], Some("xxx"), &["V"], &[]),
+    ("${V#[}", &[("V", "[a]")], Some("a]"), &["V"], &[]),
+    ("${V#no}", &[("V", "value")], Some("value"), &["V"], &[]),
+    ("${U#x}", &[], Some(""), &[], &["U"]),
+    // `${#v}` (length) is not supported by BuildKit: an error.
+    ("${#V}", &[("V", "abc")], None, &[], &[]),
+    ("${V:x}", &[("V", "abc")], None, &[], &[]),
+    ("${V#\\x}", &[("V", "abc")], None, &[], &[]),
+];
+
+#[test]
+fn pattern_forms_and_matches_follow_buildkit() {
+    let lexer = Lexer::new('\\');
+    for (input, env, expected, matched, unmatched) in CASES {
+        let env = map(env);
+        let got = lexer.process_word_with_matches(input, &env);
+        match expected {
+            None => assert!(got.is_err(), "{input:?} should fail, got {got:?}"),
+            Some(expected) => {
+                let got = got.unwrap_or_else(|e| panic!("{input:?}: {e}"));
+                assert_eq!(got.result, *expected, "{input:?}");
+                let set = |names: &[&str]| {
+                    names
+                        .iter()
+                        .map(|s| (*s).to_owned())
+                        .collect::<BTreeSet<_>>()
+                };
+                assert_eq!(got.matched, set(matched), "matched of {input:?}");
+                assert_eq!(got.unmatched, set(unmatched), "unmatched of {input:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn mandatory_variables_report_their_message() {
+    // BuildKit's TestShellParserMandatoryEnvVars.
+    let lexer = Lexer::new('\\');
+    let set = map(&[("VAR", "plain"), ("ARG", "x")]);
+    let empty = map(&[("VAR", ""), ("ARG", "x")]);
+    let unset = map(&[("ARG", "x")]);
+    let no_empty = "${VAR:?message here$ARG}";
+    let no_unset = "${VAR?message here$ARG}";
+    assert_eq!(lexer.process_word(no_empty, &set).unwrap(), "plain");
+    for env in [&empty, &unset] {
+        let err = lexer.process_word(no_empty, env).unwrap_err();
+        assert!(err.to_string().contains("message herex"), "{err}");
+        assert_eq!(
+            err.kind,
+            ExpandErrorKind::Required {
+                name: "VAR".into(),
+                message: "message herex".into()
+            }
+        );
+    }
+    assert_eq!(lexer.process_word(no_unset, &set).unwrap(), "plain");
+    assert_eq!(lexer.process_word(no_unset, &empty).unwrap(), "");
+    let err = lexer.process_word(no_unset, &unset).unwrap_err();
+    assert!(err.to_string().contains("message herex"), "{err}");
+    let err = lexer.process_word("${VAR?}", &unset).unwrap_err();
+    assert!(
+        err.to_string().contains("VAR: is not allowed to be unset"),
+        "{err}"
+    );
+    let err = lexer.process_word("${VAR:?}", &empty).unwrap_err();
+    assert!(
+        err.to_string().contains("VAR: is not allowed to be empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn platform_release_name() {
+    // BuildKit's TestProcessWithMatchesPlatform.
+    let release =
+        "something-${VERSION}.${TARGETOS}-${TARGETARCH}${TARGETVARIANT:+-${TARGETVARIANT}}.tar.gz";
+    let lexer = Lexer::new('\\');
+    let mut env = map(&[
+        ("VERSION", "v1.2.3"),
+        ("TARGETOS", "linux"),
+        ("TARGETARCH", "arm"),
+        ("TARGETVARIANT", "v7"),
+    ]);
+    let got = lexer.process_word_with_matches(release, &env).unwrap();
+    assert_eq!(got.result, "something-v1.2.3.linux-arm-v7.tar.gz");
+    assert_eq!(got.matched.len(), 4);
+    env.remove("TARGETVARIANT");
+    let got = lexer.process_word_with_matches(release, &env).unwrap();
+    assert_eq!(got.result, "something-v1.2.3.linux-arm.tar.gz");
+    assert_eq!(got.matched.len(), 3);
+    assert_eq!(got.unmatched, BTreeSet::from(["TARGETVARIANT".to_owned()]));
+}
+
+#[test]
+fn backtick_escape_directive() {
+    let lexer = Lexer::new('`');
+    let env = map(&[("X", "1")]);
+    // A backslash is an ordinary character (Windows paths), the backtick escapes.
+    assert_eq!(
+        lexer.process_word("C:\\dir\\$X", &env).unwrap(),
+        "C:\\dir\\1"
+    );
+    assert_eq!(lexer.process_word("`$X", &env).unwrap(), "$X");
+    assert_eq!(lexer.process_word("\"a`\"b\"", &env).unwrap(), "a\"b");
+    assert_eq!(lexer.process_words("a` b c", &env).unwrap(), ["a b", "c"]);
+    assert_eq!(lexer.escape(), '`');
+}
+
+#[test]
+fn options_raw_quotes_raw_escapes_skip_unset() {
+    let env = map(&[("SET", "v")]);
+    let raw_quotes = Lexer::new('\\').with_raw_quotes(true);
+    assert_eq!(
+        raw_quotes.process_word("'a b' \"$SET\"", &env).unwrap(),
+        "'a b' \"v\""
+    );
+    let raw_escapes = Lexer::new('\\').with_raw_escapes(true);
+    assert_eq!(
+        raw_escapes.process_word("a\\ b\\$SET", &env).unwrap(),
+        "a\\ b\\$SET"
+    );
+    let skip = Lexer::new('\\').with_skip_unset_env(true);
+    assert_eq!(
+        skip.process_word("$SET $NOPE ${NOPE} ${NOPE:-d} ${NOPE/a/b} ${SET:-d}", &env)
+            .unwrap(),
+        "v $NOPE ${NOPE} ${NOPE:-d} ${NOPE/a/b} v"
+    );
+    let no_quotes = Lexer::new('\\').with_skip_process_quotes(true);
+    assert_eq!(
+        no_quotes.process_word("'$SET' \"x\"", &env).unwrap(),
+        "'v' \"x\""
+    );
+    // BuildKit's second wordsTest mode: raw quotes and skipped unset variables.
+    let build_arg_mode = Lexer::new('\\')
+        .with_raw_quotes(true)
+        .with_skip_unset_env(true);
+    assert_eq!(
+        build_arg_mode
+            .process_words("a \"$NOPE b\" $SET", &env)
+            .unwrap(),
+        ["a", "\"$NOPE b\"", "v"]
+    );
+}
+
+#[test]
+fn errors_name_the_word_and_position() {
+    let lexer = Lexer::new('\\');
+    let env = map(&[]);
+    let err = lexer.process_word("ab ${X", &env).unwrap_err();
+    assert_eq!(err.word, "ab ${X");
+    assert_eq!(err.kind, ExpandErrorKind::MissingBrace);
+    assert_eq!(err.position, 6);
+    assert_eq!(
+        err.to_string(),
+        "failed to expand `ab ${X` at offset 6: syntax error: missing '}'"
+    );
+    let err = lexer.process_word("x 'open", &env).unwrap_err();
+    assert_eq!(err.kind, ExpandErrorKind::UnterminatedSingleQuote);
+    let err = lexer.process_word("x \"open", &env).unwrap_err();
+    assert_eq!(err.kind, ExpandErrorKind::UnterminatedDoubleQuote);
+    let err = lexer.process_word("${}", &env).unwrap_err();
+    assert_eq!(err.kind, ExpandErrorKind::BadSubstitution);
+    assert_eq!(err.position, 2);
+    let err = lexer.process_word("${X/a", &env).unwrap_err();
+    assert_eq!(err.kind, ExpandErrorKind::MissingSlash);
+    let err = lexer.process_word("${X:=a}", &env).unwrap_err();
+    assert_eq!(
+        err.kind,
+        ExpandErrorKind::UnsupportedModifier {
+            modifier: ":=".into()
+        }
+    );
+}
+
+#[test]
+fn env_sources_closure_and_pairs() {
+    let lexer = Lexer::new('\\');
+    let closure = |name: &str| (name == "A").then(|| "from-closure".to_owned());
+    assert_eq!(
+        lexer.process_word("$A-$B", &closure).unwrap(),
+        "from-closure-"
+    );
+    // In a KEY=VALUE list the last entry of a name wins.
+    let pairs = [("A", "1"), ("A", "2")];
+    assert_eq!(lexer.process_word("$A", &pairs[..]).unwrap(), "2");
+    let btree: std::collections::BTreeMap<String, String> =
+        [("A".to_owned(), "b".to_owned())].into();
+    assert_eq!(lexer.process_word("${A}", &btree).unwrap(), "b");
+}
+
+fn plain_word() -> impl Strategy<Value = String> {
+    // No `$`, quotes or backslash: nothing for the lexer to interpret.
+    proptest::string::string_regex("[^$'\"\\\\]{0,40}").expect("valid regex")
+}
+
+proptest! {
+    #[test]
+    fn never_panics(word in "\\PC{0,60}", escape in prop::sample::select(vec!['\\', '`'])) {
+        let env = map(&[("A", "x y"), ("EMPTY", "")]);
+        for lexer in [
+            Lexer::new(escape),
+            Lexer::new(escape).with_raw_quotes(true).with_skip_unset_env(true),
+            Lexer::new(escape).with_raw_escapes(true).with_skip_process_quotes(true),
+        ] {
+            let _ = lexer.process_word_with_matches(&word, &env);
+        }
+    }
+
+    #[test]
+    fn never_panics_on_shell_like_input(word in "[${}:#%/?*+\\-\\\\'\"A-Z a-z\\[\\]]{0,40}") {
+        let env = map(&[("A", "a*b?c"), ("B", ""), ("Z", "z/z")]);
+        let _ = Lexer::new('\\').process_word_with_matches(&word, &env);
+    }
+
+    #[test]
+    fn plain_words_expand_to_themselves(word in plain_word()) {
+        let env = map(&[("A", "x")]);
+        let lexer = Lexer::new('\\');
+        prop_assert_eq!(lexer.process_word(&word, &env).unwrap(), word.clone());
+        let fields: Vec<String> = word.split(char::is_whitespace).filter(|w| !w.is_empty()).map(String::from).collect();
+        prop_assert_eq!(lexer.process_words(&word, &env).unwrap(), fields);
+    }
+}
