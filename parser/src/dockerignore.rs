@@ -613,7 +613,10 @@ fn compile_kind(pattern: &str) -> Option<Kind> {
                 // Validation guarantees a character follows.
                 let next = chars.get(idx).copied()?;
                 idx += 1;
-                push_char(&mut toks, next);
+                match regexp_escape(next)? {
+                    Escaped::Char(c) => push_char(&mut toks, c),
+                    Escaped::Class(class) => toks.push(Tok::Class(class)),
+                }
                 detected = Detected::Regexp;
             }
             '[' => {
@@ -640,6 +643,45 @@ fn compile_kind(pattern: &str) -> Option<Kind> {
     })
 }
 
+enum Escaped {
+    Char(char),
+    Class(Class),
+}
+
+/// What `\x` means once patternmatcher has copied it into a Go regexp:
+/// punctuation is literal, `\t \n \r \f \v \a` are control characters,
+/// `\d \s \w` (and their negations) are Perl classes. Anything else (`\b`,
+/// `\pL`, `\x41`, `\q`, a non-ASCII character...) is refused: Go either fails
+/// to compile it or gives it a meaning (assertions, hex codes) this matcher
+/// does not model.
+fn regexp_escape(c: char) -> Option<Escaped> {
+    let class = |negated, ranges: &[(char, char)]| {
+        Some(Escaped::Class(Class {
+            negated,
+            ranges: ranges.to_vec(),
+        }))
+    };
+    const DIGIT: &[(char, char)] = &[('0', '9')];
+    const SPACE: &[(char, char)] = &[('\t', '\n'), ('\x0c', '\r'), (' ', ' ')];
+    const WORD: &[(char, char)] = &[('0', '9'), ('A', 'Z'), ('_', '_'), ('a', 'z')];
+    match c {
+        't' => Some(Escaped::Char('\t')),
+        'n' => Some(Escaped::Char('\n')),
+        'r' => Some(Escaped::Char('\r')),
+        'f' => Some(Escaped::Char('\x0c')),
+        'v' => Some(Escaped::Char('\x0b')),
+        'a' => Some(Escaped::Char('\x07')),
+        'd' => class(false, DIGIT),
+        'D' => class(true, DIGIT),
+        's' => class(false, SPACE),
+        'S' => class(true, SPACE),
+        'w' => class(false, WORD),
+        'W' => class(true, WORD),
+        c if c.is_ascii() && !c.is_ascii_alphanumeric() => Some(Escaped::Char(c)),
+        _ => None,
+    }
+}
+
 /// Parse a character class after its `[`: `^` negates, ranges `a-z`, `\`
 /// escapes, at least one range, closed by `]`. Returns the class and the
 /// number of characters used, `]` included.
@@ -661,6 +703,12 @@ fn parse_class(chars: &[char]) -> Option<(Class, usize)> {
             let (h, n) = class_char(&chars[i + 1..])?;
             hi = h;
             i += 1 + n;
+        }
+        // Go's filepath.Match accepts `z-a` (it never matches), but the
+        // regexp compiler rejects it, so patternmatcher fails on every
+        // match. Refusing it up front gives the error earlier.
+        if lo > hi {
+            return None;
         }
         ranges.push((lo, hi));
     }
