@@ -380,7 +380,7 @@ fn init_main(
             upper,
             work,
         } => {
-            rootfs::mount_overlay(lowers, upper, work, &target, rootless)?;
+            rootfs::mount_overlay(lowers, upper, work, &target, rootless, spec.volatile_upper)?;
         }
         RootfsSpec::Dir(dir) => {
             nix::mount::mount(

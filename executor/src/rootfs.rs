@@ -105,6 +105,7 @@ pub(crate) fn overlay_options(
     upper: &Path,
     work: &Path,
     userxattr: bool,
+    volatile: bool,
 ) -> Result<(String, Option<PathBuf>), Fail> {
     fn escape(p: &Path) -> String {
         let s = p.to_string_lossy();
@@ -121,6 +122,9 @@ pub(crate) fn overlay_options(
         );
         if userxattr {
             opts.push_str(",userxattr");
+        }
+        if volatile {
+            opts.push_str(",volatile");
         }
         opts
     };
@@ -168,6 +172,7 @@ pub(crate) fn mount_overlay(
     work: &Path,
     target: &Path,
     userxattr: bool,
+    volatile: bool,
 ) -> Result<(), Fail> {
     if lowers.is_empty() {
         return Err(Fail::step(
@@ -176,7 +181,7 @@ pub(crate) fn mount_overlay(
         ));
     }
     let target_c = cstring(target)?;
-    match overlay_fsopen(lowers, upper, work, userxattr) {
+    match overlay_fsopen(lowers, upper, work, userxattr, volatile) {
         Ok(fd) => {
             return sys::move_mount_fd(&fd, &target_c)
                 .step(|| format!("attach the overlay on `{}`", target.display()));
@@ -186,7 +191,7 @@ pub(crate) fn mount_overlay(
         Err(OverlayApi::Unsupported) => {}
         Err(OverlayApi::Failed(fail)) => return Err(fail),
     }
-    let (opts, base) = overlay_options(lowers, upper, work, userxattr)?;
+    let (opts, base) = overlay_options(lowers, upper, work, userxattr, volatile)?;
     let cwd = std::env::current_dir().step(|| "read the current directory".to_owned())?;
     if let Some(base) = &base {
         nix::unistd::chdir(base).step(|| format!("chdir into `{}`", base.display()))?;
@@ -219,6 +224,7 @@ fn overlay_fsopen(
     upper: &Path,
     work: &Path,
     userxattr: bool,
+    volatile: bool,
 ) -> Result<OwnedFd, OverlayApi> {
     let fs = sys::fsopen(c"overlay").map_err(|_| OverlayApi::Unsupported)?;
     let set = |key: &CStr, value: &Path| -> Result<(), OverlayApi> {
@@ -243,9 +249,15 @@ fn overlay_fsopen(
     }
     set(c"upperdir", upper)?;
     set(c"workdir", work)?;
-    if userxattr {
-        sys::fsconfig_flag(&fs, c"userxattr")
-            .map_err(|e| OverlayApi::Failed(Fail::step("configure overlay userxattr", e as i32)))?;
+    for (wanted, flag) in [(userxattr, c"userxattr"), (volatile, c"volatile")] {
+        if wanted {
+            sys::fsconfig_flag(&fs, flag).map_err(|e| {
+                OverlayApi::Failed(Fail::step(
+                    format!("configure overlay {}", flag.to_string_lossy()),
+                    e as i32,
+                ))
+            })?;
+        }
     }
     sys::fs_create_and_mount(&fs).map_err(|e| {
         OverlayApi::Failed(Fail::step(
@@ -490,7 +502,7 @@ mod tests {
     fn short_option_lists_stay_absolute() {
         let lowers = vec![PathBuf::from("/s/1/fs"), PathBuf::from("/s/2/fs")];
         let (opts, base) =
-            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false).unwrap();
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
         assert_eq!(opts, "lowerdir=/s/1/fs:/s/2/fs,upperdir=/u,workdir=/w");
         assert_eq!(base, None);
     }
@@ -502,11 +514,11 @@ mod tests {
             .map(|i| PathBuf::from(format!("{store}/{i:03}")))
             .collect();
         let (opts, base) =
-            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), true).unwrap();
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), true, true).unwrap();
         assert_eq!(base, Some(PathBuf::from(store)));
         assert!(opts.starts_with("lowerdir=000:001:002:"), "{opts}");
         assert!(
-            opts.ends_with(",upperdir=/u,workdir=/w,userxattr"),
+            opts.ends_with(",upperdir=/u,workdir=/w,userxattr,volatile"),
             "{opts}"
         );
         assert!(opts.len() < 4000);
@@ -517,7 +529,8 @@ mod tests {
         let lowers: Vec<PathBuf> = (0..2000)
             .map(|i| PathBuf::from(format!("/s/layer-number-{i:05}")))
             .collect();
-        let err = overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false).unwrap_err();
+        let err =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap_err();
         assert!(matches!(
             err.report,
             crate::fail::Report::SetupFailed {
@@ -530,7 +543,8 @@ mod tests {
     #[test]
     fn separators_in_paths_are_escaped() {
         let lowers = vec![PathBuf::from("/a:b,c")];
-        let (opts, _) = overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false).unwrap();
+        let (opts, _) =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
         assert!(opts.starts_with("lowerdir=/a\\:b\\,c,"), "{opts}");
     }
 }

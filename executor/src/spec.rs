@@ -28,6 +28,14 @@ pub struct SandboxSpec {
     pub readonly_rootfs: bool,
     /// Lines of `/etc/hosts` beyond the standard localhost entries (`IP NAME...`).
     pub extra_hosts: Vec<String>,
+    /// Mount the overlay with `volatile` (default `true`): unmounting then skips the
+    /// `syncfs` of the upper directory's whole file system, which costs 10-100 ms per
+    /// run. The price: after a machine crash the upper may be incomplete, and
+    /// overlayfs leaves `<work>/work/incompat/volatile` behind, refusing to mount
+    /// that upper/work pair again until the marker is removed. Fresh uppers (every
+    /// RUN step) never see it; a caller reusing an upper across runs (a restarted
+    /// container) must remove the marker, or set this to `false` and pay the sync.
+    pub volatile_upper: bool,
     /// Nameservers for `/etc/resolv.conf`; empty means copy the host's file
     /// (minus loopback nameservers, which cannot work in a new netns).
     pub dns: Vec<String>,
@@ -46,6 +54,7 @@ impl SandboxSpec {
             limits: Limits::default(),
             stdio: Stdio::Piped,
             readonly_rootfs: false,
+            volatile_upper: true,
             extra_hosts: Vec::new(),
             dns: Vec::new(),
         }

@@ -6,6 +6,8 @@
 //!                  [--net none|host] [--user SPEC] [--memory BYTES] [--pids N]
 //!                  [--repeat N] -- ARGS...
 //! ```
+//! With `--lower` and no `--upper`, each run gets a fresh upper and work directory
+//! (as a RUN step does), made and removed inside the timed loop.
 //! Prints nothing of its own; the payload's output is inherited. Exits with the
 //! payload's shell code (of the last run with `--repeat`).
 #![expect(
@@ -61,6 +63,8 @@ fn run() -> Result<i32, String> {
             other => return Err(format!("unknown flag `{other}`")),
         }
     }
+    let fresh = upper.is_none() && dir.is_none();
+    let scratch = std::env::temp_dir().join(format!("kiln-sandbox-run.{}", std::process::id()));
     let rootfs = match (dir, upper, work) {
         (Some(d), None, None) if lowers.is_empty() => RootfsSpec::Dir(d),
         (None, Some(upper), Some(work)) if !lowers.is_empty() => RootfsSpec::Overlay {
@@ -68,9 +72,15 @@ fn run() -> Result<i32, String> {
             upper,
             work,
         },
+        (None, None, None) if !lowers.is_empty() => RootfsSpec::Overlay {
+            lowers,
+            upper: scratch.join("upper"),
+            work: scratch.join("work"),
+        },
         _ => {
             return Err(
-                "give either --dir, or --lower (repeatable) with --upper and --work".to_owned(),
+                "give either --dir, or --lower (repeatable) with optional --upper and --work"
+                    .to_owned(),
             );
         }
     };
@@ -85,8 +95,16 @@ fn run() -> Result<i32, String> {
     let sandbox = Sandbox::new();
     let mut code = 0;
     for _ in 0..repeat {
+        if fresh {
+            for d in ["upper", "work"] {
+                fs_err::create_dir_all(scratch.join(d)).map_err(|e| e.to_string())?;
+            }
+        }
         let mut running = sandbox.spawn(&spec).map_err(|e| format!("{e}"))?;
         code = running.wait().map_err(|e| error_chain(&e))?.shell_code();
+        if fresh {
+            fs_err::remove_dir_all(&scratch).map_err(|e| e.to_string())?;
+        }
     }
     Ok(code)
 }
