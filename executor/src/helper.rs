@@ -1,0 +1,635 @@
+//! The helper side: parent → **helper** → **init** → payload.
+//!
+//! The caller (possibly a multi-threaded tokio process) never forks by itself: it
+//! starts the helper with `std::process::Command` (fork + exec, safe from any
+//! thread), passing `__kiln-sandbox` as argv\[1\] and three descriptors:
+//!
+//! - fd 3: the spec, JSON, read to EOF;
+//! - fd 4: the report pipe: JSON lines ([`Report`]) back to the caller;
+//! - fd 5: the lifeline: the caller holds the write end and never writes. When the
+//!   caller drops its `Running` or dies (even by SIGKILL) the helper sees POLLHUP
+//!   and kills the sandbox. This is per process, unlike `PR_SET_PDEATHSIG`, which
+//!   fires when the *thread* that spawned the helper exits (tokio's blocking pool
+//!   retires threads).
+//!
+//! The helper is single-threaded, so it may fork. It makes the cgroup, unshares
+//! the user (rootless), uts, ipc, pid and net namespaces and forks **init**, which
+//! is PID 1 of the new pid namespace. Init unshares the mount namespace (so the
+//! helper keeps the host's view to clean up), builds the rootfs (see
+//! [`crate::rootfs`]), forks the payload, forwards signals to it and reaps every
+//! zombie; when the payload exits init reports its status and exits, and the kernel
+//! kills whatever else is left in the pid namespace. The helper then reads the OOM
+//! counter, removes the cgroup and its temp directory, and exits.
+
+use std::ffi::{CString, OsStr};
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+
+use crate::cgroup::Cgroup;
+use crate::fail::{Fail, Report, Step, send};
+use crate::rootfs::{self, Kind};
+use crate::spec::{Network, ProcessSpec, RlimitResource, RootfsSpec, SandboxSpec, User};
+
+/// argv\[1\] that turns a binary into the sandbox helper.
+pub const HELPER_ARG: &str = "__kiln-sandbox";
+pub(crate) const SPEC_FD: RawFd = 3;
+pub(crate) const REPORT_FD: RawFd = 4;
+pub(crate) const LIFELINE_FD: RawFd = 5;
+
+/// Call this first thing in `main` of any binary used as the sandbox helper (the
+/// `kiln` binary, test binaries). When argv\[1\] is the helper marker, it runs the
+/// helper and exits; otherwise it returns at once.
+pub fn helper_main_if_requested() {
+    if std::env::args_os().nth(1).as_deref() != Some(OsStr::new(HELPER_ARG)) {
+        return;
+    }
+    std::process::exit(helper_main());
+}
+
+fn set_cloexec(fd: RawFd) {
+    // SAFETY: F_SETFD on a descriptor number; an invalid one just returns EBADF.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+fn helper_main() -> i32 {
+    for fd in [SPEC_FD, REPORT_FD, LIFELINE_FD] {
+        set_cloexec(fd);
+    }
+    // SAFETY: the caller passes these three descriptors, open, for the helper alone.
+    let (spec_fd, report_fd, lifeline) = unsafe {
+        (
+            OwnedFd::from_raw_fd(SPEC_FD),
+            OwnedFd::from_raw_fd(REPORT_FD),
+            OwnedFd::from_raw_fd(LIFELINE_FD),
+        )
+    };
+    match run_helper(spec_fd, report_fd.as_fd(), lifeline) {
+        Ok(()) => 0,
+        Err(fail) => {
+            send(report_fd.as_fd(), &fail.report);
+            1
+        }
+    }
+}
+
+fn read_spec(fd: OwnedFd) -> Result<SandboxSpec, Fail> {
+    let mut text = Vec::new();
+    std::fs::File::from(fd)
+        .read_to_end(&mut text)
+        .step(|| "read the spec from the caller".to_owned())?;
+    serde_json::from_slice(&text)
+        .map_err(|e| Fail::step(format!("decode the spec: {e}"), libc::EINVAL))
+}
+
+/// The helper's temp directory: generated `/etc` files and the rootfs mount point.
+struct StateDir(PathBuf);
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        // Only files and an empty mount point (mounts live in init's namespace).
+        let _best_effort = fs_err::remove_dir_all(&self.0);
+    }
+}
+
+fn make_state(spec: &SandboxSpec) -> Result<StateDir, Fail> {
+    let template = std::env::temp_dir().join("kiln-sandbox.XXXXXX");
+    let dir = nix::unistd::mkdtemp(&template)
+        .step(|| format!("create a temp directory `{}`", template.display()))?;
+    let state = StateDir(dir);
+    let dir = &state.0;
+    let mut hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\t{}\n",
+        spec.hostname
+    );
+    for line in &spec.extra_hosts {
+        hosts.push_str(line);
+        hosts.push('\n');
+    }
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        fs_err::write(&path, text).step(|| format!("write `{}`", path.display()))
+    };
+    write("hosts", &hosts)?;
+    write("resolv.conf", &resolv_conf(spec))?;
+    write("hostname", &format!("{}\n", spec.hostname))?;
+    let rootfs = dir.join("rootfs");
+    fs_err::create_dir(&rootfs).step(|| format!("create `{}`", rootfs.display()))?;
+    Ok(state)
+}
+
+/// `/etc/resolv.conf` for the sandbox: the spec's servers, or the host's file minus
+/// loopback servers (unreachable from a new netns), or Google's as Docker falls back.
+fn resolv_conf(spec: &SandboxSpec) -> String {
+    if !spec.dns.is_empty() {
+        return spec
+            .dns
+            .iter()
+            .map(|s| format!("nameserver {s}\n"))
+            .collect();
+    }
+    let host = fs_err::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if spec.network == Network::Host {
+        return host;
+    }
+    let mut servers = 0;
+    let mut out = String::new();
+    for line in host.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("nameserver") {
+            let addr = words.next().unwrap_or("");
+            if addr.starts_with("127.") || addr == "::1" {
+                continue;
+            }
+            servers += 1;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if servers == 0 {
+        out.push_str("nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+    }
+    out
+}
+
+fn write_id_maps(uid: Uid, gid: Gid) -> Result<(), Fail> {
+    // A single-id map needs no helper binary: the process may map its own ids once
+    // setgroups is denied. (newuidmap/newgidmap ranges are not wired up yet.)
+    let w = |file: &str, text: String| {
+        fs_err::write(file, &text).step(|| format!("write `{}` to `{file}`", text.trim()))
+    };
+    w("/proc/self/setgroups", "deny".to_owned())?;
+    w("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
+    w("/proc/self/gid_map", format!("0 {gid} 1\n"))
+}
+
+fn run_helper(spec_fd: OwnedFd, report: BorrowedFd<'_>, lifeline: OwnedFd) -> Result<(), Fail> {
+    let spec = read_spec(spec_fd)?;
+    if spec.process.args.is_empty() {
+        return Err(Fail::step(
+            "start a process with an empty argv",
+            libc::EINVAL,
+        ));
+    }
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .step(|| "block signals in the helper".to_owned())?;
+    let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC)
+        .step(|| "create a signalfd".to_owned())?;
+
+    let state = make_state(&spec)?;
+    let rootless = !Uid::effective().is_root();
+    let cgroup = if spec.limits.is_empty() {
+        None
+    } else {
+        Some(Cgroup::create(
+            &format!("sandbox-{}", std::process::id()),
+            &spec.limits,
+        )?)
+    };
+    let result = run_namespaces(
+        &spec,
+        &state.0,
+        rootless,
+        cgroup.as_ref(),
+        report,
+        &sigfd,
+        lifeline,
+    );
+    if let Some(cg) = &cgroup {
+        if cg.oom_killed() {
+            send(report, &Report::OomKilled);
+        }
+        cg.remove()?;
+    }
+    drop(state);
+    result
+}
+
+fn run_namespaces(
+    spec: &SandboxSpec,
+    state: &Path,
+    rootless: bool,
+    cgroup: Option<&Cgroup>,
+    report: BorrowedFd<'_>,
+    sigfd: &SignalFd,
+    lifeline: OwnedFd,
+) -> Result<(), Fail> {
+    let netns = match &spec.network {
+        Network::Netns(path) => {
+            Some(fs_err::File::open(path).step(|| "open the network namespace".to_owned())?)
+        }
+        _ => None,
+    };
+    let procs: Vec<fs_err::File> = cgroup
+        .map(|cg| {
+            cg.procs_files()
+                .into_iter()
+                .map(|p| {
+                    fs_err::OpenOptions::new()
+                        .write(true)
+                        .open(&p)
+                        .step(|| "open a cgroup".to_owned())
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    if rootless {
+        let (uid, gid) = (Uid::effective(), Gid::effective());
+        unshare(CloneFlags::CLONE_NEWUSER).step(|| "unshare the user namespace".to_owned())?;
+        write_id_maps(uid, gid)?;
+    }
+    let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
+    if spec.network == Network::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).step(|| format!("unshare namespaces ({flags:?})"))?;
+    if let Some(ns) = &netns {
+        nix::sched::setns(ns.file().as_fd(), CloneFlags::CLONE_NEWNET)
+            .step(|| format!("join the network namespace `{}`", ns.path().display()))?;
+    }
+
+    // SAFETY: the helper is single-threaded (it is a fresh exec of a binary whose
+    // main calls `helper_main_if_requested` first), so the child may run any code.
+    let init = match unsafe { fork() }.step(|| "fork the sandbox init".to_owned())? {
+        ForkResult::Child => {
+            drop(lifeline);
+            let code = match init_main(spec, state, rootless, &procs, report) {
+                Ok(never) => match never {},
+                Err(fail) => {
+                    send(report, &fail.report);
+                    1
+                }
+            };
+            // SAFETY: `_exit` skips atexit handlers and buffered-stdio flushing that
+            // belong to the helper.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(procs);
+    supervise(init, report, sigfd, lifeline)
+}
+
+/// Waits for init, killing it when the caller goes away or signals the helper.
+fn supervise(
+    init: Pid,
+    report: BorrowedFd<'_>,
+    sigfd: &SignalFd,
+    lifeline: OwnedFd,
+) -> Result<(), Fail> {
+    let mut cancelled = false;
+    let mut lifeline = Some(lifeline);
+    loop {
+        let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+        if let Some(l) = &lifeline {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(Fail::step("poll in the helper", e as i32)),
+        }
+        let lifeline_gone = fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty());
+        let signalled = fds
+            .first()
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty());
+        if lifeline_gone {
+            lifeline = None;
+            cancelled = true;
+            let _dead = kill(init, Signal::SIGKILL);
+        }
+        if signalled
+            && let Ok(Some(info)) = sigfd.read_signal()
+            && i32::try_from(info.ssi_signo).unwrap_or(0) != Signal::SIGCHLD as i32
+        {
+            cancelled = true;
+            let _dead = kill(init, Signal::SIGKILL);
+        }
+        match waitpid(init, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) | Err(nix::errno::Errno::ECHILD) => break,
+            Err(e) => return Err(Fail::step("wait for the sandbox init", e as i32)),
+        }
+    }
+    if cancelled {
+        send(report, &Report::Cancelled);
+    }
+    Ok(())
+}
+
+/// PID 1 of the sandbox. Never returns on success.
+fn init_main(
+    spec: &SandboxSpec,
+    state: &Path,
+    rootless: bool,
+    procs: &[fs_err::File],
+    report: BorrowedFd<'_>,
+) -> Result<std::convert::Infallible, Fail> {
+    // If the helper dies (SIGKILL), take the whole pid namespace down with it.
+    crate::sys::prctl(libc::PR_SET_PDEATHSIG, Signal::SIGKILL as libc::c_ulong)
+        .step(|| "set the parent-death signal".to_owned())?;
+    for file in procs {
+        use std::io::Write;
+        let mut f = file.file();
+        f.write_all(b"0")
+            .step(|| format!("join the cgroup `{}`", file.path().display()))?;
+    }
+    unshare(CloneFlags::CLONE_NEWNS).step(|| "unshare the mount namespace".to_owned())?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .step(|| "make `/` private".to_owned())?;
+    nix::unistd::sethostname(&spec.hostname)
+        .step(|| format!("set the hostname `{}`", spec.hostname))?;
+    if spec.network == Network::None {
+        loopback_up()?;
+    }
+
+    let sources = rootfs::clone_sources(spec, state, spec.network == Network::Host)?;
+    let target = state.join("rootfs");
+    match &spec.rootfs {
+        RootfsSpec::Overlay {
+            lowers,
+            upper,
+            work,
+        } => {
+            rootfs::mount_overlay(lowers, upper, work, &target, rootless, spec.volatile_upper)?;
+        }
+        RootfsSpec::Dir(dir) => {
+            nix::mount::mount(
+                Some(dir.as_path()),
+                &target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .step(|| format!("bind mount the rootfs `{}`", dir.display()))?;
+        }
+    }
+    rootfs::pivot_into(&target)?;
+    rootfs::populate(spec, sources, rootless)?;
+
+    let user = match &spec.process.user {
+        User::Resolved(u) => u.clone(),
+        User::Spec(text) => {
+            let read = |p: &str| fs_err::read_to_string(p).unwrap_or_default();
+            crate::user::resolve_user(text, &read("/etc/passwd"), &read("/etc/group")).map_err(
+                |e| Fail {
+                    report: Report::UserFailed((&e).into()),
+                },
+            )?
+        }
+    };
+    let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir)?;
+    let exec = ExecPlan::new(&spec.process, &user.home)?;
+
+    // SAFETY: init is single-threaded (forked from the single-threaded helper).
+    let payload = match unsafe { fork() }.step(|| "fork the payload".to_owned())? {
+        ForkResult::Child => {
+            let fail = match payload_main(&spec.process, &user, &cwd, rootless, &exec) {
+                Ok(never) => match never {},
+                Err(fail) => fail,
+            };
+            send(report, &fail.report);
+            // SAFETY: see the init's `_exit` above.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    let code = reap(payload, report)?;
+    // SAFETY: exiting PID 1 makes the kernel kill everything else in the namespace.
+    unsafe { libc::_exit(code) }
+}
+
+/// Init's loop: forward signals to the payload, reap every child, report the
+/// payload's status when it exits.
+fn reap(payload: Pid, report: BorrowedFd<'_>) -> Result<i32, Fail> {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        set.add(s);
+    }
+    set.thread_block()
+        .step(|| "block signals in init".to_owned())?;
+    loop {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == payload => {
+                    send(report, &Report::Exited { code });
+                    return Ok(0);
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == payload => {
+                    send(report, &Report::Signaled { signal: sig as i32 });
+                    return Ok(0);
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        match set.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(other) => {
+                let _gone = kill(payload, other);
+            }
+        }
+    }
+}
+
+/// Brings `lo` up in the new network namespace (SIOCSIFFLAGS with IFF_UP).
+fn loopback_up() -> Result<(), Fail> {
+    // SAFETY: socket(2) with constant arguments; the result is checked below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(Fail::step(
+            "open a socket to bring `lo` up",
+            nix::errno::Errno::last() as i32,
+        ));
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the `ifreq` we own.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    if ret < 0 {
+        return Err(Fail::step(
+            "read the flags of `lo`",
+            nix::errno::Errno::last() as i32,
+        ));
+    }
+    // SAFETY: the union member `ifru_flags` is the one SIOCGIFFLAGS filled in.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    if ret < 0 {
+        return Err(Fail::step(
+            "bring `lo` up",
+            nix::errno::Errno::last() as i32,
+        ));
+    }
+    Ok(())
+}
+
+/// argv, env and the executable candidates, built before the payload's fork.
+struct ExecPlan {
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    candidates: Vec<CString>,
+}
+
+impl ExecPlan {
+    fn new(process: &ProcessSpec, home: &str) -> Result<Self, Fail> {
+        let c = |s: &str| {
+            CString::new(s)
+                .map_err(|_| Fail::step(format!("`{s}` contains a NUL byte"), libc::EINVAL))
+        };
+        let argv = process
+            .args
+            .iter()
+            .map(|a| c(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut env = process
+            .env
+            .iter()
+            .map(|e| c(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !process.env.iter().any(|e| e.starts_with("HOME=")) {
+            env.push(c(&format!("HOME={home}"))?);
+        }
+        let program = process.args.first().map(String::as_str).unwrap_or("");
+        let candidates = if program.contains('/') {
+            vec![c(program)?]
+        } else {
+            let path = process
+                .env
+                .iter()
+                .rev()
+                .find_map(|e| e.strip_prefix("PATH="))
+                .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+            path.split(':')
+                .map(|dir| if dir.is_empty() { "." } else { dir })
+                .map(|dir| c(&format!("{dir}/{program}")))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(Self {
+            argv,
+            env,
+            candidates,
+        })
+    }
+}
+
+fn set_rlimit(resource: RlimitResource, soft: u64, hard: u64) -> nix::Result<()> {
+    use nix::sys::resource::{Resource, setrlimit};
+    let r = match resource {
+        RlimitResource::Nofile => Resource::RLIMIT_NOFILE,
+        RlimitResource::Nproc => Resource::RLIMIT_NPROC,
+        RlimitResource::Core => Resource::RLIMIT_CORE,
+        RlimitResource::Stack => Resource::RLIMIT_STACK,
+        RlimitResource::Memlock => Resource::RLIMIT_MEMLOCK,
+        RlimitResource::Cpu => Resource::RLIMIT_CPU,
+        RlimitResource::Fsize => Resource::RLIMIT_FSIZE,
+        RlimitResource::As => Resource::RLIMIT_AS,
+    };
+    setrlimit(r, soft, hard)
+}
+
+/// The payload, after init's fork: limits, credentials, capabilities, exec.
+fn payload_main(
+    process: &ProcessSpec,
+    user: &crate::spec::ResolvedUser,
+    cwd: &Path,
+    rootless: bool,
+    exec: &ExecPlan,
+) -> Result<std::convert::Infallible, Fail> {
+    SigSet::all()
+        .thread_unblock()
+        .step(|| "unblock signals".to_owned())?;
+    // Rust's runtime ignores SIGPIPE in the helper, and an ignored disposition
+    // survives exec: give the payload the default back, as a shell would expect.
+    // SAFETY: SIG_DFL installs no handler code.
+    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
+        .step(|| "reset SIGPIPE".to_owned())?;
+    nix::unistd::setsid().step(|| "start a session".to_owned())?;
+    for r in &process.rlimits {
+        set_rlimit(r.resource, r.soft, r.hard)
+            .step(|| format!("set the rlimit {:?}", r.resource))?;
+    }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(process.umask));
+    nix::unistd::chdir(cwd).step(|| format!("chdir into `{}`", cwd.display()))?;
+
+    crate::caps::drop_bounding()?;
+    crate::sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).step(|| "set no_new_privs".to_owned())?;
+    if !rootless {
+        let groups: Vec<Gid> = user
+            .additional_gids
+            .iter()
+            .map(|&g| Gid::from_raw(g))
+            .collect();
+        nix::unistd::setgroups(&groups)
+            .step(|| format!("set the groups {:?}", user.additional_gids))?;
+    }
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    nix::unistd::setresgid(gid, gid, gid).step(|| format!("set the gid {}", user.gid))?;
+    nix::unistd::setresuid(uid, uid, uid).step(|| format!("set the uid {}", user.uid))?;
+    if user.uid == 0 {
+        crate::caps::set_root_caps()?;
+    }
+
+    let mut errno = nix::errno::Errno::ENOENT;
+    for candidate in &exec.candidates {
+        match nix::unistd::execve(candidate, &exec.argv, &exec.env) {
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {}
+            Err(e) => errno = e,
+            Ok(never) => match never {},
+        }
+    }
+    let program = exec
+        .argv
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Err(Fail {
+        report: Report::ExecFailed {
+            program,
+            errno: errno as i32,
+        },
+    })
+}

@@ -1,0 +1,56 @@
+//! kiln's sandbox: run one process in fresh namespaces over an overlay rootfs.
+//!
+//! The caller builds a [`SandboxSpec`] (rootfs, process, mounts, network, limits)
+//! and starts it with [`Sandbox::spawn`], getting a [`Running`] whose stdout and
+//! stderr are plain pipes and whose [`Running::wait`] returns an [`ExitStatus`].
+//! Dropping a `Running` kills everything in the sandbox. The API is blocking;
+//! async callers use `spawn_blocking` or wrap the pipes.
+//!
+//! The work happens in a re-executed helper (see [`helper_main_if_requested`]): the
+//! caller never forks by itself, so it is safe from a multi-threaded tokio process.
+//! The helper makes the namespaces (user when rootless, uts, ipc, pid, net; mount
+//! in the sandbox's init), mounts the overlay with the new mount API (no limit on
+//! the number of lowers), pivots into it, mounts `/proc`, `/dev`, `/sys` and the
+//! generated `/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`, and runs the
+//! payload under a tiny init that reaps zombies, with Docker's default capability
+//! set and `no_new_privs`.
+//!
+//! ```no_run
+//! use kiln_executor::{ProcessSpec, RootfsSpec, Sandbox, SandboxSpec};
+//! # fn main() -> Result<(), kiln_executor::Error> {
+//! let rootfs = RootfsSpec::Overlay {
+//!     lowers: vec!["/var/lib/kiln/snapshots/1/fs".into()],
+//!     upper: "/tmp/upper".into(),
+//!     work: "/tmp/work".into(),
+//! };
+//! let spec = SandboxSpec::new(rootfs, ProcessSpec::new(["echo", "hello"]));
+//! let out = Sandbox::new().output(&spec)?;
+//! assert!(out.status.success());
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![allow(
+    unsafe_code,
+    reason = "the executor is the one crate that talks to the kernel directly"
+)]
+
+mod caps;
+mod cgroup;
+mod error;
+mod fail;
+mod helper;
+mod rootfs;
+mod sandbox;
+mod spec;
+mod sys;
+mod user;
+
+pub use caps::{DOCKER_DEFAULT_CAPS, docker_default_mask};
+pub use error::{Error, Result};
+pub use helper::{HELPER_ARG, helper_main_if_requested};
+pub use sandbox::{ExitStatus, Output, Running, Sandbox};
+pub use spec::{
+    DEFAULT_PATH_ENV, Limits, Mount, MountKind, Network, ProcessSpec, ResolvedUser, Rlimit,
+    RlimitResource, RootfsSpec, SandboxSpec, Stdio, User,
+};
+pub use user::{UserError, resolve_user};

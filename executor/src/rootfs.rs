@@ -1,0 +1,550 @@
+//! Building the sandbox's file system view, run by the sandbox's init inside its
+//! own mount namespace.
+//!
+//! The order is what makes a hostile rootfs harmless:
+//!
+//! 1. every host source (device nodes, the generated `/etc/hosts`, bind mounts) is
+//!    cloned into a detached mount with `open_tree(OPEN_TREE_CLONE)` while the host
+//!    tree is still visible;
+//! 2. the rootfs is mounted and `pivot_root` moves into it, and the old root is
+//!    detached: from then on no host path can be named at all;
+//! 3. only then are mount targets (`/proc`, `/dev`, `/etc/hosts`, ...) created and
+//!    mounted on. A symlink such as `/etc/hosts -> /../../host/file` now resolves
+//!    against the sandbox's root (`..` of `/` is `/`), so the worst it can do is
+//!    redirect a mount to another place inside the rootfs.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use crate::fail::{Fail, Step};
+use crate::spec::{MountKind, SandboxSpec};
+use crate::sys;
+
+/// Device nodes bind-mounted from the host into the sandbox's `/dev`.
+pub(crate) const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+pub(crate) fn cstring(path: &Path) -> Result<CString, Fail> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        Fail::step(
+            format!("path `{}` contains a NUL byte", path.display()),
+            libc::EINVAL,
+        )
+    })
+}
+
+/// Host-side sources cloned before `pivot_root`.
+pub(crate) struct Sources {
+    dev: Vec<(&'static str, OwnedFd)>,
+    etc: Vec<(&'static str, OwnedFd)>,
+    /// One per spec mount (`None` for tmpfs), with whether the source is a directory.
+    mounts: Vec<Option<(OwnedFd, Kind)>>,
+    /// The host's `/sys`, when the sandbox shares the host network.
+    sys: Option<OwnedFd>,
+}
+
+/// Clones every host source the sandbox needs into detached mounts.
+pub(crate) fn clone_sources(
+    spec: &SandboxSpec,
+    state: &Path,
+    host_sys: bool,
+) -> Result<Sources, Fail> {
+    let clone = |path: &Path, recursive: bool| -> Result<OwnedFd, Fail> {
+        let c = cstring(path)?;
+        sys::open_tree_clone(&c, recursive)
+            .step(|| format!("clone a bind mount of `{}`", path.display()))
+    };
+    let mut dev = Vec::new();
+    for node in DEV_NODES {
+        dev.push((node, clone(&Path::new("/dev").join(node), false)?));
+    }
+    let mut etc = Vec::new();
+    for name in ["hosts", "resolv.conf", "hostname"] {
+        etc.push((name, clone(&state.join(name), false)?));
+    }
+    let mut mounts = Vec::new();
+    for m in &spec.mounts {
+        mounts.push(match &m.kind {
+            MountKind::Bind { source, .. }
+            | MountKind::Cache { source }
+            | MountKind::Secret { source } => {
+                let kind = if fs_err::metadata(source)
+                    .step(|| "inspect the mount source".to_owned())?
+                    .is_dir()
+                {
+                    Kind::Dir
+                } else {
+                    Kind::File
+                };
+                Some((clone(source, true)?, kind))
+            }
+            MountKind::Tmpfs { .. } => None,
+        });
+    }
+    let sys = if host_sys {
+        Some(clone(Path::new("/sys"), true)?)
+    } else {
+        None
+    };
+    Ok(Sources {
+        dev,
+        etc,
+        mounts,
+        sys,
+    })
+}
+
+/// The overlay mount options for the classic `mount(2)` call, with each lower made
+/// relative to `base` when that keeps them under the kernel's one-page limit.
+/// Returns the options and the directory to `chdir` into first (if any).
+pub(crate) fn overlay_options(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    userxattr: bool,
+    volatile: bool,
+) -> Result<(String, Option<PathBuf>), Fail> {
+    fn escape(p: &Path) -> String {
+        let s = p.to_string_lossy();
+        s.replace('\\', "\\\\")
+            .replace(':', "\\:")
+            .replace(',', "\\,")
+    }
+    let build = |lower_names: &[String]| {
+        let mut opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower_names.join(":"),
+            escape(upper),
+            escape(work)
+        );
+        if userxattr {
+            opts.push_str(",userxattr");
+        }
+        if volatile {
+            opts.push_str(",volatile");
+        }
+        opts
+    };
+    let absolute: Vec<String> = lowers.iter().map(|p| escape(p)).collect();
+    let opts = build(&absolute);
+    // The kernel copies at most one page of options (4096 bytes with the NUL).
+    const LIMIT: usize = 4000;
+    if opts.len() <= LIMIT {
+        return Ok((opts, None));
+    }
+    // Lowers usually share a parent (the snapshot store): name them from there.
+    let mut base = lowers
+        .first()
+        .and_then(|p| p.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    while !lowers.iter().all(|l| l.starts_with(&base)) {
+        if !base.pop() {
+            break;
+        }
+    }
+    let relative: Vec<String> = lowers
+        .iter()
+        .map(|l| escape(l.strip_prefix(&base).unwrap_or(l)))
+        .collect();
+    let opts = build(&relative);
+    if opts.len() > LIMIT || base.as_os_str().is_empty() {
+        return Err(Fail::step(
+            format!(
+                "mount an overlay of {} lowers: the options are {} bytes even with relative names (limit {LIMIT})",
+                lowers.len(),
+                opts.len()
+            ),
+            libc::E2BIG,
+        ));
+    }
+    Ok((opts, Some(base)))
+}
+
+/// Mounts an overlay on `target`: the new mount API (`lowerdir+`, kernel 6.8+, no
+/// option-size limit) first, the classic `mount(2)` with short names otherwise.
+pub(crate) fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    userxattr: bool,
+    volatile: bool,
+) -> Result<(), Fail> {
+    if lowers.is_empty() {
+        return Err(Fail::step(
+            "mount an overlay with no lower directory",
+            libc::EINVAL,
+        ));
+    }
+    let target_c = cstring(target)?;
+    match overlay_fsopen(lowers, upper, work, userxattr, volatile) {
+        Ok(fd) => {
+            return sys::move_mount_fd(&fd, &target_c)
+                .step(|| format!("attach the overlay on `{}`", target.display()));
+        }
+        // Only an old kernel (no fsopen, or no `lowerdir+`) falls back; any other
+        // error is the real one and is reported as such.
+        Err(OverlayApi::Unsupported) => {}
+        Err(OverlayApi::Failed(fail)) => return Err(fail),
+    }
+    let (opts, base) = overlay_options(lowers, upper, work, userxattr, volatile)?;
+    let cwd = std::env::current_dir().step(|| "read the current directory".to_owned())?;
+    if let Some(base) = &base {
+        nix::unistd::chdir(base).step(|| format!("chdir into `{}`", base.display()))?;
+    }
+    let result = mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .step(|| {
+        format!(
+            "mount an overlay on `{}` (lowerdir count {})",
+            target.display(),
+            lowers.len()
+        )
+    });
+    nix::unistd::chdir(&cwd).step(|| format!("chdir back into `{}`", cwd.display()))?;
+    result
+}
+
+enum OverlayApi {
+    Unsupported,
+    Failed(Fail),
+}
+
+fn overlay_fsopen(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    userxattr: bool,
+    volatile: bool,
+) -> Result<OwnedFd, OverlayApi> {
+    let fs = sys::fsopen(c"overlay").map_err(|_| OverlayApi::Unsupported)?;
+    let set = |key: &CStr, value: &Path| -> Result<(), OverlayApi> {
+        let v = cstring(value).map_err(OverlayApi::Failed)?;
+        sys::fsconfig_string(&fs, key, &v).map_err(|errno| {
+            if errno == nix::errno::Errno::EINVAL && key == c"lowerdir+" {
+                OverlayApi::Unsupported
+            } else {
+                OverlayApi::Failed(Fail::step(
+                    format!(
+                        "configure overlay {}=`{}`",
+                        key.to_string_lossy(),
+                        value.display()
+                    ),
+                    errno as i32,
+                ))
+            }
+        })
+    };
+    for lower in lowers {
+        set(c"lowerdir+", lower)?;
+    }
+    set(c"upperdir", upper)?;
+    set(c"workdir", work)?;
+    for (wanted, flag) in [(userxattr, c"userxattr"), (volatile, c"volatile")] {
+        if wanted {
+            sys::fsconfig_flag(&fs, flag).map_err(|e| {
+                OverlayApi::Failed(Fail::step(
+                    format!("configure overlay {}", flag.to_string_lossy()),
+                    e as i32,
+                ))
+            })?;
+        }
+    }
+    sys::fs_create_and_mount(&fs).map_err(|e| {
+        OverlayApi::Failed(Fail::step(
+            format!(
+                "create the overlay (upper `{}`, work `{}`, {} lowers)",
+                upper.display(),
+                work.display(),
+                lowers.len()
+            ),
+            e as i32,
+        ))
+    })
+}
+
+/// Moves into `new_root` and detaches the old root, so no host path is reachable.
+pub(crate) fn pivot_into(new_root: &Path) -> Result<(), Fail> {
+    nix::unistd::chdir(new_root)
+        .step(|| format!("chdir into the rootfs `{}`", new_root.display()))?;
+    sys::pivot_root_dot().step(|| format!("pivot_root into `{}`", new_root.display()))?;
+    umount2(".", MntFlags::MNT_DETACH).step(|| "detach the old root".to_owned())?;
+    nix::unistd::chdir("/").step(|| "chdir to the new `/`".to_owned())
+}
+
+/// What a mount target must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Dir,
+    File,
+}
+
+/// Makes sure `path` (absolute, inside the sandbox, after `pivot_root`) exists as a
+/// `kind`, following symlinks the way the kernel will when mounting: a dangling link
+/// gets its target created. Only ever called after `pivot_root`, so every path is
+/// inside the rootfs whatever the links say.
+pub(crate) fn ensure_target(path: &Path, kind: Kind) -> Result<PathBuf, Fail> {
+    let mut current = path.to_path_buf();
+    for _ in 0..40 {
+        match fs_err::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let link = fs_err::read_link(&current)
+                    .step(|| format!("read the link `{}`", current.display()))?;
+                let parent = current
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("/"));
+                current = parent.join(link);
+            }
+            Ok(_) => return Ok(current),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = current.parent() {
+                    fs_err::create_dir_all(parent).step(|| {
+                        format!("create the mount point's parent `{}`", parent.display())
+                    })?;
+                }
+                match kind {
+                    Kind::Dir => fs_err::create_dir(&current),
+                    Kind::File => fs_err::File::create(&current).map(drop),
+                }
+                .step(|| format!("create the mount point `{}`", current.display()))?;
+                return Ok(current);
+            }
+            Err(err) => {
+                return Err(err)
+                    .step(|| format!("inspect the mount point `{}`", current.display()));
+            }
+        }
+    }
+    Err(Fail::step(
+        format!(
+            "resolve the mount point `{}`: too many symlinks",
+            path.display()
+        ),
+        libc::ELOOP,
+    ))
+}
+
+fn attach(fd: &OwnedFd, target: &Path, kind: Kind) -> Result<PathBuf, Fail> {
+    let resolved = ensure_target(target, kind)?;
+    let c = cstring(&resolved)?;
+    sys::move_mount_fd(fd, &c).step(|| format!("bind mount onto `{}`", resolved.display()))?;
+    Ok(resolved)
+}
+
+fn remount_ro(target: &Path) -> Result<(), Fail> {
+    // A bind remount keeps the locked flags (nosuid, nodev, ...) of the source
+    // mount only if they are repeated; read them back from statvfs.
+    let keep = nix::sys::statvfs::statvfs(target)
+        .map(|st| {
+            use nix::sys::statvfs::FsFlags;
+            let mut flags = MsFlags::empty();
+            let f = st.flags();
+            if f.contains(FsFlags::ST_NOSUID) {
+                flags |= MsFlags::MS_NOSUID;
+            }
+            if f.contains(FsFlags::ST_NODEV) {
+                flags |= MsFlags::MS_NODEV;
+            }
+            if f.contains(FsFlags::ST_NOEXEC) {
+                flags |= MsFlags::MS_NOEXEC;
+            }
+            flags
+        })
+        .unwrap_or(MsFlags::empty());
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | keep,
+        None::<&str>,
+    )
+    .step(|| format!("remount `{}` read-only", target.display()))
+}
+
+fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(), Fail> {
+    let data = if data.is_empty() { None } else { Some(data) };
+    mount(Some(fstype), target, Some(fstype), flags, data).step(|| {
+        format!(
+            "mount {fstype} on `{}` ({})",
+            target.display(),
+            data.unwrap_or("")
+        )
+    })
+}
+
+/// Mounts `/proc`, `/dev`, `/sys`, `/etc/{hosts,resolv.conf,hostname}` and the spec's
+/// mounts. Runs after [`pivot_into`].
+pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> Result<(), Fail> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+
+    let proc_dir = ensure_target(Path::new("/proc"), Kind::Dir)?;
+    mount_fs("proc", &proc_dir, nosuid_nodev_noexec, "")?;
+
+    let dev = ensure_target(Path::new("/dev"), Kind::Dir)?;
+    mount_fs(
+        "tmpfs",
+        &dev,
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        "mode=755,size=65536k",
+    )?;
+    for (node, fd) in &sources.dev {
+        attach(fd, &dev.join(node), Kind::File)?;
+    }
+    let pts = dev.join("pts");
+    fs_err::create_dir(&pts).step(|| format!("create `{}`", pts.display()))?;
+    // gid=5 (tty) only exists when the sandbox owns its ids; a rootless single-id
+    // map has no group 5.
+    let pts_opts = if rootless {
+        "newinstance,ptmxmode=0666,mode=620"
+    } else {
+        "newinstance,ptmxmode=0666,mode=620,gid=5"
+    };
+    mount_fs(
+        "devpts",
+        &pts,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        pts_opts,
+    )?;
+    let shm = dev.join("shm");
+    fs_err::create_dir(&shm).step(|| format!("create `{}`", shm.display()))?;
+    mount_fs("tmpfs", &shm, nosuid_nodev_noexec, "mode=1777,size=65536k")?;
+    let mqueue = dev.join("mqueue");
+    fs_err::create_dir(&mqueue).step(|| format!("create `{}`", mqueue.display()))?;
+    mount_fs("mqueue", &mqueue, nosuid_nodev_noexec, "")?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        let at = dev.join(link);
+        std::os::unix::fs::symlink(to, &at)
+            .step(|| format!("create the link `{}`", at.display()))?;
+    }
+
+    let sys_dir = ensure_target(Path::new("/sys"), Kind::Dir)?;
+    match &sources.sys {
+        Some(fd) => {
+            let at = attach(fd, &sys_dir, Kind::Dir)?;
+            remount_ro(&at)?;
+        }
+        None => mount_fs(
+            "sysfs",
+            &sys_dir,
+            nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+            "",
+        )?,
+    }
+
+    for (name, fd) in &sources.etc {
+        attach(fd, &Path::new("/etc").join(name), Kind::File)?;
+    }
+
+    for (m, fd) in spec.mounts.iter().zip(&sources.mounts) {
+        let target = Path::new(&m.target);
+        if !target.is_absolute() {
+            return Err(Fail::step(
+                format!("mount target `{}` is not absolute", m.target),
+                libc::EINVAL,
+            ));
+        }
+        match (&m.kind, fd) {
+            (MountKind::Tmpfs { size }, _) => {
+                let at = ensure_target(target, Kind::Dir)?;
+                let data = size.map(|s| format!("size={s}")).unwrap_or_default();
+                mount_fs("tmpfs", &at, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &data)?;
+            }
+            (MountKind::Bind { readonly, .. }, Some((fd, kind))) => {
+                let at = attach(fd, target, *kind)?;
+                if *readonly {
+                    remount_ro(&at)?;
+                }
+            }
+            (MountKind::Cache { .. }, Some((fd, kind))) => {
+                attach(fd, target, *kind)?;
+            }
+            (MountKind::Secret { .. }, Some((fd, kind))) => {
+                let at = attach(fd, target, *kind)?;
+                remount_ro(&at)?;
+            }
+            (_, None) => {
+                return Err(Fail::step(
+                    format!("no source cloned for the mount on `{}`", m.target),
+                    libc::EINVAL,
+                ));
+            }
+        }
+    }
+
+    if spec.readonly_rootfs {
+        remount_ro(Path::new("/"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_option_lists_stay_absolute() {
+        let lowers = vec![PathBuf::from("/s/1/fs"), PathBuf::from("/s/2/fs")];
+        let (opts, base) =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
+        assert_eq!(opts, "lowerdir=/s/1/fs:/s/2/fs,upperdir=/u,workdir=/w");
+        assert_eq!(base, None);
+    }
+
+    #[test]
+    fn long_option_lists_become_relative_to_the_common_parent() {
+        let store = "/var/lib/kiln/snapshots/a-rather-long-directory-name-for-the-store";
+        let lowers: Vec<PathBuf> = (0..200)
+            .map(|i| PathBuf::from(format!("{store}/{i:03}")))
+            .collect();
+        let (opts, base) =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), true, true).unwrap();
+        assert_eq!(base, Some(PathBuf::from(store)));
+        assert!(opts.starts_with("lowerdir=000:001:002:"), "{opts}");
+        assert!(
+            opts.ends_with(",upperdir=/u,workdir=/w,userxattr,volatile"),
+            "{opts}"
+        );
+        assert!(opts.len() < 4000);
+    }
+
+    #[test]
+    fn too_many_lowers_is_a_clear_error() {
+        let lowers: Vec<PathBuf> = (0..2000)
+            .map(|i| PathBuf::from(format!("/s/layer-number-{i:05}")))
+            .collect();
+        let err =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap_err();
+        assert!(matches!(
+            err.report,
+            crate::fail::Report::SetupFailed {
+                errno: libc::E2BIG,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn separators_in_paths_are_escaped() {
+        let lowers = vec![PathBuf::from("/a:b,c")];
+        let (opts, _) =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
+        assert!(opts.starts_with("lowerdir=/a\\:b\\,c,"), "{opts}");
+    }
+}

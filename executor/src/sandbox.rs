@@ -1,0 +1,319 @@
+//! The caller's side: start the helper, hand it the spec, read its reports.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use nix::fcntl::OFlag;
+
+use crate::error::{Error, Result};
+use crate::fail::Report;
+use crate::helper::{HELPER_ARG, LIFELINE_FD, REPORT_FD, SPEC_FD};
+use crate::spec::{SandboxSpec, Stdio};
+
+/// Starts sandboxes. Cheap to build; holds only the helper's path.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    helper: PathBuf,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    /// Uses the running binary (`/proc/self/exe`) as the helper: its `main` must call
+    /// [`crate::helper_main_if_requested`] first.
+    pub fn new() -> Self {
+        Self {
+            helper: PathBuf::from("/proc/self/exe"),
+        }
+    }
+
+    /// Uses another binary as the helper (tests use the crate's `kiln-sandbox-run`).
+    pub fn with_helper(mut self, path: impl Into<PathBuf>) -> Self {
+        self.helper = path.into();
+        self
+    }
+
+    /// The helper binary.
+    pub fn helper(&self) -> &Path {
+        &self.helper
+    }
+
+    /// Starts `spec`. Returns as soon as the helper runs; setup errors come back
+    /// from [`Running::wait`]. Safe to call from any thread (it only forks to exec).
+    pub fn spawn(&self, spec: &SandboxSpec) -> Result<Running> {
+        let pipe = |what| {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::Pipe {
+                what,
+                source: e.into(),
+            })
+        };
+        let (spec_r, spec_w) = pipe("create")?;
+        let (report_r, report_w) = pipe("create")?;
+        let (lifeline_r, lifeline_w) = pipe("create")?;
+        let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
+
+        let mut cmd = Command::new(&self.helper);
+        cmd.arg(HELPER_ARG).stdin(std::process::Stdio::null());
+        match spec.stdio {
+            Stdio::Piped => {
+                cmd.stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+            }
+            Stdio::Inherit => {
+                cmd.stdout(std::process::Stdio::inherit())
+                    .stderr(std::process::Stdio::inherit());
+            }
+            Stdio::Null => {
+                cmd.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+            }
+        }
+        let fds: [(RawFd, RawFd); 3] = [
+            (spec_r.as_raw_fd(), SPEC_FD),
+            (report_w.as_raw_fd(), REPORT_FD),
+            (lifeline_r.as_raw_fd(), LIFELINE_FD),
+        ];
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // async-signal-safe functions (fcntl, dup2) on descriptors it was given.
+        unsafe {
+            cmd.pre_exec(move || {
+                // First move every source above the targets so that no dup2 clobbers
+                // a source that happens to sit at 3, 4 or 5.
+                let mut high = [0; 3];
+                for (slot, (src, _)) in high.iter_mut().zip(fds) {
+                    let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    *slot = fd;
+                }
+                for (fd, (_, dst)) in high.into_iter().zip(fds) {
+                    // dup2 clears FD_CLOEXEC on the target.
+                    if libc::dup2(fd, dst) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| Error::SpawnHelper {
+            helper: self.helper.clone(),
+            source,
+        })?;
+        drop((spec_r, report_w, lifeline_r));
+        let mut spec_w = std::fs::File::from(spec_w);
+        // A helper that died at once closes the pipe: its report says why.
+        let _written = spec_w.write_all(&json);
+        drop(spec_w);
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| std::fs::File::from(OwnedFd::from(s)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| std::fs::File::from(OwnedFd::from(s)));
+        Ok(Running {
+            child,
+            report: Some(std::fs::File::from(report_r)),
+            lifeline: Some(lifeline_w),
+            stdout,
+            stderr,
+            status: None,
+        })
+    }
+
+    /// Runs `spec` to completion, collecting stdout and stderr.
+    pub fn output(&self, spec: &SandboxSpec) -> Result<Output> {
+        self.spawn(spec)?.wait_with_output()
+    }
+}
+
+/// How the payload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// The memory cgroup's OOM killer killed a process of the sandbox.
+    OomKilled,
+    /// The caller cancelled it (drop, [`Running::kill`], Ctrl-C).
+    Cancelled,
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(self) -> bool {
+        self == Self::Code(0)
+    }
+
+    /// The shell's view: the code, or 128 + the signal (137 for OOM and cancel).
+    pub fn shell_code(self) -> i32 {
+        match self {
+            Self::Code(c) => c,
+            Self::Signal(s) => 128 + s,
+            Self::OomKilled | Self::Cancelled => 137,
+        }
+    }
+}
+
+/// A finished sandbox's status and output.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// A started sandbox. Dropping it kills everything in it and cleans up.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    report: Option<std::fs::File>,
+    lifeline: Option<OwnedFd>,
+    stdout: Option<std::fs::File>,
+    stderr: Option<std::fs::File>,
+    status: Option<ExitStatus>,
+}
+
+impl Running {
+    /// The read end of the payload's stdout (with [`Stdio::Piped`]), once.
+    pub fn take_stdout(&mut self) -> Option<std::fs::File> {
+        self.stdout.take()
+    }
+
+    /// The read end of the payload's stderr (with [`Stdio::Piped`]), once.
+    pub fn take_stderr(&mut self) -> Option<std::fs::File> {
+        self.stderr.take()
+    }
+
+    /// The helper's pid (in the caller's pid namespace).
+    pub fn helper_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills everything in the sandbox; [`Running::wait`] then returns
+    /// [`ExitStatus::Cancelled`] (unless the payload had already exited).
+    pub fn kill(&mut self) {
+        // Closing the lifeline is the cancel signal: the helper sees POLLHUP, kills
+        // the sandbox's init (and with it the whole pid namespace) and cleans up.
+        self.lifeline = None;
+    }
+
+    /// Waits for the end. Streams not taken are drained (so a chatty payload does
+    /// not block on a full pipe) and discarded.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let drains: Vec<_> = [self.stdout.take(), self.stderr.take()]
+            .into_iter()
+            .flatten()
+            .map(|mut f| std::thread::spawn(move || std::io::copy(&mut f, &mut std::io::sink())))
+            .collect();
+        let result = self.wait_inner();
+        for d in drains {
+            let _drained = d.join();
+        }
+        result
+    }
+
+    fn wait_inner(&mut self) -> Result<ExitStatus> {
+        let mut reports = Vec::new();
+        if let Some(report) = self.report.take() {
+            for line in BufReader::new(report).lines() {
+                let line = line.map_err(|source| Error::Pipe {
+                    what: "read",
+                    source,
+                })?;
+                if let Ok(r) = serde_json::from_str::<Report>(&line) {
+                    reports.push(r);
+                }
+            }
+        }
+        let helper_status = self.child.wait().map_err(Error::Wait)?;
+        let status = interpret(reports, &format!("{helper_status}"))?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// Waits, reading stdout and stderr to the end.
+    pub fn wait_with_output(mut self) -> Result<Output> {
+        let read = |f: Option<std::fs::File>| {
+            f.map(|mut f| {
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let _read = f.read_to_end(&mut buf);
+                    buf
+                })
+            })
+        };
+        let (out, err) = (read(self.stdout.take()), read(self.stderr.take()));
+        let status = self.wait_inner();
+        let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            h.and_then(|h| h.join().ok()).unwrap_or_default()
+        };
+        let (stdout, stderr) = (join(out), join(err));
+        Ok(Output {
+            status: status?,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+fn interpret(reports: Vec<Report>, helper_status: &str) -> Result<ExitStatus> {
+    let mut status = None;
+    let mut oom = false;
+    let mut cancelled = false;
+    for r in reports {
+        match r {
+            Report::SetupFailed { step, errno } => {
+                return Err(Error::Setup {
+                    step,
+                    source: std::io::Error::from_raw_os_error(errno),
+                });
+            }
+            Report::ExecFailed { program, errno } => {
+                return Err(Error::Exec {
+                    program,
+                    source: std::io::Error::from_raw_os_error(errno),
+                });
+            }
+            Report::UserFailed(f) => return Err(Error::User(f.into())),
+            Report::Exited { code } => status = Some(ExitStatus::Code(code)),
+            Report::Signaled { signal } => status = Some(ExitStatus::Signal(signal)),
+            Report::OomKilled => oom = true,
+            Report::Cancelled => cancelled = true,
+        }
+    }
+    match status {
+        Some(ExitStatus::Signal(9)) if oom => Ok(ExitStatus::OomKilled),
+        Some(s) => Ok(s),
+        None if oom => Ok(ExitStatus::OomKilled),
+        None if cancelled => Ok(ExitStatus::Cancelled),
+        None => Err(Error::HelperDied {
+            status: helper_status.to_owned(),
+        }),
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            self.kill();
+            let _ended = self.wait();
+        }
+    }
+}
