@@ -1,0 +1,1 @@
+//! `context`: work in progress.
