@@ -8,3 +8,5 @@ pub mod event;
 pub mod key;
 pub mod plan;
 
+// COPY/ADD/WORKDIR file operations (BuildKit semantics).
+pub mod fileop;
