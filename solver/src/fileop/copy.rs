@@ -133,6 +133,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         exclude,
         ignore: op.ignore.as_ref(),
         links: HashMap::new(),
+        stamped: Vec::new(),
         report: Report::default(),
     };
     c.report.sources_read = entries.iter().map(|e| e.resolved_path.clone()).collect();
@@ -184,6 +185,12 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         }
         c.copy_top(path, "", name, false, &dst, SourceKindFor::Generated)?;
     }
+    if let Some(t) = c.time {
+        let t = FileTime::from_system_time(t);
+        for dir in c.stamped.iter().rev() {
+            filetime::set_symlink_file_times(dir, t, t).map_err(|e| with_path(e, dir))?;
+        }
+    }
     Ok(c.report)
 }
 
@@ -227,6 +234,9 @@ struct Copier<'a> {
     ignore: Option<&'a PatternMatcher>,
     /// (dev, ino) of a source file with several links → where it was written.
     links: HashMap<(u64, u64), PathBuf>,
+    /// Directories made by `mkdir_all` under a fixed time: their times are
+    /// set again at the end, since writing into them changed them.
+    stamped: Vec<PathBuf>,
     report: Report,
 }
 
@@ -266,9 +276,8 @@ impl Copier<'_> {
                 std::os::unix::fs::lchown(&dir, Some(o.uid), Some(o.gid))
                     .map_err(|e| with_path(e, &dir))?;
             }
-            if let Some(t) = self.time {
-                let t = FileTime::from_system_time(t);
-                filetime::set_symlink_file_times(&dir, t, t)?;
+            if self.time.is_some() {
+                self.stamped.push(dir.clone());
             }
             let inner = self.inner_of(&dir);
             self.report.push(inner, EntryKind::Dir);

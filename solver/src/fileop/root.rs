@@ -107,11 +107,10 @@ fn components(path: &Path) -> VecDeque<OsString> {
 
 /// `NotFound`, or `ENOTDIR` (a parent is a file): the path does not exist.
 pub(super) fn is_absent(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc_enotdir())
-}
-
-fn libc_enotdir() -> i32 {
-    nix::errno::Errno::ENOTDIR as i32
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 /// Go's `path.Clean` of `/` + `p`: the absolute, lexically clean form.
