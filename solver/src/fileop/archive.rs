@@ -201,7 +201,8 @@ pub(super) fn extract(
             Err(e) if is_absent(&e) => {}
             Err(e) => return Err(e.into()),
         }
-        let mode = header.mode().map_err(bad)? & 0o7777;
+        // Go's archive/tar reads an empty numeric field as 0; so do we.
+        let mode = header.mode().unwrap_or(0) & 0o7777;
         let written = if kind.is_dir() {
             if !target.exists() {
                 fs_err::create_dir(&target)?;
@@ -250,8 +251,8 @@ pub(super) fn extract(
             continue; // pax globals and other metadata-only entries
         };
         if apply_ownership {
-            let uid = u32::try_from(header.uid().map_err(bad)?).unwrap_or(0);
-            let gid = u32::try_from(header.gid().map_err(bad)?).unwrap_or(0);
+            let uid = u32::try_from(header.uid().unwrap_or(0)).unwrap_or(0);
+            let gid = u32::try_from(header.gid().unwrap_or(0)).unwrap_or(0);
             std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
                 .map_err(|e| with_path(e, &target))?;
         }
