@@ -26,8 +26,11 @@ const MAX_LINKS: usize = 255;
 /// # let dir = std::env::temp_dir().join(format!("kiln-doc-root-{}", std::process::id()));
 /// # let _ = fs_err::create_dir_all(dir.join("opt/app"));
 /// # let _ = std::os::unix::fs::symlink("/opt/app", dir.join("app"));
-/// let p = kiln_solver::fileop::resolve_in_root(&dir, "/app/../../../etc", true).unwrap();
-/// assert_eq!(p, dir.join("opt/etc"));
+/// use kiln_solver::fileop::resolve_in_root;
+/// // `/app -> /opt/app`: followed inside the root.
+/// assert_eq!(resolve_in_root(&dir, "/app/x", true).unwrap(), dir.join("opt/app/x"));
+/// // `..` after the link climbs from `/opt/app`, and stops at the root.
+/// assert_eq!(resolve_in_root(&dir, "/app/../../../etc", true).unwrap(), dir.join("etc"));
 /// # let _ = fs_err::remove_dir_all(&dir);
 /// ```
 pub fn resolve_in_root(
