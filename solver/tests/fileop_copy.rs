@@ -402,6 +402,22 @@ fn exclude_patterns_skip_paths_below_the_source() {
 }
 
 #[test]
+fn exclude_applies_to_wildcard_matches() {
+    let r = roots();
+    write(&r.src, "home.txt", "t");
+    write(&r.src, "home.rs", "r");
+    write(&r.src, "homedir/x.txt", "x");
+    let mut o = op(&["hom*"], "/mydir/");
+    o.exclude = vec!["*.txt".into()];
+    let rep = run(&r, &o);
+    assert_eq!(rep.sources_read, ["home.rs", "homedir"]);
+    assert!(!r.dst.join("mydir/home.txt").exists());
+    assert!(r.dst.join("mydir/home.rs").exists());
+    // Inside a copied directory, paths are relative to it.
+    assert!(!r.dst.join("mydir/x.txt").exists());
+}
+
+#[test]
 fn dockerignore_hides_context_paths() {
     let r = roots();
     write(&r.src, "src/a.rs", "a");

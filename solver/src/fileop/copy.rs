@@ -74,6 +74,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         &ResolveOptions {
             parents: op.parents,
             ignore: op.ignore.as_ref(),
+            exclude: exclude.as_ref(),
         },
     )?;
 

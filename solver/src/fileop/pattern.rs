@@ -16,6 +16,11 @@ pub struct ResolveOptions<'a> {
     pub parents: bool,
     /// `.dockerignore` of the context: ignored paths are absent.
     pub ignore: Option<&'a PatternMatcher>,
+    /// `--exclude`: a wildcard match whose path below the wildcard's fixed
+    /// directory is excluded is dropped (`COPY --exclude=*.txt hom* /d/`
+    /// copies no `hom*.txt`, as Docker documents). Paths inside a copied
+    /// directory are matched by the copy itself, relative to that directory.
+    pub exclude: Option<&'a PatternMatcher>,
 }
 
 /// One source that a COPY/ADD reads, after wildcard expansion.
@@ -63,7 +68,7 @@ pub fn resolve_sources(
             clean_abs(pattern)
         };
         let matches = if contains_wildcards(&full) {
-            expand_wildcards(src_root, pattern, &full, opts.ignore)?
+            expand_wildcards(src_root, pattern, &full, opts)?
         } else {
             vec![full.clone()]
         };
@@ -156,7 +161,7 @@ fn expand_wildcards(
     root: &Path,
     pattern: &str,
     full: &str,
-    ignore: Option<&PatternMatcher>,
+    opts: &ResolveOptions<'_>,
 ) -> Result<Vec<String>, FileOpError> {
     let segs: Vec<&str> = full.split('/').filter(|s| !s.is_empty()).collect();
     let first = segs
@@ -183,6 +188,7 @@ fn expand_wildcards(
     }
     let depth = segs.len() - first;
     let mut out = Vec::new();
+    let mut matched = Vec::new();
     walk_match(
         &base.host,
         "",
@@ -190,9 +196,17 @@ fn expand_wildcards(
         &rest,
         &base.inner,
         pattern,
-        ignore,
-        &mut out,
+        opts.ignore,
+        &mut matched,
     )?;
+    for (inner, rel) in matched {
+        if let Some(m) = opts.exclude
+            && m.matches(&rel)
+        {
+            continue;
+        }
+        out.push(inner);
+    }
     Ok(out)
 }
 
@@ -205,7 +219,7 @@ fn walk_match(
     base_inner: &str,
     pattern: &str,
     ignore: Option<&PatternMatcher>,
-    out: &mut Vec<String>,
+    out: &mut Vec<(String, String)>,
 ) -> Result<(), FileOpError> {
     if depth_left == 0 {
         return Ok(());
@@ -239,7 +253,7 @@ fn walk_match(
             pattern: pattern.to_owned(),
         })?;
         if matched {
-            out.push(inner);
+            out.push((inner, child_rel));
             continue;
         }
         if meta.is_dir() {
