@@ -5,6 +5,7 @@
 // Modules of the plan/context/key/event part.
 pub mod context;
 pub mod event;
+pub mod graph;
 pub mod key;
 pub mod plan;
 
