@@ -660,3 +660,87 @@ fn resolve_sources_lists_what_the_op_reads() {
         ]
     );
 }
+
+#[test]
+fn xattrs_and_fifos_are_copied() {
+    let r = roots();
+    write(&r.src, "d/f", "f");
+    nix::unistd::mkfifo(
+        &r.src.join("d/pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    let xattrs = match xattr::set(r.src.join("d/f"), "user.kiln", b"v1") {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but the temp dir has no user xattrs: {e}"
+            );
+            false
+        }
+    };
+    run(&r, &op(&["d"], "/out/"));
+    let m = fs_err::symlink_metadata(r.dst.join("out/pipe")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+    assert_eq!(m.mode() & 0o7777, 0o640);
+    if xattrs {
+        let v = xattr::get(r.dst.join("out/f"), "user.kiln").unwrap();
+        assert_eq!(v.as_deref(), Some(&b"v1"[..]));
+    }
+}
+
+#[test]
+fn files_read_lists_exactly_what_the_copy_writes() {
+    let r = roots();
+    write(&r.src, "app/a.rs", "a");
+    write(&r.src, "app/b.txt", "b");
+    write(&r.src, "app/sub/c.rs", "c");
+    write(&r.src, "app/sub/d.txt", "d");
+    write(&r.src, "app/skip/e", "e");
+    write(&r.src, "app/ign/f", "f");
+    write(&r.src, "lone.rs", "l");
+    let ignore = kiln_parser::PatternMatcher::new(["app/ign"]).unwrap();
+    let exclude = kiln_parser::PatternMatcher::new(["*.txt", "skip"]).unwrap();
+    let opts = fileop::ResolveOptions {
+        parents: false,
+        ignore: Some(&ignore),
+        exclude: Some(&exclude),
+    };
+    let patterns = ["app".to_owned(), "*.rs".to_owned()];
+    let entries = fileop::resolve_sources(&r.src, &patterns, &opts).unwrap();
+    let read_paths = fileop::files_read(&entries, &opts).unwrap();
+    assert_eq!(
+        read_paths,
+        // `*.txt` is matched from the top of the copied directory only
+        // (patternmatcher rules), so `sub/d.txt` stays.
+        [
+            "app",
+            "app/a.rs",
+            "app/sub",
+            "app/sub/c.rs",
+            "app/sub/d.txt",
+            "lone.rs"
+        ]
+    );
+    let mut o = op(&["app", "*.rs"], "/out/");
+    o.ignore = Some(ignore.clone());
+    o.exclude = vec!["*.txt".into(), "skip".into()];
+    let rep = run(&r, &o);
+    let written: Vec<_> = rep
+        .written
+        .iter()
+        .filter(|w| w.kind != fileop::EntryKind::Dir || w.path != "/out")
+        .map(|w| w.path.clone())
+        .collect();
+    assert_eq!(
+        written,
+        [
+            "/out/a.rs",
+            "/out/sub",
+            "/out/sub/c.rs",
+            "/out/sub/d.txt",
+            "/out/lone.rs"
+        ]
+    );
+}

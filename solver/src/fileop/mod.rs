@@ -48,7 +48,7 @@ use std::time::SystemTime;
 pub use chmod::ModeChange;
 pub use copy::copy;
 pub use error::FileOpError;
-pub use pattern::{ResolveOptions, SourceEntry, go_match, resolve_sources};
+pub use pattern::{ResolveOptions, SourceEntry, files_read, go_match, resolve_sources};
 pub use root::resolve_in_root;
 pub use workdir::mkdir_workdir;
 

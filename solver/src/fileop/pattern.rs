@@ -114,6 +114,71 @@ pub fn resolve_sources(
     Ok(out)
 }
 
+/// Every path an op reads below the resolved `entries`, relative to the
+/// source root (`/`-separated), in the order the copy visits them: each
+/// entry itself, and for a directory its whole tree minus what `--exclude`
+/// (relative to that directory) and `.dockerignore` (relative to the root)
+/// leave out — the same rules the copy applies. This is the file list a
+/// cache key must cover.
+pub fn files_read(
+    entries: &[SourceEntry],
+    opts: &ResolveOptions<'_>,
+) -> Result<Vec<String>, FileOpError> {
+    let mut out = Vec::new();
+    for e in entries {
+        out.push(e.resolved_path.clone());
+        if e.is_dir {
+            walk_read(&e.host, &e.resolved_path, "", opts, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+fn walk_read(
+    dir: &Path,
+    rel: &str,
+    comps: &str,
+    opts: &ResolveOptions<'_>,
+    out: &mut Vec<String>,
+) -> Result<(), FileOpError> {
+    let mut names: Vec<_> = fs_err::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    for name in names {
+        let n = name.to_string_lossy();
+        let child_comps = if comps.is_empty() {
+            n.to_string()
+        } else {
+            format!("{comps}/{n}")
+        };
+        let child_rel = if rel.is_empty() || rel == "." {
+            n.to_string()
+        } else {
+            format!("{rel}/{n}")
+        };
+        let host = dir.join(&name);
+        let is_dir = fs_err::symlink_metadata(&host)?.is_dir();
+        if let Some(m) = opts.exclude
+            && m.matches(&child_comps)
+            && (!is_dir || m.can_skip_dir(&child_comps))
+        {
+            continue;
+        }
+        if let Some(m) = opts.ignore
+            && m.matches(&child_rel)
+            && (!is_dir || m.can_skip_dir(&child_rel))
+        {
+            continue;
+        }
+        out.push(child_rel.clone());
+        if is_dir {
+            walk_read(&host, &child_rel, &child_comps, opts, out)?;
+        }
+    }
+    Ok(())
+}
+
 fn is_ignored(ignore: Option<&PatternMatcher>, rel: &str) -> bool {
     match ignore {
         Some(m) if rel != "." => m.matches(rel) && m.can_skip_dir(rel),
