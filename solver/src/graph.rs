@@ -182,7 +182,10 @@ pub enum Op {
     Source(SourceOp),
     /// The start of a stage that is built `FROM` another stage.
     StageRef {
-        /// The index of the parent stage.
+        /// The index of the parent stage (or of this stage, for an image
+        /// base). Not part of the key: two stages with the same base and
+        /// steps have the same keys and run once.
+        #[serde(skip)]
         stage: usize,
         /// Its name (or `stage-N`).
         name: String,
