@@ -375,11 +375,15 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
             continue;
         }
         let mut logical = first.to_string();
-        let mut segments = vec![Segment {
-            logical_start: 0,
-            line: start_line,
-            byte_in_line: lead,
-        }];
+        // Empty pieces get no segment, so positions map to real text.
+        let mut segments = Vec::new();
+        if !first.is_empty() {
+            segments.push(Segment {
+                logical_start: 0,
+                line: start_line,
+                byte_in_line: lead,
+            });
+        }
         let mut has_empty_continuation = false;
         while !eol && i < lines.len() {
             let raw = lines[i];
@@ -397,11 +401,13 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
                 continue;
             }
             let (piece, e) = trim_continuation(token, d.escape);
-            segments.push(Segment {
-                logical_start: logical.len(),
-                line: current_line,
-                byte_in_line: 0,
-            });
+            if !piece.is_empty() {
+                segments.push(Segment {
+                    logical_start: logical.len(),
+                    line: current_line,
+                    byte_in_line: 0,
+                });
+            }
             logical.push_str(piece);
             eol = e;
         }
@@ -409,6 +415,13 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
             warnings.push(Warning {
                 message: format!("empty continuation line found in: {logical}"),
                 line: current_line,
+            });
+        }
+        if segments.is_empty() {
+            segments.push(Segment {
+                logical_start: 0,
+                line: start_line,
+                byte_in_line: lead,
             });
         }
         let map = LineMap {
@@ -456,6 +469,11 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
                 }
                 node.heredocs.push(doc);
             }
+        }
+        // BuildKit's start line is the instruction's first line, even when
+        // the keyword itself sits on a later (continuation) line.
+        if node.span.start.line != start_line {
+            node.span.start = Position::new(start_line, 1);
         }
         let last = trim_newline(lines.get(current_line - 1).copied().unwrap_or(""));
         node.span.end = Position::new(current_line, last.chars().count() + 1);
