@@ -29,6 +29,8 @@
 //! Without the Python module the test prints a skip message, except under
 //! `CI=true`, where a missing module is a failure.
 
+#![expect(clippy::print_stderr, reason = "the test reports what it compared and skipped")]
+
 mod common;
 
 use std::path::PathBuf;
