@@ -572,7 +572,9 @@ fn convert_from(ctx: &Ctx<'_>, flags: &Flags) -> Result<Command, ParseError> {
                 ))));
         }
         _ => {
-            return Err(ctx.args_err("needs either one or three arguments (`FROM image [AS name]`)"));
+            return Err(
+                ctx.args_err("needs either one or three arguments (`FROM image [AS name]`)")
+            );
         }
     };
     let platform = match flags.string("platform") {
