@@ -538,3 +538,55 @@ proptest! {
         prop_assert_eq!(lexer.process_words(&word, &env).unwrap(), fields);
     }
 }
+
+#[test]
+fn field_splitting_details() {
+    let lexer = Lexer::new('\\');
+    let env = map(&[("S", " a  b "), ("E", "")]);
+    // An empty quoted string makes no field of its own.
+    assert_eq!(lexer.process_words("a \"\" b", &env).unwrap(), ["a", "b"]);
+    assert_eq!(lexer.process_words("x\"\"y", &env).unwrap(), ["xy"]);
+    // Unquoted expansions split, quoted ones do not, default words too.
+    assert_eq!(lexer.process_words("$S", &env).unwrap(), ["a", "b"]);
+    assert_eq!(lexer.process_words("\"$S\"", &env).unwrap(), [" a  b "]);
+    assert_eq!(lexer.process_words("${E:-p q}", &env).unwrap(), ["p", "q"]);
+    assert_eq!(lexer.process_words("'${S}'", &env).unwrap(), ["${S}"]);
+    // An escaped space joins, a trailing escape is dropped.
+    assert_eq!(
+        lexer.process_words("a\\ b c\\", &env).unwrap(),
+        ["a b", "c"]
+    );
+    // process_word keeps the spacing as written.
+    assert_eq!(
+        lexer.process_word("  a  $S ", &env).unwrap(),
+        "  a   a  b  "
+    );
+    // Names stop at the first character that cannot be in one.
+    let env = map(&[("A", "1"), ("A_B2", "2"), ("é", "3")]);
+    assert_eq!(
+        lexer.process_word("$A-$A_B2.$é/${A}x", &env).unwrap(),
+        "1-2.3/1x"
+    );
+}
+
+#[test]
+fn quotes_and_escapes_inside_modifiers() {
+    let lexer = Lexer::new('\\');
+    let env = map(&[("V", "a.b.c")]);
+    assert_eq!(lexer.process_word("${X:-'a }'}", &env).unwrap(), "a }");
+    assert_eq!(lexer.process_word("${X:-\"$V\"}", &env).unwrap(), "a.b.c");
+    assert_eq!(lexer.process_word("${X:-a\\}b}", &env).unwrap(), "a}b");
+    assert_eq!(lexer.process_word("${V%.*}", &env).unwrap(), "a.b");
+    assert_eq!(lexer.process_word("${V%%.*}", &env).unwrap(), "a");
+    assert_eq!(lexer.process_word("${V#*.}", &env).unwrap(), "b.c");
+    assert_eq!(lexer.process_word("${V##*.}", &env).unwrap(), "c");
+    assert_eq!(lexer.process_word("\"${V//./ }\"", &env).unwrap(), "a b c");
+    // Go's ReplaceAllString expands `$0` (the match) and `$$` in the
+    // replacement of `//`; the single form inserts it literally.
+    let env = map(&[("V", "ab"), ("R", "<$0>")]);
+    assert_eq!(lexer.process_word("${V//b/$R}", &env).unwrap(), "a<b>");
+    assert_eq!(lexer.process_word("${V/b/$R}", &env).unwrap(), "a<$0>");
+    // `*` and `?` do not cross newlines (Go's `.`).
+    let env = map(&[("V", "a\nb")]);
+    assert_eq!(lexer.process_word("${V#*b}", &env).unwrap(), "a\nb");
+}
