@@ -295,4 +295,21 @@ fn main() {
         paths.iter().filter(|p| matcher.matches_exact(p)).count()
     });
     println!("    {exact} files excluded by their own name");
+    // Which patterns cost the most, each alone against every file.
+    let mut costs: Vec<(Duration, &str)> = PATTERNS
+        .iter()
+        .map(|p| {
+            let m = PatternMatcher::new([p]).expect("valid pattern");
+            let start = Instant::now();
+            black_box(paths.iter().filter(|path| m.matches_exact(path)).count());
+            (start.elapsed(), *p)
+        })
+        .collect();
+    costs.sort_by(|a, b| b.cmp(a));
+    let top: Vec<String> = costs
+        .iter()
+        .take(6)
+        .map(|(d, p)| format!("{p} {:.1} ms", d.as_secs_f64() * 1e3))
+        .collect();
+    println!("most expensive patterns alone (wall): {}", top.join(", "));
 }

@@ -295,8 +295,8 @@ impl Pattern {
                         || parent.as_bytes()[self.text.len()] == b'/')
             }
             Kind::Prefix(prefix) => has_prefix(parent, prefix),
-            Kind::Suffix(suffix) => dir_prefixes(parent).any(|d| suffix_matches(suffix, d)),
-            Kind::Glob(glob) => dir_prefixes(parent).any(|d| glob.matches(d)),
+            // The quick byte checks first: most directories fail them.
+            Kind::Suffix(_) | Kind::Glob(_) => dir_prefixes(parent).any(|d| self.matches(d)),
         }
     }
 }
@@ -453,6 +453,22 @@ impl Glob {
                 Tok::Star | Tok::Rest => {
                     let stop = if *tok == Tok::Star { b'/' } else { b'\n' };
                     let run = rest.bytes().position(|b| b == stop).unwrap_or(rest.len());
+                    // When only a literal (or nothing) follows, the run can
+                    // only end where that literal ends the path.
+                    let tail = match self.toks.get(t + 1..) {
+                        Some([]) => Some(0),
+                        Some([Tok::Lit(s)]) => Some(s.len()),
+                        _ => None,
+                    };
+                    if let Some(tail) = tail {
+                        let Some(end) = path.len().checked_sub(tail) else {
+                            break false;
+                        };
+                        break end >= p
+                            && end <= p + run
+                            && path.is_char_boundary(end)
+                            && self.step(path, t + 1, end, memo)?;
+                    }
                     let mut found = false;
                     for end in (p..=p + run).filter(|e| path.is_char_boundary(*e)) {
                         if self.step(path, t + 1, end, memo)? {
