@@ -18,6 +18,15 @@
 //! path): exact, prefix (`dir/**`) and suffix (`**/name`) patterns are a string
 //! comparison, other patterns reject on their literal prefix or suffix before
 //! the backtracking matcher runs.
+//!
+//! Known differences from patternmatcher, all on patterns no real ignore file
+//! has: upstream copies a pattern into a Go regular expression, so `*` or `?`
+//! inside `[...]`, Perl escapes inside a class (`[\d]`) and escapes such as
+//! `\b`, `\pL` or `\x41` take regexp meanings there; kiln treats the first two
+//! literally and refuses the last kind as a bad pattern. A reversed range
+//! (`[z-a]`) makes upstream fail on every match; kiln refuses it when the
+//! pattern is compiled. Lines longer than 64 KiB, which Go's line scanner
+//! rejects, are accepted.
 
 use std::borrow::Cow;
 use std::io;
