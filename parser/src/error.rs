@@ -74,6 +74,10 @@ pub enum ErrorKind {
     /// A JSON array (exec form) with an element that is not a string.
     #[error("a JSON array must hold only strings")]
     JsonNotStrings,
+    /// A JSON array (exec form) that is never closed. BuildKit runs such
+    /// text as a shell command; kiln refuses it.
+    #[error("unterminated JSON array in `{0}`")]
+    UnterminatedJson(String),
     /// An instruction that needs the JSON form got something else.
     #[error("`{instruction}` needs its arguments as a JSON array of strings, got `{got}`")]
     NotJson {

@@ -537,7 +537,9 @@ fn node_from_line(
                 node.json = true;
             }
             JsonArray::NotStrings => return Err((ErrorKind::JsonNotStrings, args_off)),
-            JsonArray::Invalid => node.args = whitespace_delimited(args_text),
+            JsonArray::Invalid | JsonArray::Unterminated => {
+                node.args = whitespace_delimited(args_text);
+            }
         },
         "run" | "cmd" | "entrypoint" | "shell" => {
             let (args, json) = maybe_json(args_text).map_err(|k| (k, args_off))?;
@@ -601,7 +603,7 @@ fn maybe_json(rest: &str) -> Result<(Vec<String>, bool), ErrorKind> {
     match parse_json_array(rest) {
         JsonArray::Strings(v) => Ok((v, true)),
         JsonArray::NotStrings => Err(ErrorKind::JsonNotStrings),
-        JsonArray::Invalid => Ok((vec![rest.to_string()], false)),
+        JsonArray::Invalid | JsonArray::Unterminated => Ok((vec![rest.to_string()], false)),
     }
 }
 

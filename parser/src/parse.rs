@@ -11,6 +11,7 @@ use crate::instruction::{
     Healthcheck, Instruction, KeyValue, KeyValues, Mount, MountType, Network, Run, Security,
     Sharing, Shell, ShellOrExec, Single, Source, Volume,
 };
+use crate::json_array::{JsonArray, parse_json_array};
 use crate::node::{Heredoc, Node, parse_heredoc_marker, parse_nodes};
 use crate::span::Position;
 
@@ -362,6 +363,31 @@ fn convert(node: Node, src: &str) -> Result<Instruction, ParseError> {
         parse_flags(&ctx, &keyword)?
     };
     let args = &node.args;
+    if !node.json
+        && matches!(
+            keyword.as_str(),
+            "run" | "cmd" | "entrypoint" | "shell" | "copy" | "add" | "volume"
+        )
+    {
+        // `CMD ["a", "b"` is shell form to BuildKit (and fails at run time);
+        // an array that clearly starts as JSON and runs off the end is a
+        // mistake worth an error.
+        let text = args.join(" ");
+        let looks_json = text
+            .strip_prefix('[')
+            .is_some_and(|t| t.trim_start().starts_with('"'));
+        if looks_json && parse_json_array(&text) == JsonArray::Unterminated {
+            return Err(ctx
+                .err(
+                    ErrorKind::UnterminatedJson(ctx.upper.clone()),
+                    ctx.at_args(),
+                )
+                .with_hint(Some(
+                    "close the array with `]`; BuildKit would run the text as a shell command"
+                        .to_string(),
+                )));
+        }
+    }
     let command = match keyword.as_str() {
         "from" => convert_from(&ctx, &flags)?,
         "run" => convert_run(&ctx, &flags)?,

@@ -78,6 +78,11 @@ error_snapshot!(
     "FROM alpine\nRUN --mount=type=secret,id=t,from=x true\n"
 );
 error_snapshot!(json_with_non_string, "FROM alpine\nCMD [\"echo\", 1]\n");
+error_snapshot!(unterminated_json, "FROM alpine\nCMD [\"echo\", \"hi\"\n");
+error_snapshot!(
+    unterminated_json_string,
+    "FROM alpine\nENTRYPOINT [\"/app]\n"
+);
 error_snapshot!(shell_not_json, "FROM alpine\nSHELL /bin/bash -c\n");
 error_snapshot!(empty_file, "");
 error_snapshot!(only_comments, "# just a comment\n\n");
