@@ -75,6 +75,9 @@ pub struct Node {
     /// The leading `--flags`, after quote and escape removal, as BuildKit
     /// stores them (`--from=build`).
     pub flags: Vec<String>,
+    /// Where the keyword is (usually `span.start`; later when the
+    /// instruction begins with empty continuation lines).
+    pub keyword_position: Position,
     /// Where each flag starts, parallel to `flags`.
     pub flag_positions: Vec<Position>,
     /// The arguments, split by the keyword's rules (see the conformance
@@ -528,6 +531,7 @@ fn node_from_line(
         sub: None,
         original: line.to_string(),
         heredocs: Vec::new(),
+        keyword_position: map.position(base + lead),
         span: Span::new(map.position(base + lead), Position::default()),
     };
     match keyword.to_ascii_lowercase().as_str() {

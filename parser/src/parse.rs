@@ -120,7 +120,7 @@ impl Ctx<'_> {
 
     fn at_keyword(&self) -> At {
         At {
-            pos: self.node.span.start,
+            pos: self.node.keyword_position,
             width: self.node.keyword.chars().count(),
         }
     }

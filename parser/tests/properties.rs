@@ -5,7 +5,8 @@ use kiln_parser::{parse, parse_nodes};
 use proptest::prelude::*;
 
 fn word() -> impl Strategy<Value = String> {
-    "[a-zA-Z0-9_./:-]{1,8}"
+    // Never starting with `-`: `--` would end the flags.
+    "[a-zA-Z0-9_./:][a-zA-Z0-9_./:-]{0,7}"
 }
 
 fn stage() -> impl Strategy<Value = String> {
