@@ -66,6 +66,22 @@ pub fn parse_file(path: &Path) -> Result<Dockerfile, FileError> {
 }
 
 /// Parses Dockerfile text into the typed AST.
+///
+/// ```
+/// use kiln_parser::{Command, ShellOrExec};
+///
+/// let df = kiln_parser::parse("FROM alpine AS base\nRUN echo $HOME\n")?;
+/// assert_eq!(df.stages()[0].base.name.as_deref(), Some("base"));
+/// let Command::Run(run) = &df.instructions[1].command else { unreachable!() };
+/// // Arguments stay unexpanded: the solver expands them later.
+/// assert_eq!(run.command, ShellOrExec::Shell("echo $HOME".into()));
+/// assert_eq!(df.dump(), "(from \"alpine\" \"AS\" \"base\")\n(run \"echo $HOME\")\n");
+///
+/// let err = kiln_parser::parse("FROM alpine\nCOPPY . /app\n").unwrap_err();
+/// assert_eq!((err.line, err.column), (2, 1));
+/// assert_eq!(err.hint.as_deref(), Some("did you mean `COPY`?"));
+/// # Ok::<(), kiln_parser::ParseError>(())
+/// ```
 pub fn parse(src: &str) -> Result<Dockerfile, ParseError> {
     let file = parse_nodes(src)?;
     let mut instructions = Vec::with_capacity(file.nodes.len());
