@@ -44,6 +44,20 @@ pub(crate) struct Sources {
     mounts: Vec<Option<(OwnedFd, Kind)>>,
     /// The host's `/sys`, when the sandbox shares the host network.
     sys: Option<OwnedFd>,
+    /// A fresh sysfs (for a new network namespace), made before `pivot_root`.
+    sysfs: Option<OwnedFd>,
+    /// A fresh proc for the sandbox's pid namespace.
+    proc: OwnedFd,
+}
+
+/// A detached mount of a fresh `fstype`. proc and sysfs are made this way, before
+/// `pivot_root`: inside a user namespace the kernel only allows them while a fully
+/// visible instance is still in the mount namespace (`mount_too_revealing`), and
+/// after `pivot_root` the host's are gone.
+fn fresh_fs(fstype: &CStr, attrs: libc::c_uint) -> Result<OwnedFd, Fail> {
+    let what = || format!("create a fresh {}", fstype.to_string_lossy());
+    let fs = sys::fsopen(fstype).step(what)?;
+    sys::fs_create_and_mount(&fs, attrs).step(what)
 }
 
 /// Clones every host source the sandbox needs into detached mounts.
@@ -89,11 +103,20 @@ pub(crate) fn clone_sources(
     } else {
         None
     };
+    let locked = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
+    let sysfs = if host_sys {
+        None
+    } else {
+        Some(fresh_fs(c"sysfs", locked | sys::MOUNT_ATTR_RDONLY)?)
+    };
+    let proc = fresh_fs(c"proc", locked)?;
     Ok(Sources {
         dev,
         etc,
         mounts,
         sys,
+        sysfs,
+        proc,
     })
 }
 
@@ -259,7 +282,7 @@ fn overlay_fsopen(
             })?;
         }
     }
-    sys::fs_create_and_mount(&fs).map_err(|e| {
+    sys::fs_create_and_mount(&fs, 0).map_err(|e| {
         OverlayApi::Failed(Fail::step(
             format!(
                 "create the overlay (upper `{}`, work `{}`, {} lowers)",
@@ -387,8 +410,7 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
 pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> Result<(), Fail> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
-    let proc_dir = ensure_target(Path::new("/proc"), Kind::Dir)?;
-    mount_fs("proc", &proc_dir, nosuid_nodev_noexec, "")?;
+    attach(&sources.proc, Path::new("/proc"), Kind::Dir)?;
 
     let dev = ensure_target(Path::new("/dev"), Kind::Dir)?;
     mount_fs(
@@ -435,17 +457,15 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
     }
 
     let sys_dir = ensure_target(Path::new("/sys"), Kind::Dir)?;
-    match &sources.sys {
-        Some(fd) => {
+    match (&sources.sys, &sources.sysfs) {
+        (Some(fd), _) => {
             let at = attach(fd, &sys_dir, Kind::Dir)?;
             remount_ro(&at)?;
         }
-        None => mount_fs(
-            "sysfs",
-            &sys_dir,
-            nosuid_nodev_noexec | MsFlags::MS_RDONLY,
-            "",
-        )?,
+        (None, Some(fd)) => {
+            attach(fd, &sys_dir, Kind::Dir)?;
+        }
+        (None, None) => return Err(Fail::step("mount /sys: no source", libc::EINVAL)),
     }
 
     for (name, fd) in &sources.etc {
