@@ -394,7 +394,12 @@ fn init_main(
         }
     }
     rootfs::pivot_into(&target)?;
-    rootfs::populate(spec, sources, rootless)?;
+    let stubs = rootfs::populate(spec, sources, rootless)?;
+    if matches!(spec.rootfs, RootfsSpec::Overlay { .. }) {
+        for stub in stubs {
+            send(report, &Report::Stub(stub.to_string_lossy().into_owned()));
+        }
+    }
 
     let user = match &spec.process.user {
         User::Resolved(u) => u.clone(),
@@ -407,7 +412,8 @@ fn init_main(
             )?
         }
     };
-    let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir)?;
+    // Like Docker, a missing working directory is created, and kept (not a stub).
+    let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir, &mut Vec::new())?;
     let exec = ExecPlan::new(&spec.process, &user.home)?;
 
     // SAFETY: init is single-threaded (forked from the single-threaded helper).

@@ -42,6 +42,7 @@ mod helper;
 mod rootfs;
 mod sandbox;
 mod spec;
+mod stubs;
 mod sys;
 mod user;
 

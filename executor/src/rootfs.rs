@@ -315,7 +315,11 @@ pub(crate) enum Kind {
 /// `kind`, following symlinks the way the kernel will when mounting: a dangling link
 /// gets its target created. Only ever called after `pivot_root`, so every path is
 /// inside the rootfs whatever the links say.
-pub(crate) fn ensure_target(path: &Path, kind: Kind) -> Result<PathBuf, Fail> {
+pub(crate) fn ensure_target(
+    path: &Path,
+    kind: Kind,
+    stubs: &mut Vec<PathBuf>,
+) -> Result<PathBuf, Fail> {
     let mut current = path.to_path_buf();
     for _ in 0..40 {
         match fs_err::symlink_metadata(&current) {
@@ -330,6 +334,19 @@ pub(crate) fn ensure_target(path: &Path, kind: Kind) -> Result<PathBuf, Fail> {
             }
             Ok(_) => return Ok(current),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                // Record what is made here (missing ancestors first) so that it can
+                // be removed from the upper after the run (see `crate::stubs`).
+                let mut missing = Vec::new();
+                let mut up = current.parent();
+                while let Some(p) = up {
+                    if fs_err::symlink_metadata(p).is_ok() {
+                        break;
+                    }
+                    missing.push(p.to_path_buf());
+                    up = p.parent();
+                }
+                stubs.extend(missing.into_iter().rev());
+                stubs.push(current.clone());
                 if let Some(parent) = current.parent() {
                     fs_err::create_dir_all(parent).step(|| {
                         format!("create the mount point's parent `{}`", parent.display())
@@ -357,8 +374,13 @@ pub(crate) fn ensure_target(path: &Path, kind: Kind) -> Result<PathBuf, Fail> {
     ))
 }
 
-fn attach(fd: &OwnedFd, target: &Path, kind: Kind) -> Result<PathBuf, Fail> {
-    let resolved = ensure_target(target, kind)?;
+fn attach(
+    fd: &OwnedFd,
+    target: &Path,
+    kind: Kind,
+    stubs: &mut Vec<PathBuf>,
+) -> Result<PathBuf, Fail> {
+    let resolved = ensure_target(target, kind, stubs)?;
     let c = cstring(&resolved)?;
     sys::move_mount_fd(fd, &c).step(|| format!("bind mount onto `{}`", resolved.display()))?;
     Ok(resolved)
@@ -407,12 +429,18 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
 
 /// Mounts `/proc`, `/dev`, `/sys`, `/etc/{hosts,resolv.conf,hostname}` and the spec's
 /// mounts. Runs after [`pivot_into`].
-pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> Result<(), Fail> {
+/// Returns the mount-point stubs it created.
+pub(crate) fn populate(
+    spec: &SandboxSpec,
+    sources: Sources,
+    rootless: bool,
+) -> Result<Vec<PathBuf>, Fail> {
+    let mut stubs = Vec::new();
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
-    attach(&sources.proc, Path::new("/proc"), Kind::Dir)?;
+    attach(&sources.proc, Path::new("/proc"), Kind::Dir, &mut stubs)?;
 
-    let dev = ensure_target(Path::new("/dev"), Kind::Dir)?;
+    let dev = ensure_target(Path::new("/dev"), Kind::Dir, &mut stubs)?;
     mount_fs(
         "tmpfs",
         &dev,
@@ -420,7 +448,8 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
         "mode=755,size=65536k",
     )?;
     for (node, fd) in &sources.dev {
-        attach(fd, &dev.join(node), Kind::File)?;
+        // Inside the fresh tmpfs: never in the upper, not stubs.
+        attach(fd, &dev.join(node), Kind::File, &mut Vec::new())?;
     }
     let pts = dev.join("pts");
     fs_err::create_dir(&pts).step(|| format!("create `{}`", pts.display()))?;
@@ -456,20 +485,20 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
             .step(|| format!("create the link `{}`", at.display()))?;
     }
 
-    let sys_dir = ensure_target(Path::new("/sys"), Kind::Dir)?;
+    let sys_dir = ensure_target(Path::new("/sys"), Kind::Dir, &mut stubs)?;
     match (&sources.sys, &sources.sysfs) {
         (Some(fd), _) => {
-            let at = attach(fd, &sys_dir, Kind::Dir)?;
+            let at = attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
             remount_ro(&at)?;
         }
         (None, Some(fd)) => {
-            attach(fd, &sys_dir, Kind::Dir)?;
+            attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
         }
         (None, None) => return Err(Fail::step("mount /sys: no source", libc::EINVAL)),
     }
 
     for (name, fd) in &sources.etc {
-        attach(fd, &Path::new("/etc").join(name), Kind::File)?;
+        attach(fd, &Path::new("/etc").join(name), Kind::File, &mut stubs)?;
     }
 
     for (m, fd) in spec.mounts.iter().zip(&sources.mounts) {
@@ -482,21 +511,21 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
         }
         match (&m.kind, fd) {
             (MountKind::Tmpfs { size }, _) => {
-                let at = ensure_target(target, Kind::Dir)?;
+                let at = ensure_target(target, Kind::Dir, &mut stubs)?;
                 let data = size.map(|s| format!("size={s}")).unwrap_or_default();
                 mount_fs("tmpfs", &at, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &data)?;
             }
             (MountKind::Bind { readonly, .. }, Some((fd, kind))) => {
-                let at = attach(fd, target, *kind)?;
+                let at = attach(fd, target, *kind, &mut stubs)?;
                 if *readonly {
                     remount_ro(&at)?;
                 }
             }
             (MountKind::Cache { .. }, Some((fd, kind))) => {
-                attach(fd, target, *kind)?;
+                attach(fd, target, *kind, &mut stubs)?;
             }
             (MountKind::Secret { .. }, Some((fd, kind))) => {
-                let at = attach(fd, target, *kind)?;
+                let at = attach(fd, target, *kind, &mut stubs)?;
                 remount_ro(&at)?;
             }
             (_, None) => {
@@ -511,7 +540,7 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
     if spec.readonly_rootfs {
         remount_ro(Path::new("/"))?;
     }
-    Ok(())
+    Ok(stubs)
 }
 
 #[cfg(test)]

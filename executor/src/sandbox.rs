@@ -11,7 +11,7 @@ use nix::fcntl::OFlag;
 use crate::error::{Error, Result};
 use crate::fail::Report;
 use crate::helper::{HELPER_ARG, LIFELINE_FD, REPORT_FD, SPEC_FD};
-use crate::spec::{SandboxSpec, Stdio};
+use crate::spec::{RootfsSpec, SandboxSpec, Stdio};
 
 /// Starts sandboxes. Cheap to build; holds only the helper's path.
 #[derive(Debug, Clone)]
@@ -120,7 +120,12 @@ impl Sandbox {
             .stderr
             .take()
             .map(|s| std::fs::File::from(OwnedFd::from(s)));
+        let overlay = match &spec.rootfs {
+            RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
+            RootfsSpec::Dir(_) => None,
+        };
         Ok(Running {
+            overlay,
             child,
             report: Some(std::fs::File::from(report_r)),
             lifeline: Some(lifeline_w),
@@ -179,6 +184,8 @@ pub struct Output {
 /// A started sandbox. Dropping it kills everything in it and cleans up.
 #[derive(Debug)]
 pub struct Running {
+    /// (lowers, upper) of an overlay rootfs, for removing mount-point stubs.
+    overlay: Option<(Vec<PathBuf>, PathBuf)>,
     child: Child,
     report: Option<std::fs::File>,
     lifeline: Option<OwnedFd>,
@@ -243,6 +250,23 @@ impl Running {
             }
         }
         let helper_status = self.child.wait().map_err(Error::Wait)?;
+        // The helper has exited, so init and its mount namespace are gone: the upper
+        // is no longer mounted and the stubs can go.
+        let stubs: Vec<String> = reports
+            .iter()
+            .filter_map(|r| {
+                if let Report::Stub(s) = r {
+                    Some(s.clone())
+                } else {
+                    None
+                }
+            })
+            .collect();
+        if let Some((lowers, upper)) = &self.overlay
+            && !stubs.is_empty()
+        {
+            crate::stubs::remove_stubs(upper, lowers, &stubs);
+        }
         let status = interpret(reports, &format!("{helper_status}"))?;
         self.status = Some(status);
         Ok(status)
@@ -296,6 +320,7 @@ fn interpret(reports: Vec<Report>, helper_status: &str) -> Result<ExitStatus> {
             Report::Signaled { signal } => status = Some(ExitStatus::Signal(signal)),
             Report::OomKilled => oom = true,
             Report::Cancelled => cancelled = true,
+            Report::Stub(_) => {}
         }
     }
     match status {
