@@ -161,13 +161,121 @@ fn resolv_conf(spec: &SandboxSpec) -> String {
 
 fn write_id_maps(uid: Uid, gid: Gid) -> Result<(), Fail> {
     // A single-id map needs no helper binary: the process may map its own ids once
-    // setgroups is denied. (newuidmap/newgidmap ranges are not wired up yet.)
+    // setgroups is denied.
     let w = |file: &str, text: String| {
         fs_err::write(file, &text).step(|| format!("write `{}` to `{file}`", text.trim()))
     };
     w("/proc/self/setgroups", "deny".to_owned())?;
     w("/proc/self/uid_map", format!("0 {uid} 1\n"))?;
     w("/proc/self/gid_map", format!("0 {gid} 1\n"))
+}
+
+/// The first `/etc/subuid`-style range (`name_or_id:start:count`) for the user.
+pub(crate) fn subordinate_range(text: &str, name: Option<&str>, id: u32) -> Option<(u32, u32)> {
+    text.lines().find_map(|line| {
+        let mut f = line.trim().split(':');
+        let (owner, start, count) = (f.next()?, f.next()?, f.next()?);
+        let mine = Some(owner) == name || owner.parse::<u32>().ok() == Some(id);
+        let (start, count) = (start.trim().parse().ok()?, count.trim().parse().ok()?);
+        (mine && count > 0).then_some((start, count))
+    })
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Ranges and tools for a full rootless id map, when the user has subordinate ids
+/// and `newuidmap`/`newgidmap` (package `uidmap`) are installed.
+struct SubIds {
+    uid_range: (u32, u32),
+    gid_range: (u32, u32),
+    newuidmap: PathBuf,
+    newgidmap: PathBuf,
+}
+
+fn sub_ids(uid: Uid, gid: Gid) -> Option<SubIds> {
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let read = |f: &str| fs_err::read_to_string(f).unwrap_or_default();
+    Some(SubIds {
+        uid_range: subordinate_range(&read("/etc/subuid"), name.as_deref(), uid.as_raw())?,
+        gid_range: subordinate_range(&read("/etc/subgid"), name.as_deref(), gid.as_raw())?,
+        newuidmap: find_tool("newuidmap")?,
+        newgidmap: find_tool("newgidmap")?,
+    })
+}
+
+/// Unshares the user namespace and maps 0 to the caller plus 1..=count to its
+/// subordinate range, through the setuid `newuidmap`/`newgidmap`. They must write
+/// the maps from outside the new namespace, so a child forked *before* the unshare
+/// waits on a pipe and runs them once the helper has unshared.
+fn unshare_user_with_subids(
+    uid: Uid,
+    gid: Gid,
+    ids: &SubIds,
+    report: BorrowedFd<'_>,
+) -> Result<(), Fail> {
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "create a pipe".to_owned())?;
+    let helper_pid = nix::unistd::getpid().to_string();
+    // SAFETY: the helper is single-threaded.
+    match unsafe { fork() }.step(|| "fork the id mapper".to_owned())? {
+        ForkResult::Child => {
+            drop(w);
+            let mut byte = [0u8; 1];
+            let _go = nix::unistd::read(&r, &mut byte);
+            let jobs = [
+                (&ids.newuidmap, uid.as_raw(), ids.uid_range),
+                (&ids.newgidmap, gid.as_raw(), ids.gid_range),
+            ];
+            for (tool, own, (start, count)) in jobs {
+                let args: Vec<String> = [
+                    helper_pid.clone(),
+                    "0".into(),
+                    own.to_string(),
+                    "1".into(),
+                    "1".into(),
+                ]
+                .into_iter()
+                .chain([start.to_string(), count.to_string()])
+                .collect();
+                let step = format!("map ids with `{} {}`", tool.display(), args.join(" "));
+                let failure = match std::process::Command::new(tool).args(&args).output() {
+                    Ok(out) if out.status.success() => continue,
+                    Ok(out) => Fail::step(
+                        format!("{step}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                        libc::EPERM,
+                    ),
+                    Err(e) => Fail::step(step, e.raw_os_error().unwrap_or(libc::EIO)),
+                };
+                send(report, &failure.report);
+                // SAFETY: leave without running the helper's destructors.
+                unsafe { libc::_exit(1) }
+            }
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop(r);
+            let unshared =
+                unshare(CloneFlags::CLONE_NEWUSER).step(|| "unshare the user namespace".to_owned());
+            // Writing (or closing, on failure) releases the mapper.
+            let _go = nix::unistd::write(&w, b"x");
+            drop(w);
+            let status = waitpid(child, None).step(|| "wait for newuidmap/newgidmap".to_owned())?;
+            unshared?;
+            if status != WaitStatus::Exited(child, 0) {
+                return Err(Fail::step("map ids with newuidmap/newgidmap", libc::EPERM));
+            }
+            Ok(())
+        }
+    }
 }
 
 fn run_helper(spec_fd: OwnedFd, report: BorrowedFd<'_>, lifeline: OwnedFd) -> Result<(), Fail> {
@@ -252,10 +360,22 @@ fn run_namespaces(
         })
         .transpose()?
         .unwrap_or_default();
+    // Supplementary groups can be set only with a full map (a single-id map needs
+    // setgroups denied).
+    let mut groups_allowed = !rootless;
     if rootless {
         let (uid, gid) = (Uid::effective(), Gid::effective());
-        unshare(CloneFlags::CLONE_NEWUSER).step(|| "unshare the user namespace".to_owned())?;
-        write_id_maps(uid, gid)?;
+        match sub_ids(uid, gid) {
+            Some(ids) => {
+                unshare_user_with_subids(uid, gid, &ids, report)?;
+                groups_allowed = true;
+            }
+            None => {
+                unshare(CloneFlags::CLONE_NEWUSER)
+                    .step(|| "unshare the user namespace".to_owned())?;
+                write_id_maps(uid, gid)?;
+            }
+        }
     }
     let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
     if spec.network == Network::None {
@@ -272,7 +392,7 @@ fn run_namespaces(
     let init = match unsafe { fork() }.step(|| "fork the sandbox init".to_owned())? {
         ForkResult::Child => {
             drop(lifeline);
-            let code = match init_main(spec, state, rootless, &procs, report) {
+            let code = match init_main(spec, state, rootless, groups_allowed, &procs, report) {
                 Ok(never) => match never {},
                 Err(fail) => {
                     send(report, &fail.report);
@@ -345,6 +465,7 @@ fn init_main(
     spec: &SandboxSpec,
     state: &Path,
     rootless: bool,
+    groups_allowed: bool,
     procs: &[fs_err::File],
     report: BorrowedFd<'_>,
 ) -> Result<std::convert::Infallible, Fail> {
@@ -419,7 +540,7 @@ fn init_main(
     // SAFETY: init is single-threaded (forked from the single-threaded helper).
     let payload = match unsafe { fork() }.step(|| "fork the payload".to_owned())? {
         ForkResult::Child => {
-            let fail = match payload_main(&spec.process, &user, &cwd, rootless, &exec) {
+            let fail = match payload_main(&spec.process, &user, &cwd, groups_allowed, &exec) {
                 Ok(never) => match never {},
                 Err(fail) => fail,
             };
@@ -582,7 +703,7 @@ fn payload_main(
     process: &ProcessSpec,
     user: &crate::spec::ResolvedUser,
     cwd: &Path,
-    rootless: bool,
+    groups_allowed: bool,
     exec: &ExecPlan,
 ) -> Result<std::convert::Infallible, Fail> {
     SigSet::all()
@@ -603,7 +724,7 @@ fn payload_main(
 
     crate::caps::drop_bounding()?;
     crate::sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).step(|| "set no_new_privs".to_owned())?;
-    if !rootless {
+    if groups_allowed {
         let groups: Vec<Gid> = user
             .additional_gids
             .iter()
@@ -638,4 +759,25 @@ fn payload_main(
             errno: errno as i32,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subordinate_range;
+
+    #[test]
+    fn subordinate_ranges_by_name_or_uid_first_wins() {
+        let text = "other:1:5\nme:100000:65536\nme:200000:10\n1001:300000:7\nzero:5:0\n";
+        assert_eq!(
+            subordinate_range(text, Some("me"), 1000),
+            Some((100000, 65536))
+        );
+        assert_eq!(subordinate_range(text, None, 1001), Some((300000, 7)));
+        assert_eq!(subordinate_range(text, Some("zero"), 5), None);
+        assert_eq!(subordinate_range(text, Some("nobody"), 9), None);
+        assert_eq!(
+            subordinate_range("garbage\n::\nme:x:y", Some("me"), 0),
+            None
+        );
+    }
 }

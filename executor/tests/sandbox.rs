@@ -940,4 +940,51 @@ fn rootless_as_an_unprivileged_user() {
     // The payload's root is the unprivileged user on the host.
     let written = fs_err::metadata(upper.join("root/written")).unwrap();
     assert_eq!(written.uid(), user.uid.as_raw());
+
+    // With subordinate ids (useradd allocates them on Debian) and newuidmap from
+    // `uidmap`, the map covers more than one id and a non-root USER works.
+    let subuid = fs_err::read_to_string("/etc/subuid").unwrap_or_default();
+    let has_range = subuid
+        .lines()
+        .any(|l| l.starts_with(&format!("{ROOTLESS_USER}:")));
+    let maps = stdout
+        .lines()
+        .filter(|l| l.split_whitespace().count() == 3)
+        .count();
+    if has_range && Path::new("/usr/bin/newuidmap").exists() {
+        assert_eq!(maps, 2, "expected a full map: {stdout}");
+        for d in [&upper, &work] {
+            fs_err::remove_dir_all(d).unwrap();
+            fs_err::create_dir_all(d).unwrap();
+            nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
+        }
+        let out = std::process::Command::new("setpriv")
+            .arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .args(["--clear-groups", "--"])
+            .arg(HELPER)
+            .args(["--lower", &fx.lower.display().to_string(), "--user", "app"])
+            .args([
+                "--upper",
+                &upper.display().to_string(),
+                "--work",
+                &work.display().to_string(),
+            ])
+            .args([
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,)",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rootless non-root USER failed: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout).trim(), "id=1000:1000:1000,10");
+    } else {
+        assert_eq!(maps, 1, "expected a single-id map: {stdout}");
+    }
 }
