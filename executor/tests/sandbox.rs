@@ -988,3 +988,90 @@ fn rootless_as_an_unprivileged_user() {
         assert_eq!(maps, 1, "expected a single-id map: {stdout}");
     }
 }
+
+#[test]
+fn env_cwd_umask_rlimits_readonly_rootfs_and_dir_rootfs() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut spec = fx.sh(
+        "proc",
+        "echo cwd=$(pwd); echo foo=$FOO; echo home=$HOME; echo umask=$(umask); echo nofile=$(ulimit -n); \
+         touch /rootfile 2>/dev/null && echo ro=no || echo ro=yes; echo tmp=$(touch /scratch/x && echo ok)",
+    );
+    spec.process.env.push("FOO=bar baz".to_owned());
+    spec.process.cwd = "/work/dir".to_owned();
+    spec.process.umask = 0o027;
+    spec.process.rlimits = vec![kiln_executor::Rlimit {
+        resource: kiln_executor::RlimitResource::Nofile,
+        soft: 123,
+        hard: 456,
+    }];
+    spec.readonly_rootfs = true;
+    spec.mounts = vec![Mount {
+        target: "/scratch".into(),
+        kind: MountKind::Tmpfs { size: None },
+    }];
+    // A read-only rootfs cannot take new mount points: they must exist already.
+    for d in ["work/dir", "scratch", "proc", "dev", "sys"] {
+        fs_err::create_dir_all(fx.lower.join(d)).unwrap();
+    }
+    for f in ["etc/hosts", "etc/resolv.conf", "etc/hostname"] {
+        fs_err::write(fx.lower.join(f), "").unwrap();
+    }
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "cwd"), "/work/dir");
+    assert_eq!(field(&out, "foo"), "bar baz");
+    assert_eq!(field(&out, "home"), "/root");
+    assert_eq!(field(&out, "umask"), "0027");
+    assert_eq!(field(&out, "nofile"), "123");
+    assert_eq!(field(&out, "ro"), "yes");
+    assert_eq!(field(&out, "tmp"), "ok");
+
+    // The same rootfs as a plain directory (bind-mounted, no overlay).
+    let spec = SandboxSpec::new(
+        RootfsSpec::Dir(fx.lower.clone()),
+        ProcessSpec::new(["/bin/sh", "-c", "echo dir=$(ls /work)"]),
+    );
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "dir"), "dir");
+}
+
+fn ip_ok(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn joins_a_named_network_namespace() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let name = format!("kiln-test-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "ip {args:?} failed (package iproute2)"
+        );
+    };
+    ip(&["netns", "add", &name]);
+    // A mark only this namespace has (no dummy/veth modules needed).
+    let marked = ip_ok(&["-n", &name, "link", "set", "lo", "mtu", "1234"]);
+    let fx = Fixture::new();
+    let mut spec = fx.sh("netns", "echo mtu=$(cat /sys/class/net/lo/mtu)");
+    spec.network = Network::Netns(PathBuf::from(format!("/run/netns/{name}")));
+    let out = Sandbox::new().with_helper(HELPER).output(&spec);
+    ip(&["netns", "del", &name]);
+    assert!(marked, "ip link set lo mtu failed");
+    let out = out.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "mtu"), "1234");
+}
