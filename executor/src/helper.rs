@@ -1,16 +1,22 @@
 //! The helper side: parent → **helper** → **init** → payload.
 //!
 //! The caller (possibly a multi-threaded tokio process) never forks by itself: it
-//! starts the helper with `std::process::Command` (fork + exec, safe from any
-//! thread), passing `__kiln-sandbox` as argv\[1\] and three descriptors:
+//! starts the helper with `std::process::Command` (which uses `posix_spawn`, a
+//! vfork-style clone, since no `pre_exec` hook is set: cheap even from a large
+//! multi-threaded parent), passing `__kiln-sandbox` as argv\[1\] and one end of a
+//! Unix socket pair as the helper's stdin. The socket carries:
 //!
-//! - fd 3: the spec, JSON, read to EOF;
-//! - fd 4: the report pipe: JSON lines ([`Report`]) back to the caller;
-//! - fd 5: the lifeline: the caller holds the write end and never writes. When the
-//!   caller drops its `Running` or dies (even by SIGKILL) the helper sees POLLHUP
-//!   and kills the sandbox. This is per process, unlike `PR_SET_PDEATHSIG`, which
-//!   fires when the *thread* that spawned the helper exits (tokio's blocking pool
-//!   retires threads).
+//! - the spec, caller → helper: an 8-byte little-endian length, then JSON;
+//! - reports, helper/init/payload → caller: JSON lines ([`Report`]), one `write`
+//!   each (short, so lines from different processes never interleave);
+//! - the lifeline: the caller never writes after the spec. When it cancels
+//!   (`shutdown(Write)`), drops its `Running` or dies (even by SIGKILL), the helper
+//!   reads EOF and kills the sandbox. This is per process, unlike
+//!   `PR_SET_PDEATHSIG`, which fires when the *thread* that spawned the helper exits
+//!   (tokio's blocking pool retires threads).
+//!
+//! The helper moves the socket to a close-on-exec descriptor and gives fd 0
+//! `/dev/null`, so the payload never holds it.
 //!
 //! The helper is single-threaded, so it may fork. It makes the cgroup, unshares
 //! the user (rootless), uts, ipc, pid and net namespaces and forks **init**, which
@@ -23,7 +29,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -40,10 +46,6 @@ use crate::spec::{Network, ProcessSpec, RlimitResource, RootfsSpec, SandboxSpec,
 
 /// argv\[1\] that turns a binary into the sandbox helper.
 pub const HELPER_ARG: &str = "__kiln-sandbox";
-pub(crate) const SPEC_FD: RawFd = 3;
-pub(crate) const REPORT_FD: RawFd = 4;
-pub(crate) const LIFELINE_FD: RawFd = 5;
-
 /// Call this first thing in `main` of any binary used as the sandbox helper (the
 /// `kiln` binary, test binaries). When argv\[1\] is the helper marker, it runs the
 /// helper and exits; otherwise it returns at once.
@@ -54,36 +56,57 @@ pub fn helper_main_if_requested() {
     std::process::exit(helper_main());
 }
 
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: F_SETFD on a descriptor number; an invalid one just returns EBADF.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-}
-
 fn helper_main() -> i32 {
-    for fd in [SPEC_FD, REPORT_FD, LIFELINE_FD] {
-        set_cloexec(fd);
-    }
-    // SAFETY: the caller passes these three descriptors, open, for the helper alone.
-    let (spec_fd, report_fd, lifeline) = unsafe {
-        (
-            OwnedFd::from_raw_fd(SPEC_FD),
-            OwnedFd::from_raw_fd(REPORT_FD),
-            OwnedFd::from_raw_fd(LIFELINE_FD),
-        )
+    // Move the socket off fd 0 (close-on-exec) and give fd 0 /dev/null.
+    let sock = match nix::fcntl::fcntl(std::io::stdin(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)) {
+        // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor, owned by nobody else.
+        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+        Err(_) => return 2,
     };
-    match run_helper(spec_fd, report_fd.as_fd(), lifeline) {
+    let null = fs_err::File::open("/dev/null").map(|f| nix::unistd::dup2_stdin(f.file()));
+    if !matches!(null, Ok(Ok(()))) {
+        send(
+            sock.as_fd(),
+            &Fail::step("put /dev/null on the helper's stdin", libc::EIO).report,
+        );
+        return 1;
+    }
+    let lifeline = match sock.try_clone() {
+        Ok(l) => l,
+        Err(e) => {
+            send(
+                sock.as_fd(),
+                &Fail::step("dup the helper's socket", e.raw_os_error().unwrap_or(0)).report,
+            );
+            return 1;
+        }
+    };
+    match run_helper(&sock, lifeline) {
         Ok(()) => 0,
         Err(fail) => {
-            send(report_fd.as_fd(), &fail.report);
+            send(sock.as_fd(), &fail.report);
             1
         }
     }
 }
 
-fn read_spec(fd: OwnedFd) -> Result<SandboxSpec, Fail> {
-    let mut text = Vec::new();
-    std::fs::File::from(fd)
-        .read_to_end(&mut text)
+fn read_spec(sock: &OwnedFd) -> Result<SandboxSpec, Fail> {
+    let mut file = std::mem::ManuallyDrop::new(
+        // SAFETY: wrapped in ManuallyDrop: borrows the socket, never closes it.
+        unsafe { std::fs::File::from_raw_fd(sock.as_raw_fd()) },
+    );
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .step(|| "read the spec's length from the caller".to_owned())?;
+    let len = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
+    if len > 64 << 20 {
+        return Err(Fail::step(
+            format!("read a spec of {len} bytes"),
+            libc::E2BIG,
+        ));
+    }
+    let mut text = vec![0u8; len];
+    file.read_exact(&mut text)
         .step(|| "read the spec from the caller".to_owned())?;
     serde_json::from_slice(&text)
         .map_err(|e| Fail::step(format!("decode the spec: {e}"), libc::EINVAL))
@@ -278,8 +301,9 @@ fn unshare_user_with_subids(
     }
 }
 
-fn run_helper(spec_fd: OwnedFd, report: BorrowedFd<'_>, lifeline: OwnedFd) -> Result<(), Fail> {
-    let spec = read_spec(spec_fd)?;
+fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
+    let report = sock.as_fd();
+    let spec = read_spec(sock)?;
     if spec.process.args.is_empty() {
         return Err(Fail::step(
             "start a process with an empty argv",
@@ -437,9 +461,17 @@ fn supervise(
             .and_then(|f| f.revents())
             .is_some_and(|r| !r.is_empty());
         if lifeline_gone {
-            lifeline = None;
-            cancelled = true;
-            let _dead = kill(init, Signal::SIGKILL);
+            // The caller writes nothing after the spec: readable means EOF (cancel,
+            // drop or death); stray bytes are read and ignored.
+            let mut byte = [0u8; 1];
+            let eof = lifeline
+                .as_ref()
+                .is_none_or(|l| !matches!(nix::unistd::read(l, &mut byte), Ok(1)));
+            if eof {
+                lifeline = None;
+                cancelled = true;
+                let _dead = kill(init, Signal::SIGKILL);
+            }
         }
         if signalled
             && let Ok(Some(info)) = sigfd.read_signal()
