@@ -112,6 +112,24 @@ fn read_spec(sock: &OwnedFd) -> Result<SandboxSpec, Fail> {
         .map_err(|e| Fail::step(format!("decode the spec: {e}"), libc::EINVAL))
 }
 
+/// Where helpers make their per-sandbox directories (`kiln-sandbox.XXXXXX`): a
+/// tmpfs (`/dev/shm`) when there is one, else the temp dir. The directory is
+/// created and removed on every run's critical path, and on a busy disk file
+/// system each `rmdir` waits for the journal (3-4 ms measured here).
+pub fn state_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if nix::unistd::access(
+        shm,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .is_ok()
+    {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// The helper's temp directory: generated `/etc` files and the rootfs mount point.
 struct StateDir(PathBuf);
 
@@ -123,7 +141,7 @@ impl Drop for StateDir {
 }
 
 fn make_state(spec: &SandboxSpec) -> Result<StateDir, Fail> {
-    let template = std::env::temp_dir().join("kiln-sandbox.XXXXXX");
+    let template = state_root().join("kiln-sandbox.XXXXXX");
     let dir = nix::unistd::mkdtemp(&template)
         .step(|| format!("create a temp directory `{}`", template.display()))?;
     let state = StateDir(dir);

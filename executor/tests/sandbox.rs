@@ -591,7 +591,7 @@ fn own_children() -> usize {
 }
 
 fn sandbox_temp_dirs() -> usize {
-    fs_err::read_dir(std::env::temp_dir())
+    fs_err::read_dir(kiln_executor::state_root())
         .unwrap()
         .filter(|e| {
             e.as_ref()
