@@ -1075,3 +1075,45 @@ fn joins_a_named_network_namespace() {
     assert_eq!(out.status, ExitStatus::Code(0));
     assert_eq!(field(&out, "mtu"), "1234");
 }
+
+#[test]
+fn sigint_to_the_helper_cancels_like_ctrl_c() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut running = Sandbox::new()
+        .with_helper(HELPER)
+        .spawn(&fx.sh("sigint", "sleep 31340"))
+        .unwrap();
+    wait_until(|| processes_with_arg("31340") == 1, "the sleep to start");
+    let helper = nix::unistd::Pid::from_raw(i32::try_from(running.helper_pid()).unwrap());
+    nix::sys::signal::kill(helper, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert_eq!(running.wait().unwrap(), ExitStatus::Cancelled);
+    assert_eq!(processes_with_arg("31340"), 0);
+}
+
+#[test]
+fn many_threads_spawn_at_once() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let children = own_children();
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let fx = &fx;
+            s.spawn(move || {
+                for i in 0..5 {
+                    let spec = fx.sh(&format!("mt{t}-{i}"), &format!("echo thread={t}.{i}"));
+                    let out = Sandbox::new().with_helper(HELPER).output(&spec).unwrap();
+                    assert_eq!(out.status, ExitStatus::Code(0));
+                    assert_eq!(text(&out.stdout), format!("thread={t}.{i}\n"));
+                }
+            });
+        }
+    });
+    assert_eq!(own_children(), children, "processes leaked");
+}
