@@ -120,16 +120,27 @@ pub(crate) fn clone_sources(
     })
 }
 
-/// The overlay mount options for the classic `mount(2)` call, with each lower made
-/// relative to `base` when that keeps them under the kernel's one-page limit.
-/// Returns the options and the directory to `chdir` into first (if any).
+/// Where the classic `mount(2)` of an overlay must run for its relative lower names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Chdir {
+    /// Absolute names: anywhere.
+    Stay,
+    /// Names relative to the lowers' common parent.
+    Base(PathBuf),
+    /// Names `0`, `1`, ...: symlinks to the lowers, made in a private directory.
+    Links,
+}
+
+/// The overlay mount options for the classic `mount(2)` call, under the kernel's
+/// one-page limit: absolute names when they fit, else names relative to the lowers'
+/// common parent, else index-named symlinks (~800 lowers fit).
 pub(crate) fn overlay_options(
     lowers: &[PathBuf],
     upper: &Path,
     work: &Path,
     userxattr: bool,
     volatile: bool,
-) -> Result<(String, Option<PathBuf>), Fail> {
+) -> Result<(String, Chdir), Fail> {
     fn escape(p: &Path) -> String {
         let s = p.to_string_lossy();
         s.replace('\\', "\\\\")
@@ -156,7 +167,7 @@ pub(crate) fn overlay_options(
     // The kernel copies at most one page of options (4096 bytes with the NUL).
     const LIMIT: usize = 4000;
     if opts.len() <= LIMIT {
-        return Ok((opts, None));
+        return Ok((opts, Chdir::Stay));
     }
     // Lowers usually share a parent (the snapshot store): name them from there.
     let mut base = lowers
@@ -174,17 +185,22 @@ pub(crate) fn overlay_options(
         .map(|l| escape(l.strip_prefix(&base).unwrap_or(l)))
         .collect();
     let opts = build(&relative);
-    if opts.len() > LIMIT || base.as_os_str().is_empty() {
+    if opts.len() <= LIMIT && !base.as_os_str().is_empty() {
+        return Ok((opts, Chdir::Base(base)));
+    }
+    let indexed: Vec<String> = (0..lowers.len()).map(|i| i.to_string()).collect();
+    let opts = build(&indexed);
+    if opts.len() > LIMIT {
         return Err(Fail::step(
             format!(
-                "mount an overlay of {} lowers: the options are {} bytes even with relative names (limit {LIMIT})",
+                "mount an overlay of {} lowers: the options are {} bytes even with the shortest names (limit {LIMIT})",
                 lowers.len(),
                 opts.len()
             ),
             libc::E2BIG,
         ));
     }
-    Ok((opts, Some(base)))
+    Ok((opts, Chdir::Links))
 }
 
 /// Mounts an overlay on `target`: the new mount API (`lowerdir+`, kernel 6.8+, no
@@ -204,20 +220,39 @@ pub(crate) fn mount_overlay(
         ));
     }
     let target_c = cstring(target)?;
-    match overlay_fsopen(lowers, upper, work, userxattr, volatile) {
-        Ok(fd) => {
-            return sys::move_mount_fd(&fd, &target_c)
-                .step(|| format!("attach the overlay on `{}`", target.display()));
+    // `KILN_SANDBOX_CLASSIC_OVERLAY` (any value) forces the classic path: a test
+    // and debugging knob, since this kernel never needs the fallback.
+    if std::env::var_os("KILN_SANDBOX_CLASSIC_OVERLAY").is_none() {
+        match overlay_fsopen(lowers, upper, work, userxattr, volatile) {
+            Ok(fd) => {
+                return sys::move_mount_fd(&fd, &target_c)
+                    .step(|| format!("attach the overlay on `{}`", target.display()));
+            }
+            // Only an old kernel (no fsopen, or no `lowerdir+`) falls back; any other
+            // error is the real one and is reported as such.
+            Err(OverlayApi::Unsupported) => {}
+            Err(OverlayApi::Failed(fail)) => return Err(fail),
         }
-        // Only an old kernel (no fsopen, or no `lowerdir+`) falls back; any other
-        // error is the real one and is reported as such.
-        Err(OverlayApi::Unsupported) => {}
-        Err(OverlayApi::Failed(fail)) => return Err(fail),
     }
-    let (opts, base) = overlay_options(lowers, upper, work, userxattr, volatile)?;
+    let (opts, chdir) = overlay_options(lowers, upper, work, userxattr, volatile)?;
     let cwd = std::env::current_dir().step(|| "read the current directory".to_owned())?;
-    if let Some(base) = &base {
-        nix::unistd::chdir(base).step(|| format!("chdir into `{}`", base.display()))?;
+    let dir = match chdir {
+        Chdir::Stay => None,
+        Chdir::Base(base) => Some(base),
+        Chdir::Links => {
+            // Beside the mount point, in the helper's private state directory.
+            let links = target.with_file_name("lowers");
+            fs_err::create_dir(&links).step(|| format!("create `{}`", links.display()))?;
+            for (i, lower) in lowers.iter().enumerate() {
+                let at = links.join(i.to_string());
+                std::os::unix::fs::symlink(lower, &at)
+                    .step(|| format!("link `{}`", at.display()))?;
+            }
+            Some(links)
+        }
+    };
+    if let Some(dir) = &dir {
+        nix::unistd::chdir(dir).step(|| format!("chdir into `{}`", dir.display()))?;
     }
     let result = mount(
         Some("overlay"),
@@ -553,7 +588,7 @@ mod tests {
         let (opts, base) =
             overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
         assert_eq!(opts, "lowerdir=/s/1/fs:/s/2/fs,upperdir=/u,workdir=/w");
-        assert_eq!(base, None);
+        assert_eq!(base, Chdir::Stay);
     }
 
     #[test]
@@ -564,13 +599,26 @@ mod tests {
             .collect();
         let (opts, base) =
             overlay_options(&lowers, Path::new("/u"), Path::new("/w"), true, true).unwrap();
-        assert_eq!(base, Some(PathBuf::from(store)));
+        assert_eq!(base, Chdir::Base(PathBuf::from(store)));
         assert!(opts.starts_with("lowerdir=000:001:002:"), "{opts}");
         assert!(
             opts.ends_with(",upperdir=/u,workdir=/w,userxattr,volatile"),
             "{opts}"
         );
         assert!(opts.len() < 4000);
+    }
+
+    #[test]
+    fn digest_named_lowers_become_indexed_links() {
+        // 64-hex-digit snapshot names: even relative, 200 of them exceed a page.
+        let lowers: Vec<PathBuf> = (0..200)
+            .map(|i| PathBuf::from(format!("/store/{i:064x}/fs")))
+            .collect();
+        let (opts, chdir) =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
+        assert_eq!(chdir, Chdir::Links);
+        assert!(opts.starts_with("lowerdir=0:1:2:3:"), "{opts}");
+        assert!(opts.contains(":199,upperdir=/u,"), "{opts}");
     }
 
     #[test]

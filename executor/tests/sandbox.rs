@@ -1117,3 +1117,39 @@ fn many_threads_spawn_at_once() {
     });
     assert_eq!(own_children(), children, "processes leaked");
 }
+
+#[test]
+fn classic_overlay_mount_with_many_long_lowers_uses_short_names() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let store = fx.path("snapshots-with-a-long-directory-name-to-push-the-option-string");
+    let mut cmd = std::process::Command::new(HELPER);
+    cmd.env("KILN_SANDBOX_CLASSIC_OVERLAY", "1");
+    for i in 0..150 {
+        // Digest-long names: too long even relative to the store, so the helper
+        // falls back to index-named links.
+        let l = store.join(format!("{i:064x}"));
+        fs_err::create_dir_all(l.join("layers")).unwrap();
+        fs_err::write(l.join("layers").join(format!("{i:04}")), format!("{i}\n")).unwrap();
+        cmd.arg("--lower").arg(&l);
+    }
+    let base = store.join("base");
+    make_busybox_root(&base);
+    cmd.arg("--lower").arg(&base);
+    let out = cmd
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo n=$(ls /layers | wc -l); grep -c lowerdir= /proc/self/mountinfo",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("n=150\n"), "{stdout}");
+    assert!(stdout.ends_with("\n1\n"), "not the classic mount: {stdout}");
+}
