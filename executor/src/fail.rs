@@ -26,8 +26,8 @@ pub(crate) enum Report {
     OomKilled,
     /// The helper killed the sandbox because the caller cancelled it.
     Cancelled,
-    /// A mount-point stub created in the rootfs (see `crate::stubs`).
-    Stub(String),
+    /// Mount-point stubs created in the rootfs (see `crate::stubs`).
+    Stubs(Vec<String>),
 }
 
 /// [`UserError`] on the wire.

@@ -519,6 +519,8 @@ fn init_main(
     procs: &[fs_err::File],
     report: BorrowedFd<'_>,
 ) -> Result<std::convert::Infallible, Fail> {
+    // A recognisable name in `ps` (comm is otherwise the helper binary's name).
+    let _named = crate::sys::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr() as libc::c_ulong);
     // If the helper dies (SIGKILL), take the whole pid namespace down with it.
     crate::sys::prctl(libc::PR_SET_PDEATHSIG, Signal::SIGKILL as libc::c_ulong)
         .step(|| "set the parent-death signal".to_owned())?;
@@ -567,8 +569,20 @@ fn init_main(
     rootfs::pivot_into(&target)?;
     let stubs = rootfs::populate(spec, sources, rootless)?;
     if matches!(spec.rootfs, RootfsSpec::Overlay { .. }) {
+        // Batched: one write (and one wake-up of the caller) for the usual handful.
+        let mut batch = Vec::new();
+        let mut size = 0;
         for stub in stubs {
-            send(report, &Report::Stub(stub.to_string_lossy().into_owned()));
+            let stub = stub.to_string_lossy().into_owned();
+            if size + stub.len() > 3000 && !batch.is_empty() {
+                send(report, &Report::Stubs(std::mem::take(&mut batch)));
+                size = 0;
+            }
+            size += stub.len() + 3;
+            batch.push(stub);
+        }
+        if !batch.is_empty() {
+            send(report, &Report::Stubs(batch));
         }
     }
 

@@ -227,12 +227,13 @@ impl Running {
         let stubs: Vec<String> = reports
             .iter()
             .filter_map(|r| {
-                if let Report::Stub(s) = r {
+                if let Report::Stubs(s) = r {
                     Some(s.clone())
                 } else {
                     None
                 }
             })
+            .flatten()
             .collect();
         if let Some((lowers, upper)) = &self.overlay
             && !stubs.is_empty()
@@ -292,7 +293,7 @@ fn interpret(reports: Vec<Report>, helper_status: &str) -> Result<ExitStatus> {
             Report::Signaled { signal } => status = Some(ExitStatus::Signal(signal)),
             Report::OomKilled => oom = true,
             Report::Cancelled => cancelled = true,
-            Report::Stub(_) => {}
+            Report::Stubs(_) => {}
         }
     }
     match status {
