@@ -30,12 +30,9 @@ fn write(path: &Path, value: &str) -> Result<(), Fail> {
         .step(|| format!("write `{value}` to the cgroup file `{}`", path.display()))
 }
 
-/// The caller's cgroup path for a v1 controller, from `/proc/self/cgroup`.
-fn own_v1_path(controller: &str) -> Result<String, Fail> {
-    let text = fs_err::read_to_string("/proc/self/cgroup")
-        .step(|| "read `/proc/self/cgroup`".to_owned())?;
-    Ok(text
-        .lines()
+/// The caller's cgroup path for a v1 controller, from `/proc/self/cgroup` text.
+fn own_v1_path(text: &str, controller: &str) -> String {
+    text.lines()
         .filter_map(|l| {
             let mut f = l.splitn(3, ':');
             let (_id, ctrls, path) = (f.next()?, f.next()?, f.next()?);
@@ -45,24 +42,32 @@ fn own_v1_path(controller: &str) -> Result<String, Fail> {
                 .then(|| path.to_owned())
         })
         .next()
-        .unwrap_or_else(|| "/".to_owned()))
+        .unwrap_or_else(|| "/".to_owned())
 }
 
 impl Cgroup {
     /// Creates the cgroup and writes the limits.
     pub(crate) fn create(name: &str, limits: &Limits) -> Result<Self, Fail> {
-        if Path::new(ROOT).join("cgroup.controllers").exists() {
-            Self::create_v2(name, limits)
+        let own = fs_err::read_to_string("/proc/self/cgroup")
+            .step(|| "read `/proc/self/cgroup`".to_owned())?;
+        Self::create_in(Path::new(ROOT), &own, name, limits)
+    }
+
+    /// [`Cgroup::create`] under `root` (the cgroup file system's mount point), with
+    /// the caller's `/proc/self/cgroup` text given: unit tests point it at a tempdir.
+    fn create_in(root: &Path, own: &str, name: &str, limits: &Limits) -> Result<Self, Fail> {
+        if root.join("cgroup.controllers").exists() {
+            Self::create_v2(root, name, limits)
         } else {
-            Self::create_v1(name, limits)
+            Self::create_v1(root, own, name, limits)
         }
     }
 
-    fn create_v2(name: &str, limits: &Limits) -> Result<Self, Fail> {
-        let parent = Path::new(ROOT).join("kiln");
+    fn create_v2(root: &Path, name: &str, limits: &Limits) -> Result<Self, Fail> {
+        let parent = root.join("kiln");
         fs_err::create_dir_all(&parent)
             .step(|| format!("create the cgroup `{}`", parent.display()))?;
-        for dir in [Path::new(ROOT), parent.as_path()] {
+        for dir in [root, parent.as_path()] {
             write(&dir.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
         }
         let dir = parent.join(name);
@@ -97,7 +102,7 @@ impl Cgroup {
         }
     }
 
-    fn create_v1(name: &str, limits: &Limits) -> Result<Self, Fail> {
+    fn create_v1(root: &Path, own: &str, name: &str, limits: &Limits) -> Result<Self, Fail> {
         let mut cg = Self {
             dirs: Vec::new(),
             memory_dir: None,
@@ -114,15 +119,18 @@ impl Cgroup {
             wanted.push("cpu");
         }
         for controller in wanted {
-            let mount = Path::new(ROOT).join(controller);
+            let mount = root.join(controller);
             if !mount.join("cgroup.procs").exists() {
                 let _cleanup = cg.remove();
                 return Err(Fail::step(
-                    format!("find the `{controller}` cgroup controller under `{ROOT}`"),
+                    format!(
+                        "find the `{controller}` cgroup controller under `{}`",
+                        root.display()
+                    ),
                     libc::ENOENT,
                 ));
             }
-            let own = own_v1_path(controller)?;
+            let own = own_v1_path(own, controller);
             let dir = mount
                 .join(own.trim_start_matches('/'))
                 .join("kiln")
@@ -224,5 +232,113 @@ impl Cgroup {
             last.step(|| format!("remove the cgroup `{}`", dir.display()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/ci/job-7\n1:cpu,cpuacct:/\n0::/\n";
+
+    fn read(p: PathBuf) -> String {
+        fs_err::read_to_string(p).unwrap().trim().to_owned()
+    }
+
+    #[test]
+    fn v1_nests_under_the_callers_cgroup_and_writes_limits() {
+        let root = tempfile::tempdir().unwrap();
+        for c in ["memory", "pids", "cpu"] {
+            fs_err::create_dir_all(root.path().join(c)).unwrap();
+            fs_err::write(root.path().join(c).join("cgroup.procs"), "").unwrap();
+        }
+        let limits = Limits {
+            memory: Some(64 << 20),
+            millicpus: Some(1500),
+            pids: Some(42),
+        };
+        let cg = Cgroup::create_in(root.path(), HYBRID, "sandbox-1", &limits).unwrap();
+        let mem = root.path().join("memory/ci/job-7/kiln/sandbox-1");
+        assert_eq!(
+            read(mem.join("memory.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(read(root.path().join("pids/kiln/sandbox-1/pids.max")), "42");
+        assert_eq!(
+            read(root.path().join("cpu/kiln/sandbox-1/cpu.cfs_quota_us")),
+            "150000"
+        );
+        assert_eq!(
+            read(root.path().join("cpu/kiln/sandbox-1/cpu.cfs_period_us")),
+            "100000"
+        );
+        assert_eq!(cg.procs_files().len(), 3);
+        assert!(!cg.oom_killed());
+        fs_err::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(cg.oom_killed());
+    }
+
+    #[test]
+    fn v1_only_makes_the_controllers_it_needs_and_fails_clearly_without_them() {
+        let root = tempfile::tempdir().unwrap();
+        fs_err::create_dir_all(root.path().join("pids")).unwrap();
+        fs_err::write(root.path().join("pids/cgroup.procs"), "").unwrap();
+        let pids_only = Limits {
+            pids: Some(5),
+            ..Limits::default()
+        };
+        let cg = Cgroup::create_in(root.path(), HYBRID, "s", &pids_only).unwrap();
+        assert_eq!(
+            cg.procs_files(),
+            [root.path().join("pids/kiln/s/cgroup.procs")]
+        );
+        let with_memory = Limits {
+            memory: Some(1),
+            ..Limits::default()
+        };
+        let err = Cgroup::create_in(root.path(), HYBRID, "t", &with_memory).unwrap_err();
+        assert!(matches!(
+            err.report,
+            crate::fail::Report::SetupFailed {
+                errno: libc::ENOENT,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn v2_enables_controllers_and_writes_limits() {
+        let root = tempfile::tempdir().unwrap();
+        fs_err::write(root.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let limits = Limits {
+            memory: Some(1 << 30),
+            millicpus: Some(500),
+            pids: Some(100),
+        };
+        let cg = Cgroup::create_in(root.path(), "0::/\n", "sandbox-2", &limits).unwrap();
+        let dir = root.path().join("kiln/sandbox-2");
+        assert_eq!(
+            read(root.path().join("cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(
+            read(root.path().join("kiln/cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(read(dir.join("memory.max")), (1u64 << 30).to_string());
+        assert_eq!(read(dir.join("memory.swap.max")), "0");
+        assert_eq!(read(dir.join("pids.max")), "100");
+        assert_eq!(read(dir.join("cpu.max")), "50000 100000");
+        assert_eq!(cg.procs_files(), [dir.join("cgroup.procs")]);
+        fs_err::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n",
+        )
+        .unwrap();
+        assert!(cg.oom_killed());
     }
 }

@@ -26,6 +26,8 @@ pub(crate) enum Report {
     OomKilled,
     /// The helper killed the sandbox because the caller cancelled it.
     Cancelled,
+    /// Mount-point stubs created in the rootfs (see `crate::stubs`).
+    Stubs(Vec<String>),
 }
 
 /// [`UserError`] on the wire.
@@ -122,10 +124,17 @@ impl<T> Step<T> for nix::Result<T> {
 impl<T> Step<T> for std::io::Result<T> {
     fn step(self, what: impl FnOnce() -> String) -> Result<T, Fail> {
         self.map_err(|err| {
-            Fail::step(
-                format!("{}: {err}", what()),
-                err.raw_os_error().unwrap_or(libc::EIO),
-            )
+            // fs_err wraps the OS error to add the path; the step text names the path
+            // already, so keep only the errno when there is one.
+            let inner = err
+                .get_ref()
+                .and_then(|e| e.source())
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(std::io::Error::raw_os_error);
+            match err.raw_os_error().or(inner) {
+                Some(errno) => Fail::step(what(), errno),
+                None => Fail::step(format!("{}: {err}", what()), libc::EIO),
+            }
         })
     }
 }

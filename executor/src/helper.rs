@@ -1,16 +1,22 @@
 //! The helper side: parent → **helper** → **init** → payload.
 //!
 //! The caller (possibly a multi-threaded tokio process) never forks by itself: it
-//! starts the helper with `std::process::Command` (fork + exec, safe from any
-//! thread), passing `__kiln-sandbox` as argv\[1\] and three descriptors:
+//! starts the helper with `std::process::Command` (which uses `posix_spawn`, a
+//! vfork-style clone, since no `pre_exec` hook is set: cheap even from a large
+//! multi-threaded parent), passing `__kiln-sandbox` as argv\[1\] and one end of a
+//! Unix socket pair as the helper's stdin. The socket carries:
 //!
-//! - fd 3: the spec, JSON, read to EOF;
-//! - fd 4: the report pipe: JSON lines ([`Report`]) back to the caller;
-//! - fd 5: the lifeline: the caller holds the write end and never writes. When the
-//!   caller drops its `Running` or dies (even by SIGKILL) the helper sees POLLHUP
-//!   and kills the sandbox. This is per process, unlike `PR_SET_PDEATHSIG`, which
-//!   fires when the *thread* that spawned the helper exits (tokio's blocking pool
-//!   retires threads).
+//! - the spec, caller → helper: an 8-byte little-endian length, then JSON;
+//! - reports, helper/init/payload → caller: JSON lines ([`Report`]), one `write`
+//!   each (short, so lines from different processes never interleave);
+//! - the lifeline: the caller never writes after the spec. When it cancels
+//!   (`shutdown(Write)`), drops its `Running` or dies (even by SIGKILL), the helper
+//!   reads EOF and kills the sandbox. This is per process, unlike
+//!   `PR_SET_PDEATHSIG`, which fires when the *thread* that spawned the helper exits
+//!   (tokio's blocking pool retires threads).
+//!
+//! The helper moves the socket to a close-on-exec descriptor and gives fd 0
+//! `/dev/null`, so the payload never holds it.
 //!
 //! The helper is single-threaded, so it may fork. It makes the cgroup, unshares
 //! the user (rootless), uts, ipc, pid and net namespaces and forks **init**, which
@@ -23,7 +29,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -40,10 +46,6 @@ use crate::spec::{Network, ProcessSpec, RlimitResource, RootfsSpec, SandboxSpec,
 
 /// argv\[1\] that turns a binary into the sandbox helper.
 pub const HELPER_ARG: &str = "__kiln-sandbox";
-pub(crate) const SPEC_FD: RawFd = 3;
-pub(crate) const REPORT_FD: RawFd = 4;
-pub(crate) const LIFELINE_FD: RawFd = 5;
-
 /// Call this first thing in `main` of any binary used as the sandbox helper (the
 /// `kiln` binary, test binaries). When argv\[1\] is the helper marker, it runs the
 /// helper and exits; otherwise it returns at once.
@@ -54,39 +56,78 @@ pub fn helper_main_if_requested() {
     std::process::exit(helper_main());
 }
 
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: F_SETFD on a descriptor number; an invalid one just returns EBADF.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-}
-
 fn helper_main() -> i32 {
-    for fd in [SPEC_FD, REPORT_FD, LIFELINE_FD] {
-        set_cloexec(fd);
-    }
-    // SAFETY: the caller passes these three descriptors, open, for the helper alone.
-    let (spec_fd, report_fd, lifeline) = unsafe {
-        (
-            OwnedFd::from_raw_fd(SPEC_FD),
-            OwnedFd::from_raw_fd(REPORT_FD),
-            OwnedFd::from_raw_fd(LIFELINE_FD),
-        )
+    // Move the socket off fd 0 (close-on-exec) and give fd 0 /dev/null.
+    let sock = match nix::fcntl::fcntl(std::io::stdin(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)) {
+        // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor, owned by nobody else.
+        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+        Err(_) => return 2,
     };
-    match run_helper(spec_fd, report_fd.as_fd(), lifeline) {
+    let null = fs_err::File::open("/dev/null").map(|f| nix::unistd::dup2_stdin(f.file()));
+    if !matches!(null, Ok(Ok(()))) {
+        send(
+            sock.as_fd(),
+            &Fail::step("put /dev/null on the helper's stdin", libc::EIO).report,
+        );
+        return 1;
+    }
+    let lifeline = match sock.try_clone() {
+        Ok(l) => l,
+        Err(e) => {
+            send(
+                sock.as_fd(),
+                &Fail::step("dup the helper's socket", e.raw_os_error().unwrap_or(0)).report,
+            );
+            return 1;
+        }
+    };
+    match run_helper(&sock, lifeline) {
         Ok(()) => 0,
         Err(fail) => {
-            send(report_fd.as_fd(), &fail.report);
+            send(sock.as_fd(), &fail.report);
             1
         }
     }
 }
 
-fn read_spec(fd: OwnedFd) -> Result<SandboxSpec, Fail> {
-    let mut text = Vec::new();
-    std::fs::File::from(fd)
-        .read_to_end(&mut text)
+fn read_spec(sock: &OwnedFd) -> Result<SandboxSpec, Fail> {
+    let mut file = std::mem::ManuallyDrop::new(
+        // SAFETY: wrapped in ManuallyDrop: borrows the socket, never closes it.
+        unsafe { std::fs::File::from_raw_fd(sock.as_raw_fd()) },
+    );
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .step(|| "read the spec's length from the caller".to_owned())?;
+    let len = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
+    if len > 64 << 20 {
+        return Err(Fail::step(
+            format!("read a spec of {len} bytes"),
+            libc::E2BIG,
+        ));
+    }
+    let mut text = vec![0u8; len];
+    file.read_exact(&mut text)
         .step(|| "read the spec from the caller".to_owned())?;
     serde_json::from_slice(&text)
         .map_err(|e| Fail::step(format!("decode the spec: {e}"), libc::EINVAL))
+}
+
+/// Where helpers make their per-sandbox directories (`kiln-sandbox.XXXXXX`): a
+/// tmpfs (`/dev/shm`) when there is one, else the temp dir. The directory is
+/// created and removed on every run's critical path, and on a busy disk file
+/// system each `rmdir` waits for the journal (3-4 ms measured here).
+pub fn state_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if nix::unistd::access(
+        shm,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .is_ok()
+    {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 /// The helper's temp directory: generated `/etc` files and the rootfs mount point.
@@ -100,7 +141,7 @@ impl Drop for StateDir {
 }
 
 fn make_state(spec: &SandboxSpec) -> Result<StateDir, Fail> {
-    let template = std::env::temp_dir().join("kiln-sandbox.XXXXXX");
+    let template = state_root().join("kiln-sandbox.XXXXXX");
     let dir = nix::unistd::mkdtemp(&template)
         .step(|| format!("create a temp directory `{}`", template.display()))?;
     let state = StateDir(dir);
@@ -161,7 +202,7 @@ fn resolv_conf(spec: &SandboxSpec) -> String {
 
 fn write_id_maps(uid: Uid, gid: Gid) -> Result<(), Fail> {
     // A single-id map needs no helper binary: the process may map its own ids once
-    // setgroups is denied. (newuidmap/newgidmap ranges are not wired up yet.)
+    // setgroups is denied.
     let w = |file: &str, text: String| {
         fs_err::write(file, &text).step(|| format!("write `{}` to `{file}`", text.trim()))
     };
@@ -170,8 +211,117 @@ fn write_id_maps(uid: Uid, gid: Gid) -> Result<(), Fail> {
     w("/proc/self/gid_map", format!("0 {gid} 1\n"))
 }
 
-fn run_helper(spec_fd: OwnedFd, report: BorrowedFd<'_>, lifeline: OwnedFd) -> Result<(), Fail> {
-    let spec = read_spec(spec_fd)?;
+/// The first `/etc/subuid`-style range (`name_or_id:start:count`) for the user.
+pub(crate) fn subordinate_range(text: &str, name: Option<&str>, id: u32) -> Option<(u32, u32)> {
+    text.lines().find_map(|line| {
+        let mut f = line.trim().split(':');
+        let (owner, start, count) = (f.next()?, f.next()?, f.next()?);
+        let mine = Some(owner) == name || owner.parse::<u32>().ok() == Some(id);
+        let (start, count) = (start.trim().parse().ok()?, count.trim().parse().ok()?);
+        (mine && count > 0).then_some((start, count))
+    })
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Ranges and tools for a full rootless id map, when the user has subordinate ids
+/// and `newuidmap`/`newgidmap` (package `uidmap`) are installed.
+struct SubIds {
+    uid_range: (u32, u32),
+    gid_range: (u32, u32),
+    newuidmap: PathBuf,
+    newgidmap: PathBuf,
+}
+
+fn sub_ids(uid: Uid, gid: Gid) -> Option<SubIds> {
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let read = |f: &str| fs_err::read_to_string(f).unwrap_or_default();
+    Some(SubIds {
+        uid_range: subordinate_range(&read("/etc/subuid"), name.as_deref(), uid.as_raw())?,
+        gid_range: subordinate_range(&read("/etc/subgid"), name.as_deref(), gid.as_raw())?,
+        newuidmap: find_tool("newuidmap")?,
+        newgidmap: find_tool("newgidmap")?,
+    })
+}
+
+/// Unshares the user namespace and maps 0 to the caller plus 1..=count to its
+/// subordinate range, through the setuid `newuidmap`/`newgidmap`. They must write
+/// the maps from outside the new namespace, so a child forked *before* the unshare
+/// waits on a pipe and runs them once the helper has unshared.
+fn unshare_user_with_subids(
+    uid: Uid,
+    gid: Gid,
+    ids: &SubIds,
+    report: BorrowedFd<'_>,
+) -> Result<(), Fail> {
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "create a pipe".to_owned())?;
+    let helper_pid = nix::unistd::getpid().to_string();
+    // SAFETY: the helper is single-threaded.
+    match unsafe { fork() }.step(|| "fork the id mapper".to_owned())? {
+        ForkResult::Child => {
+            drop(w);
+            let mut byte = [0u8; 1];
+            let _go = nix::unistd::read(&r, &mut byte);
+            let jobs = [
+                (&ids.newuidmap, uid.as_raw(), ids.uid_range),
+                (&ids.newgidmap, gid.as_raw(), ids.gid_range),
+            ];
+            for (tool, own, (start, count)) in jobs {
+                let args: Vec<String> = [
+                    helper_pid.clone(),
+                    "0".into(),
+                    own.to_string(),
+                    "1".into(),
+                    "1".into(),
+                ]
+                .into_iter()
+                .chain([start.to_string(), count.to_string()])
+                .collect();
+                let step = format!("map ids with `{} {}`", tool.display(), args.join(" "));
+                let failure = match std::process::Command::new(tool).args(&args).output() {
+                    Ok(out) if out.status.success() => continue,
+                    Ok(out) => Fail::step(
+                        format!("{step}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                        libc::EPERM,
+                    ),
+                    Err(e) => Fail::step(step, e.raw_os_error().unwrap_or(libc::EIO)),
+                };
+                send(report, &failure.report);
+                // SAFETY: leave without running the helper's destructors.
+                unsafe { libc::_exit(1) }
+            }
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop(r);
+            let unshared =
+                unshare(CloneFlags::CLONE_NEWUSER).step(|| "unshare the user namespace".to_owned());
+            // Writing (or closing, on failure) releases the mapper.
+            let _go = nix::unistd::write(&w, b"x");
+            drop(w);
+            let status = waitpid(child, None).step(|| "wait for newuidmap/newgidmap".to_owned())?;
+            unshared?;
+            if status != WaitStatus::Exited(child, 0) {
+                return Err(Fail::step("map ids with newuidmap/newgidmap", libc::EPERM));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
+    let report = sock.as_fd();
+    let spec = read_spec(sock)?;
     if spec.process.args.is_empty() {
         return Err(Fail::step(
             "start a process with an empty argv",
@@ -252,10 +402,22 @@ fn run_namespaces(
         })
         .transpose()?
         .unwrap_or_default();
+    // Supplementary groups can be set only with a full map (a single-id map needs
+    // setgroups denied).
+    let mut groups_allowed = !rootless;
     if rootless {
         let (uid, gid) = (Uid::effective(), Gid::effective());
-        unshare(CloneFlags::CLONE_NEWUSER).step(|| "unshare the user namespace".to_owned())?;
-        write_id_maps(uid, gid)?;
+        match sub_ids(uid, gid) {
+            Some(ids) => {
+                unshare_user_with_subids(uid, gid, &ids, report)?;
+                groups_allowed = true;
+            }
+            None => {
+                unshare(CloneFlags::CLONE_NEWUSER)
+                    .step(|| "unshare the user namespace".to_owned())?;
+                write_id_maps(uid, gid)?;
+            }
+        }
     }
     let mut flags = CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWPID;
     if spec.network == Network::None {
@@ -272,7 +434,7 @@ fn run_namespaces(
     let init = match unsafe { fork() }.step(|| "fork the sandbox init".to_owned())? {
         ForkResult::Child => {
             drop(lifeline);
-            let code = match init_main(spec, state, rootless, &procs, report) {
+            let code = match init_main(spec, state, rootless, groups_allowed, &procs, report) {
                 Ok(never) => match never {},
                 Err(fail) => {
                     send(report, &fail.report);
@@ -317,9 +479,17 @@ fn supervise(
             .and_then(|f| f.revents())
             .is_some_and(|r| !r.is_empty());
         if lifeline_gone {
-            lifeline = None;
-            cancelled = true;
-            let _dead = kill(init, Signal::SIGKILL);
+            // The caller writes nothing after the spec: readable means EOF (cancel,
+            // drop or death); stray bytes are read and ignored.
+            let mut byte = [0u8; 1];
+            let eof = lifeline
+                .as_ref()
+                .is_none_or(|l| !matches!(nix::unistd::read(l, &mut byte), Ok(1)));
+            if eof {
+                lifeline = None;
+                cancelled = true;
+                let _dead = kill(init, Signal::SIGKILL);
+            }
         }
         if signalled
             && let Ok(Some(info)) = sigfd.read_signal()
@@ -345,9 +515,12 @@ fn init_main(
     spec: &SandboxSpec,
     state: &Path,
     rootless: bool,
+    groups_allowed: bool,
     procs: &[fs_err::File],
     report: BorrowedFd<'_>,
 ) -> Result<std::convert::Infallible, Fail> {
+    // A recognisable name in `ps` (comm is otherwise the helper binary's name).
+    let _named = crate::sys::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr() as libc::c_ulong);
     // If the helper dies (SIGKILL), take the whole pid namespace down with it.
     crate::sys::prctl(libc::PR_SET_PDEATHSIG, Signal::SIGKILL as libc::c_ulong)
         .step(|| "set the parent-death signal".to_owned())?;
@@ -394,7 +567,24 @@ fn init_main(
         }
     }
     rootfs::pivot_into(&target)?;
-    rootfs::populate(spec, sources, rootless)?;
+    let stubs = rootfs::populate(spec, sources, rootless)?;
+    if matches!(spec.rootfs, RootfsSpec::Overlay { .. }) {
+        // Batched: one write (and one wake-up of the caller) for the usual handful.
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for stub in stubs {
+            let stub = stub.to_string_lossy().into_owned();
+            if size + stub.len() > 3000 && !batch.is_empty() {
+                send(report, &Report::Stubs(std::mem::take(&mut batch)));
+                size = 0;
+            }
+            size += stub.len() + 3;
+            batch.push(stub);
+        }
+        if !batch.is_empty() {
+            send(report, &Report::Stubs(batch));
+        }
+    }
 
     let user = match &spec.process.user {
         User::Resolved(u) => u.clone(),
@@ -407,13 +597,14 @@ fn init_main(
             )?
         }
     };
-    let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir)?;
+    // Like Docker, a missing working directory is created, and kept (not a stub).
+    let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir, &mut Vec::new())?;
     let exec = ExecPlan::new(&spec.process, &user.home)?;
 
     // SAFETY: init is single-threaded (forked from the single-threaded helper).
     let payload = match unsafe { fork() }.step(|| "fork the payload".to_owned())? {
         ForkResult::Child => {
-            let fail = match payload_main(&spec.process, &user, &cwd, rootless, &exec) {
+            let fail = match payload_main(&spec.process, &user, &cwd, groups_allowed, &exec) {
                 Ok(never) => match never {},
                 Err(fail) => fail,
             };
@@ -576,7 +767,7 @@ fn payload_main(
     process: &ProcessSpec,
     user: &crate::spec::ResolvedUser,
     cwd: &Path,
-    rootless: bool,
+    groups_allowed: bool,
     exec: &ExecPlan,
 ) -> Result<std::convert::Infallible, Fail> {
     SigSet::all()
@@ -597,7 +788,7 @@ fn payload_main(
 
     crate::caps::drop_bounding()?;
     crate::sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).step(|| "set no_new_privs".to_owned())?;
-    if !rootless {
+    if groups_allowed {
         let groups: Vec<Gid> = user
             .additional_gids
             .iter()
@@ -632,4 +823,25 @@ fn payload_main(
             errno: errno as i32,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subordinate_range;
+
+    #[test]
+    fn subordinate_ranges_by_name_or_uid_first_wins() {
+        let text = "other:1:5\nme:100000:65536\nme:200000:10\n1001:300000:7\nzero:5:0\n";
+        assert_eq!(
+            subordinate_range(text, Some("me"), 1000),
+            Some((100000, 65536))
+        );
+        assert_eq!(subordinate_range(text, None, 1001), Some((300000, 7)));
+        assert_eq!(subordinate_range(text, Some("zero"), 5), None);
+        assert_eq!(subordinate_range(text, Some("nobody"), 9), None);
+        assert_eq!(
+            subordinate_range("garbage\n::\nme:x:y", Some("me"), 0),
+            None
+        );
+    }
 }

@@ -42,12 +42,13 @@ mod helper;
 mod rootfs;
 mod sandbox;
 mod spec;
+mod stubs;
 mod sys;
 mod user;
 
 pub use caps::{DOCKER_DEFAULT_CAPS, docker_default_mask};
 pub use error::{Error, Result};
-pub use helper::{HELPER_ARG, helper_main_if_requested};
+pub use helper::{HELPER_ARG, helper_main_if_requested, state_root};
 pub use sandbox::{ExitStatus, Output, Running, Sandbox};
 pub use spec::{
     DEFAULT_PATH_ENV, Limits, Mount, MountKind, Network, ProcessSpec, ResolvedUser, Rlimit,

@@ -44,6 +44,20 @@ pub(crate) struct Sources {
     mounts: Vec<Option<(OwnedFd, Kind)>>,
     /// The host's `/sys`, when the sandbox shares the host network.
     sys: Option<OwnedFd>,
+    /// A fresh sysfs (for a new network namespace), made before `pivot_root`.
+    sysfs: Option<OwnedFd>,
+    /// A fresh proc for the sandbox's pid namespace.
+    proc: OwnedFd,
+}
+
+/// A detached mount of a fresh `fstype`. proc and sysfs are made this way, before
+/// `pivot_root`: inside a user namespace the kernel only allows them while a fully
+/// visible instance is still in the mount namespace (`mount_too_revealing`), and
+/// after `pivot_root` the host's are gone.
+fn fresh_fs(fstype: &CStr, attrs: libc::c_uint) -> Result<OwnedFd, Fail> {
+    let what = || format!("create a fresh {}", fstype.to_string_lossy());
+    let fs = sys::fsopen(fstype).step(what)?;
+    sys::fs_create_and_mount(&fs, attrs).step(what)
 }
 
 /// Clones every host source the sandbox needs into detached mounts.
@@ -89,24 +103,44 @@ pub(crate) fn clone_sources(
     } else {
         None
     };
+    let locked = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
+    let sysfs = if host_sys {
+        None
+    } else {
+        Some(fresh_fs(c"sysfs", locked | sys::MOUNT_ATTR_RDONLY)?)
+    };
+    let proc = fresh_fs(c"proc", locked)?;
     Ok(Sources {
         dev,
         etc,
         mounts,
         sys,
+        sysfs,
+        proc,
     })
 }
 
-/// The overlay mount options for the classic `mount(2)` call, with each lower made
-/// relative to `base` when that keeps them under the kernel's one-page limit.
-/// Returns the options and the directory to `chdir` into first (if any).
+/// Where the classic `mount(2)` of an overlay must run for its relative lower names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Chdir {
+    /// Absolute names: anywhere.
+    Stay,
+    /// Names relative to the lowers' common parent.
+    Base(PathBuf),
+    /// Names `0`, `1`, ...: symlinks to the lowers, made in a private directory.
+    Links,
+}
+
+/// The overlay mount options for the classic `mount(2)` call, under the kernel's
+/// one-page limit: absolute names when they fit, else names relative to the lowers'
+/// common parent, else index-named symlinks (~800 lowers fit).
 pub(crate) fn overlay_options(
     lowers: &[PathBuf],
     upper: &Path,
     work: &Path,
     userxattr: bool,
     volatile: bool,
-) -> Result<(String, Option<PathBuf>), Fail> {
+) -> Result<(String, Chdir), Fail> {
     fn escape(p: &Path) -> String {
         let s = p.to_string_lossy();
         s.replace('\\', "\\\\")
@@ -133,7 +167,7 @@ pub(crate) fn overlay_options(
     // The kernel copies at most one page of options (4096 bytes with the NUL).
     const LIMIT: usize = 4000;
     if opts.len() <= LIMIT {
-        return Ok((opts, None));
+        return Ok((opts, Chdir::Stay));
     }
     // Lowers usually share a parent (the snapshot store): name them from there.
     let mut base = lowers
@@ -151,17 +185,22 @@ pub(crate) fn overlay_options(
         .map(|l| escape(l.strip_prefix(&base).unwrap_or(l)))
         .collect();
     let opts = build(&relative);
-    if opts.len() > LIMIT || base.as_os_str().is_empty() {
+    if opts.len() <= LIMIT && !base.as_os_str().is_empty() {
+        return Ok((opts, Chdir::Base(base)));
+    }
+    let indexed: Vec<String> = (0..lowers.len()).map(|i| i.to_string()).collect();
+    let opts = build(&indexed);
+    if opts.len() > LIMIT {
         return Err(Fail::step(
             format!(
-                "mount an overlay of {} lowers: the options are {} bytes even with relative names (limit {LIMIT})",
+                "mount an overlay of {} lowers: the options are {} bytes even with the shortest names (limit {LIMIT})",
                 lowers.len(),
                 opts.len()
             ),
             libc::E2BIG,
         ));
     }
-    Ok((opts, Some(base)))
+    Ok((opts, Chdir::Links))
 }
 
 /// Mounts an overlay on `target`: the new mount API (`lowerdir+`, kernel 6.8+, no
@@ -181,20 +220,39 @@ pub(crate) fn mount_overlay(
         ));
     }
     let target_c = cstring(target)?;
-    match overlay_fsopen(lowers, upper, work, userxattr, volatile) {
-        Ok(fd) => {
-            return sys::move_mount_fd(&fd, &target_c)
-                .step(|| format!("attach the overlay on `{}`", target.display()));
+    // `KILN_SANDBOX_CLASSIC_OVERLAY` (any value) forces the classic path: a test
+    // and debugging knob, since this kernel never needs the fallback.
+    if std::env::var_os("KILN_SANDBOX_CLASSIC_OVERLAY").is_none() {
+        match overlay_fsopen(lowers, upper, work, userxattr, volatile) {
+            Ok(fd) => {
+                return sys::move_mount_fd(&fd, &target_c)
+                    .step(|| format!("attach the overlay on `{}`", target.display()));
+            }
+            // Only an old kernel (no fsopen, or no `lowerdir+`) falls back; any other
+            // error is the real one and is reported as such.
+            Err(OverlayApi::Unsupported) => {}
+            Err(OverlayApi::Failed(fail)) => return Err(fail),
         }
-        // Only an old kernel (no fsopen, or no `lowerdir+`) falls back; any other
-        // error is the real one and is reported as such.
-        Err(OverlayApi::Unsupported) => {}
-        Err(OverlayApi::Failed(fail)) => return Err(fail),
     }
-    let (opts, base) = overlay_options(lowers, upper, work, userxattr, volatile)?;
+    let (opts, chdir) = overlay_options(lowers, upper, work, userxattr, volatile)?;
     let cwd = std::env::current_dir().step(|| "read the current directory".to_owned())?;
-    if let Some(base) = &base {
-        nix::unistd::chdir(base).step(|| format!("chdir into `{}`", base.display()))?;
+    let dir = match chdir {
+        Chdir::Stay => None,
+        Chdir::Base(base) => Some(base),
+        Chdir::Links => {
+            // Beside the mount point, in the helper's private state directory.
+            let links = target.with_file_name("lowers");
+            fs_err::create_dir(&links).step(|| format!("create `{}`", links.display()))?;
+            for (i, lower) in lowers.iter().enumerate() {
+                let at = links.join(i.to_string());
+                std::os::unix::fs::symlink(lower, &at)
+                    .step(|| format!("link `{}`", at.display()))?;
+            }
+            Some(links)
+        }
+    };
+    if let Some(dir) = &dir {
+        nix::unistd::chdir(dir).step(|| format!("chdir into `{}`", dir.display()))?;
     }
     let result = mount(
         Some("overlay"),
@@ -259,7 +317,7 @@ fn overlay_fsopen(
             })?;
         }
     }
-    sys::fs_create_and_mount(&fs).map_err(|e| {
+    sys::fs_create_and_mount(&fs, 0).map_err(|e| {
         OverlayApi::Failed(Fail::step(
             format!(
                 "create the overlay (upper `{}`, work `{}`, {} lowers)",
@@ -292,7 +350,11 @@ pub(crate) enum Kind {
 /// `kind`, following symlinks the way the kernel will when mounting: a dangling link
 /// gets its target created. Only ever called after `pivot_root`, so every path is
 /// inside the rootfs whatever the links say.
-pub(crate) fn ensure_target(path: &Path, kind: Kind) -> Result<PathBuf, Fail> {
+pub(crate) fn ensure_target(
+    path: &Path,
+    kind: Kind,
+    stubs: &mut Vec<PathBuf>,
+) -> Result<PathBuf, Fail> {
     let mut current = path.to_path_buf();
     for _ in 0..40 {
         match fs_err::symlink_metadata(&current) {
@@ -307,6 +369,19 @@ pub(crate) fn ensure_target(path: &Path, kind: Kind) -> Result<PathBuf, Fail> {
             }
             Ok(_) => return Ok(current),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                // Record what is made here (missing ancestors first) so that it can
+                // be removed from the upper after the run (see `crate::stubs`).
+                let mut missing = Vec::new();
+                let mut up = current.parent();
+                while let Some(p) = up {
+                    if fs_err::symlink_metadata(p).is_ok() {
+                        break;
+                    }
+                    missing.push(p.to_path_buf());
+                    up = p.parent();
+                }
+                stubs.extend(missing.into_iter().rev());
+                stubs.push(current.clone());
                 if let Some(parent) = current.parent() {
                     fs_err::create_dir_all(parent).step(|| {
                         format!("create the mount point's parent `{}`", parent.display())
@@ -334,8 +409,13 @@ pub(crate) fn ensure_target(path: &Path, kind: Kind) -> Result<PathBuf, Fail> {
     ))
 }
 
-fn attach(fd: &OwnedFd, target: &Path, kind: Kind) -> Result<PathBuf, Fail> {
-    let resolved = ensure_target(target, kind)?;
+fn attach(
+    fd: &OwnedFd,
+    target: &Path,
+    kind: Kind,
+    stubs: &mut Vec<PathBuf>,
+) -> Result<PathBuf, Fail> {
+    let resolved = ensure_target(target, kind, stubs)?;
     let c = cstring(&resolved)?;
     sys::move_mount_fd(fd, &c).step(|| format!("bind mount onto `{}`", resolved.display()))?;
     Ok(resolved)
@@ -384,13 +464,18 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
 
 /// Mounts `/proc`, `/dev`, `/sys`, `/etc/{hosts,resolv.conf,hostname}` and the spec's
 /// mounts. Runs after [`pivot_into`].
-pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> Result<(), Fail> {
+/// Returns the mount-point stubs it created.
+pub(crate) fn populate(
+    spec: &SandboxSpec,
+    sources: Sources,
+    rootless: bool,
+) -> Result<Vec<PathBuf>, Fail> {
+    let mut stubs = Vec::new();
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
-    let proc_dir = ensure_target(Path::new("/proc"), Kind::Dir)?;
-    mount_fs("proc", &proc_dir, nosuid_nodev_noexec, "")?;
+    attach(&sources.proc, Path::new("/proc"), Kind::Dir, &mut stubs)?;
 
-    let dev = ensure_target(Path::new("/dev"), Kind::Dir)?;
+    let dev = ensure_target(Path::new("/dev"), Kind::Dir, &mut stubs)?;
     mount_fs(
         "tmpfs",
         &dev,
@@ -398,7 +483,8 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
         "mode=755,size=65536k",
     )?;
     for (node, fd) in &sources.dev {
-        attach(fd, &dev.join(node), Kind::File)?;
+        // Inside the fresh tmpfs: never in the upper, not stubs.
+        attach(fd, &dev.join(node), Kind::File, &mut Vec::new())?;
     }
     let pts = dev.join("pts");
     fs_err::create_dir(&pts).step(|| format!("create `{}`", pts.display()))?;
@@ -434,22 +520,20 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
             .step(|| format!("create the link `{}`", at.display()))?;
     }
 
-    let sys_dir = ensure_target(Path::new("/sys"), Kind::Dir)?;
-    match &sources.sys {
-        Some(fd) => {
-            let at = attach(fd, &sys_dir, Kind::Dir)?;
+    let sys_dir = ensure_target(Path::new("/sys"), Kind::Dir, &mut stubs)?;
+    match (&sources.sys, &sources.sysfs) {
+        (Some(fd), _) => {
+            let at = attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
             remount_ro(&at)?;
         }
-        None => mount_fs(
-            "sysfs",
-            &sys_dir,
-            nosuid_nodev_noexec | MsFlags::MS_RDONLY,
-            "",
-        )?,
+        (None, Some(fd)) => {
+            attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
+        }
+        (None, None) => return Err(Fail::step("mount /sys: no source", libc::EINVAL)),
     }
 
     for (name, fd) in &sources.etc {
-        attach(fd, &Path::new("/etc").join(name), Kind::File)?;
+        attach(fd, &Path::new("/etc").join(name), Kind::File, &mut stubs)?;
     }
 
     for (m, fd) in spec.mounts.iter().zip(&sources.mounts) {
@@ -462,21 +546,21 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
         }
         match (&m.kind, fd) {
             (MountKind::Tmpfs { size }, _) => {
-                let at = ensure_target(target, Kind::Dir)?;
+                let at = ensure_target(target, Kind::Dir, &mut stubs)?;
                 let data = size.map(|s| format!("size={s}")).unwrap_or_default();
                 mount_fs("tmpfs", &at, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &data)?;
             }
             (MountKind::Bind { readonly, .. }, Some((fd, kind))) => {
-                let at = attach(fd, target, *kind)?;
+                let at = attach(fd, target, *kind, &mut stubs)?;
                 if *readonly {
                     remount_ro(&at)?;
                 }
             }
             (MountKind::Cache { .. }, Some((fd, kind))) => {
-                attach(fd, target, *kind)?;
+                attach(fd, target, *kind, &mut stubs)?;
             }
             (MountKind::Secret { .. }, Some((fd, kind))) => {
-                let at = attach(fd, target, *kind)?;
+                let at = attach(fd, target, *kind, &mut stubs)?;
                 remount_ro(&at)?;
             }
             (_, None) => {
@@ -491,7 +575,7 @@ pub(crate) fn populate(spec: &SandboxSpec, sources: Sources, rootless: bool) -> 
     if spec.readonly_rootfs {
         remount_ro(Path::new("/"))?;
     }
-    Ok(())
+    Ok(stubs)
 }
 
 #[cfg(test)]
@@ -504,7 +588,7 @@ mod tests {
         let (opts, base) =
             overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
         assert_eq!(opts, "lowerdir=/s/1/fs:/s/2/fs,upperdir=/u,workdir=/w");
-        assert_eq!(base, None);
+        assert_eq!(base, Chdir::Stay);
     }
 
     #[test]
@@ -515,13 +599,26 @@ mod tests {
             .collect();
         let (opts, base) =
             overlay_options(&lowers, Path::new("/u"), Path::new("/w"), true, true).unwrap();
-        assert_eq!(base, Some(PathBuf::from(store)));
+        assert_eq!(base, Chdir::Base(PathBuf::from(store)));
         assert!(opts.starts_with("lowerdir=000:001:002:"), "{opts}");
         assert!(
             opts.ends_with(",upperdir=/u,workdir=/w,userxattr,volatile"),
             "{opts}"
         );
         assert!(opts.len() < 4000);
+    }
+
+    #[test]
+    fn digest_named_lowers_become_indexed_links() {
+        // 64-hex-digit snapshot names: even relative, 200 of them exceed a page.
+        let lowers: Vec<PathBuf> = (0..200)
+            .map(|i| PathBuf::from(format!("/store/{i:064x}/fs")))
+            .collect();
+        let (opts, chdir) =
+            overlay_options(&lowers, Path::new("/u"), Path::new("/w"), false, false).unwrap();
+        assert_eq!(chdir, Chdir::Links);
+        assert!(opts.starts_with("lowerdir=0:1:2:3:"), "{opts}");
+        assert!(opts.contains(":199,upperdir=/u,"), "{opts}");
     }
 
     #[test]

@@ -1,17 +1,15 @@
 //! The caller's side: start the helper, hand it the spec, read its reports.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
-use nix::fcntl::OFlag;
-
 use crate::error::{Error, Result};
 use crate::fail::Report;
-use crate::helper::{HELPER_ARG, LIFELINE_FD, REPORT_FD, SPEC_FD};
-use crate::spec::{SandboxSpec, Stdio};
+use crate::helper::HELPER_ARG;
+use crate::spec::{RootfsSpec, SandboxSpec, Stdio};
 
 /// Starts sandboxes. Cheap to build; holds only the helper's path.
 #[derive(Debug, Clone)]
@@ -48,19 +46,18 @@ impl Sandbox {
     /// Starts `spec`. Returns as soon as the helper runs; setup errors come back
     /// from [`Running::wait`]. Safe to call from any thread (it only forks to exec).
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Running> {
-        let pipe = |what| {
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::Pipe {
-                what,
-                source: e.into(),
-            })
-        };
-        let (spec_r, spec_w) = pipe("create")?;
-        let (report_r, report_w) = pipe("create")?;
-        let (lifeline_r, lifeline_w) = pipe("create")?;
+        // One socket carries the spec, the reports and the lifeline (see
+        // `crate::helper`). Passing it as stdin (no `pre_exec` hook) lets std use
+        // posix_spawn, which stays cheap from a large multi-threaded caller.
+        let (ours, theirs) = UnixStream::pair().map_err(|source| Error::Pipe {
+            what: "create",
+            source,
+        })?;
         let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
 
         let mut cmd = Command::new(&self.helper);
-        cmd.arg(HELPER_ARG).stdin(std::process::Stdio::null());
+        cmd.arg(HELPER_ARG)
+            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)));
         match spec.stdio {
             Stdio::Piped => {
                 cmd.stdout(std::process::Stdio::piped())
@@ -75,43 +72,16 @@ impl Sandbox {
                     .stderr(std::process::Stdio::null());
             }
         }
-        let fds: [(RawFd, RawFd); 3] = [
-            (spec_r.as_raw_fd(), SPEC_FD),
-            (report_w.as_raw_fd(), REPORT_FD),
-            (lifeline_r.as_raw_fd(), LIFELINE_FD),
-        ];
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // async-signal-safe functions (fcntl, dup2) on descriptors it was given.
-        unsafe {
-            cmd.pre_exec(move || {
-                // First move every source above the targets so that no dup2 clobbers
-                // a source that happens to sit at 3, 4 or 5.
-                let mut high = [0; 3];
-                for (slot, (src, _)) in high.iter_mut().zip(fds) {
-                    let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    *slot = fd;
-                }
-                for (fd, (_, dst)) in high.into_iter().zip(fds) {
-                    // dup2 clears FD_CLOEXEC on the target.
-                    if libc::dup2(fd, dst) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn().map_err(|source| Error::SpawnHelper {
             helper: self.helper.clone(),
             source,
         })?;
-        drop((spec_r, report_w, lifeline_r));
-        let mut spec_w = std::fs::File::from(spec_w);
-        // A helper that died at once closes the pipe: its report says why.
-        let _written = spec_w.write_all(&json);
-        drop(spec_w);
+        drop(cmd);
+        // A helper that died at once closes the socket: its report or exit says why.
+        let len = u64::try_from(json.len()).unwrap_or(u64::MAX).to_le_bytes();
+        let _written = (&ours)
+            .write_all(&len)
+            .and_then(|()| (&ours).write_all(&json));
         let stdout = child
             .stdout
             .take()
@@ -120,10 +90,14 @@ impl Sandbox {
             .stderr
             .take()
             .map(|s| std::fs::File::from(OwnedFd::from(s)));
+        let overlay = match &spec.rootfs {
+            RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
+            RootfsSpec::Dir(_) => None,
+        };
         Ok(Running {
+            overlay,
             child,
-            report: Some(std::fs::File::from(report_r)),
-            lifeline: Some(lifeline_w),
+            sock: Some(ours),
             stdout,
             stderr,
             status: None,
@@ -179,9 +153,11 @@ pub struct Output {
 /// A started sandbox. Dropping it kills everything in it and cleans up.
 #[derive(Debug)]
 pub struct Running {
+    /// (lowers, upper) of an overlay rootfs, for removing mount-point stubs.
+    overlay: Option<(Vec<PathBuf>, PathBuf)>,
     child: Child,
-    report: Option<std::fs::File>,
-    lifeline: Option<OwnedFd>,
+    /// The socket to the helper: reports in; shut down for writing to cancel.
+    sock: Option<UnixStream>,
     stdout: Option<std::fs::File>,
     stderr: Option<std::fs::File>,
     status: Option<ExitStatus>,
@@ -206,9 +182,12 @@ impl Running {
     /// Kills everything in the sandbox; [`Running::wait`] then returns
     /// [`ExitStatus::Cancelled`] (unless the payload had already exited).
     pub fn kill(&mut self) {
-        // Closing the lifeline is the cancel signal: the helper sees POLLHUP, kills
-        // the sandbox's init (and with it the whole pid namespace) and cleans up.
-        self.lifeline = None;
+        // EOF on the socket is the cancel signal: the helper kills the sandbox's init
+        // (and with it the whole pid namespace) and cleans up. The read side stays
+        // open for the remaining reports.
+        if let Some(sock) = &self.sock {
+            let _done = sock.shutdown(std::net::Shutdown::Write);
+        }
     }
 
     /// Waits for the end. Streams not taken are drained (so a chatty payload does
@@ -231,8 +210,8 @@ impl Running {
 
     fn wait_inner(&mut self) -> Result<ExitStatus> {
         let mut reports = Vec::new();
-        if let Some(report) = self.report.take() {
-            for line in BufReader::new(report).lines() {
+        if let Some(sock) = self.sock.take() {
+            for line in BufReader::new(sock).lines() {
                 let line = line.map_err(|source| Error::Pipe {
                     what: "read",
                     source,
@@ -243,6 +222,24 @@ impl Running {
             }
         }
         let helper_status = self.child.wait().map_err(Error::Wait)?;
+        // The helper has exited, so init and its mount namespace are gone: the upper
+        // is no longer mounted and the stubs can go.
+        let stubs: Vec<String> = reports
+            .iter()
+            .filter_map(|r| {
+                if let Report::Stubs(s) = r {
+                    Some(s.clone())
+                } else {
+                    None
+                }
+            })
+            .flatten()
+            .collect();
+        if let Some((lowers, upper)) = &self.overlay
+            && !stubs.is_empty()
+        {
+            crate::stubs::remove_stubs(upper, lowers, &stubs);
+        }
         let status = interpret(reports, &format!("{helper_status}"))?;
         self.status = Some(status);
         Ok(status)
@@ -296,6 +293,7 @@ fn interpret(reports: Vec<Report>, helper_status: &str) -> Result<ExitStatus> {
             Report::Signaled { signal } => status = Some(ExitStatus::Signal(signal)),
             Report::OomKilled => oom = true,
             Report::Cancelled => cancelled = true,
+            Report::Stubs(_) => {}
         }
     }
     match status {

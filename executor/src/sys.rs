@@ -95,8 +95,13 @@ pub fn fsconfig_flag(fd: &OwnedFd, key: &CStr) -> nix::Result<()> {
     })
 }
 
-/// `fsconfig(fd, FSCONFIG_CMD_CREATE)` then `fsmount(fd, FSMOUNT_CLOEXEC, 0)`.
-pub fn fs_create_and_mount(fd: &OwnedFd) -> nix::Result<OwnedFd> {
+pub const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+pub const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+pub const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+pub const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+
+/// `fsconfig(fd, FSCONFIG_CMD_CREATE)` then `fsmount(fd, FSMOUNT_CLOEXEC, attrs)`.
+pub fn fs_create_and_mount(fd: &OwnedFd, attrs: libc::c_uint) -> nix::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     // SAFETY: valid descriptor; CMD_CREATE takes no key or value.
     unit_result(unsafe {
@@ -110,7 +115,7 @@ pub fn fs_create_and_mount(fd: &OwnedFd) -> nix::Result<OwnedFd> {
         )
     })?;
     // SAFETY: valid descriptor of a configured file system context.
-    fd_result(unsafe { libc::syscall(libc::SYS_fsmount, fd.as_raw_fd(), FSMOUNT_CLOEXEC, 0) })
+    fd_result(unsafe { libc::syscall(libc::SYS_fsmount, fd.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })
 }
 
 /// `pivot_root(".", ".")`: the new root is the current directory and the old root

@@ -18,6 +18,15 @@
 //! path): exact, prefix (`dir/**`) and suffix (`**/name`) patterns are a string
 //! comparison, other patterns reject on their literal prefix or suffix before
 //! the backtracking matcher runs.
+//!
+//! Known differences from patternmatcher, all on patterns no real ignore file
+//! has: upstream copies a pattern into a Go regular expression, so `*` or `?`
+//! inside `[...]`, Perl escapes inside a class (`[\d]`) and escapes such as
+//! `\b`, `\pL` or `\x41` take regexp meanings there; kiln treats the first two
+//! literally and refuses the last kind as a bad pattern. A reversed range
+//! (`[z-a]`) makes upstream fail on every match; kiln refuses it when the
+//! pattern is compiled. Lines longer than 64 KiB, which Go's line scanner
+//! rejects, are accepted.
 
 use std::borrow::Cow;
 use std::io;
@@ -121,9 +130,32 @@ fn is_clean(path: &str) -> bool {
 /// Go's `filepath.Dir`: everything before the last `/`, cleaned.
 fn go_dir(path: &str) -> Cow<'_, str> {
     match path.rfind('/') {
+        // `a/b/` cleans to `a/b`: when that is already clean, borrow it.
+        Some(0) => Cow::Borrowed("/"),
+        Some(i) if is_clean(&path[..i]) => Cow::Borrowed(&path[..i]),
         Some(i) => clean_path(&path[..=i]),
         None => Cow::Borrowed("."),
     }
+}
+
+// Short-string comparisons written out: the patterns and paths compared here
+// are a few bytes long, and a loop that rejects on the first (or, for
+// suffixes, the last) byte is several times faster than a call to `memcmp`.
+#[inline]
+fn has_prefix(s: &str, prefix: &str) -> bool {
+    let (s, p) = (s.as_bytes(), prefix.as_bytes());
+    s.len() >= p.len() && p.iter().zip(s).all(|(a, b)| a == b)
+}
+
+#[inline]
+fn has_suffix(s: &str, suffix: &str) -> bool {
+    let (s, p) = (s.as_bytes(), suffix.as_bytes());
+    s.len() >= p.len() && p.iter().rev().zip(s.iter().rev()).all(|(a, b)| a == b)
+}
+
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && has_prefix(a, b)
 }
 
 /// The patterns of an ignore file, as `ignorefile.ReadAll` returns them.
@@ -181,6 +213,51 @@ pub struct Pattern {
     text: String,
     exclusion: bool,
     kind: Kind,
+    quick: Quick,
+}
+
+/// Byte checks that reject most paths before any real matching: the byte a
+/// match must start with, the byte it must end with, and for exact patterns
+/// the length.
+#[derive(Debug, Clone, Copy, Default)]
+struct Quick {
+    first: Option<u8>,
+    last: Option<u8>,
+    len: Option<usize>,
+}
+
+impl Quick {
+    fn of(text: &str, kind: &Kind) -> Self {
+        let first = |s: &str| s.as_bytes().first().copied();
+        let last = |s: &str| s.as_bytes().last().copied();
+        match kind {
+            Kind::Exact => Self {
+                first: first(text),
+                last: last(text),
+                len: Some(text.len()),
+            },
+            Kind::Prefix(p) => Self {
+                first: first(p),
+                ..Self::default()
+            },
+            Kind::Suffix(s) => Self {
+                last: last(s),
+                ..Self::default()
+            },
+            Kind::Glob(g) => Self {
+                first: first(&g.prefix),
+                last: last(&g.suffix),
+                len: None,
+            },
+        }
+    }
+
+    #[inline]
+    fn may_match(&self, path: &[u8]) -> bool {
+        self.len.is_none_or(|l| l == path.len())
+            && self.first.is_none_or(|b| path.first() == Some(&b))
+            && self.last.is_none_or(|b| path.last() == Some(&b))
+    }
 }
 
 impl Pattern {
@@ -195,10 +272,16 @@ impl Pattern {
     }
 
     /// Whether the pattern matches `path` itself (no parent matching).
+    #[inline]
     pub fn matches(&self, path: &str) -> bool {
+        self.quick.may_match(path.as_bytes()) && self.matches_unfiltered(path)
+    }
+
+    #[inline(never)]
+    fn matches_unfiltered(&self, path: &str) -> bool {
         match &self.kind {
-            Kind::Exact => path == self.text,
-            Kind::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            Kind::Exact => same(path, &self.text),
+            Kind::Prefix(prefix) => has_prefix(path, prefix),
             Kind::Suffix(suffix) => suffix_matches(suffix, path),
             Kind::Glob(glob) => glob.matches(path),
         }
@@ -216,28 +299,31 @@ impl Pattern {
         }
         match &self.kind {
             Kind::Exact => {
-                parent.starts_with(self.text.as_str())
+                has_prefix(parent, &self.text)
                     && (parent.len() == self.text.len()
                         || parent.as_bytes()[self.text.len()] == b'/')
             }
-            Kind::Prefix(prefix) => parent.starts_with(prefix.as_str()),
-            Kind::Suffix(suffix) => dir_prefixes(parent).any(|d| suffix_matches(suffix, d)),
-            Kind::Glob(glob) => dir_prefixes(parent).any(|d| glob.matches(d)),
+            Kind::Prefix(prefix) => has_prefix(parent, prefix),
+            // The quick byte checks first: most directories fail them.
+            Kind::Suffix(_) | Kind::Glob(_) => dir_prefixes(parent).any(|d| self.matches(d)),
         }
     }
 }
 
 /// `parent` split at each `/`, as the joined prefixes `a`, `a/b`, `a/b/c`.
 fn dir_prefixes(parent: &str) -> impl Iterator<Item = &str> {
-    parent
-        .match_indices('/')
-        .map(|(i, _)| &parent[..i])
+    let bytes = parent.as_bytes();
+    (1..bytes.len())
+        .filter(|i| bytes[*i] == b'/')
+        .map(|i| &parent[..i])
+        // A leading `/` gives an empty first directory, as Go's Split does.
+        .chain(bytes.first().filter(|b| **b == b'/').map(|_| ""))
         .chain(std::iter::once(parent))
 }
 
 fn suffix_matches(suffix: &str, path: &str) -> bool {
     // `**/foo` also matches `foo` itself.
-    path.ends_with(suffix) || suffix.strip_prefix('/').is_some_and(|s| s == path)
+    has_suffix(path, suffix) || suffix.strip_prefix('/').is_some_and(|s| same(s, path))
 }
 
 #[derive(Debug, Clone)]
@@ -288,9 +374,14 @@ struct Glob {
     /// Literal the path must start / end with: a cheap reject before matching.
     prefix: String,
     suffix: String,
-    /// More than one looping token: remember failed states.
-    memo: bool,
+    /// When there is neither: the longest literal, which must occur.
+    required: String,
 }
+
+/// Backtracking steps a match may take before it starts over with a table of
+/// failed states (which keeps every pattern polynomial, but costs an
+/// allocation that typical patterns never need).
+const STEP_BUDGET: usize = 4096;
 
 impl Glob {
     fn new(toks: Vec<Tok>) -> Self {
@@ -302,35 +393,53 @@ impl Glob {
             Some(Tok::Lit(s)) if toks.len() > 1 => s.clone(),
             _ => String::new(),
         };
-        let loops = toks
-            .iter()
-            .filter(|t| matches!(t, Tok::Star | Tok::Dirs | Tok::Rest))
-            .count();
+        let required = if prefix.is_empty() && suffix.is_empty() {
+            toks.iter()
+                .filter_map(|t| match t {
+                    Tok::Lit(s) => Some(s),
+                    _ => None,
+                })
+                .max_by_key(|s| s.len())
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         Self {
             toks,
             prefix,
             suffix,
-            memo: loops > 1,
+            required,
         }
     }
 
     fn matches(&self, path: &str) -> bool {
-        if !path.starts_with(self.prefix.as_str()) || !path.ends_with(self.suffix.as_str()) {
+        if !has_prefix(path, &self.prefix) || !has_suffix(path, &self.suffix) {
             return false;
         }
-        if self.memo {
-            let mut failed = vec![false; (self.toks.len() + 1) * (path.len() + 1)];
-            self.step(path, 0, 0, Some(&mut failed))
-        } else {
-            self.step(path, 0, 0, None)
+        if !self.required.is_empty() && !path.contains(self.required.as_str()) {
+            return false;
+        }
+        let mut budget = STEP_BUDGET;
+        match self.step(path, 0, 0, &mut Memo::Budget(&mut budget)) {
+            Some(found) => found,
+            None => {
+                let mut failed = vec![false; (self.toks.len() + 1) * (path.len() + 1)];
+                self.step(path, 0, 0, &mut Memo::Table(&mut failed))
+                    .unwrap_or(false)
+            }
         }
     }
 
-    /// Whether `toks[ti..]` matches `path[pos..]` to the end.
-    fn step(&self, path: &str, ti: usize, pos: usize, mut failed: Option<&mut Vec<bool>>) -> bool {
+    /// Whether `toks[ti..]` matches `path[pos..]` to the end; `None` when the
+    /// step budget ran out.
+    fn step(&self, path: &str, ti: usize, pos: usize, memo: &mut Memo<'_>) -> Option<bool> {
         let key = ti * (path.len() + 1) + pos;
-        if failed.as_ref().is_some_and(|f| f[key]) {
-            return false;
+        match memo {
+            Memo::Budget(left) if **left == 0 => return None,
+            Memo::Budget(left) => **left -= 1,
+            Memo::Table(failed) if failed[key] => return Some(false),
+            Memo::Table(_) => {}
         }
         let (mut t, mut p) = (ti, pos);
         let ok = loop {
@@ -339,7 +448,7 @@ impl Glob {
             };
             let rest = &path[p..];
             match tok {
-                Tok::Lit(s) if rest.starts_with(s.as_str()) => p += s.len(),
+                Tok::Lit(s) if has_prefix(rest, s) => p += s.len(),
                 Tok::One => match rest.chars().next() {
                     Some(c) if c != '/' => p += c.len_utf8(),
                     _ => break false,
@@ -351,11 +460,27 @@ impl Glob {
                 Tok::Caret if p == 0 => {}
                 Tok::Lit(_) | Tok::Caret => break false,
                 Tok::Star | Tok::Rest => {
-                    let stop = if *tok == Tok::Star { '/' } else { '\n' };
-                    let run = rest.find(stop).unwrap_or(rest.len());
+                    let stop = if *tok == Tok::Star { b'/' } else { b'\n' };
+                    let run = rest.bytes().position(|b| b == stop).unwrap_or(rest.len());
+                    // When only a literal (or nothing) follows, the run can
+                    // only end where that literal ends the path.
+                    let tail = match self.toks.get(t + 1..) {
+                        Some([]) => Some(0),
+                        Some([Tok::Lit(s)]) => Some(s.len()),
+                        _ => None,
+                    };
+                    if let Some(tail) = tail {
+                        let Some(end) = path.len().checked_sub(tail) else {
+                            break false;
+                        };
+                        break end >= p
+                            && end <= p + run
+                            && path.is_char_boundary(end)
+                            && self.step(path, t + 1, end, memo)?;
+                    }
                     let mut found = false;
                     for end in (p..=p + run).filter(|e| path.is_char_boundary(*e)) {
-                        if self.step(path, t + 1, end, failed.as_deref_mut()) {
+                        if self.step(path, t + 1, end, memo)? {
                             found = true;
                             break;
                         }
@@ -365,11 +490,11 @@ impl Glob {
                 Tok::Dirs => {
                     // Skip the group, or take `.*/` up to any later `/` that
                     // no newline separates from here.
-                    let run = rest.find('\n').unwrap_or(rest.len());
-                    let mut found = self.step(path, t + 1, p, failed.as_deref_mut());
+                    let run = rest.bytes().position(|b| b == b'\n').unwrap_or(rest.len());
+                    let mut found = self.step(path, t + 1, p, memo)?;
                     if !found {
-                        for (i, _) in rest[..run].match_indices('/') {
-                            if self.step(path, t + 1, p + i + 1, failed.as_deref_mut()) {
+                        for (i, b) in rest.as_bytes()[..run].iter().enumerate() {
+                            if *b == b'/' && self.step(path, t + 1, p + i + 1, memo)? {
                                 found = true;
                                 break;
                             }
@@ -380,11 +505,19 @@ impl Glob {
             }
             t += 1;
         };
-        if !ok && let Some(f) = failed {
-            f[key] = true;
+        if !ok && let Memo::Table(failed) = memo {
+            failed[key] = true;
         }
-        ok
+        Some(ok)
     }
+}
+
+/// How [`Glob::step`] keeps backtracking in check.
+enum Memo<'a> {
+    /// Plain backtracking with a step budget.
+    Budget(&'a mut usize),
+    /// Remember failed (token, position) states.
+    Table(&'a mut [bool]),
 }
 
 /// What [`PatternMatcher::matches_with_parent`] remembers about a directory
@@ -453,6 +586,7 @@ impl PatternMatcher {
                 line,
             })?;
             out.patterns.push(Pattern {
+                quick: Quick::of(text, &kind),
                 text: text.to_owned(),
                 exclusion,
                 kind,

@@ -74,6 +74,10 @@ pub enum ErrorKind {
     /// A JSON array (exec form) with an element that is not a string.
     #[error("a JSON array must hold only strings")]
     JsonNotStrings,
+    /// A JSON array (exec form) that is never closed. BuildKit runs such
+    /// text as a shell command; kiln refuses it.
+    #[error("unterminated JSON array in `{0}`")]
+    UnterminatedJson(String),
     /// An instruction that needs the JSON form got something else.
     #[error("`{instruction}` needs its arguments as a JSON array of strings, got `{got}`")]
     NotJson {
@@ -214,19 +218,31 @@ impl fmt::Display for ParseError {
     }
 }
 
-/// Levenshtein distance, for "did you mean" hints.
+/// Edit distance counting a swap of two neighbours as one edit (optimal
+/// string alignment), for "did you mean" hints: `chwon` is 1 from `chown`.
 pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// The closest candidate within a small edit distance, case-insensitively.
@@ -241,4 +257,18 @@ pub(crate) fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str>
         .filter(|(d, c)| *d > 0 && *d <= (c.len() / 3).max(1))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{edit_distance, suggest};
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(edit_distance("chwon", "chown"), 1);
+        assert_eq!(edit_distance("copy", "coppy"), 1);
+        assert_eq!(suggest("COPPY", &["COPY", "CMD"]), Some("COPY"));
+        assert_eq!(suggest("chwon", &["from", "chown"]), Some("chown"));
+        assert_eq!(suggest("zzzzzz", &["COPY"]), None);
+    }
 }

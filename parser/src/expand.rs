@@ -32,6 +32,14 @@
 //! also reports which variables were looked up and found, and which were
 //! unset (`ProcessWordWithMatches`: the solver uses it to name a changed
 //! `ARG` as the cause of a cache miss).
+//!
+//! Known differences from BuildKit, all on inputs no real Dockerfile has:
+//! variable names use Rust's `char::is_alphabetic` / `is_numeric` where Go uses
+//! the Unicode categories L and Nd (they differ on combining marks and on
+//! numerals such as `²`); an error's message after `${` at the very end of the
+//! word says "missing `}`" where Go prints an "unsupported modifier" with a
+//! replacement character. Matching a `#`/`%`/`/` pattern recurses once per
+//! `*` in it.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

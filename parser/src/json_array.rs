@@ -13,6 +13,10 @@ pub(crate) enum JsonArray {
     NotStrings,
     /// Not JSON (or not an array): the caller uses the shell form.
     Invalid,
+    /// JSON that ran into the end of the text (an unclosed string or
+    /// array). BuildKit treats it as [`JsonArray::Invalid`]; kiln's typed
+    /// layer reports it.
+    Unterminated,
 }
 
 /// Go's `maxNestingDepth` in `encoding/json`'s scanner.
@@ -33,6 +37,7 @@ pub(crate) fn parse_json_array(rest: &str) -> JsonArray {
     match p.array_of_strings() {
         Some(Some(v)) => JsonArray::Strings(v),
         Some(None) => JsonArray::NotStrings,
+        None if p.pos >= p.s.len() => JsonArray::Unterminated,
         None => JsonArray::Invalid,
     }
 }
@@ -301,7 +306,8 @@ mod tests {
             JsonArray::NotStrings
         );
         assert_eq!(parse_json_array(r#"['a']"#), JsonArray::Invalid);
-        assert_eq!(parse_json_array(r#"["a""#), JsonArray::Invalid);
+        assert_eq!(parse_json_array(r#"["a""#), JsonArray::Unterminated);
+        assert_eq!(parse_json_array(r#"["a", "b]"#), JsonArray::Unterminated);
         assert_eq!(parse_json_array(r#"[01]"#), JsonArray::Invalid);
         assert_eq!(parse_json_array(r#"["a\'"]"#), JsonArray::Invalid);
         assert_eq!(parse_json_array("[\"a\u{b}\"]"), JsonArray::Invalid);

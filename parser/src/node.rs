@@ -75,6 +75,9 @@ pub struct Node {
     /// The leading `--flags`, after quote and escape removal, as BuildKit
     /// stores them (`--from=build`).
     pub flags: Vec<String>,
+    /// Where the keyword is (usually `span.start`; later when the
+    /// instruction begins with empty continuation lines).
+    pub keyword_position: Position,
     /// Where each flag starts, parallel to `flags`.
     pub flag_positions: Vec<Position>,
     /// The arguments, split by the keyword's rules (see the conformance
@@ -375,11 +378,15 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
             continue;
         }
         let mut logical = first.to_string();
-        let mut segments = vec![Segment {
-            logical_start: 0,
-            line: start_line,
-            byte_in_line: lead,
-        }];
+        // Empty pieces get no segment, so positions map to real text.
+        let mut segments = Vec::new();
+        if !first.is_empty() {
+            segments.push(Segment {
+                logical_start: 0,
+                line: start_line,
+                byte_in_line: lead,
+            });
+        }
         let mut has_empty_continuation = false;
         while !eol && i < lines.len() {
             let raw = lines[i];
@@ -397,11 +404,13 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
                 continue;
             }
             let (piece, e) = trim_continuation(token, d.escape);
-            segments.push(Segment {
-                logical_start: logical.len(),
-                line: current_line,
-                byte_in_line: 0,
-            });
+            if !piece.is_empty() {
+                segments.push(Segment {
+                    logical_start: logical.len(),
+                    line: current_line,
+                    byte_in_line: 0,
+                });
+            }
             logical.push_str(piece);
             eol = e;
         }
@@ -409,6 +418,13 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
             warnings.push(Warning {
                 message: format!("empty continuation line found in: {logical}"),
                 line: current_line,
+            });
+        }
+        if segments.is_empty() {
+            segments.push(Segment {
+                logical_start: 0,
+                line: start_line,
+                byte_in_line: lead,
             });
         }
         let map = LineMap {
@@ -456,6 +472,11 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
                 }
                 node.heredocs.push(doc);
             }
+        }
+        // BuildKit's start line is the instruction's first line, even when
+        // the keyword itself sits on a later (continuation) line.
+        if node.span.start.line != start_line {
+            node.span.start = Position::new(start_line, 1);
         }
         let last = trim_newline(lines.get(current_line - 1).copied().unwrap_or(""));
         node.span.end = Position::new(current_line, last.chars().count() + 1);
@@ -510,6 +531,7 @@ fn node_from_line(
         sub: None,
         original: line.to_string(),
         heredocs: Vec::new(),
+        keyword_position: map.position(base + lead),
         span: Span::new(map.position(base + lead), Position::default()),
     };
     match keyword.to_ascii_lowercase().as_str() {
@@ -519,7 +541,9 @@ fn node_from_line(
                 node.json = true;
             }
             JsonArray::NotStrings => return Err((ErrorKind::JsonNotStrings, args_off)),
-            JsonArray::Invalid => node.args = whitespace_delimited(args_text),
+            JsonArray::Invalid | JsonArray::Unterminated => {
+                node.args = whitespace_delimited(args_text);
+            }
         },
         "run" | "cmd" | "entrypoint" | "shell" => {
             let (args, json) = maybe_json(args_text).map_err(|k| (k, args_off))?;
@@ -583,7 +607,7 @@ fn maybe_json(rest: &str) -> Result<(Vec<String>, bool), ErrorKind> {
     match parse_json_array(rest) {
         JsonArray::Strings(v) => Ok((v, true)),
         JsonArray::NotStrings => Err(ErrorKind::JsonNotStrings),
-        JsonArray::Invalid => Ok((vec![rest.to_string()], false)),
+        JsonArray::Invalid | JsonArray::Unterminated => Ok((vec![rest.to_string()], false)),
     }
 }
 

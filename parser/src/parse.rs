@@ -11,6 +11,7 @@ use crate::instruction::{
     Healthcheck, Instruction, KeyValue, KeyValues, Mount, MountType, Network, Run, Security,
     Sharing, Shell, ShellOrExec, Single, Source, Volume,
 };
+use crate::json_array::{JsonArray, parse_json_array};
 use crate::node::{Heredoc, Node, parse_heredoc_marker, parse_nodes};
 use crate::span::Position;
 
@@ -65,6 +66,22 @@ pub fn parse_file(path: &Path) -> Result<Dockerfile, FileError> {
 }
 
 /// Parses Dockerfile text into the typed AST.
+///
+/// ```
+/// use kiln_parser::{Command, ShellOrExec};
+///
+/// let df = kiln_parser::parse("FROM alpine AS base\nRUN echo $HOME\n")?;
+/// assert_eq!(df.stages()[0].base.name.as_deref(), Some("base"));
+/// let Command::Run(run) = &df.instructions[1].command else { unreachable!() };
+/// // Arguments stay unexpanded: the solver expands them later.
+/// assert_eq!(run.command, ShellOrExec::Shell("echo $HOME".into()));
+/// assert_eq!(df.dump(), "(from \"alpine\" \"AS\" \"base\")\n(run \"echo $HOME\")\n");
+///
+/// let err = kiln_parser::parse("FROM alpine\nCOPPY . /app\n").unwrap_err();
+/// assert_eq!((err.line, err.column), (2, 1));
+/// assert_eq!(err.hint.as_deref(), Some("did you mean `COPY`?"));
+/// # Ok::<(), kiln_parser::ParseError>(())
+/// ```
 pub fn parse(src: &str) -> Result<Dockerfile, ParseError> {
     let file = parse_nodes(src)?;
     let mut instructions = Vec::with_capacity(file.nodes.len());
@@ -119,7 +136,7 @@ impl Ctx<'_> {
 
     fn at_keyword(&self) -> At {
         At {
-            pos: self.node.span.start,
+            pos: self.node.keyword_position,
             width: self.node.keyword.chars().count(),
         }
     }
@@ -362,6 +379,31 @@ fn convert(node: Node, src: &str) -> Result<Instruction, ParseError> {
         parse_flags(&ctx, &keyword)?
     };
     let args = &node.args;
+    if !node.json
+        && matches!(
+            keyword.as_str(),
+            "run" | "cmd" | "entrypoint" | "shell" | "copy" | "add" | "volume"
+        )
+    {
+        // `CMD ["a", "b"` is shell form to BuildKit (and fails at run time);
+        // an array that clearly starts as JSON and runs off the end is a
+        // mistake worth an error.
+        let text = args.join(" ");
+        let looks_json = text
+            .strip_prefix('[')
+            .is_some_and(|t| t.trim_start().starts_with('"'));
+        if looks_json && parse_json_array(&text) == JsonArray::Unterminated {
+            return Err(ctx
+                .err(
+                    ErrorKind::UnterminatedJson(ctx.upper.clone()),
+                    ctx.at_args(),
+                )
+                .with_hint(Some(
+                    "close the array with `]`; BuildKit would run the text as a shell command"
+                        .to_string(),
+                )));
+        }
+    }
     let command = match keyword.as_str() {
         "from" => convert_from(&ctx, &flags)?,
         "run" => convert_run(&ctx, &flags)?,
@@ -572,7 +614,9 @@ fn convert_from(ctx: &Ctx<'_>, flags: &Flags) -> Result<Command, ParseError> {
                 ))));
         }
         _ => {
-            return Err(ctx.args_err("needs either one or three arguments (`FROM image [AS name]`)"));
+            return Err(
+                ctx.args_err("needs either one or three arguments (`FROM image [AS name]`)")
+            );
         }
     };
     let platform = match flags.string("platform") {

@@ -482,3 +482,31 @@ proptest! {
         prop_assert!(!m.matches(&inside));
     }
 }
+
+#[test]
+fn walker_form_keeps_patternmatcher_quirk() {
+    // MatchesUsingParentResults (what BuildKit's walker calls) only re-checks
+    // a pattern against the path itself when the parent skipped it; with an
+    // exception that matched only the parent, it disagrees with
+    // MatchesOrParentMatches. kiln keeps both, each exact.
+    let m = PatternMatcher::new(["a/*", "!a"]).unwrap();
+    assert!(!m.matches("a/b"));
+    assert!(walk_parents(&m, "a/b"));
+    // With no parent information both forms agree.
+    assert!(!m.matches_with_parent("a/b", &MatchInfo::default()).0);
+}
+
+#[test]
+fn unclean_and_odd_paths() {
+    let m = PatternMatcher::new(["a/b", "**/c"]).unwrap();
+    // Paths are used as given; parents are cleaned like Go's filepath.Dir.
+    assert!(m.matches("a/b//x"));
+    assert!(m.matches("x/c/"));
+    assert!(!m.matches("a//b"));
+    assert!(m.matches(&clean_path("a//b")));
+    // Absolute paths split into an empty first directory, as in Go.
+    let m = PatternMatcher::new(["**"]).unwrap();
+    assert!(m.matches("/abs/path"));
+    let m = PatternMatcher::new(["abs"]).unwrap();
+    assert!(!m.matches("/abs/path"));
+}

@@ -538,3 +538,131 @@ proptest! {
         prop_assert_eq!(lexer.process_words(&word, &env).unwrap(), fields);
     }
 }
+
+#[test]
+fn field_splitting_details() {
+    let lexer = Lexer::new('\\');
+    let env = map(&[("S", " a  b "), ("E", "")]);
+    // An empty quoted string makes no field of its own.
+    assert_eq!(lexer.process_words("a \"\" b", &env).unwrap(), ["a", "b"]);
+    assert_eq!(lexer.process_words("x\"\"y", &env).unwrap(), ["xy"]);
+    // Unquoted expansions split, quoted ones do not, default words too.
+    assert_eq!(lexer.process_words("$S", &env).unwrap(), ["a", "b"]);
+    assert_eq!(lexer.process_words("\"$S\"", &env).unwrap(), [" a  b "]);
+    assert_eq!(lexer.process_words("${E:-p q}", &env).unwrap(), ["p", "q"]);
+    assert_eq!(lexer.process_words("'${S}'", &env).unwrap(), ["${S}"]);
+    // An escaped space joins, a trailing escape is dropped.
+    assert_eq!(
+        lexer.process_words("a\\ b c\\", &env).unwrap(),
+        ["a b", "c"]
+    );
+    // process_word keeps the spacing as written.
+    assert_eq!(
+        lexer.process_word("  a  $S ", &env).unwrap(),
+        "  a   a  b  "
+    );
+    // Names stop at the first character that cannot be in one.
+    let env = map(&[("A", "1"), ("A_B2", "2"), ("é", "3")]);
+    assert_eq!(
+        lexer.process_word("$A-$A_B2.$é/${A}x", &env).unwrap(),
+        "1-2.3/1x"
+    );
+}
+
+#[test]
+fn quotes_and_escapes_inside_modifiers() {
+    let lexer = Lexer::new('\\');
+    let env = map(&[("V", "a.b.c")]);
+    assert_eq!(lexer.process_word("${X:-'a }'}", &env).unwrap(), "a }");
+    assert_eq!(lexer.process_word("${X:-\"$V\"}", &env).unwrap(), "a.b.c");
+    assert_eq!(lexer.process_word("${X:-a\\}b}", &env).unwrap(), "a}b");
+    assert_eq!(lexer.process_word("${V%.*}", &env).unwrap(), "a.b");
+    assert_eq!(lexer.process_word("${V%%.*}", &env).unwrap(), "a");
+    assert_eq!(lexer.process_word("${V#*.}", &env).unwrap(), "b.c");
+    assert_eq!(lexer.process_word("${V##*.}", &env).unwrap(), "c");
+    assert_eq!(lexer.process_word("\"${V//./ }\"", &env).unwrap(), "a b c");
+    // Go's ReplaceAllString expands `$0` (the match) and `$$` in the
+    // replacement of `//`; the single form inserts it literally.
+    let env = map(&[("V", "ab"), ("R", "<$0>")]);
+    assert_eq!(lexer.process_word("${V//b/$R}", &env).unwrap(), "a<b>");
+    assert_eq!(lexer.process_word("${V/b/$R}", &env).unwrap(), "a<$0>");
+    // `*` and `?` do not cross newlines (Go's `.`).
+    let env = map(&[("V", "a\nb")]);
+    assert_eq!(lexer.process_word("${V#*b}", &env).unwrap(), "a\nb");
+}
+
+/// The pattern forms against bash itself, on random words over an alphabet
+/// where BuildKit's semantics and bash's are the same (no `[`, no escapes, no
+/// newlines): shortest/longest prefix and suffix removal, first/all
+/// replacement.
+#[test]
+#[expect(clippy::print_stderr, reason = "a skipped test says so outside CI")]
+fn pattern_forms_agree_with_bash() {
+    let mut seed: u64 = 42;
+    let mut rand = move |n: usize| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((seed >> 33) as usize) % n
+    };
+    let pick =
+        |rand: &mut dyn FnMut(usize) -> usize, alphabet: &[u8], min: usize, max: usize| -> String {
+            let len = min + rand(max - min + 1);
+            (0..len)
+                .map(|_| char::from(alphabet[rand(alphabet.len())]))
+                .collect()
+        };
+    let mut cases = Vec::new();
+    for _ in 0..2000 {
+        let value = pick(&mut rand, b"ab/.", 0, 8);
+        let pattern = pick(&mut rand, b"ab*?.", 1, 4);
+        let op = ["#", "##", "%", "%%", "/", "//"][rand(6)];
+        let repl = ["", "X", "YY"][rand(3)];
+        let word = if op.starts_with('/') {
+            format!("${{V{op}{pattern}/{repl}}}")
+        } else {
+            format!("${{V{op}{pattern}}}")
+        };
+        cases.push((value, word));
+    }
+    let script: String = cases
+        .iter()
+        .map(|(v, w)| format!("V='{v}'; printf '%s\\n' \"{w}\"\n"))
+        .collect();
+    let output = match std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipping: bash not runnable: {e}");
+            return;
+        }
+        Err(e) => panic!("bash is needed for this test: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).expect("utf-8 from bash");
+    let expected: Vec<&str> = stdout.lines().collect();
+    assert_eq!(expected.len(), cases.len());
+    let lexer = Lexer::new('\\');
+    let mut failures = Vec::new();
+    for ((value, word), want) in cases.iter().zip(expected) {
+        let got = lexer.process_word(word, &vec![("V", value.as_str())]);
+        if got.as_deref() != Ok(want) {
+            failures.push(format!(
+                "{word} with V={value:?}: kiln {got:?}, bash {want:?}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} differences:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -1,5 +1,7 @@
 //! One module per subcommand (or group of subcommands).
 
+mod parse;
+
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -9,6 +11,8 @@ use clap::Subcommand;
 pub(crate) enum Command {
     /// Print the version.
     Version,
+    /// Parse a Dockerfile and print its syntax tree.
+    Parse(parse::ParseArgs),
 }
 
 /// Runs one subcommand and returns the process exit code.
@@ -18,5 +22,6 @@ pub(crate) fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("kiln {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Parse(args) => parse::run(&args),
     }
 }

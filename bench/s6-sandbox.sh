@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# s6, sandbox start latency: median start-to-exit of `true` in
+#   kiln-overlay  kiln's sandbox over an overlay (busybox lower, fresh upper per run,
+#                 network none: new mount/pid/uts/ipc/net namespaces, pivot_root,
+#                 /proc /dev /sys, caps, init) — what a RUN step costs
+#   kiln-overlay-tmpfs  the same with the fresh upper/work on tmpfs (/dev/shm): the
+#                 sandbox's own cost without the upper file system's metadata writes
+#   kiln-dir      the same sandbox with the rootfs bind-mounted (no overlay, no upper)
+#   runc          `runc run` on an OCI bundle of the same rootfs (runc's default spec:
+#                 its own network namespace too)
+#   floor         `unshare -m -p -n -f --mount-proc chroot ROOTFS /bin/true`
+# Needs root, busybox-static, runc, hyperfine. Results: $BENCH_OUT/s6-sandbox.{md,json}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-200}
+BENCH_OUT=${BENCH_OUT:-/var/tmp/kiln-bench}
+mkdir -p "$BENCH_OUT"
+for tool in hyperfine runc busybox python3; do
+  command -v "$tool" >/dev/null || { echo "s6-sandbox: needs $tool (apt-get install hyperfine runc busybox-static)" >&2; exit 1; }
+done
+
+cargo build --release --quiet -p kiln-executor --bin kiln-sandbox-run
+RUNNER=$PWD/target/release/kiln-sandbox-run
+
+work=$(mktemp -d /var/tmp/kiln-s6.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+root=$work/bundle/rootfs
+mkdir -p "$root/bin" "$root/etc" "$root/proc" "$root/dev" "$root/sys" "$root/tmp"
+cp /bin/busybox "$root/bin/busybox"
+for applet in sh true; do ln -s busybox "$root/bin/$applet"; done
+echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
+
+(cd "$work/bundle" && runc spec)
+python3 - "$work/bundle/config.json" <<'PY'
+import json, sys
+p = sys.argv[1]
+c = json.load(open(p))
+c["process"]["args"] = ["true"]
+c["process"]["terminal"] = False
+c["root"] = {"path": "rootfs", "readonly": True}
+json.dump(c, open(p, "w"), indent=1)
+PY
+
+hyperfine -N --warmup 10 --runs "$RUNS" \
+  --export-markdown "$BENCH_OUT/s6-sandbox.md" --export-json "$BENCH_OUT/s6-sandbox.json" \
+  -n kiln-overlay "$RUNNER --lower $root -- true" \
+  -n kiln-overlay-tmpfs "env TMPDIR=/dev/shm $RUNNER --lower $root -- true" \
+  -n kiln-dir "$RUNNER --dir $root -- true" \
+  -n runc "runc run --bundle $work/bundle kiln-s6-bench" \
+  -n floor "unshare -m -p -n -f --mount-proc chroot $root /bin/true"
+
+python3 - "$BENCH_OUT/s6-sandbox.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    print(f'{r["command"]:>18}: median {r["median"]*1000:6.2f} ms  (mean {r["mean"]*1000:6.2f} ± {r["stddev"]*1000:5.2f})')
+PY

@@ -1,0 +1,1151 @@
+#![expect(
+    clippy::print_stderr,
+    reason = "tests print skip notices and payload output on failure"
+)]
+//! Real sandboxes: namespaces, overlayfs, cgroups, as root.
+//!
+//! Every test here needs root and namespaces. Without them it prints a skip message
+//! and returns, except under `CI=true`, where it fails. The tests share global
+//! state (the process's children, mount table, cgroups), so they take one lock.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kiln_executor::{
+    Error, ExitStatus, Limits, Mount, MountKind, Network, Output, ProcessSpec, RootfsSpec, Sandbox,
+    SandboxSpec, User, UserError,
+};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+const HELPER: &str = env!("CARGO_BIN_EXE_kiln-sandbox-run");
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Returns false (after printing why) when the test cannot run here; panics in CI.
+fn can_run() -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root");
+    }
+    if !Path::new("/proc/self/ns/pid").exists() || !Path::new("/proc/self/ns/user").exists() {
+        missing.push("namespaces");
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing.push("/bin/busybox (package busybox-static)");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "this test needs {} and CI=true: it must not be skipped",
+        missing.join(", ")
+    );
+    eprintln!("skipped: needs {}", missing.join(", "));
+    false
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    lower: PathBuf,
+}
+
+impl Fixture {
+    /// A busybox rootfs with every applet linked, and a small /etc.
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-exec-test.")
+            .tempdir()
+            .unwrap();
+        let lower = dir.path().join("lower");
+        make_busybox_root(&lower);
+        Self { dir, lower }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A fresh upper and work dir named after `tag`.
+    fn overlay(&self, tag: &str) -> RootfsSpec {
+        self.overlay_with(vec![self.lower.clone()], tag)
+    }
+
+    fn overlay_with(&self, lowers: Vec<PathBuf>, tag: &str) -> RootfsSpec {
+        let (upper, work) = (
+            self.path(&format!("{tag}.upper")),
+            self.path(&format!("{tag}.work")),
+        );
+        fs_err::create_dir_all(&upper).unwrap();
+        fs_err::create_dir_all(&work).unwrap();
+        RootfsSpec::Overlay {
+            lowers,
+            upper,
+            work,
+        }
+    }
+
+    fn sh(&self, tag: &str, script: &str) -> SandboxSpec {
+        SandboxSpec::new(
+            self.overlay(tag),
+            ProcessSpec::new(["/bin/sh", "-c", script]),
+        )
+    }
+}
+
+fn make_busybox_root(root: &Path) {
+    for d in ["bin", "etc", "tmp", "root", "home/app", "mnt"] {
+        fs_err::create_dir_all(root.join(d)).unwrap();
+    }
+    fs_err::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+    }
+    fs_err::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    fs_err::write(
+        root.join("etc/group"),
+        "root:x:0:\napp:x:1000:\nwheel:x:10:app\n",
+    )
+    .unwrap();
+}
+
+fn run(spec: &SandboxSpec) -> Output {
+    let out = Sandbox::new()
+        .with_helper(HELPER)
+        .output(spec)
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    eprintln!(
+        "stdout:\n{}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s = format!("{s}: {e}");
+        cur = e.source();
+    }
+    s
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `key=value` lines of the payload's output.
+fn field(out: &Output, key: &str) -> String {
+    let prefix = format!("{key}=");
+    text(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no `{key}=` line in:\n{}", text(&out.stdout)))
+}
+
+fn cap_line(out: &Output, name: &str) -> u64 {
+    let v = field(out, name);
+    u64::from_str_radix(v.trim(), 16).unwrap()
+}
+
+#[test]
+fn isolation_pid_rootfs_mounts_caps_network() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let sentinel = fx.path("host-sentinel");
+    fs_err::write(&sentinel, "host").unwrap();
+    let script = format!(
+        r#"
+echo pid=$$
+echo init=$(cat /proc/1/comm)
+echo procs=$(ls /proc | grep -c '^[0-9]')
+echo root=$(ls / | tr '\n' ' ')
+if [ -e {sentinel} ]; then echo sentinel=visible; else echo sentinel=absent; fi
+echo hostmounts=$(grep -v ' / / ' /proc/self/mountinfo | grep -c -e /work -e kiln-exec-test)
+grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status | tr -d ' \t' | tr ':' '='
+grep NoNewPrivs /proc/self/status | tr -d ' \t' | tr ':' '='
+mount -t tmpfs none /mnt 2>/dev/null; echo mount_rc=$?
+echo netdevs=$(ls /sys/class/net | tr '\n' ' ')
+echo loflags=$(cat /sys/class/net/lo/flags)
+echo hostname=$(hostname)
+echo etc_hostname=$(cat /etc/hostname)
+echo hosts_lo=$(grep -c localhost /etc/hosts)
+echo devs=$(ls /dev | tr '\n' ' ')
+echo null=$(echo x > /dev/null && echo ok)
+echo sys_ro=$(touch /sys/x 2>/dev/null && echo writable || echo readonly)
+"#,
+        sentinel = sentinel.display()
+    );
+    let out = run(&fx.sh("iso", &script));
+    assert_eq!(out.status, ExitStatus::Code(0));
+    // The payload runs under the sandbox's init, which is PID 1 and reaps zombies.
+    assert_eq!(field(&out, "pid"), "2");
+    assert_eq!(field(&out, "init"), "kiln-init");
+    // init, sh, the subshell of `$(...)` and its ls and grep: nothing from the host.
+    let procs: u32 = field(&out, "procs").parse().unwrap();
+    assert!(procs <= 5, "{procs} processes visible");
+    assert_eq!(
+        field(&out, "root").trim(),
+        "bin dev etc home mnt proc root sys tmp"
+    );
+    assert_eq!(field(&out, "sentinel"), "absent");
+    assert_eq!(field(&out, "hostmounts"), "0");
+    let docker = kiln_executor::docker_default_mask();
+    assert_eq!(cap_line(&out, "CapBnd"), docker);
+    assert_eq!(cap_line(&out, "CapEff"), docker);
+    assert_eq!(cap_line(&out, "CapPrm"), docker);
+    assert_eq!(cap_line(&out, "CapInh"), 0);
+    assert_eq!(cap_line(&out, "CapAmb"), 0);
+    assert_eq!(field(&out, "NoNewPrivs"), "1");
+    assert_ne!(field(&out, "mount_rc"), "0", "the payload could mount");
+    assert_eq!(field(&out, "netdevs").trim(), "lo");
+    assert_eq!(field(&out, "loflags"), "0x9", "lo must be up");
+    assert_eq!(field(&out, "hostname"), "kiln");
+    assert_eq!(field(&out, "etc_hostname"), "kiln");
+    assert_eq!(field(&out, "hosts_lo"), "2");
+    let devs = field(&out, "devs");
+    for node in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "fd", "stdin",
+        "stdout", "stderr",
+    ] {
+        assert!(
+            devs.split(' ').any(|d| d == node),
+            "/dev/{node} missing: {devs}"
+        );
+    }
+    assert_eq!(field(&out, "null"), "ok");
+    assert_eq!(field(&out, "sys_ro"), "readonly");
+}
+
+#[test]
+fn host_network_sees_host_interfaces() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut spec = fx.sh("hostnet", "echo netdevs=$(ls /sys/class/net | wc -l)");
+    spec.network = Network::Host;
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    let host = fs_err::read_dir("/sys/class/net").unwrap().count();
+    assert_eq!(field(&out, "netdevs"), host.to_string());
+}
+
+#[test]
+fn non_root_user_has_no_effective_caps_and_its_groups() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut spec = fx.sh(
+        "user",
+        "echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,); echo home=$HOME; \
+         grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status | tr -d ' \t' | tr ':' '='",
+    );
+    spec.process.user = User::Spec("app".to_owned());
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "id"), "1000:1000:1000,10");
+    assert_eq!(field(&out, "home"), "/home/app");
+    assert_eq!(cap_line(&out, "CapEff"), 0);
+    assert_eq!(cap_line(&out, "CapPrm"), 0);
+    assert_eq!(
+        cap_line(&out, "CapBnd"),
+        kiln_executor::docker_default_mask()
+    );
+
+    spec.process.user = User::Spec("4242:app".to_owned());
+    spec.rootfs = fx.overlay("user2");
+    let out = run(&spec);
+    assert_eq!(field(&out, "id"), "4242:1000:1000");
+}
+
+#[test]
+fn unknown_user_is_a_clear_error() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut spec = fx.sh("nouser", "true");
+    spec.process.user = User::Spec("nobody-such".to_owned());
+    let err = Sandbox::new()
+        .with_helper(HELPER)
+        .output(&spec)
+        .unwrap_err();
+    match &err {
+        Error::User(UserError::UnknownUser { name }) => assert_eq!(name, "nobody-such"),
+        other => panic!("wrong error: {}", chain(other)),
+    }
+    assert!(
+        chain(&err).contains("unable to find user `nobody-such`"),
+        "{}",
+        chain(&err)
+    );
+}
+
+#[test]
+fn writes_land_in_upper_deletes_become_whiteouts_lower_untouched() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    fs_err::write(fx.lower.join("etc/doomed"), "old").unwrap();
+    fs_err::write(fx.lower.join("etc/changed"), "old\n").unwrap();
+    let before = tree(&fx.lower);
+    let out = run(&fx.sh(
+        "ov",
+        "echo new > /etc/created; rm /etc/doomed; echo more >> /etc/changed; mkdir -p /var/x; cat /etc/changed",
+    ));
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(text(&out.stdout), "old\nmore\n");
+    let upper = fx.path("ov.upper");
+    assert_eq!(
+        fs_err::read_to_string(upper.join("etc/created")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        fs_err::read_to_string(upper.join("etc/changed")).unwrap(),
+        "old\nmore\n"
+    );
+    assert!(upper.join("var/x").is_dir());
+    let wh = fs_err::symlink_metadata(upper.join("etc/doomed")).unwrap();
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "not a whiteout: {wh:?}"
+    );
+    assert_eq!(tree(&fx.lower), before, "the lower changed");
+    // The sandbox's own mount points (/proc, /dev, /sys, /etc/hosts, ... absent from
+    // this lower) are removed from the upper after the run: only the payload's
+    // changes remain.
+    let mut top: Vec<String> = fs_err::read_dir(&upper)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["etc", "var"]);
+    let mut etc: Vec<String> = fs_err::read_dir(upper.join("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    etc.sort();
+    assert_eq!(etc, ["changed", "created", "doomed"]);
+}
+
+/// Every path under `root` with its size and content hash stand-in (mode, len, mtime).
+fn tree(root: &Path) -> Vec<(PathBuf, u32, u64, i64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs_err::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let m = fs_err::symlink_metadata(e.path()).unwrap();
+            out.push((e.path(), m.mode(), m.len(), m.mtime()));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn overlay_with_150_lowers() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    // Long lower paths: 150 of them are ~20 KB of options, far past one page.
+    let store = fx.path("snapshots-with-a-long-directory-name-to-push-the-option-string");
+    let mut lowers = Vec::new();
+    for i in 0..150 {
+        let l = store.join(format!("snapshot-{i:04}-of-the-store"));
+        fs_err::create_dir_all(l.join("layers")).unwrap();
+        fs_err::write(l.join("layers").join(format!("{i:04}")), format!("{i}\n")).unwrap();
+        lowers.push(l);
+    }
+    lowers.push(fx.lower.clone());
+    let spec = SandboxSpec::new(
+        fx.overlay_with(lowers, "many"),
+        ProcessSpec::new([
+            "/bin/sh",
+            "-c",
+            "echo n=$(ls /layers | wc -l); cat /layers/0000 /layers/0149",
+        ]),
+    );
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "n"), "150");
+    assert!(text(&out.stdout).ends_with("0\n149\n"));
+}
+
+#[test]
+fn exit_codes_signals_and_errors_are_reported() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    assert_eq!(run(&fx.sh("e1", "exit 3")).status, ExitStatus::Code(3));
+    assert_eq!(
+        run(&fx.sh("e2", "kill -TERM $$")).status,
+        ExitStatus::Signal(15)
+    );
+
+    let missing = SandboxSpec::new(fx.overlay("e3"), ProcessSpec::new(["no-such-program"]));
+    match Sandbox::new().with_helper(HELPER).output(&missing) {
+        Err(Error::Exec { program, source }) => {
+            assert_eq!(program, "no-such-program");
+            assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
+        }
+        other => panic!("expected an exec error, got {other:?}"),
+    }
+
+    let bad_lower = fx.path("does-not-exist");
+    let spec = SandboxSpec::new(
+        fx.overlay_with(vec![bad_lower.clone()], "e4"),
+        ProcessSpec::new(["true"]),
+    );
+    match Sandbox::new().with_helper(HELPER).output(&spec) {
+        Err(err @ Error::Setup { .. }) => {
+            let msg = chain(&err);
+            assert!(msg.contains(&bad_lower.display().to_string()), "{msg}");
+        }
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+}
+
+#[test]
+fn stdout_streams_and_drop_cancels_everything() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let spec = fx.sh(
+        "stream",
+        "echo first; sleep 31337 & sleep 31337; echo never",
+    );
+    let mut running = Sandbox::new().with_helper(HELPER).spawn(&spec).unwrap();
+    let mut lines = BufReader::new(running.take_stdout().unwrap()).lines();
+    // The first line arrives while the payload is still running (it sleeps for hours).
+    assert_eq!(lines.next().unwrap().unwrap(), "first");
+    wait_until(|| processes_with_arg("31337") == 2, "the sleeps to start");
+    drop(running);
+    assert_eq!(processes_with_arg("31337"), 0, "processes left after drop");
+    // The pipe closes: every writer is gone.
+    assert!(lines.next().is_none());
+}
+
+#[test]
+fn kill_reports_cancelled() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut running = Sandbox::new()
+        .with_helper(HELPER)
+        .spawn(&fx.sh("kill", "sleep 31338"))
+        .unwrap();
+    wait_until(|| processes_with_arg("31338") == 1, "the sleep to start");
+    running.kill();
+    assert_eq!(running.wait().unwrap(), ExitStatus::Cancelled);
+    assert_eq!(processes_with_arg("31338"), 0);
+}
+
+#[test]
+fn init_reaps_orphaned_zombies() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    // The inner sh exits at once, orphaning its background sleep to PID 1; when the
+    // sleep ends it must be reaped, not left as a zombie.
+    let out = run(&fx.sh(
+        "zombie",
+        "sh -c 'sleep 0.1 &'; sleep 0.6; echo zombies=$(cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l)",
+    ));
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "zombies"), "0");
+}
+
+#[test]
+fn hostile_rootfs_links_cannot_write_outside() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let host = fx.path("host");
+    fs_err::create_dir_all(host.join("procdir")).unwrap();
+    fs_err::create_dir_all(host.join("devdir")).unwrap();
+    fs_err::create_dir_all(host.join("sysdir")).unwrap();
+    fs_err::write(host.join("hosts"), "HOST HOSTS").unwrap();
+    fs_err::write(host.join("resolv"), "HOST RESOLV").unwrap();
+    let lower = fx.path("hostile");
+    make_busybox_root(&lower);
+    let link = |at: &str, to: String| std::os::unix::fs::symlink(to, lower.join(at)).unwrap();
+    link("proc", host.join("procdir").display().to_string());
+    link("dev", host.join("devdir").display().to_string());
+    link(
+        "sys",
+        format!("../../../../../../..{}", host.join("sysdir").display()),
+    );
+    link(
+        "etc/hosts",
+        format!("/../../../..{}", host.join("hosts").display()),
+    );
+    link(
+        "etc/resolv.conf",
+        format!("../../../../../../../..{}", host.join("resolv").display()),
+    );
+    let before = tree(&host);
+    let mounts_before = fs_err::read_to_string("/proc/self/mountinfo").unwrap();
+
+    let spec = SandboxSpec::new(
+        fx.overlay_with(vec![lower.clone()], "hostile"),
+        ProcessSpec::new([
+            "/bin/sh",
+            "-c",
+            "cat /etc/hosts; echo procs=$(ls /proc | grep -c '^[0-9]'); ls /dev/null",
+        ]),
+    );
+    let out = run(&spec);
+    // Whatever the links say, the mounts went inside the rootfs (the links were
+    // followed inside it, creating their targets in the upper).
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert!(
+        text(&out.stdout).contains("localhost"),
+        "kiln's /etc/hosts is not visible"
+    );
+    assert_eq!(tree(&host), before, "a host file changed");
+    assert_eq!(
+        fs_err::read_to_string(host.join("hosts")).unwrap(),
+        "HOST HOSTS"
+    );
+    assert_eq!(
+        fs_err::read_to_string(host.join("resolv")).unwrap(),
+        "HOST RESOLV"
+    );
+    assert_eq!(
+        fs_err::read_to_string("/proc/self/mountinfo").unwrap(),
+        mounts_before
+    );
+    let upper = fx.path("hostile.upper");
+    assert!(
+        upper
+            .join(host.strip_prefix("/").unwrap())
+            .join("hosts")
+            .exists(),
+        "the link target was made inside"
+    );
+}
+
+fn count_lines(path: &str) -> usize {
+    fs_err::read_to_string(path).unwrap().lines().count()
+}
+
+fn own_children() -> usize {
+    let me = std::process::id();
+    fs_err::read_dir(format!("/proc/{me}/task"))
+        .unwrap()
+        .map(|t| {
+            let t = t.unwrap().path();
+            fs_err::read_to_string(t.join("children"))
+                .map(|c| c.split_whitespace().count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn sandbox_temp_dirs() -> usize {
+    fs_err::read_dir(kiln_executor::state_root())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("kiln-sandbox.")
+        })
+        .count()
+}
+
+/// Sandbox cgroups anywhere under the v1 controllers or the v2 tree.
+fn sandbox_cgroups() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs_err::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) && !e.file_type().unwrap().is_symlink() {
+                if p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("sandbox-"))
+                {
+                    found.push(p.clone());
+                }
+                stack.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// Processes running `sleep <arg>` (the payloads of these tests).
+fn processes_with_arg(arg: &str) -> usize {
+    processes_where(|argv| argv.len() == 2 && argv[0] == b"sleep" && argv[1] == arg.as_bytes())
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    fs_err::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|t| {
+            fs_err::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Running or sleeping, not a zombie.
+fn alive(pid: u32) -> bool {
+    fs_err::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        })
+        .is_some_and(|c| c != 'Z' && c != 'X')
+}
+
+fn processes_where(pred: impl Fn(&[&[u8]]) -> bool) -> usize {
+    fs_err::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            fs_err::read(e.path().join("cmdline"))
+                .map(|c| {
+                    let argv: Vec<&[u8]> = c.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+                    pred(&argv)
+                })
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn nothing_leaks_after_many_runs_and_failures() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let sandbox = Sandbox::new().with_helper(HELPER);
+    let (mounts, children, temps, cgroups) = (
+        count_lines("/proc/self/mountinfo"),
+        own_children(),
+        sandbox_temp_dirs(),
+        sandbox_cgroups(),
+    );
+    let lowers = vec![fx.lower.clone()];
+    let mut spec = SandboxSpec::new(
+        fx.overlay_with(lowers.clone(), "leak"),
+        ProcessSpec::new(["true"]),
+    );
+    // A pids limit makes every run create and remove a cgroup too.
+    spec.limits = Limits {
+        pids: Some(1000),
+        ..Limits::default()
+    };
+    for i in 0..200 {
+        // A fresh upper each time, as RUN steps have.
+        spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leak{i}"));
+        assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(0));
+    }
+    spec.process.args = vec!["false".to_owned()];
+    for i in 0..30 {
+        spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leakf{i}"));
+        assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(1));
+    }
+    spec.process.args = vec!["/no/such/binary".to_owned()];
+    for i in 0..30 {
+        spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leake{i}"));
+        assert!(matches!(sandbox.output(&spec), Err(Error::Exec { .. })));
+    }
+    spec.rootfs = fx.overlay_with(vec![fx.path("missing-lower")], "leaks");
+    for _ in 0..30 {
+        assert!(matches!(sandbox.output(&spec), Err(Error::Setup { .. })));
+    }
+    assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
+    assert_eq!(own_children(), children, "processes leaked");
+    assert_eq!(sandbox_temp_dirs(), temps, "temp dirs leaked");
+    assert_eq!(sandbox_cgroups(), cgroups, "cgroups leaked");
+}
+
+#[test]
+fn sigkill_of_the_parent_leaves_nothing() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let (mounts, temps, cgroups) = (
+        count_lines("/proc/self/mountinfo"),
+        sandbox_temp_dirs(),
+        sandbox_cgroups(),
+    );
+    // The helper binary doubles as a "kiln" process that starts a sandbox and waits.
+    let mut parent = std::process::Command::new(HELPER)
+        .args([
+            "--lower",
+            &fx.lower.display().to_string(),
+            "--pids",
+            "100",
+            "--",
+            "sleep",
+            "31339",
+        ])
+        .spawn()
+        .unwrap();
+    wait_until(|| processes_with_arg("31339") == 1, "the sandbox to start");
+    assert_eq!(
+        sandbox_cgroups().len(),
+        cgroups.len() + 1,
+        "the run has a cgroup"
+    );
+    let helpers = children_of(parent.id());
+    assert_eq!(helpers.len(), 1, "one helper");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(parent.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _reaped = parent.wait();
+    wait_until(|| processes_with_arg("31339") == 0, "the payload to die");
+    wait_until(
+        || helpers.iter().all(|&pid| !alive(pid)),
+        "the helper to exit",
+    );
+    assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
+    let now = sandbox_cgroups();
+    assert_eq!(now, cgroups, "cgroups leaked");
+    assert_eq!(sandbox_temp_dirs(), temps, "temp dirs leaked");
+}
+
+#[test]
+fn memory_limit_is_reported_as_oom_and_pids_limit_stops_forks() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let cgroups = sandbox_cgroups();
+    let mut spec = fx.sh(
+        "oom",
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    );
+    spec.limits = Limits {
+        memory: Some(32 << 20),
+        ..Limits::default()
+    };
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::OomKilled);
+
+    let mut spec = fx.sh(
+        "pids",
+        "i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo done",
+    );
+    spec.limits = Limits {
+        pids: Some(10),
+        ..Limits::default()
+    };
+    let out = run(&spec);
+    assert!(
+        text(&out.stderr).contains("can't fork"),
+        "forks were not limited"
+    );
+    assert_eq!(sandbox_cgroups(), cgroups, "cgroups left behind");
+}
+
+#[test]
+fn mounts_tmpfs_bind_ro_cache_secret() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let (ro, cache, secret) = (fx.path("ro"), fx.path("cache"), fx.path("secret"));
+    fs_err::create_dir_all(&ro).unwrap();
+    fs_err::write(ro.join("f"), "ro-file").unwrap();
+    fs_err::create_dir_all(&cache).unwrap();
+    fs_err::write(&secret, "s3cret").unwrap();
+    let mut spec = fx.sh(
+        "mounts",
+        "echo ro=$(cat /ro/f); touch /ro/g 2>/dev/null && echo ro_write=yes || echo ro_write=no; \
+         echo cached > /cache/c; echo secret=$(cat /run/secrets/s); \
+         echo tmp=$(grep ' /scratch ' /proc/self/mounts | cut -d' ' -f3)",
+    );
+    spec.mounts = vec![
+        Mount {
+            target: "/ro".into(),
+            kind: MountKind::Bind {
+                source: ro.clone(),
+                readonly: true,
+            },
+        },
+        Mount {
+            target: "/cache".into(),
+            kind: MountKind::Cache {
+                source: cache.clone(),
+            },
+        },
+        Mount {
+            target: "/run/secrets/s".into(),
+            kind: MountKind::Secret { source: secret },
+        },
+        Mount {
+            target: "/scratch".into(),
+            kind: MountKind::Tmpfs {
+                size: Some(1 << 20),
+            },
+        },
+    ];
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "ro"), "ro-file");
+    assert_eq!(field(&out, "ro_write"), "no");
+    assert_eq!(field(&out, "secret"), "s3cret");
+    assert_eq!(field(&out, "tmp"), "tmpfs");
+    assert_eq!(fs_err::read_to_string(cache.join("c")).unwrap(), "cached\n");
+    assert!(!ro.join("g").exists());
+}
+
+const ROOTLESS_USER: &str = "kiln-test-rootless";
+
+#[test]
+fn rootless_as_an_unprivileged_user() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    if nix::unistd::User::from_name(ROOTLESS_USER)
+        .unwrap()
+        .is_none()
+    {
+        let st = std::process::Command::new("useradd")
+            .args(["--no-create-home", ROOTLESS_USER])
+            .status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "cannot create the user `{ROOTLESS_USER}` (useradd)"
+        );
+    }
+    let user = nix::unistd::User::from_name(ROOTLESS_USER)
+        .unwrap()
+        .unwrap();
+    let fx = Fixture::new();
+    // The user must reach the fixture: open the temp dir, own the layer (a rootless
+    // store unpacks layers as the user), the upper and the work dir.
+    use std::os::unix::fs::PermissionsExt;
+    fs_err::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let st = std::process::Command::new("chown")
+        .args(["-R", "-h", &format!("{}:{}", user.uid, user.gid)])
+        .arg(&fx.lower)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (upper, work) = (fx.path("rl.upper"), fx.path("rl.work"));
+    for d in [&upper, &work] {
+        fs_err::create_dir_all(d).unwrap();
+        nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
+    }
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .args(["--clear-groups", "--"])
+        .arg(HELPER)
+        .args(["--lower", &fx.lower.display().to_string()])
+        .args(["--upper", &upper.display().to_string(), "--work", &work.display().to_string()])
+        .args(["--", "/bin/sh", "-c", "echo id=$(id -u):$(id -g); echo pid=$$; echo hi > /root/written; cat /proc/self/uid_map"])
+        .output()
+        .unwrap();
+    eprintln!(
+        "stdout:\n{}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "rootless run failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("id=0:0"), "{stdout}");
+    assert!(stdout.contains("pid=2"), "{stdout}");
+    // The payload's root is the unprivileged user on the host.
+    let written = fs_err::metadata(upper.join("root/written")).unwrap();
+    assert_eq!(written.uid(), user.uid.as_raw());
+
+    // With subordinate ids (useradd allocates them on Debian) and newuidmap from
+    // `uidmap`, the map covers more than one id and a non-root USER works.
+    let subuid = fs_err::read_to_string("/etc/subuid").unwrap_or_default();
+    let has_range = subuid
+        .lines()
+        .any(|l| l.starts_with(&format!("{ROOTLESS_USER}:")));
+    let maps = stdout
+        .lines()
+        .filter(|l| l.split_whitespace().count() == 3)
+        .count();
+    if has_range && Path::new("/usr/bin/newuidmap").exists() {
+        assert_eq!(maps, 2, "expected a full map: {stdout}");
+        for d in [&upper, &work] {
+            fs_err::remove_dir_all(d).unwrap();
+            fs_err::create_dir_all(d).unwrap();
+            nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
+        }
+        let out = std::process::Command::new("setpriv")
+            .arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .args(["--clear-groups", "--"])
+            .arg(HELPER)
+            .args(["--lower", &fx.lower.display().to_string(), "--user", "app"])
+            .args([
+                "--upper",
+                &upper.display().to_string(),
+                "--work",
+                &work.display().to_string(),
+            ])
+            .args([
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,)",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rootless non-root USER failed: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout).trim(), "id=1000:1000:1000,10");
+    } else {
+        assert_eq!(maps, 1, "expected a single-id map: {stdout}");
+    }
+}
+
+#[test]
+fn env_cwd_umask_rlimits_readonly_rootfs_and_dir_rootfs() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut spec = fx.sh(
+        "proc",
+        "echo cwd=$(pwd); echo foo=$FOO; echo home=$HOME; echo umask=$(umask); echo nofile=$(ulimit -n); \
+         touch /rootfile 2>/dev/null && echo ro=no || echo ro=yes; echo tmp=$(touch /scratch/x && echo ok)",
+    );
+    spec.process.env.push("FOO=bar baz".to_owned());
+    spec.process.cwd = "/work/dir".to_owned();
+    spec.process.umask = 0o027;
+    spec.process.rlimits = vec![kiln_executor::Rlimit {
+        resource: kiln_executor::RlimitResource::Nofile,
+        soft: 123,
+        hard: 456,
+    }];
+    spec.readonly_rootfs = true;
+    spec.mounts = vec![Mount {
+        target: "/scratch".into(),
+        kind: MountKind::Tmpfs { size: None },
+    }];
+    // A read-only rootfs cannot take new mount points: they must exist already.
+    for d in ["work/dir", "scratch", "proc", "dev", "sys"] {
+        fs_err::create_dir_all(fx.lower.join(d)).unwrap();
+    }
+    for f in ["etc/hosts", "etc/resolv.conf", "etc/hostname"] {
+        fs_err::write(fx.lower.join(f), "").unwrap();
+    }
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "cwd"), "/work/dir");
+    assert_eq!(field(&out, "foo"), "bar baz");
+    assert_eq!(field(&out, "home"), "/root");
+    assert_eq!(field(&out, "umask"), "0027");
+    assert_eq!(field(&out, "nofile"), "123");
+    assert_eq!(field(&out, "ro"), "yes");
+    assert_eq!(field(&out, "tmp"), "ok");
+
+    // The same rootfs as a plain directory (bind-mounted, no overlay).
+    let spec = SandboxSpec::new(
+        RootfsSpec::Dir(fx.lower.clone()),
+        ProcessSpec::new(["/bin/sh", "-c", "echo dir=$(ls /work)"]),
+    );
+    let out = run(&spec);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "dir"), "dir");
+}
+
+fn ip_ok(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn joins_a_named_network_namespace() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let name = format!("kiln-test-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "ip {args:?} failed (package iproute2)"
+        );
+    };
+    ip(&["netns", "add", &name]);
+    // A mark only this namespace has (no dummy/veth modules needed).
+    let marked = ip_ok(&["-n", &name, "link", "set", "lo", "mtu", "1234"]);
+    let fx = Fixture::new();
+    let mut spec = fx.sh("netns", "echo mtu=$(cat /sys/class/net/lo/mtu)");
+    spec.network = Network::Netns(PathBuf::from(format!("/run/netns/{name}")));
+    let out = Sandbox::new().with_helper(HELPER).output(&spec);
+    ip(&["netns", "del", &name]);
+    assert!(marked, "ip link set lo mtu failed");
+    let out = out.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(field(&out, "mtu"), "1234");
+}
+
+#[test]
+fn sigint_to_the_helper_cancels_like_ctrl_c() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let mut running = Sandbox::new()
+        .with_helper(HELPER)
+        .spawn(&fx.sh("sigint", "sleep 31340"))
+        .unwrap();
+    wait_until(|| processes_with_arg("31340") == 1, "the sleep to start");
+    let helper = nix::unistd::Pid::from_raw(i32::try_from(running.helper_pid()).unwrap());
+    nix::sys::signal::kill(helper, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert_eq!(running.wait().unwrap(), ExitStatus::Cancelled);
+    assert_eq!(processes_with_arg("31340"), 0);
+}
+
+#[test]
+fn many_threads_spawn_at_once() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let children = own_children();
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let fx = &fx;
+            s.spawn(move || {
+                for i in 0..5 {
+                    let spec = fx.sh(&format!("mt{t}-{i}"), &format!("echo thread={t}.{i}"));
+                    let out = Sandbox::new().with_helper(HELPER).output(&spec).unwrap();
+                    assert_eq!(out.status, ExitStatus::Code(0));
+                    assert_eq!(text(&out.stdout), format!("thread={t}.{i}\n"));
+                }
+            });
+        }
+    });
+    assert_eq!(own_children(), children, "processes leaked");
+}
+
+#[test]
+fn classic_overlay_mount_with_many_long_lowers_uses_short_names() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let store = fx.path("snapshots-with-a-long-directory-name-to-push-the-option-string");
+    let mut cmd = std::process::Command::new(HELPER);
+    cmd.env("KILN_SANDBOX_CLASSIC_OVERLAY", "1");
+    for i in 0..150 {
+        // Digest-long names: too long even relative to the store, so the helper
+        // falls back to index-named links.
+        let l = store.join(format!("{i:064x}"));
+        fs_err::create_dir_all(l.join("layers")).unwrap();
+        fs_err::write(l.join("layers").join(format!("{i:04}")), format!("{i}\n")).unwrap();
+        cmd.arg("--lower").arg(&l);
+    }
+    let base = store.join("base");
+    make_busybox_root(&base);
+    cmd.arg("--lower").arg(&base);
+    let out = cmd
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo n=$(ls /layers | wc -l); grep -c lowerdir= /proc/self/mountinfo",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("n=150\n"), "{stdout}");
+    assert!(stdout.ends_with("\n1\n"), "not the classic mount: {stdout}");
+}

@@ -1,0 +1,3 @@
+FROM busybox:local
+RUN --mount=type=cache,target=/x \
+    --netwrok=none make
