@@ -8,6 +8,7 @@ pub mod event;
 pub mod graph;
 pub mod key;
 pub mod plan;
+pub mod solve;
 
 // COPY/ADD/WORKDIR file operations (BuildKit semantics).
 pub mod fileop;
