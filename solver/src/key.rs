@@ -124,6 +124,16 @@ pub enum MissCause {
         /// Now.
         after: Option<String>,
     },
+    /// An environment variable a RUN sees changed (an ENV, or the base
+    /// image's environment).
+    EnvChanged {
+        /// The variable.
+        name: String,
+        /// Before (`None`: unset).
+        before: Option<String>,
+        /// Now.
+        after: Option<String>,
+    },
     /// A context file it reads changed.
     FileChanged {
         /// Context-relative path.
@@ -180,6 +190,16 @@ impl std::fmt::Display for MissCause {
                 opt(before),
                 opt(after)
             ),
+            MissCause::EnvChanged {
+                name,
+                before,
+                after,
+            } => write!(
+                f,
+                "ENV `{name}` changed (`{}` -> `{}`)",
+                opt(before),
+                opt(after)
+            ),
             MissCause::FileChanged { path } => write!(f, "file `{path}` changed"),
             MissCause::FileAdded { path } => write!(f, "file `{path}` added"),
             MissCause::FileRemoved { path } => write!(f, "file `{path}` removed"),
@@ -224,6 +244,20 @@ pub fn explain_miss(previous: &KeyInputs, current: &KeyInputs) -> Vec<MissCause>
             });
         }
     }
+    // A RUN's environment: name the variables that changed and are not
+    // ARGs (those were named above).
+    let (eb, ea) = (run_env(&previous.definition), run_env(&current.definition));
+    let env_names: std::collections::BTreeSet<&String> = eb.keys().chain(ea.keys()).collect();
+    for name in env_names {
+        let (b, a) = (eb.get(name), ea.get(name));
+        if b != a && !previous.vars.contains_key(name) && !current.vars.contains_key(name) {
+            causes.push(MissCause::EnvChanged {
+                name: name.clone(),
+                before: b.cloned(),
+                after: a.cloned(),
+            });
+        }
+    }
     if let (Some((rb, db)), Some((ra, da))) = (&previous.image, &current.image)
         && rb == ra
         && db != da
@@ -258,6 +292,25 @@ pub fn explain_miss(previous: &KeyInputs, current: &KeyInputs) -> Vec<MissCause>
         causes.push(MissCause::SettingsChanged);
     }
     causes
+}
+
+/// The `env` of an exec op's canonical definition, by name.
+fn run_env(definition: &str) -> BTreeMap<String, String> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(definition) else {
+        return BTreeMap::new();
+    };
+    let Some(env) = v.get("env").and_then(|e| e.as_array()) else {
+        return BTreeMap::new();
+    };
+    env.iter()
+        .filter_map(|kv| {
+            let kv = kv.as_array()?;
+            Some((
+                kv.first()?.as_str()?.to_owned(),
+                kv.get(1)?.as_str()?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// Errors computing keys.

@@ -300,3 +300,35 @@ fn key_history_explains_the_next_build() {
         [MissCause::FirstBuild]
     );
 }
+
+#[test]
+fn an_env_change_is_named_for_a_run() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let keys = |env: &str| {
+        let df = kiln_parser::parse(&format!(
+            "FROM busybox\nARG A=1\nENV MODE={env}\nRUN make\n"
+        ))
+        .expect("parses");
+        let g = plan(&df, &BuildOptions::default(), &EmptyImages).expect("plans");
+        let mut ctx = BuildContext::new(d.path(), None);
+        let k = compute_keys(&g, Some(&mut ctx)).expect("keys");
+        let run = k
+            .into_iter()
+            .find(|k| matches!(g.graph[k.vertex].op, Op::Exec(_)))
+            .expect("run");
+        run.inputs
+    };
+    let causes = explain_miss(&keys("debug"), &keys("release"));
+    assert_eq!(
+        causes,
+        [MissCause::EnvChanged {
+            name: "MODE".into(),
+            before: Some("debug".into()),
+            after: Some("release".into())
+        }]
+    );
+    assert_eq!(
+        causes[0].to_string(),
+        "ENV `MODE` changed (`debug` -> `release`)"
+    );
+}
