@@ -366,3 +366,29 @@ fn add_url_with_right_and_wrong_checksum() {
     );
     server.join().unwrap();
 }
+
+#[test]
+fn archive_pax_xattrs_are_applied() {
+    let r = roots();
+    let probe = r.dst.join("probe");
+    fs_err::write(&probe, "p").unwrap();
+    if let Err(e) = xattr::set(&probe, "user.probe", b"1") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but the temp dir has no user xattrs: {e}"
+        );
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("SCHILY.xattr.user.kiln", &b"tar-value"[..])])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(1);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "x.txt", &b"x"[..]).unwrap();
+    fs_err::write(r.src.join("x.tar"), b.into_inner().unwrap()).unwrap();
+    let rep = fileop::copy(&r.src, &r.dst, &add(&["x.tar"], "/out/")).unwrap();
+    assert!(r.dst.join("out/x.txt").exists(), "{rep:?}");
+    let v = xattr::get(r.dst.join("out/x.txt"), "user.kiln").unwrap();
+    assert_eq!(v.as_deref(), Some(&b"tar-value"[..]));
+}

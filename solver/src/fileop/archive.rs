@@ -68,22 +68,24 @@ pub(super) fn is_archive(path: &Path) -> Result<bool, FileOpError> {
     let mut head = [0u8; 6];
     let n = read_up_to(&mut file, &mut head)?;
     file.rewind()?;
-    let mut first = Vec::with_capacity(1024);
+    // Enough for PAX/GNU long-name headers before the first real entry.
+    const PEEK: u64 = 64 * 1024;
+    let mut first = Vec::new();
     match sniff(&head[..n]) {
         Compression::Gzip => {
             let _ = flate2::read::MultiGzDecoder::new(file)
-                .take(1024)
+                .take(PEEK)
                 .read_to_end(&mut first);
         }
         Compression::Bzip2 => {
             let _ = bzip2::read::MultiBzDecoder::new(file)
-                .take(1024)
+                .take(PEEK)
                 .read_to_end(&mut first);
         }
         Compression::Xz => {
             let mut w = Head {
                 buf: Vec::new(),
-                limit: 1024,
+                limit: PEEK as usize,
             };
             // The decoder stops with an error once `Head` is full; what was
             // written is all we need, whatever the outcome.
@@ -91,7 +93,7 @@ pub(super) fn is_archive(path: &Path) -> Result<bool, FileOpError> {
             first = w.buf;
         }
         Compression::None => {
-            let _ = file.take(1024).read_to_end(&mut first);
+            let _ = file.take(PEEK).read_to_end(&mut first);
         }
     }
     if first.len() < 512 {
@@ -192,6 +194,7 @@ pub(super) fn extract(
         let target = parent.host.join(&name);
         let inner = super::root::join_inner(&parent.inner, &name);
         let header = entry.header().clone();
+        let xattrs = pax_xattrs(&mut entry).map_err(bad)?;
         let kind = header.entry_type();
         // Replace what is there, unless a directory meets a directory.
         match fs_err::symlink_metadata(&target) {
@@ -256,6 +259,9 @@ pub(super) fn extract(
             std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
                 .map_err(|e| with_path(e, &target))?;
         }
+        for (key, value) in &xattrs {
+            set_xattr(&target, key, value)?;
+        }
         let mtime = FileTime::from_unix_time(header.mtime().unwrap_or(0) as i64, 0);
         if written != EntryKind::Symlink {
             fs_err::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
@@ -273,6 +279,39 @@ pub(super) fn extract(
         filetime::set_symlink_file_times(&dir, mtime, mtime).map_err(|e| with_path(e, &dir))?;
     }
     Ok(())
+}
+
+/// `SCHILY.xattr.*` PAX records of an entry.
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            if let Ok(key) = ext.key()
+                && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+            {
+                out.push((name.to_owned(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Docker's `createTarFile`: an xattr the file system does not support, or
+/// that this process may not set, is skipped; other failures are errors.
+fn set_xattr(target: &Path, key: &str, value: &[u8]) -> Result<(), FileOpError> {
+    match xattr::set(target, key, value) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.kind() == io::ErrorKind::Unsupported
+                || e.kind() == io::ErrorKind::PermissionDenied
+                || e.raw_os_error() == Some(nix::errno::Errno::EOPNOTSUPP as i32)
+                || e.raw_os_error() == Some(nix::errno::Errno::EPERM as i32) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(with_path(e, target).into()),
+    }
 }
 
 /// The entry name as a relative path inside the destination: leading `/`
