@@ -704,3 +704,71 @@ fn shared_dir() -> std::path::PathBuf {
         None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
     }
 }
+
+mod generated {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Instruction lines built from a small vocabulary, so that names,
+    /// stage references and variables collide often.
+    fn line() -> impl Strategy<Value = String> {
+        let name = prop::sample::select(vec!["a", "b", "c", "0", "1", "7", "busybox", "A"]);
+        let var = prop::sample::select(vec!["V", "W", "TARGETARCH", "HTTP_PROXY", "PATH"]);
+        let word = prop::sample::select(vec![
+            "x",
+            "$V",
+            "${W:-d}",
+            "${V:+y}",
+            "'$V'",
+            "\"$W\"",
+            "${V#x}",
+            "$TARGETARCH",
+            "${V:?e}",
+            "/p/$V",
+            "8080",
+            "80-82/udp",
+            "",
+        ]);
+        (0..17u8, name, var, word.clone(), word).prop_map(|(k, n, v, w1, w2)| match k {
+            0 => format!("FROM {n} AS s{n}"),
+            1 => format!("FROM {w1}"),
+            2 => format!("FROM --platform={w1} {n}"),
+            3 => format!("ARG {v}={w1}"),
+            4 => format!("ARG {v}"),
+            5 => format!("ENV {v}={w1} X={w2}"),
+            6 => format!("COPY --from={n} {w1} /d{w2}"),
+            7 => format!("COPY --from=s{n} /x /y"),
+            8 => format!("RUN --mount=from=s{n},target={w1} echo {w2}"),
+            9 => format!("WORKDIR {w1}"),
+            10 => format!("EXPOSE {w1}"),
+            11 => format!("USER {w1}"),
+            12 => format!("LABEL {v}={w1}"),
+            13 => format!("ONBUILD RUN {w1}"),
+            14 => format!("CMD {w1}"),
+            15 => format!("ENTRYPOINT [\"{n}\"]"),
+            _ => format!("ADD {w1} {w2}"),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any Dockerfile the parser accepts plans or fails with an
+        /// error; never a panic, and a plan's graph is a DAG whose DOT
+        /// has every edge.
+        #[test]
+        fn plan_never_panics(lines in prop::collection::vec(line(), 1..14), target in prop::option::of(0..3u8)) {
+            let src = format!("FROM busybox AS s0\n{}\n", lines.join("\n"));
+            let Ok(df) = kiln_parser::parse(&src) else { return Ok(()) };
+            let mut o = opts(&[("V", "v1")]);
+            o.target = target.map(|t| format!("s{t}"));
+            if let Ok(g) = plan(&df, &o, &EmptyImages) {
+                prop_assert!(!petgraph::algo::is_cyclic_directed(&g.graph));
+                prop_assert_eq!(g.to_dot().matches(" -> ").count(), g.graph.edge_count());
+                let keys = crate::key::compute_keys(&g, None);
+                prop_assert!(keys.is_ok());
+            }
+        }
+    }
+}
