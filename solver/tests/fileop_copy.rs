@@ -744,3 +744,41 @@ fn files_read_lists_exactly_what_the_copy_writes() {
         ]
     );
 }
+
+#[test]
+fn planned_copy_ops_run() {
+    use kiln_solver::graph::{self, CopySource, InputRef};
+    let r = roots();
+    write(&r.src, "bin/tool", "t");
+    let planned = graph::CopyOp {
+        add: false,
+        from: InputRef::Stage { index: 0 },
+        sources: vec![
+            CopySource::Path {
+                path: "bin/tool".into(),
+            },
+            CopySource::Heredoc {
+                name: "note".into(),
+                content: "hi\n".into(),
+            },
+        ],
+        dest: "opt/".into(),
+        workdir: "/srv".into(),
+        chown: None,
+        chmod: Some("0700".into()),
+        link: true,
+        parents: false,
+        exclude: Vec::new(),
+        checksum: None,
+        unpack: None,
+        keep_git_dir: false,
+    };
+    let mut o = CopyOp::from_plan(&planned);
+    assert_eq!(o.source_kind, SourceKind::Stage);
+    o.apply_ownership = is_root();
+    run(&r, &o);
+    assert_eq!(read(&r.dst, "srv/opt/tool"), "t");
+    assert_eq!(read(&r.dst, "srv/opt/note"), "hi\n");
+    let m = fs_err::metadata(r.dst.join("srv/opt/note")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o700);
+}

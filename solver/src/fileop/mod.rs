@@ -37,6 +37,7 @@ mod chmod;
 mod chown;
 mod copy;
 mod error;
+mod from_plan;
 mod http;
 mod pattern;
 mod root;
