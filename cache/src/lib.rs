@@ -6,3 +6,9 @@
 #![deny(missing_docs)]
 
 pub use oci_spec;
+
+pub mod compress;
+pub mod layer;
+
+pub use compress::{CompressError, Compression, compress, decompress};
+pub use layer::{ApplyOptions, LayerError, LayerStats, WriteOptions, apply_layer, write_layer};
