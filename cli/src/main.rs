@@ -14,13 +14,15 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, max_term_width = 100)]
 struct Cli {
+    #[command(flatten)]
+    global: commands::Global,
     #[command(subcommand)]
     command: commands::Command,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match commands::run(cli.command) {
+    match commands::run(cli.command, &cli.global) {
         Ok(code) => code,
         Err(err) => {
             // A closed pipe (`kiln ... | head`) is not an error.
