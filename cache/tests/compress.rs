@@ -14,7 +14,7 @@ fn sample(len: usize) -> Vec<u8> {
     let mut x: u32 = 12345;
     while v.len() < len {
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        if x % 3 == 0 {
+        if x.is_multiple_of(3) {
             v.extend_from_slice(b"the quick brown fox jumps over the lazy layer ");
         } else {
             v.extend_from_slice(&x.to_le_bytes());
