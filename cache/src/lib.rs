@@ -19,6 +19,7 @@ mod error;
 mod image;
 mod reference;
 mod store;
+mod store_gc;
 mod validate;
 
 pub mod archive;
