@@ -182,4 +182,29 @@ mod tests {
             assert!(Reference::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_and_round_trips(input in "\\PC{0,80}") {
+            if let Ok(r) = Reference::parse(&input) {
+                let again = Reference::parse(&r.to_string()).expect("normalized form parses");
+                proptest::prop_assert_eq!(&again, &r);
+                let short = Reference::parse(&r.short()).expect("short form parses");
+                proptest::prop_assert_eq!(short, r);
+            }
+        }
+
+        #[test]
+        fn plausible_names_round_trip(
+            host in proptest::option::of("[a-z]{1,8}\\.[a-z]{2,3}(:[0-9]{2,5})?"),
+            path in "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,2}",
+            tag in proptest::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,10}"),
+        ) {
+            let mut s = host.map(|h| format!("{h}/")).unwrap_or_default() + &path;
+            if let Some(t) = &tag { s = format!("{s}:{t}"); }
+            let r = Reference::parse(&s).expect("valid name");
+            proptest::prop_assert_eq!(r.tag(), tag.as_deref().unwrap_or("latest"));
+            proptest::prop_assert_eq!(Reference::parse(&r.short()).expect("short"), r);
+        }
+    }
 }

@@ -516,4 +516,20 @@ mod tests {
         assert!(!media_type_ok("application/"));
         assert!(!media_type_ok(".foo/bar"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            for kind in [DocumentKind::Descriptor, DocumentKind::Manifest, DocumentKind::Index, DocumentKind::Config, DocumentKind::Layout] {
+                let _ = validate_document(kind, &bytes, "fuzz");
+            }
+        }
+
+        #[test]
+        fn digest_rules_never_panic(s in "\\PC{0,100}") {
+            let _ = digest_ok(&s);
+            let _ = media_type_ok(&s);
+            let _ = s.parse::<crate::Digest>();
+        }
+    }
 }
