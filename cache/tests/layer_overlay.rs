@@ -164,3 +164,44 @@ fn overlay_upperdir_to_layer_and_back() {
     apply_layer(&tar[..], &p("flat"), &opts).unwrap();
     assert_eq!(expected, normalized(&p("flat")));
 }
+
+#[test]
+fn directory_replacing_a_whiteout_becomes_opaque() {
+    if !require_root("directory_replacing_a_whiteout_becomes_opaque") {
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h.clone(), ".wh.d", std::io::empty())
+        .unwrap();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    b.append_data(&mut h, "d/", std::io::empty()).unwrap();
+    let tar = b.into_inner().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    apply_layer(&tar[..], dst.path(), &ApplyOptions::default()).unwrap();
+    assert!(dst.path().join("d").is_dir());
+    let opaque = xattr::get(dst.path().join("d"), "trusted.overlay.opaque").unwrap();
+    assert_eq!(opaque.as_deref(), Some(&b"y"[..]));
+}
+
+#[test]
+fn redirect_dir_upperdirs_are_refused() {
+    if !require_root("redirect_dir_upperdirs_are_refused") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    fs_err::create_dir(src.path().join("moved")).unwrap();
+    xattr::set(
+        src.path().join("moved"),
+        "trusted.overlay.redirect",
+        b"/orig",
+    )
+    .unwrap();
+    let err = write_layer(src.path(), std::io::sink(), &WriteOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("redirect_dir"), "{err}");
+    assert!(err.to_string().contains("moved"), "{err}");
+}

@@ -313,6 +313,14 @@ impl Applier {
 
         let existing = is_dir(&parent, base).map_err(self.err(&entry, "inspect"))?;
         let keep_dir = h.kind == KIND_DIR && existing == Some(SFlag::S_IFDIR);
+        // A directory that replaces an overlay whiteout (`.wh.d` then `d/` in one layer) must
+        // hide what the lower layers have under `d`: it becomes opaque, as overlayfs itself
+        // would have made it.
+        let replaces_whiteout = h.kind == KIND_DIR
+            && self.opts.whiteouts == WhiteoutMode::Overlay
+            && existing == Some(SFlag::S_IFCHR)
+            && fstatat(&parent, base.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| st.st_rdev == 0);
         if existing.is_some() && !keep_dir {
             remove_at(&parent, base).map_err(self.err(&entry, "replace"))?;
         }
@@ -328,6 +336,9 @@ impl Applier {
                 }
                 let fd = open_dir_nofollow(&parent, base).map_err(self.err(&entry, "open"))?;
                 self.owner_and_xattrs_fd(&fd, h, &entry)?;
+                if replaces_whiteout {
+                    self.mark_opaque(&fd, &entry)?;
+                }
                 self.deferred.push(Deferred {
                     comps,
                     entry,
@@ -462,15 +473,7 @@ impl Applier {
                 return Ok(());
             };
             if overlay {
-                let file = File::from(dir);
-                xattr::FileExt::set_xattr(&file, self.opts.opaque_xattr.name(), b"y").map_err(
-                    |source| LayerError::Apply {
-                        entry: entry.to_owned(),
-                        dest: self.dest.clone(),
-                        op: "mark opaque",
-                        source,
-                    },
-                )?;
+                self.mark_opaque(&dir, entry)?;
             } else {
                 let prefix = join(parents);
                 let created = &self.created;
@@ -517,6 +520,24 @@ impl Applier {
             self.finish_at(&parent, target, h, entry, true)?;
         }
         Ok(())
+    }
+
+    /// Set the overlay opaque xattr on a directory.
+    fn mark_opaque(&self, dir: &OwnedFd, entry: &str) -> Result<(), LayerError> {
+        let file = File::from(dir.try_clone().map_err(|source| LayerError::Apply {
+            entry: entry.to_owned(),
+            dest: self.dest.clone(),
+            op: "open",
+            source,
+        })?);
+        xattr::FileExt::set_xattr(&file, self.opts.opaque_xattr.name(), b"y").map_err(|source| {
+            LayerError::Apply {
+                entry: entry.to_owned(),
+                dest: self.dest.clone(),
+                op: "mark opaque",
+                source,
+            }
+        })
     }
 
     /// Ownership and xattrs through an open fd (files and directories).

@@ -91,6 +91,14 @@ fn read_xattrs(path: &Path) -> Result<(Xattrs, bool), LayerError> {
     };
     for name in names {
         let bytes = name.as_bytes();
+        if bytes.ends_with(b".overlay.redirect") || bytes.ends_with(b".overlay.metacopy") {
+            // With `redirect_dir` or `metacopy` the upperdir is not a self-contained diff
+            // (renamed directories and data-less copy-ups point into the lower layers).
+            return Err(LayerError::UnsupportedFile {
+                path: path.to_path_buf(),
+                reason: "overlayfs `redirect_dir`/`metacopy` upperdirs cannot be written as a layer; mount with redirect_dir=off,metacopy=off",
+            });
+        }
         let is_opaque_key = bytes == b"trusted.overlay.opaque" || bytes == b"user.overlay.opaque";
         if !is_opaque_key && !keep_xattr(bytes) {
             continue;
