@@ -14,6 +14,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, max_term_width = 100)]
 struct Cli {
+    #[command(flatten)]
+    global: commands::Global,
     #[command(subcommand)]
     command: commands::Command,
 }
@@ -23,7 +25,7 @@ fn main() -> ExitCode {
     // the helper and exits: it must come before anything starts a thread.
     kiln_executor::helper_main_if_requested();
     let cli = Cli::parse();
-    match commands::run(cli.command) {
+    match commands::run(cli.command, &cli.global) {
         Ok(code) => code,
         Err(err) => {
             // A closed pipe (`kiln ... | head`) is not an error.

@@ -1,0 +1,257 @@
+//! sha256 digests: parsing, hashing while streaming.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::str::FromStr;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::StoreError;
+
+/// A `sha256:<64 lowercase hex>` content digest, the only algorithm the
+/// store names blobs by.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    hex: String,
+}
+
+impl Digest {
+    /// The 64 hex characters.
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+
+    /// The first 12 hex characters, as `docker images` shows an id.
+    pub fn short(&self) -> &str {
+        &self.hex[..12]
+    }
+
+    /// The digest of `data`.
+    pub fn of_bytes(data: &[u8]) -> Digest {
+        let mut h = Hasher::new();
+        h.update(data);
+        h.finish()
+    }
+
+    /// Builds a digest from 64 lowercase hex characters.
+    pub fn from_hex(hex: &str) -> Result<Digest, StoreError> {
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(StoreError::InvalidDigest {
+                digest: hex.to_owned(),
+                reason: "a sha256 digest has 64 lowercase hex characters",
+            });
+        }
+        Ok(Digest {
+            hex: hex.to_owned(),
+        })
+    }
+
+    /// The digest as oci-spec's type.
+    pub fn to_oci(&self) -> oci_spec::image::Digest {
+        // A `sha256:` + 64 hex string always parses; fall back to the
+        // generic constructor path through `FromStr` either way.
+        match oci_spec::image::Digest::from_str(&self.to_string()) {
+            Ok(d) => d,
+            Err(_) => unreachable_digest(),
+        }
+    }
+
+    /// Converts from oci-spec's type; only sha256 is accepted.
+    pub fn from_oci(d: &oci_spec::image::Digest) -> Result<Digest, StoreError> {
+        d.to_string().parse()
+    }
+}
+
+#[expect(
+    clippy::panic,
+    reason = "a valid sha256 digest always converts; not reachable from input"
+)]
+fn unreachable_digest() -> oci_spec::image::Digest {
+    panic!("a sha256 digest failed to convert to oci-spec's type")
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some(("sha256", hex)) => Digest::from_hex(hex).map_err(|_| StoreError::InvalidDigest {
+                digest: s.to_owned(),
+                reason: "a sha256 digest has 64 lowercase hex characters",
+            }),
+            Some(_) => Err(StoreError::InvalidDigest {
+                digest: s.to_owned(),
+                reason: "only sha256 digests are supported",
+            }),
+            None => Err(StoreError::InvalidDigest {
+                digest: s.to_owned(),
+                reason: "expected `sha256:<hex>`",
+            }),
+        }
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An incremental sha256.
+#[derive(Debug, Clone, Default)]
+pub struct Hasher {
+    inner: Sha256,
+    len: u64,
+}
+
+impl Hasher {
+    /// A fresh hasher.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.inner.update(data);
+        self.len += data.len() as u64;
+    }
+
+    /// How many bytes were fed.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was fed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        let out = self.inner.finalize();
+        let mut hex = String::with_capacity(64);
+        for b in out.iter() {
+            hex.push(char::from(HEX[usize::from(b >> 4)]));
+            hex.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        Digest { hex }
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// A reader that hashes what passes through it.
+#[derive(Debug)]
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Hasher,
+}
+
+impl<R: Read> HashingReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Hasher::new(),
+        }
+    }
+
+    /// Reads the rest of the stream (so the digest covers all of it) and
+    /// returns the digest and the byte count.
+    pub fn drain_and_finish(mut self) -> io::Result<(Digest, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        let len = self.hasher.len();
+        Ok((self.hasher.finish(), len))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A writer that hashes what passes through it.
+#[derive(Debug)]
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+}
+
+impl<W: Write> HashingWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Hasher::new(),
+        }
+    }
+
+    /// The inner writer, the digest and byte count of what was written.
+    pub fn finish(self) -> (W, Digest, u64) {
+        let len = self.hasher.len();
+        (self.inner, self.hasher.finish(), len)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_digest_is_the_well_known_one() {
+        assert_eq!(
+            Digest::of_bytes(b"").to_string(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn parse_rejects_bad_digests() {
+        assert!("sha256:abc".parse::<Digest>().is_err());
+        assert!("md5:e3b0".parse::<Digest>().is_err());
+        assert!(
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
+                .parse::<Digest>()
+                .is_err()
+        );
+        let d: Digest = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            .parse()
+            .expect("valid");
+        assert_eq!(d.short(), "e3b0c44298fc");
+        assert_eq!(Digest::from_oci(&d.to_oci()).expect("round trip"), d);
+    }
+}

@@ -1,0 +1,292 @@
+//! Writing a layer tar from a directory diff (see the module docs of [`crate::layer`]).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use super::tar_format::{
+    self, EntryHeader, KIND_BLOCK, KIND_CHAR, KIND_DIR, KIND_FIFO, KIND_FILE, KIND_LINK,
+    KIND_SYMLINK,
+};
+use super::{LayerError, LayerStats, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WriteOptions};
+
+/// Write the OCI layer tar for an overlay upperdir (or any plain directory = a full layer).
+///
+/// The output is deterministic: the same tree always gives the same bytes. `out` should be
+/// buffered or fast; writes are batched internally in 256 KiB chunks.
+pub fn write_layer<W: Write>(
+    diff_dir: &Path,
+    out: W,
+    opts: &WriteOptions,
+) -> Result<LayerStats, LayerError> {
+    let mut w = Writer {
+        out: BufWriter::with_capacity(256 * 1024, out),
+        stats: LayerStats::default(),
+        opts: opts.clone(),
+        links: HashMap::new(),
+        header: Vec::with_capacity(2048),
+        copy_buf: vec![0u8; 128 * 1024],
+    };
+    // The root itself must be a directory; its own metadata is not part of the diff.
+    let md = fs_err::metadata(diff_dir).map_err(|source| LayerError::ReadDiff {
+        path: diff_dir.to_path_buf(),
+        source,
+    })?;
+    if !md.is_dir() {
+        return Err(LayerError::UnsupportedFile {
+            path: diff_dir.to_path_buf(),
+            reason: "the diff must be a directory",
+        });
+    }
+    w.walk(diff_dir, b"")?;
+    w.stats.bytes += tar_format::write_end(&mut w.out).map_err(LayerError::WriteTar)?;
+    w.out.flush().map_err(LayerError::WriteTar)?;
+    Ok(w.stats)
+}
+
+struct Writer<W: Write> {
+    out: BufWriter<W>,
+    stats: LayerStats,
+    opts: WriteOptions,
+    /// (dev, ino) of multiply-linked files → the first name written for them.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    header: Vec<u8>,
+    copy_buf: Vec<u8>,
+}
+
+fn read_err(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
+    move |source| LayerError::ReadDiff {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Xattrs worth recording: everything but overlayfs' private ones and host SELinux labels.
+fn keep_xattr(name: &[u8]) -> bool {
+    !(name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name == b"security.selinux")
+}
+
+/// Xattrs as `(name, value)` pairs.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The xattrs to record, and whether the directory is overlay-opaque.
+fn read_xattrs(path: &Path) -> Result<(Xattrs, bool), LayerError> {
+    let mut out = Vec::new();
+    let mut opaque = false;
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        // File systems without xattrs (or a kernel refusing `user.` on symlinks) have none.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok((out, false)),
+        Err(e) => {
+            return Err(LayerError::ReadDiff {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
+    };
+    for name in names {
+        let bytes = name.as_bytes();
+        if bytes.ends_with(b".overlay.redirect") || bytes.ends_with(b".overlay.metacopy") {
+            // With `redirect_dir` or `metacopy` the upperdir is not a self-contained diff
+            // (renamed directories and data-less copy-ups point into the lower layers).
+            return Err(LayerError::UnsupportedFile {
+                path: path.to_path_buf(),
+                reason: "overlayfs `redirect_dir`/`metacopy` upperdirs cannot be written as a layer; mount with redirect_dir=off,metacopy=off",
+            });
+        }
+        let is_opaque_key = bytes == b"trusted.overlay.opaque" || bytes == b"user.overlay.opaque";
+        if !is_opaque_key && !keep_xattr(bytes) {
+            continue;
+        }
+        let Some(value) = xattr::get(path, &name).map_err(read_err(path))? else {
+            continue;
+        };
+        if is_opaque_key {
+            opaque |= value == b"y";
+        } else {
+            out.push((bytes.to_vec(), value));
+        }
+    }
+    out.sort();
+    Ok((out, opaque))
+}
+
+impl<W: Write> Writer<W> {
+    fn clamp(&self, mtime: i64) -> i64 {
+        match self.opts.source_date_epoch {
+            Some(epoch) if mtime > epoch => epoch,
+            _ => mtime,
+        }
+    }
+
+    fn emit(&mut self, h: &EntryHeader) -> Result<(), LayerError> {
+        self.header.clear();
+        let n = tar_format::encode_header(h, &mut self.header);
+        self.out
+            .write_all(&self.header)
+            .map_err(LayerError::WriteTar)?;
+        self.stats.bytes += n as u64;
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    fn base_header(&self, name: Vec<u8>, kind: u8, md: &std::fs::Metadata) -> EntryHeader {
+        EntryHeader {
+            name,
+            kind,
+            mode: md.mode() & 0o7777,
+            uid: u64::from(md.uid()),
+            gid: u64::from(md.gid()),
+            mtime: self.clamp(md.mtime()),
+            ..EntryHeader::default()
+        }
+    }
+
+    fn walk(&mut self, dir: &Path, prefix: &[u8]) -> Result<(), LayerError> {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for entry in fs_err::read_dir(dir).map_err(read_err(dir))? {
+            let entry = entry.map_err(read_err(dir))?;
+            names.push(entry.file_name().as_bytes().to_vec());
+        }
+        names.sort();
+        for name in names {
+            let path = dir.join(OsStr::from_bytes(&name));
+            let mut rel = prefix.to_vec();
+            rel.extend_from_slice(&name);
+            self.entry(&path, &name, rel)?;
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, path: &Path, base: &[u8], rel: Vec<u8>) -> Result<(), LayerError> {
+        let md = fs_err::symlink_metadata(path).map_err(read_err(path))?;
+        let ft = md.file_type();
+
+        // An overlay whiteout: a 0/0 character device.
+        if ft.is_char_device() && md.rdev() == 0 {
+            let mut name = rel[..rel.len() - base.len()].to_vec();
+            name.extend_from_slice(WHITEOUT_PREFIX.as_bytes());
+            name.extend_from_slice(base);
+            let h = self.base_header(name, KIND_FILE, &md);
+            return self.emit(&h);
+        }
+        if base.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            return Err(LayerError::UnsupportedFile {
+                path: path.to_path_buf(),
+                reason: "names starting with `.wh.` are reserved for OCI whiteouts",
+            });
+        }
+
+        if ft.is_dir() {
+            let (xattrs, opaque) = read_xattrs(path)?;
+            let mut name = rel.clone();
+            name.push(b'/');
+            let mut h = self.base_header(name.clone(), KIND_DIR, &md);
+            h.xattrs = xattrs;
+            self.emit(&h)?;
+            if opaque {
+                let mut marker = name.clone();
+                marker.extend_from_slice(WHITEOUT_OPAQUE.as_bytes());
+                let mut o = self.base_header(marker, KIND_FILE, &md);
+                o.mode &= 0o777;
+                self.emit(&o)?;
+            }
+            return self.walk(path, &name);
+        }
+
+        let kind = if ft.is_file() {
+            KIND_FILE
+        } else if ft.is_symlink() {
+            KIND_SYMLINK
+        } else if ft.is_char_device() {
+            KIND_CHAR
+        } else if ft.is_block_device() {
+            KIND_BLOCK
+        } else if ft.is_fifo() {
+            KIND_FIFO
+        } else {
+            // Sockets cannot be archived; docker and containerd skip them too.
+            return Ok(());
+        };
+
+        let (xattrs, _) = read_xattrs(path)?;
+        if md.nlink() > 1 {
+            let key = (md.dev(), md.ino());
+            if let Some(first) = self.links.get(&key) {
+                let mut h = self.base_header(rel, KIND_LINK, &md);
+                h.link = first.clone();
+                h.xattrs = xattrs;
+                return self.emit(&h);
+            }
+            self.links.insert(key, rel.clone());
+        }
+
+        let mut h = self.base_header(rel, kind, &md);
+        h.xattrs = xattrs;
+        match kind {
+            KIND_SYMLINK => {
+                h.link = fs_err::read_link(path)
+                    .map_err(read_err(path))?
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec();
+                self.emit(&h)
+            }
+            KIND_CHAR | KIND_BLOCK => {
+                let rdev = md.rdev();
+                h.dev_major = u32::try_from(nix::sys::stat::major(rdev)).unwrap_or(u32::MAX);
+                h.dev_minor = u32::try_from(nix::sys::stat::minor(rdev)).unwrap_or(u32::MAX);
+                self.emit(&h)
+            }
+            KIND_FILE => {
+                h.size = md.len();
+                self.emit(&h)?;
+                self.copy_file(path, h.size)
+            }
+            _ => self.emit(&h),
+        }
+    }
+
+    /// Stream exactly `size` bytes of `path` (its size when stat'ed) into the tar.
+    fn copy_file(&mut self, path: &Path, size: u64) -> Result<(), LayerError> {
+        let file = fs_err::File::open(path).map_err(read_err(path))?;
+        let mut left = size;
+        let mut reader = file.take(size);
+        while left > 0 {
+            let n = match reader.read(&mut self.copy_buf) {
+                Ok(0) => {
+                    return Err(LayerError::ReadDiff {
+                        path: path.to_path_buf(),
+                        source: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the file shrank while it was being archived",
+                        ),
+                    });
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(LayerError::ReadDiff {
+                        path: path.to_path_buf(),
+                        source: e,
+                    });
+                }
+            };
+            self.out
+                .write_all(&self.copy_buf[..n])
+                .map_err(LayerError::WriteTar)?;
+            left -= n as u64;
+        }
+        let pad = tar_format::padding(size);
+        self.out
+            .write_all(&[0u8; tar_format::BLOCK][..pad])
+            .map_err(LayerError::WriteTar)?;
+        self.stats.bytes += size + pad as u64;
+        Ok(())
+    }
+}

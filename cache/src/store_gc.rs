@@ -1,0 +1,301 @@
+//! Garbage collection, disk usage and the consistency check of the store.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use rusqlite::TransactionBehavior;
+
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::image::parse_config;
+use crate::store::{
+    CacheResult, DiskUsage, FsckProblem, GcOptions, GcReport, SNAPSHOT_PREFIX, Store, read_dir,
+    remove_path,
+};
+
+impl Store {
+    // ------------------------------------------------------------------- gc
+
+    /// Removes what no name, image or cache record needs: dangling images
+    /// (all images and cache records with `all`), unreferenced blobs,
+    /// snapshots and temp files. Holds the store lock exclusively.
+    pub fn gc(&self, opts: GcOptions) -> Result<GcReport> {
+        let _lock = self.lock(true)?;
+        let mut report = GcReport::default();
+        let e = self.db_err("collecting garbage");
+        let (live_blobs, live_layers) = {
+            let mut conn = self.db();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(self.db_err("starting transaction"))?;
+            let doomed_sql = if opts.all {
+                "SELECT id FROM images"
+            } else {
+                "SELECT id FROM images WHERE id NOT IN (SELECT image FROM names)"
+            };
+            let doomed: Vec<String> = tx
+                .prepare(doomed_sql)
+                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                .map_err(&e)?;
+            for id in &doomed {
+                report.images.push(id.parse()?);
+            }
+            if !opts.dry_run {
+                for id in &doomed {
+                    tx.execute("DELETE FROM names WHERE image = ?1", [id])
+                        .map_err(&e)?;
+                    tx.execute("DELETE FROM images WHERE id = ?1", [id])
+                        .map_err(&e)?;
+                }
+            }
+            let records: i64 = tx
+                .query_row("SELECT count(*) FROM cache_records", [], |r| r.get(0))
+                .map_err(&e)?;
+            if opts.all {
+                report.cache_records = records as u64;
+                if !opts.dry_run {
+                    tx.execute("DELETE FROM cache_records", []).map_err(&e)?;
+                }
+            }
+            let doomed: HashSet<String> = doomed.into_iter().collect();
+            let mut live_blobs = BTreeSet::new();
+            let mut live_layers = BTreeSet::new();
+            let images: Vec<(String, String)> = tx
+                .prepare("SELECT id, manifest FROM images")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            for (id, manifest) in images.into_iter().filter(|(id, _)| !doomed.contains(id)) {
+                live_blobs.insert(id);
+                live_blobs.insert(manifest);
+            }
+            let layers: Vec<(String, String)> = tx
+                .prepare("SELECT image, diff_id FROM image_layers")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            for (_, diff_id) in layers.into_iter().filter(|(i, _)| !doomed.contains(i)) {
+                live_layers.insert(diff_id);
+            }
+            if !opts.all {
+                let results: Vec<String> = tx
+                    .prepare("SELECT result FROM cache_records")
+                    .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                    .map_err(&e)?;
+                for json in results {
+                    if let Ok(r) = serde_json::from_str::<CacheResult>(&json) {
+                        live_layers.extend(r.diff_ids.iter().map(ToString::to_string));
+                        live_blobs.extend(r.config.iter().map(ToString::to_string));
+                    }
+                }
+            }
+            let compressed: Vec<(String, String)> = tx
+                .prepare("SELECT blob, diff_id FROM layer_blobs")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            for (blob, diff_id) in compressed {
+                if live_layers.contains(&diff_id) {
+                    live_blobs.insert(blob);
+                }
+            }
+            live_blobs.extend(live_layers.iter().cloned());
+            if !opts.dry_run {
+                let all_layers: Vec<String> = tx
+                    .prepare("SELECT diff_id FROM layers")
+                    .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                    .map_err(&e)?;
+                for l in all_layers.iter().filter(|l| !live_layers.contains(*l)) {
+                    tx.execute("DELETE FROM layers WHERE diff_id = ?1", [l])
+                        .map_err(&e)?;
+                    tx.execute("DELETE FROM layer_blobs WHERE diff_id = ?1", [l])
+                        .map_err(&e)?;
+                    tx.execute("DELETE FROM snapshots WHERE diff_id = ?1", [l])
+                        .map_err(&e)?;
+                }
+                tx.commit().map_err(self.db_err("committing gc"))?;
+            }
+            (live_blobs, live_layers)
+        };
+        // Blob files.
+        let blobs_dir = self.root().join("blobs/sha256");
+        for entry in read_dir(&blobs_dir)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if live_blobs.contains(&format!("sha256:{name}")) {
+                continue;
+            }
+            report.blobs += 1;
+            report.bytes += entry.metadata().map_or(0, |m| m.len());
+            if !opts.dry_run {
+                remove_path(&entry.path())?;
+            }
+        }
+        // Snapshots.
+        let snapshots = self.root().join("snapshots");
+        for entry in read_dir(&snapshots)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let base = name.strip_suffix(".lock").unwrap_or(&name);
+            let live = base
+                .strip_prefix(SNAPSHOT_PREFIX)
+                .is_some_and(|hex| live_layers.contains(&format!("sha256:{hex}")));
+            if live {
+                continue;
+            }
+            if !name.ends_with(".lock") {
+                if name.starts_with(".tmp-") {
+                    report.temp_files += 1;
+                } else {
+                    report.snapshots += 1;
+                }
+            }
+            if !opts.dry_run {
+                remove_path(&entry.path())?;
+            }
+        }
+        // Temp files: nobody else holds the store lock, so none is in use.
+        for entry in read_dir(&self.root().join("tmp"))? {
+            report.temp_files += 1;
+            report.bytes += entry.metadata().map_or(0, |m| m.len());
+            if !opts.dry_run {
+                remove_path(&entry.path())?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Space used, and what `kiln prune` would free.
+    pub fn disk_usage(&self) -> Result<DiskUsage> {
+        let mut du = DiskUsage::default();
+        {
+            let conn = self.db();
+            let e = self.db_err("measuring");
+            du.images = conn
+                .query_row("SELECT count(*) FROM images", [], |r| r.get::<_, i64>(0))
+                .map_err(&e)? as u64;
+            du.images_named = conn
+                .query_row("SELECT count(DISTINCT image) FROM names", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(&e)? as u64;
+            du.images_bytes = conn
+                .query_row(
+                    "SELECT COALESCE(sum(size), 0) FROM layers WHERE diff_id IN (SELECT diff_id FROM image_layers)",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(&e)? as u64;
+            du.cache_records = conn
+                .query_row("SELECT count(*) FROM cache_records", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(&e)? as u64;
+        }
+        for entry in read_dir(&self.root().join("blobs/sha256"))? {
+            du.blobs += 1;
+            du.blobs_bytes += entry.metadata().map_or(0, |m| m.len());
+        }
+        du.snapshots = read_dir(&self.root().join("snapshots"))?
+            .iter()
+            .filter(|e| {
+                e.file_name().to_string_lossy().starts_with(SNAPSHOT_PREFIX) && e.path().is_dir()
+            })
+            .count() as u64;
+        du.reclaimable_bytes = self
+            .gc(GcOptions {
+                all: false,
+                dry_run: true,
+            })?
+            .bytes;
+        Ok(du)
+    }
+
+    // ----------------------------------------------------------------- fsck
+
+    /// Checks that every name points to an image whose manifest, config and
+    /// layer blobs exist (and, with `verify_content`, hash to their names),
+    /// that configs agree with their layer lists, and that recorded
+    /// snapshots exist. Returns the problems found (empty: consistent).
+    pub fn fsck(&self, verify_content: bool) -> Result<Vec<FsckProblem>> {
+        let mut problems = Vec::new();
+        let mut p = |message: String| problems.push(FsckProblem { message });
+        let (names, images, layers, snapshots) = {
+            let conn = self.db();
+            let e = self.db_err("checking");
+            let ok: String = conn
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .map_err(&e)?;
+            if ok != "ok" {
+                p(format!("database integrity check: {ok}"));
+            }
+            let names: Vec<(String, String)> = conn
+                .prepare("SELECT name, image FROM names")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            let images: Vec<(String, String)> = conn
+                .prepare("SELECT id, manifest FROM images")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            let mut layers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let rows: Vec<(String, String)> = conn
+                .prepare("SELECT image, diff_id FROM image_layers ORDER BY image, position")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            for (image, d) in rows {
+                layers.entry(image).or_default().push(d);
+            }
+            let snapshots: Vec<String> = conn
+                .prepare("SELECT id FROM snapshots")
+                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                .map_err(&e)?;
+            (names, images, layers, snapshots)
+        };
+        let ids: HashSet<&String> = images.iter().map(|(id, _)| id).collect();
+        for (name, image) in &names {
+            if !ids.contains(image) {
+                p(format!("name `{name}` points to missing image `{image}`"));
+            }
+        }
+        let check = |d: &str, what: &str, p: &mut dyn FnMut(String)| -> Option<Digest> {
+            let digest = match d.parse::<Digest>() {
+                Ok(d) => d,
+                Err(_) => {
+                    p(format!("{what}: invalid digest `{d}`"));
+                    return None;
+                }
+            };
+            if !self.has_blob(&digest) {
+                p(format!("{what}: blob `{digest}` is missing"));
+                return None;
+            }
+            if verify_content && let Err(e) = self.verify_blob(&digest) {
+                p(format!("{what}: {e}"));
+                return None;
+            }
+            Some(digest)
+        };
+        for (id, manifest) in &images {
+            let what = format!("image `{id}`");
+            check(manifest, &format!("{what} manifest"), &mut p);
+            let image_layers = layers.get(id).cloned().unwrap_or_default();
+            if let Some(cd) = check(id, &format!("{what} config"), &mut p) {
+                match self.read_blob(&cd).and_then(|b| parse_config(&b, id)) {
+                    Ok(config) => {
+                        if *config.rootfs().diff_ids() != image_layers {
+                            p(format!(
+                                "{what}: config diff_ids differ from the recorded layers"
+                            ));
+                        }
+                    }
+                    Err(e) => p(format!("{what}: {e}")),
+                }
+            }
+            for l in &image_layers {
+                check(l, &format!("{what} layer"), &mut p);
+            }
+        }
+        for s in snapshots {
+            if !self.root().join("snapshots").join(&s).is_dir() {
+                p(format!(
+                    "snapshot `{s}` is recorded but its directory is missing"
+                ));
+            }
+        }
+        Ok(problems)
+    }
+}

@@ -1,0 +1,348 @@
+//! write_layer → apply_layer round trips, determinism, and the tar format details.
+
+mod layer_common;
+
+use std::io::Write;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::process::Command;
+
+use kiln_cache::layer::{ApplyOptions, WhiteoutMode, WriteOptions, apply_layer, write_layer};
+use layer_common::{snapshot, tar_names};
+use proptest::prelude::*;
+
+fn write(dir: &Path, opts: &WriteOptions) -> Vec<u8> {
+    let mut out = Vec::new();
+    let stats = write_layer(dir, &mut out, opts).expect("write_layer");
+    assert_eq!(stats.bytes, out.len() as u64, "stats.bytes is the tar size");
+    out
+}
+
+fn apply(tar: &[u8], dest: &Path) {
+    let stats = apply_layer(tar, dest, &ApplyOptions::default()).expect("apply_layer");
+    assert_eq!(
+        stats.bytes,
+        tar.len() as u64,
+        "apply consumes the whole stream"
+    );
+}
+
+fn set_mtime(path: &Path, secs: i64) {
+    let t = nix::sys::time::TimeSpec::new(secs, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .expect("utimensat");
+}
+
+/// A tree with one of every kind kiln carries.
+fn rich_tree(root: &Path) {
+    let d = root.join("dir/sub");
+    fs_err::create_dir_all(&d).unwrap();
+    fs_err::write(d.join("file.txt"), b"hello\n").unwrap();
+    fs_err::write(root.join("a.txt"), vec![7u8; 70_000]).unwrap();
+    fs_err::write(root.join("empty"), b"").unwrap();
+    let exe = root.join("dir/setuid");
+    fs_err::write(&exe, b"#!/bin/sh\n").unwrap();
+    fs_err::set_permissions(&exe, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    symlink("sub/file.txt", root.join("dir/rel-link")).unwrap();
+    symlink("/etc/passwd", root.join("abs-link")).unwrap();
+    fs_err::hard_link(root.join("a.txt"), root.join("dir/hard-a")).unwrap();
+    // A name longer than 100 bytes needs a pax header.
+    let long = "l".repeat(150);
+    fs_err::write(root.join("dir").join(&long), b"long").unwrap();
+    symlink("x".repeat(200), root.join("long-target")).unwrap();
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    let ro = root.join("read-only-dir");
+    fs_err::create_dir(&ro).unwrap();
+    fs_err::write(ro.join("inside"), b"x").unwrap();
+    fs_err::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    xattr::set(root.join("a.txt"), "user.kiln.test", b"value").unwrap();
+    if nix::unistd::geteuid().is_root() {
+        nix::sys::stat::mknod(
+            &root.join("null"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+        nix::unistd::chown(
+            &root.join("a.txt"),
+            Some(nix::unistd::Uid::from_raw(1234)),
+            Some(nix::unistd::Gid::from_raw(5678)),
+        )
+        .unwrap();
+        // security.capability (cap_net_bind_service=ep, v2 format).
+        let cap: [u8; 20] = [0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        xattr::set(&exe, "security.capability", &cap).unwrap();
+    }
+    for (i, p) in ["a.txt", "dir/sub/file.txt", "dir/sub", "dir", "empty"]
+        .iter()
+        .enumerate()
+    {
+        set_mtime(&root.join(p), 1_600_000_000 + i as i64);
+    }
+}
+
+#[test]
+fn rich_tree_round_trips_and_rewrites_identically() {
+    let src = tempfile::tempdir().unwrap();
+    rich_tree(src.path());
+    let tar = write(src.path(), &WriteOptions::default());
+    assert_eq!(
+        tar,
+        write(src.path(), &WriteOptions::default()),
+        "same tree, same bytes"
+    );
+
+    let dst = tempfile::tempdir().unwrap();
+    apply(&tar, dst.path());
+    assert_eq!(snapshot(src.path()), snapshot(dst.path()));
+    // Writing the applied tree gives the very same bytes.
+    assert_eq!(tar, write(dst.path(), &WriteOptions::default()));
+}
+
+#[test]
+fn entries_are_sorted_with_directories_first_and_links_after_targets() {
+    let src = tempfile::tempdir().unwrap();
+    rich_tree(src.path());
+    let names = tar_names(&write(src.path(), &WriteOptions::default()));
+    let pos = |n: &str| {
+        names
+            .iter()
+            .position(|x| x == n)
+            .unwrap_or_else(|| panic!("{n} in {names:?}"))
+    };
+    assert!(pos("dir/") < pos("dir/sub/"));
+    assert!(pos("dir/sub/") < pos("dir/sub/file.txt"));
+    assert!(pos("a.txt") < pos("dir/hard-a"));
+    assert!(
+        pos("a.txt") < pos("abs-link"),
+        "siblings sorted by name bytes"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| n == &format!("dir/{}", "l".repeat(150))),
+        "pax path read back"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("./") || n.starts_with('/'))
+    );
+}
+
+#[test]
+fn hardlinks_become_link_entries_and_are_restored_as_links() {
+    let src = tempfile::tempdir().unwrap();
+    rich_tree(src.path());
+    let tar = write(src.path(), &WriteOptions::default());
+    let mut a = tar::Archive::new(&tar[..]);
+    let link = a
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.path_bytes().as_ref() == b"dir/hard-a")
+        .expect("hard-a entry");
+    assert_eq!(link.header().entry_type(), tar::EntryType::Link);
+    assert_eq!(link.link_name_bytes().as_deref(), Some(&b"a.txt"[..]));
+
+    let dst = tempfile::tempdir().unwrap();
+    apply(&tar, dst.path());
+    use std::os::unix::fs::MetadataExt;
+    let a = fs_err::metadata(dst.path().join("a.txt")).unwrap();
+    let b = fs_err::metadata(dst.path().join("dir/hard-a")).unwrap();
+    assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+}
+
+#[test]
+fn source_date_epoch_clamps_mtimes_and_only_newer_ones() {
+    let src = tempfile::tempdir().unwrap();
+    rich_tree(src.path());
+    let epoch = 1_600_000_002;
+    let tar = write(
+        src.path(),
+        &WriteOptions::default().with_source_date_epoch(Some(epoch)),
+    );
+    let mut a = tar::Archive::new(&tar[..]);
+    let mut saw_old = false;
+    for e in a.entries().unwrap() {
+        let e = e.unwrap();
+        let m = e.header().mtime().unwrap() as i64;
+        assert!(m <= epoch, "{:?} has mtime {m}", e.path());
+        saw_old |= m < epoch;
+    }
+    assert!(saw_old, "mtimes older than the epoch are kept");
+}
+
+#[test]
+fn no_pax_header_for_short_plain_entries_and_no_user_names() {
+    let src = tempfile::tempdir().unwrap();
+    fs_err::write(src.path().join("plain"), b"x").unwrap();
+    let tar = write(src.path(), &WriteOptions::default());
+    // one header + one data block + two end blocks
+    assert_eq!(tar.len(), 4 * 512);
+    assert_eq!(&tar[..6], b"plain\0");
+    assert_eq!(&tar[257..263], b"ustar\0");
+    assert!(tar[265..329].iter().all(|&b| b == 0), "uname/gname empty");
+}
+
+#[test]
+fn gnu_tar_lists_and_extracts_the_layer() {
+    if !layer_common::require_tool("gnu_tar_lists_and_extracts_the_layer", "tar") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    rich_tree(src.path());
+    let tar = write(src.path(), &WriteOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("layer.tar");
+    fs_err::write(&file, &tar).unwrap();
+    let out = dir.path().join("x");
+    fs_err::create_dir(&out).unwrap();
+    let status = Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--same-owner", "-xpf"])
+        .arg(&file)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut want = snapshot(src.path());
+    let mut got = snapshot(&out);
+    // GNU tar applies directory times too; compare everything but user xattrs' order.
+    for n in want.values_mut().chain(got.values_mut()) {
+        n.xattrs.retain(|(k, _)| k.starts_with("user."));
+    }
+    assert_eq!(want, got);
+}
+
+#[test]
+fn apply_onto_existing_tree_replaces_kinds() {
+    let dst = tempfile::tempdir().unwrap();
+    fs_err::create_dir_all(dst.path().join("was-dir/child")).unwrap();
+    fs_err::write(dst.path().join("was-file"), b"old").unwrap();
+    let src = tempfile::tempdir().unwrap();
+    fs_err::write(src.path().join("was-dir"), b"now a file").unwrap();
+    fs_err::create_dir(src.path().join("was-file")).unwrap();
+    let tar = write(src.path(), &WriteOptions::default());
+    apply(&tar, dst.path());
+    assert_eq!(
+        fs_err::read(dst.path().join("was-dir")).unwrap(),
+        b"now a file"
+    );
+    assert!(dst.path().join("was-file").is_dir());
+}
+
+#[test]
+fn remove_mode_applies_whiteouts_by_deleting() {
+    // Layer 1: a/x, a/y, b; layer 2 (hand-made): whiteout of b, opaque a with a new a/z.
+    let dst = tempfile::tempdir().unwrap();
+    fs_err::create_dir(dst.path().join("a")).unwrap();
+    fs_err::write(dst.path().join("a/x"), b"x").unwrap();
+    fs_err::write(dst.path().join("a/y"), b"y").unwrap();
+    fs_err::write(dst.path().join("b"), b"b").unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    tar.append_data(&mut h.clone(), "a/", std::io::empty())
+        .unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(1);
+    tar.append_data(&mut h.clone(), "a/z", &b"z"[..]).unwrap();
+    h.set_size(0);
+    tar.append_data(&mut h.clone(), "a/.wh..wh..opq", std::io::empty())
+        .unwrap();
+    tar.append_data(&mut h.clone(), ".wh.b", std::io::empty())
+        .unwrap();
+    let tar = tar.into_inner().unwrap();
+    let opts = ApplyOptions::default().with_whiteouts(WhiteoutMode::Remove);
+    apply_layer(&tar[..], dst.path(), &opts).unwrap();
+    let names: Vec<String> = snapshot(dst.path()).into_keys().collect();
+    assert_eq!(names, ["a", "a/z"]);
+}
+
+#[test]
+fn sparse_file_is_written_as_data() {
+    let src = tempfile::tempdir().unwrap();
+    let f = fs_err::File::create(src.path().join("sparse")).unwrap();
+    f.set_len(64 << 20).unwrap(); // 64 MiB hole
+    let mut f = f;
+    f.write_all(b"start").unwrap();
+    drop(f);
+    let mut sink = std::io::sink();
+    let stats = write_layer(src.path(), &mut sink, &WriteOptions::default()).unwrap();
+    assert_eq!(stats.bytes, 512 + (64 << 20) + 1024);
+}
+
+fn arb_tree() -> impl Strategy<Value = Vec<(u8, String, Vec<u8>, u32)>> {
+    // (kind, name, content, mode): kind 0 file, 1 dir, 2 symlink, 3 hardlink to an earlier file
+    prop::collection::vec(
+        (
+            0u8..4,
+            "[a-c]{1,3}(/[a-c.]{1,3}){0,2}",
+            prop::collection::vec(any::<u8>(), 0..600),
+            0u32..0o1000,
+        ),
+        1..25,
+    )
+}
+
+fn build(root: &Path, spec: &[(u8, String, Vec<u8>, u32)]) {
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    for (kind, name, content, mode) in spec {
+        if name
+            .split('/')
+            .any(|c| c == "." || c == ".." || c.starts_with(".wh."))
+        {
+            continue;
+        }
+        let p = root.join(name);
+        let Some(parent) = p.parent() else { continue };
+        if fs_err::create_dir_all(parent).is_err() || fs_err::symlink_metadata(&p).is_ok() {
+            continue; // a parent is a file, or the name is taken
+        }
+        match kind {
+            0 => {
+                fs_err::write(&p, content).unwrap();
+                fs_err::set_permissions(&p, std::fs::Permissions::from_mode(mode | 0o400)).unwrap();
+                files.push(p);
+            }
+            1 => {
+                fs_err::create_dir(&p).unwrap();
+                fs_err::set_permissions(&p, std::fs::Permissions::from_mode(mode | 0o700)).unwrap();
+            }
+            2 => symlink(String::from_utf8_lossy(content).replace('\0', ""), &p).unwrap_or(()),
+            _ => {
+                if let Some(t) = files.first() {
+                    fs_err::hard_link(t, &p).unwrap();
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn random_trees_round_trip(spec in arb_tree()) {
+        let src = tempfile::tempdir().unwrap();
+        build(src.path(), &spec);
+        let tar = write(src.path(), &WriteOptions::default());
+        let dst = tempfile::tempdir().unwrap();
+        apply(&tar, dst.path());
+        prop_assert_eq!(snapshot(src.path()), snapshot(dst.path()));
+        prop_assert_eq!(&tar, &write(dst.path(), &WriteOptions::default()));
+    }
+}

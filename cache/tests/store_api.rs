@@ -1,0 +1,372 @@
+//! The store's public API against a real SQLite database and real files.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use kiln_cache::archive::{self, ArchiveFormat, ImportOptions, SaveItem, SaveOptions};
+use kiln_cache::compress::Compression;
+use kiln_cache::{CacheResult, Digest, GcOptions, Reference, Store, StoreError};
+
+fn tree(dir: &Path, seed: &str) {
+    if dir.exists() {
+        return;
+    }
+    fs_err::create_dir_all(dir.join("etc")).expect("mkdir");
+    fs_err::create_dir_all(dir.join("bin")).expect("mkdir");
+    fs_err::write(dir.join("etc/hostname"), format!("host-{seed}\n")).expect("write");
+    fs_err::write(dir.join("bin/tool"), vec![7u8; 100_000]).expect("write");
+    std::os::unix::fs::symlink("tool", dir.join("bin/alias")).expect("symlink");
+}
+
+fn import(store: &Store, tmp: &Path, seed: &str, name: &str) -> kiln_cache::Image {
+    let src = tmp.join(format!("src-{seed}"));
+    tree(&src, seed);
+    let names = [Reference::parse(name).expect("name")];
+    archive::import_rootfs(store, &src, &names, &ImportOptions::default()).expect("import")
+}
+
+#[test]
+fn blobs_are_content_addressed_and_verified() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let d = store.put_blob_bytes(b"hello").expect("put");
+    assert_eq!(d, Digest::of_bytes(b"hello"));
+    assert_eq!(
+        store.put_blob_bytes(b"hello").expect("again"),
+        d,
+        "idempotent"
+    );
+    assert_eq!(store.read_blob(&d).expect("read"), b"hello");
+
+    // A wrong expected digest stores nothing.
+    let other = Digest::of_bytes(b"other");
+    let err = store
+        .put_blob_from_reader(&b"not other"[..], Some(&other))
+        .expect_err("mismatch");
+    assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+    assert!(!store.has_blob(&Digest::of_bytes(b"not other")));
+
+    // No temp files left behind by either.
+    assert_eq!(
+        fs_err::read_dir(tmp.path().join("root/tmp"))
+            .expect("tmp")
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn corrupted_blob_is_detected_reported_and_never_used() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let image = import(&store, tmp.path(), "a", "app:1");
+    let layer = image.layers[0].diff_id.clone();
+    let path = store.blob_path(&layer);
+    let mut bytes = fs_err::read(&path).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs_err::write(&path, &bytes).expect("corrupt it");
+
+    // Reading it fails with an error naming the digest.
+    let err = store.verify_blob(&layer).expect_err("corrupt");
+    assert!(
+        matches!(err, StoreError::Corrupt { ref digest, .. } if *digest == layer.to_string()),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&layer.to_string()), "{err}");
+    // It was moved aside: from now on it is absent, and fsck says so.
+    assert!(!store.has_blob(&layer));
+    let problems = store.fsck(true).expect("fsck");
+    assert!(
+        problems.iter().any(|p| p.message.contains("missing")),
+        "{problems:?}"
+    );
+
+    // Saving the image fails instead of exporting bad bytes.
+    let item = SaveItem {
+        names: image.names.clone(),
+        image: image.clone(),
+    };
+    let mut out = Vec::new();
+    assert!(archive::save(&store, &[item], &mut out, &SaveOptions::default()).is_err());
+
+    // Importing the same tree again heals the store.
+    import(&store, tmp.path(), "a", "app:1");
+    assert!(store.fsck(true).expect("fsck").is_empty());
+}
+
+#[test]
+fn corrupt_blob_inside_a_snapshot_unpack_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let image = import(&store, tmp.path(), "s", "snap:1");
+    let layer = image.layers[0].diff_id.clone();
+    // Corrupt the tail padding only: the tar still applies, but the digest
+    // check at the end must refuse the snapshot.
+    let path = store.blob_path(&layer);
+    let mut f = fs_err::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .expect("open");
+    f.write_all(&[0u8; 512]).expect("append");
+    drop(f);
+    let err = store.snapshot_for(&layer).expect_err("corrupt");
+    assert!(err.to_string().contains(&layer.to_string()), "{err}");
+    assert!(
+        !tmp.path()
+            .join("root/snapshots")
+            .join(format!("v1-{}", layer.hex()))
+            .exists()
+    );
+}
+
+#[test]
+fn names_resolve_tag_and_remove_like_docker() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let a = import(&store, tmp.path(), "a", "busybox");
+    assert_eq!(a.names[0].to_string(), "docker.io/library/busybox:latest");
+    for name in [
+        "busybox",
+        "busybox:latest",
+        "docker.io/library/busybox",
+        &a.id.to_string(),
+        a.id.short(),
+        &a.id.hex()[..5],
+    ] {
+        assert_eq!(store.resolve(name).expect(name).id, a.id, "{name}");
+    }
+    assert!(matches!(
+        store.resolve("nope"),
+        Err(StoreError::NoSuchImage { .. })
+    ));
+
+    store
+        .tag("busybox", &Reference::parse("me/box:v2").expect("ref"))
+        .expect("tag");
+    assert_eq!(store.resolve("me/box:v2").expect("tagged").names.len(), 2);
+    // By id with two names: refused without force.
+    let err = store.remove(a.id.short(), false).expect_err("in use");
+    assert!(matches!(err, StoreError::ImageInUse { .. }), "{err}");
+    // By name: untag only, the image stays.
+    let r = store.remove("busybox", false).expect("untag");
+    assert_eq!(r.untagged.len(), 1);
+    assert!(r.deleted.is_empty());
+    // Last name: the image goes.
+    let r = store.remove("me/box:v2", false).expect("rm");
+    assert_eq!(r.deleted, vec![a.id.clone()]);
+    assert!(store.list_images().expect("list").is_empty());
+    assert!(store.fsck(true).expect("fsck").is_empty());
+    // Its blobs are still there until GC.
+    assert!(store.has_blob(&a.layers[0].diff_id));
+    let report = store.gc(GcOptions::default()).expect("gc");
+    assert!(report.blobs >= 3, "manifest, config, layer: {report:?}");
+    assert!(!store.has_blob(&a.layers[0].diff_id));
+    assert!(store.fsck(true).expect("fsck").is_empty());
+}
+
+#[test]
+fn gc_keeps_what_names_and_cache_records_need() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let kept = import(&store, tmp.path(), "k", "kept");
+    let cached = import(&store, tmp.path(), "c", "cached");
+    let gone = import(&store, tmp.path(), "g", "gone");
+    store
+        .put_cache_record(
+            "key-1",
+            &CacheResult {
+                diff_ids: vec![cached.layers[0].diff_id.clone()],
+                config: None,
+                extra: serde_json::json!({"step": 3}),
+            },
+        )
+        .expect("record");
+    store.remove("cached", false).expect("rm");
+    store.remove("gone", false).expect("rm");
+    fs_err::write(tmp.path().join("root/tmp/stale"), b"x").expect("stale temp");
+    let dry = store
+        .gc(GcOptions {
+            all: false,
+            dry_run: true,
+        })
+        .expect("dry");
+    assert!(
+        store.has_blob(&gone.layers[0].diff_id),
+        "dry run changes nothing"
+    );
+    let report = store.gc(GcOptions::default()).expect("gc");
+    assert_eq!(report.blobs, dry.blobs);
+    assert_eq!(report.temp_files, 1);
+    assert!(store.has_blob(&kept.layers[0].diff_id));
+    assert!(
+        store.has_blob(&cached.layers[0].diff_id),
+        "a cache record needs it"
+    );
+    assert!(!store.has_blob(&gone.layers[0].diff_id));
+    let rec = store
+        .get_cache_record("key-1")
+        .expect("get")
+        .expect("present");
+    assert_eq!(rec.extra["step"], 3);
+    assert!(store.get_cache_record("key-2").expect("get").is_none());
+
+    let all = store
+        .gc(GcOptions {
+            all: true,
+            dry_run: false,
+        })
+        .expect("gc all");
+    assert_eq!(all.images, vec![kept.id.clone()]);
+    assert_eq!(all.cache_records, 1);
+    assert_eq!(
+        fs_err::read_dir(tmp.path().join("root/blobs/sha256"))
+            .expect("dir")
+            .count(),
+        0
+    );
+    assert!(store.fsck(true).expect("fsck").is_empty());
+}
+
+#[test]
+fn save_and_load_round_trip_between_stores() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = Store::open(tmp.path().join("a")).expect("open");
+    let b = Store::open(tmp.path().join("b")).expect("open");
+    let image = import(&a, tmp.path(), "rt", "rt:1");
+    for (format, compression) in [
+        (ArchiveFormat::Docker, Compression::None),
+        (ArchiveFormat::Docker, Compression::Gzip),
+        (ArchiveFormat::Oci, Compression::Gzip),
+        (ArchiveFormat::Oci, Compression::Zstd),
+        (ArchiveFormat::Oci, Compression::None),
+    ] {
+        let file = tmp.path().join(format!("{format:?}-{compression}.tar"));
+        let opts = SaveOptions {
+            format,
+            compression,
+            threads: 2,
+        };
+        let item = SaveItem {
+            names: image.names.clone(),
+            image: image.clone(),
+        };
+        archive::save(
+            &a,
+            &[item],
+            fs_err::File::create(&file).expect("create"),
+            &opts,
+        )
+        .expect("save");
+        let loaded = archive::load(&b, &file).expect("load");
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(
+            loaded[0].id, image.id,
+            "{format:?} {compression}: same config, same id"
+        );
+        assert_eq!(loaded[0].names, image.names, "{format:?} {compression}");
+        b.remove("rt:1", false).expect("rm");
+        b.gc(GcOptions::default()).expect("gc");
+    }
+}
+
+#[test]
+fn second_compressed_save_reuses_the_compressed_blob() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let image = import(&store, tmp.path(), "z", "z:1");
+    let save = || {
+        let mut out = Vec::new();
+        let opts = SaveOptions {
+            format: ArchiveFormat::Oci,
+            compression: Compression::Gzip,
+            threads: 2,
+        };
+        let item = SaveItem {
+            names: image.names.clone(),
+            image: image.clone(),
+        };
+        archive::save(&store, &[item], &mut out, &opts).expect("save");
+        out
+    };
+    let first = save();
+    let blobs = fs_err::read_dir(tmp.path().join("root/blobs/sha256"))
+        .expect("dir")
+        .count();
+    let compressed = store
+        .compressed_layer(&image.layers[0].diff_id, kiln_cache::MEDIA_LAYER_GZIP)
+        .expect("lookup")
+        .expect("remembered");
+    assert_ne!(compressed.0, image.layers[0].diff_id);
+    let second = save();
+    assert_eq!(first, second, "same bytes");
+    assert_eq!(
+        fs_err::read_dir(tmp.path().join("root/blobs/sha256"))
+            .expect("dir")
+            .count(),
+        blobs
+    );
+}
+
+#[test]
+fn snapshot_is_unpacked_once_by_concurrent_callers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let image = import(&store, tmp.path(), "snap", "snap:1");
+    let diff_id = image.layers[0].diff_id.clone();
+    let dirs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| store.snapshot_for(&diff_id)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("snapshot"))
+            .collect()
+    });
+    assert!(dirs.windows(2).all(|w| w[0] == w[1]));
+    let dir = &dirs[0];
+    assert_eq!(
+        fs_err::read_to_string(dir.join("etc/hostname")).expect("file"),
+        "host-snap\n"
+    );
+    assert_eq!(
+        fs_err::read_link(dir.join("bin/alias")).expect("link"),
+        Path::new("tool")
+    );
+    let leftovers = fs_err::read_dir(tmp.path().join("root/snapshots"))
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .count();
+    assert_eq!(leftovers, 0);
+    assert!(store.fsck(false).expect("fsck").is_empty());
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().join("root");
+    drop(Store::open(&root).expect("create"));
+    rusqlite_set_version(&root.join("meta.db"), 99);
+    let err = Store::open(&root).expect_err("too new");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
+}
+
+fn rusqlite_set_version(db: &Path, v: u32) {
+    // Simulate a newer kiln: `PRAGMA user_version` is the big-endian u32 at
+    // byte 60 of the database header (the WAL was checkpointed on close).
+    use std::io::Seek;
+    let mut f = fs_err::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(db)
+        .expect("db");
+    let mut header = [0u8; 100];
+    f.read_exact(&mut header).expect("header");
+    header[60..64].copy_from_slice(&v.to_be_bytes());
+    f.seek(std::io::SeekFrom::Start(0)).expect("seek");
+    f.write_all(&header).expect("write");
+}

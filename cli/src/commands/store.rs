@@ -1,0 +1,126 @@
+//! Store-wide commands: prune, system df, system check.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use kiln_cache::GcOptions;
+
+use super::Global;
+use super::format::{human_size, table};
+
+/// `kiln prune`.
+#[derive(Debug, Args)]
+pub(crate) struct PruneArgs {
+    /// Remove all images and cache records, not only unnamed images.
+    #[arg(short, long)]
+    all: bool,
+    /// Don't ask for confirmation.
+    #[arg(short, long)]
+    force: bool,
+}
+
+/// `kiln system ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SystemCommand {
+    /// Show the store's disk usage.
+    Df,
+    /// Check the store's consistency (names, images, blobs, snapshots).
+    Check {
+        /// Also re-hash every blob.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Remove what no image name or cache record needs.
+    Prune(PruneArgs),
+}
+
+pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCode> {
+    let store = global.store()?;
+    if !args.force {
+        let what = if args.all {
+            "all images and build cache records"
+        } else {
+            "unnamed images, unused blobs and snapshots"
+        };
+        eprint!("WARNING! This will remove {what}.\nAre you sure you want to continue? [y/N] ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if !matches!(line.trim(), "y" | "Y" | "yes") {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let report = store.gc(GcOptions {
+        all: args.all,
+        dry_run: false,
+    })?;
+    if !report.images.is_empty() {
+        println!("Deleted Images:");
+        for id in &report.images {
+            println!("deleted: {id}");
+        }
+        println!();
+    }
+    println!("Total reclaimed space: {}", human_size(report.bytes));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn system(command: SystemCommand, global: &Global) -> anyhow::Result<ExitCode> {
+    match command {
+        SystemCommand::Df => {
+            let store = global.store()?;
+            let du = store.disk_usage()?;
+            let rows = vec![
+                ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
+                    .map(str::to_owned)
+                    .to_vec(),
+                vec![
+                    "Images".into(),
+                    du.images.to_string(),
+                    du.images_named.to_string(),
+                    human_size(du.images_bytes),
+                    String::new(),
+                ],
+                vec![
+                    "Build Cache".into(),
+                    du.cache_records.to_string(),
+                    du.cache_records.to_string(),
+                    String::new(),
+                    String::new(),
+                ],
+                vec![
+                    "Blobs".into(),
+                    du.blobs.to_string(),
+                    String::new(),
+                    human_size(du.blobs_bytes),
+                    human_size(du.reclaimable_bytes),
+                ],
+                vec![
+                    "Snapshots".into(),
+                    du.snapshots.to_string(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ],
+            ];
+            print!("{}", table(&rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        SystemCommand::Check { verify } => {
+            let store = global.store()?;
+            let problems = store.fsck(verify)?;
+            for p in &problems {
+                println!("{}", p.message);
+            }
+            if problems.is_empty() {
+                println!("store `{}` is consistent", store.root().display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("error: {} problems found", problems.len());
+                Ok(ExitCode::from(1))
+            }
+        }
+        SystemCommand::Prune(a) => prune(&a, global),
+    }
+}
