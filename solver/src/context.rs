@@ -47,6 +47,13 @@ pub enum ContextError {
         #[source]
         source: std::io::Error,
     },
+    /// The `.dockerignore` could not be read or has a bad pattern.
+    #[error("cannot use the ignore file")]
+    Ignore {
+        /// The reader's error (names the file and line).
+        #[source]
+        source: kiln_parser::DockerignoreError,
+    },
     /// A bad `--exclude` pattern.
     #[error("invalid --exclude pattern")]
     Exclude {
@@ -155,6 +162,8 @@ pub struct BuildContext {
     stats: HashStats,
     /// Files changed this recently are not put in the stat cache.
     racy_window_ns: i64,
+    /// The read buffer, reused for every file.
+    buf: Vec<u8>,
 }
 
 impl BuildContext {
@@ -166,7 +175,18 @@ impl BuildContext {
             stat_cache: None,
             stats: HashStats::default(),
             racy_window_ns: 2_000_000_000,
+            buf: Vec::new(),
         }
+    }
+
+    /// The context at `root` with the ignore file BuildKit would use for
+    /// `dockerfile`: `<Dockerfile>.dockerignore` next to it, else
+    /// `<root>/.dockerignore`, else none.
+    pub fn open(root: impl Into<PathBuf>, dockerfile: &Path) -> Result<Self, ContextError> {
+        let root = root.into();
+        let ignore = kiln_parser::read_dockerignore(&root, dockerfile)
+            .map_err(|source| ContextError::Ignore { source })?;
+        Ok(Self::new(root, ignore.map(|f| f.matcher)))
     }
 
     /// Use (and update) a stat cache; its entries for this context are
@@ -434,15 +454,17 @@ impl BuildContext {
         }
         let mut f = fs_err::File::open(host).map_err(io_err(host))?;
         let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; 256 * 1024];
+        }
         let mut n_total = 0u64;
         loop {
-            let n = f.read(&mut buf).map_err(io_err(host))?;
+            let n = f.read(&mut self.buf).map_err(io_err(host))?;
             if n == 0 {
                 break;
             }
             n_total += n as u64;
-            h.update(&buf[..n]);
+            h.update(&self.buf[..n]);
         }
         let digest = format!("sha256:{}", hex(&h.finalize()));
         self.stats.hashed += 1;

@@ -227,3 +227,25 @@ fn stat_cache_load_is_limited_to_the_context() {
     let other = StatKey { size: 2, ..k };
     assert_eq!(fresh.lookup(Path::new("/ctx/a"), &other), None);
 }
+
+#[test]
+fn open_reads_the_dockerignore_for_the_dockerfile() {
+    let d = tempfile::tempdir().expect("tempdir");
+    write(d.path(), "a.txt", "a");
+    write(d.path(), "b.log", "b");
+    write(d.path(), "c.md", "c");
+    write(d.path(), ".dockerignore", "*.log\n");
+    write(d.path(), "Dockerfile", "FROM scratch\n");
+    let mut c = BuildContext::open(d.path(), &d.path().join("Dockerfile")).expect("open");
+    let s = sum(&mut c, &["."]);
+    assert!(paths(&s).contains(&"a.txt") && !paths(&s).contains(&"b.log"));
+    // A Dockerfile-specific ignore file wins.
+    write(d.path(), "app.Dockerfile", "FROM scratch\n");
+    write(d.path(), "app.Dockerfile.dockerignore", "*.md\n");
+    let mut c = BuildContext::open(d.path(), &d.path().join("app.Dockerfile")).expect("open");
+    let s = sum(&mut c, &["."]);
+    assert!(paths(&s).contains(&"b.log") && !paths(&s).contains(&"c.md"));
+    write(d.path(), ".dockerignore", "!\n");
+    let e = BuildContext::open(d.path(), &d.path().join("Dockerfile")).expect_err("bad pattern");
+    assert!(matches!(e, ContextError::Ignore { .. }));
+}
