@@ -97,7 +97,7 @@ fn check_sample(dst: &Path, at: &str) {
 }
 
 #[test]
-fn add_extracts_plain_gzip_bzip2_and_xz_by_content() {
+fn add_extracts_plain_gzip_bzip2_xz_and_zstd_by_content() {
     let r = roots();
     let plain = sample_tar();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -108,12 +108,14 @@ fn add_extracts_plain_gzip_bzip2_and_xz_by_content() {
     let bz = bz.finish().unwrap();
     let mut xz = Vec::new();
     lzma_rs::xz_compress(&mut &plain[..], &mut xz).unwrap();
+    let zst = zstd::stream::encode_all(&plain[..], 3).unwrap();
     // Names that lie: detection is by content.
     for (name, bytes) in [
         ("plain.bin", &plain),
         ("gz.txt", &gz),
         ("bz", &bz),
         ("archive.zip", &xz),
+        ("layer", &zst),
     ] {
         fs_err::write(r.src.join(name), bytes).unwrap();
         let at = format!("x-{name}");

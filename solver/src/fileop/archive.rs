@@ -1,5 +1,5 @@
-//! ADD of a local archive: detected by content (gzip, bzip2, xz or plain
-//! tar, as BuildKit's `isArchivePath` via `DecompressStream`), extracted
+//! ADD of a local archive: detected by content (gzip, bzip2, xz, zstd or
+//! plain tar, as BuildKit's `isArchivePath` via `DecompressStream`), extracted
 //! into the destination directory like Docker's `chrootarchive.Untar`:
 //! absolute names are taken relative to the destination, a name whose `..`
 //! climbs above it is refused, parents are resolved through symlinks inside
@@ -21,6 +21,7 @@ enum Compression {
     Gzip,
     Bzip2,
     Xz,
+    Zstd,
 }
 
 fn sniff(head: &[u8]) -> Compression {
@@ -30,6 +31,8 @@ fn sniff(head: &[u8]) -> Compression {
         Compression::Bzip2
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
         Compression::Xz
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
     } else {
         Compression::None
     }
@@ -81,6 +84,11 @@ pub(super) fn is_archive(path: &Path) -> Result<bool, FileOpError> {
             let _ = bzip2::read::MultiBzDecoder::new(file)
                 .take(PEEK)
                 .read_to_end(&mut first);
+        }
+        Compression::Zstd => {
+            if let Ok(d) = zstd::stream::read::Decoder::new(file) {
+                let _ = d.take(PEEK).read_to_end(&mut first);
+            }
         }
         Compression::Xz => {
             let mut w = Head {
@@ -164,6 +172,7 @@ pub(super) fn extract(
     let reader: Box<dyn Read> = match sniff(&head[..n]) {
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
         Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(file)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file).map_err(bad)?),
         Compression::Xz => {
             spool = tempfile::tempfile()?;
             lzma_rs::xz_decompress(&mut BufReader::new(file), &mut spool)
