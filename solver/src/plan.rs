@@ -983,7 +983,10 @@ impl<'a> Planner<'a> {
                         }
                     }
                 }
-                let h = empty_history(format!("EXPOSE map[{}]", ports.join(" ")));
+                // Go's `%v` of the port set: a map, printed sorted.
+                let set: BTreeSet<&String> = ports.iter().collect();
+                let text: Vec<String> = set.iter().map(|p| format!("{p}:{{}}")).collect();
+                let h = empty_history(format!("EXPOSE map[{}]", text.join(" ")));
                 (Op::Config(ConfigChange::Expose(ports)), h)
             }
             Command::Workdir(w) => {
@@ -994,7 +997,9 @@ impl<'a> Planner<'a> {
                     clean_abs(&format!("{workdir}/{v}"))
                 };
                 st.config.working_dir.clone_from(&path);
-                let h = empty_history(format!("WORKDIR {path}"));
+                // BuildKit adds a layer (mkdir) unless the path is `/`.
+                let mut h = empty_history(format!("WORKDIR {path}"));
+                h.empty_layer = path == "/";
                 (
                     Op::File(FileOp::Mkdir {
                         path,

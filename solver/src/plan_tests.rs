@@ -705,6 +705,34 @@ fn shared_dir() -> std::path::PathBuf {
     }
 }
 
+#[test]
+fn history_entries_follow_buildkit() {
+    let g = plan_ok(
+        "FROM scratch\nWORKDIR /\nWORKDIR /app\nEXPOSE 443 80/udp\nENV A=1\nCOPY x /y\n",
+        &opts(&[]),
+    );
+    let h: Vec<(String, bool)> = g
+        .target_stage()
+        .expect("t")
+        .history
+        .iter()
+        .map(|h| (h.created_by.clone(), h.empty_layer))
+        .collect();
+    assert_eq!(
+        h,
+        [
+            ("WORKDIR / # buildkit".to_owned(), true),
+            ("WORKDIR /app # buildkit".to_owned(), false),
+            (
+                "EXPOSE map[443/tcp:{} 80/udp:{}] # buildkit".to_owned(),
+                true
+            ),
+            ("ENV A=1 # buildkit".to_owned(), true),
+            ("COPY x /y # buildkit".to_owned(), false),
+        ]
+    );
+}
+
 mod generated {
     use proptest::prelude::*;
 
