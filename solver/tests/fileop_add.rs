@@ -394,3 +394,39 @@ fn archive_pax_xattrs_are_applied() {
     let v = xattr::get(r.dst.join("out/x.txt"), "user.kiln").unwrap();
     assert_eq!(v.as_deref(), Some(&b"tar-value"[..]));
 }
+
+#[test]
+fn only_top_level_archives_unpack_and_links_to_them_do() {
+    let r = roots();
+    fs_err::create_dir(r.src.join("pkg")).unwrap();
+    fs_err::write(r.src.join("pkg/inner.tar"), sample_tar()).unwrap();
+    fileop::copy(&r.src, &r.dst, &add(&["pkg"], "/p/")).unwrap();
+    assert!(
+        r.dst.join("p/inner.tar").is_file(),
+        "archives inside a dir are copied"
+    );
+    symlink("pkg/inner.tar", r.src.join("latest.tar")).unwrap();
+    fileop::copy(&r.src, &r.dst, &add(&["latest.tar"], "/l/")).unwrap();
+    check_sample(&r.dst, "l");
+}
+
+#[test]
+fn sources_are_classified_like_buildkit() {
+    use fileop::Source;
+    assert!(matches!(
+        Source::classify("https://example.com/a.tgz"),
+        Source::Url(_)
+    ));
+    assert!(matches!(Source::classify("http://h/x"), Source::Url(_)));
+    assert!(matches!(
+        Source::classify("https://github.com/moby/buildkit.git#v0.12"),
+        Source::Git(_)
+    ));
+    assert!(matches!(
+        Source::classify("git@github.com:a/b.git"),
+        Source::Git(_)
+    ));
+    assert!(matches!(Source::classify("git://h/r"), Source::Git(_)));
+    assert!(matches!(Source::classify("src/http.rs"), Source::Path(_)));
+    assert!(matches!(Source::classify("httpdocs/"), Source::Path(_)));
+}

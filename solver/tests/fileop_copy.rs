@@ -782,3 +782,14 @@ fn planned_copy_ops_run() {
     let m = fs_err::metadata(r.dst.join("srv/opt/note")).unwrap();
     assert_eq!(m.mode() & 0o7777, 0o700);
 }
+
+#[test]
+fn workdir_takes_the_fixed_time() {
+    let r = roots();
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
+    mkdir_workdir(&r.dst, "/a/b/c", None, Some(t), is_root()).unwrap();
+    for p in ["a", "a/b", "a/b/c"] {
+        let m = fs_err::metadata(r.dst.join(p)).unwrap();
+        assert_eq!(m.mtime(), 7, "{p}");
+    }
+}

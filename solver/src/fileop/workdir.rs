@@ -53,6 +53,7 @@ pub fn mkdir_workdir(
             break;
         }
     }
+    let mut created = Vec::new();
     for dir in missing.into_iter().rev() {
         fs_err::create_dir(&dir)?;
         fs_err::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
@@ -60,11 +61,15 @@ pub fn mkdir_workdir(
             std::os::unix::fs::lchown(&dir, Some(o.uid), Some(o.gid))
                 .map_err(|e| with_path(e, &dir))?;
         }
-        if let Some(t) = created_time {
-            let t = FileTime::from_system_time(t);
-            filetime::set_symlink_file_times(&dir, t, t)?;
-        }
         report.push(inner_of(root, &dir), EntryKind::Dir);
+        created.push(dir);
+    }
+    // Times last: making a child changed its parent's.
+    if let Some(t) = created_time {
+        let t = FileTime::from_system_time(t);
+        for dir in &created {
+            filetime::set_symlink_file_times(dir, t, t)?;
+        }
     }
     Ok(report)
 }
