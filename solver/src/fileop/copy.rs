@@ -340,7 +340,8 @@ impl Copier<'_> {
                 break;
             }
             target.push(part);
-            let src_parent_rel = rel_parts[..pivot_depth + i + 1].join("/");
+            let upto = (pivot_depth + i + 1).min(rel_parts.len());
+            let src_parent_rel = rel_parts[..upto].join("/");
             let src_parent = resolve(src_root, &src_parent_rel, true)?.host;
             let meta = fs_err::metadata(&src_parent)?;
             let (t, created) = self.dir_only(&target)?;
