@@ -97,13 +97,22 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
     }
 
     // Downloads and heredocs are staged in a private directory first.
-    let staging = tempfile::Builder::new().prefix("kiln-fileop-").tempdir()?;
+    // (Made only when there is something to stage.)
+    let staging = if urls.is_empty() && heredocs == 0 {
+        None
+    } else {
+        Some(tempfile::Builder::new().prefix("kiln-fileop-").tempdir()?)
+    };
+    let staging_dir = staging
+        .as_ref()
+        .map(|d| d.path().to_path_buf())
+        .unwrap_or_default();
     let mut staged: Vec<(PathBuf, String, bool)> = Vec::new();
     for s in &op.sources {
         match s {
             Source::Url(url) => {
                 let (path, name) =
-                    http::download(url, staging.path(), op.checksum.as_deref(), op.created_time)?;
+                    http::download(url, &staging_dir, op.checksum.as_deref(), op.created_time)?;
                 staged.push((path, name, op.unpack == Some(true)));
             }
             Source::Heredoc { name, content } => {
@@ -113,7 +122,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
                 } else {
                     file_name
                 };
-                let path = staging.path().join(&file_name);
+                let path = staging_dir.join(&file_name);
                 fs_err::write(&path, content)?;
                 fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
                 let t = FileTime::from_system_time(op.created_time.unwrap_or_else(SystemTime::now));
