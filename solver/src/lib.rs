@@ -30,3 +30,7 @@ pub mod solve;
 
 // COPY/ADD/WORKDIR file operations (BuildKit semantics).
 pub mod fileop;
+
+// The concrete step runner over the store and the sandbox, and image export.
+pub mod export;
+pub mod runner;
