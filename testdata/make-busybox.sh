@@ -8,8 +8,12 @@ kiln=${1:-kiln}
 name=${2:-busybox:local}
 busybox=${BUSYBOX:-/bin/busybox}
 [ -x "$busybox" ] || { echo "error: \`$busybox\` not found (apt-get install busybox-static)" >&2; exit 1; }
-rootfs=$(mktemp -d)
-trap 'rm -rf "$rootfs"' EXIT
+case $kiln in */*) kiln=$(cd "$(dirname "$kiln")" && pwd)/$(basename "$kiln") ;; esac
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# A fixed relative name: the history's `created_by` names it, and the
+# image must not depend on the temp dir (reproducible builds on top).
+rootfs=$work/busybox
 mkdir -p "$rootfs/bin" "$rootfs/etc" "$rootfs/tmp" "$rootfs/root" "$rootfs/usr/bin" "$rootfs/sbin" "$rootfs/usr/sbin"
 chmod 1777 "$rootfs/tmp"
 cp "$busybox" "$rootfs/bin/busybox"
@@ -20,4 +24,5 @@ for applet in $("$busybox" --list-full); do
 done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$rootfs/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
-SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0} "$kiln" import -c 'CMD ["sh"]' "$rootfs" "$name"
+cd "$work"
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0} "$kiln" import -m 'busybox-static rootfs (testdata/make-busybox.sh)' -c 'CMD ["sh"]' busybox "$name"

@@ -210,7 +210,23 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     let context_dir = fs_err::canonicalize(&args.context)?;
     let stat_cache = StatCache::open(store.root())?;
     let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
-    let keys = compute_keys(&graph, Some(&mut ctx))?;
+    let keys = compute_keys(&graph, Some(&mut ctx)).map_err(|e| {
+        // Name the Dockerfile line of the step whose context files failed.
+        let line = match &e {
+            kiln_solver::key::KeyError::Context { step, .. } => graph
+                .graph
+                .node_weights()
+                .find(|v| &v.name == step)
+                .and_then(|v| v.span)
+                .map(|s| s.start.line),
+            _ => None,
+        };
+        let err = anyhow::Error::new(e);
+        match line {
+            Some(l) => err.context(format!("{}: line {l}", df_path.display())),
+            None => err,
+        }
+    })?;
     let ignore = kiln_parser::read_dockerignore(&context_dir, &df_path)?.map(|f| f.matcher);
     let scope = format!(
         "{}\0{}",

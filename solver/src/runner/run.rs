@@ -141,6 +141,13 @@ fn run_argv(
             });
             return Ok((vec![target], mounts));
         }
+        if bare == h.name {
+            // `RUN <<EOF` alone: the body is the script.
+            if let Some(last) = args.last_mut() {
+                *last = content;
+            }
+            return Ok((args, mounts));
+        }
     }
     let mut full = cmd;
     for h in &r.heredocs {

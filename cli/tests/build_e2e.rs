@@ -1,0 +1,585 @@
+//! End-to-end tests of `kiln build` through the real binary: a busybox base
+//! image made at test time (`testdata/make-busybox.sh`), the Dockerfiles
+//! under `testdata/build/`, real namespaces and overlayfs, real skopeo and
+//! umoci. They need root and busybox-static: without them they print a skip
+//! message and return, except under `CI=true`, where they fail.
+
+#![expect(clippy::print_stderr, reason = "tests report skips on stderr")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn have_tool(name: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Whether the build tests can run here (root, busybox-static); panics in CI.
+fn can_build() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let busybox = Path::new("/bin/busybox").is_file();
+    if root && busybox {
+        return true;
+    }
+    assert!(
+        !ci(),
+        "CI=true but the build tests need root ({root}) and /bin/busybox from busybox-static ({busybox})"
+    );
+    eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
+    false
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// A temp dir holding a store with `busybox:local` and copies of contexts.
+struct Env {
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let env = Env { tmp };
+        let o = Command::new(workspace().join("testdata/make-busybox.sh"))
+            .arg(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_ROOT", env.store())
+            .output()
+            .expect("make-busybox.sh");
+        assert!(o.status.success(), "make-busybox.sh: {}", text(&o.stderr));
+        env
+    }
+
+    fn store(&self) -> PathBuf {
+        self.tmp.path().join("store")
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// A copy of `testdata/build/<name>` to edit.
+    fn context(&self, name: &str) -> PathBuf {
+        let dest = self.tmp.path().join(format!("ctx-{name}"));
+        let o = Command::new("cp")
+            .arg("-a")
+            .arg(workspace().join("testdata/build").join(name))
+            .arg(&dest)
+            .output()
+            .expect("cp");
+        assert!(o.status.success(), "cp: {}", text(&o.stderr));
+        dest
+    }
+
+    fn kiln(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(self.store())
+            .args(args)
+            .env_remove("KILN_ROOT")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .output()
+            .expect("run kiln")
+    }
+
+    /// `kiln build --progress=plain --network=none [extra] CTX`; returns the
+    /// progress output (stderr), asserting success.
+    fn build(&self, ctx: &Path, extra: &[&str]) -> String {
+        let o = self.build_raw(ctx, extra);
+        assert!(
+            o.status.success(),
+            "kiln build {extra:?} failed: {}\n{}",
+            o.status,
+            text(&o.stderr)
+        );
+        text(&o.stderr)
+    }
+
+    fn build_raw(&self, ctx: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["build", "--progress=plain", "--network=none"];
+        args.extend_from_slice(extra);
+        let c = ctx.to_str().expect("utf8");
+        args.push(c);
+        self.kiln(&args)
+    }
+
+    /// The stored config of `name`, as JSON.
+    fn config(&self, name: &str) -> serde_json::Value {
+        let store = kiln_cache::Store::open(self.store()).expect("open store");
+        let img = store.resolve(name).expect("resolve");
+        serde_json::from_slice(&img.config_bytes).expect("config json")
+    }
+
+    /// The final rootfs of `name`'s last build, via `--output type=local`.
+    fn rootfs(&self, ctx: &Path, extra: &[&str], dir: &str) -> PathBuf {
+        let dest = self.path(dir);
+        let out = format!("type=local,dest={}", dest.display());
+        let mut args = extra.to_vec();
+        args.extend_from_slice(&["--output", &out]);
+        self.build(ctx, &args);
+        dest
+    }
+
+    /// Nothing of this store is mounted, and its tmp dir is empty.
+    fn assert_clean(&self) {
+        let mounts = fs_err::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let root = self.tmp.path().to_string_lossy().into_owned();
+        let ours: Vec<&str> = mounts.lines().filter(|l| l.contains(&root)).collect();
+        assert!(ours.is_empty(), "left mounted:\n{}", ours.join("\n"));
+        let left: Vec<_> = fs_err::read_dir(self.store().join("tmp"))
+            .expect("tmp")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "left in the store's tmp: {left:?}");
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn read(p: &Path) -> String {
+    fs_err::read_to_string(p).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Plain-progress lines of the step whose name contains `what`: its `#N`.
+fn step_number(progress: &str, what: &str) -> String {
+    progress
+        .lines()
+        .find(|l| l.contains(what) && l.contains(" ["))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no step `{what}` in:\n{progress}"))
+        .to_owned()
+}
+
+fn step_lines<'a>(progress: &'a str, num: &str) -> Vec<&'a str> {
+    let prefix = format!("{num} ");
+    progress
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .collect()
+}
+
+#[test]
+fn every_instruction_kind() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("all");
+    let src = env.path("archive-src/archive-content");
+    fs_err::create_dir_all(&src).expect("mkdir");
+    fs_err::write(src.join("x"), "from-tar\n").expect("write");
+    let o = Command::new("tar")
+        .arg("-cf")
+        .arg(ctx.join("archive.tar"))
+        .arg("-C")
+        .arg(env.path("archive-src"))
+        .arg("archive-content")
+        .output()
+        .expect("tar");
+    assert!(o.status.success());
+    let fs = env.rootfs(&ctx, &["-t", "all:1", "--label", "extra=yes"], "out");
+    let f = |p: &str| read(&fs.join(p));
+    assert_eq!(f("app/greeting"), "hi there 1.0\n");
+    assert_eq!(f("app/from-archive"), "from-tar\n");
+    assert_eq!(f("app/files/one.txt"), "file one\n");
+    assert_eq!(f("app/exec"), "exec-form\n");
+    assert_eq!(f("app/heredoc"), "heredoc-shell\n");
+    assert_eq!(f("app/shebang"), "shebang\n");
+    assert_eq!(f("app/shell"), "shell-changed\n");
+    assert_eq!(f("tmp/uid"), "65534\n", "USER nobody ran the RUN");
+
+    let c = env.config("all:1");
+    let cfg = &c["config"];
+    let envs: Vec<&str> = cfg["Env"]
+        .as_array()
+        .expect("Env")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(envs.contains(&"APP_HOME=/app"), "{envs:?}");
+    assert!(envs.contains(&"GREETING=hi there"), "{envs:?}");
+    assert!(envs.iter().any(|e| e.starts_with("PATH=")), "{envs:?}");
+    assert!(
+        !envs.iter().any(|e| e.starts_with("VERSION=")),
+        "ARG is not ENV"
+    );
+    assert_eq!(cfg["WorkingDir"], "/app");
+    assert_eq!(cfg["User"], "root");
+    assert_eq!(cfg["Labels"]["org.example.title"], "all");
+    assert_eq!(cfg["Labels"]["extra"], "yes");
+    assert!(cfg["ExposedPorts"]["8080/tcp"].is_object());
+    assert!(cfg["ExposedPorts"]["53/udp"].is_object());
+    assert!(cfg["Volumes"]["/data"].is_object());
+    assert_eq!(cfg["StopSignal"], "SIGTERM");
+    assert_eq!(cfg["Healthcheck"]["Test"][0], "CMD");
+    assert_eq!(cfg["Healthcheck"]["Interval"], 30_000_000_000u64);
+    assert_eq!(cfg["Healthcheck"]["Retries"], 3);
+    assert_eq!(cfg["Shell"], serde_json::json!(["/bin/sh", "-ec"]));
+    assert_eq!(cfg["OnBuild"], serde_json::json!(["RUN echo onbuild"]));
+    assert_eq!(cfg["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
+    assert_eq!(cfg["Cmd"], serde_json::json!(["cat /app/greeting"]));
+    // History: one entry per layer that is not empty, in order.
+    let history = c["history"].as_array().expect("history");
+    let layers = c["rootfs"]["diff_ids"].as_array().expect("diff_ids");
+    let non_empty = history
+        .iter()
+        .filter(|h| h["empty_layer"] != serde_json::Value::Bool(true))
+        .count();
+    assert_eq!(non_empty, layers.len(), "{history:#?}");
+    assert!(history.iter().any(|h| {
+        h["created_by"]
+            .as_str()
+            .is_some_and(|s| s.contains("exec-form"))
+    }));
+    env.assert_clean();
+}
+
+#[test]
+fn multi_stage_target_and_unneeded_stages() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("multi");
+    let fs = env.rootfs(&ctx, &["-t", "multi:1"], "final");
+    assert_eq!(read(&fs.join("ab.txt")), "a\nb\n");
+    let fs = env.rootfs(&ctx, &["-t", "multi:b", "--target", "b"], "b");
+    assert_eq!(read(&fs.join("b.txt")), "b\n");
+    assert!(!fs.join("a.txt").exists(), "stage a is not in target b");
+    let o = env.build_raw(&ctx, &["--target", "nope"]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("nope"), "{}", text(&o.stderr));
+    env.assert_clean();
+}
+
+#[test]
+fn independent_stages_run_in_parallel() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("parallel");
+    // Each RUN waits for the other's marker: sequential steps would fail.
+    env.build(&ctx, &["--jobs", "2", "-t", "par:1"]);
+    env.assert_clean();
+}
+
+#[test]
+fn rebuild_is_cached_and_an_edit_misses_naming_the_file() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let first = env.build(&ctx, &["-t", "edit:1"]);
+    let run = step_number(&first, "RUN cat a.txt b.txt");
+    assert!(
+        step_lines(&first, &run).iter().any(|l| l.contains("MISS")),
+        "{first}"
+    );
+    let second = env.build(&ctx, &["-t", "edit:1"]);
+    for what in ["WORKDIR /src", "COPY src/ ./", "RUN cat a.txt b.txt"] {
+        let n = step_number(&second, what);
+        let lines = step_lines(&second, &n);
+        assert!(
+            lines.iter().any(|l| l.ends_with(" CACHED")),
+            "{what}:\n{second}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("MISS")),
+            "{what}:\n{second}"
+        );
+    }
+    assert!(second.contains("0 steps run"), "{second}");
+    fs_err::write(ctx.join("src/b.txt"), "b2\n").expect("edit");
+    let third = env.build(&ctx, &["-t", "edit:1"]);
+    let copy = step_number(&third, "COPY src/ ./");
+    let lines = step_lines(&third, &copy);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("MISS") && l.contains("file `src/b.txt` changed")),
+        "{third}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("a.txt")),
+        "only the edited file is named:\n{third}"
+    );
+    let wd = step_number(&third, "WORKDIR /src");
+    assert!(
+        step_lines(&third, &wd)
+            .iter()
+            .any(|l| l.ends_with(" CACHED"))
+    );
+    let fs = env.rootfs(&ctx, &["-t", "edit:1"], "out");
+    assert_eq!(read(&fs.join("joined")), "a\nb2\n");
+    env.assert_clean();
+}
+
+#[test]
+fn dockerignore_is_respected() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("ignore");
+    let fs = env.rootfs(&ctx, &["-t", "ign:1"], "out");
+    assert!(fs.join("ctx/kept.txt").is_file());
+    assert!(
+        fs.join("ctx/keep.log").is_file(),
+        "!keep.log re-includes it"
+    );
+    assert!(!fs.join("ctx/ignored.txt").exists());
+    assert!(!fs.join("ctx/debug.log").exists());
+    // Editing an ignored file changes nothing.
+    fs_err::write(ctx.join("ignored.txt"), "changed\n").expect("edit");
+    let again = env.build(&ctx, &["-t", "ign:1"]);
+    assert!(again.contains("0 steps run"), "{again}");
+    env.assert_clean();
+}
+
+#[test]
+fn secrets_never_reach_a_layer() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("secret");
+    let secret = env.path("token.txt");
+    fs_err::write(&secret, "TOPSECRET-4711").expect("write");
+    let spec = format!("id=token,src={}", secret.display());
+    let fs = env.rootfs(&ctx, &["-t", "sec:1", "--secret", &spec], "out");
+    let o = Command::new("sha256sum")
+        .arg(&secret)
+        .output()
+        .expect("sha256sum");
+    let want = text(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(want.len(), 64);
+    assert!(
+        read(&fs.join("secret-sum")).starts_with(&want),
+        "the file mount has the secret"
+    );
+    assert_eq!(read(&fs.join("secret-size")).trim(), "14");
+    assert!(
+        read(&fs.join("secret-env-sum")).starts_with(&want),
+        "env= has the secret"
+    );
+    assert!(!fs.join("run/secrets/token").exists());
+    assert!(
+        !fs.join("etc/token").exists(),
+        "the mount point stub is gone"
+    );
+    // Not in any layer, config or history: save the image and grep it.
+    let archive = env.path("sec.tar");
+    let o = env.kiln(&["save", "-o", archive.to_str().expect("utf8"), "sec:1"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let bytes = fs_err::read(&archive).expect("read");
+    assert!(
+        !bytes.windows(14).any(|w| w == b"TOPSECRET-4711"),
+        "the secret is in the saved image"
+    );
+    // A missing secret is an error naming it.
+    let ctx2 = env.context("secret");
+    fs_err::write(
+        ctx2.join("Dockerfile"),
+        "FROM busybox:local\nRUN --mount=type=secret,id=absent,required=true true\n",
+    )
+    .expect("write");
+    let o = env.build_raw(&ctx2, &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("secret `absent`"),
+        "{}",
+        text(&o.stderr)
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn cache_mount_persists_across_builds() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("cachemount");
+    let fs = env.rootfs(&ctx, &["--no-cache"], "one");
+    assert_eq!(read(&fs.join("runs")).trim(), "1");
+    assert!(
+        !fs.join("var/cache/app/runs").exists(),
+        "cache content is not in the layer"
+    );
+    let fs = env.rootfs(&ctx, &["--no-cache"], "two");
+    assert_eq!(read(&fs.join("runs")).trim(), "2");
+    env.assert_clean();
+}
+
+#[test]
+fn failing_run_reports_code_output_and_line() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("fail");
+    let o = env.build_raw(&ctx, &["-t", "fail:1"]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("exit code 7"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("boom-on-stderr"), "{err}");
+    assert!(err.contains("some-output"), "{err}");
+    assert!(!err.contains("RUN echo never"), "the build stopped:\n{err}");
+    // No image under the tag, nothing mounted, and the store is consistent.
+    let o = env.kiln(&["images"]);
+    assert!(!text(&o.stdout).contains("fail "), "{}", text(&o.stdout));
+    env.assert_clean();
+    let o = env.kiln(&["system", "check"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+}
+
+#[test]
+fn missing_copy_source_names_path_and_line() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("missing");
+    let o = env.build_raw(&ctx, &[]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("nothere.txt"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    env.assert_clean();
+}
+
+#[test]
+fn missing_base_image_is_a_clear_error() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("missing");
+    fs_err::write(ctx.join("Dockerfile"), "FROM nosuch:image\nRUN true\n").expect("write");
+    let o = env.build_raw(&ctx, &["--pull=never"]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("nosuch:image"), "{err}");
+    assert!(err.contains("line 1") || err.contains(":1:"), "{err}");
+}
+
+#[test]
+fn saved_result_is_accepted_by_skopeo_and_umoci_and_reproducible() {
+    if !can_build() {
+        return;
+    }
+    if !(have_tool("skopeo") && have_tool("umoci")) {
+        assert!(!ci(), "CI=true but this test needs skopeo and umoci");
+        eprintln!("skipping: needs skopeo and umoci");
+        return;
+    }
+    let env = Env::new();
+    let hello = workspace().join("testdata/hello");
+    let iid = env.path("iid");
+    let meta = env.path("meta.json");
+    let oci = env.path("hello-oci.tar");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.arg("--root")
+        .arg(env.store())
+        .args([
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "hello:1",
+        ])
+        .arg("--iidfile")
+        .arg(&iid)
+        .arg("--metadata-file")
+        .arg(&meta)
+        .arg("--output")
+        .arg(format!("type=oci,dest={}", oci.display()))
+        .arg(&hello)
+        .env("SOURCE_DATE_EPOCH", "1700000000");
+    let o = cmd.output().expect("build");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let id = read(&iid);
+    assert!(id.starts_with("sha256:"), "{id}");
+    let m: serde_json::Value = serde_json::from_str(&read(&meta)).expect("metadata");
+    assert!(
+        m["containerimage.digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+
+    let docker = env.path("hello-docker.tar");
+    let o = env.kiln(&["save", "-o", docker.to_str().expect("utf8"), "hello:1"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("docker-archive:{}", docker.display()))
+        .output()
+        .expect("skopeo");
+    assert!(o.status.success(), "skopeo: {}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("skopeo json");
+    assert_eq!(v["Created"], "2023-11-14T22:13:20Z");
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(3));
+
+    let layout = env.path("layout");
+    fs_err::create_dir_all(&layout).expect("mkdir");
+    let o = Command::new("tar")
+        .arg("-xf")
+        .arg(&oci)
+        .arg("-C")
+        .arg(&layout)
+        .output()
+        .expect("tar");
+    assert!(o.status.success());
+    let bundle = env.path("bundle");
+    let o = Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:1", layout.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci");
+    assert!(o.status.success(), "umoci: {}", text(&o.stderr));
+    assert_eq!(read(&bundle.join("rootfs/greeting")), "hello from kiln\n");
+    assert_eq!(read(&bundle.join("rootfs/etc/motd")), "built by kiln\n");
+
+    // The same build into another store gives the same image id.
+    let other = Env::new();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(other.store())
+        .args([
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "hello:1",
+        ])
+        .arg(&hello)
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .output()
+        .expect("build");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), id.trim(), "reproducible image id");
+    env.assert_clean();
+}
