@@ -666,3 +666,21 @@ fn pattern_forms_agree_with_bash() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn long_values_and_patterns() {
+    let lexer = Lexer::new('\\');
+    let value = "ab".repeat(20_000);
+    let env = vec![("V", value.as_str())];
+    assert_eq!(
+        lexer.process_word("${V//a/x}", &env).unwrap(),
+        "xb".repeat(20_000)
+    );
+    assert_eq!(lexer.process_word("${V%%b*}", &env).unwrap(), "a");
+    assert_eq!(lexer.process_word("${V##*a}", &env).unwrap(), "b");
+    // Many stars that can never match: failed states are remembered, so
+    // this ends.
+    let pattern = format!("{}c", "*a".repeat(30));
+    let word = format!("${{V#{pattern}}}");
+    assert_eq!(lexer.process_word(&word, &env).unwrap(), value);
+}
