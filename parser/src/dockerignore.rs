@@ -378,9 +378,9 @@ struct Glob {
     required: String,
 }
 
-/// Backtracking steps a match may take before it starts over with a table of
-/// failed states (which keeps every pattern polynomial, but costs an
-/// allocation that typical patterns never need).
+/// Backtracking steps a match may take before it starts over as an NFA
+/// simulation (linear whatever the pattern, but slower and allocating, which
+/// typical patterns never need).
 const STEP_BUDGET: usize = 4096;
 
 impl Glob {
@@ -421,26 +421,91 @@ impl Glob {
             return false;
         }
         let mut budget = STEP_BUDGET;
-        match self.step(path, 0, 0, &mut Memo::Budget(&mut budget)) {
+        match self.step(path, 0, 0, &mut budget) {
             Some(found) => found,
-            None => {
-                let mut failed = vec![false; (self.toks.len() + 1) * (path.len() + 1)];
-                self.step(path, 0, 0, &mut Memo::Table(&mut failed))
-                    .unwrap_or(false)
+            None => self.simulate(path),
+        }
+    }
+
+    /// The same question answered by running the pattern as an NFA over the
+    /// characters of `path`: linear in (characters x tokens) whatever the
+    /// pattern, for the rare pattern that exhausts the backtracking budget.
+    fn simulate(&self, path: &str) -> bool {
+        // One character per token: literals are spelled out.
+        let mut toks: Vec<(&Tok, Option<char>)> = Vec::new();
+        for tok in &self.toks {
+            match tok {
+                Tok::Lit(s) => toks.extend(s.chars().map(|c| (tok, Some(c)))),
+                other => toks.push((other, None)),
             }
         }
+        let n = toks.len();
+        // before[i]: about to match token i; group[i]: inside the `.*/` of a
+        // `**` token i.
+        let mut before = vec![false; n + 1];
+        let mut group = vec![false; n + 1];
+        let close = |before: &mut Vec<bool>, group: &mut Vec<bool>, at_start: bool| {
+            for i in 0..n {
+                if !before[i] {
+                    continue;
+                }
+                match toks[i].0 {
+                    Tok::Star | Tok::Rest => before[i + 1] = true,
+                    Tok::Dirs => {
+                        before[i + 1] = true;
+                        group[i] = true;
+                    }
+                    Tok::Caret if at_start => before[i + 1] = true,
+                    _ => {}
+                }
+            }
+        };
+        before[0] = true;
+        close(&mut before, &mut group, true);
+        for c in path.chars() {
+            let mut next_before = vec![false; n + 1];
+            let mut next_group = vec![false; n + 1];
+            for i in 0..n {
+                if group[i] {
+                    if c != '\n' {
+                        next_group[i] = true;
+                    }
+                    if c == '/' {
+                        next_before[i + 1] = true;
+                    }
+                }
+                if !before[i] {
+                    continue;
+                }
+                let advance = match toks[i].0 {
+                    Tok::Lit(_) => toks[i].1 == Some(c),
+                    Tok::One => c != '/',
+                    Tok::Class(class) => class.contains(c),
+                    Tok::Star => {
+                        next_before[i] |= c != '/';
+                        false
+                    }
+                    Tok::Rest => {
+                        next_before[i] |= c != '\n';
+                        false
+                    }
+                    Tok::Dirs | Tok::Caret => false,
+                };
+                if advance {
+                    next_before[i + 1] = true;
+                }
+            }
+            before = next_before;
+            group = next_group;
+            close(&mut before, &mut group, false);
+        }
+        before[n]
     }
 
     /// Whether `toks[ti..]` matches `path[pos..]` to the end; `None` when the
     /// step budget ran out.
-    fn step(&self, path: &str, ti: usize, pos: usize, memo: &mut Memo<'_>) -> Option<bool> {
-        let key = ti * (path.len() + 1) + pos;
-        match memo {
-            Memo::Budget(left) if **left == 0 => return None,
-            Memo::Budget(left) => **left -= 1,
-            Memo::Table(failed) if failed[key] => return Some(false),
-            Memo::Table(_) => {}
-        }
+    fn step(&self, path: &str, ti: usize, pos: usize, budget: &mut usize) -> Option<bool> {
+        *budget = budget.checked_sub(1)?;
         let (mut t, mut p) = (ti, pos);
         let ok = loop {
             let Some(tok) = self.toks.get(t) else {
@@ -476,11 +541,11 @@ impl Glob {
                         break end >= p
                             && end <= p + run
                             && path.is_char_boundary(end)
-                            && self.step(path, t + 1, end, memo)?;
+                            && self.step(path, t + 1, end, budget)?;
                     }
                     let mut found = false;
                     for end in (p..=p + run).filter(|e| path.is_char_boundary(*e)) {
-                        if self.step(path, t + 1, end, memo)? {
+                        if self.step(path, t + 1, end, budget)? {
                             found = true;
                             break;
                         }
@@ -491,10 +556,10 @@ impl Glob {
                     // Skip the group, or take `.*/` up to any later `/` that
                     // no newline separates from here.
                     let run = rest.bytes().position(|b| b == b'\n').unwrap_or(rest.len());
-                    let mut found = self.step(path, t + 1, p, memo)?;
+                    let mut found = self.step(path, t + 1, p, budget)?;
                     if !found {
                         for (i, b) in rest.as_bytes()[..run].iter().enumerate() {
-                            if *b == b'/' && self.step(path, t + 1, p + i + 1, memo)? {
+                            if *b == b'/' && self.step(path, t + 1, p + i + 1, budget)? {
                                 found = true;
                                 break;
                             }
@@ -505,19 +570,8 @@ impl Glob {
             }
             t += 1;
         };
-        if !ok && let Memo::Table(failed) = memo {
-            failed[key] = true;
-        }
         Some(ok)
     }
-}
-
-/// How [`Glob::step`] keeps backtracking in check.
-enum Memo<'a> {
-    /// Plain backtracking with a step budget.
-    Budget(&'a mut usize),
-    /// Remember failed (token, position) states.
-    Table(&'a mut [bool]),
 }
 
 /// What [`PatternMatcher::matches_with_parent`] remembers about a directory
@@ -988,5 +1042,56 @@ mod tests {
         assert_eq!(kind("a\\*b"), "regexp");
         assert_eq!(kind("a[b-d]e"), "regexp");
         assert_eq!(kind("["), "error");
+    }
+}
+
+#[cfg(test)]
+mod simulation_tests {
+    use super::*;
+
+    /// The NFA fallback and the backtracking matcher must agree everywhere.
+    #[test]
+    fn simulation_agrees_with_backtracking() {
+        let mut seed: u64 = 7;
+        let mut rand = move |n: usize| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 33) as usize) % n
+        };
+        let pattern_chars = ['a', 'b', '/', '*', '?', '^', '\n'];
+        let path_chars = ['a', 'b', '/', '\n', 'é'];
+        let mut compared = 0;
+        for _ in 0..20_000 {
+            let pattern: String = (0..1 + rand(7))
+                .map(|_| pattern_chars[rand(pattern_chars.len())])
+                .collect();
+            let path: String = (0..rand(9))
+                .map(|_| path_chars[rand(path_chars.len())])
+                .collect();
+            let Some(Kind::Glob(glob)) = compile_kind(&clean_path(&pattern)) else {
+                continue;
+            };
+            let mut budget = usize::MAX;
+            let backtracked = glob.step(&path, 0, 0, &mut budget);
+            assert_eq!(
+                backtracked,
+                Some(glob.simulate(&path)),
+                "{pattern:?} vs {path:?}"
+            );
+            compared += 1;
+        }
+        assert!(compared > 5_000, "{compared}");
+    }
+
+    #[test]
+    fn pathological_patterns_end() {
+        let pattern = format!("{}b", "*a".repeat(20));
+        let Some(Kind::Glob(glob)) = compile_kind(&pattern) else {
+            panic!("a glob")
+        };
+        let path = "a".repeat(200);
+        assert!(!glob.matches(&path));
+        assert!(glob.matches(&format!("{path}b")));
     }
 }
