@@ -42,13 +42,15 @@ pub enum DockerignoreError {
         line: Option<usize>,
     },
     /// A pattern that Go's `filepath.Match` rejects (an unclosed `[`, a bad
-    /// range, a trailing `\`).
-    #[error("syntax error in pattern `{pattern}`{}\n\nhint: `[` starts a character class such as `[a-z]`; write `\\[` for a literal `[`", at_line(*.line))]
+    /// range, a trailing `\`) or that upstream's regexp cannot compile.
+    #[error("syntax error in pattern `{pattern}`{}: {reason}\n\nhint: `\\` makes the next character literal, and `[...]` is a character class such as `[a-z]` (write `\\[` for a literal `[`)", at_line(*.line))]
     BadPattern {
         /// The pattern, after cleaning.
         pattern: String,
         /// 1-based line in the ignore file, when the pattern came from one.
         line: Option<usize>,
+        /// What is wrong with it.
+        reason: String,
     },
     /// An ignore file that could not be read.
     #[error("failed to read ignore file `{}`", path.display())]
@@ -638,6 +640,7 @@ impl PatternMatcher {
             let kind = compile_kind(text).ok_or_else(|| DockerignoreError::BadPattern {
                 pattern: text.to_owned(),
                 line,
+                reason: bad_pattern_reason(text),
             })?;
             out.patterns.push(Pattern {
                 quick: Quick::of(text, &kind),
@@ -868,6 +871,31 @@ fn regexp_escape(c: char) -> Option<Escaped> {
         c if c.is_ascii() && !c.is_ascii_alphanumeric() => Some(Escaped::Char(c)),
         _ => None,
     }
+}
+
+/// Why [`compile_kind`] refused `pattern`, in words.
+fn bad_pattern_reason(pattern: &str) -> String {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '\\' => match chars.get(i + 1) {
+                None => return "it ends with a lone `\\`".to_owned(),
+                Some(c) if regexp_escape(*c).is_none() => {
+                    return format!("`\\{c}` is not a supported escape");
+                }
+                Some(_) => i += 2,
+            },
+            '[' => match parse_class(&chars[i + 1..]) {
+                Some((_, used)) => i += 1 + used,
+                None => {
+                    return "a character class is not closed, empty, or has a bad range".to_owned();
+                }
+            },
+            _ => i += 1,
+        }
+    }
+    "it is malformed".to_owned()
 }
 
 /// Parse a character class after its `[`: `^` negates, ranges `a-z`, `\`

@@ -353,7 +353,7 @@ fn ignore_file_reader() {
 fn ignore_file_errors_name_the_line() {
     let err = PatternMatcher::from_ignore_file_text("a\n# c\n\nb[\n").unwrap_err();
     assert!(
-        matches!(&err, DockerignoreError::BadPattern { pattern, line: Some(4) } if pattern == "b["),
+        matches!(&err, DockerignoreError::BadPattern { pattern, line: Some(4), .. } if pattern == "b["),
         "{err:?}"
     );
     let text = err.to_string();
@@ -509,4 +509,17 @@ fn unclean_and_odd_paths() {
     assert!(m.matches("/abs/path"));
     let m = PatternMatcher::new(["abs"]).unwrap();
     assert!(!m.matches("/abs/path"));
+}
+
+#[test]
+fn error_messages() {
+    let texts = ["ok\n[abc\n", "a\n\n!\n", "x/[z-a]\n", "\\q\n", "a\\\n"];
+    let out: String = texts
+        .iter()
+        .map(|t| match PatternMatcher::from_ignore_file_text(t) {
+            Ok(_) => format!("{t:?}\n  ok\n"),
+            Err(e) => format!("{t:?}\n  {e}\n"),
+        })
+        .collect();
+    insta::assert_snapshot!(out);
 }

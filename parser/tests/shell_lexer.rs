@@ -684,3 +684,32 @@ fn long_values_and_patterns() {
     let word = format!("${{V#{pattern}}}");
     assert_eq!(lexer.process_word(&word, &env).unwrap(), value);
 }
+
+#[test]
+fn error_messages() {
+    let lexer = Lexer::new('\\');
+    let env = map(&[("EMPTY", "")]);
+    let inputs = [
+        "'open",
+        "\"open",
+        "${X",
+        "${}",
+        "${:-x}",
+        "${X/a",
+        "${X:=d}",
+        "${#X}",
+        "${EMPTY:?must be set}",
+        "${UNSET?}",
+        "${EMPTY:?}",
+        "${EMPTY#\\x}",
+        "${X:-'a}",
+    ];
+    let text: String = inputs
+        .iter()
+        .map(|input| match lexer.process_word(input, &env) {
+            Ok(word) => format!("{input}\n  ok: {word}\n"),
+            Err(e) => format!("{input}\n  {e}\n"),
+        })
+        .collect();
+    insta::assert_snapshot!(text);
+}
