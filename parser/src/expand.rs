@@ -126,6 +126,15 @@ pub enum ExpandErrorKind {
         /// The modifier text, such as `:=`.
         modifier: String,
     },
+    /// `${#name}`: the length of a variable, which BuildKit does not support
+    /// (it reports an unsupported modifier).
+    #[error(
+        "unsupported modifier in substitution: `${{#{name}}}`, the length of a variable, is not supported by BuildKit"
+    )]
+    Length {
+        /// The variable.
+        name: String,
+    },
     /// `${name?message}` / `${name:?message}` on an unset (or empty) variable.
     #[error("{name}: {message}")]
     Required {
@@ -605,6 +614,13 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
                         None => value,
                     }
                 })
+            }
+            // `${#name}`: `#` is read as a special parameter and the name's
+            // first character as the modifier.
+            c if name == "#" && (c.is_alphabetic() || c == '_') => {
+                let mut rest = self.process_name();
+                rest.insert(0, c);
+                Err(ExpandErrorKind::Length { name: rest })
             }
             _ => Err(ExpandErrorKind::UnsupportedModifier { modifier }),
         }

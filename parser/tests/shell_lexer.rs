@@ -320,6 +320,8 @@ const CASES: &[Case] = &[
     ("${V#no}", &[("V", "value")], Some("value"), &["V"], &[]),
     ("${U#x}", &[], Some(""), &[], &["U"]),
     // `${#v}` (length) is not supported by BuildKit: an error.
+    ("${#:-x}", &[("V", "abc")], Some("x"), &[], &["#"]),
+    ("${#V:-x}", &[("V", "abc")], None, &[], &[]),
     ("${#V}", &[("V", "abc")], None, &[], &[]),
     ("${V:x}", &[("V", "abc")], None, &[], &[]),
     ("${V#\\x}", &[("V", "abc")], None, &[], &[]),
