@@ -94,6 +94,10 @@ pub struct Node {
     pub original: String,
     /// Heredocs, in the order of their markers.
     pub heredocs: Vec<Heredoc>,
+    /// The comment lines right above the instruction, `#` and surrounding
+    /// whitespace removed (BuildKit's `PrevComment`, used for stage and ARG
+    /// descriptions); an empty `#` line restarts the list.
+    pub comments: Vec<String>,
     /// From the keyword to the end of the last line (the heredoc terminator
     /// when there are heredocs).
     pub span: Span,
@@ -352,14 +356,27 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
     let mut warnings = Vec::new();
     let mut i = 0;
     let mut current_line = 0;
+    let mut comments: Vec<String> = Vec::new();
 
     while i < lines.len() {
         let raw = lines[i];
         i += 1;
+        if is_comment(raw) {
+            // BuildKit drops the first byte (the `#` unless indented).
+            let mut rest = raw.chars();
+            rest.next();
+            let comment = rest.as_str().trim();
+            if comment.is_empty() {
+                comments.clear();
+            } else {
+                comments.push(comment.to_string());
+            }
+        }
         let token = trim_newline(raw).trim_start_matches(is_space);
         let lead = trim_newline(raw).len() - token.len();
         match d.possible(token) {
             Ok(Some((name, value))) => {
+                comments.pop();
                 let len = token.chars().count();
                 let span = Span::new(
                     Position::new(current_line + 1, 1),
@@ -480,6 +497,7 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
         }
         let last = trim_newline(lines.get(current_line - 1).copied().unwrap_or(""));
         node.span.end = Position::new(current_line, last.chars().count() + 1);
+        node.comments = std::mem::take(&mut comments);
         nodes.push(node);
     }
 
@@ -531,6 +549,7 @@ fn node_from_line(
         sub: None,
         original: line.to_string(),
         heredocs: Vec::new(),
+        comments: Vec::new(),
         keyword_position: map.position(base + lead),
         span: Span::new(map.position(base + lead), Position::default()),
     };

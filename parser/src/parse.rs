@@ -575,6 +575,7 @@ fn convert(node: Node, src: &str) -> Result<Instruction, ParseError> {
         args: node.args.clone(),
         json: node.json,
         original: node.original.clone(),
+        comments: node.comments.clone(),
         command,
     })
 }

@@ -351,3 +351,19 @@ fn nodes_keep_what_the_typed_layer_refuses() {
     );
     assert!(parse(src).is_err());
 }
+
+#[test]
+fn comments_above_an_instruction_are_kept() {
+    let src = "# syntax=docker/dockerfile:1\n# Base image\n# with tools\nFROM a AS base\n\n#\n# The version\n  # indented\nARG V=1\nRUN x \\\n# inside\n  y\nUSER u\n";
+    let df = parse(src).unwrap_or_else(|e| panic!("{e}"));
+    let comments: Vec<Vec<String>> = df.instructions.iter().map(|i| i.comments.clone()).collect();
+    assert_eq!(comments[0], ["Base image", "with tools"]);
+    // An empty `#` restarts the list; BuildKit cuts one byte off an
+    // indented comment, keeping its `#`.
+    assert_eq!(comments[1], ["The version", "# indented"]);
+    assert!(
+        comments[2].is_empty(),
+        "comments inside a continuation are not collected"
+    );
+    assert!(comments[3].is_empty());
+}
