@@ -580,7 +580,8 @@ impl Glob {
 /// for its children: which patterns matched it or one of its parents.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MatchInfo {
-    parent_matched: Vec<bool>,
+    /// A bitset over the patterns, one bit per pattern.
+    parent_matched: Vec<u64>,
 }
 
 /// A compiled list of ignore patterns.
@@ -597,6 +598,98 @@ pub struct MatchInfo {
 pub struct PatternMatcher {
     patterns: Vec<Pattern>,
     exclusions: bool,
+    index: Index,
+}
+
+/// For each byte value, the patterns a string starting (ending) with that
+/// byte can match, as bitsets: the quick checks of every pattern done at once
+/// by ANDing two words, so a path is only matched against its candidates.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    /// 64-bit words per bitset.
+    words: usize,
+    /// 257 bitsets each: one per byte value, the last one for the empty string.
+    first: Vec<u64>,
+    last: Vec<u64>,
+}
+
+impl Index {
+    fn build(patterns: &[Pattern]) -> Self {
+        let words = patterns.len().div_ceil(64);
+        let mut first = vec![0u64; 257 * words];
+        let mut last = vec![0u64; 257 * words];
+        for (i, p) in patterns.iter().enumerate() {
+            let (w, bit) = (i / 64, 1u64 << (i % 64));
+            for b in 0..257 {
+                let byte = u8::try_from(b).ok();
+                if p.quick.first.is_none_or(|f| Some(f) == byte) {
+                    first[b * words + w] |= bit;
+                }
+                if p.quick.last.is_none_or(|l| Some(l) == byte) {
+                    last[b * words + w] |= bit;
+                }
+            }
+        }
+        Self { words, first, last }
+    }
+
+    fn slot(byte: Option<&u8>) -> usize {
+        byte.map_or(256, |b| usize::from(*b))
+    }
+
+    fn first_of(&self, s: &str) -> &[u64] {
+        let at = Self::slot(s.as_bytes().first()) * self.words;
+        &self.first[at..at + self.words]
+    }
+
+    fn last_of(&self, s: &str) -> &[u64] {
+        let at = Self::slot(s.as_bytes().last()) * self.words;
+        &self.last[at..at + self.words]
+    }
+}
+
+/// A candidate bitset: on the stack for up to 256 patterns.
+enum Candidates {
+    Small([u64; 4], usize),
+    Large(Vec<u64>),
+}
+
+impl Candidates {
+    fn new(words: usize) -> Self {
+        if words <= 4 {
+            Self::Small([0; 4], words)
+        } else {
+            Self::Large(vec![0; words])
+        }
+    }
+
+    fn bits(&self) -> &[u64] {
+        match self {
+            Self::Small(a, n) => &a[..*n],
+            Self::Large(v) => v,
+        }
+    }
+
+    fn bits_mut(&mut self) -> &mut [u64] {
+        match self {
+            Self::Small(a, n) => &mut a[..*n],
+            Self::Large(v) => v,
+        }
+    }
+}
+
+/// The patterns to look at, in order, given a candidate bitset.
+fn each_bit(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    bits.iter().enumerate().flat_map(|(w, word)| {
+        let mut rest = *word;
+        std::iter::from_fn(move || {
+            (rest != 0).then(|| {
+                let i = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                w * 64 + i
+            })
+        })
+    })
 }
 
 impl PatternMatcher {
@@ -649,6 +742,7 @@ impl PatternMatcher {
                 kind,
             });
         }
+        out.index = Index::build(&out.patterns);
         Ok(out)
     }
 
@@ -668,8 +762,10 @@ impl PatternMatcher {
     /// separators; it is used as given (see [`clean_path`]).
     pub fn matches(&self, path: &str) -> bool {
         let parent = go_dir(path);
+        let candidates = self.candidates_with_parents(path, &parent);
         let mut matched = false;
-        for pattern in &self.patterns {
+        for i in each_bit(candidates.bits()) {
+            let pattern = &self.patterns[i];
             // An inclusion cannot change a match, an exception cannot change
             // a non-match: skip them.
             if pattern.exclusion != matched {
@@ -682,11 +778,37 @@ impl PatternMatcher {
         matched
     }
 
+    /// The patterns that can match `path` itself.
+    fn candidates(&self, path: &str) -> Candidates {
+        let mut out = Candidates::new(self.index.words);
+        let (first, last) = (self.index.first_of(path), self.index.last_of(path));
+        for ((acc, f), l) in out.bits_mut().iter_mut().zip(first).zip(last) {
+            *acc = f & l;
+        }
+        out
+    }
+
+    /// The patterns that can match `path` or one of the directories of
+    /// `parent`.
+    fn candidates_with_parents(&self, path: &str, parent: &str) -> Candidates {
+        let mut out = self.candidates(path);
+        if parent != "." {
+            for dir in dir_prefixes(parent) {
+                let (first, last) = (self.index.first_of(dir), self.index.last_of(dir));
+                for ((acc, f), l) in out.bits_mut().iter_mut().zip(first).zip(last) {
+                    *acc |= f & l;
+                }
+            }
+        }
+        out
+    }
+
     /// Like [`matches`](Self::matches), but only the path itself is matched,
     /// never its parents (patternmatcher's `MatchesExact`).
     pub fn matches_exact(&self, path: &str) -> bool {
         let mut matched = false;
-        for pattern in &self.patterns {
+        for i in each_bit(self.candidates(path).bits()) {
+            let pattern = &self.patterns[i];
             if pattern.exclusion != matched {
                 continue;
             }
@@ -703,15 +825,25 @@ impl PatternMatcher {
     /// default for a top-level entry, which then falls back to checking the
     /// parents itself) and each pattern is matched against `path` alone.
     pub fn matches_with_parent(&self, path: &str, parent: &MatchInfo) -> (bool, MatchInfo) {
-        let known =
-            !parent.parent_matched.is_empty() && parent.parent_matched.len() == self.patterns.len();
+        let words = self.index.words;
+        let known = words > 0 && parent.parent_matched.len() == words;
+        let dir = (!known).then(|| go_dir(path));
+        let mut candidates = match &dir {
+            Some(d) => self.candidates_with_parents(path, d),
+            None => self.candidates(path),
+        };
+        if known {
+            for (c, p) in candidates.bits_mut().iter_mut().zip(&parent.parent_matched) {
+                *c |= p;
+            }
+        }
         let mut info = MatchInfo {
-            parent_matched: vec![false; self.patterns.len()],
+            parent_matched: vec![0; words],
         };
         let mut matched = false;
-        let dir = (!known).then(|| go_dir(path));
-        for (i, pattern) in self.patterns.iter().enumerate() {
-            let mut m = known && parent.parent_matched[i];
+        for i in each_bit(candidates.bits()) {
+            let pattern = &self.patterns[i];
+            let mut m = known && parent.parent_matched[i / 64] & (1 << (i % 64)) != 0;
             if !m {
                 if pattern.exclusion != matched {
                     continue;
@@ -721,12 +853,29 @@ impl PatternMatcher {
                     None => pattern.matches(path),
                 };
             }
-            info.parent_matched[i] = m;
             if m {
+                info.parent_matched[i / 64] |= 1 << (i % 64);
                 matched = !pattern.exclusion;
             }
         }
         (matched, info)
+    }
+
+    /// The plain loop over every pattern that [`matches`](Self::matches)
+    /// speeds up with its index: the reference it is tested against.
+    #[cfg(test)]
+    fn matches_linear(&self, path: &str) -> bool {
+        let parent = go_dir(path);
+        let mut matched = false;
+        for pattern in &self.patterns {
+            if pattern.exclusion != matched {
+                continue;
+            }
+            if pattern.matches_self_or_parent(path, &parent) {
+                matched = !pattern.exclusion;
+            }
+        }
+        matched
     }
 
     /// For a directory `dir` that [`matches`](Self::matches) excluded: whether
@@ -1110,6 +1259,41 @@ mod simulation_tests {
             compared += 1;
         }
         assert!(compared > 5_000, "{compared}");
+    }
+
+    /// The index only skips patterns that cannot match.
+    #[test]
+    fn index_agrees_with_the_plain_loop() {
+        let mut seed: u64 = 11;
+        let mut rand = move |n: usize| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 33) as usize) % n
+        };
+        let atoms = ["a", "b", "/", "*", "**", "?", "!", ".", "[ab]", "c/"];
+        let path_atoms = ["a", "b", "/", ".", "c", "ab"];
+        let mut checked = 0;
+        for _ in 0..3_000 {
+            let patterns: Vec<String> = (0..1 + rand(70))
+                .map(|_| (0..1 + rand(4)).map(|_| atoms[rand(atoms.len())]).collect())
+                .collect();
+            let Ok(m) = PatternMatcher::new(&patterns) else {
+                continue;
+            };
+            for _ in 0..10 {
+                let path: String = (0..rand(7))
+                    .map(|_| path_atoms[rand(path_atoms.len())])
+                    .collect();
+                assert_eq!(
+                    m.matches(&path),
+                    m.matches_linear(&path),
+                    "{patterns:?} {path:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
     }
 
     #[test]
