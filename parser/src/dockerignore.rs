@@ -15,9 +15,17 @@
 //!   only function here that does I/O.
 //!
 //! Matching is a hand-written matcher over the pattern's tokens (no regex per
-//! path): exact, prefix (`dir/**`) and suffix (`**/name`) patterns are a string
-//! comparison, other patterns reject on their literal prefix or suffix before
-//! the backtracking matcher runs.
+//! path). Per-byte bitsets first pick the patterns a path can match at all
+//! (by the byte a match must start and end with); of those, exact, prefix
+//! (`dir/**`) and suffix (`**/name`) patterns are a string comparison, and the
+//! rest reject on their literal prefix, suffix or longest literal before a
+//! backtracking matcher runs. The backtracker has a step budget; past it, the
+//! pattern runs as an NFA over the path, linear whatever the pattern.
+//!
+//! A directory walker should call [`PatternMatcher::matches_with_parent`],
+//! passing each directory's result to its children (what BuildKit does), and
+//! [`PatternMatcher::can_skip_dir`] to prune; [`PatternMatcher::matches`]
+//! answers for one path on its own.
 //!
 //! Known differences from patternmatcher, all on patterns no real ignore file
 //! has: upstream copies a pattern into a Go regular expression, so `*` or `?`
