@@ -367,3 +367,33 @@ fn comments_above_an_instruction_are_kept() {
     );
     assert!(comments[3].is_empty());
 }
+
+/// Regression: an instruction whose first lines are only the escape
+/// character starts (for BuildKit's line numbers) on its first line, while
+/// errors still point at the keyword.
+#[test]
+fn regression_leading_continuation_lines() {
+    let df = parse("FROM a\n\\\n\\\n  USER x\n").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(df.instructions[1].span.start.line, 2);
+    assert_eq!(df.instructions[1].span.end.line, 4);
+    let err = parse("FROM a\n\\\n  USR x\n").expect_err("unknown instruction");
+    assert_eq!((err.line, err.column), (3, 3));
+}
+
+/// Regression: BuildKit 1.26's lexer handles `${v#p}`, `${v%p}`, `${v/p/r}`,
+/// so a heredoc marker after one is still a heredoc (older parsers, such as
+/// the PyPI binding's, fail to lex the line and find none).
+#[test]
+fn regression_heredoc_after_pattern_expansion() {
+    for src in [
+        "FROM a\nRUN echo ${v#x} <<EOF\nbody\nEOF\n",
+        "FROM a\nRUN echo ${v%%.*} ${v//a/b} <<EOF\nbody\nEOF\n",
+    ] {
+        let df = parse(src).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(df.instructions.len(), 2, "{src}");
+        assert_eq!(df.instructions[1].heredocs()[0].content, "body\n", "{src}");
+    }
+    // Spaces inside `${...}` split words as in BuildKit (`addString`).
+    let df = parse("FROM a\nRUN ${x:-a <<EOF}\nbody\nEOF}\n").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(df.instructions[1].heredocs()[0].name, "EOF}");
+}
