@@ -10,14 +10,21 @@ fn outside_listing(base: &std::path::Path) -> Vec<(String, Vec<u8>)> {
         .expect("read base")
         .map(|e| e.expect("entry"))
         .filter(|e| e.file_name() != "root")
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs_err::read(e.path()).unwrap_or_default()))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs_err::read(e.path()).unwrap_or_default(),
+            )
+        })
         .collect();
     v.sort();
     v
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, tar)) = data.split_first() else { return };
+    let Some((&mode, tar)) = data.split_first() else {
+        return;
+    };
     let base = tempfile::tempdir().expect("tempdir");
     let root = base.path().join("root");
     fs_err::create_dir(&root).expect("mkdir root");
@@ -26,10 +33,22 @@ fuzz_target!(|data: &[u8]| {
     let opts = ApplyOptions {
         preserve_ownership: mode & 1 != 0,
         create_devices: false,
-        whiteouts: if mode & 2 != 0 { WhiteoutMode::Remove } else { WhiteoutMode::Overlay },
-        limits: Limits { max_total_bytes: 1 << 20, max_entries: 1000, ..Limits::default() },
+        whiteouts: if mode & 2 != 0 {
+            WhiteoutMode::Remove
+        } else {
+            WhiteoutMode::Overlay
+        },
+        limits: Limits {
+            max_total_bytes: 1 << 20,
+            max_entries: 1000,
+            ..Limits::default()
+        },
         ..ApplyOptions::default()
     };
     let _ = apply_layer(tar, &root, &opts);
-    assert_eq!(before, outside_listing(base.path()), "something outside the root changed");
+    assert_eq!(
+        before,
+        outside_listing(base.path()),
+        "something outside the root changed"
+    );
 });
