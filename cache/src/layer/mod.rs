@@ -56,6 +56,8 @@
 //!   directory; the link is made with `linkat` without following, so a hardlink to a symlink
 //!   copies the symlink and never reaches what it points to.
 //! - a whiteout of `.`, `..` or of the root is refused.
+//! - overlayfs' own xattrs (`trusted.overlay.*`, `user.overlay.*`) in a tar are dropped, so a
+//!   layer cannot forge redirects or opaque directories except through `.wh..wh..opq`.
 //! - limits ([`Limits`]): header data (pax, GNU long names), path length, entry count and total
 //!   file bytes; each excess is refused with the limit in the message (tar bombs).
 //!
