@@ -52,8 +52,12 @@ fn docker_dir(
     );
     fs_err::write(dir.join(&cname), config_bytes).expect("config");
     for (name, bytes) in layers {
-        if !name.contains("..") {
-            let p = dir.join(name);
+        // Only relative, `..`-free names are written as fixture files: `dir.join`
+        // of an absolute name would write that host path itself (this once
+        // overwrote the machine's /etc/passwd, as root).
+        let path = Path::new(name);
+        if !name.contains("..") && path.is_relative() {
+            let p = dir.join(path);
             fs_err::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             fs_err::write(p, bytes).expect("layer");
         }
