@@ -147,8 +147,10 @@ fn main() -> io::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(()); // `cargo test --benches` probes with --list
     }
-    let files = env_usize("KILN_BENCH_FILES", 20_000);
-    let big_mb = env_usize("KILN_BENCH_BIG_MB", 100);
+    // `cargo bench` passes `--bench`; anything else (`cargo test --benches`) gets a smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let files = env_usize("KILN_BENCH_FILES", if full { 20_000 } else { 300 });
+    let big_mb = env_usize("KILN_BENCH_BIG_MB", if full { 100 } else { 1 });
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
