@@ -346,3 +346,44 @@ proptest! {
         prop_assert_eq!(&tar, &write(dst.path(), &WriteOptions::default()));
     }
 }
+
+#[test]
+fn rootless_options_mark_opaque_with_user_xattr_and_skip_devices() {
+    use kiln_cache::layer::OpaqueXattr;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o755);
+    h.set_uid(4242);
+    h.set_entry_type(tar::EntryType::Directory);
+    b.append_data(&mut h.clone(), "d/", std::io::empty())
+        .unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h.clone(), "d/.wh..wh..opq", std::io::empty())
+        .unwrap();
+    h.set_entry_type(tar::EntryType::Char);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    b.append_data(&mut h, "d/null", std::io::empty()).unwrap();
+    let tar = b.into_inner().unwrap();
+    let opts = ApplyOptions {
+        preserve_ownership: false,
+        create_devices: false,
+        opaque_xattr: OpaqueXattr::User,
+        ..ApplyOptions::default()
+    };
+    let dst = tempfile::tempdir().unwrap();
+    let stats = apply_layer(&tar[..], dst.path(), &opts).unwrap();
+    assert_eq!(stats.entries, 3);
+    let d = dst.path().join("d");
+    assert_eq!(
+        xattr::get(&d, "user.overlay.opaque").unwrap().as_deref(),
+        Some(&b"y"[..])
+    );
+    assert!(!d.join("null").exists(), "devices are skipped");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs_err::metadata(&d).unwrap().uid(),
+        nix::unistd::geteuid().as_raw()
+    );
+}
