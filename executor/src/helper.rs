@@ -567,7 +567,7 @@ fn init_main(
         }
     }
     rootfs::pivot_into(&target)?;
-    let stubs = rootfs::populate(spec, sources, rootless)?;
+    let stubs = rootfs::populate(spec, &sources, &mut rootfs::Kernel, rootless)?;
     if matches!(spec.rootfs, RootfsSpec::Overlay { .. }) {
         // Batched: one write (and one wake-up of the caller) for the usual handful.
         let mut batch = Vec::new();
