@@ -49,6 +49,7 @@ impl Sandbox {
         // One socket carries the spec, the reports and the lifeline (see
         // `crate::helper`). Passing it as stdin (no `pre_exec` hook) lets std use
         // posix_spawn, which stays cheap from a large multi-threaded caller.
+        spec.validate()?;
         let (ours, theirs) = UnixStream::pair().map_err(|source| Error::Pipe {
             what: "create",
             source,
