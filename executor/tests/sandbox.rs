@@ -873,34 +873,14 @@ fn mounts_tmpfs_bind_ro_cache_secret() {
 
 const ROOTLESS_USER: &str = "kiln-test-rootless";
 
-#[test]
-fn rootless_as_an_unprivileged_user() {
-    let _g = LOCK.lock();
-    if !can_run() {
-        return;
-    }
-    if nix::unistd::User::from_name(ROOTLESS_USER)
-        .unwrap()
-        .is_none()
-    {
-        let st = std::process::Command::new("useradd")
-            .args(["--no-create-home", ROOTLESS_USER])
-            .status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "cannot create the user `{ROOTLESS_USER}` (useradd)"
-        );
-    }
-    let user = nix::unistd::User::from_name(ROOTLESS_USER)
-        .unwrap()
-        .unwrap();
-    let fx = Fixture::new();
-    // The user must reach the fixture: open the temp dir, own the layer (a rootless
-    // store unpacks layers as the user), the upper and the work dir.
+/// Makes `dirs` reachable and owned by `uid:gid`, and a copy of the busybox lower
+/// owned by them (a rootless store unpacks layers as the user).
+fn rootless_fixture(uid: u32, gid: u32) -> (Fixture, PathBuf, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
     fs_err::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let st = std::process::Command::new("chown")
-        .args(["-R", "-h", &format!("{}:{}", user.uid, user.gid)])
+        .args(["-R", "-h", &format!("{uid}:{gid}")])
         .arg(&fx.lower)
         .status()
         .unwrap();
@@ -908,22 +888,68 @@ fn rootless_as_an_unprivileged_user() {
     let (upper, work) = (fx.path("rl.upper"), fx.path("rl.work"));
     for d in [&upper, &work] {
         fs_err::create_dir_all(d).unwrap();
-        nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
+        nix::unistd::chown(
+            d,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap();
     }
+    (fx, upper, work)
+}
+
+/// Runs the helper binary as `uid:gid` (no supplementary groups) on the fixture.
+fn run_as(
+    uid: u32,
+    gid: u32,
+    fx: &Fixture,
+    upper: &Path,
+    work: &Path,
+    extra: &[&str],
+    script: &str,
+) -> std::process::Output {
     let out = std::process::Command::new("setpriv")
-        .arg(format!("--reuid={}", user.uid))
-        .arg(format!("--regid={}", user.gid))
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
         .args(["--clear-groups", "--"])
         .arg(HELPER)
         .args(["--lower", &fx.lower.display().to_string()])
-        .args(["--upper", &upper.display().to_string(), "--work", &work.display().to_string()])
-        .args(["--", "/bin/sh", "-c", "echo id=$(id -u):$(id -g); echo pid=$$; echo hi > /root/written; cat /proc/self/uid_map"])
+        .args([
+            "--upper",
+            &upper.display().to_string(),
+            "--work",
+            &work.display().to_string(),
+        ])
+        .args(extra)
+        .args(["--", "/bin/sh", "-c", script])
         .output()
         .unwrap();
     eprintln!(
         "stdout:\n{}\nstderr:\n{}",
         text(&out.stdout),
         text(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn rootless_as_an_unprivileged_user_with_a_single_id_map() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    // A bare uid with no passwd entry and no subordinate ids: the helper maps just
+    // itself to 0 (no newuidmap involved).
+    let (uid, gid) = (64124, 64124);
+    let (fx, upper, work) = rootless_fixture(uid, gid);
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &[],
+        "echo id=$(id -u):$(id -g); echo pid=$$; echo hi > /root/written; echo maps=$(wc -l < /proc/self/uid_map)",
     );
     assert!(
         out.status.success(),
@@ -933,56 +959,96 @@ fn rootless_as_an_unprivileged_user() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("id=0:0"), "{stdout}");
     assert!(stdout.contains("pid=2"), "{stdout}");
+    assert!(stdout.contains("maps=1"), "{stdout}");
     // The payload's root is the unprivileged user on the host.
     let written = fs_err::metadata(upper.join("root/written")).unwrap();
-    assert_eq!(written.uid(), user.uid.as_raw());
+    assert_eq!(written.uid(), uid);
+}
 
-    // With subordinate ids (useradd allocates them on Debian) and newuidmap from
-    // `uidmap`, the map covers more than one id and a non-root USER works.
+#[test]
+fn rootless_with_subordinate_ids_maps_a_range_and_runs_a_non_root_user() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    // newuidmap needs a named user with /etc/subuid and /etc/subgid entries;
+    // useradd makes both on Debian.
+    let missing_tool = !Path::new("/usr/bin/newuidmap").exists();
+    let user = match nix::unistd::User::from_name(ROOTLESS_USER) {
+        Ok(Some(user)) => Some(user),
+        _ => {
+            let made = std::process::Command::new("useradd")
+                .args([
+                    "--no-create-home",
+                    "--no-user-group",
+                    "--gid",
+                    "65534",
+                    ROOTLESS_USER,
+                ])
+                .output();
+            if let Ok(out) = &made {
+                eprintln!("useradd: {}", text(&out.stderr));
+            }
+            nix::unistd::User::from_name(ROOTLESS_USER).ok().flatten()
+        }
+    };
     let subuid = fs_err::read_to_string("/etc/subuid").unwrap_or_default();
     let has_range = subuid
         .lines()
         .any(|l| l.starts_with(&format!("{ROOTLESS_USER}:")));
+    let (Some(user), false, true) = (user, missing_tool, has_range) else {
+        let why = format!(
+            "needs the user `{ROOTLESS_USER}` (useradd; a readable /etc/passwd), its /etc/subuid range \
+             and newuidmap (package uidmap)"
+        );
+        assert!(!in_ci(), "{why}, with CI=true");
+        eprintln!("skipped: {why}");
+        return;
+    };
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    let (fx, upper, work) = rootless_fixture(uid, gid);
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &[],
+        "echo id=$(id -u); cat /proc/self/uid_map",
+    );
+    assert!(
+        out.status.success(),
+        "rootless run failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("id=0"), "{stdout}");
     let maps = stdout
         .lines()
         .filter(|l| l.split_whitespace().count() == 3)
         .count();
-    if has_range && Path::new("/usr/bin/newuidmap").exists() {
-        assert_eq!(maps, 2, "expected a full map: {stdout}");
-        for d in [&upper, &work] {
-            fs_err::remove_dir_all(d).unwrap();
-            fs_err::create_dir_all(d).unwrap();
-            nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
-        }
-        let out = std::process::Command::new("setpriv")
-            .arg(format!("--reuid={}", user.uid))
-            .arg(format!("--regid={}", user.gid))
-            .args(["--clear-groups", "--"])
-            .arg(HELPER)
-            .args(["--lower", &fx.lower.display().to_string(), "--user", "app"])
-            .args([
-                "--upper",
-                &upper.display().to_string(),
-                "--work",
-                &work.display().to_string(),
-            ])
-            .args([
-                "--",
-                "/bin/sh",
-                "-c",
-                "echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,)",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rootless non-root USER failed: {}",
-            text(&out.stderr)
-        );
-        assert_eq!(text(&out.stdout).trim(), "id=1000:1000:1000,10");
-    } else {
-        assert_eq!(maps, 1, "expected a single-id map: {stdout}");
+    assert_eq!(maps, 2, "expected a full map: {stdout}");
+
+    for d in [&upper, &work] {
+        fs_err::remove_dir_all(d).unwrap();
+        fs_err::create_dir_all(d).unwrap();
+        nix::unistd::chown(d.as_path(), Some(user.uid), Some(user.gid)).unwrap();
     }
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &["--user", "app"],
+        "echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,)",
+    );
+    assert!(
+        out.status.success(),
+        "rootless non-root USER failed: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), "id=1000:1000:1000,10");
 }
 
 #[test]
