@@ -388,7 +388,7 @@ fn run_namespaces(
         }
         _ => None,
     };
-    let procs: Vec<fs_err::File> = cgroup
+    let mut procs: Vec<fs_err::File> = cgroup
         .map(|cg| {
             cg.procs_files()
                 .into_iter()
@@ -428,13 +428,21 @@ fn run_namespaces(
         nix::sched::setns(ns.file().as_fd(), CloneFlags::CLONE_NEWNET)
             .step(|| format!("join the network namespace `{}`", ns.path().display()))?;
     }
+    drop(netns);
 
     // SAFETY: the helper is single-threaded (it is a fresh exec of a binary whose
     // main calls `helper_main_if_requested` first), so the child may run any code.
     let init = match unsafe { fork() }.step(|| "fork the sandbox init".to_owned())? {
         ForkResult::Child => {
             drop(lifeline);
-            let code = match init_main(spec, state, rootless, groups_allowed, &procs, report) {
+            let code = match init_main(
+                spec,
+                state,
+                rootless,
+                groups_allowed,
+                std::mem::take(&mut procs),
+                report,
+            ) {
                 Ok(never) => match never {},
                 Err(fail) => {
                     send(report, &fail.report);
@@ -516,7 +524,7 @@ fn init_main(
     state: &Path,
     rootless: bool,
     groups_allowed: bool,
-    procs: &[fs_err::File],
+    procs: Vec<fs_err::File>,
     report: BorrowedFd<'_>,
 ) -> Result<std::convert::Infallible, Fail> {
     // A recognisable name in `ps` (comm is otherwise the helper binary's name).
@@ -524,12 +532,13 @@ fn init_main(
     // If the helper dies (SIGKILL), take the whole pid namespace down with it.
     crate::sys::prctl(libc::PR_SET_PDEATHSIG, Signal::SIGKILL as libc::c_ulong)
         .step(|| "set the parent-death signal".to_owned())?;
-    for file in procs {
+    for file in &procs {
         use std::io::Write;
         let mut f = file.file();
         f.write_all(b"0")
             .step(|| format!("join the cgroup `{}`", file.path().display()))?;
     }
+    drop(procs);
     unshare(CloneFlags::CLONE_NEWNS).step(|| "unshare the mount namespace".to_owned())?;
     nix::mount::mount(
         None::<&str>,
@@ -568,6 +577,9 @@ fn init_main(
     }
     rootfs::pivot_into(&target)?;
     let stubs = rootfs::populate(spec, &sources, &mut rootfs::Kernel, rootless)?;
+    // Close every host source before anything reads or creates paths in the rootfs
+    // with /proc mounted (USER lookup, the working directory).
+    drop(sources);
     if matches!(spec.rootfs, RootfsSpec::Overlay { .. }) {
         // Batched: one write (and one wake-up of the caller) for the usual handful.
         let mut batch = Vec::new();

@@ -427,66 +427,86 @@ pub(crate) enum Kind {
 }
 
 /// Makes sure `path` (absolute, inside the sandbox, after `pivot_root`) exists as a
-/// `kind`, following symlinks the way the kernel will when mounting: a dangling link
-/// gets its target created. Only ever called after `pivot_root`, so every path is
-/// inside the rootfs whatever the links say.
+/// `kind`, resolving it one component at a time the way the kernel will when
+/// mounting: symlinks are followed (absolute ones from the sandbox's root, `..`
+/// stops at `/`), and whatever is missing, including the targets of dangling links,
+/// is created and recorded in `stubs` (parents first). Only ever called after
+/// `pivot_root` and before /proc is attached, so every path is inside the rootfs
+/// whatever the links say. Returns the resolved path.
 pub(crate) fn ensure_target(
     path: &Path,
     kind: Kind,
     stubs: &mut Vec<PathBuf>,
 ) -> Result<PathBuf, Fail> {
-    let mut current = path.to_path_buf();
-    for _ in 0..40 {
-        match fs_err::symlink_metadata(&current) {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    use std::path::Component;
+    fn parts(p: &Path) -> impl Iterator<Item = OsString> + '_ {
+        p.components().filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+    }
+    let mut pending: VecDeque<OsString> = parts(path).collect();
+    let mut resolved = PathBuf::from("/");
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let next = resolved.join(&part);
+        let last = pending.is_empty();
+        match fs_err::symlink_metadata(&next) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                let link = fs_err::read_link(&current)
-                    .step(|| format!("read the link `{}`", current.display()))?;
-                let parent = current
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| PathBuf::from("/"));
-                current = parent.join(link);
+                hops += 1;
+                if hops > 40 {
+                    return Err(Fail::step(
+                        format!(
+                            "resolve the mount point `{}`: too many symlinks",
+                            path.display()
+                        ),
+                        libc::ELOOP,
+                    ));
+                }
+                let link = fs_err::read_link(&next)
+                    .step(|| format!("read the link `{}`", next.display()))?;
+                if link.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                let mut spliced: VecDeque<OsString> = parts(&link).collect();
+                spliced.extend(pending.drain(..));
+                pending = spliced;
             }
-            Ok(_) => return Ok(current),
+            Ok(meta) => {
+                if !last && !meta.is_dir() {
+                    return Err(Fail::step(
+                        format!(
+                            "resolve the mount point `{}`: `{}` is not a directory",
+                            path.display(),
+                            next.display()
+                        ),
+                        libc::ENOTDIR,
+                    ));
+                }
+                resolved = next;
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                // Record what is made here (missing ancestors first) so that it can
-                // be removed from the upper after the run (see `crate::stubs`).
-                let mut missing = Vec::new();
-                let mut up = current.parent();
-                while let Some(p) = up {
-                    if fs_err::symlink_metadata(p).is_ok() {
-                        break;
-                    }
-                    missing.push(p.to_path_buf());
-                    up = p.parent();
+                match (last, kind) {
+                    (true, Kind::File) => fs_err::File::create(&next).map(drop),
+                    _ => fs_err::create_dir(&next),
                 }
-                stubs.extend(missing.into_iter().rev());
-                stubs.push(current.clone());
-                if let Some(parent) = current.parent() {
-                    fs_err::create_dir_all(parent).step(|| {
-                        format!("create the mount point's parent `{}`", parent.display())
-                    })?;
-                }
-                match kind {
-                    Kind::Dir => fs_err::create_dir(&current),
-                    Kind::File => fs_err::File::create(&current).map(drop),
-                }
-                .step(|| format!("create the mount point `{}`", current.display()))?;
-                return Ok(current);
+                .step(|| format!("create the mount point `{}`", next.display()))?;
+                stubs.push(next.clone());
+                resolved = next;
             }
             Err(err) => {
-                return Err(err)
-                    .step(|| format!("inspect the mount point `{}`", current.display()));
+                return Err(err).step(|| format!("inspect the mount point `{}`", next.display()));
             }
         }
     }
-    Err(Fail::step(
-        format!(
-            "resolve the mount point `{}`: too many symlinks",
-            path.display()
-        ),
-        libc::ELOOP,
-    ))
+    Ok(resolved)
 }
 
 fn attach(
@@ -553,8 +573,6 @@ pub(crate) fn populate<O: MountOps>(
 ) -> Result<Vec<PathBuf>, Fail> {
     let mut stubs = Vec::new();
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-
-    ops.attach(&sources.proc, Path::new("/proc"), Kind::Dir, &mut stubs)?;
 
     let dev = ops.ensure_target(Path::new("/dev"), Kind::Dir, &mut stubs)?;
     ops.mount_fs(
@@ -652,6 +670,11 @@ pub(crate) fn populate<O: MountOps>(
         }
     }
 
+    // /proc comes last: until it is attached no procfs is reachable in the new
+    // root, so no hostile link through `/proc/self/fd/N` or `/proc/N/root` can
+    // point a mount target at one of the host directories init holds open.
+    ops.attach(&sources.proc, Path::new("/proc"), Kind::Dir, &mut stubs)?;
+
     if spec.readonly_rootfs {
         ops.remount_ro(Path::new("/"))?;
     }
@@ -742,7 +765,6 @@ mod tests {
         let nosuid_nodev_noexec =
             (MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC).bits();
         let expected = [
-            "attach fresh-proc /proc Dir".to_owned(),
             format!(
                 "mount tmpfs /dev {:#x} mode=755,size=65536k",
                 (MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME).bits()
@@ -772,6 +794,7 @@ mod tests {
             "attach etc:hosts /etc/hosts File".to_owned(),
             "attach etc:resolv.conf /etc/resolv.conf File".to_owned(),
             "attach etc:hostname /etc/hostname File".to_owned(),
+            "attach fresh-proc /proc Dir".to_owned(),
         ];
         assert_eq!(rec.0, expected);
     }
@@ -853,6 +876,7 @@ mod tests {
                 "attach m3 /c Dir".to_owned(),
                 "attach m4 /run/secrets/s File".to_owned(),
                 "ro /run/secrets/s".to_owned(),
+                "attach fresh-proc /proc Dir".to_owned(),
                 "ro /".to_owned(),
             ]
         );

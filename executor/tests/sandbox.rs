@@ -559,14 +559,12 @@ fn hostile_rootfs_links_cannot_write_outside() {
         fs_err::read_to_string("/proc/self/mountinfo").unwrap(),
         mounts_before
     );
+    // The link targets were created inside the rootfs as mount-point stubs, and
+    // removed from the upper again after the run.
     let upper = fx.path("hostile.upper");
-    assert!(
-        upper
-            .join(host.strip_prefix("/").unwrap())
-            .join("hosts")
-            .exists(),
-        "the link target was made inside"
-    );
+    let inside = upper.join(host.strip_prefix("/").unwrap());
+    assert!(!inside.join("hosts").exists(), "stub left in the upper");
+    assert!(!inside.join("procdir").exists(), "stub left in the upper");
 }
 
 fn count_lines(path: &str) -> usize {
@@ -1214,4 +1212,48 @@ fn classic_overlay_mount_with_many_long_lowers_uses_short_names() {
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("n=150\n"), "{stdout}");
     assert!(stdout.ends_with("\n1\n"), "not the classic mount: {stdout}");
+}
+
+#[test]
+fn hostile_links_through_proc_fd_cannot_reach_host_sources() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    // A host directory bind-mounted read-only: init holds a clone of it open while
+    // it sets up mounts, so `/proc/self/fd/N` would name it if procfs were reachable.
+    let rodir = fx.path("host-ro");
+    fs_err::create_dir_all(&rodir).unwrap();
+    fs_err::write(rodir.join("keep"), "host").unwrap();
+    let lower = fx.path("hostile-proc");
+    make_busybox_root(&lower);
+    let mut mounts = vec![Mount {
+        target: "/ro".into(),
+        kind: MountKind::Bind {
+            source: rodir.clone(),
+            readonly: true,
+        },
+    }];
+    for n in 3..40 {
+        std::os::unix::fs::symlink(format!("/proc/self/fd/{n}"), lower.join(format!("m{n}")))
+            .unwrap();
+        mounts.push(Mount {
+            target: format!("/m{n}/x"),
+            kind: MountKind::Tmpfs { size: Some(4096) },
+        });
+    }
+    fs_err::remove_dir_all(lower.join("etc")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/fd/7", lower.join("etc")).unwrap();
+    let before = tree(&rodir);
+    let mut spec = SandboxSpec::new(
+        fx.overlay_with(vec![lower], "procfd"),
+        ProcessSpec::new(["true"]),
+    );
+    spec.mounts = mounts;
+    let result = Sandbox::new().with_helper(HELPER).output(&spec);
+    eprintln!("result: {result:?}");
+    assert_eq!(tree(&rodir), before, "a file appeared in a host directory");
+    // Every stub went into the rootfs's own (not yet mounted-over) /proc directory.
+    assert_eq!(result.unwrap().status, ExitStatus::Code(0));
 }
