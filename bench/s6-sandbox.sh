@@ -6,6 +6,8 @@
 #   kiln-overlay-tmpfs  the same with the fresh upper/work on tmpfs (/dev/shm): the
 #                 sandbox's own cost without the upper file system's metadata writes
 #   kiln-dir      the same sandbox with the rootfs bind-mounted (no overlay, no upper)
+#   kiln-binary   kiln-overlay with the `kiln` binary ($KILN, if set) re-executed as the
+#                 helper, as `kiln build`/`kiln run` do: adds the big binary's start-up
 #   runc          `runc run` on an OCI bundle of the same rootfs (runc's default spec:
 #                 its own network namespace too)
 #   floor         `unshare -m -p -n -f --mount-proc chroot ROOTFS /bin/true`
@@ -48,6 +50,10 @@ if os.environ.get("RT") == "1":
 json.dump(c, open(p, "w"), indent=1)
 PY
 
+KILN_PEER=()
+if [ -n "${KILN:-}" ]; then
+  KILN_PEER=(-n kiln-binary "$RUNNER --helper $KILN --lower $root -- true")
+fi
 PRIO=()
 [ "${RT:-0}" = 1 ] && PRIO=(chrt -f 10)
 "${PRIO[@]}" hyperfine -N --warmup 10 --runs "$RUNS" \
@@ -56,6 +62,7 @@ PRIO=()
   -n kiln-overlay-tmpfs "env TMPDIR=/dev/shm $RUNNER --lower $root -- true" \
   -n kiln-dir "$RUNNER --dir $root -- true" \
   -n runc "runc run --bundle $work/bundle kiln-s6-bench" \
+  "${KILN_PEER[@]}" \
   -n floor "unshare -m -p -n -f --mount-proc chroot $root /bin/true"
 
 python3 - "$BENCH_OUT/s6-sandbox.json" <<'PY'

@@ -4,10 +4,11 @@
 //! ```text
 //! kiln-sandbox-run [--lower DIR]... [--upper DIR --work DIR | --dir DIR]
 //!                  [--net none|host] [--user SPEC] [--memory BYTES] [--pids N]
-//!                  [--repeat N] -- ARGS...
+//!                  [--repeat N] [--helper BIN] -- ARGS...
 //! ```
 //! With `--lower` and no `--upper`, each run gets a fresh upper and work directory
-//! (as a RUN step does), made and removed inside the timed loop.
+//! (as a RUN step does), made and removed inside the timed loop. `--helper` re-execs
+//! another binary as the helper (e.g. the `kiln` binary, to measure its start-up).
 //! Prints nothing of its own; the payload's output is inherited. Exits with the
 //! payload's shell code (of the last run with `--repeat`).
 #![expect(
@@ -37,6 +38,7 @@ fn run() -> Result<i32, String> {
     let (mut network, mut user, mut limits, mut repeat) =
         (Network::None, None, Limits::default(), 1u32);
     let mut payload = Vec::new();
+    let mut helper = None;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("`{arg}` needs a value"));
         match arg.as_str() {
@@ -56,6 +58,7 @@ fn run() -> Result<i32, String> {
                 limits.memory = Some(value()?.parse().map_err(|e| format!("--memory: {e}"))?)
             }
             "--pids" => limits.pids = Some(value()?.parse().map_err(|e| format!("--pids: {e}"))?),
+            "--helper" => helper = Some(PathBuf::from(value()?)),
             "--repeat" => repeat = value()?.parse().map_err(|e| format!("--repeat: {e}"))?,
             "--" => {
                 payload.extend(args.by_ref());
@@ -92,7 +95,10 @@ fn run() -> Result<i32, String> {
     spec.network = network;
     spec.limits = limits;
     spec.stdio = Stdio::Inherit;
-    let sandbox = Sandbox::new();
+    let sandbox = match helper {
+        Some(h) => Sandbox::new().with_helper(h),
+        None => Sandbox::new(),
+    };
     let mut code = 0;
     for _ in 0..repeat {
         if fresh {
