@@ -15,6 +15,20 @@
 //! payload under a tiny init that reaps zombies, with Docker's default capability
 //! set and `no_new_privs`.
 //!
+//! What a caller can rely on:
+//!
+//! - setup failures come back as [`Error::Setup`] naming the step and its paths,
+//!   exec failures as [`Error::Exec`], an unknown `USER` as [`Error::User`];
+//! - [`ExitStatus`] is the payload's code or signal, `OomKilled` when the memory
+//!   cgroup killed it, `Cancelled` after [`Running::kill`], a drop or SIGINT/SIGTERM
+//!   to the helper;
+//! - when `wait` returns, nothing of the sandbox remains: no process, mount, cgroup
+//!   or temp directory, and on an overlay the mount-point stubs it had to create
+//!   (`/etc/hosts` in an image without one, ...) are gone from the upper again. If
+//!   the caller is SIGKILLed, the helper still kills the sandbox and cleans up;
+//! - the overlay is mounted `volatile` by default (see
+//!   [`SandboxSpec::volatile_upper`]).
+//!
 //! ```no_run
 //! use kiln_executor::{ProcessSpec, RootfsSpec, Sandbox, SandboxSpec};
 //! # fn main() -> Result<(), kiln_executor::Error> {
