@@ -316,3 +316,56 @@ impl Drop for Running {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_cross_threads_and_errors_suit_anyhow() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Sandbox>();
+        send_sync::<Running>();
+        send_sync::<Error>();
+        send_sync::<SandboxSpec>();
+    }
+
+    #[test]
+    fn reports_are_interpreted_first_error_wins_oom_beats_sigkill() {
+        let exited = Report::Exited { code: 3 };
+        assert_eq!(
+            interpret(vec![exited.clone()], "").unwrap(),
+            ExitStatus::Code(3)
+        );
+        let killed = Report::Signaled { signal: 9 };
+        assert_eq!(
+            interpret(vec![killed, Report::OomKilled], "").unwrap(),
+            ExitStatus::OomKilled
+        );
+        assert_eq!(
+            interpret(vec![Report::Cancelled], "").unwrap(),
+            ExitStatus::Cancelled
+        );
+        assert_eq!(
+            interpret(vec![Report::Signaled { signal: 15 }, Report::Cancelled], "").unwrap(),
+            ExitStatus::Signal(15)
+        );
+        let setup = Report::SetupFailed {
+            step: "mount x".into(),
+            errno: libc::EPERM,
+        };
+        let exec = Report::ExecFailed {
+            program: "p".into(),
+            errno: libc::ENOENT,
+        };
+        assert!(matches!(
+            interpret(vec![setup, exec, exited], ""),
+            Err(Error::Setup { .. })
+        ));
+        assert!(
+            matches!(interpret(vec![], "signal: 9"), Err(Error::HelperDied { status }) if status == "signal: 9")
+        );
+        assert_eq!(ExitStatus::Signal(15).shell_code(), 143);
+        assert_eq!(ExitStatus::OomKilled.shell_code(), 137);
+    }
+}
