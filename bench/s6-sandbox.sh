@@ -2,7 +2,9 @@
 # s6, sandbox start latency: median start-to-exit of `true` in
 #   kiln-overlay  kiln's sandbox over an overlay (busybox lower, fresh upper per run,
 #                 network none: new mount/pid/uts/ipc/net namespaces, pivot_root,
-#                 /proc /dev /sys, caps, init) — what a RUN step costs
+#                 /proc /dev /sys, caps; the payload is PID 1) — what a RUN step costs
+#   kiln-overlay-init  the same with `--init`: kiln-init is PID 1 and forks the
+#                 payload (`docker run --init`)
 #   kiln-overlay-tmpfs  the same with the fresh upper/work on tmpfs (/dev/shm): the
 #                 sandbox's own cost without the upper file system's metadata writes
 #   kiln-dir      the same sandbox with the rootfs bind-mounted (no overlay, no upper)
@@ -59,6 +61,7 @@ PRIO=()
 "${PRIO[@]}" hyperfine -N --warmup 10 --runs "$RUNS" \
   --export-markdown "$BENCH_OUT/s6-sandbox.md" --export-json "$BENCH_OUT/s6-sandbox.json" \
   -n kiln-overlay "$RUNNER --lower $root -- true" \
+  -n kiln-overlay-init "$RUNNER --init --lower $root -- true" \
   -n kiln-overlay-tmpfs "env TMPDIR=/dev/shm $RUNNER --lower $root -- true" \
   -n kiln-dir "$RUNNER --dir $root -- true" \
   -n runc "runc run --bundle $work/bundle kiln-s6-bench" \

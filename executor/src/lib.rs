@@ -12,8 +12,10 @@
 //! in the sandbox's init), mounts the overlay with the new mount API (no limit on
 //! the number of lowers), pivots into it, mounts `/proc`, `/dev`, `/sys` and the
 //! generated `/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`, and runs the
-//! payload under a tiny init that reaps zombies, with Docker's default capability
-//! set and `no_new_privs`.
+//! payload with Docker's default capability set and `no_new_privs`: as PID 1 of its
+//! pid namespace by default (as a Docker/BuildKit `RUN` step), or as PID 2 under a
+//! tiny init that reaps zombies and forwards signals with [`SandboxSpec::init`]
+//! (`docker run --init`).
 //!
 //! What a caller can rely on:
 //!

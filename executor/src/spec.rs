@@ -39,11 +39,20 @@ pub struct SandboxSpec {
     /// Nameservers for `/etc/resolv.conf`; empty means copy the host's file
     /// (minus loopback nameservers, which cannot work in a new netns).
     pub dns: Vec<String>,
+    /// Run a tiny init (`kiln-init`) as PID 1, like `docker run --init`: it reaps
+    /// orphaned zombies and forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and
+    /// SIGUSR2 to the payload, which is PID 2. `false` (the default, as in a
+    /// Docker/BuildKit `RUN` step) execs the payload directly as PID 1 of its pid
+    /// namespace: `echo $$` prints `1`, orphans are not reaped, and the kernel
+    /// drops signals PID 1 has no handler for (cancellation always uses SIGKILL
+    /// from outside the namespace, which PID 1 cannot ignore).
+    #[serde(default)]
+    pub init: bool,
 }
 
 impl SandboxSpec {
     /// A spec with defaults: hostname `kiln`, no mounts, network `none`, no limits,
-    /// piped stdout/stderr.
+    /// piped stdout/stderr, the payload as PID 1 (no init).
     pub fn new(rootfs: RootfsSpec, process: ProcessSpec) -> Self {
         Self {
             rootfs,
@@ -57,6 +66,7 @@ impl SandboxSpec {
             volatile_upper: true,
             extra_hosts: Vec::new(),
             dns: Vec::new(),
+            init: false,
         }
     }
 }

@@ -178,7 +178,7 @@ fn isolation_pid_rootfs_mounts_caps_network() {
     let script = format!(
         r#"
 echo pid=$$
-echo init=$(cat /proc/1/comm)
+echo pid1=$(tr '\0' ' ' < /proc/1/cmdline | head -c 11)
 echo procs=$(ls /proc | grep -c '^[0-9]')
 echo root=$(ls / | tr '\n' ' ')
 if [ -e {sentinel} ]; then echo sentinel=visible; else echo sentinel=absent; fi
@@ -197,14 +197,16 @@ echo sys_ro=$(touch /sys/x 2>/dev/null && echo writable || echo readonly)
 "#,
         sentinel = sentinel.display()
     );
-    let out = run(&fx.sh("iso", &script));
+    let spec = fx.sh("iso", &script);
+    assert!(!spec.init, "the payload is PID 1 by default");
+    let out = run(&spec);
     assert_eq!(out.status, ExitStatus::Code(0));
-    // The payload runs under the sandbox's init, which is PID 1 and reaps zombies.
-    assert_eq!(field(&out, "pid"), "2");
-    assert_eq!(field(&out, "init"), "kiln-init");
-    // init, sh, the subshell of `$(...)` and its ls and grep: nothing from the host.
+    // Without init (the default, as a Docker RUN step) the payload itself is PID 1.
+    assert_eq!(field(&out, "pid"), "1");
+    assert_eq!(field(&out, "pid1").trim_end(), "/bin/sh -c");
+    // sh, the subshell of `$(...)` and its ls and grep: nothing from the host.
     let procs: u32 = field(&out, "procs").parse().unwrap();
-    assert!(procs <= 5, "{procs} processes visible");
+    assert!(procs <= 4, "{procs} processes visible");
     assert_eq!(
         field(&out, "root").trim(),
         "bin dev etc home mnt proc root sys tmp"
@@ -406,19 +408,44 @@ fn overlay_with_150_lowers() {
 }
 
 #[test]
-fn exit_codes_signals_and_errors_are_reported() {
+fn exit_codes_signals_and_errors_are_reported_without_init() {
+    exit_codes_signals_and_errors_are_reported(false);
+}
+
+#[test]
+fn exit_codes_signals_and_errors_are_reported_with_init() {
+    exit_codes_signals_and_errors_are_reported(true);
+}
+
+fn exit_codes_signals_and_errors_are_reported(init: bool) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
     }
     let fx = Fixture::new();
-    assert_eq!(run(&fx.sh("e1", "exit 3")).status, ExitStatus::Code(3));
-    assert_eq!(
-        run(&fx.sh("e2", "kill -TERM $$")).status,
-        ExitStatus::Signal(15)
-    );
+    let sh = |tag: &str, script: &str| {
+        let mut spec = fx.sh(tag, script);
+        spec.init = init;
+        spec
+    };
+    assert_eq!(run(&sh("e1", "exit 3")).status, ExitStatus::Code(3));
+    assert_eq!(run(&sh("e0", "true")).status, ExitStatus::Code(0));
+    let out = run(&sh("e2", "kill -TERM $$; echo survived"));
+    if init {
+        assert_eq!(out.status, ExitStatus::Signal(15));
+    } else {
+        // PID 1 of a pid namespace gets no signal it has no handler for (the
+        // kernel's rule, and Docker's `RUN kill $$` behaves alike).
+        assert_eq!(out.status, ExitStatus::Code(0));
+        assert_eq!(text(&out.stdout), "survived\n");
+    }
+    // The exit code of a payload that is PID 1 (or PID 2) exactly as it exited,
+    // including codes a setup failure would use.
+    assert_eq!(run(&sh("e5", "exit 1")).status, ExitStatus::Code(1));
+    assert_eq!(run(&sh("e6", "exit 127")).status, ExitStatus::Code(127));
 
-    let missing = SandboxSpec::new(fx.overlay("e3"), ProcessSpec::new(["no-such-program"]));
+    let mut missing = SandboxSpec::new(fx.overlay("e3"), ProcessSpec::new(["no-such-program"]));
+    missing.init = init;
     match Sandbox::new().with_helper(HELPER).output(&missing) {
         Err(Error::Exec { program, source }) => {
             assert_eq!(program, "no-such-program");
@@ -428,16 +455,97 @@ fn exit_codes_signals_and_errors_are_reported() {
     }
 
     let bad_lower = fx.path("does-not-exist");
-    let spec = SandboxSpec::new(
+    let mut spec = SandboxSpec::new(
         fx.overlay_with(vec![bad_lower.clone()], "e4"),
         ProcessSpec::new(["true"]),
     );
+    spec.init = init;
     match Sandbox::new().with_helper(HELPER).output(&spec) {
         Err(err @ Error::Setup { .. }) => {
             let msg = chain(&err);
             assert!(msg.contains(&bad_lower.display().to_string()), "{msg}");
         }
         other => panic!("expected a setup error, got {other:?}"),
+    }
+    let mut spec = sh("e7", "true");
+    spec.process.user = User::Spec("nobody-here".to_owned());
+    assert!(
+        matches!(
+            Sandbox::new().with_helper(HELPER).output(&spec),
+            Err(Error::User(UserError::UnknownUser { .. }))
+        ),
+        "an unknown user must be an error, init={init}"
+    );
+}
+
+/// The payload as PID 1 ignores signals it has no handler for, so cancelling must
+/// (and does) use SIGKILL from outside the namespace. A SIGKILL from elsewhere is
+/// the payload's own status, not a cancel.
+#[test]
+fn kill_ends_a_pid_1_payload_without_signal_handlers() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let spec = SandboxSpec::new(fx.overlay("pid1kill"), ProcessSpec::new(["sleep", "31343"]));
+    assert!(!spec.init);
+    let mut running = Sandbox::new().with_helper(HELPER).spawn(&spec).unwrap();
+    wait_until(|| processes_with_arg("31343") == 1, "the sleep to start");
+    let started = Instant::now();
+    running.kill();
+    assert_eq!(running.wait().unwrap(), ExitStatus::Cancelled);
+    assert_eq!(processes_with_arg("31343"), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "kill waited for the sleep"
+    );
+
+    let mut running = Sandbox::new()
+        .with_helper(HELPER)
+        .spawn(&SandboxSpec::new(
+            fx.overlay("pid1kill2"),
+            ProcessSpec::new(["sleep", "31344"]),
+        ))
+        .unwrap();
+    wait_until(|| processes_with_arg("31344") == 1, "the sleep to start");
+    let pids = pids_where(|argv| argv == [b"sleep".as_slice(), b"31344".as_slice()]);
+    assert_eq!(pids.len(), 1);
+    // From the host: SIGTERM is dropped (no handler), SIGKILL is forced.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pids[0]).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        alive(pids[0]),
+        "PID 1 died of a signal it has no handler for"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(running.wait().unwrap(), ExitStatus::Signal(9));
+}
+
+/// Without init, the payload changes its uid (which clears the parent-death
+/// signal) and execs itself: it must still die with a SIGKILLed helper.
+#[test]
+fn sigkill_of_the_helper_kills_a_pid_1_payload_running_as_non_root() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let temps = sandbox_temp_dir_names();
+    let mut spec = SandboxSpec::new(fx.overlay("hkill"), ProcessSpec::new(["sleep", "31345"]));
+    spec.process.user = User::Spec("app".to_owned());
+    let mut running = Sandbox::new().with_helper(HELPER).spawn(&spec).unwrap();
+    wait_until(|| processes_with_arg("31345") == 1, "the sleep to start");
+    let helper = nix::unistd::Pid::from_raw(i32::try_from(running.helper_pid()).unwrap());
+    nix::sys::signal::kill(helper, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(|| processes_with_arg("31345") == 0, "the payload to die");
+    assert!(matches!(running.wait(), Err(Error::HelperDied { .. })));
+    // A SIGKILLed helper cannot remove its temp directory: do it for the next tests.
+    for name in sandbox_temp_dir_names() {
+        if !temps.contains(&name) {
+            fs_err::remove_dir_all(kiln_executor::state_root().join(name)).unwrap();
+        }
     }
 }
 
@@ -465,15 +573,20 @@ fn stdout_streams_and_drop_cancels_everything() {
 
 #[test]
 fn kill_reports_cancelled() {
+    for init in [false, true] {
+        kill_reports_cancelled_in(init);
+    }
+}
+
+fn kill_reports_cancelled_in(init: bool) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
     }
     let fx = Fixture::new();
-    let mut running = Sandbox::new()
-        .with_helper(HELPER)
-        .spawn(&fx.sh("kill", "sleep 31338"))
-        .unwrap();
+    let mut spec = fx.sh("kill", "sleep 31338; echo never");
+    spec.init = init;
+    let mut running = Sandbox::new().with_helper(HELPER).spawn(&spec).unwrap();
     wait_until(|| processes_with_arg("31338") == 1, "the sleep to start");
     running.kill();
     assert_eq!(running.wait().unwrap(), ExitStatus::Cancelled);
@@ -489,11 +602,16 @@ fn init_reaps_orphaned_zombies() {
     let fx = Fixture::new();
     // The inner sh exits at once, orphaning its background sleep to PID 1; when the
     // sleep ends it must be reaped, not left as a zombie.
-    let out = run(&fx.sh(
+    let mut spec = fx.sh(
         "zombie",
-        "sh -c 'sleep 0.1 &'; sleep 0.6; echo zombies=$(cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l)",
-    ));
+        "echo pid=$$; echo init=$(cat /proc/1/comm); sh -c 'sleep 0.1 &'; sleep 0.6; echo zombies=$(cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l)",
+    );
+    spec.init = true;
+    let out = run(&spec);
     assert_eq!(out.status, ExitStatus::Code(0));
+    // With init, kiln-init is PID 1 and the payload PID 2.
+    assert_eq!(field(&out, "pid"), "2");
+    assert_eq!(field(&out, "init"), "kiln-init");
     assert_eq!(field(&out, "zombies"), "0");
 }
 
@@ -584,6 +702,15 @@ fn own_children() -> usize {
         .sum()
 }
 
+fn sandbox_temp_dir_names() -> Vec<std::ffi::OsString> {
+    fs_err::read_dir(kiln_executor::state_root())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("kiln-sandbox."))
+        .collect()
+}
+
 fn sandbox_temp_dirs() -> usize {
     fs_err::read_dir(kiln_executor::state_root())
         .unwrap()
@@ -651,6 +778,10 @@ fn alive(pid: u32) -> bool {
 }
 
 fn processes_where(pred: impl Fn(&[&[u8]]) -> bool) -> usize {
+    pids_where(pred).len()
+}
+
+fn pids_where(pred: impl Fn(&[&[u8]]) -> bool) -> Vec<u32> {
     fs_err::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -668,7 +799,8 @@ fn processes_where(pred: impl Fn(&[&[u8]]) -> bool) -> usize {
                 })
                 .unwrap_or(false)
         })
-        .count()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect()
 }
 
 fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
@@ -684,6 +816,17 @@ fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
 
 #[test]
 fn nothing_leaks_after_many_runs_and_failures() {
+    nothing_leaks(false, 200, 30);
+}
+
+/// The same with init, shorter: the setup and teardown paths are shared, only the
+/// last stage differs.
+#[test]
+fn nothing_leaks_after_many_runs_and_failures_with_init() {
+    nothing_leaks(true, 50, 10);
+}
+
+fn nothing_leaks(init: bool, runs: usize, failures: usize) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
@@ -706,23 +849,24 @@ fn nothing_leaks_after_many_runs_and_failures() {
         pids: Some(1000),
         ..Limits::default()
     };
-    for i in 0..200 {
+    spec.init = init;
+    for i in 0..runs {
         // A fresh upper each time, as RUN steps have.
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leak{i}"));
         assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(0));
     }
     spec.process.args = vec!["false".to_owned()];
-    for i in 0..30 {
+    for i in 0..failures {
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leakf{i}"));
         assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(1));
     }
     spec.process.args = vec!["/no/such/binary".to_owned()];
-    for i in 0..30 {
+    for i in 0..failures {
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leake{i}"));
         assert!(matches!(sandbox.output(&spec), Err(Error::Exec { .. })));
     }
     spec.rootfs = fx.overlay_with(vec![fx.path("missing-lower")], "leaks");
-    for _ in 0..30 {
+    for _ in 0..failures {
         assert!(matches!(sandbox.output(&spec), Err(Error::Setup { .. })));
     }
     assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
@@ -733,6 +877,15 @@ fn nothing_leaks_after_many_runs_and_failures() {
 
 #[test]
 fn sigkill_of_the_parent_leaves_nothing() {
+    sigkill_of_the_parent_leaves_nothing_in(false);
+}
+
+#[test]
+fn sigkill_of_the_parent_leaves_nothing_with_init() {
+    sigkill_of_the_parent_leaves_nothing_in(true);
+}
+
+fn sigkill_of_the_parent_leaves_nothing_in(init: bool) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
@@ -745,15 +898,9 @@ fn sigkill_of_the_parent_leaves_nothing() {
     );
     // The helper binary doubles as a "kiln" process that starts a sandbox and waits.
     let mut parent = std::process::Command::new(HELPER)
-        .args([
-            "--lower",
-            &fx.lower.display().to_string(),
-            "--pids",
-            "100",
-            "--",
-            "sleep",
-            "31339",
-        ])
+        .args(["--lower", &fx.lower.display().to_string(), "--pids", "100"])
+        .args(init.then_some("--init"))
+        .args(["--", "sleep", "31339"])
         .spawn()
         .unwrap();
     wait_until(|| processes_with_arg("31339") == 1, "the sandbox to start");
@@ -956,11 +1103,40 @@ fn rootless_as_an_unprivileged_user_with_a_single_id_map() {
     );
     let stdout = text(&out.stdout);
     assert!(stdout.contains("id=0:0"), "{stdout}");
-    assert!(stdout.contains("pid=2"), "{stdout}");
+    assert!(stdout.contains("pid=1\n"), "{stdout}");
     assert!(stdout.contains("maps=1"), "{stdout}");
     // The payload's root is the unprivileged user on the host.
     let written = fs_err::metadata(upper.join("root/written")).unwrap();
     assert_eq!(written.uid(), uid);
+
+    // With init, rootless too.
+    for d in [&upper, &work] {
+        fs_err::remove_dir_all(d).unwrap();
+        fs_err::create_dir_all(d).unwrap();
+        nix::unistd::chown(
+            d.as_path(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap();
+    }
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &["--init"],
+        "echo pid=$$; echo init=$(cat /proc/1/comm)",
+    );
+    assert!(
+        out.status.success(),
+        "rootless run with init failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("pid=2\n"), "{stdout}");
+    assert!(stdout.contains("init=kiln-init\n"), "{stdout}");
 }
 
 #[test]

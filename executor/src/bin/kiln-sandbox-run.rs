@@ -4,11 +4,12 @@
 //! ```text
 //! kiln-sandbox-run [--lower DIR]... [--upper DIR --work DIR | --dir DIR]
 //!                  [--net none|host] [--user SPEC] [--memory BYTES] [--pids N]
-//!                  [--repeat N] [--helper BIN] -- ARGS...
+//!                  [--init] [--repeat N] [--helper BIN] -- ARGS...
 //! ```
 //! With `--lower` and no `--upper`, each run gets a fresh upper and work directory
 //! (as a RUN step does), made and removed inside the timed loop. `--helper` re-execs
 //! another binary as the helper (e.g. the `kiln` binary, to measure its start-up).
+//! `--init` runs the payload under `kiln-init` (PID 2) instead of as PID 1.
 //! Prints nothing of its own; the payload's output is inherited. Exits with the
 //! payload's shell code (of the last run with `--repeat`).
 #![expect(
@@ -39,6 +40,7 @@ fn run() -> Result<i32, String> {
         (Network::None, None, Limits::default(), 1u32);
     let mut payload = Vec::new();
     let mut helper = None;
+    let mut init = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("`{arg}` needs a value"));
         match arg.as_str() {
@@ -59,6 +61,7 @@ fn run() -> Result<i32, String> {
             }
             "--pids" => limits.pids = Some(value()?.parse().map_err(|e| format!("--pids: {e}"))?),
             "--helper" => helper = Some(PathBuf::from(value()?)),
+            "--init" => init = true,
             "--repeat" => repeat = value()?.parse().map_err(|e| format!("--repeat: {e}"))?,
             "--" => {
                 payload.extend(args.by_ref());
@@ -95,6 +98,7 @@ fn run() -> Result<i32, String> {
     spec.network = network;
     spec.limits = limits;
     spec.stdio = Stdio::Inherit;
+    spec.init = init;
     let sandbox = match helper {
         Some(h) => Sandbox::new().with_helper(h),
         None => Sandbox::new(),
