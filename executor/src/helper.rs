@@ -506,10 +506,11 @@ struct DirectPipes {
 
 impl DirectPipes {
     fn new() -> Result<Self, Fail> {
-        let pipe =
-            || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).step(|| "create a pipe".to_owned());
-        let (failed_r, failed_w) = pipe()?;
-        let (alive_r, alive_w) = pipe()?;
+        use nix::fcntl::OFlag;
+        let pipe = |flags: OFlag| nix::unistd::pipe2(flags).step(|| "create a pipe".to_owned());
+        // Non-blocking, so that the helper's read after reaping can never hang.
+        let (failed_r, failed_w) = pipe(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        let (alive_r, alive_w) = pipe(OFlag::O_CLOEXEC)?;
         Ok(Self {
             failed_r,
             failed_w,
@@ -578,7 +579,8 @@ fn supervise(
     };
     if let Some((failed, alive)) = direct {
         drop(alive);
-        // The child is reaped and held the only other write end: this never blocks.
+        // The child is reaped and held the only other write end: EOF means execve
+        // closed it unwritten, a byte means the child reported a failure.
         let mut byte = [0u8; 1];
         let execed = matches!(nix::unistd::read(&failed, &mut byte), Ok(0));
         match status {

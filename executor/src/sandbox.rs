@@ -181,7 +181,10 @@ impl Running {
     }
 
     /// Kills everything in the sandbox; [`Running::wait`] then returns
-    /// [`ExitStatus::Cancelled`] (unless the payload had already exited).
+    /// [`ExitStatus::Cancelled`] (unless the payload had already exited). The
+    /// helper sends SIGKILL to the namespace's PID 1 from outside, which even a
+    /// payload that is PID 1 without handlers (no [`SandboxSpec::init`]) cannot
+    /// ignore; the kernel then kills the rest of the namespace.
     pub fn kill(&mut self) {
         // EOF on the socket is the cancel signal: the helper kills the sandbox's init
         // (and with it the whole pid namespace) and cleans up. The read side stays

@@ -936,16 +936,19 @@ fn memory_limit_is_reported_as_oom_and_pids_limit_stops_forks() {
     }
     let fx = Fixture::new();
     let cgroups = sandbox_cgroups();
-    let mut spec = fx.sh(
-        "oom",
-        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
-    );
-    spec.limits = Limits {
-        memory: Some(32 << 20),
-        ..Limits::default()
-    };
-    let out = run(&spec);
-    assert_eq!(out.status, ExitStatus::OomKilled);
+    for init in [false, true] {
+        let mut spec = fx.sh(
+            &format!("oom-{init}"),
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+        );
+        spec.limits = Limits {
+            memory: Some(32 << 20),
+            ..Limits::default()
+        };
+        spec.init = init;
+        let out = run(&spec);
+        assert_eq!(out.status, ExitStatus::OomKilled, "init={init}");
+    }
 
     let mut spec = fx.sh(
         "pids",
