@@ -58,7 +58,12 @@ if [ -n "${KILN:-}" ]; then
 fi
 PRIO=()
 [ "${RT:-0}" = 1 ] && PRIO=(chrt -f 10)
-"${PRIO[@]}" hyperfine -N --warmup 10 --runs "$RUNS" \
+# IGNORE_FAILURES=1 keeps timing when a run fails (hyperfine -i) instead of aborting.
+# Known: about 1 in 100-400 overlay mounts with the upper on ext4 fails with EINVAL
+# (not on tmpfs); under investigation. Failed runs are counted in the timings.
+IGN=()
+[ "${IGNORE_FAILURES:-0}" = 1 ] && IGN=(-i)
+"${PRIO[@]}" hyperfine -N "${IGN[@]}" --warmup 10 --runs "$RUNS" \
   --export-markdown "$BENCH_OUT/s6-sandbox.md" --export-json "$BENCH_OUT/s6-sandbox.json" \
   -n kiln-overlay "$RUNNER --lower $root -- true" \
   -n kiln-overlay-init "$RUNNER --init --lower $root -- true" \

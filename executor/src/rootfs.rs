@@ -397,10 +397,25 @@ fn overlay_fsopen(
             })?;
         }
     }
-    sys::fs_create_and_mount(&fs, 0).map_err(|e| {
+    let created = sys::fs_create(&fs);
+    let what = if created.is_ok() { "mount" } else { "create" };
+    created.and_then(|()| sys::fs_mount(&fs, 0)).map_err(|e| {
+        let mut why = String::new();
+        let log = sys::fs_log(&fs);
+        if !log.is_empty() {
+            why = format!(", the kernel says `{}`", log.join("; "));
+        }
+        let marker = work.join("work/incompat/volatile");
+        if fs_err::symlink_metadata(&marker).is_ok() {
+            why.push_str(&format!(
+                "; hint: `{}` exists: the work directory was used by a volatile overlay \
+                 and must be emptied first",
+                marker.display()
+            ));
+        }
         OverlayApi::Failed(Fail::step(
             format!(
-                "create the overlay (upper `{}`, work `{}`, {} lowers)",
+                "{what} the overlay (upper `{}`, work `{}`, {} lowers{why})",
                 upper.display(),
                 work.display(),
                 lowers.len()

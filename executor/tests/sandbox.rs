@@ -478,6 +478,31 @@ fn exit_codes_signals_and_errors_are_reported(init: bool) {
     );
 }
 
+/// Reusing a work directory after a volatile mount (a crash, or a killed caller
+/// that did not clean up) is refused by the kernel with a bare EINVAL; the error
+/// names the marker.
+#[test]
+fn a_stale_volatile_work_dir_is_a_clear_error() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let rootfs = fx.overlay("stale");
+    let RootfsSpec::Overlay { work, .. } = &rootfs else {
+        unreachable!()
+    };
+    fs_err::create_dir_all(work.join("work/incompat/volatile")).unwrap();
+    let spec = SandboxSpec::new(rootfs.clone(), ProcessSpec::new(["true"]));
+    match Sandbox::new().with_helper(HELPER).output(&spec) {
+        Err(err @ Error::Setup { .. }) => {
+            let msg = chain(&err);
+            assert!(msg.contains("incompat/volatile` exists"), "{msg}");
+        }
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+}
+
 /// The payload as PID 1 ignores signals it has no handler for, so cancelling must
 /// (and does) use SIGKILL from outside the namespace. A SIGKILL from elsewhere is
 /// the payload's own status, not a cancel.
@@ -922,6 +947,10 @@ fn sigkill_of_the_parent_leaves_nothing_in(init: bool) {
         || helpers.iter().all(|&pid| !alive(pid)),
         "the helper to exit",
     );
+    // The killed parent (kiln-sandbox-run, not the library) could not remove its
+    // fresh upper and work directories.
+    let scratch = std::env::temp_dir().join(format!("kiln-sandbox-run.{}", parent.id()));
+    fs_err::remove_dir_all(scratch).unwrap();
     assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
     let now = sandbox_cgroups();
     assert_eq!(now, cgroups, "cgroups leaked");

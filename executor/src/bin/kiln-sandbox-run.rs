@@ -106,17 +106,30 @@ fn run() -> Result<i32, String> {
     let mut code = 0;
     for _ in 0..repeat {
         if fresh {
+            // A run SIGKILLed before its cleanup leaves its scratch behind, and pids
+            // are reused: never mount a stale (volatile-marked) work dir.
+            remove_scratch(&scratch)?;
             for d in ["upper", "work"] {
                 fs_err::create_dir_all(scratch.join(d)).map_err(|e| e.to_string())?;
             }
         }
-        let mut running = sandbox.spawn(&spec).map_err(|e| format!("{e}"))?;
-        code = running.wait().map_err(|e| error_chain(&e))?.shell_code();
+        let status = sandbox
+            .spawn(&spec)
+            .map_err(|e| error_chain(&e))
+            .and_then(|mut running| running.wait().map_err(|e| error_chain(&e)));
         if fresh {
-            fs_err::remove_dir_all(&scratch).map_err(|e| e.to_string())?;
+            remove_scratch(&scratch)?;
         }
+        code = status?.shell_code();
     }
     Ok(code)
+}
+
+fn remove_scratch(scratch: &std::path::Path) -> Result<(), String> {
+    match fs_err::remove_dir_all(scratch) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+        _ => Ok(()),
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
