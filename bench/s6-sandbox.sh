@@ -58,9 +58,8 @@ if [ -n "${KILN:-}" ]; then
 fi
 PRIO=()
 [ "${RT:-0}" = 1 ] && PRIO=(chrt -f 10)
-# IGNORE_FAILURES=1 keeps timing when a run fails (hyperfine -i) instead of aborting.
-# Known: about 1 in 100-400 overlay mounts with the upper on ext4 fails with EINVAL
-# (not on tmpfs); under investigation. Failed runs are counted in the timings.
+# IGNORE_FAILURES=1 keeps timing when a run fails (hyperfine -i) instead of aborting
+# (failed runs are then counted in the timings; the JSON has their exit codes).
 IGN=()
 [ "${IGNORE_FAILURES:-0}" = 1 ] && IGN=(-i)
 "${PRIO[@]}" hyperfine -N "${IGN[@]}" --warmup 10 --runs "$RUNS" \
