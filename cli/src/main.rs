@@ -5,6 +5,7 @@
 #![expect(clippy::print_stdout, clippy::print_stderr, reason = "the CLI prints")]
 
 mod commands;
+mod progress;
 
 use std::process::ExitCode;
 

@@ -1,5 +1,6 @@
 //! One module per subcommand (or group of subcommands).
 
+mod build;
 mod format;
 mod image;
 mod parse;
@@ -32,6 +33,10 @@ impl Global {
 pub(crate) enum Command {
     /// Print the version.
     Version,
+    /// Build an image from a Dockerfile and a context directory.
+    Build(build::BuildArgs),
+    /// Print the build graph of a Dockerfile in Graphviz DOT.
+    Graph(build::GraphArgs),
     /// Parse a Dockerfile and print its syntax tree.
     Parse(parse::ParseArgs),
     /// Load images from a docker-archive, an OCI archive or an OCI layout directory.
@@ -66,6 +71,8 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         Command::Parse(args) => parse::run(&args),
+        Command::Build(a) => build::build(&a, global),
+        Command::Graph(a) => build::graph(&a),
         Command::Load(a) => image::load(&a, global),
         Command::Save(a) => image::save(&a, global),
         Command::Images(a) => image::images(&a, global),

@@ -1,0 +1,375 @@
+//! `kiln build`: Dockerfile + context → an image in the store, and
+//! `kiln graph`: the build graph in DOT.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use kiln_solver::context::{BuildContext, StatCache};
+use kiln_solver::event::Progress;
+use kiln_solver::export::{ExportOptions, export_image};
+use kiln_solver::key::{KeyHistory, compute_keys};
+use kiln_solver::plan::{BuildOptions, EmptyImages, plan};
+use kiln_solver::runner::{
+    DefaultNetwork, RunnerOptions, SecretSource, StoreResolver, StoreRunner,
+};
+use kiln_solver::solve::{SolveError, SolveOptions, solve};
+
+use super::Global;
+use crate::progress::{ProgressMode, Renderer};
+
+/// `--pull`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Pull {
+    /// Only the local store.
+    Never,
+    /// Pull when missing (not supported yet: same as never).
+    Missing,
+}
+
+/// `--network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum NetworkArg {
+    /// No network.
+    None,
+    /// The host's network.
+    Host,
+    /// The default: the host's network (no bridge yet).
+    Default,
+}
+
+/// `kiln build` flags.
+#[derive(Debug, Args)]
+pub(crate) struct BuildArgs {
+    /// The Dockerfile (default: `CONTEXT/Dockerfile`).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Name the result (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    tags: Vec<String>,
+    /// A build argument `K=V` (or `K` to take it from the environment).
+    #[arg(long = "build-arg", value_name = "K=V")]
+    build_args: Vec<String>,
+    /// Build this stage.
+    #[arg(long)]
+    target: Option<String>,
+    /// Run every step.
+    #[arg(long)]
+    no_cache: bool,
+    /// Where base images come from.
+    #[arg(long, value_enum, default_value = "missing")]
+    pull: Pull,
+    /// Progress output.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: ProgressMode,
+    /// The network of RUN steps.
+    #[arg(long, value_enum, default_value = "default")]
+    network: NetworkArg,
+    /// A secret: `id=ID,src=FILE` or `id=ID,env=VAR`.
+    #[arg(long, value_name = "SPEC")]
+    secret: Vec<String>,
+    /// An image label `K=V` (repeatable).
+    #[arg(long, value_name = "K=V")]
+    label: Vec<String>,
+    /// Also write the result: `type=oci|docker,dest=FILE` or `type=local,dest=DIR`.
+    #[arg(short = 'o', long, value_name = "SPEC")]
+    output: Vec<String>,
+    /// Write the image id to this file.
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Write build metadata (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    metadata_file: Option<PathBuf>,
+    /// Steps at once (default: the number of cores).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Print the build graph in DOT and exit.
+    #[arg(long)]
+    print_graph: bool,
+    /// The build context directory.
+    context: PathBuf,
+}
+
+/// `kiln graph` flags.
+#[derive(Debug, Args)]
+pub(crate) struct GraphArgs {
+    /// The Dockerfile (default: `CONTEXT/Dockerfile`).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// A build argument `K=V`.
+    #[arg(long = "build-arg", value_name = "K=V")]
+    build_args: Vec<String>,
+    /// Build this stage.
+    #[arg(long)]
+    target: Option<String>,
+    /// The build context directory.
+    context: PathBuf,
+}
+
+fn build_options(args: &[String], target: Option<String>) -> BuildOptions {
+    let mut build_args = BTreeMap::new();
+    for a in args {
+        match a.split_once('=') {
+            Some((k, v)) => {
+                build_args.insert(k.to_owned(), v.to_owned());
+            }
+            None => {
+                if let Ok(v) = std::env::var(a) {
+                    build_args.insert(a.clone(), v);
+                }
+            }
+        }
+    }
+    BuildOptions {
+        build_args,
+        target,
+        ..BuildOptions::default()
+    }
+}
+
+fn read_dockerfile(
+    file: Option<&Path>,
+    context: &Path,
+) -> anyhow::Result<(PathBuf, kiln_parser::Dockerfile)> {
+    let path = file.map_or_else(|| context.join("Dockerfile"), Path::to_owned);
+    match kiln_parser::parse_file(&path) {
+        Ok(d) => Ok((path, d)),
+        Err(kiln_parser::FileError::Parse(e)) => bail!("{}: {e}", path.display()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs `kiln graph`.
+pub(crate) fn graph(args: &GraphArgs) -> anyhow::Result<ExitCode> {
+    let (_, df) = read_dockerfile(args.file.as_deref(), &args.context)?;
+    let g = plan(
+        &df,
+        &build_options(&args.build_args, args.target.clone()),
+        &EmptyImages,
+    )?;
+    std::io::stdout().lock().write_all(g.to_dot().as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_kv_list(spec: &str) -> BTreeMap<String, String> {
+    spec.split(',')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn secrets(specs: &[String]) -> anyhow::Result<BTreeMap<String, SecretSource>> {
+    let mut out = BTreeMap::new();
+    for s in specs {
+        let kv = parse_kv_list(s);
+        let Some(id) = kv.get("id") else {
+            bail!("`--secret {s}` has no `id=`\nhint: `--secret id=NAME,src=FILE`");
+        };
+        let src = if let Some(f) = kv.get("src").or_else(|| kv.get("source")) {
+            SecretSource::File(PathBuf::from(f))
+        } else if let Some(v) = kv.get("env") {
+            SecretSource::Env(v.clone())
+        } else {
+            // BuildKit: a bare id is an env var of that name.
+            SecretSource::Env(id.clone())
+        };
+        out.insert(id.clone(), src);
+    }
+    Ok(out)
+}
+
+fn source_date_epoch() -> anyhow::Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => {
+            Ok(Some(v.parse::<i64>().with_context(|| {
+                format!("SOURCE_DATE_EPOCH=`{v}` is not a number")
+            })?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Runs `kiln build`.
+pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCode> {
+    let (df_path, df) = read_dockerfile(args.file.as_deref(), &args.context)?;
+    let opts = build_options(&args.build_args, args.target.clone());
+    let store = Arc::new(global.store()?);
+    let _ = args.pull; // registry pulls are a later issue; both modes use the store
+    let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
+        .with_context(|| format!("planning `{}`", df_path.display()))?;
+    if args.print_graph {
+        std::io::stdout()
+            .lock()
+            .write_all(graph.to_dot().as_bytes())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let context_dir = fs_err::canonicalize(&args.context)?;
+    let stat_cache = StatCache::open(store.root())?;
+    let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
+    let keys = compute_keys(&graph, Some(&mut ctx))?;
+    let ignore = kiln_parser::read_dockerignore(&context_dir, &df_path)?.map(|f| f.matcher);
+    let scope = format!(
+        "{}\0{}",
+        fs_err::canonicalize(&df_path)?.display(),
+        context_dir.display()
+    );
+    let mut history = KeyHistory::open(store.root(), &scope)?;
+    let epoch = source_date_epoch()?;
+    let graph = Arc::new(graph);
+    let runner = StoreRunner::new(
+        Arc::clone(&store),
+        Arc::clone(&graph),
+        RunnerOptions {
+            context: context_dir.clone(),
+            ignore,
+            secrets: secrets(&args.secret)?,
+            network: match args.network {
+                NetworkArg::None => DefaultNetwork::None,
+                NetworkArg::Host | NetworkArg::Default => DefaultNetwork::Host,
+            },
+            source_date_epoch: epoch,
+        },
+    );
+    let mut solve_opts = SolveOptions {
+        no_cache: args.no_cache,
+        ..SolveOptions::default()
+    };
+    if let Some(j) = args.jobs {
+        solve_opts.jobs = j.max(1);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (progress, mut rx) = Progress::channel();
+    let mut renderer = Renderer::new(args.progress);
+    let render = rt.spawn(async move {
+        while let Some(e) = rx.recv().await {
+            renderer.render(&e);
+        }
+    });
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = solve(&graph, &keys, Arc::new(runner), progress, Some(&history), &solve_opts) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    // The progress sender is gone with the solve future: drain the renderer.
+    let _ = rt.block_on(render);
+    let Some(result) = outcome else {
+        // Cancelled: the dropped steps killed their sandboxes and unmount
+        // on drop; let blocking tasks finish their cleanup.
+        rt.shutdown_timeout(std::time::Duration::from_secs(10));
+        eprintln!("error: build cancelled");
+        return Ok(ExitCode::from(130));
+    };
+    let solved = match result {
+        Ok(s) => s,
+        Err(SolveError::Step { name, source, .. }) => {
+            bail!("{name} failed:\n{}", chain_text(&*source));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    history.record(keys.iter().map(|k| &k.inputs))?;
+    let image = export_image(
+        &store,
+        &graph,
+        &solved.outputs,
+        &ExportOptions {
+            names: args.tags.clone(),
+            labels: args
+                .label
+                .iter()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            source_date_epoch: epoch,
+        },
+    )?;
+    for o in &args.output {
+        write_output(&store, &image, o)?;
+    }
+    if let Some(f) = &args.iidfile {
+        fs_err::write(f, image.id.to_string())?;
+    }
+    if let Some(f) = &args.metadata_file {
+        let meta = serde_json::json!({
+            "containerimage.digest": image.manifest.to_string(),
+            "containerimage.config.digest": image.id.to_string(),
+            "image.name": args.tags.join(","),
+        });
+        fs_err::write(f, serde_json::to_vec_pretty(&meta)?)?;
+    }
+    eprintln!(
+        "built {} ({} steps run, {} cached)",
+        image.id, solved.ran, solved.cached
+    );
+    println!("{}", image.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
+}
+
+fn write_output(
+    store: &kiln_cache::Store,
+    image: &kiln_cache::Image,
+    spec: &str,
+) -> anyhow::Result<()> {
+    let kv = parse_kv_list(spec);
+    let dest = kv
+        .get("dest")
+        .with_context(|| format!("`--output {spec}` has no `dest=`"))?;
+    match kv.get("type").map(String::as_str).unwrap_or("local") {
+        "local" => {
+            let dir = PathBuf::from(dest);
+            fs_err::create_dir_all(&dir)?;
+            for l in &image.layers {
+                let blob = store.open_blob(&l.diff_id)?;
+                kiln_cache::apply_layer(
+                    blob,
+                    &dir,
+                    &kiln_cache::ApplyOptions::default()
+                        .with_whiteouts(kiln_cache::layer::WhiteoutMode::Remove),
+                )
+                .with_context(|| format!("unpacking layer `{}` into `{dest}`", l.diff_id))?;
+            }
+        }
+        t @ ("oci" | "docker") => {
+            let format = if t == "oci" {
+                kiln_cache::archive::ArchiveFormat::Oci
+            } else {
+                kiln_cache::archive::ArchiveFormat::Docker
+            };
+            let out = fs_err::File::create(dest)?;
+            let item = kiln_cache::archive::SaveItem {
+                image: image.clone(),
+                names: image.names.clone(),
+            };
+            kiln_cache::archive::save(
+                store,
+                &[item],
+                std::io::BufWriter::new(out),
+                &kiln_cache::archive::SaveOptions {
+                    format,
+                    ..Default::default()
+                },
+            )?;
+        }
+        other => bail!(
+            "`--output` type `{other}` is not supported\nhint: use `oci`, `docker` or `local`"
+        ),
+    }
+    Ok(())
+}

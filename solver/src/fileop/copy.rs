@@ -1,0 +1,611 @@
+//! The copy engine: fsutil's `copy.Copy` with BuildKit's options for
+//! Dockerfile COPY/ADD (`FollowSymlinks`, `CopyDirContentsOnly`,
+//! `AllowWildcard`, `AllowEmptyWildcard`, `CreateDestPath`).
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use filetime::FileTime;
+use kiln_parser::PatternMatcher;
+
+use super::chmod::ModeChange;
+use super::chown::{Owner, resolve_owner};
+use super::pattern::{ResolveOptions, resolve_sources};
+use super::root::{clean_abs, is_absent, resolve};
+use super::{CopyOp, EntryKind, FileOpError, InRoot, Report, Source, SourceKind, archive, http};
+
+/// Run one COPY or ADD from `src_root` into `dest_root`.
+///
+/// Everything that can fail before writing (patterns, sources, `--chown`
+/// names, downloads and their checksums) is checked first, so those errors
+/// leave the destination untouched.
+pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, FileOpError> {
+    let cmd = if op.is_add { "ADD" } else { "COPY" };
+    let urls: Vec<&str> = op
+        .sources
+        .iter()
+        .filter_map(|s| match s {
+            Source::Url(u) => Some(u.as_str()),
+            _ => None,
+        })
+        .collect();
+    for s in &op.sources {
+        match s {
+            Source::Url(u) | Source::Git(u) if !op.is_add => {
+                return Err(FileOpError::UrlInCopy {
+                    source_word: u.clone(),
+                });
+            }
+            Source::Git(u) => return Err(FileOpError::GitUnsupported { url: u.clone() }),
+            _ => {}
+        }
+    }
+    if op.checksum.is_some() && !(op.is_add && op.sources.len() == 1 && urls.len() == 1) {
+        return Err(FileOpError::ChecksumNotAllowed);
+    }
+    let chmod = op.chmod.as_deref().map(ModeChange::parse).transpose()?;
+    let exclude = if op.exclude.is_empty() {
+        None
+    } else {
+        Some(PatternMatcher::new(&op.exclude).map_err(FileOpError::Exclude)?)
+    };
+    let owner = op
+        .chown
+        .as_deref()
+        .map(|spec| resolve_owner(dest_root, spec))
+        .transpose()?;
+
+    // Sources in the source root.
+    let patterns: Vec<String> = op
+        .sources
+        .iter()
+        .filter_map(|s| match s {
+            Source::Path(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    let entries = resolve_sources(
+        src_root,
+        &patterns,
+        &ResolveOptions {
+            parents: op.parents,
+            ignore: op.ignore.as_ref(),
+            exclude: exclude.as_ref(),
+        },
+    )?;
+
+    // The destination, BuildKit's `pathRelativeToWorkingDir` + `cleanPath`.
+    let (dest_abs, dest_is_dir) = dest_path(&op.workdir, &op.dest);
+    let heredocs = op
+        .sources
+        .iter()
+        .filter(|s| matches!(s, Source::Heredoc { .. }))
+        .count();
+    let total = entries.len() + urls.len() + heredocs;
+    if total > 1 && !dest_is_dir && !op.parents {
+        let existing = resolve(dest_root, &dest_abs, true)?;
+        if !fs_err::metadata(&existing.host).is_ok_and(|m| m.is_dir()) {
+            return Err(FileOpError::MultipleSourcesNeedDir {
+                cmd,
+                dest: op.dest.clone(),
+            });
+        }
+    }
+
+    // Downloads and heredocs are staged in a private directory first.
+    // (Made only when there is something to stage.)
+    let staging = if urls.is_empty() && heredocs == 0 {
+        None
+    } else {
+        Some(tempfile::Builder::new().prefix("kiln-fileop-").tempdir()?)
+    };
+    let staging_dir = staging
+        .as_ref()
+        .map(|d| d.path().to_path_buf())
+        .unwrap_or_default();
+    let mut staged: Vec<(PathBuf, String, bool)> = Vec::new();
+    for s in &op.sources {
+        match s {
+            Source::Url(url) => {
+                let (path, name) =
+                    http::download(url, &staging_dir, op.checksum.as_deref(), op.created_time)?;
+                staged.push((path, name, op.unpack == Some(true)));
+            }
+            Source::Heredoc { name, content } => {
+                let file_name = name.rsplit('/').next().unwrap_or(name).to_owned();
+                let file_name = if file_name.is_empty() || file_name == "." || file_name == ".." {
+                    "__heredoc__".to_owned()
+                } else {
+                    file_name
+                };
+                let path = staging_dir.join(&file_name);
+                fs_err::write(&path, content)?;
+                fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+                let t = FileTime::from_system_time(op.created_time.unwrap_or_else(SystemTime::now));
+                filetime::set_file_times(&path, t, t)?;
+                staged.push((path, file_name, false));
+            }
+            _ => {}
+        }
+    }
+
+    let mut c = Copier {
+        dest_root,
+        kind: op.source_kind,
+        owner,
+        chmod,
+        time: op.created_time,
+        apply_ownership: op.apply_ownership,
+        exclude,
+        ignore: op.ignore.as_ref(),
+        links: HashMap::new(),
+        stamped: Vec::new(),
+        report: Report::default(),
+    };
+    c.report.sources_read = entries.iter().map(|e| e.resolved_path.clone()).collect();
+
+    // fsutil's `Copy`: make the destination's directory (or itself, with a
+    // trailing slash), then resolve it fully inside the root.
+    let ensure = if dest_is_dir {
+        dest_abs.clone()
+    } else {
+        parent_of(&dest_abs)
+    };
+    let ensure = resolve(dest_root, &ensure, true)?;
+    c.mkdir_all(&ensure)?;
+    let dst = resolve(dest_root, &dest_abs, true)?;
+
+    let unpack_local = op.is_add && op.unpack != Some(false);
+    for e in &entries {
+        if op.parents {
+            c.copy_with_parents(src_root, e, &dst)?;
+            continue;
+        }
+        if unpack_local && !e.is_dir && archive::is_archive(&e.host)? {
+            c.mkdir_all(&dst)?;
+            archive::extract(
+                &e.host,
+                &e.pattern,
+                dest_root,
+                &dst,
+                &mut c.report,
+                c.apply_ownership,
+            )?;
+            continue;
+        }
+        let rel = e.resolved_path.clone();
+        c.copy_top(&e.host, &rel, &e.name, e.is_dir, &dst, SourceKindFor::Op)?;
+    }
+    for (path, name, unpack) in &staged {
+        if *unpack && archive::is_archive(path)? {
+            c.mkdir_all(&dst)?;
+            archive::extract(
+                path,
+                name,
+                dest_root,
+                &dst,
+                &mut c.report,
+                c.apply_ownership,
+            )?;
+            continue;
+        }
+        c.copy_top(path, "", name, false, &dst, SourceKindFor::Generated)?;
+    }
+    if let Some(t) = c.time {
+        let t = FileTime::from_system_time(t);
+        for dir in c.stamped.iter().rev() {
+            filetime::set_symlink_file_times(dir, t, t).map_err(|e| with_path(e, dir))?;
+        }
+    }
+    Ok(c.report)
+}
+
+/// BuildKit's destination: relative to WORKDIR, cleaned, and whether it
+/// names a directory (trailing `/`, `/.`, or `.`/empty).
+fn dest_path(workdir: &str, dest: &str) -> (String, bool) {
+    let is_dir = dest.is_empty() || dest == "." || dest.ends_with('/') || dest.ends_with("/.");
+    let joined = if dest.starts_with('/') {
+        dest.to_owned()
+    } else {
+        let wd = if workdir.is_empty() { "/" } else { workdir };
+        format!("{wd}/{dest}")
+    };
+    (clean_abs(&joined), is_dir)
+}
+
+fn parent_of(abs: &str) -> String {
+    match abs.rfind('/') {
+        Some(0) | None => "/".to_owned(),
+        Some(i) => abs[..i].to_owned(),
+    }
+}
+
+/// Whose ownership rules apply to an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceKindFor {
+    /// The op's source root (context: 0:0, stage: kept).
+    Op,
+    /// A download or heredoc: 0:0 like BuildKit's generated files.
+    Generated,
+}
+
+struct Copier<'a> {
+    dest_root: &'a Path,
+    kind: SourceKind,
+    owner: Option<Owner>,
+    chmod: Option<ModeChange>,
+    time: Option<SystemTime>,
+    apply_ownership: bool,
+    exclude: Option<PatternMatcher>,
+    ignore: Option<&'a PatternMatcher>,
+    /// (dev, ino) of a source file with several links → where it was written.
+    links: HashMap<(u64, u64), PathBuf>,
+    /// Directories made by `mkdir_all` under a fixed time: their times are
+    /// set again at the end, since writing into them changed them.
+    stamped: Vec<PathBuf>,
+    report: Report,
+}
+
+impl Copier<'_> {
+    fn inner_of(&self, host: &Path) -> String {
+        match host.strip_prefix(self.dest_root) {
+            Ok(rel) if rel.as_os_str().is_empty() => "/".to_owned(),
+            Ok(rel) => format!("/{}", rel.to_string_lossy()),
+            Err(_) => host.to_string_lossy().into_owned(),
+        }
+    }
+
+    /// fsutil's `MkdirAll`: create the missing directories of `p` (0755,
+    /// the `--chown` owner, the fixed time), reporting each.
+    fn mkdir_all(&mut self, p: &InRoot) -> Result<(), FileOpError> {
+        let mut missing = Vec::new();
+        let mut cur = p.host.clone();
+        loop {
+            match fs_err::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => break,
+                Ok(_) => {
+                    return Err(FileOpError::NotADirectory {
+                        path: self.inner_of(&cur),
+                    });
+                }
+                Err(e) if is_absent(&e) => missing.push(cur.clone()),
+                Err(e) => return Err(e.into()),
+            }
+            if cur == self.dest_root || !cur.pop() || !cur.starts_with(self.dest_root) {
+                break;
+            }
+        }
+        for dir in missing.into_iter().rev() {
+            fs_err::create_dir(&dir)?;
+            fs_err::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+            if let Some(o) = self.owner.filter(|_| self.apply_ownership) {
+                std::os::unix::fs::lchown(&dir, Some(o.uid), Some(o.gid))
+                    .map_err(|e| with_path(e, &dir))?;
+            }
+            if self.time.is_some() {
+                self.stamped.push(dir.clone());
+            }
+            let inner = self.inner_of(&dir);
+            self.report.push(inner, EntryKind::Dir);
+        }
+        Ok(())
+    }
+
+    /// fsutil's `prepareTargetDir` + `copy` for one top-level source.
+    fn copy_top(
+        &mut self,
+        src: &Path,
+        src_rel: &str,
+        name: &str,
+        is_dir: bool,
+        dst: &InRoot,
+        whose: SourceKindFor,
+    ) -> Result<(), FileOpError> {
+        let dest_meta = match fs_err::metadata(&dst.host) {
+            Ok(m) => Some(m),
+            Err(e) if is_absent(&e) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut target = dst.host.clone();
+        if !is_dir && dest_meta.as_ref().is_some_and(Metadata::is_dir) && name != "/" {
+            target.push(name);
+        }
+        let parent_dir = if is_dir && dest_meta.is_none() {
+            target.clone()
+        } else {
+            target
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| target.clone())
+        };
+        let parent_inner = self.inner_of(&parent_dir);
+        self.mkdir_all(&InRoot {
+            host: parent_dir,
+            inner: parent_inner,
+        })?;
+        self.copy_entry(src, src_rel, "", &target, false, whose)
+    }
+
+    /// `--parents`: the entry lands at `dst/<keep_path>`, its parent
+    /// directories copied from the source's (mode, owner, times).
+    fn copy_with_parents(
+        &mut self,
+        src_root: &Path,
+        e: &super::SourceEntry,
+        dst: &InRoot,
+    ) -> Result<(), FileOpError> {
+        self.mkdir_all(dst)?;
+        let keep = e.keep_path.clone().unwrap_or_default();
+        let parts: Vec<&str> = keep.split('/').filter(|p| !p.is_empty()).collect();
+        let mut target = dst.host.clone();
+        let pivot_depth = e.rel_path.split('/').count().saturating_sub(parts.len());
+        let rel_parts: Vec<&str> = e.rel_path.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            if i + 1 == parts.len() {
+                break;
+            }
+            target.push(part);
+            let upto = (pivot_depth + i + 1).min(rel_parts.len());
+            let src_parent_rel = rel_parts[..upto].join("/");
+            let src_parent = resolve(src_root, &src_parent_rel, true)?.host;
+            let meta = fs_err::metadata(&src_parent)?;
+            let (t, created) = self.dir_only(&target)?;
+            if created {
+                self.apply_info(&src_parent, &t, &meta, false, SourceKindFor::Op)?;
+                let inner = self.inner_of(&t);
+                self.report.push(inner, EntryKind::Dir);
+            }
+            target = t;
+        }
+        if let Some(last) = parts.last() {
+            target.push(last);
+        }
+        let rel = e.resolved_path.clone();
+        self.copy_entry(&e.host, &rel, "", &target, false, SourceKindFor::Op)
+    }
+
+    /// Copy `src` to `target` (whose parent exists inside the root).
+    /// `comps` is the path below the top-level source, for `--exclude`;
+    /// `src_rel` the path below the source root, for `.dockerignore`.
+    fn copy_entry(
+        &mut self,
+        src: &Path,
+        src_rel: &str,
+        comps: &str,
+        target: &Path,
+        overwrite_meta: bool,
+        whose: SourceKindFor,
+    ) -> Result<(), FileOpError> {
+        let meta = fs_err::symlink_metadata(src)?;
+        let is_dir = meta.is_dir();
+        if !comps.is_empty()
+            && let Some(m) = &self.exclude
+            && m.matches(comps)
+            && (!is_dir || m.can_skip_dir(comps))
+        {
+            return Ok(());
+        }
+        if whose == SourceKindFor::Op
+            && !comps.is_empty()
+            && let Some(m) = self.ignore
+            && m.matches(src_rel)
+            && (!is_dir || m.can_skip_dir(src_rel))
+        {
+            return Ok(());
+        }
+        let ft = meta.file_type();
+        if is_dir {
+            let (dir, created) = self.dir_only(target)?;
+            let mut names: Vec<_> = fs_err::read_dir(src)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()?;
+            names.sort();
+            if created {
+                let inner = self.inner_of(&dir);
+                self.report.push(inner, EntryKind::Dir);
+            }
+            for name in names {
+                let n = name.to_string_lossy();
+                let child_comps = if comps.is_empty() {
+                    n.to_string()
+                } else {
+                    format!("{comps}/{n}")
+                };
+                let child_rel = if src_rel.is_empty() || src_rel == "." {
+                    n.to_string()
+                } else {
+                    format!("{src_rel}/{n}")
+                };
+                self.copy_entry(
+                    &src.join(&name),
+                    &child_rel,
+                    &child_comps,
+                    &dir.join(&name),
+                    true,
+                    whose,
+                )?;
+            }
+            // An existing top-level destination keeps its metadata; created
+            // or nested directories take the source's (after the children,
+            // so the mtime sticks).
+            if (created || overwrite_meta) && dir == target {
+                self.apply_info(src, &dir, &meta, false, whose)?;
+            }
+            return Ok(());
+        }
+        self.clear_file_target(target)?;
+        let kind = if ft.is_file() {
+            let key = (meta.dev(), meta.ino());
+            match self.links.get(&key).filter(|_| meta.nlink() > 1) {
+                Some(first) => {
+                    fs_err::hard_link(first, target)?;
+                    let inner = self.inner_of(target);
+                    self.report.push(inner, EntryKind::Hardlink);
+                    return Ok(());
+                }
+                None => {
+                    self.report.bytes += fs_err::copy(src, target)?;
+                    if meta.nlink() > 1 {
+                        self.links.insert(key, target.to_path_buf());
+                    }
+                    EntryKind::File
+                }
+            }
+        } else if ft.is_symlink() {
+            let link = fs_err::read_link(src)?;
+            fs_err::os::unix::fs::symlink(&link, target)?;
+            EntryKind::Symlink
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_socket() {
+                // Docker's archiver skips sockets as well.
+                return Ok(());
+            }
+            make_special(target, &meta, ft.is_fifo(), ft.is_block_device())?;
+            EntryKind::Special
+        };
+        self.apply_info(src, target, &meta, ft.is_symlink(), whose)?;
+        let inner = self.inner_of(target);
+        self.report.push(inner, kind);
+        Ok(())
+    }
+
+    /// fsutil's `copyDirectoryOnly`: make `target` a directory. An existing
+    /// directory is merged into; an existing symlink to a directory (inside
+    /// the root) is followed, as BuildKit does since moby/moby#47367; any
+    /// other existing entry is an error. Returns the directory to fill and
+    /// whether it was created.
+    fn dir_only(&mut self, target: &Path) -> Result<(PathBuf, bool), FileOpError> {
+        match fs_err::symlink_metadata(target) {
+            Err(e) if is_absent(&e) => {
+                fs_err::create_dir(target)?;
+                Ok((target.to_path_buf(), true))
+            }
+            Err(e) => Err(e.into()),
+            Ok(m) if m.is_dir() => Ok((target.to_path_buf(), false)),
+            Ok(m) if m.file_type().is_symlink() => {
+                let inner = self.inner_of(target);
+                let followed = resolve(self.dest_root, &inner, true)?;
+                if fs_err::metadata(&followed.host).is_ok_and(|m| m.is_dir()) {
+                    Ok((followed.host, false))
+                } else {
+                    Err(FileOpError::NotADirectory { path: inner })
+                }
+            }
+            Ok(_) => Err(FileOpError::NotADirectory {
+                path: self.inner_of(target),
+            }),
+        }
+    }
+
+    /// fsutil's `ensureEmptyFileTarget`: a file replaces any existing
+    /// non-directory (a symlink itself, never what it points to).
+    fn clear_file_target(&self, target: &Path) -> Result<(), FileOpError> {
+        match fs_err::symlink_metadata(target) {
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok(m) if m.is_dir() => Err(FileOpError::ReplaceDirWithFile {
+                path: self.inner_of(target),
+            }),
+            Ok(_) => Ok(fs_err::remove_file(target)?),
+        }
+    }
+
+    /// fsutil's `copyFileInfo` + `copyXAttrs`: owner, mode (`--chmod`),
+    /// xattrs, then times.
+    fn apply_info(
+        &self,
+        src: &Path,
+        target: &Path,
+        meta: &Metadata,
+        is_symlink: bool,
+        whose: SourceKindFor,
+    ) -> Result<(), FileOpError> {
+        if self.apply_ownership {
+            let (uid, gid) = match (self.owner, whose, self.kind) {
+                (Some(o), _, _) => (o.uid, o.gid),
+                (None, SourceKindFor::Op, SourceKind::Stage) => (meta.uid(), meta.gid()),
+                _ => (0, 0),
+            };
+            std::os::unix::fs::lchown(target, Some(uid), Some(gid))
+                .map_err(|e| with_path(e, target))?;
+        }
+        if !is_symlink {
+            let bits = meta.mode() & 0o7777;
+            let mode = match &self.chmod {
+                Some(c) => c.apply(bits, meta.is_dir()),
+                None => bits,
+            };
+            fs_err::set_permissions(target, std::fs::Permissions::from_mode(mode))?;
+        }
+        copy_xattrs(src, target)?;
+        let (atime, mtime) = match self.time {
+            Some(t) => (FileTime::from_system_time(t), FileTime::from_system_time(t)),
+            None => (
+                FileTime::from_last_access_time(meta),
+                FileTime::from_last_modification_time(meta),
+            ),
+        };
+        filetime::set_symlink_file_times(target, atime, mtime).map_err(|e| with_path(e, target))?;
+        Ok(())
+    }
+}
+
+/// Extended attributes of the source onto the target, as far as the file
+/// system allows: names it does not support, and `security.`/`trusted.`
+/// ones an unprivileged process may not set, are left out (BuildKit's
+/// xattr error handler does the same for unsupported ones).
+pub(super) fn copy_xattrs(src: &Path, target: &Path) -> Result<(), FileOpError> {
+    let names = match xattr::list(src) {
+        Ok(n) => n,
+        Err(e) if xattr_skippable(&e) => return Ok(()),
+        Err(e) => return Err(with_path(e, src).into()),
+    };
+    for name in names {
+        let Some(value) = xattr::get(src, &name).map_err(|e| with_path(e, src))? else {
+            continue;
+        };
+        let lossy = name.to_string_lossy();
+        match xattr::set(target, &name, &value) {
+            Ok(()) => {}
+            Err(e)
+                if xattr_skippable(&e)
+                    || (e.kind() == io::ErrorKind::PermissionDenied
+                        && (lossy.starts_with("security.") || lossy.starts_with("trusted."))) => {}
+            Err(e) => return Err(with_path(e, target).into()),
+        }
+    }
+    Ok(())
+}
+
+fn xattr_skippable(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported
+        || e.raw_os_error() == Some(nix::errno::Errno::EOPNOTSUPP as i32)
+}
+
+fn make_special(
+    target: &Path,
+    meta: &Metadata,
+    fifo: bool,
+    block: bool,
+) -> Result<(), FileOpError> {
+    use nix::sys::stat::{Mode, SFlag, mknod};
+    let perm = Mode::from_bits_truncate(meta.mode() & 0o7777);
+    let kind = if fifo {
+        SFlag::S_IFIFO
+    } else if block {
+        SFlag::S_IFBLK
+    } else {
+        SFlag::S_IFCHR
+    };
+    mknod(target, kind, perm, meta.rdev()).map_err(|e| with_path(io::Error::from(e), target).into())
+}
+
+/// An io error that names `path` (for calls fs-err does not wrap).
+pub(super) fn with_path(e: io::Error, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{e} at `{}`", path.display()))
+}

@@ -1,0 +1,334 @@
+//! Key and miss-explanation tests.
+
+use super::*;
+use crate::context::BuildContext;
+use crate::plan::{BuildOptions, EmptyImages, plan};
+
+fn inputs() -> KeyInputs {
+    KeyInputs {
+        kind: "exec".into(),
+        definition: r#"{"op":"exec","args":["make"]}"#.into(),
+        instruction: Some("RUN make".into()),
+        locator: Some(StepLocator {
+            stage: "build".into(),
+            index: Some(1),
+            line: 3,
+        }),
+        parents: vec![ParentInput {
+            key: CacheKey("sha256:p".into()),
+            name: "[build 2/3] COPY . .".into(),
+        }],
+        vars: BTreeMap::from([("VERSION".to_owned(), "1".to_owned())]),
+        image: None,
+        files: BTreeMap::from([
+            ("src/main.rs".to_owned(), "sha256:a".to_owned()),
+            ("Cargo.toml".to_owned(), "sha256:b".to_owned()),
+        ]),
+        files_digest: Some("sha256:files".into()),
+    }
+}
+
+#[test]
+fn key_covers_definition_parents_and_files_only() {
+    let a = inputs();
+    assert_eq!(a.key(), inputs().key());
+    assert!(a.key().0.starts_with("sha256:") && a.key().0.len() == 71);
+    let mut b = inputs();
+    b.definition.push(' ');
+    assert_ne!(a.key(), b.key());
+    let mut b = inputs();
+    b.parents[0].key = CacheKey("sha256:q".into());
+    assert_ne!(a.key(), b.key());
+    let mut b = inputs();
+    b.files_digest = Some("sha256:other".into());
+    assert_ne!(a.key(), b.key());
+    // Names and locations are for explanations, not the key.
+    let mut b = inputs();
+    b.parents[0].name = "renamed".into();
+    b.locator = None;
+    b.instruction = None;
+    assert_eq!(a.key(), b.key());
+}
+
+#[test]
+fn same_inputs_explain_nothing() {
+    assert!(explain_miss(&inputs(), &inputs()).is_empty());
+}
+
+#[test]
+fn instruction_change_is_named() {
+    let mut cur = inputs();
+    cur.instruction = Some("RUN make all".into());
+    cur.definition = "x".into();
+    let c = explain_miss(&inputs(), &cur);
+    assert_eq!(
+        c,
+        [MissCause::InstructionChanged {
+            before: "RUN make".into(),
+            after: "RUN make all".into()
+        }]
+    );
+    assert_eq!(
+        c[0].to_string(),
+        "instruction changed (`RUN make` -> `RUN make all`)"
+    );
+}
+
+#[test]
+fn arg_change_is_named_with_values() {
+    let mut cur = inputs();
+    cur.vars.insert("VERSION".into(), "2".into());
+    cur.vars.insert("NEW".into(), "x".into());
+    cur.definition = "changed by the args".into();
+    let c = explain_miss(&inputs(), &cur);
+    assert_eq!(
+        c,
+        [
+            MissCause::ArgChanged {
+                name: "NEW".into(),
+                before: None,
+                after: Some("x".into())
+            },
+            MissCause::ArgChanged {
+                name: "VERSION".into(),
+                before: Some("1".into()),
+                after: Some("2".into())
+            },
+        ]
+    );
+    assert_eq!(c[1].to_string(), "ARG `VERSION` changed (`1` -> `2`)");
+}
+
+#[test]
+fn file_changes_are_named() {
+    let mut cur = inputs();
+    cur.files.insert("src/main.rs".into(), "sha256:new".into());
+    cur.files.remove("Cargo.toml");
+    cur.files.insert("build.rs".into(), "sha256:c".into());
+    let c = explain_miss(&inputs(), &cur);
+    assert_eq!(
+        c,
+        [
+            MissCause::FileAdded {
+                path: "build.rs".into()
+            },
+            MissCause::FileChanged {
+                path: "src/main.rs".into()
+            },
+            MissCause::FileRemoved {
+                path: "Cargo.toml".into()
+            },
+        ]
+    );
+    assert_eq!(c[1].to_string(), "file `src/main.rs` changed");
+}
+
+#[test]
+fn base_image_and_parent_changes_are_named() {
+    let mut prev = inputs();
+    prev.image = Some(("busybox".into(), Some("sha256:old".into())));
+    let mut cur = prev.clone();
+    cur.image = Some(("busybox".into(), Some("sha256:new".into())));
+    assert_eq!(
+        explain_miss(&prev, &cur),
+        [MissCause::BaseImageChanged {
+            reference: "busybox".into(),
+            before: Some("sha256:old".into()),
+            after: Some("sha256:new".into())
+        }]
+    );
+    let mut cur = inputs();
+    cur.parents[0].key = CacheKey("sha256:changed".into());
+    assert_eq!(
+        explain_miss(&inputs(), &cur),
+        [MissCause::ParentChanged {
+            name: "[build 2/3] COPY . .".into()
+        }]
+    );
+    let mut cur = inputs();
+    cur.definition = "env changed".into();
+    assert_eq!(explain_miss(&inputs(), &cur), [MissCause::SettingsChanged]);
+}
+
+fn write(root: &Path, rel: &str, content: &str) {
+    let p = root.join(rel);
+    if let Some(d) = p.parent() {
+        fs_err::create_dir_all(d).expect("mkdir");
+    }
+    fs_err::write(&p, content).expect("write");
+}
+
+const DOCKERFILE: &str = "\
+FROM busybox AS build
+ARG VERSION=1
+COPY Cargo.toml /src/
+COPY src /src/src
+RUN build $VERSION
+FROM busybox
+COPY --from=build /out /out
+";
+
+fn keys_for(ctx_dir: &Path, args: &[(&str, &str)]) -> (BuildGraph, Vec<VertexKey>) {
+    let df = kiln_parser::parse(DOCKERFILE).expect("parses");
+    let mut o = BuildOptions::default();
+    for (k, v) in args {
+        o.build_args.insert((*k).into(), (*v).into());
+    }
+    let g = plan(&df, &o, &EmptyImages).expect("plans");
+    let mut ctx = BuildContext::new(ctx_dir, None);
+    let keys = compute_keys(&g, Some(&mut ctx)).expect("keys");
+    (g, keys)
+}
+
+fn by_name<'a>(g: &BuildGraph, keys: &'a [VertexKey], needle: &str) -> &'a VertexKey {
+    keys.iter()
+        .find(|k| g.graph[k.vertex].name.contains(needle))
+        .unwrap_or_else(|| panic!("no vertex named like {needle}"))
+}
+
+#[test]
+fn a_one_file_edit_misses_exactly_its_readers_and_names_the_file() {
+    let d = tempfile::tempdir().expect("tempdir");
+    write(d.path(), "Cargo.toml", "[package]");
+    write(d.path(), "src/main.rs", "fn main() {}");
+    write(d.path(), "src/lib.rs", "");
+    let (g, before) = keys_for(d.path(), &[]);
+    let (_, again) = keys_for(d.path(), &[]);
+    let k = |ks: &[VertexKey]| ks.iter().map(|k| k.key.clone()).collect::<Vec<_>>();
+    assert_eq!(k(&before), k(&again), "keys are deterministic");
+
+    write(d.path(), "src/main.rs", "fn main() { loop {} }");
+    let (_, after) = keys_for(d.path(), &[]);
+    let same = |n: &str| by_name(&g, &before, n).key == by_name(&g, &after, n).key;
+    assert!(same("COPY Cargo.toml"));
+    assert!(!same("COPY src"));
+    assert!(!same("RUN build"));
+    assert!(!same("COPY --from=build"));
+    let copy_src = by_name(&g, &after, "COPY src");
+    assert_eq!(
+        explain_miss(&by_name(&g, &before, "COPY src").inputs, &copy_src.inputs),
+        [MissCause::FileChanged {
+            path: "src/main.rs".into()
+        }]
+    );
+    assert_eq!(
+        explain_miss(
+            &by_name(&g, &before, "RUN build").inputs,
+            &by_name(&g, &after, "RUN build").inputs
+        ),
+        [MissCause::ParentChanged {
+            name: "[build 4/5] COPY src /src/src".into()
+        }]
+    );
+    assert!(copy_src.inputs.files.contains_key("src/lib.rs"));
+    assert!(!copy_src.inputs.files.contains_key("Cargo.toml"));
+}
+
+#[test]
+fn an_arg_change_misses_the_run_and_names_the_arg() {
+    let d = tempfile::tempdir().expect("tempdir");
+    write(d.path(), "Cargo.toml", "[package]");
+    write(d.path(), "src/main.rs", "");
+    let (g, one) = keys_for(d.path(), &[]);
+    let (_, two) = keys_for(d.path(), &[("VERSION", "2")]);
+    assert_eq!(
+        by_name(&g, &one, "COPY Cargo.toml").key,
+        by_name(&g, &two, "COPY Cargo.toml").key,
+        "a COPY that does not use the ARG keeps its key"
+    );
+    let causes = explain_miss(
+        &by_name(&g, &one, "RUN build").inputs,
+        &by_name(&g, &two, "RUN build").inputs,
+    );
+    assert_eq!(
+        causes,
+        [MissCause::ArgChanged {
+            name: "VERSION".into(),
+            before: Some("1".into()),
+            after: Some("2".into())
+        }]
+    );
+}
+
+#[test]
+fn identical_stages_share_keys() {
+    let df = kiln_parser::parse("FROM busybox AS a\nRUN echo hi\nFROM busybox AS b\nRUN echo hi\nFROM scratch\nCOPY --from=a / /a\nCOPY --from=b / /b\n")
+        .expect("parses");
+    let g = plan(&df, &BuildOptions::default(), &EmptyImages).expect("plans");
+    let keys = compute_keys(&g, None).expect("keys");
+    let runs: Vec<&CacheKey> = keys
+        .iter()
+        .filter(|k| matches!(g.graph[k.vertex].op, Op::Exec(_)))
+        .map(|k| &k.key)
+        .collect();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0], runs[1]);
+}
+
+#[test]
+fn key_history_explains_the_next_build() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    write(d.path(), "Cargo.toml", "[package]");
+    write(d.path(), "src/main.rs", "");
+    let (g, first) = keys_for(d.path(), &[]);
+    let mut h = KeyHistory::open(store.path(), "Dockerfile@ctx").expect("open");
+    let run = by_name(&g, &first, "RUN build");
+    assert_eq!(
+        h.explain(&run.inputs).expect("explain"),
+        [MissCause::FirstBuild]
+    );
+    h.record(first.iter().map(|k| &k.inputs)).expect("record");
+    assert_eq!(
+        h.explain(&run.inputs).expect("explain"),
+        [MissCause::RecordMissing]
+    );
+    write(d.path(), "Cargo.toml", "[package] # edited");
+    let (_, second) = keys_for(d.path(), &[]);
+    let h = KeyHistory::open(store.path(), "Dockerfile@ctx").expect("reopen");
+    assert_eq!(
+        h.explain(&by_name(&g, &second, "COPY Cargo.toml").inputs)
+            .expect("explain"),
+        [MissCause::FileChanged {
+            path: "Cargo.toml".into()
+        }]
+    );
+    // Another scope knows nothing.
+    let other = KeyHistory::open(store.path(), "other").expect("open");
+    assert_eq!(
+        other.explain(&run.inputs).expect("explain"),
+        [MissCause::FirstBuild]
+    );
+}
+
+#[test]
+fn an_env_change_is_named_for_a_run() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let keys = |env: &str| {
+        let df = kiln_parser::parse(&format!(
+            "FROM busybox\nARG A=1\nENV MODE={env}\nRUN make\n"
+        ))
+        .expect("parses");
+        let g = plan(&df, &BuildOptions::default(), &EmptyImages).expect("plans");
+        let mut ctx = BuildContext::new(d.path(), None);
+        let k = compute_keys(&g, Some(&mut ctx)).expect("keys");
+        let run = k
+            .into_iter()
+            .find(|k| matches!(g.graph[k.vertex].op, Op::Exec(_)))
+            .expect("run");
+        run.inputs
+    };
+    let causes = explain_miss(&keys("debug"), &keys("release"));
+    assert_eq!(
+        causes,
+        [MissCause::EnvChanged {
+            name: "MODE".into(),
+            before: Some("debug".into()),
+            after: Some("release".into())
+        }]
+    );
+    assert_eq!(
+        causes[0].to_string(),
+        "ENV `MODE` changed (`debug` -> `release`)"
+    );
+}

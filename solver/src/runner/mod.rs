@@ -1,0 +1,550 @@
+//! The concrete [`StepRunner`]: RUN in the executor's sandbox, COPY/ADD/WORKDIR
+//! through [`crate::fileop`] on a mounted overlay, config ops as no-ops, and
+//! every result a chain of layers in the [`kiln_cache::Store`] with a cache
+//! record under the step's key.
+//!
+//! A step's output is a [`Chain`]: the layers of its filesystem, lowest
+//! first. A filesystem is never copied: a step mounts (or has the executor
+//! mount) an overlay whose lowers are the chain's snapshot directories and
+//! whose upper is a fresh directory under the store's `tmp/`; the upper
+//! becomes the step's new layer.
+//!
+//! Mounts the runner makes itself (for file ops and stage binds) are held
+//! by [`MergedMount`] guards that unmount on drop, so a failure or a
+//! cancelled build leaves nothing mounted.
+
+mod mount;
+mod run;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use kiln_cache::{CacheResult, Digest, LayerInfo, Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::event::Progress;
+use crate::fileop::{self, FileOpError};
+use crate::graph::{BuildGraph, Edge, FileOp, InputRef, Op, SourceOp, VertexId};
+use crate::solve::{Step, StepRunner};
+
+pub use mount::{MergedMount, MountError};
+pub use run::RunFailure;
+
+/// A filesystem: its layers, lowest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chain {
+    /// The layers (diffIDs and uncompressed sizes).
+    pub layers: Vec<ChainLayer>,
+}
+
+/// One layer of a [`Chain`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLayer {
+    /// The diffID.
+    pub diff_id: Digest,
+    /// Uncompressed size.
+    pub size: u64,
+}
+
+impl Chain {
+    /// The layers as the store's [`LayerInfo`]s.
+    pub fn layer_infos(&self) -> Vec<LayerInfo> {
+        self.layers
+            .iter()
+            .map(|l| LayerInfo {
+                diff_id: l.diff_id.clone(),
+                size: l.size,
+            })
+            .collect()
+    }
+
+    fn with(&self, layer: LayerInfo) -> Chain {
+        let mut c = self.clone();
+        c.layers.push(ChainLayer {
+            diff_id: layer.diff_id,
+            size: layer.size,
+        });
+        c
+    }
+}
+
+/// A secret given with `--secret`: where its value is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `src=FILE`.
+    File(PathBuf),
+    /// `env=VAR`: the value of an environment variable of kiln itself.
+    Env(String),
+}
+
+/// The network of RUN steps without `--network` (`kiln build --network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DefaultNetwork {
+    /// No network (only `lo`).
+    #[default]
+    None,
+    /// The host's network.
+    Host,
+}
+
+/// What the runner needs besides the graph.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerOptions {
+    /// The build context directory.
+    pub context: PathBuf,
+    /// The context's `.dockerignore`.
+    pub ignore: Option<kiln_parser::PatternMatcher>,
+    /// `--secret`s by id.
+    pub secrets: BTreeMap<String, SecretSource>,
+    /// `--network` for RUN.
+    pub network: DefaultNetwork,
+    /// `SOURCE_DATE_EPOCH`: layer mtimes are clamped to it.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The store failed.
+    #[error("store: {what}")]
+    Store {
+        /// What the runner was doing.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// A base image is not in the store.
+    #[error(
+        "image `{reference}` is not in the local store\nhint: make it with `kiln import` or `kiln load`, then build again (pulling from a registry is not supported yet)"
+    )]
+    ImageNotFound {
+        /// The reference.
+        reference: String,
+        /// Why the lookup failed.
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// A file op failed.
+    #[error("{line}: {step}")]
+    FileOp {
+        /// `line N`.
+        line: String,
+        /// The step.
+        step: String,
+        /// Why.
+        #[source]
+        source: FileOpError,
+    },
+    /// Mounting or unmounting an overlay failed.
+    #[error("mounting the filesystem of {step}")]
+    Mount {
+        /// The step.
+        step: String,
+        /// Why.
+        #[source]
+        source: MountError,
+    },
+    /// Making a scratch directory failed.
+    #[error("creating a scratch directory under `{}`", path.display())]
+    Scratch {
+        /// The parent directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sandbox could not run the command.
+    #[error("cannot start {step}")]
+    Sandbox {
+        /// The step.
+        step: String,
+        /// Why.
+        #[source]
+        source: kiln_executor::Error,
+    },
+    /// The command ran and failed.
+    #[error(transparent)]
+    Run(#[from] Box<RunFailure>),
+    /// A `RUN --mount=type=secret` names a secret that was not given.
+    #[error(
+        "line {line}: secret `{id}` was not given\nhint: pass it with `--secret id={id},src=FILE`"
+    )]
+    SecretMissing {
+        /// The secret id.
+        id: String,
+        /// The Dockerfile line.
+        line: usize,
+    },
+    /// Reading a secret failed.
+    #[error("cannot read secret `{id}`")]
+    SecretRead {
+        /// The secret id.
+        id: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step has an input the graph does not name.
+    #[error("{step}: input for `{what}` is missing from the build graph")]
+    MissingInput {
+        /// The step.
+        step: String,
+        /// Which input.
+        what: String,
+    },
+    /// A blocking task died.
+    #[error("{step} was cancelled")]
+    Cancelled {
+        /// The step.
+        step: String,
+    },
+}
+
+fn store_err(what: impl Into<String>) -> impl FnOnce(StoreError) -> RunnerError {
+    let what = what.into();
+    move |source| RunnerError::Store {
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// The runner over a store and the executor.
+#[derive(Debug)]
+pub struct StoreRunner {
+    store: Arc<Store>,
+    graph: Arc<BuildGraph>,
+    opts: RunnerOptions,
+    sandbox: kiln_executor::Sandbox,
+}
+
+impl StoreRunner {
+    /// A runner for `graph`, keeping layers and cache records in `store`.
+    pub fn new(store: Arc<Store>, graph: Arc<BuildGraph>, opts: RunnerOptions) -> Self {
+        Self {
+            store,
+            graph,
+            opts,
+            sandbox: kiln_executor::Sandbox::new(),
+        }
+    }
+
+    /// Use `helper` as the sandbox helper binary (tests).
+    #[must_use]
+    pub fn with_sandbox(mut self, sandbox: kiln_executor::Sandbox) -> Self {
+        self.sandbox = sandbox;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn line_of(&self, id: VertexId) -> usize {
+        self.graph.graph[id].span.map_or(0, |s| s.start.line)
+    }
+
+    /// The chain of the input that `from` names, among the step's inputs.
+    fn input_chain(
+        &self,
+        step: &Step,
+        inputs: &[Chain],
+        from: &InputRef,
+    ) -> Result<Chain, RunnerError> {
+        let ins = self.graph.inputs(step.id);
+        let want: Option<VertexId> = match from {
+            InputRef::Stage { index } => self.graph.stage(*index).map(|s| s.last),
+            InputRef::Image { reference } => ins.iter().map(|(v, _)| *v).find(|v| {
+                matches!(&self.graph.graph[*v].op,
+                    Op::Source(SourceOp::Image { reference: r, .. }) if r == reference)
+            }),
+            InputRef::Context => None,
+        };
+        want.and_then(|w| ins.iter().position(|(v, _)| *v == w))
+            .and_then(|i| inputs.get(i).cloned())
+            .ok_or_else(|| RunnerError::MissingInput {
+                step: step.vertex.name.clone(),
+                what: format!("{from:?}"),
+            })
+    }
+
+    fn parent_chain(&self, step: &Step, inputs: &[Chain]) -> Chain {
+        let ins = self.graph.inputs(step.id);
+        match ins.first() {
+            Some((_, Edge::Parent)) => inputs.first().cloned().unwrap_or_default(),
+            _ => Chain::default(),
+        }
+    }
+
+    /// The snapshot directories of `chain`, lowest first.
+    fn snapshots(&self, chain: &Chain) -> Result<Vec<PathBuf>, RunnerError> {
+        chain
+            .layers
+            .iter()
+            .map(|l| {
+                self.store
+                    .snapshot_for(&l.diff_id)
+                    .map_err(store_err(format!("unpacking layer `{}`", l.diff_id)))
+            })
+            .collect()
+    }
+
+    fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir, RunnerError> {
+        let tmp = self.store.root().join("tmp");
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&tmp)
+            .map_err(|source| RunnerError::Scratch { path: tmp, source })
+    }
+
+    fn created_time(&self) -> Option<SystemTime> {
+        self.opts.source_date_epoch.and_then(|e| {
+            u64::try_from(e)
+                .ok()
+                .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        })
+    }
+
+    /// Commit `upper` as a layer on `parent`; an empty upper adds no layer.
+    fn commit(&self, step: &Step, parent: &Chain, upper: &Path) -> Result<Chain, RunnerError> {
+        let empty = fs_err::read_dir(upper)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        let chain = if empty {
+            parent.clone()
+        } else {
+            let opts = kiln_cache::WriteOptions::default()
+                .with_source_date_epoch(self.opts.source_date_epoch);
+            let layer = self
+                .store
+                .commit_layer_from_dir(upper, &opts)
+                .map_err(store_err(format!(
+                    "committing the layer of {}",
+                    step.vertex.name
+                )))?;
+            parent.with(layer)
+        };
+        self.record(step, &chain)?;
+        Ok(chain)
+    }
+
+    fn record(&self, step: &Step, chain: &Chain) -> Result<(), RunnerError> {
+        let result = CacheResult {
+            diff_ids: chain.layers.iter().map(|l| l.diff_id.clone()).collect(),
+            config: None,
+            extra: serde_json::json!({
+                "sizes": chain.layers.iter().map(|l| l.size).collect::<Vec<_>>(),
+            }),
+        };
+        self.store
+            .put_cache_record(&step.key.0, &result)
+            .map_err(store_err("storing a cache record"))
+    }
+
+    fn source(&self, _step: &Step, src: &SourceOp) -> Result<Chain, RunnerError> {
+        match src {
+            SourceOp::Scratch | SourceOp::Context => Ok(Chain::default()),
+            SourceOp::Image { reference, .. } => {
+                let image =
+                    self.store
+                        .resolve(reference)
+                        .map_err(|source| RunnerError::ImageNotFound {
+                            reference: reference.clone(),
+                            source: Box::new(source),
+                        })?;
+                Ok(Chain {
+                    layers: image
+                        .layers
+                        .into_iter()
+                        .map(|l| ChainLayer {
+                            diff_id: l.diff_id,
+                            size: l.size,
+                        })
+                        .collect(),
+                })
+            }
+        }
+    }
+
+    fn file_op(&self, step: &Step, op: &FileOp, inputs: &[Chain]) -> Result<Chain, RunnerError> {
+        let name = step.vertex.name.clone();
+        let line = format!("line {}", self.line_of(step.id));
+        let fo_err = |source| RunnerError::FileOp {
+            line: line.clone(),
+            step: name.clone(),
+            source,
+        };
+        let mount_err = |source| RunnerError::Mount {
+            step: name.clone(),
+            source,
+        };
+        let parent = self.parent_chain(step, inputs);
+        let dir = self.scratch("file-")?;
+        match op {
+            FileOp::Mkdir { path, user } => {
+                let lowers = self.snapshots(&parent)?;
+                let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
+                fileop::mkdir_workdir(
+                    merged.path(),
+                    path,
+                    Some(user.as_str()),
+                    self.created_time(),
+                    true,
+                )
+                .map_err(fo_err)?;
+                let upper = merged.unmount().map_err(mount_err)?;
+                self.commit(step, &parent, &upper)
+            }
+            FileOp::Copy(c) => {
+                let mut fop = fileop::CopyOp::from_plan(c);
+                fop.created_time = self.created_time();
+                fop.apply_ownership = true;
+                // The source: the context, or another stage/image mounted
+                // read-only for the copy.
+                let src_dir = self.scratch("src-")?;
+                let src_mount;
+                let src_root: PathBuf = match &c.from {
+                    InputRef::Context => {
+                        fop.ignore.clone_from(&self.opts.ignore);
+                        self.opts.context.clone()
+                    }
+                    other => {
+                        let chain = self.input_chain(step, inputs, other)?;
+                        let lowers = self.snapshots(&chain)?;
+                        src_mount =
+                            MergedMount::mount(&lowers, src_dir.path()).map_err(mount_err)?;
+                        src_mount.path().to_owned()
+                    }
+                };
+                if c.link {
+                    // --link: copy into an empty tree; the result is a layer
+                    // independent of the parent.
+                    let root = dir.path().join("link");
+                    fs_err::create_dir(&root).map_err(|source| RunnerError::Scratch {
+                        path: root.clone(),
+                        source,
+                    })?;
+                    fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
+                    self.commit(step, &parent, &root)
+                } else {
+                    let lowers = self.snapshots(&parent)?;
+                    let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
+                    fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
+                    let upper = merged.unmount().map_err(mount_err)?;
+                    self.commit(step, &parent, &upper)
+                }
+            }
+        }
+    }
+
+    fn run_sync(
+        &self,
+        step: &Step,
+        inputs: &[Chain],
+        progress: &Progress,
+        cancel: &run::CancelHandle,
+    ) -> Result<Chain, RunnerError> {
+        match &step.vertex.op {
+            Op::Source(src) => self.source(step, src),
+            Op::StageRef { .. } => {
+                let chain = self.parent_chain(step, inputs);
+                self.record(step, &chain)?;
+                Ok(chain)
+            }
+            Op::Config(_) => Ok(self.parent_chain(step, inputs)),
+            Op::File(f) => self.file_op(step, f, inputs),
+            Op::Exec(r) => self.run_exec(step, r, inputs, progress, cancel),
+        }
+    }
+}
+
+impl StepRunner for StoreRunner {
+    type Output = Chain;
+    type Error = RunnerError;
+
+    async fn lookup(&self, step: &Step) -> Result<Option<Chain>, RunnerError> {
+        // Sources are resolved every time (a retagged image is a new base);
+        // config ops only pass their parent on (and share its key).
+        match &step.vertex.op {
+            Op::Source(src) => return self.source(step, src).map(Some),
+            Op::Config(_) => return Ok(None),
+            Op::Exec(_) | Op::File(_) | Op::StageRef { .. } => {}
+        }
+        let rec = self
+            .store
+            .get_cache_record(&step.key.0)
+            .map_err(store_err("reading a cache record"))?;
+        Ok(rec.map(|r| {
+            let sizes: Vec<u64> = r
+                .extra
+                .get("sizes")
+                .and_then(|s| serde_json::from_value(s.clone()).ok())
+                .unwrap_or_default();
+            Chain {
+                layers: r
+                    .diff_ids
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, diff_id)| ChainLayer {
+                        diff_id,
+                        size: sizes.get(i).copied().unwrap_or(0),
+                    })
+                    .collect(),
+            }
+        }))
+    }
+
+    async fn run(
+        &self,
+        step: Step,
+        inputs: Vec<Chain>,
+        progress: Progress,
+    ) -> Result<Chain, RunnerError> {
+        // The runner is shared through an Arc by the scheduler, but the
+        // blocking task needs 'static data: rebuild a light runner.
+        let this = StoreRunner {
+            store: Arc::clone(&self.store),
+            graph: Arc::clone(&self.graph),
+            opts: self.opts.clone(),
+            sandbox: self.sandbox.clone(),
+        };
+        let name = step.vertex.name.clone();
+        let cancel = run::CancelHandle::default();
+        let guard = cancel.guard();
+        let res =
+            tokio::task::spawn_blocking(move || this.run_sync(&step, &inputs, &progress, &cancel))
+                .await;
+        guard.disarm();
+        res.unwrap_or(Err(RunnerError::Cancelled { step: name }))
+    }
+}
+
+/// Resolves base images from the store for the planner.
+#[derive(Debug, Clone)]
+pub struct StoreResolver {
+    store: Arc<Store>,
+}
+
+impl StoreResolver {
+    /// A resolver over `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+impl crate::plan::ImageResolver for StoreResolver {
+    fn resolve(
+        &self,
+        reference: &str,
+        _platform: &crate::graph::Platform,
+    ) -> Result<crate::plan::ImageInfo, crate::plan::ResolveError> {
+        let image = self.store.resolve(reference)?;
+        Ok(crate::plan::ImageInfo {
+            digest: Some(image.id.to_string()),
+            config: crate::export::plan_config_json(&image.config_bytes),
+        })
+    }
+}

@@ -1,0 +1,434 @@
+//! RUN: the command in the executor's sandbox over an overlay of the parent
+//! chain, output streamed as log events, the upper committed as a layer.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kiln_executor::{Mount, MountKind, Network, ProcessSpec, RootfsSpec, SandboxSpec, User};
+use kiln_parser::MountType;
+use sha2::Digest as _;
+
+use super::{Chain, DefaultNetwork, MergedMount, RunnerError, SecretSource, StoreRunner};
+use crate::event::{LogStream, Progress};
+use crate::graph::{InputRef, RunOp};
+use crate::solve::Step;
+
+/// Lines of output kept for a failure message.
+const TAIL_LINES: usize = 10;
+
+/// A RUN whose command failed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "line {line}: `{command}` did not complete successfully: exit code {code}{}",
+    tail_text(tail)
+)]
+pub struct RunFailure {
+    /// The Dockerfile line.
+    pub line: usize,
+    /// The command as written in the history.
+    pub command: String,
+    /// The exit code (128 + signal when killed).
+    pub code: i32,
+    /// The last lines of output.
+    pub tail: Vec<String>,
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("\noutput (last lines):");
+    for l in tail {
+        s.push_str("\n  ");
+        s.push_str(l);
+    }
+    s
+}
+
+/// Kills a running sandbox when the step's future is dropped (Ctrl-C).
+#[derive(Debug, Clone, Default)]
+pub(super) struct CancelHandle {
+    pid: Arc<AtomicU32>,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// Held by the async side; dropping it before [`CancelGuard::disarm`]
+/// cancels the step.
+#[derive(Debug)]
+pub(super) struct CancelGuard {
+    handle: CancelHandle,
+    armed: bool,
+}
+
+impl CancelHandle {
+    pub(super) fn guard(&self) -> CancelGuard {
+        CancelGuard {
+            handle: self.clone(),
+            armed: true,
+        }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+impl CancelGuard {
+    pub(super) fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.handle.cancelled.store(true, Ordering::SeqCst);
+        let pid = self.handle.pid.load(Ordering::SeqCst);
+        if let Ok(pid) = i32::try_from(pid)
+            && pid > 0
+        {
+            // The helper dies; init has PDEATHSIG and takes the sandbox with it.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The argv of a RUN, with heredocs handled as BuildKit does: a lone
+/// heredoc that starts with `#!` is written to a file and run; otherwise
+/// the bodies are appended to the shell command so the shell reads them.
+fn run_argv(
+    r: &RunOp,
+    scratch: &std::path::Path,
+) -> Result<(Vec<String>, Vec<Mount>), RunnerError> {
+    let mut args = r.args.clone();
+    let mut mounts = Vec::new();
+    if r.heredocs.is_empty() || !r.shell_form {
+        return Ok((args, mounts));
+    }
+    let cmd = args.last().cloned().unwrap_or_default();
+    if let [h] = r.heredocs.as_slice() {
+        let content = h.chomped_content();
+        let bare = cmd.trim().trim_start_matches("<<").trim_start_matches('-');
+        let bare = bare.trim_matches(|c| c == '"' || c == '\'');
+        if content.starts_with("#!") && bare == h.name {
+            let file = scratch.join("heredoc");
+            fs_err::write(&file, content.as_bytes()).map_err(|source| RunnerError::Scratch {
+                path: file.clone(),
+                source,
+            })?;
+            use std::os::unix::fs::PermissionsExt;
+            fs_err::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).map_err(
+                |source| RunnerError::Scratch {
+                    path: file.clone(),
+                    source,
+                },
+            )?;
+            let target = format!("/dev/pipes/{}", h.name);
+            mounts.push(Mount {
+                target: target.clone(),
+                kind: MountKind::Bind {
+                    source: file,
+                    readonly: true,
+                },
+            });
+            return Ok((vec![target], mounts));
+        }
+    }
+    let mut full = cmd;
+    for h in &r.heredocs {
+        full.push('\n');
+        full.push_str(&h.content);
+        if !h.content.ends_with('\n') && !h.content.is_empty() {
+            full.push('\n');
+        }
+        full.push_str(&h.name);
+    }
+    if let Some(last) = args.last_mut() {
+        *last = full;
+    }
+    Ok((args, mounts))
+}
+
+impl StoreRunner {
+    pub(super) fn run_exec(
+        &self,
+        step: &Step,
+        r: &RunOp,
+        inputs: &[Chain],
+        progress: &Progress,
+        cancel: &CancelHandle,
+    ) -> Result<Chain, RunnerError> {
+        let line = self.line_of(step.id);
+        let name = step.vertex.name.clone();
+        let parent = self.parent_chain(step, inputs);
+        let lowers = self.snapshots(&parent)?;
+        let dir = self.scratch("run-")?;
+        let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
+        for d in [&upper, &work] {
+            fs_err::create_dir(d).map_err(|source| RunnerError::Scratch {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        let (args, mut mounts) = run_argv(r, dir.path())?;
+        let mut env: Vec<String> = r
+            .env
+            .iter()
+            .chain(&r.proxy_env)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !r.env.iter().any(|(k, _)| k == "PATH") {
+            env.push(kiln_executor::DEFAULT_PATH_ENV.to_owned());
+        }
+        // Stage binds stay mounted until the command is done.
+        let mut held: Vec<MergedMount> = Vec::new();
+        let mut secret_files: Vec<tempfile::NamedTempFile> = Vec::new();
+        for (i, m) in r.mounts.iter().enumerate() {
+            match m.kind {
+                MountType::Cache => {
+                    let id = m.id.clone().unwrap_or_else(|| m.target.clone());
+                    let hex = hex(&sha2::Sha256::digest(id.as_bytes()));
+                    let source = self.store.root().join("cache-mounts").join(hex);
+                    fs_err::create_dir_all(&source).map_err(|e| RunnerError::Scratch {
+                        path: source.clone(),
+                        source: e,
+                    })?;
+                    mounts.push(Mount {
+                        target: m.target.clone(),
+                        kind: MountKind::Cache { source },
+                    });
+                }
+                MountType::Tmpfs => mounts.push(Mount {
+                    target: m.target.clone(),
+                    kind: MountKind::Tmpfs {
+                        size: m.size.as_deref().and_then(|s| s.parse().ok()),
+                    },
+                }),
+                MountType::Secret => {
+                    let id = m.id.clone().unwrap_or_else(|| {
+                        m.target.rsplit('/').next().unwrap_or_default().to_owned()
+                    });
+                    let Some(src) = self.opts.secrets.get(&id) else {
+                        if m.required == Some(true) {
+                            return Err(RunnerError::SecretMissing { id, line });
+                        }
+                        continue;
+                    };
+                    let source = match src {
+                        SecretSource::File(p) => p.clone(),
+                        SecretSource::Env(var) => {
+                            let value = std::env::var_os(var).unwrap_or_default();
+                            let mut f = tempfile::Builder::new()
+                                .prefix("secret-")
+                                .tempfile_in(dir.path())
+                                .map_err(|source| RunnerError::SecretRead {
+                                    id: id.clone(),
+                                    source,
+                                })?;
+                            use std::io::Write as _;
+                            use std::os::unix::ffi::OsStrExt as _;
+                            f.write_all(value.as_bytes()).map_err(|source| {
+                                RunnerError::SecretRead {
+                                    id: id.clone(),
+                                    source,
+                                }
+                            })?;
+                            let p = f.path().to_owned();
+                            secret_files.push(f);
+                            p
+                        }
+                    };
+                    if m.env.is_some() && m.target.is_empty() {
+                        // `env=` secrets as variables: read the value now.
+                        let value = fs_err::read_to_string(&source).map_err(|source| {
+                            RunnerError::SecretRead {
+                                id: id.clone(),
+                                source,
+                            }
+                        })?;
+                        if let Some(var) = &m.env {
+                            env.push(format!("{var}={}", value.trim_end_matches('\n')));
+                        }
+                        continue;
+                    }
+                    let target = if m.target.is_empty() {
+                        format!("/run/secrets/{id}")
+                    } else {
+                        m.target.clone()
+                    };
+                    mounts.push(Mount {
+                        target,
+                        kind: MountKind::Secret { source },
+                    });
+                }
+                MountType::Bind => {
+                    let sub = m.source.clone().unwrap_or_else(|| "/".to_owned());
+                    let root = match &m.from {
+                        None | Some(InputRef::Context) => self.opts.context.clone(),
+                        Some(other) => {
+                            let chain = self.input_chain(step, inputs, other)?;
+                            let lowers = self.snapshots(&chain)?;
+                            let mdir = dir.path().join(format!("bind-{i}"));
+                            let mm = MergedMount::mount(&lowers, &mdir).map_err(|source| {
+                                RunnerError::Mount {
+                                    step: name.clone(),
+                                    source,
+                                }
+                            })?;
+                            let p = mm.path().to_owned();
+                            held.push(mm);
+                            p
+                        }
+                    };
+                    let source =
+                        crate::fileop::resolve_in_root(&root, &sub, true).map_err(|source| {
+                            RunnerError::FileOp {
+                                line: format!("line {line}"),
+                                step: name.clone(),
+                                source,
+                            }
+                        })?;
+                    mounts.push(Mount {
+                        target: m.target.clone(),
+                        // A writable bind would write into the context or a
+                        // snapshot: always read-only.
+                        kind: MountKind::Bind {
+                            source,
+                            readonly: true,
+                        },
+                    });
+                }
+                MountType::Ssh => {}
+            }
+        }
+        let mut process = ProcessSpec::new(args);
+        process.env = env;
+        process.cwd = if r.workdir.is_empty() {
+            "/".to_owned()
+        } else {
+            r.workdir.clone()
+        };
+        if !r.user.is_empty() {
+            process.user = User::Spec(r.user.clone());
+        }
+        let mut spec = SandboxSpec::new(
+            RootfsSpec::Overlay {
+                lowers: lowers.iter().rev().cloned().collect(),
+                upper: upper.clone(),
+                work,
+            },
+            process,
+        );
+        spec.mounts = mounts;
+        spec.network = match r.network {
+            Some(kiln_parser::Network::Host) => Network::Host,
+            Some(kiln_parser::Network::None) => Network::None,
+            Some(kiln_parser::Network::Default) | None => match self.opts.network {
+                DefaultNetwork::Host => Network::Host,
+                DefaultNetwork::None => Network::None,
+            },
+        };
+        if cancel.is_cancelled() {
+            return Err(RunnerError::Cancelled { step: name });
+        }
+        let mut running = self
+            .sandbox
+            .spawn(&spec)
+            .map_err(|source| RunnerError::Sandbox {
+                step: name.clone(),
+                source,
+            })?;
+        cancel.pid.store(running.helper_pid(), Ordering::SeqCst);
+        if cancel.is_cancelled() {
+            running.kill();
+        }
+        let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        let readers: Vec<_> = [
+            (running.take_stdout(), LogStream::Stdout),
+            (running.take_stderr(), LogStream::Stderr),
+        ]
+        .into_iter()
+        .filter_map(|(f, s)| f.map(|f| (f, s)))
+        .map(|(mut f, stream)| {
+            let progress = progress.clone();
+            let tail = Arc::clone(&tail);
+            let id = step.id.index();
+            std::thread::spawn(move || {
+                let mut splitter = crate::event::LineSplitter::default();
+                let mut buf = vec![0u8; 32 * 1024];
+                let emit = |lines: Vec<String>| {
+                    for l in lines {
+                        if let Ok(mut t) = tail.lock() {
+                            if t.len() == TAIL_LINES {
+                                t.pop_front();
+                            }
+                            t.push_back(l.clone());
+                        }
+                        progress.send(crate::event::Event::Log {
+                            id,
+                            stream,
+                            line: l,
+                        });
+                    }
+                };
+                loop {
+                    match f.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => emit(splitter.push(&buf[..n])),
+                    }
+                }
+                emit(splitter.finish().into_iter().collect());
+            })
+        })
+        .collect();
+        for r in readers {
+            let _ = r.join();
+        }
+        let status = running.wait().map_err(|source| RunnerError::Sandbox {
+            step: name.clone(),
+            source,
+        })?;
+        drop(held);
+        drop(secret_files);
+        if cancel.is_cancelled() || status == kiln_executor::ExitStatus::Cancelled {
+            return Err(RunnerError::Cancelled { step: name });
+        }
+        if !status.success() {
+            let tail = tail
+                .lock()
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default();
+            return Err(Box::new(RunFailure {
+                line,
+                command: step
+                    .vertex
+                    .history
+                    .as_ref()
+                    .map_or_else(|| r.args.join(" "), |h| h.created_by.clone()),
+                code: status.shell_code(),
+                tail,
+            })
+            .into());
+        }
+        // Secret and cache mount targets may leave empty stubs; the
+        // executor removes those from the upper.
+        let _ = PathBuf::new();
+        self.commit(step, &parent, &upper)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

@@ -1,0 +1,283 @@
+//! The scheduler: walk the build graph on tokio, inputs before consumers,
+//! at most `jobs` steps at once; a step whose key is in the cache is not
+//! run; steps with the same key run once and share the result.
+//!
+//! What a step does is the [`StepRunner`]'s business (the sandbox for RUN,
+//! file ops for COPY, the store for lookups); the scheduler owns ordering,
+//! parallelism, deduplication, progress events and miss explanations.
+//! Dropping the future returned by [`solve`] aborts the running steps
+//! (Ctrl-C), so a runner must clean up in `Drop`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::task::JoinSet;
+
+use crate::event::Progress;
+use crate::graph::{BuildGraph, Vertex, VertexId};
+use crate::key::{CacheKey, KeyError, KeyHistory, MissCause, VertexKey};
+
+/// One step handed to the runner.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The vertex id (its index is the event id).
+    pub id: VertexId,
+    /// The vertex.
+    pub vertex: Vertex,
+    /// Its key.
+    pub key: CacheKey,
+}
+
+/// Executes steps and looks up cached results.
+pub trait StepRunner: Send + Sync + 'static {
+    /// A step's result (a snapshot id, say).
+    type Output: Clone + Send + Sync + 'static;
+    /// A step's failure.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The cached result for `key`, if any.
+    fn lookup(
+        &self,
+        step: &Step,
+    ) -> impl Future<Output = Result<Option<Self::Output>, Self::Error>> + Send;
+
+    /// Run `step` on the results of its inputs (in [`BuildGraph::inputs`]
+    /// order: parent first) and store the result under its key.
+    fn run(
+        &self,
+        step: Step,
+        inputs: Vec<Self::Output>,
+        progress: Progress,
+    ) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send;
+}
+
+/// Scheduler options.
+#[derive(Debug, Clone)]
+pub struct SolveOptions {
+    /// Steps at once (`--jobs`, default: the number of cores).
+    pub jobs: usize,
+    /// `--no-cache`: run every step.
+    pub no_cache: bool,
+}
+
+impl Default for SolveOptions {
+    fn default() -> Self {
+        Self {
+            jobs: std::thread::available_parallelism().map_or(1, usize::from),
+            no_cache: false,
+        }
+    }
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SolveError<E: std::error::Error + Send + Sync + 'static> {
+    /// A step failed.
+    #[error("{name} failed")]
+    Step {
+        /// The step's display name.
+        name: String,
+        /// The vertex.
+        id: VertexId,
+        /// Why.
+        #[source]
+        source: Arc<E>,
+    },
+    /// Explaining a miss failed (the key history database).
+    #[error("cannot read the key history")]
+    History(#[source] KeyError),
+    /// A step's task panicked or was cancelled.
+    #[error("{name} was aborted")]
+    Aborted {
+        /// The step's display name.
+        name: String,
+    },
+    /// The keys do not match the graph.
+    #[error("no key for vertex {id}")]
+    MissingKey {
+        /// The vertex index.
+        id: usize,
+    },
+}
+
+/// The outcome of a build.
+#[derive(Debug)]
+pub struct Solved<O> {
+    /// Every vertex's result.
+    pub outputs: HashMap<VertexId, O>,
+    /// Steps that ran.
+    pub ran: usize,
+    /// Steps found in the cache (or sharing a key with one that ran).
+    pub cached: usize,
+}
+
+type Done<O, E> = (CacheKey, Result<(O, bool), Arc<E>>);
+
+/// Build `graph`: every vertex, with at most `opts.jobs` steps at once.
+pub async fn solve<R: StepRunner>(
+    graph: &BuildGraph,
+    keys: &[VertexKey],
+    runner: Arc<R>,
+    progress: Progress,
+    history: Option<&KeyHistory>,
+    opts: &SolveOptions,
+) -> Result<Solved<R::Output>, SolveError<R::Error>> {
+    let jobs = opts.jobs.max(1);
+    let key_of: HashMap<VertexId, &VertexKey> = keys.iter().map(|k| (k.vertex, k)).collect();
+    let order = graph.topo_order();
+    let mut pending_inputs: HashMap<VertexId, usize> = HashMap::new();
+    for &v in &order {
+        if !key_of.contains_key(&v) {
+            return Err(SolveError::MissingKey { id: v.index() });
+        }
+        pending_inputs.insert(v, graph.inputs(v).len());
+    }
+    let mut ready: std::collections::VecDeque<VertexId> = order
+        .iter()
+        .copied()
+        .filter(|v| pending_inputs.get(v) == Some(&0))
+        .collect();
+    let mut outputs: HashMap<VertexId, R::Output> = HashMap::new();
+    let mut by_key: HashMap<CacheKey, R::Output> = HashMap::new();
+    // Key in flight -> vertices waiting for it (the first one runs it).
+    let mut in_flight: HashMap<CacheKey, Vec<(VertexId, Instant)>> = HashMap::new();
+    let mut tasks: JoinSet<Done<R::Output, R::Error>> = JoinSet::new();
+    let mut task_vertex: HashMap<tokio::task::Id, VertexId> = HashMap::new();
+    let (mut ran, mut cached) = (0usize, 0usize);
+
+    loop {
+        // Start what can start.
+        while tasks.len() < jobs {
+            let Some(v) = ready.pop_front() else { break };
+            let vk = key_of[&v];
+            let vert = &graph.graph[v];
+            let t = progress.started(v.index(), &vert.name, vert.span);
+            if let Some(out) = by_key.get(&vk.key) {
+                progress.cached(v.index());
+                progress.finished(v.index(), t);
+                cached += 1;
+                outputs.insert(v, out.clone());
+                release(graph, v, &mut pending_inputs, &mut ready);
+                continue;
+            }
+            if let Some(waiters) = in_flight.get_mut(&vk.key) {
+                waiters.push((v, t));
+                continue;
+            }
+            let inputs: Vec<R::Output> = graph
+                .inputs(v)
+                .iter()
+                .filter_map(|(i, _)| outputs.get(i).cloned())
+                .collect();
+            let causes = if opts.no_cache {
+                vec![MissCause::NoCache]
+            } else {
+                match history {
+                    Some(h) => h.explain(&vk.inputs).map_err(SolveError::History)?,
+                    None => vec![MissCause::FirstBuild],
+                }
+            };
+            in_flight.insert(vk.key.clone(), vec![(v, t)]);
+            let step = Step {
+                id: v,
+                vertex: vert.clone(),
+                key: vk.key.clone(),
+            };
+            let runner = Arc::clone(&runner);
+            let p = progress.clone();
+            let no_cache = opts.no_cache;
+            let handle = tasks.spawn(async move {
+                let key = step.key.clone();
+                if !no_cache {
+                    match runner.lookup(&step).await {
+                        Ok(Some(out)) => return (key, Ok((out, false))),
+                        Ok(None) => {}
+                        Err(e) => return (key, Err(Arc::new(e))),
+                    }
+                }
+                p.miss(step.id.index(), causes);
+                let r = runner.run(step, inputs, p).await;
+                (key, r.map(|o| (o, true)).map_err(Arc::new))
+            });
+            task_vertex.insert(handle.id(), v);
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        let (key, result) = match joined {
+            Ok(d) => d,
+            Err(e) => {
+                tasks.abort_all();
+                let name = task_vertex
+                    .get(&e.id())
+                    .map_or_else(String::new, |v| graph.graph[*v].name.clone());
+                return Err(SolveError::Aborted { name });
+            }
+        };
+        let waiters = in_flight.remove(&key).unwrap_or_default();
+        match result {
+            Ok((out, did_run)) => {
+                for (i, (v, t)) in waiters.into_iter().enumerate() {
+                    if i == 0 && did_run {
+                        ran += 1;
+                    } else {
+                        progress.cached(v.index());
+                        cached += 1;
+                    }
+                    progress.finished(v.index(), t);
+                    outputs.insert(v, out.clone());
+                    release(graph, v, &mut pending_inputs, &mut ready);
+                }
+                by_key.insert(key, out);
+            }
+            Err(e) => {
+                // Stop everything else: dropping the tasks cancels them.
+                tasks.abort_all();
+                let (v, _) = waiters
+                    .first()
+                    .copied()
+                    .unwrap_or((VertexId::new(0), Instant::now()));
+                progress.failed(v.index(), &*e);
+                return Err(SolveError::Step {
+                    name: graph.graph[v].name.clone(),
+                    id: v,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(Solved {
+        outputs,
+        ran,
+        cached,
+    })
+}
+
+/// `v` is done: its consumers have one input less to wait for.
+fn release(
+    graph: &BuildGraph,
+    v: VertexId,
+    pending: &mut HashMap<VertexId, usize>,
+    ready: &mut std::collections::VecDeque<VertexId>,
+) {
+    let mut consumers: Vec<VertexId> = graph
+        .graph
+        .neighbors_directed(v, petgraph::Direction::Outgoing)
+        .collect();
+    consumers.sort();
+    consumers.dedup();
+    for c in consumers {
+        if let Some(n) = pending.get_mut(&c) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                ready.push_back(c);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "solve_tests.rs"]
+mod tests;

@@ -1,0 +1,285 @@
+//! Scheduler tests with a recording runner (the scheduler is what is under
+//! test: ordering, parallelism, deduplication, cache hits, failures).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::*;
+use crate::event::Event;
+use crate::graph::Op;
+use crate::key::compute_keys;
+use crate::plan::{BuildOptions, EmptyImages, plan};
+
+#[derive(Debug, thiserror::Error)]
+#[error("step `{0}` exited with code 1")]
+struct StepFailed(String);
+
+#[derive(Default)]
+struct Recorder {
+    store: Mutex<HashSet<CacheKey>>,
+    runs: Mutex<Vec<String>>,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+}
+
+impl StepRunner for Recorder {
+    type Output = String;
+    type Error = StepFailed;
+
+    async fn lookup(&self, step: &Step) -> Result<Option<String>, StepFailed> {
+        let hit = self
+            .store
+            .lock()
+            .map(|s| s.contains(&step.key))
+            .unwrap_or(false);
+        Ok(hit.then(|| step.key.0.clone()))
+    }
+
+    async fn run(
+        &self,
+        step: Step,
+        inputs: Vec<String>,
+        _progress: Progress,
+    ) -> Result<String, StepFailed> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        if let Ok(mut r) = self.runs.lock() {
+            r.push(step.vertex.name.clone());
+        }
+        // Inputs arrive, parent first.
+        assert_eq!(inputs.len(), step_inputs_expected(&step));
+        if matches!(step.vertex.op, Op::Exec(_)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if step.vertex.name.contains("PANIC") {
+            panic!("runner bug");
+        }
+        if step.vertex.name.contains("FAIL") {
+            return Err(StepFailed(step.vertex.name));
+        }
+        if let Ok(mut s) = self.store.lock() {
+            s.insert(step.key.clone());
+        }
+        Ok(step.key.0)
+    }
+}
+
+fn step_inputs_expected(step: &Step) -> usize {
+    match &step.vertex.op {
+        Op::Source(_) => 0,
+        // The parent, and the context or the `--from` stage.
+        Op::File(crate::graph::FileOp::Copy(_)) => 2,
+        _ => 1,
+    }
+}
+
+fn setup(src: &str) -> (BuildGraph, Vec<VertexKey>) {
+    let df = kiln_parser::parse(src).expect("parses");
+    let g = plan(&df, &BuildOptions::default(), &EmptyImages).expect("plans");
+    let keys = compute_keys(&g, None).expect("keys");
+    (g, keys)
+}
+
+fn opts(jobs: usize) -> SolveOptions {
+    SolveOptions {
+        jobs,
+        no_cache: false,
+    }
+}
+
+const PARALLEL: &str = "\
+FROM busybox AS a
+RUN sleep a
+FROM busybox AS b
+RUN sleep b
+FROM busybox
+COPY --from=a /a /a
+COPY --from=b /b /b
+";
+
+#[tokio::test]
+async fn independent_stages_run_in_parallel_within_jobs() {
+    let (g, keys) = setup(PARALLEL);
+    for (jobs, expect_max) in [(1, 1), (4, 2)] {
+        let r = Arc::new(Recorder::default());
+        let out = solve(
+            &g,
+            &keys,
+            Arc::clone(&r),
+            Progress::discard(),
+            None,
+            &opts(jobs),
+        )
+        .await
+        .expect("solves");
+        assert_eq!(out.outputs.len(), g.graph.node_count());
+        let max = r.max_running.load(Ordering::SeqCst);
+        assert!(max <= jobs, "jobs={jobs} max={max}");
+        if jobs > 1 {
+            assert!(max >= expect_max, "the two RUNs overlapped: max={max}");
+        }
+        // Inputs before consumers.
+        let runs = r.runs.lock().map(|r| r.clone()).unwrap_or_default();
+        let pos = |n: &str| {
+            runs.iter()
+                .position(|r| r.contains(n))
+                .unwrap_or(usize::MAX)
+        };
+        assert!(pos("RUN sleep a") < pos("COPY --from=a"));
+        assert!(pos("RUN sleep b") < pos("COPY --from=b"));
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_is_all_cache_hits() {
+    let (g, keys) = setup(PARALLEL);
+    let r = Arc::new(Recorder::default());
+    let first = solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("first");
+    assert!(first.ran > 0);
+    let runs_before = r.runs.lock().map(|r| r.len()).unwrap_or(0);
+    let (p, mut rx) = Progress::channel();
+    let second = solve(&g, &keys, Arc::clone(&r), p, None, &opts(2))
+        .await
+        .expect("second");
+    assert_eq!(second.ran, 0);
+    assert_eq!(second.cached, g.graph.node_count());
+    assert_eq!(r.runs.lock().map(|r| r.len()).unwrap_or(0), runs_before);
+    let mut cached = 0;
+    while let Ok(e) = rx.try_recv() {
+        assert!(!matches!(e, Event::VertexMiss { .. }), "{e:?}");
+        cached += usize::from(matches!(e, Event::VertexCached { .. }));
+    }
+    assert_eq!(cached, g.graph.node_count());
+    // --no-cache runs everything again.
+    let mut o = opts(2);
+    o.no_cache = true;
+    let third = solve(&g, &keys, Arc::clone(&r), Progress::discard(), None, &o)
+        .await
+        .expect("third");
+    assert!(third.ran >= 5, "ran {}", third.ran);
+}
+
+#[tokio::test]
+async fn identical_steps_run_once() {
+    let (g, keys) = setup(
+        "FROM busybox AS a\nRUN echo hi\nFROM busybox AS b\nRUN echo hi\nFROM scratch\nCOPY --from=a / /a\nCOPY --from=b / /b\n",
+    );
+    let r = Arc::new(Recorder::default());
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(4),
+    )
+    .await
+    .expect("solves");
+    let runs = r.runs.lock().map(|r| r.clone()).unwrap_or_default();
+    assert_eq!(
+        runs.iter().filter(|n| n.contains("RUN echo hi")).count(),
+        1,
+        "{runs:?}"
+    );
+    assert_eq!(out.outputs.len(), g.graph.node_count());
+}
+
+#[tokio::test]
+async fn a_failure_stops_the_build_and_names_the_step() {
+    let (g, keys) = setup("FROM busybox\nRUN ok\nRUN FAIL\nRUN after\n");
+    let r = Arc::new(Recorder::default());
+    let (p, mut rx) = Progress::channel();
+    let e = solve(&g, &keys, Arc::clone(&r), p, None, &opts(2))
+        .await
+        .expect_err("fails");
+    match &e {
+        SolveError::Step { name, .. } => assert!(name.contains("RUN FAIL"), "{name}"),
+        other => panic!("{other:?}"),
+    }
+    let runs = r.runs.lock().map(|r| r.clone()).unwrap_or_default();
+    assert!(!runs.iter().any(|n| n.contains("RUN after")));
+    let mut failed = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::VertexFailed { error, .. } = ev {
+            failed.push(error);
+        }
+    }
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].contains("exited with code 1"), "{failed:?}");
+}
+
+#[tokio::test]
+async fn misses_carry_their_causes_from_the_history() {
+    let store = tempfile::tempdir().expect("store");
+    let ctx = tempfile::tempdir().expect("ctx");
+    fs_err::write(ctx.path().join("app.txt"), "v1").expect("write");
+    let src = "FROM busybox\nCOPY app.txt /app.txt\nRUN cat /app.txt\n";
+    let df = kiln_parser::parse(src).expect("parses");
+    let g = plan(&df, &BuildOptions::default(), &EmptyImages).expect("plans");
+    let keys_for = || {
+        let mut c = crate::context::BuildContext::new(ctx.path(), None);
+        compute_keys(&g, Some(&mut c)).expect("keys")
+    };
+    let r = Arc::new(Recorder::default());
+    let keys = keys_for();
+    let mut h = KeyHistory::open(store.path(), "scope").expect("history");
+    solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        Some(&h),
+        &opts(2),
+    )
+    .await
+    .expect("first");
+    h.record(keys.iter().map(|k| &k.inputs)).expect("record");
+
+    fs_err::write(ctx.path().join("app.txt"), "v2").expect("edit");
+    let keys = keys_for();
+    let (p, mut rx) = Progress::channel();
+    let out = solve(&g, &keys, Arc::clone(&r), p, Some(&h), &opts(2))
+        .await
+        .expect("second");
+    assert_eq!(out.ran, 2, "the COPY and the RUN after it");
+    let mut misses = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        if let Event::VertexMiss { causes, .. } = e {
+            misses.push(causes);
+        }
+    }
+    assert_eq!(
+        misses[0],
+        [MissCause::FileChanged {
+            path: "app.txt".into()
+        }]
+    );
+    assert!(
+        matches!(&misses[1][0], MissCause::ParentChanged { name } if name.contains("COPY app.txt"))
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_step_is_reported_by_name() {
+    let (g, keys) = setup("FROM busybox\nRUN ok\nRUN PANIC\n");
+    let r = Arc::new(Recorder::default());
+    let e = solve(&g, &keys, r, Progress::discard(), None, &opts(2))
+        .await
+        .expect_err("aborts");
+    assert!(
+        matches!(&e, SolveError::Aborted { name } if name.contains("RUN PANIC")),
+        "{e:?}"
+    );
+}
