@@ -36,18 +36,23 @@ ls "$KILN_ROOT/blobs/sha256" | sort > "$OUT/blobs-before"
 drop_compressed="comm -13 $OUT/blobs-before <(ls $KILN_ROOT/blobs/sha256 | sort) | sed 's|^|$KILN_ROOT/blobs/sha256/|' | xargs -r rm -f"
 
 echo "== uncompressed: kiln save vs tar -cf"
+# `sync` before each run: no run pays for the previous one's dirty pages.
 hyperfine --warmup 1 --runs "$RUNS" --export-markdown "$OUT/save-none.md" --export-json "$OUT/save-none.json" \
+  --prepare sync \
   -n 'kiln save' "$KILN save -o $OUT/kiln.tar s5:latest" \
   -n 'tar -cf' "tar -C $ctx -cf $OUT/tar.tar ."
 
 echo "== gzip: kiln save --format oci --compress gzip vs tar | gzip"
 hyperfine --warmup 0 --runs "$RUNS" --export-markdown "$OUT/save-gzip.md" --export-json "$OUT/save-gzip.json" \
-  --shell bash --prepare "$drop_compressed" \
+  --shell bash --prepare "$drop_compressed; sync" \
   -n 'kiln save oci gzip (cold)' "$KILN save --format oci --compress gzip -o $OUT/kiln-gz.tar s5:latest" \
   -n 'tar | gzip' "tar -C $ctx -cf - . | gzip > $OUT/tar.tar.gz"
-hyperfine --warmup 1 --runs "$RUNS" --export-markdown "$OUT/save-gzip-warm.md" \
+hyperfine --warmup 1 --runs "$RUNS" --export-markdown "$OUT/save-gzip-warm.md" --prepare sync \
   -n 'kiln save oci gzip (warm, compressed blob remembered)' \
   "$KILN save --format oci --compress gzip -o $OUT/kiln-gz.tar s5:latest"
+
+echo "== machine load (other jobs share these cores)"
+uptime | tee "$OUT/load.txt"
 
 echo "== peak memory"
 {

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_cache::compress::{Compression, compress};
-use kiln_cache::layer::{WriteOptions, write_layer};
+use kiln_cache::layer::{ApplyOptions, WriteOptions, apply_layer, write_layer};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -147,8 +147,10 @@ fn main() -> io::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(()); // `cargo test --benches` probes with --list
     }
-    let files = env_usize("KILN_BENCH_FILES", 20_000);
-    let big_mb = env_usize("KILN_BENCH_BIG_MB", 100);
+    // `cargo bench` passes `--bench`; anything else (`cargo test --benches`) gets a smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let files = env_usize("KILN_BENCH_FILES", if full { 20_000 } else { 300 });
+    let big_mb = env_usize("KILN_BENCH_BIG_MB", if full { 100 } else { 1 });
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -181,6 +183,9 @@ fn main() -> io::Result<()> {
             .map(|s| s.bytes)
             .map_err(io::Error::other)
     });
+    if std::env::var("KILN_BENCH_ONLY").as_deref() == Ok("write") {
+        return Ok(());
+    }
     let kiln_gz = time(
         &format!("kiln layer | gzip ({threads} threads)"),
         bytes,
@@ -209,6 +214,41 @@ fn main() -> io::Result<()> {
         shell(&format!("tar -cf - -C {dir} . | zstd -3 -q -c"))
     });
 
+    // Applying: the same tar unpacked by kiln and by GNU tar, each into a fresh directory.
+    let layer_file = holder.path().join("layer.tar");
+    write_layer(
+        &root,
+        fs_err::File::create(&layer_file)?,
+        &WriteOptions::default(),
+    )
+    .map_err(io::Error::other)?;
+    let mut run = 0;
+    let mut fresh = || -> io::Result<std::path::PathBuf> {
+        run += 1;
+        let d = holder.path().join(format!("unpack{run}"));
+        fs_err::create_dir(&d)?;
+        Ok(d)
+    };
+    let kiln_apply = time("kiln apply_layer", bytes, || {
+        let d = fresh()?;
+        let f = fs_err::File::open(&layer_file)?;
+        apply_layer(
+            io::BufReader::with_capacity(1 << 20, f),
+            &d,
+            &ApplyOptions::default(),
+        )
+        .map(|s| s.bytes)
+        .map_err(io::Error::other)
+    });
+    let tar_x = time("tar -xf", bytes, || {
+        let d = fresh()?;
+        shell(&format!(
+            "tar -xf {} -C {}",
+            layer_file.display(),
+            d.display()
+        ))
+    });
+
     let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64().max(1e-9);
     println!();
     println!(
@@ -219,6 +259,10 @@ fn main() -> io::Result<()> {
         "gzip: kiln is {:.2}x faster than tar | gzip (goal >= 2x); 1-thread kiln {:.2}x",
         ratio(kiln_gz, tar_gz),
         ratio(kiln_gz1, tar_gz)
+    );
+    println!(
+        "apply: kiln takes {:.2}x the time of tar -xf",
+        1.0 / ratio(kiln_apply, tar_x)
     );
     println!(
         "peak RSS (VmHWM): {} KiB before the kiln cases, {} KiB after",

@@ -26,6 +26,44 @@ pub struct BlobWriter {
     inner: Option<HashingWriter<BufWriter<fs_err::File>>>,
     temp: PathBuf,
     blobs_dir: PathBuf,
+    syncer: Option<Syncer>,
+    unsynced: u64,
+}
+
+/// Bytes written between two background `fdatasync`s.
+const SYNC_EVERY: u64 = 32 << 20;
+
+/// A thread that `fdatasync`s the temp file while it is still being
+/// written. A big blob then reaches the disk while the producer (a layer
+/// writer, a compressor) keeps working, and the final fsync in
+/// [`BlobWriter::commit`] only waits for the last stretch instead of the
+/// whole file.
+#[derive(Debug)]
+struct Syncer {
+    requests: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Syncer {
+    fn start(file: &fs_err::File) -> Option<Syncer> {
+        let clone = file.file().try_clone().ok()?;
+        let (requests, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("kiln-blob-sync".to_owned())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // Errors show up again in the final fsync, which reports them.
+                    let _ = clone.sync_data();
+                }
+            })
+            .ok()?;
+        Some(Syncer { requests, thread })
+    }
+
+    fn finish(self) {
+        drop(self.requests);
+        let _ = self.thread.join();
+    }
 }
 
 impl BlobWriter {
@@ -37,6 +75,8 @@ impl BlobWriter {
             inner: Some(HashingWriter::new(BufWriter::with_capacity(1 << 20, file))),
             temp,
             blobs_dir: blobs_dir.to_owned(),
+            syncer: None,
+            unsynced: 0,
         })
     }
 
@@ -52,6 +92,9 @@ impl BlobWriter {
             ));
         };
         let (buf, digest, len) = inner.finish();
+        if let Some(syncer) = self.syncer.take() {
+            syncer.finish();
+        }
         let file = buf
             .into_inner()
             .map_err(|e| StoreError::io("writing blob", &self.temp, e.into_error()))?;
@@ -78,10 +121,22 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.inner {
-            Some(w) => w.write(buf),
-            None => Err(io::Error::other("blob already committed")),
+        let Some(w) = &mut self.inner else {
+            return Err(io::Error::other("blob already committed"));
+        };
+        let n = w.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.unsynced = 0;
+            if self.syncer.is_none() {
+                self.syncer = Syncer::start(w.get_ref().get_ref());
+            }
+            if let Some(s) = &self.syncer {
+                // Full: a sync is already pending, which covers these bytes too.
+                let _ = s.requests.try_send(());
+            }
         }
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -94,6 +149,9 @@ impl Write for BlobWriter {
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
+        if let Some(syncer) = self.syncer.take() {
+            syncer.finish();
+        }
         if self.inner.is_some() || self.temp.exists() {
             // Best effort: a leftover temp file is harmless and GC removes it.
             let _ = fs_err::remove_file(&self.temp);

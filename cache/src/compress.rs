@@ -52,6 +52,8 @@ pub const GZIP_BLOCK: usize = 1 << 20;
 const WINDOW: usize = 32 * 1024;
 /// Gzip level used (gzip's own default).
 const GZIP_LEVEL: u32 = 6;
+/// More gzip workers than this buy nothing (and could exhaust threads on a bad argument).
+const MAX_THREADS: usize = 256;
 /// zstd level used (the zstd CLI's default).
 const ZSTD_LEVEL: i32 = 3;
 
@@ -221,7 +223,7 @@ pub fn compress<R: Read, W: Write>(
             out.flush().map_err(write_err)?;
             Ok(n)
         }
-        Compression::Gzip => gzip_parallel(input, out, threads.max(1)),
+        Compression::Gzip => gzip_parallel(input, out, threads.clamp(1, MAX_THREADS)),
     }
 }
 

@@ -208,6 +208,11 @@ impl<W: Write> HashingWriter<W> {
         }
     }
 
+    /// The inner writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
     /// The inner writer, the digest and byte count of what was written.
     pub fn finish(self) -> (W, Digest, u64) {
         let len = self.hasher.len();

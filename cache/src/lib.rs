@@ -3,6 +3,38 @@
 //! Blobs named by sha256, layers (tar diff create/apply, whiteouts,
 //! compression), snapshots, image refs and OCI layout / docker-archive
 //! import and export. Metadata lives in SQLite.
+//!
+//! # The store
+//!
+//! [`Store`] is the entry point (the on-disk layout is documented on the
+//! `store` module): blobs are written with [`Store::put_blob_from_reader`] and
+//! read, verified, with [`Store::open_blob`]; a directory diff becomes a
+//! layer with [`Store::commit_layer_from_dir`] and an unpacked snapshot with
+//! [`Store::snapshot_for`]; images are stored, named and found with
+//! [`Store::put_image`], [`Store::tag`], [`Store::resolve`] and
+//! [`Store::remove`]; [`Store::gc`] and [`Store::fsck`] keep it tidy and
+//! checked. [`archive`] moves images in and out (docker-archive, OCI).
+//!
+//! ```
+//! use kiln_cache::{Reference, Store, WriteOptions};
+//!
+//! let tmp = tempfile::tempdir()?;
+//! let rootfs = tmp.path().join("rootfs");
+//! fs_err::create_dir_all(rootfs.join("etc"))?;
+//! fs_err::write(rootfs.join("etc/motd"), "hello\n")?;
+//!
+//! let store = Store::open(tmp.path().join("store"))?;
+//! let layer = store.commit_layer_from_dir(&rootfs, &WriteOptions::default())?;
+//! let config = serde_json::to_vec(&serde_json::json!({
+//!     "architecture": "amd64", "os": "linux",
+//!     "rootfs": {"type": "layers", "diff_ids": [layer.diff_id.to_string()]},
+//! }))?;
+//! let image = store.put_image(&[Reference::parse("motd")?], &config, &[layer])?;
+//! assert_eq!(store.resolve("motd:latest")?.id, image.id);
+//! let snapshot = store.snapshot_for(&image.layers[0].diff_id)?;
+//! assert_eq!(fs_err::read_to_string(snapshot.join("etc/motd"))?, "hello\n");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![deny(missing_docs)]
 
 pub use oci_spec;

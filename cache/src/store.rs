@@ -907,6 +907,9 @@ impl Store {
             what: key.to_owned(),
             reason: e.to_string(),
         })?;
+        // Under the store lock: GC never runs between the check that the
+        // blobs exist (the caller's) and this record keeping them alive.
+        let _lock = self.lock_shared()?;
         let t = now();
         self.db()
             .execute(

@@ -19,7 +19,8 @@ impl Store {
     /// (all images and cache records with `all`), unreferenced blobs,
     /// snapshots and temp files. Holds the store lock exclusively.
     pub fn gc(&self, opts: GcOptions) -> Result<GcReport> {
-        let _lock = self.lock(true)?;
+        // A dry run only reads: the shared lock lets it run beside loads.
+        let _lock = self.lock(!opts.dry_run)?;
         let mut report = GcReport::default();
         let e = self.db_err("collecting garbage");
         let (live_blobs, live_layers) = {

@@ -246,3 +246,19 @@ fn large_generated_input_round_trips_through_streaming_readers() {
     }
     assert_eq!(pos, total);
 }
+
+/// Format-stability vector: parallel gzip bytes for a fixed input. A change (block size,
+/// level, zlib-rs upgrade) changes every exported blob digest: change it only on purpose.
+#[test]
+fn parallel_gzip_output_is_stable() {
+    use sha2::Digest as _;
+    let out = gz(&sample(3 * GZIP_BLOCK + 999), 2);
+    let digest: String = sha2::Sha256::digest(&out)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        digest,
+        "571233b6131a6f5af1e1a30cab7c025e3b7e67a914333021dbdbb6cebbc847bb"
+    );
+}

@@ -587,3 +587,27 @@ fn h33_random_corruption_never_panics_or_escapes() {
         assert_eq!(before, s.outside_view());
     }
 }
+
+#[test]
+fn h34_forged_overlay_xattrs_are_dropped() {
+    if !layer_common::require_root("h34_forged_overlay_xattrs_are_dropped") {
+        return;
+    }
+    let s = Sandbox::new();
+    let tar = Tar::default()
+        .pax(&[
+            ("SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
+            ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+            ("SCHILY.xattr.user.kept", b"1"),
+        ])
+        .dir("d/")
+        .end();
+    apply_layer(&tar[..], &s.root(), &ApplyOptions::default()).unwrap();
+    let d = s.root().join("d");
+    assert_eq!(xattr::get(&d, "trusted.overlay.redirect").unwrap(), None);
+    assert_eq!(xattr::get(&d, "trusted.overlay.opaque").unwrap(), None);
+    assert_eq!(
+        xattr::get(&d, "user.kept").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+}

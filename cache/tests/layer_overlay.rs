@@ -205,3 +205,79 @@ fn redirect_dir_upperdirs_are_refused() {
     assert!(err.to_string().contains("redirect_dir"), "{err}");
     assert!(err.to_string().contains("moved"), "{err}");
 }
+
+#[test]
+fn hardlinked_whiteout_devices_are_each_a_whiteout_entry() {
+    if !require_root("hardlinked_whiteout_devices_are_each_a_whiteout_entry") {
+        return;
+    }
+    // overlayfs may make all whiteouts links of one shared inode.
+    let src = tempfile::tempdir().unwrap();
+    fs_err::create_dir(src.path().join("d")).unwrap();
+    nix::sys::stat::mknod(
+        &src.path().join("gone1"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    fs_err::hard_link(src.path().join("gone1"), src.path().join("d/gone2")).unwrap();
+    let mut tar = Vec::new();
+    write_layer(src.path(), &mut tar, &WriteOptions::default()).unwrap();
+    let mut a = tar::Archive::new(&tar[..]);
+    let entries: Vec<(String, tar::EntryType)> = a
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                e.header().entry_type(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("d/".to_owned(), tar::EntryType::Directory),
+            ("d/.wh.gone2".to_owned(), tar::EntryType::Regular),
+            (".wh.gone1".to_owned(), tar::EntryType::Regular),
+        ]
+    );
+}
+
+#[test]
+fn big_ids_and_pre_epoch_times_round_trip_through_pax() {
+    if !require_root("big_ids_and_pre_epoch_times_round_trip_through_pax") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("f");
+    fs_err::write(&f, b"x").unwrap();
+    nix::unistd::chown(
+        &f,
+        Some(nix::unistd::Uid::from_raw(3_000_000)),
+        Some(nix::unistd::Gid::from_raw(4_000_000)),
+    )
+    .unwrap();
+    let t = nix::sys::time::TimeSpec::new(-86_400, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &f,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    let mut tar = Vec::new();
+    write_layer(src.path(), &mut tar, &WriteOptions::default()).unwrap();
+    assert_eq!(&tar[156], &b'x', "a pax header precedes the entry");
+    let dst = tempfile::tempdir().unwrap();
+    apply_layer(&tar[..], dst.path(), &ApplyOptions::default()).unwrap();
+    assert_eq!(snapshot(src.path()), snapshot(dst.path()));
+    let got = snapshot(dst.path());
+    assert_eq!(
+        (got["f"].uid, got["f"].gid, got["f"].mtime),
+        (3_000_000, 4_000_000, Some(-86_400))
+    );
+}

@@ -346,3 +346,85 @@ proptest! {
         prop_assert_eq!(&tar, &write(dst.path(), &WriteOptions::default()));
     }
 }
+
+#[test]
+fn rootless_options_mark_opaque_with_user_xattr_and_skip_devices() {
+    use kiln_cache::layer::OpaqueXattr;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o755);
+    h.set_uid(4242);
+    h.set_entry_type(tar::EntryType::Directory);
+    b.append_data(&mut h.clone(), "d/", std::io::empty())
+        .unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h.clone(), "d/.wh..wh..opq", std::io::empty())
+        .unwrap();
+    h.set_entry_type(tar::EntryType::Char);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    b.append_data(&mut h, "d/null", std::io::empty()).unwrap();
+    let tar = b.into_inner().unwrap();
+    let opts = ApplyOptions {
+        preserve_ownership: false,
+        create_devices: false,
+        opaque_xattr: OpaqueXattr::User,
+        ..ApplyOptions::default()
+    };
+    let dst = tempfile::tempdir().unwrap();
+    let stats = apply_layer(&tar[..], dst.path(), &opts).unwrap();
+    assert_eq!(stats.entries, 3);
+    let d = dst.path().join("d");
+    assert_eq!(
+        xattr::get(&d, "user.overlay.opaque").unwrap().as_deref(),
+        Some(&b"y"[..])
+    );
+    assert!(!d.join("null").exists(), "devices are skipped");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs_err::metadata(&d).unwrap().uid(),
+        nix::unistd::geteuid().as_raw()
+    );
+}
+
+/// Format-stability vector: the diffID of a fixed tree. If this changes, every layer kiln
+/// writes changes digest, and so does every cache key built on one: change it only on purpose.
+#[test]
+fn fixed_tree_has_a_stable_diff_id() {
+    if !layer_common::require_root("fixed_tree_has_a_stable_diff_id") {
+        return;
+    }
+    use sha2::Digest as _;
+    let src = tempfile::tempdir().unwrap();
+    let r = src.path();
+    fs_err::create_dir(r.join("etc")).unwrap();
+    fs_err::write(r.join("etc/hostname"), b"kiln\n").unwrap();
+    symlink("hostname", r.join("etc/name")).unwrap();
+    fs_err::write(r.join("x".repeat(120)), b"long").unwrap();
+    for p in ["etc", "etc/hostname", &"x".repeat(120)] {
+        let mode = if p == "etc" { 0o755 } else { 0o644 };
+        fs_err::set_permissions(r.join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    for p in ["etc/name", "etc/hostname", &"x".repeat(120), "etc"] {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &r.join(p),
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(nix::unistd::Gid::from_raw(0)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        set_mtime(&r.join(p), 1_700_000_000);
+    }
+    let tar = write(r, &WriteOptions::default());
+    let digest: String = sha2::Sha256::digest(&tar)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(tar.len(), 512 * 10);
+    assert_eq!(
+        digest,
+        "389bfe0f2f8bbe01f1e2d368d11e22dcab34e7ff8e8ae42db21c6fc949d89eb8"
+    );
+}

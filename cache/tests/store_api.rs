@@ -56,6 +56,33 @@ fn blobs_are_content_addressed_and_verified() {
 }
 
 #[test]
+fn big_blob_goes_through_the_background_syncer() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let len = (70u64 << 20) + 17; // more than two 32 MiB sync intervals
+    let mut expected = kiln_cache::Hasher::new();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        expected.update(&chunk[..n]);
+        left -= n as u64;
+    }
+    let expected = expected.finish();
+    let (d, n) = store
+        .put_blob_from_reader(std::io::repeat(0xa5).take(len), Some(&expected))
+        .expect("put");
+    assert_eq!((d, n), (expected.clone(), len));
+    store.verify_blob(&expected).expect("verified");
+    assert_eq!(
+        fs_err::read_dir(tmp.path().join("root/tmp"))
+            .expect("tmp")
+            .count(),
+        0
+    );
+}
+
+#[test]
 fn corrupted_blob_is_detected_reported_and_never_used() {
     let tmp = tempfile::tempdir().expect("tmp");
     let store = Store::open(tmp.path().join("root")).expect("open");

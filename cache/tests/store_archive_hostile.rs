@@ -305,3 +305,32 @@ fn hostile_layer_loads_as_a_blob_but_never_unpacks_outside() {
         .collect();
     assert!(snaps.is_empty(), "no snapshot or temp dir left: {snaps:?}");
 }
+
+#[test]
+fn import_of_a_file_that_is_not_a_tar_is_refused() {
+    let t = tempfile::tempdir().expect("tmp");
+    let store = Store::open(t.path().join("root")).expect("open");
+    let junk = t.path().join("rootfs.tar");
+    fs_err::write(&junk, vec![0x41; 2048]).expect("junk");
+    let err = archive::import_rootfs(&store, &junk, &[], &archive::ImportOptions::default())
+        .expect_err("junk");
+    assert!(err.to_string().contains("not a tar archive"), "{err}");
+    assert!(store.list_images().expect("list").is_empty());
+    // A real (gzip-compressed) tarball imports.
+    let tarball = t.path().join("ok.tar");
+    fs_err::write(&tarball, layer_tar("a.txt", b"a")).expect("tar");
+    let gz = t.path().join("ok.tar.gz");
+    kiln_cache::compress::compress(
+        fs_err::File::open(&tarball).expect("open"),
+        fs_err::File::create(&gz).expect("create"),
+        kiln_cache::compress::Compression::Gzip,
+        1,
+    )
+    .expect("gzip");
+    let image = archive::import_rootfs(&store, &gz, &[], &archive::ImportOptions::default())
+        .expect("import");
+    assert_eq!(
+        image.layers[0].diff_id,
+        Digest::of_bytes(&fs_err::read(&tarball).expect("read"))
+    );
+}

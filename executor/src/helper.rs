@@ -21,11 +21,21 @@
 //! The helper is single-threaded, so it may fork. It makes the cgroup, unshares
 //! the user (rootless), uts, ipc, pid and net namespaces and forks **init**, which
 //! is PID 1 of the new pid namespace. Init unshares the mount namespace (so the
-//! helper keeps the host's view to clean up), builds the rootfs (see
-//! [`crate::rootfs`]), forks the payload, forwards signals to it and reaps every
-//! zombie; when the payload exits init reports its status and exits, and the kernel
-//! kills whatever else is left in the pid namespace. The helper then reads the OOM
-//! counter, removes the cgroup and its temp directory, and exits.
+//! helper keeps the host's view to clean up) and builds the rootfs (see
+//! [`crate::rootfs`]). Then:
+//!
+//! - with [`SandboxSpec::init`] (`docker run --init`), init forks the payload
+//!   (PID 2), forwards signals to it and reaps every zombie; when the payload exits
+//!   init reports its status and exits;
+//! - without it (the default, as runc runs a RUN step), init execs the payload
+//!   itself, which is then PID 1. The helper reports the status it gets from
+//!   `waitpid`, after learning from a close-on-exec pipe whether `execve` happened
+//!   (else the child has already reported its setup or exec error).
+//!
+//! Either way, when PID 1 exits the kernel kills whatever else is left in the pid
+//! namespace, and cancellation is a SIGKILL from the helper, outside the
+//! namespace, which PID 1 cannot ignore. The helper then reads the OOM counter,
+//! removes the cgroup and its temp directory, and exits.
 
 use std::ffi::{CString, OsStr};
 use std::io::Read;
@@ -388,7 +398,7 @@ fn run_namespaces(
         }
         _ => None,
     };
-    let procs: Vec<fs_err::File> = cgroup
+    let mut procs: Vec<fs_err::File> = cgroup
         .map(|cg| {
             cg.procs_files()
                 .into_iter()
@@ -428,16 +438,41 @@ fn run_namespaces(
         nix::sched::setns(ns.file().as_fd(), CloneFlags::CLONE_NEWNET)
             .step(|| format!("join the network namespace `{}`", ns.path().display()))?;
     }
+    drop(netns);
+
+    // Without an init, the namespace's first process execs the payload itself, so
+    // nobody inside is left to report its status: the helper does, from `waitpid`.
+    // Two close-on-exec pipes tell it what happened (see `DirectPipes`).
+    let direct = if spec.init {
+        None
+    } else {
+        Some(DirectPipes::new()?)
+    };
 
     // SAFETY: the helper is single-threaded (it is a fresh exec of a binary whose
     // main calls `helper_main_if_requested` first), so the child may run any code.
     let init = match unsafe { fork() }.step(|| "fork the sandbox init".to_owned())? {
         ForkResult::Child => {
             drop(lifeline);
-            let code = match init_main(spec, state, rootless, groups_allowed, &procs, report) {
+            let (failed, alive) = match direct {
+                Some(d) => (Some(d.failed_w), Some(d.alive_r)),
+                None => (None, None),
+            };
+            let code = match init_main(
+                spec,
+                state,
+                rootless,
+                groups_allowed,
+                std::mem::take(&mut procs),
+                report,
+                alive.as_ref(),
+            ) {
                 Ok(never) => match never {},
                 Err(fail) => {
                     send(report, &fail.report);
+                    if let Some(w) = &failed {
+                        let _told = nix::unistd::write(w, b"f");
+                    }
                     1
                 }
             };
@@ -448,19 +483,56 @@ fn run_namespaces(
         ForkResult::Parent { child } => child,
     };
     drop(procs);
-    supervise(init, report, sigfd, lifeline)
+    let direct = direct.map(|d| (d.failed_r, d.alive_w));
+    supervise(init, report, sigfd, lifeline, direct)
 }
 
-/// Waits for init, killing it when the caller goes away or signals the helper.
+/// The pipes between the helper and a payload that is PID 1 itself (no init).
+///
+/// - `failed`: the child writes one byte before it exits on a setup or exec
+///   failure (whose report it has sent); a successful `execve` closes the
+///   close-on-exec write end unwritten. After reaping the child, the helper reads
+///   EOF only when the exit status is the payload's.
+/// - `alive`: only the helper holds the write end, so the child sees a hang-up on
+///   the read end once the helper is gone. Changing credentials clears the
+///   parent-death signal; the child sets it again and then checks this pipe, which
+///   closes the window where a SIGKILLed helper would leave the payload running.
+struct DirectPipes {
+    failed_r: OwnedFd,
+    failed_w: OwnedFd,
+    alive_r: OwnedFd,
+    alive_w: OwnedFd,
+}
+
+impl DirectPipes {
+    fn new() -> Result<Self, Fail> {
+        use nix::fcntl::OFlag;
+        let pipe = |flags: OFlag| nix::unistd::pipe2(flags).step(|| "create a pipe".to_owned());
+        // Non-blocking, so that the helper's read after reaping can never hang.
+        let (failed_r, failed_w) = pipe(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        let (alive_r, alive_w) = pipe(OFlag::O_CLOEXEC)?;
+        Ok(Self {
+            failed_r,
+            failed_w,
+            alive_r,
+            alive_w,
+        })
+    }
+}
+
+/// Waits for init (or the payload itself, without init), killing it when the
+/// caller goes away or signals the helper. Without init (`direct` holds the
+/// helper's ends of [`DirectPipes`]) it reports the payload's status.
 fn supervise(
     init: Pid,
     report: BorrowedFd<'_>,
     sigfd: &SignalFd,
     lifeline: OwnedFd,
+    direct: Option<(OwnedFd, OwnedFd)>,
 ) -> Result<(), Fail> {
     let mut cancelled = false;
     let mut lifeline = Some(lifeline);
-    loop {
+    let status = loop {
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
         if let Some(l) = &lifeline {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
@@ -500,8 +572,27 @@ fn supervise(
         }
         match waitpid(init, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {}
-            Ok(_) | Err(nix::errno::Errno::ECHILD) => break,
+            Ok(status) => break Some(status),
+            Err(nix::errno::Errno::ECHILD) => break None,
             Err(e) => return Err(Fail::step("wait for the sandbox init", e as i32)),
+        }
+    };
+    if let Some((failed, alive)) = direct {
+        drop(alive);
+        // The child is reaped and held the only other write end: EOF means execve
+        // closed it unwritten, a byte means the child reported a failure.
+        let mut byte = [0u8; 1];
+        let execed = matches!(nix::unistd::read(&failed, &mut byte), Ok(0));
+        match status {
+            Some(WaitStatus::Exited(_, code)) if execed => send(report, &Report::Exited { code }),
+            // Our own SIGKILL after a cancel is reported as `Cancelled` alone, as
+            // with an init.
+            Some(WaitStatus::Signaled(_, sig, _))
+                if execed && !(cancelled && sig == Signal::SIGKILL) =>
+            {
+                send(report, &Report::Signaled { signal: sig as i32 });
+            }
+            _ => {}
         }
     }
     if cancelled {
@@ -510,26 +601,32 @@ fn supervise(
     Ok(())
 }
 
-/// PID 1 of the sandbox. Never returns on success.
+/// PID 1 of the sandbox: sets up the rootfs, then either forks the payload and
+/// reaps (`spec.init`) or execs the payload itself (`alive` is then the read end
+/// of [`DirectPipes`]'s `alive` pipe). Never returns on success.
 fn init_main(
     spec: &SandboxSpec,
     state: &Path,
     rootless: bool,
     groups_allowed: bool,
-    procs: &[fs_err::File],
+    procs: Vec<fs_err::File>,
     report: BorrowedFd<'_>,
+    alive: Option<&OwnedFd>,
 ) -> Result<std::convert::Infallible, Fail> {
-    // A recognisable name in `ps` (comm is otherwise the helper binary's name).
-    let _named = crate::sys::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr() as libc::c_ulong);
+    if spec.init {
+        // A recognisable name in `ps` (comm is otherwise the helper binary's name).
+        let _named = crate::sys::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr() as libc::c_ulong);
+    }
     // If the helper dies (SIGKILL), take the whole pid namespace down with it.
     crate::sys::prctl(libc::PR_SET_PDEATHSIG, Signal::SIGKILL as libc::c_ulong)
         .step(|| "set the parent-death signal".to_owned())?;
-    for file in procs {
+    for file in &procs {
         use std::io::Write;
         let mut f = file.file();
         f.write_all(b"0")
             .step(|| format!("join the cgroup `{}`", file.path().display()))?;
     }
+    drop(procs);
     unshare(CloneFlags::CLONE_NEWNS).step(|| "unshare the mount namespace".to_owned())?;
     nix::mount::mount(
         None::<&str>,
@@ -567,7 +664,10 @@ fn init_main(
         }
     }
     rootfs::pivot_into(&target)?;
-    let stubs = rootfs::populate(spec, sources, rootless)?;
+    let stubs = rootfs::populate(spec, &sources, &mut rootfs::Kernel, rootless)?;
+    // Close every host source before anything reads or creates paths in the rootfs
+    // with /proc mounted (USER lookup, the working directory).
+    drop(sources);
     if matches!(spec.rootfs, RootfsSpec::Overlay { .. }) {
         // Batched: one write (and one wake-up of the caller) for the usual handful.
         let mut batch = Vec::new();
@@ -600,11 +700,22 @@ fn init_main(
     // Like Docker, a missing working directory is created, and kept (not a stub).
     let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir, &mut Vec::new())?;
     let exec = ExecPlan::new(&spec.process, &user.home)?;
+    if let Some(alive) = alive {
+        // No init: this process, PID 1 of the namespace, becomes the payload.
+        return payload_main(
+            &spec.process,
+            &user,
+            &cwd,
+            groups_allowed,
+            &exec,
+            Some(alive),
+        );
+    }
 
     // SAFETY: init is single-threaded (forked from the single-threaded helper).
     let payload = match unsafe { fork() }.step(|| "fork the payload".to_owned())? {
         ForkResult::Child => {
-            let fail = match payload_main(&spec.process, &user, &cwd, groups_allowed, &exec) {
+            let fail = match payload_main(&spec.process, &user, &cwd, groups_allowed, &exec, None) {
                 Ok(never) => match never {},
                 Err(fail) => fail,
             };
@@ -762,13 +873,15 @@ fn set_rlimit(resource: RlimitResource, soft: u64, hard: u64) -> nix::Result<()>
     setrlimit(r, soft, hard)
 }
 
-/// The payload, after init's fork: limits, credentials, capabilities, exec.
+/// The payload, after init's fork (or PID 1 itself without init, with `alive`
+/// from [`DirectPipes`]): limits, credentials, capabilities, exec.
 fn payload_main(
     process: &ProcessSpec,
     user: &crate::spec::ResolvedUser,
     cwd: &Path,
     groups_allowed: bool,
     exec: &ExecPlan,
+    alive: Option<&OwnedFd>,
 ) -> Result<std::convert::Infallible, Fail> {
     SigSet::all()
         .thread_unblock()
@@ -802,6 +915,19 @@ fn payload_main(
     nix::unistd::setresuid(uid, uid, uid).step(|| format!("set the uid {}", user.uid))?;
     if user.uid == 0 {
         crate::caps::set_root_caps()?;
+    }
+    if let Some(alive) = alive {
+        // A change of uid or gid cleared the parent-death signal: set it again, then
+        // make sure the helper did not die in between (hang-up on `alive`).
+        crate::sys::prctl(libc::PR_SET_PDEATHSIG, Signal::SIGKILL as libc::c_ulong)
+            .step(|| "set the parent-death signal again".to_owned())?;
+        let mut fds = [PollFd::new(alive.as_fd(), PollFlags::POLLIN)];
+        let gone = poll(&mut fds, PollTimeout::ZERO)
+            .map(|n| n > 0)
+            .unwrap_or(true);
+        if gone {
+            return Err(Fail::step("check that the helper is alive", libc::ESRCH));
+        }
     }
 
     let mut errno = nix::errno::Errno::ENOENT;

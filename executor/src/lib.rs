@@ -12,8 +12,24 @@
 //! in the sandbox's init), mounts the overlay with the new mount API (no limit on
 //! the number of lowers), pivots into it, mounts `/proc`, `/dev`, `/sys` and the
 //! generated `/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`, and runs the
-//! payload under a tiny init that reaps zombies, with Docker's default capability
-//! set and `no_new_privs`.
+//! payload with Docker's default capability set and `no_new_privs`: as PID 1 of its
+//! pid namespace by default (as a Docker/BuildKit `RUN` step), or as PID 2 under a
+//! tiny init that reaps zombies and forwards signals with [`SandboxSpec::init`]
+//! (`docker run --init`).
+//!
+//! What a caller can rely on:
+//!
+//! - setup failures come back as [`Error::Setup`] naming the step and its paths,
+//!   exec failures as [`Error::Exec`], an unknown `USER` as [`Error::User`];
+//! - [`ExitStatus`] is the payload's code or signal, `OomKilled` when the memory
+//!   cgroup killed it, `Cancelled` after [`Running::kill`], a drop or SIGINT/SIGTERM
+//!   to the helper;
+//! - when `wait` returns, nothing of the sandbox remains: no process, mount, cgroup
+//!   or temp directory, and on an overlay the mount-point stubs it had to create
+//!   (`/etc/hosts` in an image without one, ...) are gone from the upper again. If
+//!   the caller is SIGKILLed, the helper still kills the sandbox and cleans up;
+//! - the overlay is mounted `volatile` by default (see
+//!   [`SandboxSpec::volatile_upper`]).
 //!
 //! ```no_run
 //! use kiln_executor::{ProcessSpec, RootfsSpec, Sandbox, SandboxSpec};

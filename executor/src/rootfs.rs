@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use crate::fail::{Fail, Step};
+#[cfg(test)]
+use crate::spec::{Mount, RootfsSpec};
 use crate::spec::{MountKind, SandboxSpec};
 use crate::sys;
 
@@ -36,18 +38,96 @@ pub(crate) fn cstring(path: &Path) -> Result<CString, Fail> {
     })
 }
 
-/// Host-side sources cloned before `pivot_root`.
-pub(crate) struct Sources {
-    dev: Vec<(&'static str, OwnedFd)>,
-    etc: Vec<(&'static str, OwnedFd)>,
+/// Host-side sources cloned before `pivot_root` (detached mounts; labels in tests).
+pub(crate) struct Sources<H = OwnedFd> {
+    dev: Vec<(&'static str, H)>,
+    etc: Vec<(&'static str, H)>,
     /// One per spec mount (`None` for tmpfs), with whether the source is a directory.
-    mounts: Vec<Option<(OwnedFd, Kind)>>,
+    mounts: Vec<Option<(H, Kind)>>,
     /// The host's `/sys`, when the sandbox shares the host network.
-    sys: Option<OwnedFd>,
+    sys: Option<H>,
     /// A fresh sysfs (for a new network namespace), made before `pivot_root`.
-    sysfs: Option<OwnedFd>,
+    sysfs: Option<H>,
     /// A fresh proc for the sandbox's pid namespace.
-    proc: OwnedFd,
+    proc: H,
+}
+
+/// The privileged operations [`populate`] performs, behind a trait so that the mount
+/// plan is unit-tested without root through a recording double (youki's `Syscall`).
+pub(crate) trait MountOps {
+    /// A detached mount to attach.
+    type Handle;
+    /// See [`ensure_target`].
+    fn ensure_target(
+        &mut self,
+        path: &Path,
+        kind: Kind,
+        stubs: &mut Vec<PathBuf>,
+    ) -> Result<PathBuf, Fail>;
+    /// Makes sure `target` exists, then attaches `source` there; returns the resolved target.
+    fn attach(
+        &mut self,
+        source: &Self::Handle,
+        target: &Path,
+        kind: Kind,
+        stubs: &mut Vec<PathBuf>,
+    ) -> Result<PathBuf, Fail>;
+    /// Mounts a fresh `fstype` on `target`.
+    fn mount_fs(
+        &mut self,
+        fstype: &str,
+        target: &Path,
+        flags: MsFlags,
+        data: &str,
+    ) -> Result<(), Fail>;
+    /// Remounts the bind mount at `target` read-only.
+    fn remount_ro(&mut self, target: &Path) -> Result<(), Fail>;
+    /// Creates a directory.
+    fn mkdir(&mut self, path: &Path) -> Result<(), Fail>;
+    /// Creates a symlink `at` pointing to `to`.
+    fn symlink(&mut self, to: &str, at: &Path) -> Result<(), Fail>;
+}
+
+/// The real thing.
+pub(crate) struct Kernel;
+
+impl MountOps for Kernel {
+    type Handle = OwnedFd;
+    fn ensure_target(
+        &mut self,
+        path: &Path,
+        kind: Kind,
+        stubs: &mut Vec<PathBuf>,
+    ) -> Result<PathBuf, Fail> {
+        ensure_target(path, kind, stubs)
+    }
+    fn attach(
+        &mut self,
+        source: &OwnedFd,
+        target: &Path,
+        kind: Kind,
+        stubs: &mut Vec<PathBuf>,
+    ) -> Result<PathBuf, Fail> {
+        attach(source, target, kind, stubs)
+    }
+    fn mount_fs(
+        &mut self,
+        fstype: &str,
+        target: &Path,
+        flags: MsFlags,
+        data: &str,
+    ) -> Result<(), Fail> {
+        mount_fs(fstype, target, flags, data)
+    }
+    fn remount_ro(&mut self, target: &Path) -> Result<(), Fail> {
+        remount_ro(target)
+    }
+    fn mkdir(&mut self, path: &Path) -> Result<(), Fail> {
+        fs_err::create_dir(path).step(|| format!("create `{}`", path.display()))
+    }
+    fn symlink(&mut self, to: &str, at: &Path) -> Result<(), Fail> {
+        std::os::unix::fs::symlink(to, at).step(|| format!("create the link `{}`", at.display()))
+    }
 }
 
 /// A detached mount of a fresh `fstype`. proc and sysfs are made this way, before
@@ -317,10 +397,25 @@ fn overlay_fsopen(
             })?;
         }
     }
-    sys::fs_create_and_mount(&fs, 0).map_err(|e| {
+    let created = sys::fs_create(&fs);
+    let what = if created.is_ok() { "mount" } else { "create" };
+    created.and_then(|()| sys::fs_mount(&fs, 0)).map_err(|e| {
+        let mut why = String::new();
+        let log = sys::fs_log(&fs);
+        if !log.is_empty() {
+            why = format!(", the kernel says `{}`", log.join("; "));
+        }
+        let marker = work.join("work/incompat/volatile");
+        if fs_err::symlink_metadata(&marker).is_ok() {
+            why.push_str(&format!(
+                "; hint: `{}` exists: the work directory was used by a volatile overlay \
+                 and must be emptied first",
+                marker.display()
+            ));
+        }
         OverlayApi::Failed(Fail::step(
             format!(
-                "create the overlay (upper `{}`, work `{}`, {} lowers)",
+                "{what} the overlay (upper `{}`, work `{}`, {} lowers{why})",
                 upper.display(),
                 work.display(),
                 lowers.len()
@@ -347,66 +442,86 @@ pub(crate) enum Kind {
 }
 
 /// Makes sure `path` (absolute, inside the sandbox, after `pivot_root`) exists as a
-/// `kind`, following symlinks the way the kernel will when mounting: a dangling link
-/// gets its target created. Only ever called after `pivot_root`, so every path is
-/// inside the rootfs whatever the links say.
+/// `kind`, resolving it one component at a time the way the kernel will when
+/// mounting: symlinks are followed (absolute ones from the sandbox's root, `..`
+/// stops at `/`), and whatever is missing, including the targets of dangling links,
+/// is created and recorded in `stubs` (parents first). Only ever called after
+/// `pivot_root` and before /proc is attached, so every path is inside the rootfs
+/// whatever the links say. Returns the resolved path.
 pub(crate) fn ensure_target(
     path: &Path,
     kind: Kind,
     stubs: &mut Vec<PathBuf>,
 ) -> Result<PathBuf, Fail> {
-    let mut current = path.to_path_buf();
-    for _ in 0..40 {
-        match fs_err::symlink_metadata(&current) {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    use std::path::Component;
+    fn parts(p: &Path) -> impl Iterator<Item = OsString> + '_ {
+        p.components().filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+    }
+    let mut pending: VecDeque<OsString> = parts(path).collect();
+    let mut resolved = PathBuf::from("/");
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let next = resolved.join(&part);
+        let last = pending.is_empty();
+        match fs_err::symlink_metadata(&next) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                let link = fs_err::read_link(&current)
-                    .step(|| format!("read the link `{}`", current.display()))?;
-                let parent = current
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| PathBuf::from("/"));
-                current = parent.join(link);
+                hops += 1;
+                if hops > 40 {
+                    return Err(Fail::step(
+                        format!(
+                            "resolve the mount point `{}`: too many symlinks",
+                            path.display()
+                        ),
+                        libc::ELOOP,
+                    ));
+                }
+                let link = fs_err::read_link(&next)
+                    .step(|| format!("read the link `{}`", next.display()))?;
+                if link.is_absolute() {
+                    resolved = PathBuf::from("/");
+                }
+                let mut spliced: VecDeque<OsString> = parts(&link).collect();
+                spliced.extend(pending.drain(..));
+                pending = spliced;
             }
-            Ok(_) => return Ok(current),
+            Ok(meta) => {
+                if !last && !meta.is_dir() {
+                    return Err(Fail::step(
+                        format!(
+                            "resolve the mount point `{}`: `{}` is not a directory",
+                            path.display(),
+                            next.display()
+                        ),
+                        libc::ENOTDIR,
+                    ));
+                }
+                resolved = next;
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                // Record what is made here (missing ancestors first) so that it can
-                // be removed from the upper after the run (see `crate::stubs`).
-                let mut missing = Vec::new();
-                let mut up = current.parent();
-                while let Some(p) = up {
-                    if fs_err::symlink_metadata(p).is_ok() {
-                        break;
-                    }
-                    missing.push(p.to_path_buf());
-                    up = p.parent();
+                match (last, kind) {
+                    (true, Kind::File) => fs_err::File::create(&next).map(drop),
+                    _ => fs_err::create_dir(&next),
                 }
-                stubs.extend(missing.into_iter().rev());
-                stubs.push(current.clone());
-                if let Some(parent) = current.parent() {
-                    fs_err::create_dir_all(parent).step(|| {
-                        format!("create the mount point's parent `{}`", parent.display())
-                    })?;
-                }
-                match kind {
-                    Kind::Dir => fs_err::create_dir(&current),
-                    Kind::File => fs_err::File::create(&current).map(drop),
-                }
-                .step(|| format!("create the mount point `{}`", current.display()))?;
-                return Ok(current);
+                .step(|| format!("create the mount point `{}`", next.display()))?;
+                stubs.push(next.clone());
+                resolved = next;
             }
             Err(err) => {
-                return Err(err)
-                    .step(|| format!("inspect the mount point `{}`", current.display()));
+                return Err(err).step(|| format!("inspect the mount point `{}`", next.display()));
             }
         }
     }
-    Err(Fail::step(
-        format!(
-            "resolve the mount point `{}`: too many symlinks",
-            path.display()
-        ),
-        libc::ELOOP,
-    ))
+    Ok(resolved)
 }
 
 fn attach(
@@ -465,18 +580,17 @@ fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(
 /// Mounts `/proc`, `/dev`, `/sys`, `/etc/{hosts,resolv.conf,hostname}` and the spec's
 /// mounts. Runs after [`pivot_into`].
 /// Returns the mount-point stubs it created.
-pub(crate) fn populate(
+pub(crate) fn populate<O: MountOps>(
     spec: &SandboxSpec,
-    sources: Sources,
+    sources: &Sources<O::Handle>,
+    ops: &mut O,
     rootless: bool,
 ) -> Result<Vec<PathBuf>, Fail> {
     let mut stubs = Vec::new();
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
-    attach(&sources.proc, Path::new("/proc"), Kind::Dir, &mut stubs)?;
-
-    let dev = ensure_target(Path::new("/dev"), Kind::Dir, &mut stubs)?;
-    mount_fs(
+    let dev = ops.ensure_target(Path::new("/dev"), Kind::Dir, &mut stubs)?;
+    ops.mount_fs(
         "tmpfs",
         &dev,
         MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
@@ -484,10 +598,10 @@ pub(crate) fn populate(
     )?;
     for (node, fd) in &sources.dev {
         // Inside the fresh tmpfs: never in the upper, not stubs.
-        attach(fd, &dev.join(node), Kind::File, &mut Vec::new())?;
+        ops.attach(fd, &dev.join(node), Kind::File, &mut Vec::new())?;
     }
     let pts = dev.join("pts");
-    fs_err::create_dir(&pts).step(|| format!("create `{}`", pts.display()))?;
+    ops.mkdir(&pts)?;
     // gid=5 (tty) only exists when the sandbox owns its ids; a rootless single-id
     // map has no group 5.
     let pts_opts = if rootless {
@@ -495,18 +609,18 @@ pub(crate) fn populate(
     } else {
         "newinstance,ptmxmode=0666,mode=620,gid=5"
     };
-    mount_fs(
+    ops.mount_fs(
         "devpts",
         &pts,
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         pts_opts,
     )?;
     let shm = dev.join("shm");
-    fs_err::create_dir(&shm).step(|| format!("create `{}`", shm.display()))?;
-    mount_fs("tmpfs", &shm, nosuid_nodev_noexec, "mode=1777,size=65536k")?;
+    ops.mkdir(&shm)?;
+    ops.mount_fs("tmpfs", &shm, nosuid_nodev_noexec, "mode=1777,size=65536k")?;
     let mqueue = dev.join("mqueue");
-    fs_err::create_dir(&mqueue).step(|| format!("create `{}`", mqueue.display()))?;
-    mount_fs("mqueue", &mqueue, nosuid_nodev_noexec, "")?;
+    ops.mkdir(&mqueue)?;
+    ops.mount_fs("mqueue", &mqueue, nosuid_nodev_noexec, "")?;
     for (link, to) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -516,24 +630,23 @@ pub(crate) fn populate(
         ("core", "/proc/kcore"),
     ] {
         let at = dev.join(link);
-        std::os::unix::fs::symlink(to, &at)
-            .step(|| format!("create the link `{}`", at.display()))?;
+        ops.symlink(to, &at)?;
     }
 
-    let sys_dir = ensure_target(Path::new("/sys"), Kind::Dir, &mut stubs)?;
+    let sys_dir = ops.ensure_target(Path::new("/sys"), Kind::Dir, &mut stubs)?;
     match (&sources.sys, &sources.sysfs) {
         (Some(fd), _) => {
-            let at = attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
-            remount_ro(&at)?;
+            let at = ops.attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
+            ops.remount_ro(&at)?;
         }
         (None, Some(fd)) => {
-            attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
+            ops.attach(fd, &sys_dir, Kind::Dir, &mut stubs)?;
         }
         (None, None) => return Err(Fail::step("mount /sys: no source", libc::EINVAL)),
     }
 
     for (name, fd) in &sources.etc {
-        attach(fd, &Path::new("/etc").join(name), Kind::File, &mut stubs)?;
+        ops.attach(fd, &Path::new("/etc").join(name), Kind::File, &mut stubs)?;
     }
 
     for (m, fd) in spec.mounts.iter().zip(&sources.mounts) {
@@ -546,22 +659,22 @@ pub(crate) fn populate(
         }
         match (&m.kind, fd) {
             (MountKind::Tmpfs { size }, _) => {
-                let at = ensure_target(target, Kind::Dir, &mut stubs)?;
+                let at = ops.ensure_target(target, Kind::Dir, &mut stubs)?;
                 let data = size.map(|s| format!("size={s}")).unwrap_or_default();
-                mount_fs("tmpfs", &at, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &data)?;
+                ops.mount_fs("tmpfs", &at, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, &data)?;
             }
             (MountKind::Bind { readonly, .. }, Some((fd, kind))) => {
-                let at = attach(fd, target, *kind, &mut stubs)?;
+                let at = ops.attach(fd, target, *kind, &mut stubs)?;
                 if *readonly {
-                    remount_ro(&at)?;
+                    ops.remount_ro(&at)?;
                 }
             }
             (MountKind::Cache { .. }, Some((fd, kind))) => {
-                attach(fd, target, *kind, &mut stubs)?;
+                ops.attach(fd, target, *kind, &mut stubs)?;
             }
             (MountKind::Secret { .. }, Some((fd, kind))) => {
-                let at = attach(fd, target, *kind, &mut stubs)?;
-                remount_ro(&at)?;
+                let at = ops.attach(fd, target, *kind, &mut stubs)?;
+                ops.remount_ro(&at)?;
             }
             (_, None) => {
                 return Err(Fail::step(
@@ -572,8 +685,13 @@ pub(crate) fn populate(
         }
     }
 
+    // /proc comes last: until it is attached no procfs is reachable in the new
+    // root, so no hostile link through `/proc/self/fd/N` or `/proc/N/root` can
+    // point a mount target at one of the host directories init holds open.
+    ops.attach(&sources.proc, Path::new("/proc"), Kind::Dir, &mut stubs)?;
+
     if spec.readonly_rootfs {
-        remount_ro(Path::new("/"))?;
+        ops.remount_ro(Path::new("/"))?;
     }
     Ok(stubs)
 }
@@ -581,6 +699,226 @@ pub(crate) fn populate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records every operation as a line; handles are labels.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl MountOps for Recorder {
+        type Handle = String;
+        fn ensure_target(
+            &mut self,
+            path: &Path,
+            _: Kind,
+            _: &mut Vec<PathBuf>,
+        ) -> Result<PathBuf, Fail> {
+            Ok(path.to_path_buf())
+        }
+        fn attach(
+            &mut self,
+            source: &String,
+            target: &Path,
+            kind: Kind,
+            _: &mut Vec<PathBuf>,
+        ) -> Result<PathBuf, Fail> {
+            self.0
+                .push(format!("attach {source} {} {kind:?}", target.display()));
+            Ok(target.to_path_buf())
+        }
+        fn mount_fs(
+            &mut self,
+            fstype: &str,
+            target: &Path,
+            flags: MsFlags,
+            data: &str,
+        ) -> Result<(), Fail> {
+            self.0.push(format!(
+                "mount {fstype} {} {:#x} {data}",
+                target.display(),
+                flags.bits()
+            ));
+            Ok(())
+        }
+        fn remount_ro(&mut self, target: &Path) -> Result<(), Fail> {
+            self.0.push(format!("ro {}", target.display()));
+            Ok(())
+        }
+        fn mkdir(&mut self, path: &Path) -> Result<(), Fail> {
+            self.0.push(format!("mkdir {}", path.display()));
+            Ok(())
+        }
+        fn symlink(&mut self, to: &str, at: &Path) -> Result<(), Fail> {
+            self.0.push(format!("link {} -> {to}", at.display()));
+            Ok(())
+        }
+    }
+
+    fn sources(host_net: bool, mounts: Vec<Option<(String, Kind)>>) -> Sources<String> {
+        Sources {
+            dev: DEV_NODES.iter().map(|n| (*n, format!("dev:{n}"))).collect(),
+            etc: ["hosts", "resolv.conf", "hostname"]
+                .map(|n| (n, format!("etc:{n}")))
+                .to_vec(),
+            mounts,
+            sys: host_net.then(|| "host-sys".to_owned()),
+            sysfs: (!host_net).then(|| "fresh-sysfs".to_owned()),
+            proc: "fresh-proc".to_owned(),
+        }
+    }
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec::new(
+            RootfsSpec::Dir(PathBuf::from("/r")),
+            crate::spec::ProcessSpec::new(["true"]),
+        )
+    }
+
+    #[test]
+    fn the_default_plan_mounts_proc_dev_sys_etc_in_order() {
+        let mut rec = Recorder::default();
+        populate(&spec(), &sources(false, vec![]), &mut rec, false).unwrap();
+        let nosuid_nodev_noexec =
+            (MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC).bits();
+        let expected = [
+            format!(
+                "mount tmpfs /dev {:#x} mode=755,size=65536k",
+                (MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME).bits()
+            ),
+            "attach dev:null /dev/null File".to_owned(),
+            "attach dev:zero /dev/zero File".to_owned(),
+            "attach dev:full /dev/full File".to_owned(),
+            "attach dev:random /dev/random File".to_owned(),
+            "attach dev:urandom /dev/urandom File".to_owned(),
+            "attach dev:tty /dev/tty File".to_owned(),
+            "mkdir /dev/pts".to_owned(),
+            format!(
+                "mount devpts /dev/pts {:#x} newinstance,ptmxmode=0666,mode=620,gid=5",
+                (MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC).bits()
+            ),
+            "mkdir /dev/shm".to_owned(),
+            format!("mount tmpfs /dev/shm {nosuid_nodev_noexec:#x} mode=1777,size=65536k"),
+            "mkdir /dev/mqueue".to_owned(),
+            format!("mount mqueue /dev/mqueue {nosuid_nodev_noexec:#x} "),
+            "link /dev/ptmx -> pts/ptmx".to_owned(),
+            "link /dev/fd -> /proc/self/fd".to_owned(),
+            "link /dev/stdin -> /proc/self/fd/0".to_owned(),
+            "link /dev/stdout -> /proc/self/fd/1".to_owned(),
+            "link /dev/stderr -> /proc/self/fd/2".to_owned(),
+            "link /dev/core -> /proc/kcore".to_owned(),
+            "attach fresh-sysfs /sys Dir".to_owned(),
+            "attach etc:hosts /etc/hosts File".to_owned(),
+            "attach etc:resolv.conf /etc/resolv.conf File".to_owned(),
+            "attach etc:hostname /etc/hostname File".to_owned(),
+            "attach fresh-proc /proc Dir".to_owned(),
+        ];
+        assert_eq!(rec.0, expected);
+    }
+
+    #[test]
+    fn host_network_binds_sys_read_only_and_rootless_drops_the_tty_gid() {
+        let mut rec = Recorder::default();
+        populate(&spec(), &sources(true, vec![]), &mut rec, true).unwrap();
+        let sys = rec
+            .0
+            .iter()
+            .position(|l| l == "attach host-sys /sys Dir")
+            .unwrap();
+        assert_eq!(rec.0[sys + 1], "ro /sys");
+        assert!(
+            rec.0
+                .iter()
+                .any(|l| l.starts_with("mount devpts") && l.ends_with("mode=620"))
+        );
+    }
+
+    #[test]
+    fn spec_mounts_come_last_in_order_with_their_modes() {
+        let mut spec = spec();
+        spec.readonly_rootfs = true;
+        let bind = |readonly| MountKind::Bind {
+            source: PathBuf::from("/h"),
+            readonly,
+        };
+        spec.mounts = vec![
+            Mount {
+                target: "/ro".into(),
+                kind: bind(true),
+            },
+            Mount {
+                target: "/rw".into(),
+                kind: bind(false),
+            },
+            Mount {
+                target: "/t".into(),
+                kind: MountKind::Tmpfs { size: Some(4096) },
+            },
+            Mount {
+                target: "/c".into(),
+                kind: MountKind::Cache {
+                    source: PathBuf::from("/cache"),
+                },
+            },
+            Mount {
+                target: "/run/secrets/s".into(),
+                kind: MountKind::Secret {
+                    source: PathBuf::from("/s"),
+                },
+            },
+        ];
+        let srcs = vec![
+            Some(("m0".to_owned(), Kind::Dir)),
+            Some(("m1".to_owned(), Kind::File)),
+            None,
+            Some(("m3".to_owned(), Kind::Dir)),
+            Some(("m4".to_owned(), Kind::File)),
+        ];
+        let mut rec = Recorder::default();
+        populate(&spec, &sources(false, srcs), &mut rec, false).unwrap();
+        let start = rec
+            .0
+            .iter()
+            .position(|l| l == "attach etc:hostname /etc/hostname File")
+            .unwrap()
+            + 1;
+        let tmpfs_flags = (MsFlags::MS_NOSUID | MsFlags::MS_NODEV).bits();
+        assert_eq!(
+            rec.0[start..],
+            [
+                "attach m0 /ro Dir".to_owned(),
+                "ro /ro".to_owned(),
+                "attach m1 /rw File".to_owned(),
+                format!("mount tmpfs /t {tmpfs_flags:#x} size=4096"),
+                "attach m3 /c Dir".to_owned(),
+                "attach m4 /run/secrets/s File".to_owned(),
+                "ro /run/secrets/s".to_owned(),
+                "attach fresh-proc /proc Dir".to_owned(),
+                "ro /".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn relative_mount_targets_are_refused() {
+        let mut spec = spec();
+        spec.mounts = vec![Mount {
+            target: "etc/x".into(),
+            kind: MountKind::Tmpfs { size: None },
+        }];
+        let err = populate(
+            &spec,
+            &sources(false, vec![None]),
+            &mut Recorder::default(),
+            false,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err.report,
+            crate::fail::Report::SetupFailed {
+                errno: libc::EINVAL,
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn short_option_lists_stay_absolute() {

@@ -49,6 +49,7 @@ impl Sandbox {
         // One socket carries the spec, the reports and the lifeline (see
         // `crate::helper`). Passing it as stdin (no `pre_exec` hook) lets std use
         // posix_spawn, which stays cheap from a large multi-threaded caller.
+        spec.validate()?;
         let (ours, theirs) = UnixStream::pair().map_err(|source| Error::Pipe {
             what: "create",
             source,
@@ -180,7 +181,10 @@ impl Running {
     }
 
     /// Kills everything in the sandbox; [`Running::wait`] then returns
-    /// [`ExitStatus::Cancelled`] (unless the payload had already exited).
+    /// [`ExitStatus::Cancelled`] (unless the payload had already exited). The
+    /// helper sends SIGKILL to the namespace's PID 1 from outside, which even a
+    /// payload that is PID 1 without handlers (no [`SandboxSpec::init`]) cannot
+    /// ignore; the kernel then kills the rest of the namespace.
     pub fn kill(&mut self) {
         // EOF on the socket is the cancel signal: the helper kills the sandbox's init
         // (and with it the whole pid namespace) and cleans up. The read side stays
@@ -313,5 +317,58 @@ impl Drop for Running {
             self.kill();
             let _ended = self.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_cross_threads_and_errors_suit_anyhow() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Sandbox>();
+        send_sync::<Running>();
+        send_sync::<Error>();
+        send_sync::<SandboxSpec>();
+    }
+
+    #[test]
+    fn reports_are_interpreted_first_error_wins_oom_beats_sigkill() {
+        let exited = Report::Exited { code: 3 };
+        assert_eq!(
+            interpret(vec![exited.clone()], "").unwrap(),
+            ExitStatus::Code(3)
+        );
+        let killed = Report::Signaled { signal: 9 };
+        assert_eq!(
+            interpret(vec![killed, Report::OomKilled], "").unwrap(),
+            ExitStatus::OomKilled
+        );
+        assert_eq!(
+            interpret(vec![Report::Cancelled], "").unwrap(),
+            ExitStatus::Cancelled
+        );
+        assert_eq!(
+            interpret(vec![Report::Signaled { signal: 15 }, Report::Cancelled], "").unwrap(),
+            ExitStatus::Signal(15)
+        );
+        let setup = Report::SetupFailed {
+            step: "mount x".into(),
+            errno: libc::EPERM,
+        };
+        let exec = Report::ExecFailed {
+            program: "p".into(),
+            errno: libc::ENOENT,
+        };
+        assert!(matches!(
+            interpret(vec![setup, exec, exited], ""),
+            Err(Error::Setup { .. })
+        ));
+        assert!(
+            matches!(interpret(vec![], "signal: 9"), Err(Error::HelperDied { status }) if status == "signal: 9")
+        );
+        assert_eq!(ExitStatus::Signal(15).shell_code(), 143);
+        assert_eq!(ExitStatus::OomKilled.shell_code(), 137);
     }
 }

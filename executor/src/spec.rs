@@ -39,11 +39,20 @@ pub struct SandboxSpec {
     /// Nameservers for `/etc/resolv.conf`; empty means copy the host's file
     /// (minus loopback nameservers, which cannot work in a new netns).
     pub dns: Vec<String>,
+    /// Run a tiny init (`kiln-init`) as PID 1, like `docker run --init`: it reaps
+    /// orphaned zombies and forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and
+    /// SIGUSR2 to the payload, which is PID 2. `false` (the default, as in a
+    /// Docker/BuildKit `RUN` step) execs the payload directly as PID 1 of its pid
+    /// namespace: `echo $$` prints `1`, orphans are not reaped, and the kernel
+    /// drops signals PID 1 has no handler for (cancellation always uses SIGKILL
+    /// from outside the namespace, which PID 1 cannot ignore).
+    #[serde(default)]
+    pub init: bool,
 }
 
 impl SandboxSpec {
     /// A spec with defaults: hostname `kiln`, no mounts, network `none`, no limits,
-    /// piped stdout/stderr.
+    /// piped stdout/stderr, the payload as PID 1 (no init).
     pub fn new(rootfs: RootfsSpec, process: ProcessSpec) -> Self {
         Self {
             rootfs,
@@ -57,6 +66,102 @@ impl SandboxSpec {
             volatile_upper: true,
             extra_hosts: Vec::new(),
             dns: Vec::new(),
+            init: false,
+        }
+    }
+}
+
+impl SandboxSpec {
+    /// Checks what the helper would otherwise only find out halfway through setup.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let invalid = |reason: String| Err(crate::Error::InvalidSpec { reason });
+        if self.process.args.is_empty() {
+            return invalid("the process has no arguments".to_owned());
+        }
+        if !self.process.cwd.starts_with('/') {
+            return invalid(format!(
+                "the working directory `{}` is not absolute",
+                self.process.cwd
+            ));
+        }
+        if self.hostname.is_empty()
+            || self.hostname.len() > 64
+            || self.hostname.contains(['/', '\0', ' ', '\n'])
+        {
+            return invalid(format!(
+                "the hostname `{}` is not valid",
+                self.hostname.escape_debug()
+            ));
+        }
+        for m in &self.mounts {
+            if !m.target.starts_with('/') {
+                return invalid(format!("the mount target `{}` is not absolute", m.target));
+            }
+        }
+        if let RootfsSpec::Overlay { lowers, .. } = &self.rootfs
+            && lowers.is_empty()
+        {
+            return invalid("the overlay has no lower directory".to_owned());
+        }
+        let strings = self
+            .process
+            .args
+            .iter()
+            .chain(&self.process.env)
+            .chain([&self.process.cwd]);
+        if let Some(bad) = strings.into_iter().find(|s| s.contains('\0')) {
+            return invalid(format!("`{}` contains a NUL byte", bad.escape_debug()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> SandboxSpec {
+        SandboxSpec::new(RootfsSpec::Dir("/r".into()), ProcessSpec::new(["true"]))
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert!(ok().validate().is_ok());
+        type Breaker = Box<dyn Fn(&mut SandboxSpec)>;
+        let cases: Vec<(Breaker, &str)> = vec![
+            (Box::new(|s| s.process.args.clear()), "no arguments"),
+            (
+                Box::new(|s| s.process.cwd = "work".into()),
+                "`work` is not absolute",
+            ),
+            (Box::new(|s| s.hostname = "a/b".into()), "hostname `a/b`"),
+            (Box::new(|s| s.hostname = "x".repeat(65)), "hostname"),
+            (
+                Box::new(|s| {
+                    s.mounts.push(Mount {
+                        target: "rel".into(),
+                        kind: MountKind::Tmpfs { size: None },
+                    })
+                }),
+                "mount target `rel`",
+            ),
+            (
+                Box::new(|s| {
+                    s.rootfs = RootfsSpec::Overlay {
+                        lowers: vec![],
+                        upper: "/u".into(),
+                        work: "/w".into(),
+                    }
+                }),
+                "no lower",
+            ),
+            (Box::new(|s| s.process.env.push("A=\0".into())), "NUL"),
+        ];
+        for (break_it, needle) in cases {
+            let mut spec = ok();
+            break_it(&mut spec);
+            let err = spec.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
     }
 }

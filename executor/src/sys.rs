@@ -100,8 +100,30 @@ pub const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
 pub const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
 pub const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
 
+/// The messages the kernel logged on a file system context (`e overlayfs: ...`),
+/// oldest first; read after a failed `fsconfig` to say why.
+pub fn fs_log(fd: &OwnedFd) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 512];
+    for _ in 0..8 {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(n) if n > 0 => {
+                out.push(String::from_utf8_lossy(buf.get(..n).unwrap_or(&[])).into_owned())
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
 /// `fsconfig(fd, FSCONFIG_CMD_CREATE)` then `fsmount(fd, FSMOUNT_CLOEXEC, attrs)`.
 pub fn fs_create_and_mount(fd: &OwnedFd, attrs: libc::c_uint) -> nix::Result<OwnedFd> {
+    fs_create(fd)?;
+    fs_mount(fd, attrs)
+}
+
+/// `fsconfig(fd, FSCONFIG_CMD_CREATE)`: makes the superblock.
+pub fn fs_create(fd: &OwnedFd) -> nix::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: valid descriptor; CMD_CREATE takes no key or value.
     unit_result(unsafe {
@@ -113,7 +135,12 @@ pub fn fs_create_and_mount(fd: &OwnedFd, attrs: libc::c_uint) -> nix::Result<Own
             std::ptr::null::<libc::c_char>(),
             0,
         )
-    })?;
+    })
+}
+
+/// `fsmount(fd, FSMOUNT_CLOEXEC, attrs)`: a detached mount of a created superblock.
+pub fn fs_mount(fd: &OwnedFd, attrs: libc::c_uint) -> nix::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
     // SAFETY: valid descriptor of a configured file system context.
     fd_result(unsafe { libc::syscall(libc::SYS_fsmount, fd.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })
 }

@@ -178,7 +178,7 @@ fn isolation_pid_rootfs_mounts_caps_network() {
     let script = format!(
         r#"
 echo pid=$$
-echo init=$(cat /proc/1/comm)
+echo pid1=$(tr '\0' ' ' < /proc/1/cmdline | head -c 11)
 echo procs=$(ls /proc | grep -c '^[0-9]')
 echo root=$(ls / | tr '\n' ' ')
 if [ -e {sentinel} ]; then echo sentinel=visible; else echo sentinel=absent; fi
@@ -197,14 +197,16 @@ echo sys_ro=$(touch /sys/x 2>/dev/null && echo writable || echo readonly)
 "#,
         sentinel = sentinel.display()
     );
-    let out = run(&fx.sh("iso", &script));
+    let spec = fx.sh("iso", &script);
+    assert!(!spec.init, "the payload is PID 1 by default");
+    let out = run(&spec);
     assert_eq!(out.status, ExitStatus::Code(0));
-    // The payload runs under the sandbox's init, which is PID 1 and reaps zombies.
-    assert_eq!(field(&out, "pid"), "2");
-    assert_eq!(field(&out, "init"), "kiln-init");
-    // init, sh, the subshell of `$(...)` and its ls and grep: nothing from the host.
+    // Without init (the default, as a Docker RUN step) the payload itself is PID 1.
+    assert_eq!(field(&out, "pid"), "1");
+    assert_eq!(field(&out, "pid1").trim_end(), "/bin/sh -c");
+    // sh, the subshell of `$(...)` and its ls and grep: nothing from the host.
     let procs: u32 = field(&out, "procs").parse().unwrap();
-    assert!(procs <= 5, "{procs} processes visible");
+    assert!(procs <= 4, "{procs} processes visible");
     assert_eq!(
         field(&out, "root").trim(),
         "bin dev etc home mnt proc root sys tmp"
@@ -406,19 +408,44 @@ fn overlay_with_150_lowers() {
 }
 
 #[test]
-fn exit_codes_signals_and_errors_are_reported() {
+fn exit_codes_signals_and_errors_are_reported_without_init() {
+    exit_codes_signals_and_errors_are_reported(false);
+}
+
+#[test]
+fn exit_codes_signals_and_errors_are_reported_with_init() {
+    exit_codes_signals_and_errors_are_reported(true);
+}
+
+fn exit_codes_signals_and_errors_are_reported(init: bool) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
     }
     let fx = Fixture::new();
-    assert_eq!(run(&fx.sh("e1", "exit 3")).status, ExitStatus::Code(3));
-    assert_eq!(
-        run(&fx.sh("e2", "kill -TERM $$")).status,
-        ExitStatus::Signal(15)
-    );
+    let sh = |tag: &str, script: &str| {
+        let mut spec = fx.sh(tag, script);
+        spec.init = init;
+        spec
+    };
+    assert_eq!(run(&sh("e1", "exit 3")).status, ExitStatus::Code(3));
+    assert_eq!(run(&sh("e0", "true")).status, ExitStatus::Code(0));
+    let out = run(&sh("e2", "kill -TERM $$; echo survived"));
+    if init {
+        assert_eq!(out.status, ExitStatus::Signal(15));
+    } else {
+        // PID 1 of a pid namespace gets no signal it has no handler for (the
+        // kernel's rule, and Docker's `RUN kill $$` behaves alike).
+        assert_eq!(out.status, ExitStatus::Code(0));
+        assert_eq!(text(&out.stdout), "survived\n");
+    }
+    // The exit code of a payload that is PID 1 (or PID 2) exactly as it exited,
+    // including codes a setup failure would use.
+    assert_eq!(run(&sh("e5", "exit 1")).status, ExitStatus::Code(1));
+    assert_eq!(run(&sh("e6", "exit 127")).status, ExitStatus::Code(127));
 
-    let missing = SandboxSpec::new(fx.overlay("e3"), ProcessSpec::new(["no-such-program"]));
+    let mut missing = SandboxSpec::new(fx.overlay("e3"), ProcessSpec::new(["no-such-program"]));
+    missing.init = init;
     match Sandbox::new().with_helper(HELPER).output(&missing) {
         Err(Error::Exec { program, source }) => {
             assert_eq!(program, "no-such-program");
@@ -428,16 +455,122 @@ fn exit_codes_signals_and_errors_are_reported() {
     }
 
     let bad_lower = fx.path("does-not-exist");
-    let spec = SandboxSpec::new(
+    let mut spec = SandboxSpec::new(
         fx.overlay_with(vec![bad_lower.clone()], "e4"),
         ProcessSpec::new(["true"]),
     );
+    spec.init = init;
     match Sandbox::new().with_helper(HELPER).output(&spec) {
         Err(err @ Error::Setup { .. }) => {
             let msg = chain(&err);
             assert!(msg.contains(&bad_lower.display().to_string()), "{msg}");
         }
         other => panic!("expected a setup error, got {other:?}"),
+    }
+    let mut spec = sh("e7", "true");
+    spec.process.user = User::Spec("nobody-here".to_owned());
+    assert!(
+        matches!(
+            Sandbox::new().with_helper(HELPER).output(&spec),
+            Err(Error::User(UserError::UnknownUser { .. }))
+        ),
+        "an unknown user must be an error, init={init}"
+    );
+}
+
+/// Reusing a work directory after a volatile mount (a crash, or a killed caller
+/// that did not clean up) is refused by the kernel with a bare EINVAL; the error
+/// names the marker.
+#[test]
+fn a_stale_volatile_work_dir_is_a_clear_error() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let rootfs = fx.overlay("stale");
+    let RootfsSpec::Overlay { work, .. } = &rootfs else {
+        unreachable!()
+    };
+    fs_err::create_dir_all(work.join("work/incompat/volatile")).unwrap();
+    let spec = SandboxSpec::new(rootfs.clone(), ProcessSpec::new(["true"]));
+    match Sandbox::new().with_helper(HELPER).output(&spec) {
+        Err(err @ Error::Setup { .. }) => {
+            let msg = chain(&err);
+            assert!(msg.contains("incompat/volatile` exists"), "{msg}");
+        }
+        other => panic!("expected a setup error, got {other:?}"),
+    }
+}
+
+/// The payload as PID 1 ignores signals it has no handler for, so cancelling must
+/// (and does) use SIGKILL from outside the namespace. A SIGKILL from elsewhere is
+/// the payload's own status, not a cancel.
+#[test]
+fn kill_ends_a_pid_1_payload_without_signal_handlers() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let spec = SandboxSpec::new(fx.overlay("pid1kill"), ProcessSpec::new(["sleep", "31343"]));
+    assert!(!spec.init);
+    let mut running = Sandbox::new().with_helper(HELPER).spawn(&spec).unwrap();
+    wait_until(|| processes_with_arg("31343") == 1, "the sleep to start");
+    let started = Instant::now();
+    running.kill();
+    assert_eq!(running.wait().unwrap(), ExitStatus::Cancelled);
+    assert_eq!(processes_with_arg("31343"), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "kill waited for the sleep"
+    );
+
+    let mut running = Sandbox::new()
+        .with_helper(HELPER)
+        .spawn(&SandboxSpec::new(
+            fx.overlay("pid1kill2"),
+            ProcessSpec::new(["sleep", "31344"]),
+        ))
+        .unwrap();
+    wait_until(|| processes_with_arg("31344") == 1, "the sleep to start");
+    let pids = pids_where(|argv| argv == [b"sleep".as_slice(), b"31344".as_slice()]);
+    assert_eq!(pids.len(), 1);
+    // From the host: SIGTERM is dropped (no handler), SIGKILL is forced.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pids[0]).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        alive(pids[0]),
+        "PID 1 died of a signal it has no handler for"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(running.wait().unwrap(), ExitStatus::Signal(9));
+}
+
+/// Without init, the payload changes its uid (which clears the parent-death
+/// signal) and execs itself: it must still die with a SIGKILLed helper.
+#[test]
+fn sigkill_of_the_helper_kills_a_pid_1_payload_running_as_non_root() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let temps = sandbox_temp_dir_names();
+    let mut spec = SandboxSpec::new(fx.overlay("hkill"), ProcessSpec::new(["sleep", "31345"]));
+    spec.process.user = User::Spec("app".to_owned());
+    let mut running = Sandbox::new().with_helper(HELPER).spawn(&spec).unwrap();
+    wait_until(|| processes_with_arg("31345") == 1, "the sleep to start");
+    let helper = nix::unistd::Pid::from_raw(i32::try_from(running.helper_pid()).unwrap());
+    nix::sys::signal::kill(helper, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(|| processes_with_arg("31345") == 0, "the payload to die");
+    assert!(matches!(running.wait(), Err(Error::HelperDied { .. })));
+    // A SIGKILLed helper cannot remove its temp directory: do it for the next tests.
+    for name in sandbox_temp_dir_names() {
+        if !temps.contains(&name) {
+            fs_err::remove_dir_all(kiln_executor::state_root().join(name)).unwrap();
+        }
     }
 }
 
@@ -465,15 +598,20 @@ fn stdout_streams_and_drop_cancels_everything() {
 
 #[test]
 fn kill_reports_cancelled() {
+    for init in [false, true] {
+        kill_reports_cancelled_in(init);
+    }
+}
+
+fn kill_reports_cancelled_in(init: bool) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
     }
     let fx = Fixture::new();
-    let mut running = Sandbox::new()
-        .with_helper(HELPER)
-        .spawn(&fx.sh("kill", "sleep 31338"))
-        .unwrap();
+    let mut spec = fx.sh("kill", "sleep 31338; echo never");
+    spec.init = init;
+    let mut running = Sandbox::new().with_helper(HELPER).spawn(&spec).unwrap();
     wait_until(|| processes_with_arg("31338") == 1, "the sleep to start");
     running.kill();
     assert_eq!(running.wait().unwrap(), ExitStatus::Cancelled);
@@ -489,11 +627,16 @@ fn init_reaps_orphaned_zombies() {
     let fx = Fixture::new();
     // The inner sh exits at once, orphaning its background sleep to PID 1; when the
     // sleep ends it must be reaped, not left as a zombie.
-    let out = run(&fx.sh(
+    let mut spec = fx.sh(
         "zombie",
-        "sh -c 'sleep 0.1 &'; sleep 0.6; echo zombies=$(cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l)",
-    ));
+        "echo pid=$$; echo init=$(cat /proc/1/comm); sh -c 'sleep 0.1 &'; sleep 0.6; echo zombies=$(cat /proc/[0-9]*/stat | awk '$3 == \"Z\"' | wc -l)",
+    );
+    spec.init = true;
+    let out = run(&spec);
     assert_eq!(out.status, ExitStatus::Code(0));
+    // With init, kiln-init is PID 1 and the payload PID 2.
+    assert_eq!(field(&out, "pid"), "2");
+    assert_eq!(field(&out, "init"), "kiln-init");
     assert_eq!(field(&out, "zombies"), "0");
 }
 
@@ -559,14 +702,12 @@ fn hostile_rootfs_links_cannot_write_outside() {
         fs_err::read_to_string("/proc/self/mountinfo").unwrap(),
         mounts_before
     );
+    // The link targets were created inside the rootfs as mount-point stubs, and
+    // removed from the upper again after the run.
     let upper = fx.path("hostile.upper");
-    assert!(
-        upper
-            .join(host.strip_prefix("/").unwrap())
-            .join("hosts")
-            .exists(),
-        "the link target was made inside"
-    );
+    let inside = upper.join(host.strip_prefix("/").unwrap());
+    assert!(!inside.join("hosts").exists(), "stub left in the upper");
+    assert!(!inside.join("procdir").exists(), "stub left in the upper");
 }
 
 fn count_lines(path: &str) -> usize {
@@ -584,6 +725,15 @@ fn own_children() -> usize {
                 .unwrap_or(0)
         })
         .sum()
+}
+
+fn sandbox_temp_dir_names() -> Vec<std::ffi::OsString> {
+    fs_err::read_dir(kiln_executor::state_root())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("kiln-sandbox."))
+        .collect()
 }
 
 fn sandbox_temp_dirs() -> usize {
@@ -653,6 +803,10 @@ fn alive(pid: u32) -> bool {
 }
 
 fn processes_where(pred: impl Fn(&[&[u8]]) -> bool) -> usize {
+    pids_where(pred).len()
+}
+
+fn pids_where(pred: impl Fn(&[&[u8]]) -> bool) -> Vec<u32> {
     fs_err::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -670,7 +824,8 @@ fn processes_where(pred: impl Fn(&[&[u8]]) -> bool) -> usize {
                 })
                 .unwrap_or(false)
         })
-        .count()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect()
 }
 
 fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
@@ -686,6 +841,17 @@ fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
 
 #[test]
 fn nothing_leaks_after_many_runs_and_failures() {
+    nothing_leaks(false, 200, 30);
+}
+
+/// The same with init, shorter: the setup and teardown paths are shared, only the
+/// last stage differs.
+#[test]
+fn nothing_leaks_after_many_runs_and_failures_with_init() {
+    nothing_leaks(true, 50, 10);
+}
+
+fn nothing_leaks(init: bool, runs: usize, failures: usize) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
@@ -708,23 +874,24 @@ fn nothing_leaks_after_many_runs_and_failures() {
         pids: Some(1000),
         ..Limits::default()
     };
-    for i in 0..200 {
+    spec.init = init;
+    for i in 0..runs {
         // A fresh upper each time, as RUN steps have.
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leak{i}"));
         assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(0));
     }
     spec.process.args = vec!["false".to_owned()];
-    for i in 0..30 {
+    for i in 0..failures {
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leakf{i}"));
         assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(1));
     }
     spec.process.args = vec!["/no/such/binary".to_owned()];
-    for i in 0..30 {
+    for i in 0..failures {
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leake{i}"));
         assert!(matches!(sandbox.output(&spec), Err(Error::Exec { .. })));
     }
     spec.rootfs = fx.overlay_with(vec![fx.path("missing-lower")], "leaks");
-    for _ in 0..30 {
+    for _ in 0..failures {
         assert!(matches!(sandbox.output(&spec), Err(Error::Setup { .. })));
     }
     assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
@@ -735,6 +902,15 @@ fn nothing_leaks_after_many_runs_and_failures() {
 
 #[test]
 fn sigkill_of_the_parent_leaves_nothing() {
+    sigkill_of_the_parent_leaves_nothing_in(false);
+}
+
+#[test]
+fn sigkill_of_the_parent_leaves_nothing_with_init() {
+    sigkill_of_the_parent_leaves_nothing_in(true);
+}
+
+fn sigkill_of_the_parent_leaves_nothing_in(init: bool) {
     let _g = LOCK.lock();
     if !can_run() {
         return;
@@ -747,15 +923,9 @@ fn sigkill_of_the_parent_leaves_nothing() {
     );
     // The helper binary doubles as a "kiln" process that starts a sandbox and waits.
     let mut parent = std::process::Command::new(HELPER)
-        .args([
-            "--lower",
-            &fx.lower.display().to_string(),
-            "--pids",
-            "100",
-            "--",
-            "sleep",
-            "31339",
-        ])
+        .args(["--lower", &fx.lower.display().to_string(), "--pids", "100"])
+        .args(init.then_some("--init"))
+        .args(["--", "sleep", "31339"])
         .spawn()
         .unwrap();
     wait_until(|| processes_with_arg("31339") == 1, "the sandbox to start");
@@ -777,6 +947,10 @@ fn sigkill_of_the_parent_leaves_nothing() {
         || helpers.iter().all(|&pid| !alive(pid)),
         "the helper to exit",
     );
+    // The killed parent (kiln-sandbox-run, not the library) could not remove its
+    // fresh upper and work directories.
+    let scratch = std::env::temp_dir().join(format!("kiln-sandbox-run.{}", parent.id()));
+    fs_err::remove_dir_all(scratch).unwrap();
     assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
     let now = sandbox_cgroups();
     assert_eq!(now, cgroups, "cgroups leaked");
@@ -791,16 +965,19 @@ fn memory_limit_is_reported_as_oom_and_pids_limit_stops_forks() {
     }
     let fx = Fixture::new();
     let cgroups = sandbox_cgroups();
-    let mut spec = fx.sh(
-        "oom",
-        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
-    );
-    spec.limits = Limits {
-        memory: Some(32 << 20),
-        ..Limits::default()
-    };
-    let out = run(&spec);
-    assert_eq!(out.status, ExitStatus::OomKilled);
+    for init in [false, true] {
+        let mut spec = fx.sh(
+            &format!("oom-{init}"),
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+        );
+        spec.limits = Limits {
+            memory: Some(32 << 20),
+            ..Limits::default()
+        };
+        spec.init = init;
+        let out = run(&spec);
+        assert_eq!(out.status, ExitStatus::OomKilled, "init={init}");
+    }
 
     let mut spec = fx.sh(
         "pids",
@@ -873,34 +1050,14 @@ fn mounts_tmpfs_bind_ro_cache_secret() {
 
 const ROOTLESS_USER: &str = "kiln-test-rootless";
 
-#[test]
-fn rootless_as_an_unprivileged_user() {
-    let _g = LOCK.lock();
-    if !can_run() {
-        return;
-    }
-    if nix::unistd::User::from_name(ROOTLESS_USER)
-        .unwrap()
-        .is_none()
-    {
-        let st = std::process::Command::new("useradd")
-            .args(["--no-create-home", ROOTLESS_USER])
-            .status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "cannot create the user `{ROOTLESS_USER}` (useradd)"
-        );
-    }
-    let user = nix::unistd::User::from_name(ROOTLESS_USER)
-        .unwrap()
-        .unwrap();
-    let fx = Fixture::new();
-    // The user must reach the fixture: open the temp dir, own the layer (a rootless
-    // store unpacks layers as the user), the upper and the work dir.
+/// Makes `dirs` reachable and owned by `uid:gid`, and a copy of the busybox lower
+/// owned by them (a rootless store unpacks layers as the user).
+fn rootless_fixture(uid: u32, gid: u32) -> (Fixture, PathBuf, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
     fs_err::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let st = std::process::Command::new("chown")
-        .args(["-R", "-h", &format!("{}:{}", user.uid, user.gid)])
+        .args(["-R", "-h", &format!("{uid}:{gid}")])
         .arg(&fx.lower)
         .status()
         .unwrap();
@@ -908,22 +1065,68 @@ fn rootless_as_an_unprivileged_user() {
     let (upper, work) = (fx.path("rl.upper"), fx.path("rl.work"));
     for d in [&upper, &work] {
         fs_err::create_dir_all(d).unwrap();
-        nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
+        nix::unistd::chown(
+            d,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap();
     }
+    (fx, upper, work)
+}
+
+/// Runs the helper binary as `uid:gid` (no supplementary groups) on the fixture.
+fn run_as(
+    uid: u32,
+    gid: u32,
+    fx: &Fixture,
+    upper: &Path,
+    work: &Path,
+    extra: &[&str],
+    script: &str,
+) -> std::process::Output {
     let out = std::process::Command::new("setpriv")
-        .arg(format!("--reuid={}", user.uid))
-        .arg(format!("--regid={}", user.gid))
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
         .args(["--clear-groups", "--"])
         .arg(HELPER)
         .args(["--lower", &fx.lower.display().to_string()])
-        .args(["--upper", &upper.display().to_string(), "--work", &work.display().to_string()])
-        .args(["--", "/bin/sh", "-c", "echo id=$(id -u):$(id -g); echo pid=$$; echo hi > /root/written; cat /proc/self/uid_map"])
+        .args([
+            "--upper",
+            &upper.display().to_string(),
+            "--work",
+            &work.display().to_string(),
+        ])
+        .args(extra)
+        .args(["--", "/bin/sh", "-c", script])
         .output()
         .unwrap();
     eprintln!(
         "stdout:\n{}\nstderr:\n{}",
         text(&out.stdout),
         text(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn rootless_as_an_unprivileged_user_with_a_single_id_map() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    // A bare uid with no passwd entry and no subordinate ids: the helper maps just
+    // itself to 0 (no newuidmap involved).
+    let (uid, gid) = (64124, 64124);
+    let (fx, upper, work) = rootless_fixture(uid, gid);
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &[],
+        "echo id=$(id -u):$(id -g); echo pid=$$; echo hi > /root/written; echo maps=$(wc -l < /proc/self/uid_map)",
     );
     assert!(
         out.status.success(),
@@ -932,57 +1135,126 @@ fn rootless_as_an_unprivileged_user() {
     );
     let stdout = text(&out.stdout);
     assert!(stdout.contains("id=0:0"), "{stdout}");
-    assert!(stdout.contains("pid=2"), "{stdout}");
+    assert!(stdout.contains("pid=1\n"), "{stdout}");
+    assert!(stdout.contains("maps=1"), "{stdout}");
     // The payload's root is the unprivileged user on the host.
     let written = fs_err::metadata(upper.join("root/written")).unwrap();
-    assert_eq!(written.uid(), user.uid.as_raw());
+    assert_eq!(written.uid(), uid);
 
-    // With subordinate ids (useradd allocates them on Debian) and newuidmap from
-    // `uidmap`, the map covers more than one id and a non-root USER works.
+    // With init, rootless too.
+    for d in [&upper, &work] {
+        fs_err::remove_dir_all(d).unwrap();
+        fs_err::create_dir_all(d).unwrap();
+        nix::unistd::chown(
+            d.as_path(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap();
+    }
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &["--init"],
+        "echo pid=$$; echo init=$(cat /proc/1/comm)",
+    );
+    assert!(
+        out.status.success(),
+        "rootless run with init failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("pid=2\n"), "{stdout}");
+    assert!(stdout.contains("init=kiln-init\n"), "{stdout}");
+}
+
+#[test]
+fn rootless_with_subordinate_ids_maps_a_range_and_runs_a_non_root_user() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    // newuidmap needs a named user with /etc/subuid and /etc/subgid entries;
+    // useradd makes both on Debian.
+    let missing_tool = !Path::new("/usr/bin/newuidmap").exists();
+    let user = match nix::unistd::User::from_name(ROOTLESS_USER) {
+        Ok(Some(user)) => Some(user),
+        _ => {
+            let made = std::process::Command::new("useradd")
+                .args([
+                    "--no-create-home",
+                    "--no-user-group",
+                    "--gid",
+                    "65534",
+                    ROOTLESS_USER,
+                ])
+                .output();
+            if let Ok(out) = &made {
+                eprintln!("useradd: {}", text(&out.stderr));
+            }
+            nix::unistd::User::from_name(ROOTLESS_USER).ok().flatten()
+        }
+    };
     let subuid = fs_err::read_to_string("/etc/subuid").unwrap_or_default();
     let has_range = subuid
         .lines()
         .any(|l| l.starts_with(&format!("{ROOTLESS_USER}:")));
+    let (Some(user), false, true) = (user, missing_tool, has_range) else {
+        let why = format!(
+            "needs the user `{ROOTLESS_USER}` (useradd; a readable /etc/passwd), its /etc/subuid range \
+             and newuidmap (package uidmap)"
+        );
+        assert!(!in_ci(), "{why}, with CI=true");
+        eprintln!("skipped: {why}");
+        return;
+    };
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    let (fx, upper, work) = rootless_fixture(uid, gid);
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &[],
+        "echo id=$(id -u); cat /proc/self/uid_map",
+    );
+    assert!(
+        out.status.success(),
+        "rootless run failed: {}",
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("id=0"), "{stdout}");
     let maps = stdout
         .lines()
         .filter(|l| l.split_whitespace().count() == 3)
         .count();
-    if has_range && Path::new("/usr/bin/newuidmap").exists() {
-        assert_eq!(maps, 2, "expected a full map: {stdout}");
-        for d in [&upper, &work] {
-            fs_err::remove_dir_all(d).unwrap();
-            fs_err::create_dir_all(d).unwrap();
-            nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
-        }
-        let out = std::process::Command::new("setpriv")
-            .arg(format!("--reuid={}", user.uid))
-            .arg(format!("--regid={}", user.gid))
-            .args(["--clear-groups", "--"])
-            .arg(HELPER)
-            .args(["--lower", &fx.lower.display().to_string(), "--user", "app"])
-            .args([
-                "--upper",
-                &upper.display().to_string(),
-                "--work",
-                &work.display().to_string(),
-            ])
-            .args([
-                "--",
-                "/bin/sh",
-                "-c",
-                "echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,)",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rootless non-root USER failed: {}",
-            text(&out.stderr)
-        );
-        assert_eq!(text(&out.stdout).trim(), "id=1000:1000:1000,10");
-    } else {
-        assert_eq!(maps, 1, "expected a single-id map: {stdout}");
+    assert_eq!(maps, 2, "expected a full map: {stdout}");
+
+    for d in [&upper, &work] {
+        fs_err::remove_dir_all(d).unwrap();
+        fs_err::create_dir_all(d).unwrap();
+        nix::unistd::chown(d.as_path(), Some(user.uid), Some(user.gid)).unwrap();
     }
+    let out = run_as(
+        uid,
+        gid,
+        &fx,
+        &upper,
+        &work,
+        &["--user", "app"],
+        "echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,)",
+    );
+    assert!(
+        out.status.success(),
+        "rootless non-root USER failed: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim(), "id=1000:1000:1000,10");
 }
 
 #[test]
@@ -1148,4 +1420,48 @@ fn classic_overlay_mount_with_many_long_lowers_uses_short_names() {
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("n=150\n"), "{stdout}");
     assert!(stdout.ends_with("\n1\n"), "not the classic mount: {stdout}");
+}
+
+#[test]
+fn hostile_links_through_proc_fd_cannot_reach_host_sources() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    // A host directory bind-mounted read-only: init holds a clone of it open while
+    // it sets up mounts, so `/proc/self/fd/N` would name it if procfs were reachable.
+    let rodir = fx.path("host-ro");
+    fs_err::create_dir_all(&rodir).unwrap();
+    fs_err::write(rodir.join("keep"), "host").unwrap();
+    let lower = fx.path("hostile-proc");
+    make_busybox_root(&lower);
+    let mut mounts = vec![Mount {
+        target: "/ro".into(),
+        kind: MountKind::Bind {
+            source: rodir.clone(),
+            readonly: true,
+        },
+    }];
+    for n in 3..40 {
+        std::os::unix::fs::symlink(format!("/proc/self/fd/{n}"), lower.join(format!("m{n}")))
+            .unwrap();
+        mounts.push(Mount {
+            target: format!("/m{n}/x"),
+            kind: MountKind::Tmpfs { size: Some(4096) },
+        });
+    }
+    fs_err::remove_dir_all(lower.join("etc")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/fd/7", lower.join("etc")).unwrap();
+    let before = tree(&rodir);
+    let mut spec = SandboxSpec::new(
+        fx.overlay_with(vec![lower], "procfd"),
+        ProcessSpec::new(["true"]),
+    );
+    spec.mounts = mounts;
+    let result = Sandbox::new().with_helper(HELPER).output(&spec);
+    eprintln!("result: {result:?}");
+    assert_eq!(tree(&rodir), before, "a file appeared in a host directory");
+    // Every stub went into the rootfs's own (not yet mounted-over) /proc directory.
+    assert_eq!(result.unwrap().status, ExitStatus::Code(0));
 }

@@ -15,9 +15,17 @@
 //!   only function here that does I/O.
 //!
 //! Matching is a hand-written matcher over the pattern's tokens (no regex per
-//! path): exact, prefix (`dir/**`) and suffix (`**/name`) patterns are a string
-//! comparison, other patterns reject on their literal prefix or suffix before
-//! the backtracking matcher runs.
+//! path). Per-byte bitsets first pick the patterns a path can match at all
+//! (by the byte a match must start and end with); of those, exact, prefix
+//! (`dir/**`) and suffix (`**/name`) patterns are a string comparison, and the
+//! rest reject on their literal prefix, suffix or longest literal before a
+//! backtracking matcher runs. The backtracker has a step budget; past it, the
+//! pattern runs as an NFA over the path, linear whatever the pattern.
+//!
+//! A directory walker should call [`PatternMatcher::matches_with_parent`],
+//! passing each directory's result to its children (what BuildKit does), and
+//! [`PatternMatcher::can_skip_dir`] to prune; [`PatternMatcher::matches`]
+//! answers for one path on its own.
 //!
 //! Known differences from patternmatcher, all on patterns no real ignore file
 //! has: upstream copies a pattern into a Go regular expression, so `*` or `?`
@@ -32,6 +40,10 @@ use std::borrow::Cow;
 use std::io;
 use std::path::{Path, PathBuf};
 
+mod glob;
+
+use glob::{Kind, bad_pattern_reason, compile_kind};
+
 /// Errors from reading or compiling ignore patterns.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerignoreError {
@@ -42,13 +54,15 @@ pub enum DockerignoreError {
         line: Option<usize>,
     },
     /// A pattern that Go's `filepath.Match` rejects (an unclosed `[`, a bad
-    /// range, a trailing `\`).
-    #[error("syntax error in pattern `{pattern}`{}\n\nhint: `[` starts a character class such as `[a-z]`; write `\\[` for a literal `[`", at_line(*.line))]
+    /// range, a trailing `\`) or that upstream's regexp cannot compile.
+    #[error("syntax error in pattern `{pattern}`{}: {reason}\n\nhint: `\\` makes the next character literal, and `[...]` is a character class such as `[a-z]` (write `\\[` for a literal `[`)", at_line(*.line))]
     BadPattern {
         /// The pattern, after cleaning.
         pattern: String,
         /// 1-based line in the ignore file, when the pattern came from one.
         line: Option<usize>,
+        /// What is wrong with it.
+        reason: String,
     },
     /// An ignore file that could not be read.
     #[error("failed to read ignore file `{}`", path.display())]
@@ -326,205 +340,12 @@ fn suffix_matches(suffix: &str, path: &str) -> bool {
     has_suffix(path, suffix) || suffix.strip_prefix('/').is_some_and(|s| same(s, path))
 }
 
-#[derive(Debug, Clone)]
-enum Kind {
-    /// No wildcard: the path equals the pattern.
-    Exact,
-    /// `literal**`: the path starts with the literal.
-    Prefix(String),
-    /// `**literal`: the path ends with the literal (or is it, without its `/`).
-    Suffix(String),
-    /// Anything else.
-    Glob(Glob),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Tok {
-    Lit(String),
-    /// `?`: one character but `/`.
-    One,
-    /// `*`: any run of characters without `/`.
-    Star,
-    /// `**` followed by more pattern: `(.*/)?`, any number of whole directories.
-    Dirs,
-    /// `**` at the end of a pattern that had wildcards before: `.*`.
-    Rest,
-    /// `[...]`.
-    Class(Class),
-    /// An unescaped `^` in a pattern that became a regular expression
-    /// upstream, where it is a start-of-text anchor.
-    Caret,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Class {
-    negated: bool,
-    ranges: Vec<(char, char)>,
-}
-
-impl Class {
-    fn contains(&self, c: char) -> bool {
-        self.ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != self.negated
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Glob {
-    toks: Vec<Tok>,
-    /// Literal the path must start / end with: a cheap reject before matching.
-    prefix: String,
-    suffix: String,
-    /// When there is neither: the longest literal, which must occur.
-    required: String,
-}
-
-/// Backtracking steps a match may take before it starts over with a table of
-/// failed states (which keeps every pattern polynomial, but costs an
-/// allocation that typical patterns never need).
-const STEP_BUDGET: usize = 4096;
-
-impl Glob {
-    fn new(toks: Vec<Tok>) -> Self {
-        let prefix = match toks.first() {
-            Some(Tok::Lit(s)) => s.clone(),
-            _ => String::new(),
-        };
-        let suffix = match toks.last() {
-            Some(Tok::Lit(s)) if toks.len() > 1 => s.clone(),
-            _ => String::new(),
-        };
-        let required = if prefix.is_empty() && suffix.is_empty() {
-            toks.iter()
-                .filter_map(|t| match t {
-                    Tok::Lit(s) => Some(s),
-                    _ => None,
-                })
-                .max_by_key(|s| s.len())
-                .cloned()
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Self {
-            toks,
-            prefix,
-            suffix,
-            required,
-        }
-    }
-
-    fn matches(&self, path: &str) -> bool {
-        if !has_prefix(path, &self.prefix) || !has_suffix(path, &self.suffix) {
-            return false;
-        }
-        if !self.required.is_empty() && !path.contains(self.required.as_str()) {
-            return false;
-        }
-        let mut budget = STEP_BUDGET;
-        match self.step(path, 0, 0, &mut Memo::Budget(&mut budget)) {
-            Some(found) => found,
-            None => {
-                let mut failed = vec![false; (self.toks.len() + 1) * (path.len() + 1)];
-                self.step(path, 0, 0, &mut Memo::Table(&mut failed))
-                    .unwrap_or(false)
-            }
-        }
-    }
-
-    /// Whether `toks[ti..]` matches `path[pos..]` to the end; `None` when the
-    /// step budget ran out.
-    fn step(&self, path: &str, ti: usize, pos: usize, memo: &mut Memo<'_>) -> Option<bool> {
-        let key = ti * (path.len() + 1) + pos;
-        match memo {
-            Memo::Budget(left) if **left == 0 => return None,
-            Memo::Budget(left) => **left -= 1,
-            Memo::Table(failed) if failed[key] => return Some(false),
-            Memo::Table(_) => {}
-        }
-        let (mut t, mut p) = (ti, pos);
-        let ok = loop {
-            let Some(tok) = self.toks.get(t) else {
-                break p == path.len();
-            };
-            let rest = &path[p..];
-            match tok {
-                Tok::Lit(s) if has_prefix(rest, s) => p += s.len(),
-                Tok::One => match rest.chars().next() {
-                    Some(c) if c != '/' => p += c.len_utf8(),
-                    _ => break false,
-                },
-                Tok::Class(class) => match rest.chars().next() {
-                    Some(c) if class.contains(c) => p += c.len_utf8(),
-                    _ => break false,
-                },
-                Tok::Caret if p == 0 => {}
-                Tok::Lit(_) | Tok::Caret => break false,
-                Tok::Star | Tok::Rest => {
-                    let stop = if *tok == Tok::Star { b'/' } else { b'\n' };
-                    let run = rest.bytes().position(|b| b == stop).unwrap_or(rest.len());
-                    // When only a literal (or nothing) follows, the run can
-                    // only end where that literal ends the path.
-                    let tail = match self.toks.get(t + 1..) {
-                        Some([]) => Some(0),
-                        Some([Tok::Lit(s)]) => Some(s.len()),
-                        _ => None,
-                    };
-                    if let Some(tail) = tail {
-                        let Some(end) = path.len().checked_sub(tail) else {
-                            break false;
-                        };
-                        break end >= p
-                            && end <= p + run
-                            && path.is_char_boundary(end)
-                            && self.step(path, t + 1, end, memo)?;
-                    }
-                    let mut found = false;
-                    for end in (p..=p + run).filter(|e| path.is_char_boundary(*e)) {
-                        if self.step(path, t + 1, end, memo)? {
-                            found = true;
-                            break;
-                        }
-                    }
-                    break found;
-                }
-                Tok::Dirs => {
-                    // Skip the group, or take `.*/` up to any later `/` that
-                    // no newline separates from here.
-                    let run = rest.bytes().position(|b| b == b'\n').unwrap_or(rest.len());
-                    let mut found = self.step(path, t + 1, p, memo)?;
-                    if !found {
-                        for (i, b) in rest.as_bytes()[..run].iter().enumerate() {
-                            if *b == b'/' && self.step(path, t + 1, p + i + 1, memo)? {
-                                found = true;
-                                break;
-                            }
-                        }
-                    }
-                    break found;
-                }
-            }
-            t += 1;
-        };
-        if !ok && let Memo::Table(failed) = memo {
-            failed[key] = true;
-        }
-        Some(ok)
-    }
-}
-
-/// How [`Glob::step`] keeps backtracking in check.
-enum Memo<'a> {
-    /// Plain backtracking with a step budget.
-    Budget(&'a mut usize),
-    /// Remember failed (token, position) states.
-    Table(&'a mut [bool]),
-}
-
 /// What [`PatternMatcher::matches_with_parent`] remembers about a directory
 /// for its children: which patterns matched it or one of its parents.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MatchInfo {
-    parent_matched: Vec<bool>,
+    /// A bitset over the patterns, one bit per pattern.
+    parent_matched: Vec<u64>,
 }
 
 /// A compiled list of ignore patterns.
@@ -541,6 +362,98 @@ pub struct MatchInfo {
 pub struct PatternMatcher {
     patterns: Vec<Pattern>,
     exclusions: bool,
+    index: Index,
+}
+
+/// For each byte value, the patterns a string starting (ending) with that
+/// byte can match, as bitsets: the quick checks of every pattern done at once
+/// by ANDing two words, so a path is only matched against its candidates.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    /// 64-bit words per bitset.
+    words: usize,
+    /// 257 bitsets each: one per byte value, the last one for the empty string.
+    first: Vec<u64>,
+    last: Vec<u64>,
+}
+
+impl Index {
+    fn build(patterns: &[Pattern]) -> Self {
+        let words = patterns.len().div_ceil(64);
+        let mut first = vec![0u64; 257 * words];
+        let mut last = vec![0u64; 257 * words];
+        for (i, p) in patterns.iter().enumerate() {
+            let (w, bit) = (i / 64, 1u64 << (i % 64));
+            for b in 0..257 {
+                let byte = u8::try_from(b).ok();
+                if p.quick.first.is_none_or(|f| Some(f) == byte) {
+                    first[b * words + w] |= bit;
+                }
+                if p.quick.last.is_none_or(|l| Some(l) == byte) {
+                    last[b * words + w] |= bit;
+                }
+            }
+        }
+        Self { words, first, last }
+    }
+
+    fn slot(byte: Option<&u8>) -> usize {
+        byte.map_or(256, |b| usize::from(*b))
+    }
+
+    fn first_of(&self, s: &str) -> &[u64] {
+        let at = Self::slot(s.as_bytes().first()) * self.words;
+        &self.first[at..at + self.words]
+    }
+
+    fn last_of(&self, s: &str) -> &[u64] {
+        let at = Self::slot(s.as_bytes().last()) * self.words;
+        &self.last[at..at + self.words]
+    }
+}
+
+/// A candidate bitset: on the stack for up to 256 patterns.
+enum Candidates {
+    Small([u64; 4], usize),
+    Large(Vec<u64>),
+}
+
+impl Candidates {
+    fn new(words: usize) -> Self {
+        if words <= 4 {
+            Self::Small([0; 4], words)
+        } else {
+            Self::Large(vec![0; words])
+        }
+    }
+
+    fn bits(&self) -> &[u64] {
+        match self {
+            Self::Small(a, n) => &a[..*n],
+            Self::Large(v) => v,
+        }
+    }
+
+    fn bits_mut(&mut self) -> &mut [u64] {
+        match self {
+            Self::Small(a, n) => &mut a[..*n],
+            Self::Large(v) => v,
+        }
+    }
+}
+
+/// The patterns to look at, in order, given a candidate bitset.
+fn each_bit(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    bits.iter().enumerate().flat_map(|(w, word)| {
+        let mut rest = *word;
+        std::iter::from_fn(move || {
+            (rest != 0).then(|| {
+                let i = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                w * 64 + i
+            })
+        })
+    })
 }
 
 impl PatternMatcher {
@@ -584,6 +497,7 @@ impl PatternMatcher {
             let kind = compile_kind(text).ok_or_else(|| DockerignoreError::BadPattern {
                 pattern: text.to_owned(),
                 line,
+                reason: bad_pattern_reason(text),
             })?;
             out.patterns.push(Pattern {
                 quick: Quick::of(text, &kind),
@@ -592,6 +506,7 @@ impl PatternMatcher {
                 kind,
             });
         }
+        out.index = Index::build(&out.patterns);
         Ok(out)
     }
 
@@ -611,8 +526,10 @@ impl PatternMatcher {
     /// separators; it is used as given (see [`clean_path`]).
     pub fn matches(&self, path: &str) -> bool {
         let parent = go_dir(path);
+        let candidates = self.candidates_with_parents(path, &parent);
         let mut matched = false;
-        for pattern in &self.patterns {
+        for i in each_bit(candidates.bits()) {
+            let pattern = &self.patterns[i];
             // An inclusion cannot change a match, an exception cannot change
             // a non-match: skip them.
             if pattern.exclusion != matched {
@@ -625,11 +542,37 @@ impl PatternMatcher {
         matched
     }
 
+    /// The patterns that can match `path` itself.
+    fn candidates(&self, path: &str) -> Candidates {
+        let mut out = Candidates::new(self.index.words);
+        let (first, last) = (self.index.first_of(path), self.index.last_of(path));
+        for ((acc, f), l) in out.bits_mut().iter_mut().zip(first).zip(last) {
+            *acc = f & l;
+        }
+        out
+    }
+
+    /// The patterns that can match `path` or one of the directories of
+    /// `parent`.
+    fn candidates_with_parents(&self, path: &str, parent: &str) -> Candidates {
+        let mut out = self.candidates(path);
+        if parent != "." {
+            for dir in dir_prefixes(parent) {
+                let (first, last) = (self.index.first_of(dir), self.index.last_of(dir));
+                for ((acc, f), l) in out.bits_mut().iter_mut().zip(first).zip(last) {
+                    *acc |= f & l;
+                }
+            }
+        }
+        out
+    }
+
     /// Like [`matches`](Self::matches), but only the path itself is matched,
     /// never its parents (patternmatcher's `MatchesExact`).
     pub fn matches_exact(&self, path: &str) -> bool {
         let mut matched = false;
-        for pattern in &self.patterns {
+        for i in each_bit(self.candidates(path).bits()) {
+            let pattern = &self.patterns[i];
             if pattern.exclusion != matched {
                 continue;
             }
@@ -646,15 +589,25 @@ impl PatternMatcher {
     /// default for a top-level entry, which then falls back to checking the
     /// parents itself) and each pattern is matched against `path` alone.
     pub fn matches_with_parent(&self, path: &str, parent: &MatchInfo) -> (bool, MatchInfo) {
-        let known =
-            !parent.parent_matched.is_empty() && parent.parent_matched.len() == self.patterns.len();
+        let words = self.index.words;
+        let known = words > 0 && parent.parent_matched.len() == words;
+        let dir = (!known).then(|| go_dir(path));
+        let mut candidates = match &dir {
+            Some(d) => self.candidates_with_parents(path, d),
+            None => self.candidates(path),
+        };
+        if known {
+            for (c, p) in candidates.bits_mut().iter_mut().zip(&parent.parent_matched) {
+                *c |= p;
+            }
+        }
         let mut info = MatchInfo {
-            parent_matched: vec![false; self.patterns.len()],
+            parent_matched: vec![0; words],
         };
         let mut matched = false;
-        let dir = (!known).then(|| go_dir(path));
-        for (i, pattern) in self.patterns.iter().enumerate() {
-            let mut m = known && parent.parent_matched[i];
+        for i in each_bit(candidates.bits()) {
+            let pattern = &self.patterns[i];
+            let mut m = known && parent.parent_matched[i / 64] & (1 << (i % 64)) != 0;
             if !m {
                 if pattern.exclusion != matched {
                     continue;
@@ -664,12 +617,29 @@ impl PatternMatcher {
                     None => pattern.matches(path),
                 };
             }
-            info.parent_matched[i] = m;
             if m {
+                info.parent_matched[i / 64] |= 1 << (i % 64);
                 matched = !pattern.exclusion;
             }
         }
         (matched, info)
+    }
+
+    /// The plain loop over every pattern that [`matches`](Self::matches)
+    /// speeds up with its index: the reference it is tested against.
+    #[cfg(test)]
+    fn matches_linear(&self, path: &str) -> bool {
+        let parent = go_dir(path);
+        let mut matched = false;
+        for pattern in &self.patterns {
+            if pattern.exclusion != matched {
+                continue;
+            }
+            if pattern.matches_self_or_parent(path, &parent) {
+                matched = !pattern.exclusion;
+            }
+        }
+        matched
     }
 
     /// For a directory `dir` that [`matches`](Self::matches) excluded: whether
@@ -689,203 +659,6 @@ impl PatternMatcher {
                 && (pat.len() == dir.len() || pat.as_bytes()[dir.len()] == b'/')
         })
     }
-}
-
-/// Compile one cleaned pattern (without `!`); `None` when Go's
-/// `filepath.Match` would call it malformed.
-fn compile_kind(pattern: &str) -> Option<Kind> {
-    validate_glob(pattern)?;
-    #[derive(PartialEq)]
-    enum Detected {
-        Exact,
-        Prefix,
-        Suffix,
-        Regexp,
-    }
-    let chars: Vec<char> = pattern.chars().collect();
-    let mut toks: Vec<Tok> = Vec::new();
-    let push_char = |toks: &mut Vec<Tok>, c: char| match toks.last_mut() {
-        Some(Tok::Lit(s)) => s.push(c),
-        _ => toks.push(Tok::Lit(c.to_string())),
-    };
-    let mut detected = Detected::Exact;
-    let mut idx = 0;
-    let mut iteration = 0;
-    while idx < chars.len() {
-        let ch = chars[idx];
-        idx += 1;
-        match ch {
-            '*' if chars.get(idx) == Some(&'*') => {
-                idx += 1;
-                if chars.get(idx) == Some(&'/') {
-                    idx += 1;
-                }
-                if idx == chars.len() {
-                    if detected == Detected::Exact {
-                        detected = Detected::Prefix;
-                    } else {
-                        toks.push(Tok::Rest);
-                        detected = Detected::Regexp;
-                    }
-                } else {
-                    toks.push(Tok::Dirs);
-                    detected = Detected::Regexp;
-                }
-                if iteration == 0 {
-                    detected = Detected::Suffix;
-                }
-            }
-            '*' => {
-                toks.push(Tok::Star);
-                detected = Detected::Regexp;
-            }
-            '?' => {
-                toks.push(Tok::One);
-                detected = Detected::Regexp;
-            }
-            '\\' => {
-                // Validation guarantees a character follows.
-                let next = chars.get(idx).copied()?;
-                idx += 1;
-                match regexp_escape(next)? {
-                    Escaped::Char(c) => push_char(&mut toks, c),
-                    Escaped::Class(class) => toks.push(Tok::Class(class)),
-                }
-                detected = Detected::Regexp;
-            }
-            '[' => {
-                let (class, used) = parse_class(&chars[idx..])?;
-                idx += used;
-                toks.push(Tok::Class(class));
-                detected = Detected::Regexp;
-            }
-            ']' => {
-                // A `]` outside a class is literal in a Go regexp.
-                push_char(&mut toks, ']');
-                detected = Detected::Regexp;
-            }
-            '^' => toks.push(Tok::Caret),
-            c => push_char(&mut toks, c),
-        }
-        iteration += 1;
-    }
-    Some(match detected {
-        Detected::Exact => Kind::Exact,
-        Detected::Prefix => Kind::Prefix(pattern[..pattern.len() - 2].to_owned()),
-        Detected::Suffix => Kind::Suffix(pattern[2..].to_owned()),
-        Detected::Regexp => Kind::Glob(Glob::new(toks)),
-    })
-}
-
-enum Escaped {
-    Char(char),
-    Class(Class),
-}
-
-/// What `\x` means once patternmatcher has copied it into a Go regexp:
-/// punctuation is literal, `\t \n \r \f \v \a` are control characters,
-/// `\d \s \w` (and their negations) are Perl classes. Anything else (`\b`,
-/// `\pL`, `\x41`, `\q`, a non-ASCII character...) is refused: Go either fails
-/// to compile it or gives it a meaning (assertions, hex codes) this matcher
-/// does not model.
-fn regexp_escape(c: char) -> Option<Escaped> {
-    let class = |negated, ranges: &[(char, char)]| {
-        Some(Escaped::Class(Class {
-            negated,
-            ranges: ranges.to_vec(),
-        }))
-    };
-    const DIGIT: &[(char, char)] = &[('0', '9')];
-    const SPACE: &[(char, char)] = &[('\t', '\n'), ('\x0c', '\r'), (' ', ' ')];
-    const WORD: &[(char, char)] = &[('0', '9'), ('A', 'Z'), ('_', '_'), ('a', 'z')];
-    match c {
-        't' => Some(Escaped::Char('\t')),
-        'n' => Some(Escaped::Char('\n')),
-        'r' => Some(Escaped::Char('\r')),
-        'f' => Some(Escaped::Char('\x0c')),
-        'v' => Some(Escaped::Char('\x0b')),
-        'a' => Some(Escaped::Char('\x07')),
-        'd' => class(false, DIGIT),
-        'D' => class(true, DIGIT),
-        's' => class(false, SPACE),
-        'S' => class(true, SPACE),
-        'w' => class(false, WORD),
-        'W' => class(true, WORD),
-        c if c.is_ascii() && !c.is_ascii_alphanumeric() => Some(Escaped::Char(c)),
-        _ => None,
-    }
-}
-
-/// Parse a character class after its `[`: `^` negates, ranges `a-z`, `\`
-/// escapes, at least one range, closed by `]`. Returns the class and the
-/// number of characters used, `]` included.
-fn parse_class(chars: &[char]) -> Option<(Class, usize)> {
-    let mut i = 0;
-    let negated = chars.first() == Some(&'^');
-    if negated {
-        i += 1;
-    }
-    let mut ranges = Vec::new();
-    loop {
-        if chars.get(i) == Some(&']') && !ranges.is_empty() {
-            return Some((Class { negated, ranges }, i + 1));
-        }
-        let (lo, n) = class_char(&chars[i..])?;
-        i += n;
-        let mut hi = lo;
-        if chars.get(i) == Some(&'-') {
-            let (h, n) = class_char(&chars[i + 1..])?;
-            hi = h;
-            i += 1 + n;
-        }
-        // Go's filepath.Match accepts `z-a` (it never matches), but the
-        // regexp compiler rejects it, so patternmatcher fails on every
-        // match. Refusing it up front gives the error earlier.
-        if lo > hi {
-            return None;
-        }
-        ranges.push((lo, hi));
-    }
-}
-
-/// Go's `getEsc`: one class character, maybe escaped; never an unescaped
-/// `-` or `]`, and the class must go on after it.
-fn class_char(chars: &[char]) -> Option<(char, usize)> {
-    let mut i = 0;
-    match chars.first() {
-        None | Some('-' | ']') => return None,
-        Some('\\') => i += 1,
-        Some(_) => {}
-    }
-    let c = *chars.get(i)?;
-    if i + 1 >= chars.len() {
-        return None;
-    }
-    Some((c, i + 1))
-}
-
-/// The syntax check of Go's `filepath.Match`: every `[` opens a well-formed
-/// class and no `\` is last. Stars split chunks but a `*` inside a class
-/// does not.
-fn validate_glob(pattern: &str) -> Option<()> {
-    let chars: Vec<char> = pattern.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        match chars[i] {
-            '\\' => {
-                if i + 1 >= chars.len() {
-                    return None;
-                }
-                i += 2;
-            }
-            '[' => {
-                let (_, used) = parse_class(&chars[i + 1..])?;
-                i += 1 + used;
-            }
-            _ => i += 1,
-        }
-    }
-    Some(())
 }
 
 /// An ignore file that was found and read.
@@ -988,5 +761,45 @@ mod tests {
         assert_eq!(kind("a\\*b"), "regexp");
         assert_eq!(kind("a[b-d]e"), "regexp");
         assert_eq!(kind("["), "error");
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    /// The index only skips patterns that cannot match.
+    #[test]
+    fn index_agrees_with_the_plain_loop() {
+        let mut seed: u64 = 11;
+        let mut rand = move |n: usize| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 33) as usize) % n
+        };
+        let atoms = ["a", "b", "/", "*", "**", "?", "!", ".", "[ab]", "c/"];
+        let path_atoms = ["a", "b", "/", ".", "c", "ab"];
+        let mut checked = 0;
+        for _ in 0..3_000 {
+            let patterns: Vec<String> = (0..1 + rand(70))
+                .map(|_| (0..1 + rand(4)).map(|_| atoms[rand(atoms.len())]).collect())
+                .collect();
+            let Ok(m) = PatternMatcher::new(&patterns) else {
+                continue;
+            };
+            for _ in 0..10 {
+                let path: String = (0..rand(7))
+                    .map(|_| path_atoms[rand(path_atoms.len())])
+                    .collect();
+                assert_eq!(
+                    m.matches(&path),
+                    m.matches_linear(&path),
+                    "{patterns:?} {path:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
     }
 }

@@ -126,6 +126,15 @@ pub enum ExpandErrorKind {
         /// The modifier text, such as `:=`.
         modifier: String,
     },
+    /// `${#name}`: the length of a variable, which BuildKit does not support
+    /// (it reports an unsupported modifier).
+    #[error(
+        "unsupported modifier in substitution: `${{#{name}}}`, the length of a variable, is not supported by BuildKit"
+    )]
+    Length {
+        /// The variable.
+        name: String,
+    },
     /// `${name?message}` / `${name:?message}` on an unset (or empty) variable.
     #[error("{name}: {message}")]
     Required {
@@ -606,6 +615,13 @@ impl<E: Env + ?Sized> ShellWord<'_, E> {
                     }
                 })
             }
+            // `${#name}`: `#` is read as a special parameter and the name's
+            // first character as the modifier.
+            c if name == "#" && (c.is_alphabetic() || c == '_') => {
+                let mut rest = self.process_name();
+                rest.insert(0, c);
+                Err(ExpandErrorKind::Length { name: rest })
+            }
             _ => Err(ExpandErrorKind::UnsupportedModifier { modifier }),
         }
     }
@@ -730,7 +746,7 @@ impl Glob {
         while let Some(ch) = it.next() {
             match ch {
                 // `**` means the same as `*` (for both greedy and lazy
-                // preference), and one star keeps recursion shallow.
+                // preference), and one star means fewer states.
                 '*' if toks.last() == Some(&Tok::Star) => {}
                 '*' => toks.push(Tok::Star),
                 '?' => toks.push(Tok::Any),
@@ -758,52 +774,84 @@ impl Glob {
 
     /// The end of the preferred match that starts at `start`, if any.
     fn match_at(&self, text: &[char], start: usize) -> Option<usize> {
-        let mut failed = vec![false; (self.toks.len() + 1) * (text.len() + 1)];
-        self.step(text, 0, start, &mut failed)
+        self.step(text, start, &mut self.table(text))
     }
 
-    fn step(&self, text: &[char], ti: usize, pos: usize, failed: &mut [bool]) -> Option<usize> {
-        let key = ti * (text.len() + 1) + pos;
-        if failed[key] {
-            return None;
-        }
-        // Single-character tokens are matched in a loop, not by recursion:
-        // only stars branch.
-        let (mut t, mut p) = (ti, pos);
-        let found = loop {
-            match self.toks.get(t) {
-                None => break Some(p),
-                Some(Tok::Lit(c)) if text.get(p) == Some(c) => {}
-                Some(Tok::Any) if text.get(p).is_some_and(|c| *c != '\n') => {}
-                Some(Tok::Lit(_) | Tok::Any) => break None,
-                Some(Tok::Star) => {
-                    let run = text[p..].iter().take_while(|c| **c != '\n').count();
-                    break if self.greedy {
-                        (0..=run)
-                            .rev()
-                            .find_map(|n| self.step(text, t + 1, p + n, failed))
-                    } else {
-                        (0..=run).find_map(|n| self.step(text, t + 1, p + n, failed))
-                    };
+    /// The states of the match after state `(ti, pos)`, most preferred first.
+    /// A star is "one more character" or "done"; greedy stars prefer the
+    /// former, lazy ones the latter, which is how a backtracking engine
+    /// orders them.
+    fn successors(&self, text: &[char], ti: usize, pos: usize) -> [Option<(usize, usize)>; 2] {
+        let ch = text.get(pos);
+        match self.toks.get(ti) {
+            None => [None, None],
+            Some(Tok::Lit(c)) => [(ch == Some(c)).then_some((ti + 1, pos + 1)), None],
+            Some(Tok::Any) => [
+                ch.is_some_and(|c| *c != '\n').then_some((ti + 1, pos + 1)),
+                None,
+            ],
+            Some(Tok::Star) => {
+                let more = ch.is_some_and(|c| *c != '\n').then_some((ti, pos + 1));
+                let done = Some((ti + 1, pos));
+                if self.greedy {
+                    [more, done]
+                } else {
+                    [done, more]
                 }
             }
-            t += 1;
-            p += 1;
-        };
-        if found.is_none() {
-            failed[key] = true;
         }
-        found
+    }
+
+    /// A depth-first search in preference order, so the first match found
+    /// is the one a backtracking engine returns. It keeps its own stack
+    /// (patterns and values can be long) and records states whose every
+    /// continuation failed, so no state is explored twice: the work is at
+    /// most (tokens x characters).
+    fn step(&self, text: &[char], start: usize, failed: &mut [bool]) -> Option<usize> {
+        let key = |ti: usize, pos: usize| ti * (text.len() + 1) + pos;
+        if failed[key(0, start)] {
+            return None;
+        }
+        // (token, position, how many successors were tried)
+        let mut stack: Vec<(usize, usize, usize)> = vec![(0, start, 0)];
+        while let Some(top) = stack.last_mut() {
+            let (ti, pos, tried) = *top;
+            if ti == self.toks.len() {
+                return Some(pos);
+            }
+            let next = self.successors(text, ti, pos);
+            match next.get(tried) {
+                Some(candidate) => {
+                    top.2 += 1;
+                    if let Some((nt, np)) = *candidate
+                        && !failed[key(nt, np)]
+                    {
+                        stack.push((nt, np, 0));
+                    }
+                }
+                None => {
+                    failed[key(ti, pos)] = true;
+                    stack.pop();
+                }
+            }
+        }
+        None
     }
 
     /// Leftmost match anywhere in `text`, as `(start, end)`.
-    fn find_from(&self, text: &[char], from: usize) -> Option<(usize, usize)> {
-        let mut failed = vec![false; (self.toks.len() + 1) * (text.len() + 1)];
-        (from..=text.len()).find_map(|s| self.step(text, 0, s, &mut failed).map(|e| (s, e)))
+    /// `failed` is the table of failed states; whether a state fails does not
+    /// depend on where the search started, so one table serves every search
+    /// over the same text.
+    fn find_from(&self, text: &[char], from: usize, failed: &mut [bool]) -> Option<(usize, usize)> {
+        (from..=text.len()).find_map(|s| self.step(text, s, failed).map(|e| (s, e)))
+    }
+
+    fn table(&self, text: &[char]) -> Vec<bool> {
+        vec![false; (self.toks.len() + 1) * (text.len() + 1)]
     }
 
     fn find(&self, text: &[char]) -> Option<(usize, usize)> {
-        self.find_from(text, 0)
+        self.find_from(text, 0, &mut self.table(text))
     }
 
     /// Go's `Regexp.ReplaceAllString`: non-overlapping matches left to right,
@@ -814,8 +862,9 @@ impl Glob {
         let mut out = String::new();
         let mut last_end = 0;
         let mut search = 0;
+        let mut failed = self.table(text);
         while search <= text.len() {
-            let Some((a, b)) = self.find_from(text, search) else {
+            let Some((a, b)) = self.find_from(text, search, &mut failed) else {
                 break;
             };
             out.extend(&text[last_end..a]);

@@ -116,6 +116,8 @@ pub struct Instruction {
     /// The logical source line (continuations joined), BuildKit's
     /// `Node.Original`; RUN's history `created_by` comes from it.
     pub original: String,
+    /// The comment lines right above it (BuildKit's `PrevComment`).
+    pub comments: Vec<String>,
     /// The typed instruction.
     pub command: Command,
 }

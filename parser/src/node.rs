@@ -94,6 +94,10 @@ pub struct Node {
     pub original: String,
     /// Heredocs, in the order of their markers.
     pub heredocs: Vec<Heredoc>,
+    /// The comment lines right above the instruction, `#` and surrounding
+    /// whitespace removed (BuildKit's `PrevComment`, used for stage and ARG
+    /// descriptions); an empty `#` line restarts the list.
+    pub comments: Vec<String>,
     /// From the keyword to the end of the last line (the heredoc terminator
     /// when there are heredocs).
     pub span: Span,
@@ -352,14 +356,27 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
     let mut warnings = Vec::new();
     let mut i = 0;
     let mut current_line = 0;
+    let mut comments: Vec<String> = Vec::new();
 
     while i < lines.len() {
         let raw = lines[i];
         i += 1;
+        if is_comment(raw) {
+            // BuildKit drops the first byte (the `#` unless indented).
+            let mut rest = raw.chars();
+            rest.next();
+            let comment = rest.as_str().trim();
+            if comment.is_empty() {
+                comments.clear();
+            } else {
+                comments.push(comment.to_string());
+            }
+        }
         let token = trim_newline(raw).trim_start_matches(is_space);
         let lead = trim_newline(raw).len() - token.len();
         match d.possible(token) {
             Ok(Some((name, value))) => {
+                comments.pop();
                 let len = token.chars().count();
                 let span = Span::new(
                     Position::new(current_line + 1, 1),
@@ -480,6 +497,7 @@ pub fn parse_nodes(src: &str) -> Result<NodeFile, ParseError> {
         }
         let last = trim_newline(lines.get(current_line - 1).copied().unwrap_or(""));
         node.span.end = Position::new(current_line, last.chars().count() + 1);
+        node.comments = std::mem::take(&mut comments);
         nodes.push(node);
     }
 
@@ -531,6 +549,7 @@ fn node_from_line(
         sub: None,
         original: line.to_string(),
         heredocs: Vec::new(),
+        comments: Vec::new(),
         keyword_position: map.position(base + lead),
         span: Span::new(map.position(base + lead), Position::default()),
     };
@@ -876,126 +895,265 @@ pub fn parse_heredoc_marker(word: &str) -> Result<Option<Heredoc>, ErrorKind> {
     }))
 }
 
-/// A small version of BuildKit's shell lexer `ProcessWords` with an empty
-/// environment and `SkipUnsetEnv` (so `$x` and `${...}` stay as written),
-/// used only to find heredoc markers. `None` on a lexing error
-/// (unterminated quote or `${`).
+/// BuildKit's shell lexer `ProcessWords` with an empty environment and
+/// `SkipUnsetEnv` (so `$x` and `${x...}` come back as written), as the
+/// parser uses it to find heredoc markers. `raw_quotes`/`raw_escapes` keep
+/// quotes and escape characters in the words. `None` on a lexing error
+/// (unterminated quote, `${`, bad substitution), where BuildKit gets no
+/// words at all.
 fn shell_words(s: &str, raw_quotes: bool, raw_escapes: bool) -> Option<Vec<String>> {
-    let chars: Vec<char> = s.chars().collect();
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        match c {
-            c if is_space(c) => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-                i += 1;
-            }
-            '\'' => {
-                in_word = true;
-                if raw_quotes {
-                    word.push('\'');
-                }
-                i += 1;
-                loop {
-                    let c = *chars.get(i)?;
-                    i += 1;
-                    if c == '\'' {
-                        break;
-                    }
-                    word.push(c);
-                }
-                if raw_quotes {
-                    word.push('\'');
-                }
-            }
-            '"' => {
-                in_word = true;
-                if raw_quotes {
-                    word.push('"');
-                }
-                i += 1;
-                loop {
-                    let c = *chars.get(i)?;
-                    i += 1;
-                    match c {
-                        '"' => break,
-                        '\\' => {
-                            let n = *chars.get(i)?;
-                            if matches!(n, '"' | '$' | '\\') {
-                                if raw_escapes {
-                                    word.push('\\');
-                                }
-                                word.push(n);
-                                i += 1;
-                            } else {
-                                word.push('\\');
-                            }
-                        }
-                        '$' => i = dollar(&chars, i, &mut word)?,
-                        c => word.push(c),
-                    }
-                }
-                if raw_quotes {
-                    word.push('"');
-                }
-            }
-            '\\' => {
-                in_word = true;
-                if raw_escapes {
-                    word.push('\\');
-                }
-                i += 1;
-                if let Some(n) = chars.get(i) {
-                    word.push(*n);
-                    i += 1;
-                }
-            }
-            '$' => {
-                in_word = true;
-                i = dollar(&chars, i + 1, &mut word)?;
-            }
-            c => {
-                in_word = true;
-                word.push(c);
-                i += 1;
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
-    Some(words)
+    let mut lx = Lexer {
+        chars: s.chars().collect(),
+        pos: 0,
+        raw_quotes,
+        raw_escapes,
+    };
+    lx.process_stop_on(None, raw_escapes)
+        .map(|(_, words)| words)
 }
 
-/// After a `$` at `i - 1`: copies `${...}` (to its matching brace) or a
-/// plain `$name` through unchanged.
-fn dollar(chars: &[char], mut i: usize, word: &mut String) -> Option<usize> {
-    word.push('$');
-    if chars.get(i) == Some(&'{') {
-        let mut depth = 0usize;
-        loop {
-            let c = *chars.get(i)?;
-            word.push(c);
-            i += 1;
+/// Go's `wordsStruct`: whitespace from plain text and `$` expansions splits
+/// words, quoted text does not; empty words are dropped.
+#[derive(Default)]
+struct Words {
+    word: String,
+    words: Vec<String>,
+    in_word: bool,
+}
+
+impl Words {
+    fn add_char(&mut self, c: char) {
+        if is_space(c) {
+            if self.in_word && !self.word.is_empty() {
+                self.words.push(std::mem::take(&mut self.word));
+                self.in_word = false;
+            }
+        } else {
+            self.add_raw_char(c);
+        }
+    }
+
+    fn add_raw_char(&mut self, c: char) {
+        self.word.push(c);
+        self.in_word = true;
+    }
+
+    fn add_string(&mut self, s: &str) {
+        s.chars().for_each(|c| self.add_char(c));
+    }
+
+    fn add_raw_string(&mut self, s: &str) {
+        self.word.push_str(s);
+        self.in_word = true;
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        if !self.word.is_empty() {
+            self.words.push(self.word);
+        }
+        self.words
+    }
+}
+
+/// The state of [`shell_words`]: BuildKit's `shellWord` over characters.
+struct Lexer {
+    chars: Vec<char>,
+    pos: usize,
+    raw_quotes: bool,
+    raw_escapes: bool,
+}
+
+impl Lexer {
+    fn peek(&self) -> Option<char> {
+        self.chars.get(self.pos).copied()
+    }
+
+    fn next(&mut self) -> Option<char> {
+        let c = self.peek();
+        if c.is_some() {
+            self.pos += 1;
+        }
+        c
+    }
+
+    /// `processStopOn`: up to `stop` (consumed) or the end.
+    fn process_stop_on(
+        &mut self,
+        stop: Option<char>,
+        raw_escapes: bool,
+    ) -> Option<(String, Vec<String>)> {
+        let saved = std::mem::replace(&mut self.raw_escapes, raw_escapes);
+        let out = self.stop_on(stop);
+        self.raw_escapes = saved;
+        out
+    }
+
+    fn stop_on(&mut self, stop: Option<char>) -> Option<(String, Vec<String>)> {
+        let mut result = String::new();
+        let mut words = Words::default();
+        while let Some(c) = self.peek() {
+            if Some(c) == stop {
+                self.pos += 1;
+                return Some((result, words.finish()));
+            }
             match c {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return Some(i);
-                    }
+                '$' => {
+                    let t = self.dollar()?;
+                    result.push_str(&t);
+                    words.add_string(&t);
                 }
-                _ => {}
+                '\'' | '"' => {
+                    let t = if c == '"' {
+                        self.double_quote()?
+                    } else {
+                        self.single_quote()?
+                    };
+                    result.push_str(&t);
+                    words.add_raw_string(&t);
+                }
+                _ => {
+                    self.pos += 1;
+                    let mut ch = c;
+                    if c == '\\' {
+                        if self.raw_escapes {
+                            words.add_raw_char(c);
+                            result.push(c);
+                        }
+                        match self.next() {
+                            None => break,
+                            Some(n) => {
+                                words.add_raw_char(n);
+                                ch = n;
+                            }
+                        }
+                    } else {
+                        words.add_char(c);
+                    }
+                    result.push(ch);
+                }
+            }
+        }
+        if stop.is_some() {
+            return None;
+        }
+        Some((result, words.finish()))
+    }
+
+    fn single_quote(&mut self) -> Option<String> {
+        self.pos += 1;
+        let mut out = String::new();
+        if self.raw_quotes {
+            out.push('\'');
+        }
+        loop {
+            match self.next()? {
+                '\'' => {
+                    if self.raw_quotes {
+                        out.push('\'');
+                    }
+                    return Some(out);
+                }
+                c => out.push(c),
             }
         }
     }
-    Some(i)
+
+    fn double_quote(&mut self) -> Option<String> {
+        self.pos += 1;
+        let mut out = String::new();
+        if self.raw_quotes {
+            out.push('"');
+        }
+        loop {
+            match self.peek()? {
+                '"' => {
+                    self.pos += 1;
+                    if self.raw_quotes {
+                        out.push('"');
+                    }
+                    return Some(out);
+                }
+                '$' => {
+                    let t = self.dollar()?;
+                    out.push_str(&t);
+                }
+                _ => {
+                    let mut ch = self.next()?;
+                    if ch == '\\' {
+                        if self.raw_escapes {
+                            out.push(ch);
+                        }
+                        match self.peek() {
+                            None => continue,
+                            Some('"' | '$' | '\\') => ch = self.next()?,
+                            Some(_) => {}
+                        }
+                    }
+                    out.push(ch);
+                }
+            }
+        }
+    }
+
+    fn name(&mut self) -> String {
+        let is_digit = |c: char| c.is_ascii_digit() || (!c.is_ascii() && c.is_numeric());
+        let mut name = String::new();
+        while let Some(c) = self.peek() {
+            if name.is_empty() && is_digit(c) {
+                while let Some(d) = self.peek().filter(|d| is_digit(*d)) {
+                    name.push(d);
+                    self.pos += 1;
+                }
+                return name;
+            }
+            if name.is_empty() && matches!(c, '@' | '*' | '#' | '?' | '-' | '$' | '!' | '0') {
+                self.pos += 1;
+                return c.to_string();
+            }
+            if !(c.is_alphabetic() || is_digit(c) || c == '_') {
+                break;
+            }
+            name.push(c);
+            self.pos += 1;
+        }
+        name
+    }
+
+    /// `processDollar` with every variable unset and `SkipUnsetEnv`.
+    fn dollar(&mut self) -> Option<String> {
+        self.pos += 1;
+        if self.peek() != Some('{') {
+            let name = self.name();
+            return Some(format!("${name}"));
+        }
+        self.pos += 1;
+        match self.peek() {
+            None | Some('{' | '}' | ':') => return None,
+            Some(_) => {}
+        }
+        let name = self.name();
+        match self.next()? {
+            '}' => Some(format!("${{{name}}}")),
+            ':' => {
+                let op = self.next()?;
+                let (word, _) = self.process_stop_on(Some('}'), op == '#' || op == '%')?;
+                Some(format!("${{{name}:{op}{word}}}"))
+            }
+            op @ ('+' | '-' | '?' | '#' | '%') => {
+                let (word, _) = self.process_stop_on(Some('}'), op == '#' || op == '%')?;
+                Some(format!("${{{name}{op}{word}}}"))
+            }
+            '/' => {
+                if self.peek() == Some('/') {
+                    self.pos += 1;
+                }
+                let (pattern, _) = self.process_stop_on(Some('/'), true)?;
+                let (replacement, _) = self.process_stop_on(Some('}'), true)?;
+                Some(format!("${{{name}/{pattern}/{replacement}}}"))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1051,6 +1209,21 @@ mod tests {
         assert!(parse_heredoc_marker("cat<<EOF").unwrap().is_none());
         assert!(parse_heredoc_marker("<<").unwrap().is_none());
         assert!(parse_heredoc_marker("<<\"EOF").is_err());
+        assert!(parse_heredoc_marker("<<''").unwrap().is_none());
+        assert_eq!(
+            shell_words("a ${x:-b c}d \"e f\"", false, false),
+            Some(vec![
+                "a".into(),
+                "${x:-b".into(),
+                "c}d".into(),
+                "e f".into()
+            ])
+        );
+        assert_eq!(
+            shell_words("\"a\\b\"", true, true),
+            Some(vec!["\"a\\\\b\"".into()])
+        );
+        assert_eq!(shell_words("${x", true, true), None);
         let docs = heredocs_from_line("RUN <<A cat <<-\"B\" '<<C'").unwrap();
         assert_eq!(
             docs.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),

@@ -575,6 +575,7 @@ fn convert(node: Node, src: &str) -> Result<Instruction, ParseError> {
         args: node.args.clone(),
         json: node.json,
         original: node.original.clone(),
+        comments: node.comments.clone(),
         command,
     })
 }
@@ -825,13 +826,13 @@ pub(crate) fn parse_mount(value: &str) -> Result<Mount, ErrorKind> {
                     _ => return Err(bad(f, "expected `shared`, `private` or `locked`")),
                 });
             }
-            "mode" if m.kind != MountType::Bind && m.kind != MountType::Tmpfs => {
+            "mode" => {
                 if literal(&v) && u32::from_str_radix(&v, 8).is_err() {
                     return Err(bad(f, "expected an octal mode such as `0755`"));
                 }
                 m.mode = Some(v);
             }
-            "uid" | "gid" if m.kind != MountType::Bind && m.kind != MountType::Tmpfs => {
+            "uid" | "gid" => {
                 if literal(&v) && v.parse::<u32>().is_err() {
                     return Err(bad(f, "expected a number"));
                 }

@@ -351,3 +351,49 @@ fn nodes_keep_what_the_typed_layer_refuses() {
     );
     assert!(parse(src).is_err());
 }
+
+#[test]
+fn comments_above_an_instruction_are_kept() {
+    let src = "# syntax=docker/dockerfile:1\n# Base image\n# with tools\nFROM a AS base\n\n#\n# The version\n  # indented\nARG V=1\nRUN x \\\n# inside\n  y\nUSER u\n";
+    let df = parse(src).unwrap_or_else(|e| panic!("{e}"));
+    let comments: Vec<Vec<String>> = df.instructions.iter().map(|i| i.comments.clone()).collect();
+    assert_eq!(comments[0], ["Base image", "with tools"]);
+    // An empty `#` restarts the list; BuildKit cuts one byte off an
+    // indented comment, keeping its `#`.
+    assert_eq!(comments[1], ["The version", "# indented"]);
+    assert!(
+        comments[2].is_empty(),
+        "comments inside a continuation are not collected"
+    );
+    assert!(comments[3].is_empty());
+}
+
+/// Regression: an instruction whose first lines are only the escape
+/// character starts (for BuildKit's line numbers) on its first line, while
+/// errors still point at the keyword.
+#[test]
+fn regression_leading_continuation_lines() {
+    let df = parse("FROM a\n\\\n\\\n  USER x\n").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(df.instructions[1].span.start.line, 2);
+    assert_eq!(df.instructions[1].span.end.line, 4);
+    let err = parse("FROM a\n\\\n  USR x\n").expect_err("unknown instruction");
+    assert_eq!((err.line, err.column), (3, 3));
+}
+
+/// Regression: BuildKit 1.26's lexer handles `${v#p}`, `${v%p}`, `${v/p/r}`,
+/// so a heredoc marker after one is still a heredoc (older parsers, such as
+/// the PyPI binding's, fail to lex the line and find none).
+#[test]
+fn regression_heredoc_after_pattern_expansion() {
+    for src in [
+        "FROM a\nRUN echo ${v#x} <<EOF\nbody\nEOF\n",
+        "FROM a\nRUN echo ${v%%.*} ${v//a/b} <<EOF\nbody\nEOF\n",
+    ] {
+        let df = parse(src).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(df.instructions.len(), 2, "{src}");
+        assert_eq!(df.instructions[1].heredocs()[0].content, "body\n", "{src}");
+    }
+    // Spaces inside `${...}` split words as in BuildKit (`addString`).
+    let df = parse("FROM a\nRUN ${x:-a <<EOF}\nbody\nEOF}\n").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(df.instructions[1].heredocs()[0].name, "EOF}");
+}

@@ -145,6 +145,15 @@ const ARGS: &[&str] = &[
     "\"quoted \\\" text\"",
     "a`b c",
     "\u{e0} \u{2603} \u{a0}x",
+    "<<'E O' /x",
+    "<<E\\OF /x",
+    "<<\"\" /x",
+    "<<'' /x",
+    "${a:-b c} <<EOF",
+    "$1 <<EOF x",
+    "\"$(cat)\" <<EOF",
+    "${} <<EOF",
+    "\"a\\b\" <<-EOF",
     "",
 ];
 
@@ -215,7 +224,7 @@ fn generate(rng: &mut Rng) -> String {
         let line = words.join(" ");
         out.push_str(nl);
         if line.contains("<<") {
-            for name in ["EOF", "EOT", "END", "EOF2"] {
+            for name in ["EOF", "EOT", "END", "EOF2", "E O", "E\\OF", "EOF\"", ""] {
                 if line.contains(name) && rng.chance(85) {
                     out.push_str("body line $x");
                     out.push_str(nl);

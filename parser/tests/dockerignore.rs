@@ -353,7 +353,7 @@ fn ignore_file_reader() {
 fn ignore_file_errors_name_the_line() {
     let err = PatternMatcher::from_ignore_file_text("a\n# c\n\nb[\n").unwrap_err();
     assert!(
-        matches!(&err, DockerignoreError::BadPattern { pattern, line: Some(4) } if pattern == "b["),
+        matches!(&err, DockerignoreError::BadPattern { pattern, line: Some(4), .. } if pattern == "b["),
         "{err:?}"
     );
     let text = err.to_string();
@@ -509,4 +509,118 @@ fn unclean_and_odd_paths() {
     assert!(m.matches("/abs/path"));
     let m = PatternMatcher::new(["abs"]).unwrap();
     assert!(!m.matches("/abs/path"));
+}
+
+#[test]
+fn error_messages() {
+    let texts = ["ok\n[abc\n", "a\n\n!\n", "x/[z-a]\n", "\\q\n", "a\\\n"];
+    let out: String = texts
+        .iter()
+        .map(|t| match PatternMatcher::from_ignore_file_text(t) {
+            Ok(_) => format!("{t:?}\n  ok\n"),
+            Err(e) => format!("{t:?}\n  {e}\n"),
+        })
+        .collect();
+    insta::assert_snapshot!(out);
+}
+
+/// patternmatcher builds a Go regular expression from each pattern; this is
+/// that construction again, with the `regex` crate (the same RE2 syntax for
+/// everything generated below), as an independent reference for kiln's
+/// hand-written matcher. `None` when the pattern is refused.
+fn reference_match(pattern: &str, path: &str) -> Option<bool> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut re = String::from("^");
+    #[derive(PartialEq)]
+    enum Kind {
+        Exact,
+        Prefix,
+        Suffix,
+        Regexp,
+    }
+    let mut kind = Kind::Exact;
+    let (mut idx, mut iteration) = (0, 0);
+    while idx < chars.len() {
+        let ch = chars[idx];
+        idx += 1;
+        if ch == '*' {
+            if chars.get(idx) == Some(&'*') {
+                idx += 1;
+                if chars.get(idx) == Some(&'/') {
+                    idx += 1;
+                }
+                if idx == chars.len() {
+                    if kind == Kind::Exact {
+                        kind = Kind::Prefix;
+                    } else {
+                        re.push_str(".*");
+                        kind = Kind::Regexp;
+                    }
+                } else {
+                    re.push_str("(.*/)?");
+                    kind = Kind::Regexp;
+                }
+                if iteration == 0 {
+                    kind = Kind::Suffix;
+                }
+            } else {
+                re.push_str("[^/]*");
+                kind = Kind::Regexp;
+            }
+        } else if ch == '?' {
+            re.push_str("[^/]");
+            kind = Kind::Regexp;
+        } else if ".+()|{}$".contains(ch) {
+            re.push('\\');
+            re.push(ch);
+        } else if ch == '\\' {
+            let next = *chars.get(idx)?;
+            idx += 1;
+            re.push('\\');
+            re.push(next);
+            kind = Kind::Regexp;
+        } else {
+            if ch == '[' || ch == ']' {
+                kind = Kind::Regexp;
+            }
+            re.push(ch);
+        }
+        iteration += 1;
+    }
+    Some(match kind {
+        Kind::Exact => path == pattern,
+        Kind::Prefix => path.starts_with(&pattern[..pattern.len() - 2]),
+        Kind::Suffix => {
+            let suffix = &pattern[2..];
+            path.ends_with(suffix) || suffix.strip_prefix('/').is_some_and(|s| s == path)
+        }
+        Kind::Regexp => {
+            re.push('$');
+            regex::Regex::new(&re).ok()?.is_match(path)
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// kiln's matcher against the regular expression upstream would build.
+    #[test]
+    fn matcher_agrees_with_upstream_regexp(
+        atoms in prop::collection::vec(
+            prop::sample::select(vec![
+                "a", "b", "/", "*", "**", "**/", "?", ".", "^", "[ab]", "[^a]", "[a-c]", "\\*", "\\.", "+", "é",
+            ]),
+            1..7,
+        ),
+        path_atoms in prop::collection::vec(prop::sample::select(vec!["a", "b", "/", ".", "\n", "é", "c", "+"]), 0..9),
+    ) {
+        let pattern = clean_path(&atoms.concat()).into_owned();
+        let path: String = path_atoms.concat();
+        let Ok(m) = PatternMatcher::new([&pattern]) else { return Ok(()) };
+        // Patterns that compiled here compile upstream too.
+        let want = reference_match(m.patterns()[0].as_str(), &path);
+        prop_assert!(want.is_some(), "{pattern:?}");
+        prop_assert_eq!(m.matches_exact(&path), want.unwrap_or_default(), "{:?} vs {:?}", pattern, path);
+    }
 }

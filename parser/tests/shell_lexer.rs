@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use kiln_parser::{ExpandErrorKind, Lexer};
 use proptest::prelude::*;
+use proptest::test_runner::Config as ProptestConfig;
 
 fn shared_dir() -> PathBuf {
     match std::env::var_os("KILN_SHARED") {
@@ -320,6 +321,8 @@ const CASES: &[Case] = &[
     ("${V#no}", &[("V", "value")], Some("value"), &["V"], &[]),
     ("${U#x}", &[], Some(""), &[], &["U"]),
     // `${#v}` (length) is not supported by BuildKit: an error.
+    ("${#:-x}", &[("V", "abc")], Some("x"), &[], &["#"]),
+    ("${#V:-x}", &[("V", "abc")], None, &[], &[]),
     ("${#V}", &[("V", "abc")], None, &[], &[]),
     ("${V:x}", &[("V", "abc")], None, &[], &[]),
     ("${V#\\x}", &[("V", "abc")], None, &[], &[]),
@@ -665,4 +668,163 @@ fn pattern_forms_agree_with_bash() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn long_values_and_patterns() {
+    let lexer = Lexer::new('\\');
+    let value = "ab".repeat(20_000);
+    let env = vec![("V", value.as_str())];
+    assert_eq!(
+        lexer.process_word("${V//a/x}", &env).unwrap(),
+        "xb".repeat(20_000)
+    );
+    assert_eq!(lexer.process_word("${V%%b*}", &env).unwrap(), "a");
+    assert_eq!(lexer.process_word("${V##*a}", &env).unwrap(), "b");
+    // Many stars that can never match: failed states are remembered, so
+    // this ends.
+    let pattern = format!("{}c", "*a".repeat(30));
+    let word = format!("${{V#{pattern}}}");
+    assert_eq!(lexer.process_word(&word, &env).unwrap(), value);
+}
+
+#[test]
+fn error_messages() {
+    let lexer = Lexer::new('\\');
+    let env = map(&[("EMPTY", "")]);
+    let inputs = [
+        "'open",
+        "\"open",
+        "${X",
+        "${}",
+        "${:-x}",
+        "${X/a",
+        "${X:=d}",
+        "${#X}",
+        "${EMPTY:?must be set}",
+        "${UNSET?}",
+        "${EMPTY:?}",
+        "${EMPTY#\\x}",
+        "${X:-'a}",
+    ];
+    let text: String = inputs
+        .iter()
+        .map(|input| match lexer.process_word(input, &env) {
+            Ok(word) => format!("{input}\n  ok: {word}\n"),
+            Err(e) => format!("{input}\n  {e}\n"),
+        })
+        .collect();
+    insta::assert_snapshot!(text);
+}
+
+/// BuildKit turns a `#`/`%`/`/` pattern into a Go regular expression
+/// (`convertShellPatternToRegex`); this builds the same expression for the
+/// `regex` crate, which has Go's leftmost-first semantics, as a reference.
+fn shell_pattern_regex(pattern: &str, greedy: bool, anchored: bool) -> Option<regex::Regex> {
+    let mut out = String::from(if anchored { "^" } else { "" });
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => out.push_str(if greedy { ".*" } else { ".*?" }),
+            '?' => out.push('.'),
+            '\\' => {
+                if matches!(chars.peek(), Some('}' | '/')) {
+                    continue;
+                }
+                match chars.next()? {
+                    e @ ('*' | '?' | '\\') => {
+                        out.push('\\');
+                        out.push(e);
+                    }
+                    _ => return None,
+                }
+            }
+            '[' | ']' | '{' | '}' | '.' | '+' | '(' | ')' | '|' | '^' | '$' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    regex::Regex::new(&out).ok()
+}
+
+fn reference_expand(value: &str, op: &str, pattern: &str, replacement: &str) -> Option<String> {
+    let reverse = |s: &str| s.chars().rev().collect::<String>();
+    let trim_prefix = |value: &str, pattern: &str, greedy: bool| -> Option<String> {
+        let re = shell_pattern_regex(pattern, greedy, true)?;
+        Some(match re.find(value) {
+            Some(m) => value[m.end()..].to_owned(),
+            None => value.to_owned(),
+        })
+    };
+    // BuildKit's reversePattern: keep `\x` pairs in order.
+    let reverse_pattern = |p: &str| -> String {
+        let chars: Vec<char> = p.chars().collect();
+        let mut out = vec!['\0'; chars.len()];
+        let last = chars.len().saturating_sub(1);
+        let mut i = 0;
+        while i < chars.len() {
+            if chars[i] == '\\' && i != last {
+                out[last - i - 1] = '\\';
+                out[last - i] = chars[i + 1];
+                i += 2;
+            } else {
+                out[last - i] = chars[i];
+                i += 1;
+            }
+        }
+        out.into_iter().collect()
+    };
+    match op {
+        "#" => trim_prefix(value, pattern, false),
+        "##" => trim_prefix(value, pattern, true),
+        "%" => trim_prefix(&reverse(value), &reverse_pattern(pattern), false).map(|s| reverse(&s)),
+        "%%" => trim_prefix(&reverse(value), &reverse_pattern(pattern), true).map(|s| reverse(&s)),
+        "/" => {
+            let re = shell_pattern_regex(pattern, true, false)?;
+            Some(
+                re.replacen(value, 1, regex::NoExpand(replacement))
+                    .into_owned(),
+            )
+        }
+        _ => {
+            let re = shell_pattern_regex(pattern, true, false)?;
+            Some(re.replace_all(value, replacement).into_owned())
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// The pattern forms against BuildKit's regular-expression construction,
+    /// including newlines (which `*` and `?` do not cross), escapes and
+    /// regexp metacharacters.
+    #[test]
+    fn pattern_forms_agree_with_buildkit_regexp(
+        value in prop::collection::vec(prop::sample::select(vec!["a", "b", "\n", ".", "*", "é", "ab"]), 0..8),
+        pattern in prop::collection::vec(
+            prop::sample::select(vec!["a", "b", "*", "?", "\\*", "\\?", "\\\\", ".", "é", "\n", "(", "^", "[", "\\}"]),
+            0..5,
+        ),
+        op in prop::sample::select(vec!["#", "##", "%", "%%", "/", "//"]),
+        replacement in prop::sample::select(vec!["", "x", "yy", "$0", "$$", "${0}"]),
+    ) {
+        let value = value.concat();
+        let pattern = pattern.concat();
+        // `${V//...}` is the replace-all form, not `/` with an empty pattern.
+        prop_assume!(!(op == "/" && pattern.is_empty()));
+        let word = if op.starts_with('/') {
+            // Through a variable, so the lexer does not expand the `$`s.
+            format!("${{V{op}{pattern}/$R}}")
+        } else {
+            format!("${{V{op}{pattern}}}")
+        };
+        let lexer = Lexer::new('\\');
+        let env = vec![("V", value.as_str()), ("R", replacement)];
+        let got = lexer.process_word(&word, &env).ok();
+        let want = reference_expand(&value, op, &pattern, replacement);
+        prop_assert_eq!(got, want, "{} with V={:?}", word, value);
+    }
 }

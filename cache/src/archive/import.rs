@@ -37,7 +37,9 @@ pub fn import_rootfs(
         store.commit_layer_from_dir(source, &wopts)?
     } else {
         let f = fs_err::File::open(source).map_err(|e| StoreError::io("opening", source, e))?;
-        store.commit_layer_from_tar(f, None, None, &source.display().to_string())?
+        let layer = store.commit_layer_from_tar(f, None, None, &source.display().to_string())?;
+        check_is_tar(store, &layer.diff_id, source)?;
+        layer
     };
     let created = format_rfc3339(opts.source_date_epoch.unwrap_or_else(now));
     let mut history = json!({
@@ -66,4 +68,23 @@ pub fn import_rootfs(
         reason: e.to_string(),
     })?;
     store.put_image(names, &bytes, &[layer])
+}
+
+/// Refuses a "tarball" whose first header is not a tar header (the blob
+/// stays unreferenced; GC removes it).
+fn check_is_tar(store: &Store, diff_id: &crate::Digest, source: &Path) -> Result<()> {
+    let reader = store.open_blob(diff_id)?;
+    let mut archive = tar::Archive::new(reader);
+    let first = archive
+        .entries()
+        .map_err(|e| StoreError::io("reading", source, e))?
+        .next();
+    match first {
+        Some(Err(e)) => Err(StoreError::InvalidDocument {
+            kind: "rootfs tarball",
+            what: source.display().to_string(),
+            reason: format!("it is not a tar archive: {e}"),
+        }),
+        _ => Ok(()),
+    }
 }

@@ -1,12 +1,12 @@
 //! `kiln save`: docker-archive or OCI archive, streamed to the output.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 use serde_json::json;
 
 use super::{ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME};
-use crate::blob::into_store_error;
+use crate::blob::{BlobReader, into_store_error};
 use crate::compress::{self, Compression};
 use crate::digest::Digest;
 use crate::error::{Result, StoreError};
@@ -83,10 +83,8 @@ pub fn save<W: Write>(store: &Store, items: &[SaveItem], out: W, opts: &SaveOpti
             let el = export_layer(store, &l.diff_id, l.size, opts.compression, threads)?;
             if written.insert(el.digest.clone()) {
                 let mut reader = store.open_blob(&el.digest)?;
-                let size = reader.len()?;
                 let path = format!("blobs/sha256/{}", el.digest.hex());
-                let mut header = file_header(size);
-                tar.append_data(&mut header, &path, &mut reader)
+                append_blob(&mut tar, &path, &mut reader)
                     .map_err(|e| into_store_error(e, &store.blob_path(&el.digest)))?;
             }
             layers.push(el);
@@ -220,6 +218,40 @@ fn export_layer(
         size,
         media_type,
     })
+}
+
+/// Appends a blob as a tar entry, copying in 1 MiB chunks: with reads and
+/// writes at least as large as the buffers below them, the bytes go from
+/// the page cache to the output with one copy (`tar::Builder::append`
+/// would go through an 8 KiB buffer).
+fn append_blob<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    reader: &mut BlobReader,
+) -> io::Result<()> {
+    let size = reader.len().map_err(io::Error::other)?;
+    let mut header = file_header(size);
+    header.set_path(path)?;
+    header.set_cksum();
+    let out = tar.get_mut();
+    out.write_all(header.as_bytes())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        copied += n as u64;
+    }
+    if copied != size {
+        return Err(io::Error::other(format!(
+            "blob `{path}` changed size while being saved"
+        )));
+    }
+    let pad = usize::try_from((512 - size % 512) % 512).unwrap_or(0);
+    out.write_all(&[0u8; 512][..pad])
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {

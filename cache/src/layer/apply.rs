@@ -183,6 +183,13 @@ fn proc_path(parent: &OwnedFd, name: &[u8]) -> PathBuf {
     p
 }
 
+/// Overlayfs' own xattrs are never taken from a tar: a layer could otherwise forge
+/// `trusted.overlay.redirect`, `metacopy` or `opaque` and change how the overlay resolves
+/// paths. Opaque directories come only from `.wh..wh..opq` markers.
+fn allowed_xattr(name: &[u8]) -> bool {
+    !(name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay."))
+}
+
 /// Xattr errors that mean "this file system or this user cannot have it": ignored, as docker
 /// does, so that a rootless unpack of a layer with `trusted.*` xattrs still works.
 fn ignorable_xattr_error(e: &io::Error) -> bool {
@@ -558,7 +565,7 @@ impl Applier {
                 op: "open",
                 source,
             })?);
-            for (k, v) in &h.xattrs {
+            for (k, v) in h.xattrs.iter().filter(|(k, _)| allowed_xattr(k)) {
                 if let Err(source) = xattr::FileExt::set_xattr(&file, OsStr::from_bytes(k), v)
                     && !ignorable_xattr_error(&source)
                 {
@@ -605,7 +612,7 @@ impl Applier {
             .map_err(self.err(entry, "chmod"))?;
         }
         let path = proc_path(parent, name);
-        for (k, v) in &h.xattrs {
+        for (k, v) in h.xattrs.iter().filter(|(k, _)| allowed_xattr(k)) {
             if let Err(source) = xattr::set(&path, OsStr::from_bytes(k), v)
                 && !ignorable_xattr_error(&source)
             {

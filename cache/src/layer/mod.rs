@@ -3,18 +3,21 @@
 //! # API (what the store and the builder call)
 //!
 //! ```text
-//! pub struct WriteOptions { pub source_date_epoch: Option<i64>, pub whiteouts: WhiteoutFormat }
+//! pub struct WriteOptions { pub source_date_epoch: Option<i64> }      // Default, with_source_date_epoch
 //! pub struct LayerStats   { pub entries: u64, pub bytes: u64 }
 //! pub fn write_layer<W: Write>(diff_dir: &Path, out: W, opts: &WriteOptions) -> Result<LayerStats, LayerError>;
 //!
 //! pub struct ApplyOptions { pub preserve_ownership: bool, pub create_devices: bool,
-//!                           pub opaque_xattr: OpaqueXattr, pub limits: Limits }
+//!                           pub opaque_xattr: OpaqueXattr, pub whiteouts: WhiteoutMode,
+//!                           pub limits: Limits }     // Default: by euid; with_whiteouts, with_limits
 //! pub fn apply_layer<R: Read>(tar: R, dest: &Path, opts: &ApplyOptions) -> Result<LayerStats, LayerError>;
 //! ```
 //!
-//! Both take and give the *uncompressed* tar; compression lives in [`crate::compress`].
+//! Both take and give the *uncompressed* tar; compression lives in [`mod@crate::compress`].
 //! `LayerStats::bytes` of `write_layer` is the size of the tar written (hash the same stream
-//! for the diffID); of `apply_layer` it is the tar bytes read.
+//! for the diffID); of `apply_layer` it is the tar bytes read, including what follows the
+//! end-of-archive blocks (the whole input is consumed, so a digesting reader sees it all).
+//! Neither function is async; call them from `spawn_blocking` in async code.
 //!
 //! # Writing
 //!
@@ -56,6 +59,8 @@
 //!   directory; the link is made with `linkat` without following, so a hardlink to a symlink
 //!   copies the symlink and never reaches what it points to.
 //! - a whiteout of `.`, `..` or of the root is refused.
+//! - overlayfs' own xattrs (`trusted.overlay.*`, `user.overlay.*`) in a tar are dropped, so a
+//!   layer cannot forge redirects or opaque directories except through `.wh..wh..opq`.
 //! - limits ([`Limits`]): header data (pax, GNU long names), path length, entry count and total
 //!   file bytes; each excess is refused with the limit in the message (tar bombs).
 //!

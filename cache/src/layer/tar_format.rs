@@ -65,9 +65,13 @@ fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
 }
 
 fn put_octal(field: &mut [u8], value: u64) {
+    // Zero-padded octal digits, NUL-terminated; callers check that `value` fits.
     let digits = field.len() - 1;
-    let text = format!("{value:0digits$o}");
-    field[..digits].copy_from_slice(&text.as_bytes()[text.len() - digits..]);
+    let mut v = value;
+    for slot in field[..digits].iter_mut().rev() {
+        *slot = b'0' + (v & 7) as u8;
+        v >>= 3;
+    }
     field[digits] = 0;
 }
 
@@ -124,8 +128,8 @@ fn ustar_block(h: &EntryHeader, name: &[u8], link: &[u8], size: u64, mtime: u64)
     }
     b[148..156].copy_from_slice(b"        ");
     let sum: u64 = b.iter().map(|&x| u64::from(x)).sum();
-    let text = format!("{sum:06o}\0 ");
-    b[148..156].copy_from_slice(text.as_bytes());
+    put_octal(&mut b[148..155], sum);
+    b[155] = b' ';
     b
 }
 

@@ -2,10 +2,16 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
+use xattr::FileExt as _;
 
 use super::tar_format::{
     self, EntryHeader, KIND_BLOCK, KIND_CHAR, KIND_DIR, KIND_FIFO, KIND_FILE, KIND_LINK,
@@ -41,7 +47,14 @@ pub fn write_layer<W: Write>(
             reason: "the diff must be a directory",
         });
     }
-    w.walk(diff_dir, b"")?;
+    let root = openat(
+        nix::fcntl::AT_FDCWD,
+        diff_dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno_err(diff_dir))?;
+    w.walk(&root, diff_dir, b"")?;
     w.stats.bytes += tar_format::write_end(&mut w.out).map_err(LayerError::WriteTar)?;
     w.out.flush().map_err(LayerError::WriteTar)?;
     Ok(w.stats)
@@ -74,11 +87,22 @@ fn keep_xattr(name: &[u8]) -> bool {
 /// Xattrs as `(name, value)` pairs.
 type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Where to read xattrs from: an open file (no path walk) or, for symlinks and device nodes
+/// that cannot be opened safely, the path (`llistxattr`, not following).
+enum XattrSource<'a> {
+    Fd(&'a File),
+    Path,
+}
+
 /// The xattrs to record, and whether the directory is overlay-opaque.
-fn read_xattrs(path: &Path) -> Result<(Xattrs, bool), LayerError> {
+fn read_xattrs(path: &Path, src: XattrSource<'_>) -> Result<(Xattrs, bool), LayerError> {
     let mut out = Vec::new();
     let mut opaque = false;
-    let names = match xattr::list(path) {
+    let listed = match src {
+        XattrSource::Fd(f) => f.list_xattr(),
+        XattrSource::Path => xattr::list(path),
+    };
+    let names = match listed {
         Ok(n) => n,
         // File systems without xattrs (or a kernel refusing `user.` on symlinks) have none.
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok((out, false)),
@@ -103,7 +127,11 @@ fn read_xattrs(path: &Path) -> Result<(Xattrs, bool), LayerError> {
         if !is_opaque_key && !keep_xattr(bytes) {
             continue;
         }
-        let Some(value) = xattr::get(path, &name).map_err(read_err(path))? else {
+        let value = match src {
+            XattrSource::Fd(f) => f.get_xattr(&name),
+            XattrSource::Path => xattr::get(path, &name),
+        };
+        let Some(value) = value.map_err(read_err(path))? else {
             continue;
         };
         if is_opaque_key {
@@ -114,6 +142,24 @@ fn read_xattrs(path: &Path) -> Result<(Xattrs, bool), LayerError> {
     }
     out.sort();
     Ok((out, opaque))
+}
+
+fn errno_err(path: &Path) -> impl FnOnce(Errno) -> LayerError + '_ {
+    move |e| LayerError::ReadDiff {
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
+fn open_at(dir: &OwnedFd, name: &[u8], path: &Path, flags: OFlag) -> Result<File, LayerError> {
+    openat(
+        dir,
+        name,
+        flags | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(errno_err(path))
 }
 
 impl<W: Write> Writer<W> {
@@ -135,44 +181,60 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
-    fn base_header(&self, name: Vec<u8>, kind: u8, md: &std::fs::Metadata) -> EntryHeader {
+    fn base_header(&self, name: Vec<u8>, kind: u8, st: &FileStat) -> EntryHeader {
         EntryHeader {
             name,
             kind,
-            mode: md.mode() & 0o7777,
-            uid: u64::from(md.uid()),
-            gid: u64::from(md.gid()),
-            mtime: self.clamp(md.mtime()),
+            mode: st.st_mode & 0o7777,
+            uid: u64::from(st.st_uid),
+            gid: u64::from(st.st_gid),
+            mtime: self.clamp(st.st_mtime),
             ..EntryHeader::default()
         }
     }
 
-    fn walk(&mut self, dir: &Path, prefix: &[u8]) -> Result<(), LayerError> {
+    /// Write the entries of the directory `dir` (open fd; `dir_path` names it in errors).
+    /// All file-system access is relative to directory fds: no path is walked twice and no
+    /// symlink is followed.
+    fn walk(&mut self, dir: &OwnedFd, dir_path: &Path, prefix: &[u8]) -> Result<(), LayerError> {
         let mut names: Vec<Vec<u8>> = Vec::new();
-        for entry in fs_err::read_dir(dir).map_err(read_err(dir))? {
-            let entry = entry.map_err(read_err(dir))?;
-            names.push(entry.file_name().as_bytes().to_vec());
+        {
+            let dup = dir.try_clone().map_err(read_err(dir_path))?;
+            let mut d = nix::dir::Dir::from_fd(dup).map_err(errno_err(dir_path))?;
+            for entry in d.iter() {
+                let entry = entry.map_err(errno_err(dir_path))?;
+                let n = entry.file_name().to_bytes();
+                if n != b"." && n != b".." {
+                    names.push(n.to_vec());
+                }
+            }
         }
         names.sort();
         for name in names {
-            let path = dir.join(OsStr::from_bytes(&name));
+            let path = dir_path.join(OsStr::from_bytes(&name));
             let mut rel = prefix.to_vec();
             rel.extend_from_slice(&name);
-            self.entry(&path, &name, rel)?;
+            self.entry(dir, &path, &name, rel)?;
         }
         Ok(())
     }
 
-    fn entry(&mut self, path: &Path, base: &[u8], rel: Vec<u8>) -> Result<(), LayerError> {
-        let md = fs_err::symlink_metadata(path).map_err(read_err(path))?;
-        let ft = md.file_type();
+    fn entry(
+        &mut self,
+        dir: &OwnedFd,
+        path: &Path,
+        base: &[u8],
+        rel: Vec<u8>,
+    ) -> Result<(), LayerError> {
+        let st = fstatat(dir, base, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(errno_err(path))?;
+        let fmt = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
 
         // An overlay whiteout: a 0/0 character device.
-        if ft.is_char_device() && md.rdev() == 0 {
+        if fmt == SFlag::S_IFCHR && st.st_rdev == 0 {
             let mut name = rel[..rel.len() - base.len()].to_vec();
             name.extend_from_slice(WHITEOUT_PREFIX.as_bytes());
             name.extend_from_slice(base);
-            let h = self.base_header(name, KIND_FILE, &md);
+            let h = self.base_header(name, KIND_FILE, &st);
             return self.emit(&h);
         }
         if base.starts_with(WHITEOUT_PREFIX.as_bytes()) {
@@ -182,43 +244,48 @@ impl<W: Write> Writer<W> {
             });
         }
 
-        if ft.is_dir() {
-            let (xattrs, opaque) = read_xattrs(path)?;
+        if fmt == SFlag::S_IFDIR {
+            let sub = open_at(dir, base, path, OFlag::O_DIRECTORY)?;
+            let (xattrs, opaque) = read_xattrs(path, XattrSource::Fd(&sub))?;
             let mut name = rel.clone();
             name.push(b'/');
-            let mut h = self.base_header(name.clone(), KIND_DIR, &md);
+            let mut h = self.base_header(name.clone(), KIND_DIR, &st);
             h.xattrs = xattrs;
             self.emit(&h)?;
             if opaque {
                 let mut marker = name.clone();
                 marker.extend_from_slice(WHITEOUT_OPAQUE.as_bytes());
-                let mut o = self.base_header(marker, KIND_FILE, &md);
+                let mut o = self.base_header(marker, KIND_FILE, &st);
                 o.mode &= 0o777;
                 self.emit(&o)?;
             }
-            return self.walk(path, &name);
+            let sub = OwnedFd::from(sub);
+            return self.walk(&sub, path, &name);
         }
 
-        let kind = if ft.is_file() {
-            KIND_FILE
-        } else if ft.is_symlink() {
-            KIND_SYMLINK
-        } else if ft.is_char_device() {
-            KIND_CHAR
-        } else if ft.is_block_device() {
-            KIND_BLOCK
-        } else if ft.is_fifo() {
-            KIND_FIFO
-        } else {
+        let kind = match fmt {
+            SFlag::S_IFREG => KIND_FILE,
+            SFlag::S_IFLNK => KIND_SYMLINK,
+            SFlag::S_IFCHR => KIND_CHAR,
+            SFlag::S_IFBLK => KIND_BLOCK,
+            SFlag::S_IFIFO => KIND_FIFO,
             // Sockets cannot be archived; docker and containerd skip them too.
-            return Ok(());
+            _ => return Ok(()),
         };
 
-        let (xattrs, _) = read_xattrs(path)?;
-        if md.nlink() > 1 {
-            let key = (md.dev(), md.ino());
+        let file = if kind == KIND_FILE {
+            Some(open_at(dir, base, path, OFlag::empty())?)
+        } else {
+            None
+        };
+        let (xattrs, _) = match &file {
+            Some(f) => read_xattrs(path, XattrSource::Fd(f))?,
+            None => read_xattrs(path, XattrSource::Path)?,
+        };
+        if st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
             if let Some(first) = self.links.get(&key) {
-                let mut h = self.base_header(rel, KIND_LINK, &md);
+                let mut h = self.base_header(rel, KIND_LINK, &st);
                 h.link = first.clone();
                 h.xattrs = xattrs;
                 return self.emit(&h);
@@ -226,35 +293,33 @@ impl<W: Write> Writer<W> {
             self.links.insert(key, rel.clone());
         }
 
-        let mut h = self.base_header(rel, kind, &md);
+        let mut h = self.base_header(rel, kind, &st);
         h.xattrs = xattrs;
-        match kind {
-            KIND_SYMLINK => {
-                h.link = fs_err::read_link(path)
-                    .map_err(read_err(path))?
-                    .as_os_str()
+        match (kind, file) {
+            (KIND_SYMLINK, _) => {
+                h.link = readlinkat(dir, base)
+                    .map_err(errno_err(path))?
                     .as_bytes()
                     .to_vec();
                 self.emit(&h)
             }
-            KIND_CHAR | KIND_BLOCK => {
-                let rdev = md.rdev();
+            (KIND_CHAR | KIND_BLOCK, _) => {
+                let rdev = st.st_rdev;
                 h.dev_major = u32::try_from(nix::sys::stat::major(rdev)).unwrap_or(u32::MAX);
                 h.dev_minor = u32::try_from(nix::sys::stat::minor(rdev)).unwrap_or(u32::MAX);
                 self.emit(&h)
             }
-            KIND_FILE => {
-                h.size = md.len();
+            (KIND_FILE, Some(file)) => {
+                h.size = u64::try_from(st.st_size).unwrap_or(0);
                 self.emit(&h)?;
-                self.copy_file(path, h.size)
+                self.copy_file(file, path, h.size)
             }
             _ => self.emit(&h),
         }
     }
 
     /// Stream exactly `size` bytes of `path` (its size when stat'ed) into the tar.
-    fn copy_file(&mut self, path: &Path, size: u64) -> Result<(), LayerError> {
-        let file = fs_err::File::open(path).map_err(read_err(path))?;
+    fn copy_file(&mut self, file: File, path: &Path, size: u64) -> Result<(), LayerError> {
         let mut left = size;
         let mut reader = file.take(size);
         while left > 0 {

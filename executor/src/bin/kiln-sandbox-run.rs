@@ -4,10 +4,12 @@
 //! ```text
 //! kiln-sandbox-run [--lower DIR]... [--upper DIR --work DIR | --dir DIR]
 //!                  [--net none|host] [--user SPEC] [--memory BYTES] [--pids N]
-//!                  [--repeat N] -- ARGS...
+//!                  [--init] [--repeat N] [--helper BIN] -- ARGS...
 //! ```
 //! With `--lower` and no `--upper`, each run gets a fresh upper and work directory
-//! (as a RUN step does), made and removed inside the timed loop.
+//! (as a RUN step does), made and removed inside the timed loop. `--helper` re-execs
+//! another binary as the helper (e.g. the `kiln` binary, to measure its start-up).
+//! `--init` runs the payload under `kiln-init` (PID 2) instead of as PID 1.
 //! Prints nothing of its own; the payload's output is inherited. Exits with the
 //! payload's shell code (of the last run with `--repeat`).
 #![expect(
@@ -37,6 +39,8 @@ fn run() -> Result<i32, String> {
     let (mut network, mut user, mut limits, mut repeat) =
         (Network::None, None, Limits::default(), 1u32);
     let mut payload = Vec::new();
+    let mut helper = None;
+    let mut init = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("`{arg}` needs a value"));
         match arg.as_str() {
@@ -56,6 +60,8 @@ fn run() -> Result<i32, String> {
                 limits.memory = Some(value()?.parse().map_err(|e| format!("--memory: {e}"))?)
             }
             "--pids" => limits.pids = Some(value()?.parse().map_err(|e| format!("--pids: {e}"))?),
+            "--helper" => helper = Some(PathBuf::from(value()?)),
+            "--init" => init = true,
             "--repeat" => repeat = value()?.parse().map_err(|e| format!("--repeat: {e}"))?,
             "--" => {
                 payload.extend(args.by_ref());
@@ -92,21 +98,38 @@ fn run() -> Result<i32, String> {
     spec.network = network;
     spec.limits = limits;
     spec.stdio = Stdio::Inherit;
-    let sandbox = Sandbox::new();
+    spec.init = init;
+    let sandbox = match helper {
+        Some(h) => Sandbox::new().with_helper(h),
+        None => Sandbox::new(),
+    };
     let mut code = 0;
     for _ in 0..repeat {
         if fresh {
+            // A run SIGKILLed before its cleanup leaves its scratch behind, and pids
+            // are reused: never mount a stale (volatile-marked) work dir.
+            remove_scratch(&scratch)?;
             for d in ["upper", "work"] {
                 fs_err::create_dir_all(scratch.join(d)).map_err(|e| e.to_string())?;
             }
         }
-        let mut running = sandbox.spawn(&spec).map_err(|e| format!("{e}"))?;
-        code = running.wait().map_err(|e| error_chain(&e))?.shell_code();
+        let status = sandbox
+            .spawn(&spec)
+            .map_err(|e| error_chain(&e))
+            .and_then(|mut running| running.wait().map_err(|e| error_chain(&e)));
         if fresh {
-            fs_err::remove_dir_all(&scratch).map_err(|e| e.to_string())?;
+            remove_scratch(&scratch)?;
         }
+        code = status?.shell_code();
     }
     Ok(code)
+}
+
+fn remove_scratch(scratch: &std::path::Path) -> Result<(), String> {
+    match fs_err::remove_dir_all(scratch) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+        _ => Ok(()),
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
