@@ -1220,10 +1220,22 @@ impl<'a> Planner<'a> {
                 Ok((InputRef::Stage { index }, Some(last)))
             }
             None => {
+                // An image: resolve it for its digest (a new digest is a
+                // "base image changed" miss); a name that is no image but
+                // looks like a stage gets a "did you mean".
+                let platform = self.opts.target_platform.clone();
+                let image = self.resolver.resolve(from, &platform).map_err(|source| {
+                    PlanError::ResolveImage {
+                        reference: from.to_owned(),
+                        suggestion: suggest(from, self.by_name.keys().map(String::as_str)),
+                        line: inst.span.start.line,
+                        source,
+                    }
+                })?;
                 let v = b.source(SourceOp::Image {
                     reference: from.to_owned(),
-                    platform: self.opts.target_platform.clone(),
-                    digest: None,
+                    platform,
+                    digest: image.digest,
                 });
                 Ok((
                     InputRef::Image {

@@ -566,6 +566,16 @@ fn resolver_errors_suggest_a_stage() {
     let df = kiln_parser::parse("FROM scratch AS builder\nFROM buildr\n").expect("parses");
     let e = plan(&df, &opts(&[]), &NoImages).expect_err("no image");
     assert!(e.to_string().contains("did you mean `builder`"), "{e}");
+    // COPY --from a misspelt stage: not an image either.
+    let df =
+        kiln_parser::parse("FROM scratch AS builder\nFROM scratch\n\nCOPY --from=buidler /a /a\n")
+            .expect("parses");
+    let e = plan(&df, &opts(&[]), &NoImages).expect_err("no image");
+    assert!(
+        matches!(&e, PlanError::ResolveImage { line: 4, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("did you mean `builder`"), "{e}");
 }
 
 #[test]
