@@ -583,3 +583,113 @@ fn saved_result_is_accepted_by_skopeo_and_umoci_and_reproducible() {
     assert_eq!(text(&o.stdout).trim(), id.trim(), "reproducible image id");
     env.assert_clean();
 }
+
+#[test]
+fn sixty_layers_copy_link_from_and_bind_from_a_stage() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("layers");
+    let fs = env.rootfs(&ctx, &["-t", "layers:1"], "out");
+    assert_eq!(read(&fs.join("out/f0")), "0\n");
+    assert_eq!(read(&fs.join("out/f59")), "59\n");
+    assert_eq!(read(&fs.join("out/f30")), "30\n");
+    assert_eq!(read(&fs.join("out/bound")), "10\n");
+    assert!(!fs.join("f1").exists(), "only the copied files come over");
+    // The 60-layer stage is not in the result: 1 base layer + 3.
+    let c = env.config("layers:1");
+    assert_eq!(c["rootfs"]["diff_ids"].as_array().map(Vec::len), Some(4));
+    env.assert_clean();
+}
+
+#[test]
+fn json_progress_is_one_event_per_line() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let o = env.kiln(&[
+        "build",
+        "--progress=json",
+        "--network=none",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(events.iter().any(|e| {
+        e["event"] == "vertex_started"
+            && e["name"]
+                .as_str()
+                .is_some_and(|n| n.contains("RUN cat a.txt b.txt"))
+    }));
+    assert!(events.iter().any(|e| e["event"] == "vertex_miss"));
+    assert!(events.iter().any(|e| e["event"] == "vertex_finished"));
+}
+
+#[test]
+fn sigint_cancels_and_leaves_nothing_mounted() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("cancel");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args([
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "cancel:1",
+        ])
+        .arg(&ctx)
+        .env_remove("KILN_ROOT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Wait for the RUN's first line of output, then Ctrl-C.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.ends_with(" started") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the RUN started");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("kill");
+    let t = std::time::Instant::now();
+    let status = child.wait().expect("wait");
+    let out = reader.join().expect("reader");
+    assert_eq!(status.code(), Some(130), "{out}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "cancel did not stop the 60 s sleep"
+    );
+    assert!(out.contains("cancelled"), "{out}");
+    env.assert_clean();
+    let o = env.kiln(&["system", "check"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    let o = env.kiln(&["images"]);
+    assert!(!text(&o.stdout).contains("cancel"), "{}", text(&o.stdout));
+}

@@ -75,7 +75,19 @@ impl MergedMount {
         for d in [&upper, &work, &merged] {
             mkdir(d)?;
         }
-        let mut lower_list: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
+        // Lowers are named through short links (`dir/l/0`, ...) so that
+        // many layers fit in the one page of mount options.
+        let links = dir.join("l");
+        mkdir(&links)?;
+        let mut lower_list: Vec<PathBuf> = Vec::with_capacity(lowers.len());
+        for (i, l) in lowers.iter().rev().enumerate() {
+            let link = links.join(i.to_string());
+            std::os::unix::fs::symlink(l, &link).map_err(|source| MountError::Mkdir {
+                path: link.clone(),
+                source,
+            })?;
+            lower_list.push(link);
+        }
         if lower_list.is_empty() {
             let empty = dir.join("empty");
             mkdir(&empty)?;

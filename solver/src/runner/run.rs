@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kiln_executor::{Mount, MountKind, Network, ProcessSpec, RootfsSpec, SandboxSpec, User};
@@ -51,7 +51,6 @@ fn tail_text(tail: &[String]) -> String {
 /// Kills a running sandbox when the step's future is dropped (Ctrl-C).
 #[derive(Debug, Clone, Default)]
 pub(super) struct CancelHandle {
-    pid: Arc<AtomicU32>,
     cancelled: Arc<AtomicBool>,
 }
 
@@ -84,19 +83,10 @@ impl CancelGuard {
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        self.handle.cancelled.store(true, Ordering::SeqCst);
-        let pid = self.handle.pid.load(Ordering::SeqCst);
-        if let Ok(pid) = i32::try_from(pid)
-            && pid > 0
-        {
-            // The helper dies; init has PDEATHSIG and takes the sandbox with it.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        if self.armed {
+            // The blocking side polls this and kills its sandbox through
+            // the executor (which then cleans up after itself).
+            self.handle.cancelled.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -353,10 +343,6 @@ impl StoreRunner {
                 step: name.clone(),
                 source,
             })?;
-        cancel.pid.store(running.helper_pid(), Ordering::SeqCst);
-        if cancel.is_cancelled() {
-            running.kill();
-        }
         let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let readers: Vec<_> = [
             (running.take_stdout(), LogStream::Stdout),
@@ -396,6 +382,16 @@ impl StoreRunner {
             })
         })
         .collect();
+        // Wait for the output to end, killing the sandbox when the build
+        // is cancelled (Ctrl-C drops the step's future).
+        let mut killed = false;
+        while readers.iter().any(|r| !r.is_finished()) {
+            if !killed && cancel.is_cancelled() {
+                running.kill();
+                killed = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         for r in readers {
             let _ = r.join();
         }
