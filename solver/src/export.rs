@@ -267,3 +267,65 @@ pub fn export_image(
         .put_image(&names, &bytes, &chain.layer_infos())
         .map_err(|e| ExportError::Store(Box::new(e)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full_config() -> ImageConfig {
+        let mut c = ImageConfig {
+            env: vec!["PATH=/bin".into(), "A=1".into()],
+            cmd: Some(vec!["sh".into()]),
+            entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+            working_dir: "/app".into(),
+            user: "nobody".into(),
+            stop_signal: Some("SIGTERM".into()),
+            healthcheck: Some(HealthConfig {
+                test: vec!["CMD-SHELL".into(), "true".into()],
+                interval_ns: 30_000_000_000,
+                timeout_ns: 0,
+                start_period_ns: 5,
+                start_interval_ns: 0,
+                retries: 3,
+            }),
+            shell: Some(vec!["/bin/bash".into(), "-c".into()]),
+            on_build: vec!["RUN true".into()],
+            ..ImageConfig::default()
+        };
+        c.labels.insert("a".into(), "b".into());
+        c.exposed_ports.insert("80/tcp".into());
+        c.volumes.insert("/data".into());
+        c
+    }
+
+    #[test]
+    fn config_round_trips_through_oci_json() {
+        let c = full_config();
+        let doc = json!({ "config": oci_config(&c) });
+        let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+        assert_eq!(plan_config_json(&bytes), c);
+    }
+
+    #[test]
+    fn oci_config_uses_docker_field_names_and_omits_empty_fields() {
+        let v = oci_config(&full_config());
+        assert_eq!(v["ExposedPorts"], json!({"80/tcp": {}}));
+        assert_eq!(v["Volumes"], json!({"/data": {}}));
+        assert_eq!(v["Healthcheck"]["Interval"], json!(30_000_000_000u64));
+        assert!(v["Healthcheck"].get("Timeout").is_none());
+        let empty = oci_config(&ImageConfig::default());
+        assert_eq!(empty, json!({}));
+    }
+
+    #[test]
+    fn plan_config_of_garbage_is_empty() {
+        assert_eq!(plan_config_json(b"not json"), ImageConfig::default());
+        assert_eq!(
+            plan_config_json(br#"{"config":{"Env":"notalist","Cmd":[1,"x"]}}"#),
+            ImageConfig {
+                cmd: Some(vec!["x".into()]),
+                ..ImageConfig::default()
+            }
+        );
+    }
+}

@@ -435,3 +435,78 @@ fn hex(bytes: &[u8]) -> String {
         s
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_op(cmd: &str, heredocs: Vec<kiln_parser::Heredoc>) -> RunOp {
+        RunOp {
+            args: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+            shell_form: true,
+            heredocs,
+            env: Vec::new(),
+            proxy_env: Vec::new(),
+            workdir: "/".into(),
+            user: String::new(),
+            network: None,
+            security: None,
+            mounts: Vec::new(),
+        }
+    }
+
+    fn heredoc(name: &str, content: &str) -> kiln_parser::Heredoc {
+        kiln_parser::Heredoc {
+            name: name.into(),
+            file_descriptor: 0,
+            expand: true,
+            chomp: false,
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn lone_heredoc_is_the_script() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let r = run_op("<<EOF", vec![heredoc("EOF", "echo hi\n")]);
+        let (args, mounts) = run_argv(&r, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(args, ["/bin/sh", "-c", "echo hi\n"]);
+        assert!(mounts.is_empty());
+    }
+
+    #[test]
+    fn shebang_heredoc_runs_as_a_file() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let r = run_op(
+            "<<EOF",
+            vec![heredoc("EOF", "#!/usr/bin/env python3\nprint(1)\n")],
+        );
+        let (args, mounts) = run_argv(&r, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(args, ["/dev/pipes/EOF"]);
+        assert_eq!(mounts.len(), 1);
+        let written = fs_err::read_to_string(dir.path().join("heredoc")).unwrap_or_default();
+        assert!(written.starts_with("#!/usr/bin/env python3"));
+    }
+
+    #[test]
+    fn heredoc_as_input_is_appended_for_the_shell() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let r = run_op("cat <<EOF > /x", vec![heredoc("EOF", "a\nb\n")]);
+        let (args, _) = run_argv(&r, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(args[2], "cat <<EOF > /x\na\nb\nEOF");
+    }
+
+    #[test]
+    fn failure_message_has_code_line_and_tail() {
+        let f = RunFailure {
+            line: 4,
+            command: "RUN make".into(),
+            code: 2,
+            tail: vec!["make: *** [all] Error 2".into()],
+        };
+        let s = f.to_string();
+        assert!(s.contains("line 4"), "{s}");
+        assert!(s.contains("exit code 2"), "{s}");
+        assert!(s.contains("Error 2"), "{s}");
+    }
+}
