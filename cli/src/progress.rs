@@ -1,6 +1,6 @@
 //! Rendering build progress events: plain lines (no tty, `CI`, or
-//! `--progress plain`), JSON lines (`--progress json`), or plain lines on
-//! a tty for now.
+//! `--progress plain`), JSON lines (`--progress json`), or indicatif
+//! spinners, one per step, on a tty.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -25,6 +25,7 @@ pub(crate) enum ProgressMode {
 #[derive(Debug)]
 pub(crate) struct Renderer {
     json: bool,
+    tty: Option<Tty>,
     /// Vertex index -> display number (`#N`), in order of first appearance.
     numbers: HashMap<usize, usize>,
     started: Instant,
@@ -32,8 +33,16 @@ pub(crate) struct Renderer {
 
 impl Renderer {
     pub(crate) fn new(mode: ProgressMode) -> Self {
+        use std::io::IsTerminal as _;
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        let tty = match mode {
+            ProgressMode::Tty => true,
+            ProgressMode::Auto => std::io::stderr().is_terminal() && !ci,
+            ProgressMode::Plain | ProgressMode::Json => false,
+        };
         Self {
             json: mode == ProgressMode::Json,
+            tty: tty.then(Tty::new),
             numbers: HashMap::new(),
             started: Instant::now(),
         }
@@ -69,9 +78,78 @@ impl Renderer {
 
     /// Print one event.
     pub(crate) fn render(&mut self, e: &Event) {
+        if let Some(mut tty) = self.tty.take() {
+            let n = self.num(e.id());
+            tty.render(n, e);
+            self.tty = Some(tty);
+            return;
+        }
         if let Some(l) = self.line(e) {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "{l}");
+        }
+    }
+}
+
+/// Spinners on a terminal: one line per step, its last output line shown
+/// while it runs; when it ends the line says CACHED, DONE or ERROR.
+#[derive(Debug)]
+struct Tty {
+    multi: indicatif::MultiProgress,
+    bars: HashMap<usize, (indicatif::ProgressBar, String, bool)>,
+}
+
+impl Tty {
+    fn new() -> Self {
+        Self {
+            multi: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::stderr(),
+            ),
+            bars: HashMap::new(),
+        }
+    }
+
+    fn render(&mut self, n: usize, e: &Event) {
+        let style = indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        match e {
+            Event::VertexStarted { id, name, .. } => {
+                let bar = self.multi.add(indicatif::ProgressBar::new_spinner());
+                bar.set_style(style);
+                bar.set_message(format!("#{n} {name}"));
+                bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                self.bars.insert(*id, (bar, name.clone(), false));
+            }
+            Event::VertexCached { id } => {
+                if let Some((_, _, cached)) = self.bars.get_mut(id) {
+                    *cached = true;
+                }
+            }
+            Event::VertexMiss { .. } => {}
+            Event::Log { id, line, .. } => {
+                if let Some((bar, name, _)) = self.bars.get(id) {
+                    bar.set_message(format!("#{n} {name} | {line}"));
+                }
+            }
+            Event::VertexFinished { id, duration_ms } => {
+                if let Some((bar, name, cached)) = self.bars.remove(id) {
+                    let what = if cached {
+                        "CACHED".to_owned()
+                    } else {
+                        format!("DONE {:.1}s", *duration_ms as f64 / 1000.0)
+                    };
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template("{msg}")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                    );
+                    bar.finish_with_message(format!("#{n} {name} {what}"));
+                }
+            }
+            Event::VertexFailed { id, error } => {
+                if let Some((bar, name, _)) = self.bars.remove(id) {
+                    bar.abandon_with_message(format!("#{n} {name} ERROR: {error}"));
+                }
+            }
         }
     }
 }
