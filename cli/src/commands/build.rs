@@ -229,7 +229,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     })?;
     let ignore = kiln_parser::read_dockerignore(&context_dir, &df_path)?.map(|f| f.matcher);
     let scope = format!(
-        "{}\0{}",
+        "{}|{}",
         fs_err::canonicalize(&df_path)?.display(),
         context_dir.display()
     );
