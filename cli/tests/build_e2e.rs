@@ -256,7 +256,34 @@ fn multi_stage_target_and_unneeded_stages() {
     let env = Env::new();
     let ctx = env.context("multi");
     let fs = env.rootfs(&ctx, &["-t", "multi:1"], "final");
-    assert_eq!(read(&fs.join("ab.txt")), "a\nb\n");
+    assert_eq!(read(&fs.join("ab.txt")), "a\na\nb\n");
+    assert!(read(&fs.join("group-from-image")).starts_with("root:x:0:"));
+    // A stage built FROM another stage keeps that stage's layers and history.
+    let fs = env.rootfs(&ctx, &["-t", "multi:a2", "--target", "a2"], "a2");
+    assert_eq!(read(&fs.join("a.txt")), "a\n");
+    assert_eq!(read(&fs.join("a2.txt")), "a\na\n");
+    let c = env.config("multi:a2");
+    let history: Vec<String> = c["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|h| h["created_by"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        history.iter().any(|h| h.contains("echo a > /a.txt")),
+        "{history:?}"
+    );
+    assert!(
+        history.iter().any(|h| h.contains("cat /a.txt /a.txt")),
+        "{history:?}"
+    );
+    assert_eq!(c["rootfs"]["diff_ids"].as_array().map(Vec::len), Some(3));
+    // --print-graph prints DOT and builds nothing.
+    let o = env.build_raw(&ctx, &["--print-graph"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let dot = text(&o.stdout);
+    assert!(dot.starts_with("digraph"), "{dot}");
+    assert!(!dot.contains("this stage is not needed"), "{dot}");
     let fs = env.rootfs(&ctx, &["-t", "multi:b", "--target", "b"], "b");
     assert_eq!(read(&fs.join("b.txt")), "b\n");
     assert!(!fs.join("a.txt").exists(), "stage a is not in target b");
