@@ -455,6 +455,7 @@ fn cache_mount_persists_across_builds() {
     );
     let fs = env.rootfs(&ctx, &["--no-cache"], "two");
     assert_eq!(read(&fs.join("runs")).trim(), "2");
+    assert_eq!(read(&fs.join("owned-stat")).trim(), "65534:65534:700");
     env.assert_clean();
 }
 

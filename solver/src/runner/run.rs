@@ -188,16 +188,55 @@ impl StoreRunner {
         // Stage binds stay mounted until the command is done.
         let mut held: Vec<MergedMount> = Vec::new();
         let mut secret_files: Vec<tempfile::NamedTempFile> = Vec::new();
+        let mut cache_locks: Vec<fs_err::File> = Vec::new();
         for (i, m) in r.mounts.iter().enumerate() {
             match m.kind {
                 MountType::Cache => {
                     let id = m.id.clone().unwrap_or_else(|| m.target.clone());
                     let hex = hex(&sha2::Sha256::digest(id.as_bytes()));
                     let source = self.store.root().join("cache-mounts").join(hex);
-                    fs_err::create_dir_all(&source).map_err(|e| RunnerError::Scratch {
-                        path: source.clone(),
-                        source: e,
-                    })?;
+                    let scratch_err = |path: &std::path::Path| {
+                        let path = path.to_owned();
+                        move |e| RunnerError::Scratch { path, source: e }
+                    };
+                    if !source.is_dir() {
+                        fs_err::create_dir_all(&source).map_err(scratch_err(&source))?;
+                        // uid=, gid=, mode= apply to a new cache directory.
+                        let uid = m.uid.as_deref().and_then(|u| u.parse::<u32>().ok());
+                        let gid = m.gid.as_deref().and_then(|g| g.parse::<u32>().ok());
+                        if uid.is_some() || gid.is_some() {
+                            std::os::unix::fs::chown(&source, uid, gid)
+                                .map_err(scratch_err(&source))?;
+                        }
+                        if let Some(mode) = m
+                            .mode
+                            .as_deref()
+                            .and_then(|x| u32::from_str_radix(x, 8).ok())
+                        {
+                            use std::os::unix::fs::PermissionsExt as _;
+                            fs_err::set_permissions(
+                                &source,
+                                std::fs::Permissions::from_mode(mode & 0o7777),
+                            )
+                            .map_err(scratch_err(&source))?;
+                        }
+                    }
+                    // sharing=locked (and private, approximated): one
+                    // writer at a time, across builds and processes.
+                    if matches!(
+                        m.sharing,
+                        Some(kiln_parser::Sharing::Locked | kiln_parser::Sharing::Private)
+                    ) {
+                        let lock_path = source.with_extension("lock");
+                        let lock = fs_err::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&lock_path)
+                            .map_err(scratch_err(&lock_path))?;
+                        lock.file().lock().map_err(scratch_err(&lock_path))?;
+                        cache_locks.push(lock);
+                    }
                     mounts.push(Mount {
                         target: m.target.clone(),
                         kind: MountKind::Cache { source },
@@ -401,6 +440,7 @@ impl StoreRunner {
         })?;
         drop(held);
         drop(secret_files);
+        drop(cache_locks);
         if cancel.is_cancelled() || status == kiln_executor::ExitStatus::Cancelled {
             return Err(RunnerError::Cancelled { step: name });
         }
@@ -413,9 +453,9 @@ impl StoreRunner {
                 line,
                 command: step
                     .vertex
-                    .history
-                    .as_ref()
-                    .map_or_else(|| r.args.join(" "), |h| h.created_by.clone()),
+                    .name
+                    .split_once("] ")
+                    .map_or_else(|| r.args.join(" "), |(_, i)| i.to_owned()),
                 code: status.shell_code(),
                 tail,
             })
