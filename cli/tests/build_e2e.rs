@@ -721,3 +721,53 @@ fn sigint_cancels_and_leaves_nothing_mounted() {
     let o = env.kiln(&["images"]);
     assert!(!text(&o.stdout).contains("cancel"), "{}", text(&o.stdout));
 }
+
+#[test]
+fn sigkill_leftovers_are_swept_by_the_next_build() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args(["build", "--progress=plain", "--network=none"])
+        .arg(&ctx)
+        .env_remove("KILN_ROOT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.ends_with(" started") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the RUN started");
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    let _ = reader.join();
+    // The runner's bind mount of the other stage is still there.
+    let mounts = fs_err::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let root = env.store().join("tmp").to_string_lossy().into_owned();
+    assert!(
+        mounts.lines().any(|l| l.contains(&root)),
+        "expected a leftover mount under {root}"
+    );
+    // The sandbox's helper saw its lifeline close; give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Any build sweeps what the dead one left.
+    let other = env.context("edit");
+    env.build(&other, &[]);
+    env.assert_clean();
+}

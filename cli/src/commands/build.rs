@@ -198,6 +198,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     let (df_path, df) = read_dockerfile(args.file.as_deref(), &args.context)?;
     let opts = build_options(&args.build_args, args.target.clone());
     let store = Arc::new(global.store()?);
+    // Scratch directories (and mounts) of builds that were killed.
+    kiln_solver::runner::sweep_stale(&store);
     let _ = args.pull; // registry pulls are a later issue; both modes use the store
     let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
         .with_context(|| format!("planning `{}`", df_path.display()))?;

@@ -294,10 +294,22 @@ impl StoreRunner {
 
     fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir, RunnerError> {
         let tmp = self.store.root().join("tmp");
-        tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(&tmp)
-            .map_err(|source| RunnerError::Scratch { path: tmp, source })
+            .map_err(|source| RunnerError::Scratch {
+                path: tmp.clone(),
+                source,
+            })?;
+        // Whose it is, for [`sweep_stale`] after a crash.
+        let pid_file = dir.path().join(OWNER_FILE);
+        fs_err::write(&pid_file, std::process::id().to_string()).map_err(|source| {
+            RunnerError::Scratch {
+                path: pid_file,
+                source,
+            }
+        })?;
+        Ok(dir)
     }
 
     fn created_time(&self) -> Option<SystemTime> {
@@ -522,6 +534,74 @@ impl StepRunner for StoreRunner {
     }
 }
 
+/// The file in a scratch directory that holds its owner's pid.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Unmount and remove the scratch directories that builds which died
+/// without cleaning up (SIGKILL, power loss) left in the store's `tmp/`:
+/// those whose owner pid is no longer running. Returns how many went.
+/// Best effort: what cannot be removed stays for the next sweep.
+pub fn sweep_stale(store: &Store) -> usize {
+    let tmp = store.root().join("tmp");
+    let Ok(entries) = fs_err::read_dir(&tmp) else {
+        return 0;
+    };
+    let mountinfo = fs_err::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mount_points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .collect();
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let dir = e.path();
+        let Ok(pid) = fs_err::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        let Ok(pid) = pid.trim().parse::<u32>() else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let mut under: Vec<&PathBuf> = mount_points
+            .iter()
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+        for m in under {
+            let _ = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        if fs_err::remove_dir_all(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            out.push(u8::try_from(v).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Resolves base images from the store for the planner.
 #[derive(Debug, Clone)]
 pub struct StoreResolver {
@@ -546,5 +626,41 @@ impl crate::plan::ImageResolver for StoreResolver {
             digest: Some(image.id.to_string()),
             config: crate::export::plan_config_json(&image.config_bytes),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn sweep_removes_dead_owners_only() {
+        let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(root.path()).unwrap_or_else(|e| panic!("{e}"));
+        let tmp = root.path().join("tmp");
+        let dead = tmp.join("run-dead");
+        let alive = tmp.join("run-alive");
+        let foreign = tmp.join("other");
+        for d in [&dead, &alive, &foreign] {
+            fs_err::create_dir_all(d.join("upper/x")).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // pid_max is at most 2^22: this pid cannot be running.
+        fs_err::write(dead.join(OWNER_FILE), "99999999").unwrap_or_else(|e| panic!("{e}"));
+        fs_err::write(alive.join(OWNER_FILE), std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sweep_stale(&store), 1);
+        assert!(!dead.exists());
+        assert!(alive.exists());
+        assert!(
+            foreign.exists(),
+            "a directory without an owner file is not ours"
+        );
     }
 }
