@@ -771,3 +771,24 @@ fn sigkill_leftovers_are_swept_by_the_next_build() {
     env.build(&other, &[]);
     env.assert_clean();
 }
+
+#[test]
+fn deletions_are_whiteouts_across_layers() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("delete");
+    let fs = env.rootfs(&ctx, &["-t", "del:1"], "out");
+    assert!(!fs.join("etc/group").exists());
+    assert!(fs.join("etc/passwd").is_file());
+    let mut d: Vec<String> = fs_err::read_dir(fs.join("d"))
+        .expect("read_dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    d.sort();
+    assert_eq!(d, ["c", "keep.txt"]);
+    assert_eq!(read(&fs.join("checked")), "checked\n");
+    env.assert_clean();
+}
