@@ -792,3 +792,19 @@ fn deletions_are_whiteouts_across_layers() {
     assert_eq!(read(&fs.join("checked")), "checked\n");
     env.assert_clean();
 }
+
+#[test]
+fn user_workdir_and_chown_ownership() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("owner");
+    let fs = env.rootfs(&ctx, &["-t", "own:1"], "out");
+    assert_eq!(
+        read(&fs.join("tmp/owners")),
+        "nobody:nogroup /home/nobody/work\nnobody:nogroup mine.txt\nroot:root root-owned.txt\n"
+    );
+    assert_eq!(read(&fs.join("tmp/whoami")), "nobody\n");
+    assert_eq!(env.config("own:1")["config"]["User"], "nobody");
+}
