@@ -284,6 +284,12 @@ fn multi_stage_target_and_unneeded_stages() {
     let dot = text(&o.stdout);
     assert!(dot.starts_with("digraph"), "{dot}");
     assert!(!dot.contains("this stage is not needed"), "{dot}");
+    // `kiln graph` needs no store image, and --target picks the stages.
+    let o = env.kiln(&["graph", "--target", "b", ctx.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let dot = text(&o.stdout);
+    assert!(dot.contains("echo b > /b.txt"), "{dot}");
+    assert!(!dot.contains("echo a > /a.txt"), "{dot}");
     let fs = env.rootfs(&ctx, &["-t", "multi:b", "--target", "b"], "b");
     assert_eq!(read(&fs.join("b.txt")), "b\n");
     assert!(!fs.join("a.txt").exists(), "stage a is not in target b");
