@@ -156,7 +156,8 @@ pub struct RemoveReport {
 /// Options for [`Store::gc`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GcOptions {
-    /// Also remove every image and cache record (`prune --all`).
+    /// Also remove every build cache record (`prune --all`); named images
+    /// are always kept.
     pub all: bool,
     /// Only report; change nothing.
     pub dry_run: bool,

@@ -16,7 +16,7 @@ impl Store {
     // ------------------------------------------------------------------- gc
 
     /// Removes what no name, image or cache record needs: dangling images
-    /// (all images and cache records with `all`), unreferenced blobs,
+    /// (and every build cache record with `all`), unreferenced blobs,
     /// snapshots and temp files. Holds the store lock exclusively.
     pub fn gc(&self, opts: GcOptions) -> Result<GcReport> {
         // A dry run only reads: the shared lock lets it run beside loads.
@@ -28,13 +28,11 @@ impl Store {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(self.db_err("starting transaction"))?;
-            let doomed_sql = if opts.all {
-                "SELECT id FROM images"
-            } else {
-                "SELECT id FROM images WHERE id NOT IN (SELECT image FROM names)"
-            };
+            // Named images are never collected, with or without `all`:
+            // `kiln rmi` removes names (as `docker image prune` keeps tagged
+            // images and `docker builder prune -a` only drops build cache).
             let doomed: Vec<String> = tx
-                .prepare(doomed_sql)
+                .prepare("SELECT id FROM images WHERE id NOT IN (SELECT image FROM names)")
                 .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
                 .map_err(&e)?;
             for id in &doomed {

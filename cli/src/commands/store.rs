@@ -12,7 +12,7 @@ use super::format::{human_size, table};
 /// `kiln prune`.
 #[derive(Debug, Args)]
 pub(crate) struct PruneArgs {
-    /// Remove all images and cache records, not only unnamed images.
+    /// Also remove every build cache record (named images are kept; `kiln rmi` removes those).
     #[arg(short, long)]
     all: bool,
     /// Don't ask for confirmation.
@@ -39,7 +39,7 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
     let store = global.store()?;
     if !args.force {
         let what = if args.all {
-            "all images and build cache records"
+            "unnamed images, all build cache records, unused blobs and snapshots"
         } else {
             "unnamed images, unused blobs and snapshots"
         };
