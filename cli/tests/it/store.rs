@@ -381,15 +381,28 @@ fn load_killed_at_random_points() {
     let archives = make_archives(t, 1, 24 << 20);
     let archive = archives[0].to_str().expect("utf8").to_owned();
     let k = Kiln::new(t.join("victim"));
+    // Calibrate on this machine: kill points are spread over the time one full
+    // load takes here, so they land mid-load on a fast machine and a slow one.
+    let started = std::time::Instant::now();
+    k.ok(&["load", "-q", "-i", &archive]);
+    let full_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let window_ms = (full_ms * 9 / 10).max(1);
+    eprintln!("a full load takes {full_ms} ms; killing within {window_ms} ms");
+    k.ok(&["rmi", "img0:v"]);
+    k.ok(&["prune", "--force"]);
     let mut rng = Rng::from_clock();
     let mut killed = 0;
     for _ in 0..20 {
+        // Collect the blobs of the previous round, so this load copies
+        // everything again instead of finding the blobs present (the last
+        // round's leftovers stay for the retry below).
+        k.ok(&["prune", "--force"]);
         let mut child = k
             .cmd()
             .args(["load", "-q", "-i", &archive])
             .spawn()
             .expect("spawn");
-        std::thread::sleep(Duration::from_millis(rng.below(150)));
+        std::thread::sleep(Duration::from_millis(rng.below(window_ms)));
         if child.try_wait().expect("poll").is_none() {
             killed += 1;
         }
