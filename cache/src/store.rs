@@ -259,6 +259,14 @@ impl Store {
         }
         conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(|e| db("setting pragmas", e))?;
+        // No checkpoint (three fsyncs and an unlink) each time a short-lived
+        // kiln process closes the database: the WAL stays, and SQLite
+        // checkpoints it when it grows (wal_autocheckpoint).
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(|e| db("setting pragmas", e))?;
         migrate(&mut conn, &db_path)?;
         Ok(Store {
             root,

@@ -87,7 +87,7 @@ fn a_tampered_snapshot_is_reported_not_streamed_as_good() {
     let err = store
         .ensure_layer_blob(&layer.diff_id)
         .expect_err("no blob from a bad snapshot");
-    assert!(err.to_string().contains(&layer.diff_id.short()), "{err}");
+    assert!(err.to_string().contains(layer.diff_id.short()), "{err}");
     assert!(!store.has_blob(&layer.diff_id));
 
     // fsck --verify names it once an image uses it.
@@ -100,7 +100,7 @@ fn a_tampered_snapshot_is_reported_not_streamed_as_good() {
         .put_image(
             &names,
             &serde_json::to_vec(&config).expect("json"),
-            &[layer.clone()],
+            std::slice::from_ref(&layer),
         )
         .expect("image over a snapshot-only layer");
     assert!(store.fsck(false).expect("fsck").is_empty());

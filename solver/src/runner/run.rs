@@ -485,6 +485,16 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// Held by an output reader thread: its drop (when the thread ends, however
+/// it ends) tells the waiting step.
+struct ReaderDone(std::sync::mpsc::Sender<()>);
+
+impl Drop for ReaderDone {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,15 +567,5 @@ mod tests {
         assert!(s.contains("line 4"), "{s}");
         assert!(s.contains("exit code 2"), "{s}");
         assert!(s.contains("Error 2"), "{s}");
-    }
-}
-
-/// Held by an output reader thread: its drop (when the thread ends, however
-/// it ends) tells the waiting step.
-struct ReaderDone(std::sync::mpsc::Sender<()>);
-
-impl Drop for ReaderDone {
-    fn drop(&mut self) {
-        let _ = self.0.send(());
     }
 }
