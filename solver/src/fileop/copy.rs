@@ -7,6 +7,9 @@ use std::fs::Metadata;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::SystemTime;
 
 use filetime::FileTime;
@@ -133,34 +136,87 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         }
     }
 
-    let mut c = Copier {
-        dest_root,
+    let settings = Arc::new(FileSettings {
         kind: op.source_kind,
         owner,
-        chmod,
+        chmod: chmod.clone(),
         time: op.created_time,
         apply_ownership: op.apply_ownership,
-        exclude,
-        ignore: op.ignore.as_ref(),
-        links: HashMap::new(),
-        stamped: Vec::new(),
-        report: Report::default(),
-    };
+    });
+    let state = Arc::new(PoolState::default());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(256);
+    let rx = Arc::new(Mutex::new(rx));
+    std::thread::scope(|scope| {
+        for _ in 0..copy_workers() {
+            let (rx, state, settings) =
+                (Arc::clone(&rx), Arc::clone(&state), Arc::clone(&settings));
+            scope.spawn(move || worker(&rx, &state, &settings));
+        }
+        let mut c = Copier {
+            dest_root,
+            kind: op.source_kind,
+            owner,
+            chmod,
+            time: op.created_time,
+            apply_ownership: op.apply_ownership,
+            exclude,
+            ignore: op.ignore.as_ref(),
+            links: HashMap::new(),
+            stamped: Vec::new(),
+            report: Report::default(),
+            jobs: Some(tx),
+            state: Arc::clone(&state),
+            settings: Arc::clone(&settings),
+            deferred: Vec::new(),
+        };
+        let res = copy_all(
+            &mut c,
+            op,
+            src_root,
+            dest_root,
+            &entries,
+            &staged,
+            &dest_abs,
+            dest_is_dir,
+        );
+        // Stop the workers (also on error), then report the first failure.
+        c.jobs = None;
+        let settled = c.settle();
+        res.and(settled).map(|()| {
+            c.report.bytes += state.bytes.load(Ordering::Relaxed);
+            std::mem::take(&mut c.report)
+        })
+    })
+}
+
+/// Everything [`copy`] does once its sources are resolved.
+#[allow(clippy::too_many_arguments)]
+fn copy_all(
+    c: &mut Copier<'_>,
+    op: &CopyOp,
+    src_root: &Path,
+    dest_root: &Path,
+    entries: &[super::SourceEntry],
+    staged: &[(PathBuf, String, bool)],
+    dest_abs: &str,
+    dest_is_dir: bool,
+) -> Result<(), FileOpError> {
     c.report.sources_read = entries.iter().map(|e| e.resolved_path.clone()).collect();
 
     // fsutil's `Copy`: make the destination's directory (or itself, with a
     // trailing slash), then resolve it fully inside the root.
     let ensure = if dest_is_dir {
-        dest_abs.clone()
+        dest_abs.to_owned()
     } else {
-        parent_of(&dest_abs)
+        parent_of(dest_abs)
     };
     let ensure = resolve(dest_root, &ensure, true)?;
     c.mkdir_all(&ensure)?;
-    let dst = resolve(dest_root, &dest_abs, true)?;
+    let dst = resolve(dest_root, dest_abs, true)?;
 
     let unpack_local = op.is_add && op.unpack != Some(false);
-    for e in &entries {
+    for e in entries {
+        c.settle()?;
         if op.parents {
             c.copy_with_parents(src_root, e, &dst)?;
             continue;
@@ -180,7 +236,8 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         let rel = e.resolved_path.clone();
         c.copy_top(&e.host, &rel, &e.name, e.is_dir, &dst, SourceKindFor::Op)?;
     }
-    for (path, name, unpack) in &staged {
+    for (path, name, unpack) in staged {
+        c.settle()?;
         if *unpack && archive::is_archive(path)? {
             c.mkdir_all(&dst)?;
             archive::extract(
@@ -195,13 +252,14 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         }
         c.copy_top(path, "", name, false, &dst, SourceKindFor::Generated)?;
     }
+    c.settle()?;
     if let Some(t) = c.time {
         let t = FileTime::from_system_time(t);
         for dir in c.stamped.iter().rev() {
             filetime::set_symlink_file_times(dir, t, t).map_err(|e| with_path(e, dir))?;
         }
     }
-    Ok(c.report)
+    Ok(())
 }
 
 /// BuildKit's destination: relative to WORKDIR, cleaned, and whether it
@@ -259,6 +317,96 @@ struct Copier<'a> {
     /// set again at the end, since writing into them changed them.
     stamped: Vec<PathBuf>,
     report: Report,
+    /// Regular files go to the workers (`None`: copy them here).
+    jobs: Option<SyncSender<Job>>,
+    state: Arc<PoolState>,
+    settings: Arc<FileSettings>,
+    /// Directories whose metadata is applied once every file in them is
+    /// written (a file created later would change the mtime).
+    deferred: Vec<(PathBuf, PathBuf, Metadata, SourceKindFor)>,
+}
+
+/// What a regular file's copy needs besides its paths.
+#[derive(Debug)]
+struct FileSettings {
+    kind: SourceKind,
+    owner: Option<Owner>,
+    chmod: Option<ModeChange>,
+    time: Option<SystemTime>,
+    apply_ownership: bool,
+}
+
+/// One regular file to copy.
+struct Job {
+    src: PathBuf,
+    target: PathBuf,
+    meta: Metadata,
+    whose: SourceKindFor,
+}
+
+/// The workers' shared state: files in flight, the first failure, bytes.
+#[derive(Debug, Default)]
+struct PoolState {
+    pending: Mutex<usize>,
+    idle: Condvar,
+    error: Mutex<Option<FileOpError>>,
+    bytes: AtomicU64,
+}
+
+impl PoolState {
+    fn done(&self, res: Result<u64, FileOpError>) {
+        match res {
+            Ok(n) => {
+                self.bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let mut first = self
+                    .error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                first.get_or_insert(e);
+            }
+        }
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn take_error(&self) -> Option<FileOpError> {
+        self.error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// File copies run on this many threads (the walk itself stays on one):
+/// small files are bound by system calls, big ones by the disk, and a
+/// second core overlaps both.
+fn copy_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+fn worker(rx: &Mutex<Receiver<Job>>, state: &PoolState, settings: &FileSettings) {
+    loop {
+        let job = {
+            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        state.done(copy_regular(
+            settings,
+            &job.src,
+            &job.target,
+            &job.meta,
+            job.whose,
+        ));
+    }
 }
 
 impl Copier<'_> {
@@ -462,7 +610,8 @@ impl Copier<'_> {
             // or nested directories take the source's (after the children,
             // so the mtime sticks).
             if (created || overwrite_meta) && dir == target {
-                self.apply_info(src, &dir, &meta, false, whose)?;
+                self.deferred
+                    .push((src.to_path_buf(), dir.clone(), meta.clone(), whose));
             }
             return Ok(());
         }
@@ -472,11 +621,15 @@ impl Copier<'_> {
         let kind = if ft.is_file() {
             let key = (meta.dev(), meta.ino());
             if meta.nlink() == 1 {
-                // The common case, on file descriptors only.
-                self.report.bytes += self.copy_regular(src, target, &meta, whose)?;
+                // The common case, on a worker, on file descriptors only.
                 let inner = self.inner_of(target);
                 self.report.push(inner, EntryKind::File);
-                return Ok(());
+                return self.submit(Job {
+                    src: src.to_path_buf(),
+                    target: target.to_path_buf(),
+                    meta,
+                    whose,
+                });
             }
             match self.links.get(&key).filter(|_| meta.nlink() > 1) {
                 Some(first) => {
@@ -553,92 +706,55 @@ impl Copier<'_> {
         }
     }
 
-    /// A regular file with its data, owner, mode, xattrs and times, as
-    /// [`Self::apply_info`] gives them, through two file descriptors
-    /// (`target` must not exist). Returns the bytes copied.
-    fn copy_regular(
-        &self,
-        src: &Path,
-        target: &Path,
-        meta: &Metadata,
-        whose: SourceKindFor,
-    ) -> Result<u64, FileOpError> {
-        use fs_err::os::unix::fs::OpenOptionsExt;
-        use xattr::FileExt;
-        let mut from = fs_err::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(src)?;
-        let mut to = fs_err::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(target)?;
-        let bytes = if meta.len() <= SMALL_FILE {
-            // One read and one write: `io::copy` would stat both files to
-            // pick a kernel copy, and read again to see the end.
-            use std::io::{Read as _, Write as _};
-            let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-            (&mut from).take(SMALL_FILE).read_to_end(&mut buf)?;
-            to.write_all(&buf)?;
-            buf.len() as u64
-        } else {
-            io::copy(&mut from, &mut to)?
-        };
-        let (fd_from, fd_to) = (from.file(), to.file());
-        if self.apply_ownership {
-            let (uid, gid) = match (self.owner, whose, self.kind) {
-                (Some(o), _, _) => (o.uid, o.gid),
-                (None, SourceKindFor::Op, SourceKind::Stage) => (meta.uid(), meta.gid()),
-                _ => (0, 0),
-            };
-            let created = fd_to.metadata().map_err(|e| with_path(e, target))?;
-            if (created.uid(), created.gid()) != (uid, gid) {
-                std::os::unix::fs::fchown(fd_to, Some(uid), Some(gid))
-                    .map_err(|e| with_path(e, target))?;
-            }
+    /// Hands a regular file to the workers (or copies it here).
+    fn submit(&mut self, job: Job) -> Result<(), FileOpError> {
+        if let Some(e) = self.state.take_error() {
+            return Err(e);
         }
-        let bits = meta.mode() & 0o7777;
-        let mode = match &self.chmod {
-            Some(c) => c.apply(bits, false),
-            None => bits,
-        };
-        fd_to
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| with_path(e, target))?;
-        match fd_from.list_xattr() {
-            Ok(names) => {
-                for name in names {
-                    let Some(value) = fd_from.get_xattr(&name).map_err(|e| with_path(e, src))?
-                    else {
-                        continue;
-                    };
-                    let lossy = name.to_string_lossy();
-                    match fd_to.set_xattr(&name, &value) {
-                        Ok(()) => {}
-                        Err(e)
-                            if xattr_skippable(&e)
-                                || (e.kind() == io::ErrorKind::PermissionDenied
-                                    && (lossy.starts_with("security.")
-                                        || lossy.starts_with("trusted."))) => {}
-                        Err(e) => return Err(with_path(e, target).into()),
-                    }
+        if let Some(tx) = &self.jobs {
+            *self
+                .state
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+            match tx.send(job) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(job)) => {
+                    self.state.done(Ok(0));
+                    self.jobs = None;
+                    return self.submit(job);
                 }
             }
-            Err(e) if xattr_skippable(&e) => {}
-            Err(e) => return Err(with_path(e, src).into()),
         }
-        let (atime, mtime) = match self.time {
-            Some(t) => (FileTime::from_system_time(t), FileTime::from_system_time(t)),
-            None => (
-                FileTime::from_last_access_time(meta),
-                FileTime::from_last_modification_time(meta),
-            ),
-        };
-        filetime::set_file_handle_times(fd_to, Some(atime), Some(mtime))
-            .map_err(|e| with_path(e, target))?;
-        Ok(bytes)
+        self.report.bytes +=
+            copy_regular(&self.settings, &job.src, &job.target, &job.meta, job.whose)?;
+        Ok(())
+    }
+
+    /// Waits until every file handed out is written, then applies the
+    /// deferred directory metadata. Returns the first failure.
+    fn settle(&mut self) -> Result<(), FileOpError> {
+        {
+            let mut pending = self
+                .state
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            while *pending > 0 {
+                pending = self
+                    .state
+                    .idle
+                    .wait(pending)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+        if let Some(e) = self.state.take_error() {
+            return Err(e);
+        }
+        for (src, dir, meta, whose) in std::mem::take(&mut self.deferred) {
+            self.apply_info(&src, &dir, &meta, false, whose)?;
+        }
+        Ok(())
     }
 
     /// fsutil's `copyFileInfo` + `copyXAttrs`: owner, mode (`--chmod`),
@@ -679,6 +795,93 @@ impl Copier<'_> {
         filetime::set_symlink_file_times(target, atime, mtime).map_err(|e| with_path(e, target))?;
         Ok(())
     }
+}
+
+/// A regular file with its data, owner, mode, xattrs and times, as
+/// [`Self::apply_info`] gives them, through two file descriptors
+/// (`target` must not exist). Returns the bytes copied.
+fn copy_regular(
+    settings: &FileSettings,
+    src: &Path,
+    target: &Path,
+    meta: &Metadata,
+    whose: SourceKindFor,
+) -> Result<u64, FileOpError> {
+    use fs_err::os::unix::fs::OpenOptionsExt;
+    use xattr::FileExt;
+    let mut from = fs_err::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(src)?;
+    let mut to = fs_err::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(target)?;
+    let bytes = if meta.len() <= SMALL_FILE {
+        // One read and one write: `io::copy` would stat both files to
+        // pick a kernel copy, and read again to see the end.
+        use std::io::{Read as _, Write as _};
+        let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        (&mut from).take(SMALL_FILE).read_to_end(&mut buf)?;
+        to.write_all(&buf)?;
+        buf.len() as u64
+    } else {
+        io::copy(&mut from, &mut to)?
+    };
+    let (fd_from, fd_to) = (from.file(), to.file());
+    if settings.apply_ownership {
+        let (uid, gid) = match (settings.owner, whose, settings.kind) {
+            (Some(o), _, _) => (o.uid, o.gid),
+            (None, SourceKindFor::Op, SourceKind::Stage) => (meta.uid(), meta.gid()),
+            _ => (0, 0),
+        };
+        let created = fd_to.metadata().map_err(|e| with_path(e, target))?;
+        if (created.uid(), created.gid()) != (uid, gid) {
+            std::os::unix::fs::fchown(fd_to, Some(uid), Some(gid))
+                .map_err(|e| with_path(e, target))?;
+        }
+    }
+    let bits = meta.mode() & 0o7777;
+    let mode = match &settings.chmod {
+        Some(c) => c.apply(bits, false),
+        None => bits,
+    };
+    fd_to
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| with_path(e, target))?;
+    match fd_from.list_xattr() {
+        Ok(names) => {
+            for name in names {
+                let Some(value) = fd_from.get_xattr(&name).map_err(|e| with_path(e, src))? else {
+                    continue;
+                };
+                let lossy = name.to_string_lossy();
+                match fd_to.set_xattr(&name, &value) {
+                    Ok(()) => {}
+                    Err(e)
+                        if xattr_skippable(&e)
+                            || (e.kind() == io::ErrorKind::PermissionDenied
+                                && (lossy.starts_with("security.")
+                                    || lossy.starts_with("trusted."))) => {}
+                    Err(e) => return Err(with_path(e, target).into()),
+                }
+            }
+        }
+        Err(e) if xattr_skippable(&e) => {}
+        Err(e) => return Err(with_path(e, src).into()),
+    }
+    let (atime, mtime) = match settings.time {
+        Some(t) => (FileTime::from_system_time(t), FileTime::from_system_time(t)),
+        None => (
+            FileTime::from_last_access_time(meta),
+            FileTime::from_last_modification_time(meta),
+        ),
+    };
+    filetime::set_file_handle_times(fd_to, Some(atime), Some(mtime))
+        .map_err(|e| with_path(e, target))?;
+    Ok(bytes)
 }
 
 /// Files up to this size are copied through one buffer.
