@@ -1,0 +1,4 @@
+//! kiln's runtime: containers, volumes and networks, built on the store
+//! (`kiln-cache`) and the sandbox (`kiln-executor`).
+
+pub mod network;
