@@ -438,7 +438,7 @@ fn the_default_bridge_network_is_made_on_first_attach() {
     drop(ns);
     network::teardown_store(root).expect("teardown");
     assert!(!link_exists(&bridge));
-    assert!(rules_mentioning(&[bridge.clone()]).is_empty());
+    assert!(rules_mentioning(std::slice::from_ref(&bridge)).is_empty());
 }
 
 #[test]
