@@ -186,7 +186,7 @@ fn retry<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
 }
 
 fn http_get(addr: (Ipv4Addr, u16)) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))
+    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_millis(500))
         .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
@@ -266,7 +266,11 @@ fn two_containers_talk_by_name_and_alias_and_a_port_is_published_on_loopback() {
     let alias = format!("www{pid}");
     let web_id = format!("{:0<64}", format!("a{pid}"));
     let client_id = format!("{:0<64}", format!("b{pid}"));
-    let publish: PortSpec = "127.0.0.1::8080".parse().expect("port spec");
+    // One port on 127.0.0.1 only, one on every address (docker's `-p 8080`).
+    let publish: Vec<PortSpec> = ["127.0.0.1::8080", "8080"]
+        .iter()
+        .map(|s| s.parse().expect("port spec"))
+        .collect();
     let a = network::attach(
         root,
         &net,
@@ -274,7 +278,7 @@ fn two_containers_talk_by_name_and_alias_and_a_port_is_published_on_loopback() {
         &web_name,
         std::slice::from_ref(&alias),
         web.pid(),
-        &[publish],
+        &publish,
     )
     .expect("attach web");
     let b = network::attach(root, &net, &client_id, "client", &[], client.pid(), &[])
@@ -282,8 +286,12 @@ fn two_containers_talk_by_name_and_alias_and_a_port_is_published_on_loopback() {
     assert!(subnet.is_host(a.ip) && subnet.is_host(b.ip), "{a:?} {b:?}");
     assert_ne!(a.ip, b.ip);
     assert_eq!(a.hosts_file, b.hosts_file, "one hosts file per network");
-    let host_port = a.ports[0].host_port;
-    assert_ne!(host_port, 0, "a free host port was chosen");
+    let host_ports: Vec<u16> = a.ports.iter().map(|p| p.host_port).collect();
+    assert_eq!(host_ports.len(), 2);
+    assert!(
+        !host_ports.contains(&0),
+        "free host ports were chosen: {host_ports:?}"
+    );
     let hosts_inode = fs_err::metadata(&a.hosts_file).expect("hosts").ino();
     let hosts = fs_err::read_to_string(&a.hosts_file).expect("hosts");
     assert!(
@@ -329,10 +337,12 @@ fn two_containers_talk_by_name_and_alias_and_a_port_is_published_on_loopback() {
     assert!(out.status.success(), "ping by name: {}", text(&out));
 
     // From the host, on 127.0.0.1 and the published port.
-    let body = retry("GET 127.0.0.1:HOST_PORT", || {
-        http_get((Ipv4Addr::LOCALHOST, host_port))
-    });
-    assert!(body.contains(&marker), "{body}");
+    for &port in &host_ports {
+        let body = retry(&format!("GET 127.0.0.1:{port}"), || {
+            http_get((Ipv4Addr::LOCALHOST, port))
+        });
+        assert!(body.contains(&marker), "{body}");
+    }
     assert!(
         !rules_mentioning(&markers).is_empty(),
         "the network has rules while in use"
@@ -374,7 +384,9 @@ fn two_containers_talk_by_name_and_alias_and_a_port_is_published_on_loopback() {
         "the hosts file keeps its inode"
     );
     assert!(
-        http_get((Ipv4Addr::LOCALHOST, host_port)).is_err(),
+        host_ports
+            .iter()
+            .all(|&p| http_get((Ipv4Addr::LOCALHOST, p)).is_err()),
         "the port is no longer published"
     );
 
@@ -536,4 +548,98 @@ fn conflicts_and_bad_requests_are_refused_and_a_dead_container_is_cleaned_up() {
         rules_mentioning(&[bridge.clone(), prefix]).is_empty(),
         "rules left"
     );
+}
+
+#[test]
+fn parallel_attaches_get_distinct_addresses_and_a_failed_attach_leaves_nothing() {
+    if !can_run() {
+        return;
+    }
+    let store = Store::new();
+    let root = store.root().to_owned();
+    let pid = std::process::id();
+    let net = format!("kt{pid}-par");
+    let subnet = test_subnet(3);
+    let info = network::create(
+        &root,
+        &net,
+        &CreateOptions {
+            subnet: Some(subnet),
+            gateway: None,
+        },
+    )
+    .expect("create");
+    let bridge = info.bridge.clone().expect("bridge");
+    let namespaces: Vec<Ns> = (0..4).map(|_| Ns::new()).collect();
+    let ips: Vec<Ipv4Addr> = std::thread::scope(|scope| {
+        let handles: Vec<_> = namespaces
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let (root, net) = (&root, &net);
+                scope.spawn(move || {
+                    network::attach(
+                        root,
+                        net,
+                        &format!("p{i}"),
+                        &format!("p{i}"),
+                        &[],
+                        ns.pid(),
+                        &[],
+                    )
+                    .expect("parallel attach")
+                    .ip
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let distinct: BTreeSet<_> = ips.iter().collect();
+    assert_eq!(distinct.len(), 4, "{ips:?}");
+    let hosts = fs_err::read_to_string(network::hosts_file(&root, &net)).expect("hosts");
+    for (i, ip) in ips.iter().enumerate() {
+        assert!(hosts.contains(&format!("{ip}\tp{i}")), "{hosts}");
+    }
+
+    // A namespace that has an eth0 already: the veth cannot be made, and the attach
+    // is rolled back (no endpoint, no rule, no veth).
+    let busy = Ns::new();
+    let out = busy.run(None, "ip link add eth0 type bridge");
+    assert!(out.status.success(), "{}", text(&out));
+    let port: PortSpec = "127.0.0.1::80".parse().expect("spec");
+    let before = rules_mentioning(std::slice::from_ref(&bridge));
+    let err = network::attach(&root, &net, "busy", "busy", &[], busy.pid(), &[port])
+        .expect_err("eth0 exists");
+    assert!(matches!(err, NetworkError::Command { .. }), "{err}");
+    assert!(err.to_string().contains("eth0"), "{err}");
+    let after = network::inspect(&root, &net).expect("inspect");
+    assert_eq!(
+        after.containers.len(),
+        4,
+        "the failed endpoint is not recorded"
+    );
+    assert_eq!(rules_mentioning(std::slice::from_ref(&bridge)), before);
+    let hosts = fs_err::read_to_string(network::hosts_file(&root, &net)).expect("hosts");
+    assert!(!hosts.contains("busy"), "{hosts}");
+
+    // kiln's own namespace is refused.
+    let err = network::attach(&root, &net, "me", "me", &[], pid, &[]).expect_err("own netns");
+    assert!(matches!(err, NetworkError::SharedNetns(_)), "{err}");
+
+    for i in 0..4 {
+        network::detach(&root, &net, &format!("p{i}")).expect("detach");
+    }
+    assert!(
+        fs_err::read_to_string(network::hosts_file(&root, &net))
+            .expect("hosts")
+            .lines()
+            .all(|l| !l.contains("\tp")),
+        "hosts entries removed"
+    );
+    network::remove(&root, &net).expect("rm");
+    assert!(!link_exists(&bridge));
+    assert!(rules_mentioning(std::slice::from_ref(&bridge)).is_empty());
 }

@@ -190,6 +190,9 @@ pub enum NetworkError {
     /// The process whose network namespace was to be attached is gone.
     #[error("process {0} has no network namespace (has it exited?)")]
     NoNetns(u32),
+    /// The process shares kiln's own network namespace.
+    #[error("process {0} is in kiln's own network namespace, not a container's")]
+    SharedNetns(u32),
     /// A tool (`ip`, `iptables`, `nsenter`) could not be started.
     #[error("cannot run `{command}`")]
     Spawn {
@@ -905,6 +908,11 @@ pub fn attach(
         remove_endpoint(&old)?;
     }
     let netns_inode = host::netns_inode(netns_pid).ok_or(NetworkError::NoNetns(netns_pid))?;
+    if Some(netns_inode) == host::netns_inode(std::process::id()) {
+        // The veth's inner end would land in our own namespace (the host's), with a
+        // default route through the bridge: never.
+        return Err(NetworkError::SharedNetns(netns_pid));
+    }
 
     let mut taken: Vec<(String, PortSpec)> = Vec::new();
     for other in load_all(store_root)? {
