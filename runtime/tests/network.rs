@@ -497,6 +497,10 @@ fn conflicts_and_bad_requests_are_refused_and_a_dead_container_is_cleaned_up() {
         network::attach(root, &format!("{net}-nope"), "x", "x", &[], 1, &[]),
         Err(NetworkError::NotFound(_))
     ));
+    assert!(matches!(
+        network::attach(root, &net, "a\"b", "x", &[], 1, &[]),
+        Err(NetworkError::InvalidContainerId(_))
+    ));
 
     let one = Ns::new();
     let mut two = Ns::new();

@@ -181,3 +181,40 @@ pub(crate) fn network(command: NetworkCommand, global: &Global) -> anyhow::Resul
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::Cli;
+
+    #[test]
+    fn parses_docker_network_flags() {
+        let ok = |args: &[&str]| {
+            let mut v = vec!["kiln", "network"];
+            v.extend(args);
+            Cli::try_parse_from(v).is_ok()
+        };
+        assert!(ok(&[
+            "create",
+            "--subnet",
+            "10.89.1.0/24",
+            "--gateway",
+            "10.89.1.254",
+            "n"
+        ]));
+        assert!(ok(&["create", "-d", "bridge", "n"]));
+        assert!(
+            !ok(&["create", "--subnet", "10.89.1.1/24", "n"]),
+            "host bits set"
+        );
+        assert!(
+            !ok(&["create", "--gateway", "10.89.1.1", "n"]),
+            "gateway needs subnet"
+        );
+        assert!(ok(&["ls", "-q", "--no-trunc"]));
+        assert!(ok(&["inspect", "a", "b"]));
+        assert!(!ok(&["inspect"]));
+        assert!(ok(&["rm", "a", "b"]));
+    }
+}

@@ -141,6 +141,60 @@ pub(crate) fn delete_link(name: &str) -> Result<(), NetworkError> {
     }
 }
 
+/// The rules as `iptables-restore` input, one `*table ... COMMIT` block per table.
+fn restore_input(rules: &[Rule], op: impl Fn(&Rule) -> &'static str) -> String {
+    let mut out = String::new();
+    let mut tables: Vec<&str> = rules.iter().map(|r| r.table.as_str()).collect();
+    tables.dedup();
+    tables.sort_unstable();
+    tables.dedup();
+    for table in tables {
+        out.push_str(&format!("*{table}\n"));
+        for r in rules.iter().filter(|r| r.table == table) {
+            out.push_str(&format!("{} {}", op(r), r.chain));
+            for a in &r.args {
+                // Arguments never hold quotes (names and ids are checked); the
+                // comment holds spaces.
+                if a.contains(char::is_whitespace) {
+                    out.push_str(&format!(" \"{a}\""));
+                } else {
+                    out.push(' ');
+                    out.push_str(a);
+                }
+            }
+            out.push('\n');
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+fn restore(input: &str) -> Result<(), NetworkError> {
+    run(
+        "iptables-restore",
+        &["-w".to_owned(), "--noflush".to_owned()],
+        Some(input),
+    )
+}
+
+/// Adds fresh rules in one atomic `iptables-restore` (no check for duplicates: the
+/// caller knows they are not there).
+pub(crate) fn add_fresh_rules(rules: &[Rule]) -> Result<(), NetworkError> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    restore(&restore_input(rules, |r| if r.first { "-I" } else { "-A" }))
+}
+
+/// Deletes the rules, in one `iptables-restore` when they are all there, else one by
+/// one (idempotent).
+pub(crate) fn delete_rules(rules: &[Rule]) -> Result<(), NetworkError> {
+    if rules.is_empty() || restore(&restore_input(rules, |_| "-D")).is_ok() {
+        return Ok(());
+    }
+    rules.iter().try_for_each(delete_rule)
+}
+
 /// Adds the rule unless it is there already.
 pub(crate) fn add_rule(rule: &Rule) -> Result<(), NetworkError> {
     if run("iptables", &rule.command("-C"), None).is_ok() {

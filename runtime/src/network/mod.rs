@@ -785,9 +785,7 @@ fn drop_stale(state: &mut NetworkState) -> Result<bool> {
 
 /// Deletes an endpoint's rules and veth (idempotent, fine with a dead namespace).
 fn remove_endpoint(e: &Endpoint) -> Result<()> {
-    for rule in &e.rules {
-        host::delete_rule(rule)?;
-    }
+    host::delete_rules(&e.rules)?;
     host::delete_link(&e.veth)
 }
 
@@ -888,7 +886,12 @@ pub fn attach(
     if network == "host" || network == "none" {
         return Err(NetworkError::NotBridge(network.to_owned()));
     }
-    if container_id.is_empty() || container_id.chars().any(|c| c.is_whitespace() || c == '/') {
+    if container_id.is_empty()
+        || container_id.len() > 128
+        || !container_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
         return Err(NetworkError::InvalidContainerId(container_id.to_owned()));
     }
     let _lock = lock()?;
@@ -971,10 +974,8 @@ pub fn attach(
                 format!("route add default via {}", state.gateway),
             ],
         )?;
-        for rule in &endpoint.rules {
-            host::add_rule(rule)?;
-        }
-        Ok(())
+        // Fresh: a crash after adding them left a record whose rules were deleted above.
+        host::add_fresh_rules(&endpoint.rules)
     };
     let hosts = hosts_file(store_root, &state.name);
     let done = plumb().and_then(|()| hosts::write_in_place(&hosts, &hosts::render(&state)));
