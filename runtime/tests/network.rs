@@ -35,7 +35,7 @@ fn can_run() -> bool {
 
 /// A subnet no other test of this run uses: 10.128.0.0/9 split by pid and test.
 fn test_subnet(n: u32) -> Subnet {
-    let x = (std::process::id() % 8192) * 4 + n;
+    let x = (std::process::id() % 4096) * 8 + n;
     let a = u8::try_from(128 + (x >> 8)).expect("fits");
     let b = u8::try_from(x & 0xff).expect("fits");
     Subnet::new(Ipv4Addr::new(10, a, b, 0), 24).expect("valid")
@@ -644,6 +644,92 @@ fn parallel_attaches_get_distinct_addresses_and_a_failed_attach_leaves_nothing()
         "hosts entries removed"
     );
     network::remove(&root, &net).expect("rm");
+    assert!(!link_exists(&bridge));
+    assert!(rules_mentioning(std::slice::from_ref(&bridge)).is_empty());
+}
+
+#[test]
+fn an_attachment_made_through_a_holder_lives_as_long_as_the_container() {
+    if !can_run() {
+        return;
+    }
+    let store = Store::new();
+    let root = store.root();
+    let pid = std::process::id();
+    let net = format!("kt{pid}-hold");
+    let subnet = test_subnet(4);
+    let info = network::create(
+        root,
+        &net,
+        &CreateOptions {
+            subnet: Some(subnet),
+            gateway: None,
+        },
+    )
+    .expect("create");
+    let bridge = info.bridge.clone().expect("bridge");
+
+    // As `kiln run` does it: a holder's namespace is attached, then the container
+    // joins it, then the holder goes.
+    let holder = network::NetnsHolder::spawn().expect("holder");
+    let name = format!("held{pid}");
+    let att = network::attach(root, &net, "held", &name, &[], holder.pid(), &[])
+        .expect("attach the holder");
+    let www = tempfile::tempdir().expect("tempdir");
+    let marker = format!("held-{pid}");
+    fs_err::write(www.path().join("index.html"), format!("{marker}\n")).expect("index");
+    let container = Bg(Command::new("nsenter")
+        .arg(format!("--net={}", holder.path().display()))
+        .args(["/bin/busybox", "httpd", "-f", "-p", "8080", "-h"])
+        .arg(www.path())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn the container"));
+    // The container is in the namespace before the holder goes.
+    retry("the container joins the namespace", || {
+        let theirs = fs_err::metadata(format!("/proc/{}/ns/net", container.0.id()))
+            .map_err(|e| e.to_string())?
+            .ino();
+        let held = fs_err::metadata(holder.path())
+            .map_err(|e| e.to_string())?
+            .ino();
+        if theirs == held {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    });
+    drop(holder);
+
+    // Another attach drops stale endpoints: this one is not stale.
+    let client = Ns::new();
+    network::attach(root, &net, "client", "client", &[], client.pid(), &[]).expect("attach");
+    assert_eq!(
+        network::inspect(root, &net)
+            .expect("inspect")
+            .containers
+            .len(),
+        2,
+        "the held endpoint survives its holder"
+    );
+    let body = retry(&format!("wget http://{name}:8080/"), || {
+        let out = client.run(
+            Some(&att.hosts_file),
+            &format!("exec timeout 10 /bin/busybox wget -q -O- http://{name}:8080/"),
+        );
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(text(&out))
+        }
+    });
+    assert_eq!(body.trim(), marker);
+
+    // The container ends: its endpoint is stale, and rm (once the client is gone
+    // too) cleans up after both.
+    drop(container);
+    drop(client);
+    network::remove(root, &net).expect("rm");
     assert!(!link_exists(&bridge));
     assert!(rules_mentioning(std::slice::from_ref(&bridge)).is_empty());
 }

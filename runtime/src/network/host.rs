@@ -228,3 +228,22 @@ pub(crate) fn netns_inode(pid: u32) -> Option<u64> {
         .ok()
         .map(|m| m.ino())
 }
+
+/// Whether the network namespace recorded as (`pid`, `inode`) still has a process in
+/// it: `pid` itself (the usual case), or else any process (the pid given at attach
+/// time may have been a short-lived holder whose namespace the container joined).
+pub(crate) fn netns_alive(pid: u32, inode: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if netns_inode(pid) == Some(inode) {
+        return true;
+    }
+    let Ok(entries) = fs_err::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            && fs_err::metadata(e.path().join("ns/net")).is_ok_and(|m| m.ino() == inode)
+    })
+}

@@ -28,6 +28,7 @@
 mod host;
 mod hosts;
 mod ipam;
+mod netns;
 mod port;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +41,7 @@ use sha2::{Digest, Sha256};
 
 use host::Rule;
 pub use ipam::{Subnet, SubnetError};
+pub use netns::NetnsHolder;
 pub use port::{PortSpec, PortSpecError, Proto};
 
 /// The default network (`--network bridge`, or no `--network`): made on first use.
@@ -252,8 +254,8 @@ pub(crate) struct Endpoint {
     pub(crate) ip: Ipv4Addr,
     pub(crate) veth: String,
     pub(crate) netns_pid: u32,
-    /// The inode of the namespace at attach time: a different inode (or none) under
-    /// that pid means the container is gone.
+    /// The inode of the namespace at attach time: when no process is in a namespace
+    /// of that inode any more, the container is gone.
     pub(crate) netns_inode: u64,
     pub(crate) ports: Vec<PortSpec>,
     /// The published-port rules.
@@ -767,12 +769,17 @@ pub fn teardown_store(store_root: &Path) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// Removes the endpoints whose network namespace is gone; true if any was.
+/// Removes the endpoints whose network namespace is gone (no process left in it, or
+/// its veth gone); true if any was.
 fn drop_stale(state: &mut NetworkState) -> Result<bool> {
     let stale: Vec<String> = state
         .endpoints
         .iter()
-        .filter(|(_, e)| host::netns_inode(e.netns_pid) != Some(e.netns_inode))
+        // The kernel deletes a veth when its namespace goes, but not at once: the
+        // namespace's processes are what count.
+        .filter(|(_, e)| {
+            !host::link_exists(&e.veth) || !host::netns_alive(e.netns_pid, e.netns_inode)
+        })
         .map(|(id, _)| id.clone())
         .collect();
     for id in &stale {
