@@ -1,5 +1,6 @@
 //! `kiln network create|ls|inspect|rm`: bridge networks, as `docker network` shows them.
 
+use std::io::{BufRead, Write};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +33,12 @@ pub(crate) enum NetworkCommand {
         /// Networks (names or ids).
         #[arg(required = true)]
         networks: Vec<String>,
+    },
+    /// Remove every network that has no container attached.
+    Prune {
+        /// Don't ask for confirmation.
+        #[arg(short, long)]
+        force: bool,
     },
 }
 
@@ -178,6 +185,27 @@ pub(crate) fn network(command: NetworkCommand, global: &Global) -> anyhow::Resul
                 return Ok(ExitCode::from(1));
             }
         }
+        NetworkCommand::Prune { force } => {
+            if !force {
+                eprint!(
+                    "WARNING! This will remove all custom networks not used by at least one container.\n\
+                     Are you sure you want to continue? [y/N] "
+                );
+                std::io::stderr().flush()?;
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line)?;
+                if !matches!(line.trim(), "y" | "Y" | "yes") {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            let removed = network::prune(&root)?;
+            if !removed.is_empty() {
+                println!("Deleted Networks:");
+                for name in removed {
+                    println!("{name}");
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -216,5 +244,6 @@ mod tests {
         assert!(ok(&["inspect", "a", "b"]));
         assert!(!ok(&["inspect"]));
         assert!(ok(&["rm", "a", "b"]));
+        assert!(ok(&["prune", "-f"]));
     }
 }

@@ -651,9 +651,12 @@ fn info(state: &NetworkState) -> NetworkInfo {
         subnet: Some(state.subnet),
         gateway: Some(state.gateway),
         bridge: Some(state.bridge.clone()),
+        // Endpoints of containers that died without a detach are not shown (the next
+        // change to the network drops them).
         containers: state
             .endpoints
             .iter()
+            .filter(|(_, e)| endpoint_alive(e))
             .map(|(id, e)| EndpointInfo {
                 container_id: id.clone(),
                 name: e.name.clone(),
@@ -756,6 +759,24 @@ fn remove_locked(store_root: &Path, state: &mut NetworkState) -> Result<()> {
     Ok(())
 }
 
+/// `kiln network prune`: removes every network (but the predefined ones) that has no
+/// container attached; returns their names.
+pub fn prune(store_root: &Path) -> Result<Vec<String>> {
+    let _lock = lock()?;
+    let mut removed = Vec::new();
+    for mut state in load_all(store_root)? {
+        if state.name == DEFAULT_NETWORK {
+            continue;
+        }
+        match remove_locked(store_root, &mut state) {
+            Ok(()) => removed.push(state.name),
+            Err(NetworkError::InUse { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// Removes every network of the store that has no live container, the default
 /// `bridge` network included: what is left on the host when a store goes away.
 pub fn teardown_store(store_root: &Path) -> Result<()> {
@@ -769,17 +790,19 @@ pub fn teardown_store(store_root: &Path) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// Removes the endpoints whose network namespace is gone (no process left in it, or
-/// its veth gone); true if any was.
+/// Whether the endpoint's container is still there: its veth exists and a process is
+/// in its namespace (the kernel deletes a veth when its namespace goes, but not at
+/// once: the namespace's processes are what count).
+fn endpoint_alive(e: &Endpoint) -> bool {
+    host::link_exists(&e.veth) && host::netns_alive(e.netns_pid, e.netns_inode)
+}
+
+/// Removes the endpoints whose container is gone; true if any was.
 fn drop_stale(state: &mut NetworkState) -> Result<bool> {
     let stale: Vec<String> = state
         .endpoints
         .iter()
-        // The kernel deletes a veth when its namespace goes, but not at once: the
-        // namespace's processes are what count.
-        .filter(|(_, e)| {
-            !host::link_exists(&e.veth) || !host::netns_alive(e.netns_pid, e.netns_inode)
-        })
+        .filter(|(_, e)| !endpoint_alive(e))
         .map(|(id, _)| id.clone())
         .collect();
     for id in &stale {
