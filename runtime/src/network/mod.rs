@@ -192,6 +192,9 @@ pub enum NetworkError {
     /// The process whose network namespace was to be attached is gone.
     #[error("process {0} has no network namespace (has it exited?)")]
     NoNetns(u32),
+    /// Bridges, veths and iptables rules need root.
+    #[error("bridge networks need root (rootless networking is not supported)")]
+    NotRoot,
     /// The process shares kiln's own network namespace.
     #[error("process {0} is in kiln's own network namespace, not a container's")]
     SharedNetns(u32),
@@ -312,8 +315,11 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// The host-wide lock every change takes: bridges, subnets and rules are shared by
-/// every store on the machine.
+/// every store on the machine. Only root may change networks.
 fn lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(NetworkError::NotRoot);
+    }
     let dir = if Path::new("/run/lock").is_dir() {
         "/run/lock"
     } else {
