@@ -502,6 +502,18 @@ fn conflicts_and_bad_requests_are_refused_and_a_dead_container_is_cleaned_up() {
         network::attach(root, &net, "a\"b", "x", &[], 1, &[]),
         Err(NetworkError::InvalidContainerId(_))
     ));
+    assert!(matches!(
+        network::attach(
+            root,
+            &net,
+            "x",
+            "x",
+            &["a b\n1.2.3.4 evil".to_owned()],
+            1,
+            &[]
+        ),
+        Err(NetworkError::InvalidHostName(_))
+    ));
 
     let one = Ns::new();
     let mut two = Ns::new();

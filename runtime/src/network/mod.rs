@@ -151,6 +151,9 @@ pub enum NetworkError {
     /// A container id that cannot be used.
     #[error("invalid container id `{0}`")]
     InvalidContainerId(String),
+    /// A container name or alias that cannot be a host name.
+    #[error("invalid container name or network alias `{0}`: it must be a host name")]
+    InvalidHostName(String),
     /// A subnet that does not parse.
     #[error(transparent)]
     Subnet(#[from] SubnetError),
@@ -929,6 +932,14 @@ pub fn attach(
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     {
         return Err(NetworkError::InvalidContainerId(container_id.to_owned()));
+    }
+    if let Some(bad) = std::iter::once(name)
+        .chain(aliases.iter().map(String::as_str))
+        .find(|n| {
+            n.is_empty() || n.len() > 253 || !n.chars().all(|c| c.is_ascii_graphic() && c != '#')
+        })
+    {
+        return Err(NetworkError::InvalidHostName(bad.to_owned()));
     }
     let _lock = lock()?;
     let mut state = match resolve(store_root, network)? {
