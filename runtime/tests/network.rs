@@ -746,3 +746,78 @@ fn an_attachment_made_through_a_holder_lives_as_long_as_the_container() {
     assert!(!link_exists(&bridge));
     assert!(rules_mentioning(std::slice::from_ref(&bridge)).is_empty());
 }
+
+#[test]
+fn a_hosts_file_mounted_before_others_join_shows_them() {
+    if !can_run() {
+        return;
+    }
+    let store = Store::new();
+    let root = store.root();
+    let pid = std::process::id();
+    let net = format!("kt{pid}-live");
+    network::create(
+        root,
+        &net,
+        &CreateOptions {
+            subnet: Some(test_subnet(5)),
+            gateway: None,
+        },
+    )
+    .expect("create");
+    // As `kiln run` builds the sandbox: the hosts file exists before any attach.
+    let hosts = network::prepare(root, &net).expect("prepare");
+    assert!(hosts.is_file());
+    assert!(matches!(
+        network::prepare(root, "none"),
+        Err(NetworkError::NotBridge(_))
+    ));
+    assert!(matches!(
+        network::prepare(root, &format!("{net}-nope")),
+        Err(NetworkError::NotFound(_))
+    ));
+
+    // The first container mounts it, then attaches.
+    let first = Ns::new();
+    let mounted = Bg(first
+        .cmd(
+            None,
+            &format!(
+                "exec unshare -m --propagation private sh -c \"mount --bind '{}' /etc/hosts && exec sleep 1000\"",
+                hosts.display()
+            ),
+        )
+        .spawn()
+        .expect("spawn"));
+    let seen = || {
+        fs_err::read_to_string(format!("/proc/{}/root/etc/hosts", mounted.0.id()))
+            .unwrap_or_default()
+    };
+    retry("the hosts file is mounted", || {
+        if seen().contains("# kiln network") {
+            Ok(())
+        } else {
+            Err(seen())
+        }
+    });
+    let a = network::attach(root, &net, "first", "first", &[], first.pid(), &[]).expect("attach");
+    assert_eq!(a.hosts_file, hosts);
+
+    // A later container joins: the first one sees it through its mount.
+    let second = Ns::new();
+    let b = network::attach(
+        root,
+        &net,
+        "second",
+        "second",
+        &["db".to_owned()],
+        second.pid(),
+        &[],
+    )
+    .expect("attach");
+    let text = seen();
+    assert!(text.contains(&format!("{}\tsecond db", b.ip)), "{text}");
+    assert!(text.contains(&format!("{}\tfirst", a.ip)), "{text}");
+    network::detach(root, &net, "second").expect("detach");
+    assert!(!seen().contains("second"), "{}", seen());
+}

@@ -908,6 +908,30 @@ fn resolve_ports(publish: &[PortSpec], taken: &[(String, PortSpec)]) -> Result<V
     Ok(out)
 }
 
+/// Gets `network` ready for a container (making the default `bridge` network on
+/// first use) and returns its hosts file, which then exists: bind-mount it as the
+/// container's `/etc/hosts` when building the sandbox, before [`attach`]. Being the
+/// same inode for every container on the network, every container sees the entries
+/// of containers that join later.
+pub fn prepare(store_root: &Path, network: &str) -> Result<PathBuf> {
+    if network == "host" || network == "none" {
+        return Err(NetworkError::NotBridge(network.to_owned()));
+    }
+    let _lock = lock()?;
+    let state = match resolve(store_root, network)? {
+        Some(s) => s,
+        None if network == DEFAULT_NETWORK => {
+            create_locked(store_root, DEFAULT_NETWORK, &CreateOptions::default())?
+        }
+        None => return Err(NetworkError::NotFound(network.to_owned())),
+    };
+    let hosts = hosts_file(store_root, &state.name);
+    if !hosts.exists() {
+        hosts::write_in_place(&hosts, &hosts::render(&state))?;
+    }
+    Ok(hosts)
+}
+
 /// Attaches the network namespace of `netns_pid` to `network` (`bridge` is made on
 /// first use): a veth pair whose inner end becomes `eth0` with the next free address
 /// and a default route via the bridge, the published ports, and the container's
