@@ -977,9 +977,16 @@ pub fn attach(
         // After a reboot: the state outlives the bridge and its rules.
         setup_bridge(&state)?;
     }
-    drop_stale(&mut state)?;
+    let mut changed = drop_stale(&mut state)?;
     if let Some(old) = state.endpoints.remove(container_id) {
         remove_endpoint(&old)?;
+        changed = true;
+    }
+    let hosts = hosts_file(store_root, &state.name);
+    if changed {
+        // Saved now, so that an attach refused below still leaves the state right.
+        save(store_root, &state)?;
+        hosts::write_in_place(&hosts, &hosts::render(&state))?;
     }
     let netns_inode = host::netns_inode(netns_pid).ok_or(NetworkError::NoNetns(netns_pid))?;
     if Some(netns_inode) == host::netns_inode(std::process::id()) {
@@ -995,7 +1002,12 @@ pub fn attach(
         } else {
             &other.endpoints
         };
-        for e in endpoints.values() {
+        // (Endpoints of this network are live now; another network's dead ones
+        // hold no port.)
+        for e in endpoints
+            .values()
+            .filter(|e| !e.ports.is_empty() && endpoint_alive(e))
+        {
             taken.extend(e.ports.iter().map(|p| (e.name.clone(), *p)));
         }
     }
@@ -1048,7 +1060,6 @@ pub fn attach(
         // Fresh: a crash after adding them left a record whose rules were deleted above.
         host::add_fresh_rules(&endpoint.rules)
     };
-    let hosts = hosts_file(store_root, &state.name);
     let done = plumb().and_then(|()| hosts::write_in_place(&hosts, &hosts::render(&state)));
     if let Err(e) = done {
         let _ = remove_endpoint(&endpoint);
