@@ -336,6 +336,23 @@ fn two_containers_talk_by_name_and_alias_and_a_port_is_published_on_loopback() {
     );
     assert!(out.status.success(), "ping by name: {}", text(&out));
 
+    // Hairpin: from the other container, through the gateway and the port
+    // published on every address.
+    let gateway = info.gateway.expect("gateway");
+    let url = format!("http://{gateway}:{}/", host_ports[1]);
+    let body = retry(&format!("wget {url}"), || {
+        let out = client.run(
+            None,
+            &format!("exec timeout 10 /bin/busybox wget -q -O- {url}"),
+        );
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(text(&out))
+        }
+    });
+    assert_eq!(body.trim(), marker, "hairpin");
+
     // From the host, on 127.0.0.1 and the published port.
     for &port in &host_ports {
         let body = retry(&format!("GET 127.0.0.1:{port}"), || {

@@ -431,6 +431,30 @@ fn network_rules(bridge: &str, subnet: Subnet, tag: &str) -> Vec<Rule> {
             &["-s", "127.0.0.0/8", "-o", bridge, "-j", "MASQUERADE"],
             tag,
         ),
+        // Hairpin: a container reaching a published port through a host address
+        // (the gateway, say) is DNATed back onto the bridge; the answer must come
+        // back through the host to be un-NATed, not straight from container to
+        // container.
+        Rule::new(
+            "nat",
+            "POSTROUTING",
+            false,
+            &[
+                "-s",
+                &subnet,
+                "-d",
+                &subnet,
+                "-o",
+                bridge,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "DNAT",
+                "-j",
+                "MASQUERADE",
+            ],
+            tag,
+        ),
         // Forwarding, when the FORWARD policy is DROP (as docker sets it).
         Rule::new(
             "filter",
@@ -1205,6 +1229,6 @@ mod tests {
             ),
             "{line}"
         );
-        assert_eq!(state().rules.iter().filter(|r| r.table == "nat").count(), 2);
+        assert_eq!(state().rules.iter().filter(|r| r.table == "nat").count(), 3);
     }
 }
