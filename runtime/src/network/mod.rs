@@ -14,6 +14,15 @@
 //! the bridge address, and an INPUT rule drops new connections from the bridge to
 //! 127.0.0.0/8, which `route_localnet` would otherwise let containers make.
 //!
+//! A container reaching a published port through a host address (hairpin) is
+//! masqueraded too, so the answer comes back through the host.
+//!
+//! How `kiln run` uses it: [`prepare`] before building the sandbox (it makes the
+//! default network on first use and returns the hosts file to bind-mount on
+//! `/etc/hosts`), the sandbox in a new network namespace, [`attach`] with the pid
+//! of the container's PID 1 while the payload is held (or a [`NetnsHolder`]'s pid),
+//! and [`detach`] when the container ends or is removed.
+//!
 //! Names: every container on a network bind-mounts the network's hosts file as
 //! `/etc/hosts`; it lists each container's address with its name, aliases and short
 //! id, and is rewritten in place on every attach and detach.
