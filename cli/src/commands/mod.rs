@@ -3,6 +3,7 @@
 mod build;
 mod format;
 mod image;
+mod network;
 mod parse;
 mod store;
 
@@ -61,6 +62,9 @@ pub(crate) enum Command {
     /// Store-wide commands.
     #[command(subcommand)]
     System(store::SystemCommand),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
 }
 
 /// Runs one subcommand and returns the process exit code.
@@ -83,6 +87,7 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode>
         Command::Import(a) => image::import(&a, global),
         Command::Prune(a) => store::prune(&a, global),
         Command::System(c) => store::system(c, global),
+        Command::Network(c) => network::network(c, global),
     }
 }
 
