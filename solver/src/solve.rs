@@ -16,8 +16,8 @@ use std::time::Instant;
 use tokio::task::JoinSet;
 
 use crate::event::Progress;
-use crate::graph::{BuildGraph, Vertex, VertexId};
-use crate::key::{CacheKey, KeyError, KeyHistory, MissCause, VertexKey};
+use crate::graph::{BuildGraph, Edge, FileOp, InputRef, Op, SourceOp, Vertex, VertexId};
+use crate::key::{CacheKey, KeyError, KeyHistory, MissCause, VertexKey, key_with_parents};
 
 /// One step handed to the runner.
 #[derive(Debug, Clone)]
@@ -42,6 +42,19 @@ pub trait StepRunner: Send + Sync + 'static {
         &self,
         step: &Step,
     ) -> impl Future<Output = Result<Option<Self::Output>, Self::Error>> + Send;
+
+    /// The digest of the content `step` reads from its non-parent inputs,
+    /// when its key should cover that content rather than those inputs'
+    /// keys (`COPY --from=<stage>`: exactly the files it copies); `None`
+    /// keeps the key computed from the graph. `inputs` as for
+    /// [`StepRunner::run`].
+    fn content_digest(
+        &self,
+        _step: &Step,
+        _inputs: &[Self::Output],
+    ) -> impl Future<Output = Result<Option<String>, Self::Error>> + Send {
+        async { Ok(None) }
+    }
 
     /// Run `step` on the results of its inputs (in [`BuildGraph::inputs`]
     /// order: parent first) and store the result under its key.
@@ -146,6 +159,12 @@ pub async fn solve<R: StepRunner>(
     let mut tasks: JoinSet<Done<R::Output, R::Error>> = JoinSet::new();
     let mut task_vertex: HashMap<tokio::task::Id, VertexId> = HashMap::new();
     let (mut ran, mut cached) = (0usize, 0usize);
+    // Vertices whose result came from the cache (for config-only steps,
+    // which are CACHED only when the step they follow was).
+    let mut hit: std::collections::HashSet<VertexId> = std::collections::HashSet::new();
+    // The keys steps ran (or were found) under: the computed key, unless
+    // an input's content or an input's own effective key changed it.
+    let mut effective: HashMap<VertexId, CacheKey> = HashMap::new();
 
     loop {
         // Start what can start.
@@ -154,23 +173,49 @@ pub async fn solve<R: StepRunner>(
             let vk = key_of[&v];
             let vert = &graph.graph[v];
             let t = progress.started(v.index(), &vert.name, vert.span);
-            if let Some(out) = by_key.get(&vk.key) {
-                progress.cached(v.index());
-                progress.finished(v.index(), t);
-                cached += 1;
-                outputs.insert(v, out.clone());
-                release(graph, v, &mut pending_inputs, &mut ready);
-                continue;
-            }
-            if let Some(waiters) = in_flight.get_mut(&vk.key) {
-                waiters.push((v, t));
-                continue;
-            }
             let inputs: Vec<R::Output> = graph
                 .inputs(v)
                 .iter()
                 .filter_map(|(i, _)| outputs.get(i).cloned())
                 .collect();
+            let key = match effective_key(graph, v, vk, &effective, &*runner, &inputs, opts).await
+            {
+                Ok(k) => k,
+                Err(e) => {
+                    tasks.abort_all();
+                    let e = Arc::new(e);
+                    progress.failed(v.index(), &*e);
+                    return Err(SolveError::Step {
+                        name: vert.name.clone(),
+                        id: v,
+                        source: e,
+                    });
+                }
+            };
+            effective.insert(v, key.clone());
+            if let Some(out) = by_key.get(&key) {
+                // A config-only step shares its parent's key and result: it
+                // is CACHED when its parent was, else just done.
+                let was_hit = match &vert.op {
+                    Op::Config(_) => graph.inputs(v).first().is_some_and(|(p, _)| hit.contains(p)),
+                    _ => true,
+                };
+                if was_hit {
+                    progress.cached(v.index());
+                    cached += 1;
+                    hit.insert(v);
+                } else {
+                    ran += 1;
+                }
+                progress.finished(v.index(), t);
+                outputs.insert(v, out.clone());
+                release(graph, v, &mut pending_inputs, &mut ready);
+                continue;
+            }
+            if let Some(waiters) = in_flight.get_mut(&key) {
+                waiters.push((v, t));
+                continue;
+            }
             let causes = if opts.no_cache {
                 vec![MissCause::NoCache]
             } else {
@@ -179,11 +224,11 @@ pub async fn solve<R: StepRunner>(
                     None => vec![MissCause::FirstBuild],
                 }
             };
-            in_flight.insert(vk.key.clone(), vec![(v, t)]);
+            in_flight.insert(key.clone(), vec![(v, t)]);
             let step = Step {
                 id: v,
                 vertex: vert.clone(),
-                key: vk.key.clone(),
+                key,
             };
             let runner = Arc::clone(&runner);
             let p = progress.clone();
@@ -225,6 +270,7 @@ pub async fn solve<R: StepRunner>(
                     } else {
                         progress.cached(v.index());
                         cached += 1;
+                        hit.insert(v);
                     }
                     progress.finished(v.index(), t);
                     outputs.insert(v, out.clone());
@@ -252,6 +298,68 @@ pub async fn solve<R: StepRunner>(
         outputs,
         ran,
         cached,
+    })
+}
+
+/// The key `v` runs under: the key computed from the graph, recomputed
+/// with its inputs' effective keys when one differs, and with the content
+/// digest of a `COPY --from=<stage>` in place of the stage's key. A
+/// config-only step keeps its parent's (effective) key.
+async fn effective_key<R: StepRunner>(
+    graph: &BuildGraph,
+    v: VertexId,
+    vk: &VertexKey,
+    effective: &HashMap<VertexId, CacheKey>,
+    runner: &R,
+    inputs: &[R::Output],
+    opts: &SolveOptions,
+) -> Result<CacheKey, R::Error> {
+    // The inputs that are in the key, in the order of `vk.inputs.parents`.
+    let keyed: Vec<(VertexId, Edge)> = graph
+        .inputs(v)
+        .into_iter()
+        .filter(|(p, _)| !matches!(graph.graph[*p].op, Op::Source(SourceOp::Context)))
+        .collect();
+    let mut parents: Vec<CacheKey> = keyed
+        .iter()
+        .zip(&vk.inputs.parents)
+        .map(|((p, _), static_parent)| {
+            effective
+                .get(p)
+                .cloned()
+                .unwrap_or_else(|| static_parent.key.clone())
+        })
+        .collect();
+    if let Op::Config(_) = graph.graph[v].op {
+        return Ok(parents.first().cloned().unwrap_or_else(|| vk.key.clone()));
+    }
+    let mut changed = parents
+        .iter()
+        .zip(&vk.inputs.parents)
+        .any(|(k, p)| *k != p.key);
+    let from_stage = matches!(
+        &graph.graph[v].op,
+        Op::File(FileOp::Copy(c)) if matches!(c.from, InputRef::Stage { .. })
+    );
+    if from_stage && !opts.no_cache {
+        let step = Step {
+            id: v,
+            vertex: graph.graph[v].clone(),
+            key: vk.key.clone(),
+        };
+        if let Some(d) = runner.content_digest(&step, inputs).await? {
+            for ((_, edge), k) in keyed.iter().zip(parents.iter_mut()) {
+                if *edge == Edge::Source {
+                    *k = CacheKey(format!("content:{d}"));
+                }
+            }
+            changed = true;
+        }
+    }
+    Ok(if changed {
+        key_with_parents(&vk.inputs, &parents)
+    } else {
+        vk.key.clone()
     })
 }
 

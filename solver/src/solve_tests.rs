@@ -22,6 +22,8 @@ struct Recorder {
     runs: Mutex<Vec<String>>,
     running: AtomicUsize,
     max_running: AtomicUsize,
+    /// What `content_digest` says for a `COPY --from=<stage>`.
+    content: Option<String>,
 }
 
 impl StepRunner for Recorder {
@@ -35,6 +37,21 @@ impl StepRunner for Recorder {
             .map(|s| s.contains(&step.key))
             .unwrap_or(false);
         Ok(hit.then(|| step.key.0.clone()))
+    }
+
+    async fn content_digest(
+        &self,
+        step: &Step,
+        _inputs: &[String],
+    ) -> Result<Option<String>, StepFailed> {
+        Ok(match &step.vertex.op {
+            Op::File(crate::graph::FileOp::Copy(c))
+                if matches!(c.from, crate::graph::InputRef::Stage { .. }) =>
+            {
+                self.content.clone()
+            }
+            _ => None,
+        })
     }
 
     async fn run(
@@ -282,4 +299,88 @@ async fn a_panicking_step_is_reported_by_name() {
         matches!(&e, SolveError::Aborted { name } if name.contains("RUN PANIC")),
         "{e:?}"
     );
+}
+
+/// The ids of the vertices that got a `VertexCached` event.
+fn cached_ids(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> HashSet<usize> {
+    let mut ids = HashSet::new();
+    while let Ok(e) = rx.try_recv() {
+        if let Event::VertexCached { id } = e {
+            ids.insert(id);
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn config_steps_are_cached_only_when_their_parent_was() {
+    let (g, keys) = setup("FROM busybox\nRUN make\nENV A=1\nLABEL x=y\nCMD [\"app\"]\n");
+    let config: Vec<usize> = g
+        .graph
+        .node_indices()
+        .filter(|v| matches!(g.graph[*v].op, Op::Config(_)))
+        .map(|v| v.index())
+        .collect();
+    assert_eq!(config.len(), 3);
+    let r = Arc::new(Recorder::default());
+    let (p, mut rx) = Progress::channel();
+    let first = solve(&g, &keys, Arc::clone(&r), p, None, &opts(2))
+        .await
+        .expect("first");
+    let ids = cached_ids(&mut rx);
+    for c in &config {
+        assert!(!ids.contains(c), "{} CACHED on a first build", g.graph[VertexId::new(*c)].name);
+    }
+    assert_eq!(first.cached + first.ran, g.graph.node_count());
+    let (p, mut rx) = Progress::channel();
+    let second = solve(&g, &keys, Arc::clone(&r), p, None, &opts(2))
+        .await
+        .expect("second");
+    assert_eq!(second.ran, 0);
+    let ids = cached_ids(&mut rx);
+    for c in &config {
+        assert!(ids.contains(c), "{} not CACHED on a rebuild", g.graph[VertexId::new(*c)].name);
+    }
+}
+
+#[tokio::test]
+async fn copy_from_a_stage_is_keyed_by_the_copied_content() {
+    let build = |version: &str| {
+        setup(&format!(
+            "FROM busybox AS a\nRUN gen {version}\nFROM busybox\nCOPY --from=a /out /out\nENV X=1\nRUN use\n"
+        ))
+    };
+    let r = Arc::new(Recorder {
+        content: Some("sha256:same-files".into()),
+        ..Recorder::default()
+    });
+    let (g, keys) = build("v1");
+    solve(&g, &keys, Arc::clone(&r), Progress::discard(), None, &opts(2))
+        .await
+        .expect("first");
+    // The stage changes, the files it gives the copy do not: only the
+    // stage's RUN runs again.
+    let (g, keys) = build("v2");
+    let before = r.runs.lock().map(|r| r.len()).unwrap_or(0);
+    let out = solve(&g, &keys, Arc::clone(&r), Progress::discard(), None, &opts(2))
+        .await
+        .expect("second");
+    let runs = r.runs.lock().map(|r| r[before..].to_vec()).unwrap_or_default();
+    assert_eq!(out.ran, 1, "{runs:?}");
+    assert!(runs[0].contains("RUN gen v2"), "{runs:?}");
+    // Other content: the copy and what follows run.
+    let r2 = Arc::new(Recorder {
+        content: Some("sha256:other-files".into()),
+        store: Mutex::new(r.store.lock().map(|s| s.clone()).unwrap_or_default()),
+        ..Recorder::default()
+    });
+    let out = solve(&g, &keys, Arc::clone(&r2), Progress::discard(), None, &opts(2))
+        .await
+        .expect("third");
+    let runs = r2.runs.lock().map(|r| r.clone()).unwrap_or_default();
+    // The copy, the ENV after it (done, not cached) and the RUN.
+    assert_eq!(out.ran, 3, "{runs:?}");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().any(|n| n.contains("COPY --from=a")), "{runs:?}");
+    assert!(runs.iter().any(|n| n.contains("RUN use")), "{runs:?}");
 }

@@ -193,50 +193,13 @@ impl StoreRunner {
             match m.kind {
                 MountType::Cache => {
                     let id = m.id.clone().unwrap_or_else(|| m.target.clone());
-                    let hex = hex(&sha2::Sha256::digest(id.as_bytes()));
-                    let source = self.store.root().join("cache-mounts").join(hex);
-                    let scratch_err = |path: &std::path::Path| {
-                        let path = path.to_owned();
-                        move |e| RunnerError::Scratch { path, source: e }
-                    };
-                    if !source.is_dir() {
-                        fs_err::create_dir_all(&source).map_err(scratch_err(&source))?;
-                        // uid=, gid=, mode= apply to a new cache directory.
-                        let uid = m.uid.as_deref().and_then(|u| u.parse::<u32>().ok());
-                        let gid = m.gid.as_deref().and_then(|g| g.parse::<u32>().ok());
-                        if uid.is_some() || gid.is_some() {
-                            std::os::unix::fs::chown(&source, uid, gid)
-                                .map_err(scratch_err(&source))?;
-                        }
-                        if let Some(mode) = m
-                            .mode
-                            .as_deref()
-                            .and_then(|x| u32::from_str_radix(x, 8).ok())
-                        {
-                            use std::os::unix::fs::PermissionsExt as _;
-                            fs_err::set_permissions(
-                                &source,
-                                std::fs::Permissions::from_mode(mode & 0o7777),
-                            )
-                            .map_err(scratch_err(&source))?;
-                        }
-                    }
-                    // sharing=locked (and private, approximated): one
-                    // writer at a time, across builds and processes.
-                    if matches!(
-                        m.sharing,
-                        Some(kiln_parser::Sharing::Locked | kiln_parser::Sharing::Private)
-                    ) {
-                        let lock_path = source.with_extension("lock");
-                        let lock = fs_err::OpenOptions::new()
-                            .create(true)
-                            .truncate(false)
-                            .write(true)
-                            .open(&lock_path)
-                            .map_err(scratch_err(&lock_path))?;
-                        lock.file().lock().map_err(scratch_err(&lock_path))?;
-                        cache_locks.push(lock);
-                    }
+                    let base = self
+                        .store
+                        .root()
+                        .join("cache-mounts")
+                        .join(hex(&sha2::Sha256::digest(id.as_bytes())));
+                    let (source, lock) = cache_dir(&base, m)?;
+                    cache_locks.extend(lock);
                     mounts.push(Mount {
                         target: m.target.clone(),
                         kind: MountKind::Cache { source },
@@ -324,7 +287,7 @@ impl StoreRunner {
                             p
                         }
                     };
-                    let source =
+                    let mut source =
                         crate::fileop::resolve_in_root(&root, &sub, true).map_err(|source| {
                             RunnerError::FileOp {
                                 line: format!("line {line}"),
@@ -332,13 +295,37 @@ impl StoreRunner {
                                 source,
                             }
                         })?;
+                    // `rw`: writes are allowed and thrown away. A stage's
+                    // merged view already writes to a scratch upper; the
+                    // context gets an overlay (a directory) or a copy (a
+                    // file) in the step's scratch directory.
+                    let writable = m.readonly == Some(false);
+                    if writable && m.from.as_ref().is_none_or(|f| *f == InputRef::Context) {
+                        let wdir = dir.path().join(format!("bind-rw-{i}"));
+                        source = if source.is_dir() {
+                            let mm = MergedMount::mount(std::slice::from_ref(&source), &wdir)
+                                .map_err(|source| RunnerError::Mount {
+                                    step: name.clone(),
+                                    source,
+                                })?;
+                            let p = mm.path().to_owned();
+                            held.push(mm);
+                            p
+                        } else {
+                            let scratch_err = |path: PathBuf| {
+                                move |source| RunnerError::Scratch { path, source }
+                            };
+                            fs_err::create_dir(&wdir).map_err(scratch_err(wdir.clone()))?;
+                            let copy = wdir.join("file");
+                            fs_err::copy(&source, &copy).map_err(scratch_err(copy.clone()))?;
+                            copy
+                        };
+                    }
                     mounts.push(Mount {
                         target: m.target.clone(),
-                        // A writable bind would write into the context or a
-                        // snapshot: always read-only.
                         kind: MountKind::Bind {
                             source,
-                            readonly: true,
+                            readonly: !writable,
                         },
                     });
                 }
@@ -465,6 +452,112 @@ impl StoreRunner {
         // executor removes those from the upper.
         let _ = PathBuf::new();
         self.commit(step, &parent, &upper)
+    }
+}
+
+/// The directory a cache mount uses, and the lock held while the RUN
+/// runs. `base` is the directory of the cache id; `uid=`, `gid=` and
+/// `mode=` apply when a directory is created. `sharing=`:
+/// * `shared` (the default): `base`, no lock;
+/// * `locked`: `base`, waiting for other users (builds too) to finish;
+/// * `private`: `base` if no one else uses it, else the first unused of
+///   `base-1`, `base-2`, ... (created when all are in use).
+fn cache_dir(
+    base: &std::path::Path,
+    m: &crate::graph::MountSpec,
+) -> Result<(PathBuf, Option<fs_err::File>), RunnerError> {
+    use kiln_parser::Sharing;
+    let scratch_err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |e| RunnerError::Scratch { path, source: e }
+    };
+    let ensure = |dir: &std::path::Path| -> Result<(), RunnerError> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        // Made under a temporary name and renamed, so that a concurrent
+        // user never sees it before its owner and mode are set.
+        let parent = dir.parent().unwrap_or(dir);
+        fs_err::create_dir_all(parent).map_err(scratch_err(parent))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".new-")
+            .tempdir_in(parent)
+            .map_err(scratch_err(parent))?;
+        let uid = m.uid.as_deref().and_then(|u| u.parse::<u32>().ok());
+        let gid = m.gid.as_deref().and_then(|g| g.parse::<u32>().ok());
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::chown(tmp.path(), uid, gid).map_err(scratch_err(tmp.path()))?;
+        }
+        let mode = m
+            .mode
+            .as_deref()
+            .and_then(|x| u32::from_str_radix(x, 8).ok())
+            .unwrap_or(0o755);
+        use std::os::unix::fs::PermissionsExt as _;
+        fs_err::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(scratch_err(tmp.path()))?;
+        let tmp = tmp.keep();
+        match fs_err::rename(&tmp, dir) {
+            Ok(()) => Ok(()),
+            // Someone else made it first: use theirs.
+            Err(_) if dir.is_dir() => {
+                let _ = fs_err::remove_dir(&tmp);
+                Ok(())
+            }
+            Err(e) => Err(RunnerError::Scratch {
+                path: dir.to_owned(),
+                source: e,
+            }),
+        }
+    };
+    let open_lock = |dir: &std::path::Path| -> Result<fs_err::File, RunnerError> {
+        let lock_path = dir.with_extension("lock");
+        fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(scratch_err(&lock_path))
+    };
+    match m.sharing {
+        None | Some(Sharing::Shared) => {
+            ensure(base)?;
+            Ok((base.to_owned(), None))
+        }
+        Some(Sharing::Locked) => {
+            ensure(base)?;
+            let lock = open_lock(base)?;
+            lock.file()
+                .lock()
+                .map_err(scratch_err(&base.with_extension("lock")))?;
+            Ok((base.to_owned(), Some(lock)))
+        }
+        Some(Sharing::Private) => {
+            let mut n = 0usize;
+            loop {
+                let dir = if n == 0 {
+                    base.to_owned()
+                } else {
+                    let mut s = base.as_os_str().to_owned();
+                    s.push(format!("-{n}"));
+                    PathBuf::from(s)
+                };
+                let lock = open_lock(&dir)?;
+                match lock.file().try_lock() {
+                    Ok(()) => {
+                        ensure(&dir)?;
+                        return Ok((dir, Some(lock)));
+                    }
+                    Err(std::fs::TryLockError::WouldBlock) => n += 1,
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(RunnerError::Scratch {
+                            path: dir.with_extension("lock"),
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 
