@@ -35,14 +35,16 @@ impl Renderer {
     pub(crate) fn new(mode: ProgressMode) -> Self {
         use std::io::IsTerminal as _;
         let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        let terminal = std::io::stderr().is_terminal();
         let tty = match mode {
-            ProgressMode::Tty => true,
-            ProgressMode::Auto => std::io::stderr().is_terminal() && !ci,
-            ProgressMode::Plain | ProgressMode::Json => false,
+            // Asked for: drawn with ANSI codes even into a pipe, as docker.
+            ProgressMode::Tty => Some(Tty::new(!terminal)),
+            ProgressMode::Auto => (terminal && !ci).then(|| Tty::new(false)),
+            ProgressMode::Plain | ProgressMode::Json => None,
         };
         Self {
             json: mode == ProgressMode::Json,
-            tty: tty.then(Tty::new),
+            tty,
             numbers: HashMap::new(),
             started: Instant::now(),
         }
@@ -100,11 +102,15 @@ struct Tty {
 }
 
 impl Tty {
-    fn new() -> Self {
+    /// `forced`: stderr is no terminal but tty output was asked for.
+    fn new(forced: bool) -> Self {
+        let target = if forced {
+            indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(AnsiStderr), 10)
+        } else {
+            indicatif::ProgressDrawTarget::stderr()
+        };
         Self {
-            multi: indicatif::MultiProgress::with_draw_target(
-                indicatif::ProgressDrawTarget::stderr(),
-            ),
+            multi: indicatif::MultiProgress::with_draw_target(target),
             bars: HashMap::new(),
         }
     }
@@ -151,5 +157,74 @@ impl Tty {
                 }
             }
         }
+    }
+}
+
+/// Stderr as a terminal that understands ANSI cursor codes, for
+/// `--progress tty` when stderr is a pipe or a file (indicatif draws
+/// nothing to a non-terminal by itself).
+#[derive(Debug)]
+struct AnsiStderr;
+
+impl AnsiStderr {
+    fn put(s: &str) -> std::io::Result<()> {
+        std::io::stderr().lock().write_all(s.as_bytes())
+    }
+}
+
+impl indicatif::TermLike for AnsiStderr {
+    fn width(&self) -> u16 {
+        std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(100)
+    }
+
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}A"))
+        }
+    }
+
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}B"))
+        }
+    }
+
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}C"))
+        }
+    }
+
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}D"))
+        }
+    }
+
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        Self::put(&format!("{s}\n"))
+    }
+
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        Self::put(s)
+    }
+
+    fn clear_line(&self) -> std::io::Result<()> {
+        Self::put("\r\x1b[2K")
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::stderr().lock().flush()
     }
 }

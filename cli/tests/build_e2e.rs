@@ -814,3 +814,457 @@ fn user_workdir_and_chown_ownership() {
     assert_eq!(read(&fs.join("tmp/whoami")), "nobody\n");
     assert_eq!(env.config("own:1")["config"]["User"], "nobody");
 }
+
+/// `kiln` with `stdin` as its standard input; returns the output.
+fn kiln_with_stdin(env: &Env, args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args(args)
+        .env_remove("KILN_ROOT")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = writer.join();
+    out
+}
+
+#[test]
+fn config_steps_are_not_cached_on_a_first_build() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let first = env.build(&ctx, &["-t", "cfg:1"]);
+    for what in ["ENV MODE=release", "CMD [\"cat\", \"/joined\"]"] {
+        let n = step_number(&first, what);
+        let lines = step_lines(&first, &n);
+        assert!(
+            !lines.iter().any(|l| l.ends_with(" CACHED")),
+            "{what} CACHED on a first build:\n{first}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains(" DONE ")),
+            "{what}:\n{first}"
+        );
+    }
+    let second = env.build(&ctx, &["-t", "cfg:1"]);
+    for what in ["ENV MODE=release", "CMD [\"cat\", \"/joined\"]"] {
+        let n = step_number(&second, what);
+        assert!(
+            step_lines(&second, &n)
+                .iter()
+                .any(|l| l.ends_with(" CACHED")),
+            "{what} not CACHED on a rebuild:\n{second}"
+        );
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn context_and_dockerfile_from_stdin() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    // A tar of the context on stdin (gzip-compressed).
+    let tar = env.path("ctx.tar.gz");
+    let o = Command::new("tar")
+        .arg("-czf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&ctx)
+        .arg(".")
+        .output()
+        .expect("tar");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let bytes = fs_err::read(&tar).expect("read tar");
+    let dest = env.path("out-tar");
+    let out = format!("type=local,dest={}", dest.display());
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "stdin:1",
+            "--output",
+            &out,
+            "-",
+        ],
+        &bytes,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(read(&dest.join("joined")), "a\nb\n");
+    // The same tar again: every step is a hit.
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "stdin:1",
+            "-",
+        ],
+        &bytes,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("0 steps run"),
+        "{}",
+        text(&o.stderr)
+    );
+    // A Dockerfile on stdin, with no context.
+    let dest = env.path("out-df");
+    let out = format!("type=local,dest={}", dest.display());
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "--output",
+            &out,
+            "-",
+        ],
+        b"FROM busybox:local\nRUN echo from-stdin > /hi\n",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(read(&dest.join("hi")), "from-stdin\n");
+    // `-f -` with a context directory.
+    let dest = env.path("out-f");
+    let out = format!("type=local,dest={}", dest.display());
+    let c = ctx.to_str().expect("utf8");
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-f",
+            "-",
+            "--output",
+            &out,
+            c,
+        ],
+        b"FROM busybox:local\nCOPY src/a.txt /a\n",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(read(&dest.join("a")), "a\n");
+    env.assert_clean();
+}
+
+/// Processes whose command line is exactly `argv`.
+fn processes_with_cmdline(argv: &[&str]) -> Vec<String> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    fs_err::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| fs_err::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn failing_run_leaves_no_process_and_no_mount() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("failbg");
+    let token = (900_000 + std::process::id() % 90_000).to_string();
+    let arg = format!("TOKEN={token}");
+    let o = env.build_raw(&ctx, &["--build-arg", &arg]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("exit code 3"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    assert!(err.contains("started-background"), "{err}");
+    let left = processes_with_cmdline(&["sleep", &token]);
+    assert!(
+        left.is_empty(),
+        "the RUN's background process survived: pids {left:?}"
+    );
+    env.assert_clean();
+    // A missing COPY source: nothing mounted either.
+    let ctx = env.context("missing");
+    let o = env.build_raw(&ctx, &[]);
+    assert!(!o.status.success());
+    env.assert_clean();
+}
+
+#[test]
+fn bind_mount_rw_writes_are_discarded() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("bindrw");
+    let fs = env.rootfs(&ctx, &["-t", "bindrw:1"], "out");
+    let f = |p: &str| read(&fs.join(p));
+    assert_eq!(f("seen-ctx"), "changed\n", "the RUN could write");
+    assert_eq!(f("seen-file"), "original\nmore\n");
+    assert_eq!(f("seen-stage"), "s.txt\nw.txt\n");
+    // Gone afterwards: from the context, the stage, the next RUNs and the layers.
+    assert_eq!(read(&ctx.join("input.txt")), "original\n");
+    assert!(!ctx.join("new.txt").exists());
+    assert!(ctx.join("sub/s.txt").exists());
+    assert_eq!(f("stage-after"), "s.txt\n");
+    assert_eq!(f("seen-after"), "original\nin sub\n");
+    assert!(!f("ls-after").contains("new.txt"));
+    assert!(!fs.join("ctx/new.txt").exists());
+    assert!(!fs.join("d/w.txt").exists());
+    // Without rw the bind is read-only.
+    assert_ne!(f("ro-status").trim(), "0");
+    env.assert_clean();
+}
+
+#[test]
+fn cache_mount_sharing_private_and_locked() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("cacheshare");
+    let fs = env.rootfs(&ctx, &["--jobs", "4"], "out");
+    let f = |p: &str| read(&fs.join(p));
+    // Two private users at once: each its own directory, made with uid/mode.
+    assert_eq!(f("a-ls"), "a\n");
+    assert_eq!(f("b-ls"), "b\n");
+    assert_eq!(f("a-stat").trim(), "65534:700");
+    assert_eq!(f("b-stat").trim(), "65534:700");
+    // Locked: the second saw the first one's work finished.
+    assert_eq!(f("c-ls"), "");
+    assert_eq!(f("d-ls"), "");
+    env.assert_clean();
+}
+
+fn interfaces(list: &str) -> Vec<String> {
+    let mut v: Vec<String> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn network_default_is_the_host_network() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("network");
+    let dest = env.path("out");
+    let out = format!("type=local,dest={}", dest.display());
+    let c = ctx.to_str().expect("utf8");
+    let o = env.kiln(&[
+        "build",
+        "--progress=plain",
+        "--network",
+        "default",
+        "--output",
+        &out,
+        c,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let host: Vec<String> = interfaces(
+        &read(Path::new("/proc/net/dev"))
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let f = |p: &str| interfaces(&read(&dest.join(p)));
+    assert_eq!(f("net-flag"), host, "--network default");
+    assert_eq!(f("net-default"), host, "RUN --network=default");
+    assert_eq!(f("net-host"), host);
+    assert_eq!(f("net-none"), ["lo"]);
+    // --network none makes `default` RUNs network-less too.
+    let dest2 = env.path("out2");
+    let out2 = format!("type=local,dest={}", dest2.display());
+    let o = env.kiln(&[
+        "build",
+        "--progress=plain",
+        "--network=none",
+        "--no-cache",
+        "--output",
+        &out2,
+        c,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(interfaces(&read(&dest2.join("net-flag"))), ["lo"]);
+    env.assert_clean();
+}
+
+#[test]
+fn onbuild_of_a_base_image_and_cmd_reset_by_entrypoint() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("onbuild");
+    let base = ctx.join("base.Dockerfile");
+    env.build(
+        &ctx,
+        &["-f", base.to_str().expect("utf8"), "-t", "onbase:1"],
+    );
+    assert_eq!(
+        env.config("onbase:1")["config"]["OnBuild"],
+        serde_json::json!(["RUN echo triggered > /onbuild-ran"])
+    );
+    let fs = env.rootfs(&ctx, &["-t", "onchild:1"], "out");
+    assert_eq!(read(&fs.join("onbuild-ran")), "triggered\n");
+    let cfg = &env.config("onchild:1")["config"];
+    assert_eq!(cfg["Entrypoint"], serde_json::json!(["/bin/echo"]));
+    assert!(cfg["Cmd"].is_null(), "inherited CMD reset: {cfg}");
+    assert!(
+        cfg["OnBuild"].is_null(),
+        "triggers are not inherited: {cfg}"
+    );
+    let keep = ctx.join("keepcmd.Dockerfile");
+    env.build(
+        &ctx,
+        &["-f", keep.to_str().expect("utf8"), "-t", "onkeep:1"],
+    );
+    let cfg = &env.config("onkeep:1")["config"];
+    assert_eq!(cfg["Cmd"], serde_json::json!(["own-cmd"]));
+    env.assert_clean();
+}
+
+/// The MISS line of the step named `what`.
+fn miss_line(progress: &str, what: &str) -> String {
+    let n = step_number(progress, what);
+    step_lines(progress, &n)
+        .iter()
+        .find(|l| l.contains("MISS"))
+        .map(|l| (*l).to_owned())
+        .unwrap_or_else(|| panic!("no MISS for `{what}`:\n{progress}"))
+}
+
+#[test]
+fn miss_causes_name_instruction_arg_and_base_image() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("onbuild");
+    let base = ctx.join("base.Dockerfile");
+    let base = base.to_str().expect("utf8");
+    env.build(&ctx, &["-f", base, "-t", "onbase:1"]);
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM onbase:1\nARG V=1\nRUN echo $V > /v\nRUN echo one > /one\n",
+    )
+    .expect("write");
+    env.build(&ctx, &[]);
+    // An ARG value.
+    let p = env.build(&ctx, &["--build-arg", "V=2"]);
+    let l = miss_line(&p, "RUN echo $V");
+    assert!(l.contains("ARG `V` changed (`1` -> `2`)"), "{p}");
+    // The instruction text.
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM onbase:1\nARG V=1\nRUN echo $V > /v\nRUN echo two > /one\n",
+    )
+    .expect("write");
+    let p = env.build(&ctx, &[]);
+    let l = miss_line(&p, "RUN echo two");
+    assert!(l.contains("instruction changed"), "{p}");
+    assert!(l.contains("echo one"), "{p}");
+    // The base image: the tag now names another image.
+    fs_err::write(base, "FROM busybox:local\nRUN echo new > /new-base\n").expect("write");
+    env.build(&ctx, &["-f", base, "-t", "onbase:1"]);
+    let p = env.build(&ctx, &[]);
+    let l = miss_line(&p, "FROM onbase:1");
+    assert!(l.contains("base image `onbase:1` changed"), "{p}");
+    env.assert_clean();
+}
+
+#[test]
+fn copy_from_a_stage_is_keyed_by_the_copied_files() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("fromcontent");
+    env.build(&ctx, &["-t", "fc:1"]);
+    // The stage runs again (its ARG changed) but the copied file is the same.
+    let p = env.build(&ctx, &["-t", "fc:1", "--build-arg", "NOISE=2"]);
+    let generator = step_number(&p, "RUN echo \"$NOISE\"");
+    assert!(
+        step_lines(&p, &generator)
+            .iter()
+            .any(|l| l.contains("MISS")),
+        "{p}"
+    );
+    for what in ["COPY --from=gen /stable /stable", "RUN cat /stable"] {
+        let n = step_number(&p, what);
+        assert!(
+            step_lines(&p, &n).iter().any(|l| l.ends_with(" CACHED")),
+            "{what}:\n{p}"
+        );
+    }
+    assert!(p.contains("1 steps run"), "{p}");
+    // The copied file changes: the copy and the RUN after it run.
+    let fs = env.rootfs(&ctx, &["-t", "fc:1", "--build-arg", "STABLE=s2"], "out");
+    assert_eq!(read(&fs.join("copied")), "s2\n");
+    env.assert_clean();
+}
+
+#[test]
+fn progress_tty_draws_into_a_pipe() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let o = env.kiln(&[
+        "build",
+        "--progress",
+        "tty",
+        "--network=none",
+        "--pull=never",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("\u{1b}["), "ANSI codes: {err}");
+    assert!(err.contains("RUN cat a.txt b.txt > /joined DONE"), "{err}");
+    let o = env.kiln(&[
+        "build",
+        "--progress=tty",
+        "--network=none",
+        "--pull=missing",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("RUN cat a.txt b.txt > /joined CACHED"),
+        "{}",
+        text(&o.stderr)
+    );
+}

@@ -178,8 +178,7 @@ pub async fn solve<R: StepRunner>(
                 .iter()
                 .filter_map(|(i, _)| outputs.get(i).cloned())
                 .collect();
-            let key = match effective_key(graph, v, vk, &effective, &*runner, &inputs, opts).await
-            {
+            let key = match effective_key(graph, v, vk, &effective, &*runner, &inputs, opts).await {
                 Ok(k) => k,
                 Err(e) => {
                     tasks.abort_all();
@@ -197,7 +196,10 @@ pub async fn solve<R: StepRunner>(
                 // A config-only step shares its parent's key and result: it
                 // is CACHED when its parent was, else just done.
                 let was_hit = match &vert.op {
-                    Op::Config(_) => graph.inputs(v).first().is_some_and(|(p, _)| hit.contains(p)),
+                    Op::Config(_) => graph
+                        .inputs(v)
+                        .first()
+                        .is_some_and(|(p, _)| hit.contains(p)),
                     _ => true,
                 };
                 if was_hit {

@@ -329,7 +329,11 @@ async fn config_steps_are_cached_only_when_their_parent_was() {
         .expect("first");
     let ids = cached_ids(&mut rx);
     for c in &config {
-        assert!(!ids.contains(c), "{} CACHED on a first build", g.graph[VertexId::new(*c)].name);
+        assert!(
+            !ids.contains(c),
+            "{} CACHED on a first build",
+            g.graph[VertexId::new(*c)].name
+        );
     }
     assert_eq!(first.cached + first.ran, g.graph.node_count());
     let (p, mut rx) = Progress::channel();
@@ -339,7 +343,11 @@ async fn config_steps_are_cached_only_when_their_parent_was() {
     assert_eq!(second.ran, 0);
     let ids = cached_ids(&mut rx);
     for c in &config {
-        assert!(ids.contains(c), "{} not CACHED on a rebuild", g.graph[VertexId::new(*c)].name);
+        assert!(
+            ids.contains(c),
+            "{} not CACHED on a rebuild",
+            g.graph[VertexId::new(*c)].name
+        );
     }
 }
 
@@ -355,17 +363,35 @@ async fn copy_from_a_stage_is_keyed_by_the_copied_content() {
         ..Recorder::default()
     });
     let (g, keys) = build("v1");
-    solve(&g, &keys, Arc::clone(&r), Progress::discard(), None, &opts(2))
-        .await
-        .expect("first");
+    solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("first");
     // The stage changes, the files it gives the copy do not: only the
     // stage's RUN runs again.
     let (g, keys) = build("v2");
     let before = r.runs.lock().map(|r| r.len()).unwrap_or(0);
-    let out = solve(&g, &keys, Arc::clone(&r), Progress::discard(), None, &opts(2))
-        .await
-        .expect("second");
-    let runs = r.runs.lock().map(|r| r[before..].to_vec()).unwrap_or_default();
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("second");
+    let runs = r
+        .runs
+        .lock()
+        .map(|r| r[before..].to_vec())
+        .unwrap_or_default();
     assert_eq!(out.ran, 1, "{runs:?}");
     assert!(runs[0].contains("RUN gen v2"), "{runs:?}");
     // Other content: the copy and what follows run.
@@ -374,9 +400,16 @@ async fn copy_from_a_stage_is_keyed_by_the_copied_content() {
         store: Mutex::new(r.store.lock().map(|s| s.clone()).unwrap_or_default()),
         ..Recorder::default()
     });
-    let out = solve(&g, &keys, Arc::clone(&r2), Progress::discard(), None, &opts(2))
-        .await
-        .expect("third");
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&r2),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("third");
     let runs = r2.runs.lock().map(|r| r.clone()).unwrap_or_default();
     // The copy, the ENV after it (done, not cached) and the RUN.
     assert_eq!(out.ran, 3, "{runs:?}");

@@ -90,7 +90,7 @@ pub(crate) struct BuildArgs {
     /// Print the build graph in DOT and exit.
     #[arg(long)]
     print_graph: bool,
-    /// The build context directory.
+    /// The build context directory, or `-` for a tar (or a Dockerfile) on stdin.
     context: PathBuf,
 }
 
@@ -193,13 +193,109 @@ fn source_date_epoch() -> anyhow::Result<Option<i64>> {
     }
 }
 
+/// Where the context and the Dockerfile are, when one of them came on
+/// stdin (`kiln build -`, `kiln build -f - DIR`): a scratch directory of
+/// the store that goes away with this value.
+struct Input {
+    context: PathBuf,
+    dockerfile: Option<PathBuf>,
+    /// The history scope for a context that has no stable path.
+    scope: Option<String>,
+    _scratch: Option<tempfile::TempDir>,
+}
+
+/// The first bytes of a tar: `ustar` at offset 257 (POSIX and GNU).
+fn is_tar(head: &[u8]) -> bool {
+    head.get(257..262) == Some(b"ustar".as_slice())
+}
+
+/// Read stdin into `dir/stdin`; returns its path.
+fn save_stdin(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("stdin");
+    let mut f = fs_err::File::create(&path)?;
+    std::io::copy(&mut std::io::stdin().lock(), &mut f).context("reading stdin")?;
+    Ok(path)
+}
+
+fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<Input> {
+    let ctx_stdin = args.context.as_os_str() == "-";
+    let df_stdin = args.file.as_deref().is_some_and(|f| f.as_os_str() == "-");
+    if !ctx_stdin && !df_stdin {
+        return Ok(Input {
+            context: args.context.clone(),
+            dockerfile: args.file.clone(),
+            scope: None,
+            _scratch: None,
+        });
+    }
+    if ctx_stdin && df_stdin {
+        bail!("the context and the Dockerfile cannot both come from stdin (`-f -` with `-`)");
+    }
+    let tmp = store.root().join("tmp");
+    fs_err::create_dir_all(&tmp)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("stdin-")
+        .tempdir_in(&tmp)
+        .with_context(|| format!("creating a scratch directory under `{}`", tmp.display()))?;
+    // Whose it is, so that a killed build's leftovers are swept.
+    fs_err::write(
+        scratch.path().join(kiln_solver::runner::OWNER_FILE),
+        std::process::id().to_string(),
+    )?;
+    let raw = save_stdin(scratch.path())?;
+    if df_stdin {
+        return Ok(Input {
+            context: args.context.clone(),
+            dockerfile: Some(raw),
+            scope: Some(format!("-|{}", args.context.display())),
+            _scratch: Some(scratch),
+        });
+    }
+    let ctx = scratch.path().join("context");
+    fs_err::create_dir(&ctx)?;
+    let mut head = Vec::with_capacity(512);
+    {
+        use std::io::Read as _;
+        kiln_cache::decompress(fs_err::File::open(&raw)?)
+            .context("reading the context from stdin")?
+            .take(512)
+            .read_to_end(&mut head)
+            .context("reading the context from stdin")?;
+    }
+    let dockerfile = if is_tar(&head) {
+        let tar = kiln_cache::decompress(fs_err::File::open(&raw)?)
+            .context("reading the context tar from stdin")?;
+        kiln_cache::apply_layer(
+            tar,
+            &ctx,
+            &kiln_cache::ApplyOptions::default()
+                .with_whiteouts(kiln_cache::layer::WhiteoutMode::Remove),
+        )
+        .context("unpacking the context tar from stdin")?;
+        // `-f` names a file inside the tar.
+        args.file
+            .as_ref()
+            .map(|f| ctx.join(f.strip_prefix("/").unwrap_or(f)))
+    } else {
+        // A Dockerfile on stdin: the context is empty.
+        Some(raw)
+    };
+    Ok(Input {
+        context: ctx,
+        dockerfile,
+        scope: Some("stdin".to_owned()),
+        _scratch: Some(scratch),
+    })
+}
+
 /// Runs `kiln build`.
 pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCode> {
-    let (df_path, df) = read_dockerfile(args.file.as_deref(), &args.context)?;
-    let opts = build_options(&args.build_args, args.target.clone());
     let store = Arc::new(global.store()?);
     // Scratch directories (and mounts) of builds that were killed.
     kiln_solver::runner::sweep_stale(&store);
+    let input = stdin_input(args, &store)?;
+    let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)?;
+    let opts = build_options(&args.build_args, args.target.clone());
     let _ = args.pull; // registry pulls are a later issue; both modes use the store
     let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
         .with_context(|| format!("planning `{}`", df_path.display()))?;
@@ -209,7 +305,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             .write_all(graph.to_dot().as_bytes())?;
         return Ok(ExitCode::SUCCESS);
     }
-    let context_dir = fs_err::canonicalize(&args.context)?;
+    let context_dir = fs_err::canonicalize(&input.context)
+        .with_context(|| format!("the build context `{}`", input.context.display()))?;
     let stat_cache = StatCache::open(store.root())?;
     let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
     let keys = compute_keys(&graph, Some(&mut ctx)).map_err(|e| {
@@ -230,11 +327,14 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         }
     })?;
     let ignore = kiln_parser::read_dockerignore(&context_dir, &df_path)?.map(|f| f.matcher);
-    let scope = format!(
-        "{}|{}",
-        fs_err::canonicalize(&df_path)?.display(),
-        context_dir.display()
-    );
+    let scope = match &input.scope {
+        Some(s) => s.clone(),
+        None => format!(
+            "{}|{}",
+            fs_err::canonicalize(&df_path)?.display(),
+            context_dir.display()
+        ),
+    };
     let mut history = KeyHistory::open(store.root(), &scope)?;
     let epoch = source_date_epoch()?;
     let graph = Arc::new(graph);

@@ -66,12 +66,11 @@ impl StoreRunner {
         }
         let lowers = self.snapshots(&chain)?;
         let dir = self.scratch("sum-")?;
-        let merged = MergedMount::mount(&lowers, dir.path()).map_err(|source| {
-            RunnerError::Mount {
+        let merged =
+            MergedMount::mount(&lowers, dir.path()).map_err(|source| RunnerError::Mount {
                 step: step.vertex.name.clone(),
                 source,
-            }
-        })?;
+            })?;
         let sum = BuildContext::new(merged.path(), None).checksum(&patterns, &c.exclude, c.parents);
         drop(merged);
         let Ok(sum) = sum else {

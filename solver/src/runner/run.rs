@@ -312,9 +312,8 @@ impl StoreRunner {
                             held.push(mm);
                             p
                         } else {
-                            let scratch_err = |path: PathBuf| {
-                                move |source| RunnerError::Scratch { path, source }
-                            };
+                            let scratch_err =
+                                |path: PathBuf| move |source| RunnerError::Scratch { path, source };
                             fs_err::create_dir(&wdir).map_err(scratch_err(wdir.clone()))?;
                             let copy = wdir.join("file");
                             fs_err::copy(&source, &copy).map_err(scratch_err(copy.clone()))?;
