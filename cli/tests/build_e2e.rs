@@ -1268,3 +1268,165 @@ fn progress_tty_draws_into_a_pipe() {
         text(&o.stderr)
     );
 }
+
+/// A tiny HTTP server on 127.0.0.1: `GET /NAME` serves `files[NAME]` with
+/// an `ETag` of its content and answers `If-None-Match` with 304. Stops
+/// when dropped.
+struct HttpServer {
+    base: String,
+    files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServer {
+    fn start() -> HttpServer {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+            std::sync::Arc::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, st) = (std::sync::Arc::clone(&files), std::sync::Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut s) = conn else { continue };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).into_owned();
+                let path = req
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap_or("/")
+                    .trim_start_matches('/')
+                    .to_owned();
+                let if_none = req
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("if-none-match:"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned());
+                let body = f.lock().ok().and_then(|m| m.get(&path).cloned());
+                let resp = match body {
+                    None => {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                    Some(body) => {
+                        let etag = format!(
+                            "\"{}-{}\"",
+                            body.len(),
+                            body.iter().map(|b| u64::from(*b)).sum::<u64>()
+                        );
+                        if if_none.as_deref() == Some(etag.as_str()) {
+                            format!("HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .into_bytes()
+                        } else {
+                            let mut r = format!(
+                                "HTTP/1.1 200 OK\r\nETag: {etag}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            r.extend_from_slice(&body);
+                            r
+                        }
+                    }
+                };
+                let _ = s.write_all(&resp);
+            }
+        });
+        HttpServer {
+            base,
+            files,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn put(&self, name: &str, body: &[u8]) {
+        if let Ok(mut m) = self.files.lock() {
+            m.insert(name.to_owned(), body.to_vec());
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = std::net::TcpStream::connect(self.base.trim_start_matches("http://"));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sha256_of(data: &[u8]) -> String {
+    let file = tempfile::NamedTempFile::new().expect("tmp");
+    fs_err::write(file.path(), data).expect("write");
+    let o = Command::new("sha256sum")
+        .arg(file.path())
+        .output()
+        .expect("sha256sum");
+    text(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn add_url_keyed_by_content_and_checked_by_checksum() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let server = HttpServer::start();
+    server.put("data.txt", b"data v1\n");
+    server.put("pinned.txt", b"pinned\n");
+    let ctx = env.context("addurl");
+    let base = format!("BASE={}", server.base);
+    let sum = format!("SUM=sha256:{}", sha256_of(b"pinned\n"));
+    let args = ["--build-arg", base.as_str(), "--build-arg", sum.as_str()];
+    let fs = env.rootfs(&ctx, &args, "one");
+    assert_eq!(read(&fs.join("both")), "data v1\npinned\n");
+    let mode = fs_err::metadata(fs.join("fetched/data.txt")).expect("stat");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    // Same content: cached.
+    let p = env.build(&ctx, &args);
+    let n = step_number(&p, "ADD $BASE/data.txt");
+    assert!(
+        step_lines(&p, &n).iter().any(|l| l.ends_with(" CACHED")),
+        "{p}"
+    );
+    assert!(p.contains("0 steps run"), "{p}");
+    // The server's file changed: the ADD and the RUN run again.
+    server.put("data.txt", b"data v2\n");
+    let fs = env.rootfs(&ctx, &args, "two");
+    assert_eq!(read(&fs.join("both")), "data v2\npinned\n");
+    // A pinned file is keyed by its checksum (a hit without fetching, as
+    // BuildKit); fetched again, a wrong checksum fails naming both digests.
+    server.put("pinned.txt", b"tampered\n");
+    let p = env.build(&ctx, &args);
+    assert!(p.contains("0 steps run"), "{p}");
+    let mut no_cache = args.to_vec();
+    no_cache.push("--no-cache");
+    let o = env.build_raw(&ctx, &no_cache);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains(&sha256_of(b"tampered\n")), "{err}");
+    assert!(err.contains("line 7"), "{err}");
+    env.assert_clean();
+}

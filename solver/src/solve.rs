@@ -16,7 +16,9 @@ use std::time::Instant;
 use tokio::task::JoinSet;
 
 use crate::event::Progress;
-use crate::graph::{BuildGraph, Edge, FileOp, InputRef, Op, SourceOp, Vertex, VertexId};
+use crate::graph::{
+    BuildGraph, CopySource, Edge, FileOp, InputRef, Op, SourceOp, Vertex, VertexId,
+};
 use crate::key::{CacheKey, KeyError, KeyHistory, MissCause, VertexKey, key_with_parents};
 
 /// One step handed to the runner.
@@ -45,7 +47,8 @@ pub trait StepRunner: Send + Sync + 'static {
 
     /// The digest of the content `step` reads from its non-parent inputs,
     /// when its key should cover that content rather than those inputs'
-    /// keys (`COPY --from=<stage>`: exactly the files it copies); `None`
+    /// keys (`COPY --from=<stage>`: exactly the files it copies), or from
+    /// the network (`ADD <url>` without `--checksum`); `None`
     /// keeps the key computed from the graph. `inputs` as for
     /// [`StepRunner::run`].
     fn content_digest(
@@ -339,29 +342,49 @@ async fn effective_key<R: StepRunner>(
         .iter()
         .zip(&vk.inputs.parents)
         .any(|(k, p)| *k != p.key);
-    let from_stage = matches!(
-        &graph.graph[v].op,
-        Op::File(FileOp::Copy(c)) if matches!(c.from, InputRef::Stage { .. })
-    );
-    if from_stage && !opts.no_cache {
+    // COPY --from a stage: the copied files replace the stage's key. ADD
+    // of a URL without --checksum: the downloaded content joins the key.
+    let (from_stage, url) = match &graph.graph[v].op {
+        Op::File(FileOp::Copy(c)) => (
+            matches!(c.from, InputRef::Stage { .. }),
+            c.checksum.is_none()
+                && c.sources
+                    .iter()
+                    .any(|s| matches!(s, CopySource::Url { .. })),
+        ),
+        _ => (false, false),
+    };
+    let mut extra = None;
+    if (from_stage || url) && !opts.no_cache {
         let step = Step {
             id: v,
             vertex: graph.graph[v].clone(),
             key: vk.key.clone(),
         };
         if let Some(d) = runner.content_digest(&step, inputs).await? {
-            for ((_, edge), k) in keyed.iter().zip(parents.iter_mut()) {
-                if *edge == Edge::Source {
-                    *k = CacheKey(format!("content:{d}"));
+            if from_stage {
+                for ((_, edge), k) in keyed.iter().zip(parents.iter_mut()) {
+                    if *edge == Edge::Source {
+                        *k = CacheKey(format!("content:{d}"));
+                    }
                 }
+            } else {
+                extra = Some(d);
             }
             changed = true;
         }
     }
-    Ok(if changed {
-        key_with_parents(&vk.inputs, &parents)
-    } else {
-        vk.key.clone()
+    Ok(match (changed, extra) {
+        (_, Some(d)) => {
+            let mut i = vk.inputs.clone();
+            i.files_digest = Some(format!(
+                "{}+urls:{d}",
+                i.files_digest.as_deref().unwrap_or("")
+            ));
+            key_with_parents(&i, &parents)
+        }
+        (true, None) => key_with_parents(&vk.inputs, &parents),
+        (false, None) => vk.key.clone(),
     })
 }
 

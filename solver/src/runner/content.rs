@@ -7,6 +7,12 @@
 //! The digest of one (filesystem, selection) pair never changes — layers
 //! are content-addressed — so it is remembered in the store's
 //! `statcache.db` and a no-op rebuild mounts nothing.
+//!
+//! Also content keys of `ADD <url>` without `--checksum`: the digest of
+//! what the server sends now (BuildKit's http source is keyed by content
+//! too), with the server's `ETag` remembered so an unchanged file is
+//! answered with a 304 and not downloaded again. With `--checksum` the
+//! checksum (in the op's definition) is the key, and nothing is fetched.
 
 use sha2::Digest as _;
 
@@ -29,7 +35,11 @@ impl StoreRunner {
             return Ok(None);
         };
         if !matches!(c.from, InputRef::Stage { .. }) {
-            return Ok(None);
+            return Ok(if c.checksum.is_none() {
+                self.url_digest(c)
+            } else {
+                None
+            });
         }
         let patterns: Vec<String> = c
             .sources
@@ -80,5 +90,84 @@ impl StoreRunner {
             let _ = m.put(&memo_id, &sum.digest);
         }
         Ok(Some(sum.digest))
+    }
+
+    /// The digest of what the URLs of an `ADD` serve now, or `None` when
+    /// one cannot be fetched (the ADD then fails, naming the URL). A
+    /// server's `ETag` is remembered and sent back (`If-None-Match`), so
+    /// an unchanged file is not downloaded again for its key.
+    fn url_digest(&self, c: &crate::graph::CopyOp) -> Option<String> {
+        let urls: Vec<&str> = c
+            .sources
+            .iter()
+            .filter_map(|s| match s {
+                CopySource::Url { url } => Some(url.as_str()),
+                _ => None,
+            })
+            .collect();
+        if urls.is_empty() {
+            return None;
+        }
+        let memo = ContentMemo::open(self.store.root()).ok();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        let mut all = sha2::Sha256::new();
+        for url in urls {
+            let memo_id = format!("url:{url}");
+            let known: Option<(String, String)> = memo
+                .as_ref()
+                .and_then(|m| m.get(&memo_id).ok().flatten())
+                .and_then(|v| {
+                    v.split_once('\t')
+                        .map(|(e, d)| (e.to_owned(), d.to_owned()))
+                });
+            let mut req = agent.get(url);
+            if let Some((etag, _)) = &known {
+                req = req.header("If-None-Match", etag.as_str());
+            }
+            let mut resp = req.call().ok()?;
+            let status = resp.status().as_u16();
+            let digest = match (status, known) {
+                (304, Some((_, d))) => d,
+                (200..=299, _) => {
+                    let etag = resp
+                        .headers()
+                        .get("etag")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let mut h = sha2::Sha256::new();
+                    let mut body = resp.body_mut().as_reader();
+                    std::io::copy(&mut body, &mut HashWriter(&mut h)).ok()?;
+                    let d = format!("sha256:{}", hex(&h.finalize()));
+                    if let (Some(m), Some(e)) = (&memo, etag) {
+                        let _ = m.put(&memo_id, &format!("{e}\t{d}"));
+                    }
+                    d
+                }
+                _ => return None,
+            };
+            all.update(url.as_bytes());
+            all.update([0]);
+            all.update(digest.as_bytes());
+            all.update([0]);
+        }
+        Some(format!("sha256:{}", hex(&all.finalize())))
+    }
+}
+
+/// Feeds written bytes to a hasher.
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
