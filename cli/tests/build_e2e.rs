@@ -1430,3 +1430,38 @@ fn add_url_keyed_by_content_and_checked_by_checksum() {
     assert!(err.contains("line 7"), "{err}");
     env.assert_clean();
 }
+
+#[test]
+fn tmpfs_mount_and_docker_archive_output() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("tmpfs");
+    let archive = env.path("img-docker.tar");
+    let out = format!("type=docker,dest={}", archive.display());
+    let fs = env.rootfs(&ctx, &["-t", "tmpfs:1", "--output", &out], "out");
+    assert_eq!(read(&fs.join("seen")), "in-tmpfs\n");
+    assert_eq!(read(&fs.join("fstype")), "tmpfs\n");
+    assert!(
+        !fs.join("scratch/f").exists(),
+        "tmpfs content is not in the layer"
+    );
+    assert!(read(&fs.join("after")).trim().is_empty() || read(&fs.join("after")) == "absent\n");
+    // The docker-archive output has a manifest.json naming the tag.
+    let o = Command::new("tar")
+        .arg("-xOf")
+        .arg(&archive)
+        .arg("manifest.json")
+        .output()
+        .expect("tar");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let manifest: serde_json::Value = serde_json::from_slice(&o.stdout).expect("manifest.json");
+    assert!(
+        manifest[0]["RepoTags"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains("tmpfs:1")))),
+        "{manifest}"
+    );
+    env.assert_clean();
+}
