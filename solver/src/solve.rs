@@ -199,10 +199,25 @@ pub async fn solve<R: StepRunner>(
                 // A config-only step shares its parent's key and result: it
                 // is CACHED when its parent was, else just done.
                 let was_hit = match &vert.op {
-                    Op::Config(_) => graph
-                        .inputs(v)
-                        .first()
-                        .is_some_and(|(p, _)| hit.contains(p)),
+                    Op::Config(_) => {
+                        let parent_hit = graph
+                            .inputs(v)
+                            .first()
+                            .is_some_and(|(p, _)| hit.contains(p));
+                        // An edited (or new) config instruction after cached
+                        // steps is done, not cached, and says why.
+                        match history {
+                            Some(h) if parent_hit => {
+                                let causes = h.explain(&vk.inputs).map_err(SolveError::History)?;
+                                let same = causes == [MissCause::RecordMissing];
+                                if !same {
+                                    progress.miss(v.index(), causes);
+                                }
+                                same
+                            }
+                            _ => parent_hit,
+                        }
+                    }
                     _ => true,
                 };
                 if was_hit {

@@ -417,3 +417,57 @@ async fn copy_from_a_stage_is_keyed_by_the_copied_content() {
     assert!(runs.iter().any(|n| n.contains("COPY --from=a")), "{runs:?}");
     assert!(runs.iter().any(|n| n.contains("RUN use")), "{runs:?}");
 }
+
+#[tokio::test]
+async fn an_edited_config_step_after_hits_is_done_and_says_why() {
+    let store = tempfile::tempdir().expect("store");
+    let mut h = KeyHistory::open(store.path(), "scope").expect("history");
+    let r = Arc::new(Recorder::default());
+    let (g, keys) = setup("FROM busybox\nRUN make\nENV MODE=release\n");
+    solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        Some(&h),
+        &opts(2),
+    )
+    .await
+    .expect("first");
+    h.record(keys.iter().map(|k| &k.inputs)).expect("record");
+    let env_id = |g: &BuildGraph| {
+        g.graph
+            .node_indices()
+            .find(|v| matches!(g.graph[*v].op, Op::Config(_)))
+            .map(|v| v.index())
+            .expect("ENV vertex")
+    };
+    // Unchanged: CACHED.
+    let (p, mut rx) = Progress::channel();
+    solve(&g, &keys, Arc::clone(&r), p, Some(&h), &opts(2))
+        .await
+        .expect("second");
+    assert!(cached_ids(&mut rx).contains(&env_id(&g)));
+    // Edited: not CACHED, and the miss names the instruction.
+    let (g, keys) = setup("FROM busybox\nRUN make\nENV MODE=debug\n");
+    let (p, mut rx) = Progress::channel();
+    let out = solve(&g, &keys, Arc::clone(&r), p, Some(&h), &opts(2))
+        .await
+        .expect("third");
+    let id = env_id(&g);
+    let mut cached = false;
+    let mut causes = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            Event::VertexCached { id: i } if i == id => cached = true,
+            Event::VertexMiss { id: i, causes: c } if i == id => causes = c,
+            _ => {}
+        }
+    }
+    assert!(!cached);
+    assert!(
+        matches!(&causes[..], [MissCause::InstructionChanged { after, .. }] if after.contains("MODE=debug")),
+        "{causes:?}"
+    );
+    assert_eq!(out.ran, 1, "only the ENV, which runs nothing");
+}
