@@ -859,7 +859,11 @@ fn config_steps_are_not_cached_on_a_first_build() {
             "{what}:\n{first}"
         );
     }
-    let second = env.build(&ctx, &["-t", "cfg:1"]);
+    let second = env.build(&ctx, &["-t", "cfg:1", "--build-arg", "NOT_DECLARED=1"]);
+    assert!(
+        second.contains("build-args [NOT_DECLARED] were not consumed"),
+        "{second}"
+    );
     for what in ["ENV MODE=release", "CMD [\"cat\", \"/joined\"]"] {
         let n = step_number(&second, what);
         assert!(
@@ -869,6 +873,20 @@ fn config_steps_are_not_cached_on_a_first_build() {
             "{what} not CACHED on a rebuild:\n{second}"
         );
     }
+    // An edited ENV after cached steps: done, with its cause.
+    let df = read(&ctx.join("Dockerfile")).replace("MODE=release", "MODE=debug");
+    fs_err::write(ctx.join("Dockerfile"), df).expect("write");
+    let third = env.build(&ctx, &["-t", "cfg:1"]);
+    let n = step_number(&third, "ENV MODE=debug");
+    let lines = step_lines(&third, &n);
+    assert!(!lines.iter().any(|l| l.ends_with(" CACHED")), "{third}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("MISS: instruction changed")),
+        "{third}"
+    );
+    assert_eq!(env.config("cfg:1")["config"]["Env"][1], "MODE=debug");
     env.assert_clean();
 }
 

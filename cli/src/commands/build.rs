@@ -299,6 +299,13 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     let _ = args.pull; // registry pulls are a later issue; both modes use the store
     let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
         .with_context(|| format!("planning `{}`", df_path.display()))?;
+    if !graph.unused_build_args.is_empty() {
+        // As docker: a build arg no stage declares is probably a typo.
+        eprintln!(
+            "warning: one or more build-args [{}] were not consumed",
+            graph.unused_build_args.join(" ")
+        );
+    }
     if args.print_graph {
         std::io::stdout()
             .lock()
