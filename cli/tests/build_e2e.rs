@@ -1121,20 +1121,22 @@ fn network_default_is_the_host_network() {
     assert_eq!(f("net-default"), host, "RUN --network=default");
     assert_eq!(f("net-host"), host);
     assert_eq!(f("net-none"), ["lo"]);
-    // --network none makes `default` RUNs network-less too.
+    // --network none makes `default` RUNs network-less too; the network
+    // is in their keys (a RUN built with the host network is no hit).
     let dest2 = env.path("out2");
     let out2 = format!("type=local,dest={}", dest2.display());
     let o = env.kiln(&[
         "build",
         "--progress=plain",
         "--network=none",
-        "--no-cache",
         "--output",
         &out2,
         c,
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(interfaces(&read(&dest2.join("net-flag"))), ["lo"]);
+    assert_eq!(interfaces(&read(&dest2.join("net-default"))), ["lo"]);
+    assert_eq!(interfaces(&read(&dest2.join("net-host"))), host);
     env.assert_clean();
 }
 

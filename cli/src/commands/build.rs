@@ -110,7 +110,11 @@ pub(crate) struct GraphArgs {
     context: PathBuf,
 }
 
-fn build_options(args: &[String], target: Option<String>) -> BuildOptions {
+fn build_options(
+    args: &[String],
+    target: Option<String>,
+    network: Option<NetworkArg>,
+) -> BuildOptions {
     let mut build_args = BTreeMap::new();
     for a in args {
         match a.split_once('=') {
@@ -127,6 +131,11 @@ fn build_options(args: &[String], target: Option<String>) -> BuildOptions {
     BuildOptions {
         build_args,
         target,
+        network: network.map(|n| match n {
+            NetworkArg::None => kiln_parser::Network::None,
+            NetworkArg::Host => kiln_parser::Network::Host,
+            NetworkArg::Default => kiln_parser::Network::Default,
+        }),
         ..BuildOptions::default()
     }
 }
@@ -148,7 +157,7 @@ pub(crate) fn graph(args: &GraphArgs) -> anyhow::Result<ExitCode> {
     let (_, df) = read_dockerfile(args.file.as_deref(), &args.context)?;
     let g = plan(
         &df,
-        &build_options(&args.build_args, args.target.clone()),
+        &build_options(&args.build_args, args.target.clone(), None),
         &EmptyImages,
     )?;
     std::io::stdout().lock().write_all(g.to_dot().as_bytes())?;
@@ -295,7 +304,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     kiln_solver::runner::sweep_stale(&store);
     let input = stdin_input(args, &store)?;
     let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)?;
-    let opts = build_options(&args.build_args, args.target.clone());
+    let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
     let _ = args.pull; // registry pulls are a later issue; both modes use the store
     let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
         .with_context(|| format!("planning `{}`", df_path.display()))?;
