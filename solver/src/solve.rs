@@ -123,7 +123,7 @@ pub enum SolveError<E: std::error::Error + Send + Sync + 'static> {
 pub struct Solved<O> {
     /// Every vertex's result.
     pub outputs: HashMap<VertexId, O>,
-    /// Steps that ran.
+    /// Steps that ran (config-only steps never count).
     pub ran: usize,
     /// Steps found in the cache (or sharing a key with one that ran).
     pub cached: usize,
@@ -220,12 +220,12 @@ pub async fn solve<R: StepRunner>(
                     }
                     _ => true,
                 };
+                // (A config step that is not cached ran nothing: it is
+                // counted neither as run nor as cached.)
                 if was_hit {
                     progress.cached(v.index());
                     cached += 1;
                     hit.insert(v);
-                } else {
-                    ran += 1;
                 }
                 progress.finished(v.index(), t);
                 outputs.insert(v, out.clone());
