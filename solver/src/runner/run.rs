@@ -198,7 +198,19 @@ impl StoreRunner {
                         .root()
                         .join("cache-mounts")
                         .join(hex(&sha2::Sha256::digest(id.as_bytes())));
-                    let (source, lock) = cache_dir(&base, m)?;
+                    let waiting = || {
+                        progress.send(crate::event::Event::Log {
+                            id: step.id.index(),
+                            stream: LogStream::Stderr,
+                            line: format!(
+                                "waiting for cache mount `{id}` (sharing=locked), in use by another step"
+                            ),
+                        });
+                    };
+                    let (source, lock) = cache_dir(&base, m, cancel, &waiting)?;
+                    if cancel.is_cancelled() {
+                        return Err(RunnerError::Cancelled { step: name });
+                    }
                     cache_locks.extend(lock);
                     mounts.push(Mount {
                         target: m.target.clone(),
@@ -464,6 +476,8 @@ impl StoreRunner {
 fn cache_dir(
     base: &std::path::Path,
     m: &crate::graph::MountSpec,
+    cancel: &CancelHandle,
+    waiting: &dyn Fn(),
 ) -> Result<(PathBuf, Option<fs_err::File>), RunnerError> {
     use kiln_parser::Sharing;
     let scratch_err = |path: &std::path::Path| {
@@ -526,9 +540,29 @@ fn cache_dir(
         Some(Sharing::Locked) => {
             ensure(base)?;
             let lock = open_lock(base)?;
-            lock.file()
-                .lock()
-                .map_err(scratch_err(&base.with_extension("lock")))?;
+            // Poll, so that a cancelled build does not wait for the lock.
+            let mut said = false;
+            loop {
+                match lock.file().try_lock() {
+                    Ok(()) => break,
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        if cancel.is_cancelled() {
+                            return Ok((base.to_owned(), None));
+                        }
+                        if !said {
+                            waiting();
+                            said = true;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(RunnerError::Scratch {
+                            path: base.with_extension("lock"),
+                            source: e,
+                        });
+                    }
+                }
+            }
             Ok((base.to_owned(), Some(lock)))
         }
         Some(Sharing::Private) => {
