@@ -1225,7 +1225,7 @@ fn miss_causes_name_instruction_arg_and_base_image() {
 }
 
 #[test]
-fn copy_from_a_stage_is_keyed_by_the_copied_files() {
+fn copy_and_bind_from_a_stage_are_keyed_by_content() {
     if !can_build() {
         return;
     }
@@ -1241,7 +1241,11 @@ fn copy_from_a_stage_is_keyed_by_the_copied_files() {
             .any(|l| l.contains("MISS")),
         "{p}"
     );
-    for what in ["COPY --from=gen /stable /stable", "RUN cat /stable"] {
+    for what in [
+        "COPY --from=gen /stable /stable",
+        "RUN cat /stable",
+        "RUN --mount=type=bind,from=gen",
+    ] {
         let n = step_number(&p, what);
         assert!(
             step_lines(&p, &n).iter().any(|l| l.ends_with(" CACHED")),
@@ -1252,6 +1256,7 @@ fn copy_from_a_stage_is_keyed_by_the_copied_files() {
     // The copied file changes: the copy and the RUN after it run.
     let fs = env.rootfs(&ctx, &["-t", "fc:1", "--build-arg", "STABLE=s2"], "out");
     assert_eq!(read(&fs.join("copied")), "s2\n");
+    assert_eq!(read(&fs.join("mounted")), "s2\n");
     env.assert_clean();
 }
 

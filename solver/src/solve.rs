@@ -359,6 +359,8 @@ async fn effective_key<R: StepRunner>(
         .any(|(k, p)| *k != p.key);
     // COPY --from a stage: the copied files replace the stage's key. ADD
     // of a URL without --checksum: the downloaded content joins the key.
+    // RUN --mount=type=bind,from=<stage>: the mounted trees replace the
+    // stages' keys.
     let (from_stage, url) = match &graph.graph[v].op {
         Op::File(FileOp::Copy(c)) => (
             matches!(c.from, InputRef::Stage { .. }),
@@ -366,6 +368,13 @@ async fn effective_key<R: StepRunner>(
                 && c.sources
                     .iter()
                     .any(|s| matches!(s, CopySource::Url { .. })),
+        ),
+        Op::Exec(r) => (
+            r.mounts.iter().any(|m| {
+                m.kind == kiln_parser::MountType::Bind
+                    && matches!(m.from, Some(InputRef::Stage { .. }))
+            }),
+            false,
         ),
         _ => (false, false),
     };
@@ -378,8 +387,10 @@ async fn effective_key<R: StepRunner>(
         };
         if let Some(d) = runner.content_digest(&step, inputs).await? {
             if from_stage {
-                for ((_, edge), k) in keyed.iter().zip(parents.iter_mut()) {
-                    if *edge == Edge::Source {
+                // Only the stages: an image input keeps its key (its
+                // digest), the parent too.
+                for ((p, edge), k) in keyed.iter().zip(parents.iter_mut()) {
+                    if *edge == Edge::Source && !matches!(graph.graph[*p].op, Op::Source(_)) {
                         *k = CacheKey(format!("content:{d}"));
                     }
                 }

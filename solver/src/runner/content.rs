@@ -23,47 +23,81 @@ use crate::key::ContentMemo;
 use crate::solve::Step;
 
 impl StoreRunner {
-    /// The content digest of what `step` copies from another stage, or
-    /// `None` when it copies from no stage, or its sources do not resolve
-    /// (the copy itself then fails with the path and line).
+    /// The content digest of what `step` reads from other stages
+    /// (`COPY --from=<stage>`: the copied files; `RUN --mount=type=bind,
+    /// from=<stage>`: the mounted trees), or of the URLs an `ADD` without
+    /// `--checksum` fetches. `None` when it reads neither, or a source
+    /// does not resolve (the step itself then fails with the path and line).
     pub(super) fn content_digest_sync(
         &self,
         step: &Step,
         inputs: &[Chain],
     ) -> Result<Option<String>, RunnerError> {
-        let Op::File(FileOp::Copy(c)) = &step.vertex.op else {
-            return Ok(None);
-        };
-        if !matches!(c.from, InputRef::Stage { .. }) {
-            return Ok(if c.checksum.is_none() {
-                self.url_digest(c)
-            } else {
-                None
-            });
+        match &step.vertex.op {
+            Op::File(FileOp::Copy(c)) if matches!(c.from, InputRef::Stage { .. }) => {
+                let patterns: Vec<String> = c
+                    .sources
+                    .iter()
+                    .filter_map(|s| match s {
+                        CopySource::Path { path } => Some(path.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if patterns.is_empty() {
+                    return Ok(None);
+                }
+                let chain = self.input_chain(step, inputs, &c.from)?;
+                self.stage_digest(step, &chain, &patterns, &c.exclude, c.parents)
+            }
+            Op::File(FileOp::Copy(c)) if c.checksum.is_none() => Ok(self.url_digest(c)),
+            Op::Exec(r) => {
+                let mut all = sha2::Sha256::new();
+                let mut any = false;
+                for m in &r.mounts {
+                    let Some(from @ InputRef::Stage { .. }) = &m.from else {
+                        continue;
+                    };
+                    if m.kind != kiln_parser::MountType::Bind {
+                        continue;
+                    }
+                    let chain = self.input_chain(step, inputs, from)?;
+                    let source = m.source.clone().unwrap_or_else(|| "/".to_owned());
+                    let Some(d) = self.stage_digest(step, &chain, &[source], &[], false)? else {
+                        return Ok(None);
+                    };
+                    for part in [m.target.as_str(), d.as_str()] {
+                        all.update((part.len() as u64).to_le_bytes());
+                        all.update(part.as_bytes());
+                    }
+                    any = true;
+                }
+                Ok(any.then(|| format!("sha256:{}", hex(&all.finalize()))))
+            }
+            _ => Ok(None),
         }
-        let patterns: Vec<String> = c
-            .sources
-            .iter()
-            .filter_map(|s| match s {
-                CopySource::Path { path } => Some(path.clone()),
-                _ => None,
-            })
-            .collect();
-        if patterns.is_empty() {
-            return Ok(None);
-        }
-        let chain = self.input_chain(step, inputs, &c.from)?;
+    }
+
+    /// The digest of `patterns` (after `exclude`) in the filesystem
+    /// `chain`, remembered by chain and selection.
+    fn stage_digest(
+        &self,
+        step: &Step,
+        chain: &Chain,
+        patterns: &[String],
+        exclude: &[String],
+        parents: bool,
+    ) -> Result<Option<String>, RunnerError> {
         // What identifies the selection on this filesystem.
         let mut h = sha2::Sha256::new();
         for l in &chain.layers {
             h.update(l.diff_id.to_string().as_bytes());
             h.update([0]);
         }
-        let (sources, exclude) = (patterns.join("\n"), c.exclude.join("\n"));
+        let (sources, excluded) = (patterns.join("\n"), exclude.join("\n"));
         for part in [
             sources.as_str(),
-            exclude.as_str(),
-            if c.parents { "parents" } else { "" },
+            excluded.as_str(),
+            if parents { "parents" } else { "" },
         ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
@@ -74,14 +108,14 @@ impl StoreRunner {
         if let Some(d) = memo.as_ref().and_then(|m| m.get(&memo_id).ok().flatten()) {
             return Ok(Some(d));
         }
-        let lowers = self.snapshots(&chain)?;
+        let lowers = self.snapshots(chain)?;
         let dir = self.scratch("sum-")?;
         let merged =
             MergedMount::mount(&lowers, dir.path()).map_err(|source| RunnerError::Mount {
                 step: step.vertex.name.clone(),
                 source,
             })?;
-        let sum = BuildContext::new(merged.path(), None).checksum(&patterns, &c.exclude, c.parents);
+        let sum = BuildContext::new(merged.path(), None).checksum(patterns, exclude, parents);
         drop(merged);
         let Ok(sum) = sum else {
             return Ok(None);
