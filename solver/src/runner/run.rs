@@ -485,21 +485,24 @@ fn cache_dir(
         move |e| RunnerError::Scratch { path, source: e }
     };
     let ensure = |dir: &std::path::Path| -> Result<(), RunnerError> {
-        if dir.is_dir() {
-            return Ok(());
-        }
-        // Made under a temporary name and renamed, so that a concurrent
-        // user never sees it before its owner and mode are set.
         let parent = dir.parent().unwrap_or(dir);
         fs_err::create_dir_all(parent).map_err(scratch_err(parent))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".new-")
-            .tempdir_in(parent)
-            .map_err(scratch_err(parent))?;
+        // mkdir is atomic: whoever makes it sets owner and mode; the
+        // others use it as it is (never replaced under a running step).
+        match fs_err::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => {
+                return Err(RunnerError::Scratch {
+                    path: dir.to_owned(),
+                    source: e,
+                });
+            }
+        }
         let uid = m.uid.as_deref().and_then(|u| u.parse::<u32>().ok());
         let gid = m.gid.as_deref().and_then(|g| g.parse::<u32>().ok());
         if uid.is_some() || gid.is_some() {
-            std::os::unix::fs::chown(tmp.path(), uid, gid).map_err(scratch_err(tmp.path()))?;
+            std::os::unix::fs::chown(dir, uid, gid).map_err(scratch_err(dir))?;
         }
         let mode = m
             .mode
@@ -507,21 +510,8 @@ fn cache_dir(
             .and_then(|x| u32::from_str_radix(x, 8).ok())
             .unwrap_or(0o755);
         use std::os::unix::fs::PermissionsExt as _;
-        fs_err::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(scratch_err(tmp.path()))?;
-        let tmp = tmp.keep();
-        match fs_err::rename(&tmp, dir) {
-            Ok(()) => Ok(()),
-            // Someone else made it first: use theirs.
-            Err(_) if dir.is_dir() => {
-                let _ = fs_err::remove_dir(&tmp);
-                Ok(())
-            }
-            Err(e) => Err(RunnerError::Scratch {
-                path: dir.to_owned(),
-                source: e,
-            }),
-        }
+        fs_err::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(scratch_err(dir))
     };
     let open_lock = |dir: &std::path::Path| -> Result<fs_err::File, RunnerError> {
         let lock_path = dir.with_extension("lock");
