@@ -98,7 +98,17 @@ impl Renderer {
 #[derive(Debug)]
 struct Tty {
     multi: indicatif::MultiProgress,
-    bars: HashMap<usize, (indicatif::ProgressBar, String, bool)>,
+    bars: HashMap<usize, Bar>,
+}
+
+/// One step's spinner.
+#[derive(Debug)]
+struct Bar {
+    bar: indicatif::ProgressBar,
+    name: String,
+    cached: bool,
+    /// The miss causes, shown when the step is done.
+    why: Option<String>,
 }
 
 impl Tty {
@@ -124,25 +134,47 @@ impl Tty {
                 bar.set_style(style);
                 bar.set_message(format!("#{n} {name}"));
                 bar.enable_steady_tick(std::time::Duration::from_millis(120));
-                self.bars.insert(*id, (bar, name.clone(), false));
+                self.bars.insert(
+                    *id,
+                    Bar {
+                        bar,
+                        name: name.clone(),
+                        cached: false,
+                        why: None,
+                    },
+                );
             }
             Event::VertexCached { id } => {
-                if let Some((_, _, cached)) = self.bars.get_mut(id) {
-                    *cached = true;
+                if let Some(b) = self.bars.get_mut(id) {
+                    b.cached = true;
                 }
             }
-            Event::VertexMiss { .. } => {}
+            Event::VertexMiss { id, causes } => {
+                // Kept for the step's last line: why it was not cached.
+                if let Some(b) = self.bars.get_mut(id) {
+                    let c: Vec<String> = causes.iter().map(ToString::to_string).collect();
+                    b.why = Some(c.join("; "));
+                }
+            }
             Event::Log { id, line, .. } => {
-                if let Some((bar, name, _)) = self.bars.get(id) {
-                    bar.set_message(format!("#{n} {name} | {line}"));
+                if let Some(b) = self.bars.get(id) {
+                    b.bar.set_message(format!("#{n} {} | {line}", b.name));
                 }
             }
             Event::VertexFinished { id, duration_ms } => {
-                if let Some((bar, name, cached)) = self.bars.remove(id) {
-                    let what = if cached {
-                        "CACHED".to_owned()
-                    } else {
-                        format!("DONE {:.1}s", *duration_ms as f64 / 1000.0)
+                if let Some(Bar {
+                    bar,
+                    name,
+                    cached,
+                    why,
+                }) = self.bars.remove(id)
+                {
+                    let what = match (cached, why) {
+                        (true, _) => "CACHED".to_owned(),
+                        (false, None) => format!("DONE {:.1}s", *duration_ms as f64 / 1000.0),
+                        (false, Some(why)) => {
+                            format!("DONE {:.1}s ({why})", *duration_ms as f64 / 1000.0)
+                        }
                     };
                     bar.set_style(
                         indicatif::ProgressStyle::with_template("{msg}")
@@ -152,8 +184,9 @@ impl Tty {
                 }
             }
             Event::VertexFailed { id, error } => {
-                if let Some((bar, name, _)) = self.bars.remove(id) {
-                    bar.abandon_with_message(format!("#{n} {name} ERROR: {error}"));
+                if let Some(b) = self.bars.remove(id) {
+                    b.bar
+                        .abandon_with_message(format!("#{n} {} ERROR: {error}", b.name));
                 }
             }
         }

@@ -1292,6 +1292,25 @@ fn progress_tty_draws_into_a_pipe() {
         "{}",
         text(&o.stderr)
     );
+    // A miss says why on the step's line.
+    fs_err::write(ctx.join("src/b.txt"), "b2\n").expect("edit");
+    let o = env.kiln(&[
+        "build",
+        "--progress=tty",
+        "--network=none",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("COPY src/ ./ DONE"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(
+        text(&o.stderr).contains("(file `src/b.txt` changed)"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 /// A tiny HTTP server on 127.0.0.1: `GET /NAME` serves `files[NAME]` with
