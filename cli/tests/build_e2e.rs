@@ -378,6 +378,20 @@ fn dockerignore_is_respected() {
     );
     assert!(!fs.join("ctx/ignored.txt").exists());
     assert!(!fs.join("ctx/debug.log").exists());
+    // A bind mount of the context shows what COPY sees.
+    for list in ["bind-ls", "bind-rw-ls"] {
+        let names: Vec<String> = read(&fs.join(list)).lines().map(str::to_owned).collect();
+        assert!(names.contains(&"kept.txt".to_owned()), "{list}: {names:?}");
+        assert!(names.contains(&"keep.log".to_owned()), "{list}: {names:?}");
+        assert!(
+            !names.contains(&"ignored.txt".to_owned()),
+            "{list}: {names:?}"
+        );
+        assert!(
+            !names.contains(&"debug.log".to_owned()),
+            "{list}: {names:?}"
+        );
+    }
     // Editing an ignored file changes nothing.
     fs_err::write(ctx.join("ignored.txt"), "changed\n").expect("edit");
     let again = env.build(&ctx, &["-t", "ign:1"]);

@@ -14,6 +14,7 @@
 //! cancelled build leaves nothing mounted.
 
 mod content;
+mod hide;
 mod mount;
 mod run;
 

@@ -310,20 +310,40 @@ impl StoreRunner {
                     // `rw`: writes are allowed and thrown away. A stage's
                     // merged view already writes to a scratch upper; the
                     // context gets an overlay (a directory) or a copy (a
-                    // file) in the step's scratch directory.
+                    // file) in the step's scratch directory. A context
+                    // directory is shown without its ignored entries.
                     let writable = m.readonly == Some(false);
-                    if writable && m.from.as_ref().is_none_or(|f| *f == InputRef::Context) {
+                    let from_context = m.from.as_ref().is_none_or(|f| *f == InputRef::Context);
+                    let mut view: Option<Vec<PathBuf>> = None;
+                    if from_context && source.is_dir() {
+                        if let Some(ignore) = &self.opts.ignore {
+                            let rel = source
+                                .strip_prefix(&root)
+                                .map(|r| r.to_string_lossy().into_owned())
+                                .unwrap_or_default();
+                            let rel = if rel.is_empty() { ".".to_owned() } else { rel };
+                            let layer = dir.path().join(format!("bind-hide-{i}"));
+                            if super::hide::whiteout_layer(&source, &rel, ignore, &layer)? > 0 {
+                                view = Some(vec![source.clone(), layer]);
+                            }
+                        }
+                        if view.is_none() && writable {
+                            view = Some(vec![source.clone()]);
+                        }
+                    }
+                    if let Some(lowers) = view {
                         let wdir = dir.path().join(format!("bind-rw-{i}"));
-                        source = if source.is_dir() {
-                            let mm = MergedMount::mount(std::slice::from_ref(&source), &wdir)
-                                .map_err(|source| RunnerError::Mount {
-                                    step: name.clone(),
-                                    source,
-                                })?;
-                            let p = mm.path().to_owned();
-                            held.push(mm);
-                            p
-                        } else {
+                        let mm = MergedMount::mount(&lowers, &wdir).map_err(|source| {
+                            RunnerError::Mount {
+                                step: name.clone(),
+                                source,
+                            }
+                        })?;
+                        source = mm.path().to_owned();
+                        held.push(mm);
+                    } else if writable && from_context {
+                        let wdir = dir.path().join(format!("bind-rw-{i}"));
+                        source = {
                             let scratch_err =
                                 |path: PathBuf| move |source| RunnerError::Scratch { path, source };
                             fs_err::create_dir(&wdir).map_err(scratch_err(wdir.clone()))?;
