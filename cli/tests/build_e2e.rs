@@ -1267,7 +1267,11 @@ fn copy_and_bind_from_a_stage_are_keyed_by_content() {
         );
     }
     assert!(p.contains("1 steps run"), "{p}");
-    // The copied file changes: the copy and the RUN after it run.
+    // The copied file changes: the copy and the RUN after it run, and the
+    // copy says why.
+    let p = env.build(&ctx, &["-t", "fc:1", "--build-arg", "STABLE=s2"]);
+    let l = miss_line(&p, "COPY --from=gen /stable /stable");
+    assert!(l.contains("the files it reads from [gen "), "{p}");
     let fs = env.rootfs(&ctx, &["-t", "fc:1", "--build-arg", "STABLE=s2"], "out");
     assert_eq!(read(&fs.join("copied")), "s2\n");
     assert_eq!(read(&fs.join("mounted")), "s2\n");
@@ -1498,7 +1502,13 @@ fn tmpfs_mount_and_docker_archive_output() {
     let ctx = env.context("tmpfs");
     let archive = env.path("img-docker.tar");
     let out = format!("type=docker,dest={}", archive.display());
-    let fs = env.rootfs(&ctx, &["-t", "tmpfs:1", "--output", &out], "out");
+    let fs = env.rootfs(
+        &ctx,
+        &["-t", "tmpfs:1", "-t", "other/name:2", "--output", &out],
+        "out",
+    );
+    // Several -t: one image under each name.
+    assert_eq!(env.config("tmpfs:1"), env.config("other/name:2"));
     assert_eq!(read(&fs.join("seen")), "in-tmpfs\n");
     assert_eq!(read(&fs.join("fstype")), "tmpfs\n");
     assert!(

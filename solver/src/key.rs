@@ -163,6 +163,12 @@ pub enum MissCause {
         /// The input step's name.
         name: String,
     },
+    /// The files a step reads from another stage (`COPY --from`, a bind
+    /// mount `from=`) changed: such steps are keyed by those files.
+    StageFilesChanged {
+        /// The stage's last step.
+        name: String,
+    },
     /// The definition changed in a way none of the above covers (for
     /// example an ENV or WORKDIR earlier in the stage).
     SettingsChanged,
@@ -214,6 +220,9 @@ impl std::fmt::Display for MissCause {
                 opt(after)
             ),
             MissCause::ParentChanged { name } => write!(f, "previous step changed: {name}"),
+            MissCause::StageFilesChanged { name } => {
+                write!(f, "the files it reads from {name} changed")
+            }
             MissCause::SettingsChanged => write!(f, "build settings changed"),
             MissCause::RecordMissing => write!(f, "no cached result (pruned)"),
         }

@@ -239,9 +239,14 @@ pub async fn solve<R: StepRunner>(
             let causes = if opts.no_cache {
                 vec![MissCause::NoCache]
             } else {
-                match history {
+                let causes = match history {
                     Some(h) => h.explain(&vk.inputs).map_err(SolveError::History)?,
                     None => vec![MissCause::FirstBuild],
+                };
+                if key == vk.key {
+                    causes
+                } else {
+                    stage_files_causes(graph, v, causes)
                 }
             };
             in_flight.insert(key.clone(), vec![(v, t)]);
@@ -412,6 +417,37 @@ async fn effective_key<R: StepRunner>(
         (true, None) => key_with_parents(&vk.inputs, &parents),
         (false, None) => vk.key.clone(),
     })
+}
+
+/// For a step keyed by the content it reads from stages: a changed stage
+/// is a change of those files (had they been the same, it would have hit).
+fn stage_files_causes(graph: &BuildGraph, v: VertexId, causes: Vec<MissCause>) -> Vec<MissCause> {
+    let content_keyed = match &graph.graph[v].op {
+        Op::File(FileOp::Copy(c)) => matches!(c.from, InputRef::Stage { .. }),
+        Op::Exec(r) => r
+            .mounts
+            .iter()
+            .any(|m| matches!(m.from, Some(InputRef::Stage { .. }))),
+        _ => false,
+    };
+    if !content_keyed {
+        return causes;
+    }
+    let stages: Vec<String> = graph
+        .inputs(v)
+        .into_iter()
+        .filter(|(p, e)| *e == Edge::Source && !matches!(graph.graph[*p].op, Op::Source(_)))
+        .map(|(p, _)| graph.graph[p].name.clone())
+        .collect();
+    causes
+        .into_iter()
+        .map(|c| match c {
+            MissCause::ParentChanged { name } if stages.contains(&name) => {
+                MissCause::StageFilesChanged { name }
+            }
+            c => c,
+        })
+        .collect()
 }
 
 /// `v` is done: its consumers have one input less to wait for.
