@@ -977,6 +977,23 @@ fn context_and_dockerfile_from_stdin() {
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(read(&dest.join("hi")), "from-stdin\n");
+    // Errors name the Dockerfile `-`, not a scratch path.
+    let o = kiln_with_stdin(
+        &env,
+        &["build", "--progress=plain", "--network=none", "-"],
+        b"FROM busybox:local\nRUN exit 5\nRUN [unclosed\n",
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(!err.contains("/tmp/stdin-"), "{err}");
+    let o = kiln_with_stdin(
+        &env,
+        &["build", "--progress=plain", "--network=none", "-"],
+        b"FROM nosuch:image\n",
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("planning `-`"), "{err}");
     // `-f -` with a context directory.
     let dest = env.path("out-f");
     let out = format!("type=local,dest={}", dest.display());

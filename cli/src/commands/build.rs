@@ -213,6 +213,32 @@ struct Input {
     _scratch: Option<tempfile::TempDir>,
 }
 
+impl Input {
+    /// The Dockerfile as messages name it: `-` for one read from stdin.
+    fn name_of(&self, path: &Path) -> String {
+        match &self._scratch {
+            Some(s) if path.starts_with(s.path().join("stdin")) => "-".to_owned(),
+            Some(s) => path
+                .strip_prefix(s.path().join("context"))
+                .map_or_else(|_| path.display().to_string(), |p| p.display().to_string()),
+            None => path.display().to_string(),
+        }
+    }
+
+    /// `e` with the scratch paths replaced by what the user gave.
+    fn rename(&self, e: anyhow::Error) -> anyhow::Error {
+        match &self._scratch {
+            Some(s) => {
+                let text = format!("{e:#}")
+                    .replace(&s.path().join("stdin").display().to_string(), "-")
+                    .replace(&format!("{}/", s.path().join("context").display()), "");
+                anyhow::anyhow!(text)
+            }
+            None => e,
+        }
+    }
+}
+
 /// The first bytes of a tar: `ustar` at offset 257 (POSIX and GNU).
 fn is_tar(head: &[u8]) -> bool {
     head.get(257..262) == Some(b"ustar".as_slice())
@@ -303,11 +329,14 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // Scratch directories (and mounts) of builds that were killed.
     kiln_solver::runner::sweep_stale(&store);
     let input = stdin_input(args, &store)?;
-    let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)?;
+    let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)
+        .map_err(|e| input.rename(e))?;
+    // How messages name the Dockerfile (`-` when it came on stdin).
+    let df_name = input.name_of(&df_path);
     let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
     let _ = args.pull; // registry pulls are a later issue; both modes use the store
     let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
-        .with_context(|| format!("planning `{}`", df_path.display()))?;
+        .with_context(|| format!("planning `{df_name}`"))?;
     if !graph.unused_build_args.is_empty() {
         // As docker: a build arg no stage declares is probably a typo.
         eprintln!(
@@ -338,7 +367,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         };
         let err = anyhow::Error::new(e);
         match line {
-            Some(l) => err.context(format!("{}: line {l}", df_path.display())),
+            Some(l) => err.context(format!("{df_name}: line {l}")),
             None => err,
         }
     })?;
