@@ -1327,6 +1327,20 @@ fn progress_tty_draws_into_a_pipe() {
         "{}",
         text(&o.stderr)
     );
+    // docker's bare `--pull` (before the context) is accepted.
+    let o = env.kiln(&[
+        "build",
+        "--progress=plain",
+        "--network=none",
+        "--pull",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("not supported yet"),
+        "{}",
+        text(&o.stderr)
+    );
     // A miss says why on the step's line.
     fs_err::write(ctx.join("src/b.txt"), "b2\n").expect("edit");
     let o = env.kiln(&[

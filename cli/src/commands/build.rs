@@ -28,7 +28,12 @@ pub(crate) enum Pull {
     /// Only the local store.
     Never,
     /// Pull when missing (not supported yet: same as never).
+    #[value(alias = "false")]
     Missing,
+    /// Always check the registry (docker's bare `--pull`; not supported
+    /// yet: the local store, with a warning).
+    #[value(alias = "true")]
+    Always,
 }
 
 /// `--network`.
@@ -60,8 +65,15 @@ pub(crate) struct BuildArgs {
     /// Run every step.
     #[arg(long)]
     no_cache: bool,
-    /// Where base images come from.
-    #[arg(long, value_enum, default_value = "missing")]
+    /// Where base images come from (`--pull` alone: always, as docker).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "missing",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "always"
+    )]
     pull: Pull,
     /// Progress output.
     #[arg(long, value_enum, default_value = "auto")]
@@ -334,7 +346,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // How messages name the Dockerfile (`-` when it came on stdin).
     let df_name = input.name_of(&df_path);
     let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
-    let _ = args.pull; // registry pulls are a later issue; both modes use the store
+    // Registry pulls are a later issue: every mode uses the store.
+    if args.pull == Pull::Always {
+        eprintln!(
+            "warning: --pull: pulling from a registry is not supported yet; using the local store"
+        );
+    }
     let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
         .with_context(|| format!("planning `{df_name}`"))?;
     if !graph.unused_build_args.is_empty() {
