@@ -514,6 +514,7 @@ fn missing_copy_source_names_path_and_line() {
     let err = text(&o.stderr);
     assert!(err.contains("nothere.txt"), "{err}");
     assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("   3 | >>> COPY nothere.txt /"), "{err}");
     env.assert_clean();
 }
 
@@ -1048,6 +1049,13 @@ fn failing_run_leaves_no_process_and_no_mount() {
     let err = text(&o.stderr);
     assert!(err.contains("exit code 3"), "{err}");
     assert!(err.contains("line 4"), "{err}");
+    // The Dockerfile excerpt, as docker shows it.
+    assert!(err.contains("Dockerfile:4"), "{err}");
+    assert!(
+        err.contains("   4 | >>> RUN sleep $TOKEN >/dev/null 2>&1 & echo started-background"),
+        "{err}"
+    );
+    assert!(err.contains("   3 |     ARG TOKEN"), "{err}");
     assert!(err.contains("started-background"), "{err}");
     let left = processes_with_cmdline(&["sleep", &token]);
     assert!(

@@ -378,13 +378,20 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
                 .graph
                 .node_weights()
                 .find(|v| &v.name == step)
-                .and_then(|v| v.span)
-                .map(|s| s.start.line),
+                .and_then(|v| v.span),
             _ => None,
         };
         let err = anyhow::Error::new(e);
         match line {
-            Some(l) => err.context(format!("{df_name}: line {l}")),
+            Some(sp) => {
+                let l = sp.start.line;
+                let text = format!(
+                    "{:#}{}",
+                    err.context(format!("{df_name}: line {l}")),
+                    excerpt(&df_path, &df_name, l, sp.end.line)
+                );
+                anyhow::anyhow!(text)
+            }
             None => err,
         }
     })?;
@@ -449,8 +456,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     };
     let solved = match result {
         Ok(s) => s,
-        Err(SolveError::Step { name, source, .. }) => {
-            bail!("{name} failed:\n{}", chain_text(&*source));
+        Err(SolveError::Step { name, source, id }) => {
+            let excerpt = graph.graph[id]
+                .span
+                .map(|sp| excerpt(&df_path, &df_name, sp.start.line, sp.end.line))
+                .unwrap_or_default();
+            bail!("{name} failed:\n{}{excerpt}", chain_text(&*source));
         }
         Err(e) => return Err(e.into()),
     };
@@ -490,6 +501,34 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     );
     println!("{}", image.id);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The Dockerfile lines `first..=last` (1-based) with two lines before,
+/// as docker shows a failed step:
+/// ```text
+///  Dockerfile:3
+///  --------------------
+///    2 |     RUN ok
+///    3 | >>> RUN make
+///  --------------------
+/// ```
+fn excerpt(path: &Path, name: &str, first: usize, last: usize) -> String {
+    let Ok(text) = fs_err::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    if first == 0 || first > lines.len() {
+        return String::new();
+    }
+    let last = last.clamp(first, lines.len()).min(first + 9);
+    let rule = " --------------------";
+    let mut out = format!("\n {name}:{first}\n{rule}\n");
+    for n in first.saturating_sub(2).max(1)..=last {
+        let mark = if n >= first { ">>> " } else { "    " };
+        out.push_str(&format!(" {n:>3} | {mark}{}\n", lines[n - 1]));
+    }
+    out.push_str(rule);
+    out
 }
 
 fn chain_text(e: &dyn std::error::Error) -> String {
