@@ -1572,3 +1572,43 @@ fn tmpfs_mount_and_docker_archive_output() {
     );
     env.assert_clean();
 }
+
+#[test]
+fn add_extracts_local_archives_by_content() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("addtar");
+    let src = env.path("tar-src");
+    fs_err::create_dir_all(src.join("d")).expect("mkdir");
+    fs_err::write(src.join("d/f.txt"), "in the archive\n").expect("write");
+    // `xz.bin`: an xz tar under a name that says nothing.
+    for (flag, name) in [
+        ("-cf", "plain.tar"),
+        ("-czf", "gz.tgz"),
+        ("-cjf", "bz.tar.bz2"),
+        ("-cJf", "xz.bin"),
+    ] {
+        let o = Command::new("tar")
+            .arg(flag)
+            .arg(ctx.join(name))
+            .arg("-C")
+            .arg(&src)
+            .arg("d")
+            .output()
+            .expect("tar");
+        assert!(o.status.success(), "tar {flag}: {}", text(&o.stderr));
+    }
+    let fs = env.rootfs(&ctx, &[], "out");
+    for dir in ["plain", "gz", "bz", "xz"] {
+        assert_eq!(
+            read(&fs.join(dir).join("d/f.txt")),
+            "in the archive\n",
+            "{dir}"
+        );
+    }
+    // COPY never extracts.
+    assert!(fs.join("copied/gz.tgz").is_file());
+    env.assert_clean();
+}
