@@ -169,31 +169,52 @@ pub async fn solve<R: StepRunner>(
     // an input's content or an input's own effective key changed it.
     let mut effective: HashMap<VertexId, CacheKey> = HashMap::new();
 
+    // Content digests being computed (they count against `jobs`), and
+    // steps whose digest is known, waiting to be started.
+    let mut keying: JoinSet<Keyed<R::Error>> = JoinSet::new();
+    let mut keyed: std::collections::VecDeque<(VertexId, Instant, CacheKey)> =
+        std::collections::VecDeque::new();
+
     loop {
         // Start what can start.
-        while tasks.len() < jobs {
-            let Some(v) = ready.pop_front() else { break };
+        loop {
+            let (v, t, key) = if let Some(k) = keyed.pop_front() {
+                k
+            } else if tasks.len() + keying.len() < jobs {
+                let Some(v) = ready.pop_front() else { break };
+                let vert = &graph.graph[v];
+                let t = progress.started(v.index(), &vert.name, vert.span);
+                if needs_content(graph, v, opts) {
+                    // Checksumming what a step reads from another stage can
+                    // take a while: do it beside the running steps.
+                    let inputs: Vec<R::Output> = graph
+                        .inputs(v)
+                        .iter()
+                        .filter_map(|(i, _)| outputs.get(i).cloned())
+                        .collect();
+                    let step = Step {
+                        id: v,
+                        vertex: vert.clone(),
+                        key: key_of[&v].key.clone(),
+                    };
+                    let runner = Arc::clone(&runner);
+                    keying.spawn(async move {
+                        let d = runner.content_digest(&step, &inputs).await;
+                        (v, t, d)
+                    });
+                    continue;
+                }
+                (v, t, key_for(graph, v, key_of[&v], &effective, None))
+            } else {
+                break;
+            };
             let vk = key_of[&v];
             let vert = &graph.graph[v];
-            let t = progress.started(v.index(), &vert.name, vert.span);
             let inputs: Vec<R::Output> = graph
                 .inputs(v)
                 .iter()
                 .filter_map(|(i, _)| outputs.get(i).cloned())
                 .collect();
-            let key = match effective_key(graph, v, vk, &effective, &*runner, &inputs, opts).await {
-                Ok(k) => k,
-                Err(e) => {
-                    tasks.abort_all();
-                    let e = Arc::new(e);
-                    progress.failed(v.index(), &*e);
-                    return Err(SolveError::Step {
-                        name: vert.name.clone(),
-                        id: v,
-                        source: e,
-                    });
-                }
-            };
             effective.insert(v, key.clone());
             if let Some(out) = by_key.get(&key) {
                 // A config-only step shares its parent's key and result: it
@@ -273,13 +294,44 @@ pub async fn solve<R: StepRunner>(
             });
             task_vertex.insert(handle.id(), v);
         }
-        let Some(joined) = tasks.join_next().await else {
+        if tasks.is_empty() && keying.is_empty() {
             break;
+        }
+        let joined = tokio::select! {
+            Some(k) = keying.join_next(), if !keying.is_empty() => {
+                match k {
+                    Ok((v, t, Ok(d))) => {
+                        let key = key_for(graph, v, key_of[&v], &effective, d);
+                        keyed.push_back((v, t, key));
+                    }
+                    Ok((v, _, Err(e))) => {
+                        tasks.abort_all();
+                        keying.abort_all();
+                        let e = Arc::new(e);
+                        progress.failed(v.index(), &*e);
+                        return Err(SolveError::Step {
+                            name: graph.graph[v].name.clone(),
+                            id: v,
+                            source: e,
+                        });
+                    }
+                    Err(_) => {
+                        tasks.abort_all();
+                        keying.abort_all();
+                        return Err(SolveError::Aborted {
+                            name: "a content checksum".to_owned(),
+                        });
+                    }
+                }
+                continue;
+            }
+            Some(j) = tasks.join_next(), if !tasks.is_empty() => j,
         };
         let (key, result) = match joined {
             Ok(d) => d,
             Err(e) => {
                 tasks.abort_all();
+                keying.abort_all();
                 let name = task_vertex
                     .get(&e.id())
                     .map_or_else(String::new, |v| graph.graph[*v].name.clone());
@@ -306,6 +358,7 @@ pub async fn solve<R: StepRunner>(
             Err(e) => {
                 // Stop everything else: dropping the tasks cancels them.
                 tasks.abort_all();
+                keying.abort_all();
                 let (v, _) = waiters
                     .first()
                     .copied()
@@ -326,19 +379,42 @@ pub async fn solve<R: StepRunner>(
     })
 }
 
+/// A content digest being computed: the step, when it started, the digest.
+type Keyed<E> = (VertexId, Instant, Result<Option<String>, E>);
+
+/// Whether `v`'s key covers content read outside the graph's keys (see
+/// [`StepRunner::content_digest`]): a `COPY --from=<stage>`, a `RUN` with
+/// a bind mount from a stage, an `ADD` of a URL without `--checksum`.
+fn needs_content(graph: &BuildGraph, v: VertexId, opts: &SolveOptions) -> bool {
+    !opts.no_cache
+        && match &graph.graph[v].op {
+            Op::File(FileOp::Copy(c)) => {
+                matches!(c.from, InputRef::Stage { .. })
+                    || (c.checksum.is_none()
+                        && c.sources
+                            .iter()
+                            .any(|s| matches!(s, CopySource::Url { .. })))
+            }
+            Op::Exec(r) => r.mounts.iter().any(|m| {
+                m.kind == kiln_parser::MountType::Bind
+                    && matches!(m.from, Some(InputRef::Stage { .. }))
+            }),
+            _ => false,
+        }
+}
+
 /// The key `v` runs under: the key computed from the graph, recomputed
-/// with its inputs' effective keys when one differs, and with the content
-/// digest of a `COPY --from=<stage>` in place of the stage's key. A
-/// config-only step keeps its parent's (effective) key.
-async fn effective_key<R: StepRunner>(
+/// with its inputs' effective keys when one differs, and with `content`
+/// (the runner's content digest): in place of the stages' keys for a step
+/// reading from stages, added for an `ADD` of URLs. A config-only step
+/// keeps its parent's (effective) key.
+fn key_for(
     graph: &BuildGraph,
     v: VertexId,
     vk: &VertexKey,
     effective: &HashMap<VertexId, CacheKey>,
-    runner: &R,
-    inputs: &[R::Output],
-    opts: &SolveOptions,
-) -> Result<CacheKey, R::Error> {
+    content: Option<String>,
+) -> CacheKey {
     // The inputs that are in the key, in the order of `vk.inputs.parents`.
     let keyed: Vec<(VertexId, Edge)> = graph
         .inputs(v)
@@ -356,56 +432,33 @@ async fn effective_key<R: StepRunner>(
         })
         .collect();
     if let Op::Config(_) = graph.graph[v].op {
-        return Ok(parents.first().cloned().unwrap_or_else(|| vk.key.clone()));
+        return parents.first().cloned().unwrap_or_else(|| vk.key.clone());
     }
     let mut changed = parents
         .iter()
         .zip(&vk.inputs.parents)
         .any(|(k, p)| *k != p.key);
-    // COPY --from a stage: the copied files replace the stage's key. ADD
-    // of a URL without --checksum: the downloaded content joins the key.
-    // RUN --mount=type=bind,from=<stage>: the mounted trees replace the
-    // stages' keys.
-    let (from_stage, url) = match &graph.graph[v].op {
-        Op::File(FileOp::Copy(c)) => (
-            matches!(c.from, InputRef::Stage { .. }),
-            c.checksum.is_none()
-                && c.sources
-                    .iter()
-                    .any(|s| matches!(s, CopySource::Url { .. })),
-        ),
-        Op::Exec(r) => (
-            r.mounts.iter().any(|m| {
-                m.kind == kiln_parser::MountType::Bind
-                    && matches!(m.from, Some(InputRef::Stage { .. }))
-            }),
-            false,
-        ),
-        _ => (false, false),
+    let from_stage = match &graph.graph[v].op {
+        Op::File(FileOp::Copy(c)) => matches!(c.from, InputRef::Stage { .. }),
+        Op::Exec(_) => true,
+        _ => false,
     };
     let mut extra = None;
-    if (from_stage || url) && !opts.no_cache {
-        let step = Step {
-            id: v,
-            vertex: graph.graph[v].clone(),
-            key: vk.key.clone(),
-        };
-        if let Some(d) = runner.content_digest(&step, inputs).await? {
-            if from_stage {
-                // Only the stages: an image input keeps its key (its
-                // digest), the parent too.
-                for ((p, edge), k) in keyed.iter().zip(parents.iter_mut()) {
-                    if *edge == Edge::Source && !matches!(graph.graph[*p].op, Op::Source(_)) {
-                        *k = CacheKey(format!("content:{d}"));
-                    }
+    if let Some(d) = content {
+        if from_stage {
+            // Only the stages: an image input keeps its key (its digest),
+            // the parent too.
+            for ((p, edge), k) in keyed.iter().zip(parents.iter_mut()) {
+                if *edge == Edge::Source && !matches!(graph.graph[*p].op, Op::Source(_)) {
+                    *k = CacheKey(format!("content:{d}"));
                 }
-            } else {
-                extra = Some(d);
             }
-            changed = true;
+        } else {
+            extra = Some(d);
         }
+        changed = true;
     }
-    Ok(match (changed, extra) {
+    match (changed, extra) {
         (_, Some(d)) => {
             let mut i = vk.inputs.clone();
             i.files_digest = Some(format!(
@@ -416,7 +469,7 @@ async fn effective_key<R: StepRunner>(
         }
         (true, None) => key_with_parents(&vk.inputs, &parents),
         (false, None) => vk.key.clone(),
-    })
+    }
 }
 
 /// For a step keyed by the content it reads from stages: a changed stage

@@ -24,6 +24,21 @@ struct Recorder {
     max_running: AtomicUsize,
     /// What `content_digest` says for a `COPY --from=<stage>`.
     content: Option<String>,
+    /// `content_digest` returns only once a step with this in its name ran.
+    digest_waits_for: Option<String>,
+    /// Set when `content_digest` began (steps named `WAITDIGEST` wait for it).
+    digest_started: std::sync::atomic::AtomicBool,
+}
+
+/// Poll `cond` every 10 ms for up to 10 s.
+async fn wait_until(cond: impl Fn() -> bool) -> bool {
+    for _ in 0..1000 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
 }
 
 impl StepRunner for Recorder {
@@ -44,6 +59,19 @@ impl StepRunner for Recorder {
         step: &Step,
         _inputs: &[String],
     ) -> Result<Option<String>, StepFailed> {
+        self.digest_started.store(true, Ordering::SeqCst);
+        if let Some(n) = &self.digest_waits_for {
+            let ran = wait_until(|| {
+                self.runs
+                    .lock()
+                    .map(|r| r.iter().any(|x| x.contains(n.as_str())))
+                    .unwrap_or(false)
+            })
+            .await;
+            if !ran {
+                return Err(StepFailed(format!("digest: `{n}` never ran")));
+            }
+        }
         Ok(match &step.vertex.op {
             Op::File(crate::graph::FileOp::Copy(c))
                 if matches!(c.from, crate::graph::InputRef::Stage { .. }) =>
@@ -60,6 +88,11 @@ impl StepRunner for Recorder {
         inputs: Vec<String>,
         _progress: Progress,
     ) -> Result<String, StepFailed> {
+        if step.vertex.name.contains("WAITDIGEST")
+            && !wait_until(|| self.digest_started.load(Ordering::SeqCst)).await
+        {
+            return Err(StepFailed(step.vertex.name));
+        }
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         if let Ok(mut r) = self.runs.lock() {
@@ -471,4 +504,30 @@ async fn an_edited_config_step_after_hits_is_done_and_says_why() {
         "{causes:?}"
     );
     assert_eq!(out.ran, 0, "the ENV runs nothing");
+}
+
+#[tokio::test]
+async fn a_content_checksum_does_not_hold_up_other_steps() {
+    // The COPY's checksum only ends once `RUN late` ran, and `late` can
+    // only start after `WAITDIGEST` (which waits for the checksum to begin)
+    // is done: a scheduler that waited for the checksum would stall.
+    let (g, keys) = setup(
+        "FROM busybox AS a\nRUN a\nFROM busybox AS b\nRUN WAITDIGEST\nRUN late\nFROM busybox\nCOPY --from=a /x /x\nCOPY --from=b /y /y\n",
+    );
+    let r = Arc::new(Recorder {
+        content: Some("sha256:c".into()),
+        digest_waits_for: Some("RUN late".into()),
+        ..Recorder::default()
+    });
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(4),
+    )
+    .await
+    .expect("solves without stalling");
+    assert_eq!(out.outputs.len(), g.graph.node_count());
 }
