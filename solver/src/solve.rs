@@ -7,6 +7,14 @@
 //! parallelism, deduplication, progress events and miss explanations.
 //! Dropping the future returned by [`solve`] aborts the running steps
 //! (Ctrl-C), so a runner must clean up in `Drop`.
+//!
+//! Keys are final only here: a step that reads files from another stage
+//! (`COPY --from`, `RUN --mount=type=bind,from=`) or a URL without
+//! `--checksum` is keyed by that content ([`StepRunner::content_digest`],
+//! computed as a task beside the running steps), and every step after it
+//! by the keys its inputs really had ("effective" keys). A config-only
+//! step (ENV, LABEL, ...) has its parent's key and is reported CACHED only
+//! when its parent was a hit and its instruction is unchanged.
 
 use std::collections::HashMap;
 use std::future::Future;
