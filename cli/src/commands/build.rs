@@ -87,7 +87,8 @@ pub(crate) struct BuildArgs {
     /// An image label `K=V` (repeatable).
     #[arg(long, value_name = "K=V")]
     label: Vec<String>,
-    /// Also write the result: `type=oci|docker,dest=FILE` or `type=local,dest=DIR`.
+    /// Also write the result: `type=oci|docker,dest=FILE`, `type=local,dest=DIR`
+    /// or just `DIR` (local).
     #[arg(short = 'o', long, value_name = "SPEC")]
     output: Vec<String>,
     /// Write the image id to this file.
@@ -546,7 +547,15 @@ fn write_output(
     image: &kiln_cache::Image,
     spec: &str,
 ) -> anyhow::Result<()> {
-    let kv = parse_kv_list(spec);
+    // docker's shorthand: `-o DIR` is `type=local,dest=DIR`.
+    let kv = if spec.contains('=') {
+        parse_kv_list(spec)
+    } else {
+        BTreeMap::from([
+            ("type".to_owned(), "local".to_owned()),
+            ("dest".to_owned(), spec.to_owned()),
+        ])
+    };
     let dest = kv
         .get("dest")
         .with_context(|| format!("`--output {spec}` has no `dest=`"))?;
