@@ -1300,6 +1300,10 @@ fn copy_and_bind_from_a_stage_are_keyed_by_content() {
     let fs = env.rootfs(&ctx, &["-t", "fc:1", "--build-arg", "STABLE=s2"], "out");
     assert_eq!(read(&fs.join("copied")), "s2\n");
     assert_eq!(read(&fs.join("mounted")), "s2\n");
+    // What --no-cache builds is found by the next build.
+    env.build(&ctx, &["--no-cache", "--build-arg", "STABLE=s3"]);
+    let p = env.build(&ctx, &["--build-arg", "STABLE=s3"]);
+    assert!(p.contains("0 steps run"), "{p}");
     env.assert_clean();
 }
 

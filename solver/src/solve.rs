@@ -192,7 +192,7 @@ pub async fn solve<R: StepRunner>(
                 let Some(v) = ready.pop_front() else { break };
                 let vert = &graph.graph[v];
                 let t = progress.started(v.index(), &vert.name, vert.span);
-                if needs_content(graph, v, opts) {
+                if needs_content(graph, v) {
                     // Checksumming what a step reads from another stage can
                     // take a while: do it beside the running steps.
                     let inputs: Vec<R::Output> = graph
@@ -393,22 +393,22 @@ type Keyed<E> = (VertexId, Instant, Result<Option<String>, E>);
 /// Whether `v`'s key covers content read outside the graph's keys (see
 /// [`StepRunner::content_digest`]): a `COPY --from=<stage>`, a `RUN` with
 /// a bind mount from a stage, an `ADD` of a URL without `--checksum`.
-fn needs_content(graph: &BuildGraph, v: VertexId, opts: &SolveOptions) -> bool {
-    !opts.no_cache
-        && match &graph.graph[v].op {
-            Op::File(FileOp::Copy(c)) => {
-                matches!(c.from, InputRef::Stage { .. })
-                    || (c.checksum.is_none()
-                        && c.sources
-                            .iter()
-                            .any(|s| matches!(s, CopySource::Url { .. })))
-            }
-            Op::Exec(r) => r.mounts.iter().any(|m| {
-                m.kind == kiln_parser::MountType::Bind
-                    && matches!(m.from, Some(InputRef::Stage { .. }))
-            }),
-            _ => false,
+/// Also with `--no-cache`: its results are recorded under the keys the
+/// next build looks up.
+fn needs_content(graph: &BuildGraph, v: VertexId) -> bool {
+    match &graph.graph[v].op {
+        Op::File(FileOp::Copy(c)) => {
+            matches!(c.from, InputRef::Stage { .. })
+                || (c.checksum.is_none()
+                    && c.sources
+                        .iter()
+                        .any(|s| matches!(s, CopySource::Url { .. })))
         }
+        Op::Exec(r) => r.mounts.iter().any(|m| {
+            m.kind == kiln_parser::MountType::Bind && matches!(m.from, Some(InputRef::Stage { .. }))
+        }),
+        _ => false,
+    }
 }
 
 /// The key `v` runs under: the key computed from the graph, recomputed
