@@ -1058,6 +1058,15 @@ fn failing_run_leaves_no_process_and_no_mount() {
     assert!(err.contains("   3 |     ARG TOKEN"), "{err}");
     assert!(err.contains("started-background"), "{err}");
     let left = processes_with_cmdline(&["sleep", &token]);
+    // Clean up before asserting, so a failure leaves nothing behind.
+    for pid in &left {
+        if let Ok(p) = pid.parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
     assert!(
         left.is_empty(),
         "the RUN's background process survived: pids {left:?}"
