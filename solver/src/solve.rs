@@ -392,23 +392,51 @@ type Keyed<E> = (VertexId, Instant, Result<Option<String>, E>);
 
 /// Whether `v`'s key covers content read outside the graph's keys (see
 /// [`StepRunner::content_digest`]): a `COPY --from=<stage>`, a `RUN` with
-/// a bind mount from a stage, an `ADD` of a URL without `--checksum`.
+/// bind mounts of paths in stages, an `ADD` of a URL without `--checksum`.
 /// Also with `--no-cache`: its results are recorded under the keys the
 /// next build looks up.
 fn needs_content(graph: &BuildGraph, v: VertexId) -> bool {
+    content_stages(graph, v).is_some()
+        || matches!(&graph.graph[v].op, Op::File(FileOp::Copy(c))
+            if c.checksum.is_none()
+                && c.sources.iter().any(|s| matches!(s, CopySource::Url { .. })))
+}
+
+/// The stages (their last vertices) whose files `v` is keyed by instead of
+/// their keys: the `--from` of a COPY, the stages of a RUN's bind mounts.
+/// A RUN that mounts a whole stage (no `source=`, or `/`) keeps the
+/// stages' keys: checksumming a whole filesystem (a toolchain image) on
+/// every change would cost more than it saves.
+fn content_stages(graph: &BuildGraph, v: VertexId) -> Option<Vec<VertexId>> {
+    let last = |from: &InputRef| match from {
+        InputRef::Stage { index } => graph.stage(*index).map(|s| s.last),
+        _ => None,
+    };
     match &graph.graph[v].op {
-        Op::File(FileOp::Copy(c)) => {
-            matches!(c.from, InputRef::Stage { .. })
-                || (c.checksum.is_none()
-                    && c.sources
-                        .iter()
-                        .any(|s| matches!(s, CopySource::Url { .. })))
+        Op::File(FileOp::Copy(c)) => last(&c.from).map(|l| vec![l]),
+        Op::Exec(r) => {
+            let mut out = Vec::new();
+            for m in &r.mounts {
+                if m.kind != kiln_parser::MountType::Bind {
+                    continue;
+                }
+                let Some(from @ InputRef::Stage { .. }) = &m.from else {
+                    continue;
+                };
+                if !is_sub_path(m.source.as_deref()) {
+                    return None;
+                }
+                out.push(last(from)?);
+            }
+            (!out.is_empty()).then_some(out)
         }
-        Op::Exec(r) => r.mounts.iter().any(|m| {
-            m.kind == kiln_parser::MountType::Bind && matches!(m.from, Some(InputRef::Stage { .. }))
-        }),
-        _ => false,
+        _ => None,
     }
+}
+
+/// Whether a bind mount's `source=` names less than the whole filesystem.
+pub(crate) fn is_sub_path(source: Option<&str>) -> bool {
+    source.is_some_and(|s| !s.trim_matches('/').is_empty() && s.trim_matches('/') != ".")
 }
 
 /// The key `v` runs under: the key computed from the graph, recomputed
@@ -446,18 +474,13 @@ fn key_for(
         .iter()
         .zip(&vk.inputs.parents)
         .any(|(k, p)| *k != p.key);
-    let from_stage = match &graph.graph[v].op {
-        Op::File(FileOp::Copy(c)) => matches!(c.from, InputRef::Stage { .. }),
-        Op::Exec(_) => true,
-        _ => false,
-    };
     let mut extra = None;
     if let Some(d) = content {
-        if from_stage {
-            // Only the stages: an image input keeps its key (its digest),
-            // the parent too.
+        if let Some(stages) = content_stages(graph, v) {
+            // Only those stages: an image input keeps its key (its
+            // digest), the parent and any other input too.
             for ((p, edge), k) in keyed.iter().zip(parents.iter_mut()) {
-                if *edge == Edge::Source && !matches!(graph.graph[*p].op, Op::Source(_)) {
+                if *edge == Edge::Source && stages.contains(p) {
                     *k = CacheKey(format!("content:{d}"));
                 }
             }
@@ -483,22 +506,12 @@ fn key_for(
 /// For a step keyed by the content it reads from stages: a changed stage
 /// is a change of those files (had they been the same, it would have hit).
 fn stage_files_causes(graph: &BuildGraph, v: VertexId, causes: Vec<MissCause>) -> Vec<MissCause> {
-    let content_keyed = match &graph.graph[v].op {
-        Op::File(FileOp::Copy(c)) => matches!(c.from, InputRef::Stage { .. }),
-        Op::Exec(r) => r
-            .mounts
-            .iter()
-            .any(|m| matches!(m.from, Some(InputRef::Stage { .. }))),
-        _ => false,
-    };
-    if !content_keyed {
+    let Some(stages) = content_stages(graph, v) else {
         return causes;
-    }
-    let stages: Vec<String> = graph
-        .inputs(v)
+    };
+    let stages: Vec<String> = stages
         .into_iter()
-        .filter(|(p, e)| *e == Edge::Source && !matches!(graph.graph[*p].op, Op::Source(_)))
-        .map(|(p, _)| graph.graph[p].name.clone())
+        .map(|p| graph.graph[p].name.clone())
         .collect();
     causes
         .into_iter()

@@ -531,3 +531,41 @@ async fn a_content_checksum_does_not_hold_up_other_steps() {
     .expect("solves without stalling");
     assert_eq!(out.outputs.len(), g.graph.node_count());
 }
+
+#[test]
+fn only_the_stages_read_by_path_are_keyed_by_content() {
+    let (g, keys) = setup(
+        "FROM busybox AS a\nRUN a\nFROM busybox AS b\nRUN b\nFROM busybox\n\
+         RUN --mount=type=bind,from=a,source=/x,target=/x --mount=type=cache,from=b,target=/c use\n\
+         RUN --mount=type=bind,from=a,target=/whole whole\n",
+    );
+    let find = |needle: &str| {
+        g.graph
+            .node_indices()
+            .find(|v| g.graph[*v].name.contains(needle))
+            .expect("vertex")
+    };
+    let (use_v, whole_v) = (
+        find("RUN --mount=type=bind,from=a,source=/x"),
+        find("whole"),
+    );
+    assert!(needs_content(&g, use_v));
+    assert!(!needs_content(&g, whole_v), "a whole stage keeps its key");
+    let vk = keys.iter().find(|k| k.vertex == use_v).expect("key");
+    let none = HashMap::new();
+    let k1 = key_for(&g, use_v, vk, &none, Some("sha256:d".into()));
+    assert_eq!(k1, key_for(&g, use_v, vk, &none, Some("sha256:d".into())));
+    assert_ne!(k1, key_for(&g, use_v, vk, &none, Some("sha256:e".into())));
+    // Stage b (a cache mount's seed) still counts by its key.
+    let b_last = find("RUN b");
+    let other: HashMap<VertexId, CacheKey> = [(b_last, CacheKey("sha256:other".into()))]
+        .into_iter()
+        .collect();
+    assert_ne!(k1, key_for(&g, use_v, vk, &other, Some("sha256:d".into())));
+    // Stage a's key does not: its files do.
+    let a_last = find("RUN a");
+    let other: HashMap<VertexId, CacheKey> = [(a_last, CacheKey("sha256:other".into()))]
+        .into_iter()
+        .collect();
+    assert_eq!(k1, key_for(&g, use_v, vk, &other, Some("sha256:d".into())));
+}

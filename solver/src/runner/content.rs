@@ -60,6 +60,11 @@ impl StoreRunner {
                     if m.kind != kiln_parser::MountType::Bind {
                         continue;
                     }
+                    // A whole stage mounted: keyed by the stage's key (the
+                    // scheduler asks only when every mount names a path).
+                    if !crate::solve::is_sub_path(m.source.as_deref()) {
+                        return Ok(None);
+                    }
                     let chain = self.input_chain(step, inputs, from)?;
                     let source = m.source.clone().unwrap_or_else(|| "/".to_owned());
                     let Some(d) = self.stage_digest(step, &chain, &[source], &[], false)? else {
