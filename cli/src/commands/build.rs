@@ -223,13 +223,13 @@ struct Input {
     dockerfile: Option<PathBuf>,
     /// The history scope for a context that has no stable path.
     scope: Option<String>,
-    _scratch: Option<tempfile::TempDir>,
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl Input {
     /// The Dockerfile as messages name it: `-` for one read from stdin.
     fn name_of(&self, path: &Path) -> String {
-        match &self._scratch {
+        match &self.scratch {
             Some(s) if path.starts_with(s.path().join("stdin")) => "-".to_owned(),
             Some(s) => path
                 .strip_prefix(s.path().join("context"))
@@ -240,7 +240,7 @@ impl Input {
 
     /// `e` with the scratch paths replaced by what the user gave.
     fn rename(&self, e: anyhow::Error) -> anyhow::Error {
-        match &self._scratch {
+        match &self.scratch {
             Some(s) => {
                 let text = format!("{e:#}")
                     .replace(&s.path().join("stdin").display().to_string(), "-")
@@ -273,7 +273,7 @@ fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<In
             context: args.context.clone(),
             dockerfile: args.file.clone(),
             scope: None,
-            _scratch: None,
+            scratch: None,
         });
     }
     if ctx_stdin && df_stdin {
@@ -296,7 +296,7 @@ fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<In
             context: args.context.clone(),
             dockerfile: Some(raw),
             scope: Some(format!("-|{}", args.context.display())),
-            _scratch: Some(scratch),
+            scratch: Some(scratch),
         });
     }
     let ctx = scratch.path().join("context");
@@ -332,7 +332,7 @@ fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<In
         context: ctx,
         dockerfile,
         scope: Some("stdin".to_owned()),
-        _scratch: Some(scratch),
+        scratch: Some(scratch),
     })
 }
 
