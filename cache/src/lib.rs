@@ -49,6 +49,7 @@ mod blob;
 mod digest;
 mod error;
 mod image;
+mod layer_source;
 mod reference;
 mod store;
 mod store_gc;
@@ -60,6 +61,7 @@ pub use blob::{BlobReader, BlobWriter};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Result, StoreError};
 pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, parse_rfc3339};
+pub use layer_source::{LayerReader, SnapshotTar};
 pub use reference::Reference;
 pub use store::{
     CacheResult, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,

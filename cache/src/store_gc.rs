@@ -285,7 +285,17 @@ impl Store {
                 }
             }
             for l in &image_layers {
-                check(l, &format!("{what} layer"), &mut p);
+                let Ok(d) = l.parse::<Digest>() else {
+                    p(format!("{what} layer: invalid digest `{l}`"));
+                    continue;
+                };
+                if self.has_blob(&d) {
+                    check(l, &format!("{what} layer"), &mut p);
+                } else if self.snapshot_dir(&d).is_none() {
+                    p(format!("{what} layer: blob `{d}` is missing"));
+                } else if verify_content && let Err(e) = self.verify_layer(&d) {
+                    p(format!("{what} layer: {e}"));
+                }
             }
         }
         for s in snapshots {

@@ -383,17 +383,8 @@ fn newer_schema_is_refused() {
 }
 
 fn rusqlite_set_version(db: &Path, v: u32) {
-    // Simulate a newer kiln: `PRAGMA user_version` is the big-endian u32 at
-    // byte 60 of the database header (the WAL was checkpointed on close).
-    use std::io::Seek;
-    let mut f = fs_err::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(db)
-        .expect("db");
-    let mut header = [0u8; 100];
-    f.read_exact(&mut header).expect("header");
-    header[60..64].copy_from_slice(&v.to_be_bytes());
-    f.seek(std::io::SeekFrom::Start(0)).expect("seek");
-    f.write_all(&header).expect("write");
+    // Simulate a newer kiln writing its schema version.
+    let conn = rusqlite::Connection::open(db).expect("db");
+    conn.pragma_update(None, "user_version", v)
+        .expect("set user_version");
 }

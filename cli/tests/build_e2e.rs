@@ -338,6 +338,15 @@ fn rebuild_is_cached_and_an_edit_misses_naming_the_file() {
         );
     }
     assert!(second.contains("0 steps run"), "{second}");
+    // A fully cached rebuild is the same image: same config, same id.
+    let id = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("built "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    assert!(id(&first).is_some(), "{first}");
+    assert_eq!(id(&first), id(&second), "{first}\n{second}");
     fs_err::write(ctx.join("src/b.txt"), "b2\n").expect("edit");
     let third = env.build(&ctx, &["-t", "edit:1"]);
     let copy = step_number(&third, "COPY src/ ./");

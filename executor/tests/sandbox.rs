@@ -710,8 +710,16 @@ fn hostile_rootfs_links_cannot_write_outside() {
     assert!(!inside.join("procdir").exists(), "stub left in the upper");
 }
 
-fn count_lines(path: &str) -> usize {
-    fs_err::read_to_string(path).unwrap().lines().count()
+/// Mounts in this (the host's) mount namespace that a sandbox of this test
+/// could leave: anything naming the test's fixture directory or a sandbox
+/// state directory. (Counting every mount would count other programs'.)
+fn our_mounts(fx: &Fixture) -> usize {
+    let root = fx.dir.path().to_string_lossy().into_owned();
+    fs_err::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root) || l.contains("kiln-sandbox."))
+        .count()
 }
 
 fn own_children() -> usize {
@@ -859,7 +867,7 @@ fn nothing_leaks(init: bool, runs: usize, failures: usize) {
     let fx = Fixture::new();
     let sandbox = Sandbox::new().with_helper(HELPER);
     let (mounts, children, temps, cgroups) = (
-        count_lines("/proc/self/mountinfo"),
+        our_mounts(&fx),
         own_children(),
         sandbox_temp_dirs(),
         sandbox_cgroups(),
@@ -894,7 +902,7 @@ fn nothing_leaks(init: bool, runs: usize, failures: usize) {
     for _ in 0..failures {
         assert!(matches!(sandbox.output(&spec), Err(Error::Setup { .. })));
     }
-    assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
+    assert_eq!(our_mounts(&fx), mounts, "mounts leaked");
     assert_eq!(own_children(), children, "processes leaked");
     assert_eq!(sandbox_temp_dirs(), temps, "temp dirs leaked");
     assert_eq!(sandbox_cgroups(), cgroups, "cgroups leaked");
@@ -916,11 +924,7 @@ fn sigkill_of_the_parent_leaves_nothing_in(init: bool) {
         return;
     }
     let fx = Fixture::new();
-    let (mounts, temps, cgroups) = (
-        count_lines("/proc/self/mountinfo"),
-        sandbox_temp_dirs(),
-        sandbox_cgroups(),
-    );
+    let (mounts, temps, cgroups) = (our_mounts(&fx), sandbox_temp_dirs(), sandbox_cgroups());
     // The helper binary doubles as a "kiln" process that starts a sandbox and waits.
     let mut parent = std::process::Command::new(HELPER)
         .args(["--lower", &fx.lower.display().to_string(), "--pids", "100"])
@@ -951,7 +955,7 @@ fn sigkill_of_the_parent_leaves_nothing_in(init: bool) {
     // fresh upper and work directories.
     let scratch = std::env::temp_dir().join(format!("kiln-sandbox-run.{}", parent.id()));
     fs_err::remove_dir_all(scratch).unwrap();
-    assert_eq!(count_lines("/proc/self/mountinfo"), mounts, "mounts leaked");
+    assert_eq!(our_mounts(&fx), mounts, "mounts leaked");
     let now = sandbox_cgroups();
     assert_eq!(now, cgroups, "cgroups leaked");
     assert_eq!(sandbox_temp_dirs(), temps, "temp dirs leaked");

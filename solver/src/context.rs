@@ -579,6 +579,14 @@ impl StatCache {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(e)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
+        // A cache: losing the last writes on power loss only costs re-reads.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(e)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS stat_cache (
                 path TEXT PRIMARY KEY,

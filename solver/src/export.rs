@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use kiln_cache::{Image, Reference, Store, StoreError};
+use kiln_cache::{Digest, Image, Reference, Store, StoreError};
 use serde_json::{Map, Value, json};
 
 use crate::graph::{BuildGraph, Edge, HealthConfig, ImageConfig, Op, StageBase, VertexId};
@@ -234,18 +234,60 @@ pub fn export_image(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut config = target.config.clone();
+    for (k, v) in &opts.labels {
+        config.labels.insert(k.clone(), v.clone());
+    }
+    let config_doc = |created: &str| -> Result<Vec<u8>, ExportError> {
+        let mut hist = Vec::new();
+        history(store, graph, outputs, target.index, created, &mut hist);
+        image_config(target, &config, chain, created, hist)
+    };
+    // The same image as last time gets the same config (and id), as a
+    // fully cached rebuild does in BuildKit: remember the config made for
+    // everything but the time, and reuse it while its blob is here.
+    let remembered = format!(
+        "export:{}:{}",
+        Digest::of_bytes(&config_doc("")?),
+        opts.source_date_epoch
+            .map_or_else(String::new, |e| e.to_string())
+    );
+    if let Ok(Some(rec)) = store.get_cache_record(&remembered)
+        && let Some(id) = &rec.config
+        && let Ok(bytes) = store.read_blob(id)
+    {
+        return store
+            .put_image(&names, &bytes, &chain.layer_infos())
+            .map_err(|e| ExportError::Store(Box::new(e)));
+    }
     let t = opts.source_date_epoch.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
     });
-    let created = kiln_cache::format_rfc3339(t);
-    let mut config = target.config.clone();
-    for (k, v) in &opts.labels {
-        config.labels.insert(k.clone(), v.clone());
-    }
-    let mut hist = Vec::new();
-    history(store, graph, outputs, target.index, &created, &mut hist);
+    let bytes = config_doc(&kiln_cache::format_rfc3339(t))?;
+    let image = store
+        .put_image(&names, &bytes, &chain.layer_infos())
+        .map_err(|e| ExportError::Store(Box::new(e)))?;
+    let rec = kiln_cache::CacheResult {
+        diff_ids: chain.layers.iter().map(|l| l.diff_id.clone()).collect(),
+        config: Some(image.id.clone()),
+        extra: Value::Null,
+    };
+    store
+        .put_cache_record(&remembered, &rec)
+        .map_err(|e| ExportError::Store(Box::new(e)))?;
+    Ok(image)
+}
+
+/// The image config document.
+fn image_config(
+    target: &crate::graph::StagePlan,
+    config: &ImageConfig,
+    chain: &Chain,
+    created: &str,
+    hist: Vec<Value>,
+) -> Result<Vec<u8>, ExportError> {
     let mut doc = Map::new();
     doc.insert("architecture".into(), json!(target.platform.architecture));
     doc.insert("os".into(), json!(target.platform.os));
@@ -253,7 +295,7 @@ pub fn export_image(
         doc.insert("variant".into(), json!(target.platform.variant));
     }
     doc.insert("created".into(), json!(created));
-    doc.insert("config".into(), oci_config(&config));
+    doc.insert("config".into(), oci_config(config));
     doc.insert(
         "rootfs".into(),
         json!({
@@ -262,10 +304,7 @@ pub fn export_image(
         }),
     );
     doc.insert("history".into(), Value::Array(hist));
-    let bytes = serde_json::to_vec(&Value::Object(doc)).map_err(ExportError::Json)?;
-    store
-        .put_image(&names, &bytes, &chain.layer_infos())
-        .map_err(|e| ExportError::Store(Box::new(e)))
+    serde_json::to_vec(&Value::Object(doc)).map_err(ExportError::Json)
 }
 
 #[cfg(test)]

@@ -521,6 +521,13 @@ impl KeyHistory {
         let conn = rusqlite::Connection::open(&path).map_err(e)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(e)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(e)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS key_history (
                 scope TEXT NOT NULL,

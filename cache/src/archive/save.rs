@@ -6,11 +6,11 @@ use std::io::{self, Read, Write};
 use serde_json::json;
 
 use super::{ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME};
-use crate::blob::{BlobReader, into_store_error};
 use crate::compress::{self, Compression};
 use crate::digest::Digest;
 use crate::error::{Result, StoreError};
 use crate::image::Image;
+use crate::layer_source::LayerReader;
 use crate::reference::Reference;
 use crate::store::{MEDIA_CONFIG, MEDIA_MANIFEST, Store};
 use crate::validate::MEDIA_OCI_INDEX;
@@ -82,10 +82,13 @@ pub fn save<W: Write>(store: &Store, items: &[SaveItem], out: W, opts: &SaveOpti
         for l in &image.layers {
             let el = export_layer(store, &l.diff_id, l.size, opts.compression, threads)?;
             if written.insert(el.digest.clone()) {
-                let mut reader = store.open_blob(&el.digest)?;
+                let mut reader = if el.digest == l.diff_id {
+                    store.open_layer(&el.digest)?
+                } else {
+                    LayerReader::Blob(store.open_blob(&el.digest)?)
+                };
                 let path = format!("blobs/sha256/{}", el.digest.hex());
-                append_blob(&mut tar, &path, &mut reader)
-                    .map_err(|e| into_store_error(e, &store.blob_path(&el.digest)))?;
+                append_blob(&mut tar, &path, &mut reader).map_err(|e| reader.error(e))?;
             }
             layers.push(el);
         }
@@ -202,7 +205,7 @@ fn export_layer(
             media_type,
         });
     }
-    let mut reader = store.open_blob(diff_id)?;
+    let mut reader = store.open_layer(diff_id)?;
     let mut w = store.blob_writer()?;
     compress::compress(&mut reader, &mut w, c, threads).map_err(|source| {
         // A corrupt source blob surfaces as a read error inside; name it.
@@ -227,7 +230,7 @@ fn export_layer(
 fn append_blob<W: Write>(
     tar: &mut tar::Builder<W>,
     path: &str,
-    reader: &mut BlobReader,
+    reader: &mut LayerReader,
 ) -> io::Result<()> {
     let size = reader.len().map_err(io::Error::other)?;
     let mut header = file_header(size);

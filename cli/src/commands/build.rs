@@ -564,7 +564,7 @@ fn write_output(
             let dir = PathBuf::from(dest);
             fs_err::create_dir_all(&dir)?;
             for l in &image.layers {
-                let blob = store.open_blob(&l.diff_id)?;
+                let blob = store.open_layer(&l.diff_id)?;
                 kiln_cache::apply_layer(
                     blob,
                     &dir,

@@ -225,6 +225,17 @@ fn parent_of(abs: &str) -> String {
 }
 
 /// Whose ownership rules apply to an entry.
+/// Where an entry is copied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// A source itself: an existing destination keeps its metadata.
+    Top,
+    /// Inside a directory that existed: the target may exist.
+    InExistingDir,
+    /// Inside a directory this copy made: the target does not exist.
+    InCreatedDir,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SourceKindFor {
     /// The op's source root (context: 0:0, stage: kept).
@@ -327,7 +338,7 @@ impl Copier<'_> {
             host: parent_dir,
             inner: parent_inner,
         })?;
-        self.copy_entry(src, src_rel, "", &target, false, whose)
+        self.copy_entry(src, src_rel, "", &target, Placement::Top, whose)
     }
 
     /// `--parents`: the entry lands at `dst/<keep_path>`, its parent
@@ -365,7 +376,14 @@ impl Copier<'_> {
             target.push(last);
         }
         let rel = e.resolved_path.clone();
-        self.copy_entry(&e.host, &rel, "", &target, false, SourceKindFor::Op)
+        self.copy_entry(
+            &e.host,
+            &rel,
+            "",
+            &target,
+            Placement::Top,
+            SourceKindFor::Op,
+        )
     }
 
     /// Copy `src` to `target` (whose parent exists inside the root).
@@ -377,9 +395,11 @@ impl Copier<'_> {
         src_rel: &str,
         comps: &str,
         target: &Path,
-        overwrite_meta: bool,
+        placement: Placement,
         whose: SourceKindFor,
     ) -> Result<(), FileOpError> {
+        let overwrite_meta = placement != Placement::Top;
+        let fresh_parent = placement == Placement::InCreatedDir;
         let meta = fs_err::symlink_metadata(src)?;
         let is_dir = meta.is_dir();
         if !comps.is_empty()
@@ -399,7 +419,12 @@ impl Copier<'_> {
         }
         let ft = meta.file_type();
         if is_dir {
-            let (dir, created) = self.dir_only(target)?;
+            let (dir, created) = if fresh_parent {
+                fs_err::create_dir(target)?;
+                (target.to_path_buf(), true)
+            } else {
+                self.dir_only(target)?
+            };
             let mut names: Vec<_> = fs_err::read_dir(src)?
                 .map(|e| e.map(|e| e.file_name()))
                 .collect::<Result<_, _>>()?;
@@ -425,7 +450,11 @@ impl Copier<'_> {
                     &child_rel,
                     &child_comps,
                     &dir.join(&name),
-                    true,
+                    if created {
+                        Placement::InCreatedDir
+                    } else {
+                        Placement::InExistingDir
+                    },
                     whose,
                 )?;
             }
@@ -437,9 +466,18 @@ impl Copier<'_> {
             }
             return Ok(());
         }
-        self.clear_file_target(target)?;
+        if !fresh_parent {
+            self.clear_file_target(target)?;
+        }
         let kind = if ft.is_file() {
             let key = (meta.dev(), meta.ino());
+            if meta.nlink() == 1 {
+                // The common case, on file descriptors only.
+                self.report.bytes += self.copy_regular(src, target, &meta, whose)?;
+                let inner = self.inner_of(target);
+                self.report.push(inner, EntryKind::File);
+                return Ok(());
+            }
             match self.links.get(&key).filter(|_| meta.nlink() > 1) {
                 Some(first) => {
                     fs_err::hard_link(first, target)?;
@@ -515,6 +553,94 @@ impl Copier<'_> {
         }
     }
 
+    /// A regular file with its data, owner, mode, xattrs and times, as
+    /// [`Self::apply_info`] gives them, through two file descriptors
+    /// (`target` must not exist). Returns the bytes copied.
+    fn copy_regular(
+        &self,
+        src: &Path,
+        target: &Path,
+        meta: &Metadata,
+        whose: SourceKindFor,
+    ) -> Result<u64, FileOpError> {
+        use fs_err::os::unix::fs::OpenOptionsExt;
+        use xattr::FileExt;
+        let mut from = fs_err::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(src)?;
+        let mut to = fs_err::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(target)?;
+        let bytes = if meta.len() <= SMALL_FILE {
+            // One read and one write: `io::copy` would stat both files to
+            // pick a kernel copy, and read again to see the end.
+            use std::io::{Read as _, Write as _};
+            let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+            (&mut from).take(SMALL_FILE).read_to_end(&mut buf)?;
+            to.write_all(&buf)?;
+            buf.len() as u64
+        } else {
+            io::copy(&mut from, &mut to)?
+        };
+        let (fd_from, fd_to) = (from.file(), to.file());
+        if self.apply_ownership {
+            let (uid, gid) = match (self.owner, whose, self.kind) {
+                (Some(o), _, _) => (o.uid, o.gid),
+                (None, SourceKindFor::Op, SourceKind::Stage) => (meta.uid(), meta.gid()),
+                _ => (0, 0),
+            };
+            let created = fd_to.metadata().map_err(|e| with_path(e, target))?;
+            if (created.uid(), created.gid()) != (uid, gid) {
+                std::os::unix::fs::fchown(fd_to, Some(uid), Some(gid))
+                    .map_err(|e| with_path(e, target))?;
+            }
+        }
+        let bits = meta.mode() & 0o7777;
+        let mode = match &self.chmod {
+            Some(c) => c.apply(bits, false),
+            None => bits,
+        };
+        fd_to
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| with_path(e, target))?;
+        match fd_from.list_xattr() {
+            Ok(names) => {
+                for name in names {
+                    let Some(value) = fd_from.get_xattr(&name).map_err(|e| with_path(e, src))?
+                    else {
+                        continue;
+                    };
+                    let lossy = name.to_string_lossy();
+                    match fd_to.set_xattr(&name, &value) {
+                        Ok(()) => {}
+                        Err(e)
+                            if xattr_skippable(&e)
+                                || (e.kind() == io::ErrorKind::PermissionDenied
+                                    && (lossy.starts_with("security.")
+                                        || lossy.starts_with("trusted."))) => {}
+                        Err(e) => return Err(with_path(e, target).into()),
+                    }
+                }
+            }
+            Err(e) if xattr_skippable(&e) => {}
+            Err(e) => return Err(with_path(e, src).into()),
+        }
+        let (atime, mtime) = match self.time {
+            Some(t) => (FileTime::from_system_time(t), FileTime::from_system_time(t)),
+            None => (
+                FileTime::from_last_access_time(meta),
+                FileTime::from_last_modification_time(meta),
+            ),
+        };
+        filetime::set_file_handle_times(fd_to, Some(atime), Some(mtime))
+            .map_err(|e| with_path(e, target))?;
+        Ok(bytes)
+    }
+
     /// fsutil's `copyFileInfo` + `copyXAttrs`: owner, mode (`--chmod`),
     /// xattrs, then times.
     fn apply_info(
@@ -554,6 +680,9 @@ impl Copier<'_> {
         Ok(())
     }
 }
+
+/// Files up to this size are copied through one buffer.
+const SMALL_FILE: u64 = 256 * 1024;
 
 /// Extended attributes of the source onto the target, as far as the file
 /// system allows: names it does not support, and `security.`/`trusted.`

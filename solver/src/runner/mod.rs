@@ -344,7 +344,7 @@ impl StoreRunner {
                 .with_source_date_epoch(self.opts.source_date_epoch);
             let layer = self
                 .store
-                .commit_layer_from_dir(upper, &opts)
+                .commit_snapshot_from_dir(upper, &opts)
                 .map_err(store_err(format!(
                     "committing the layer of {}",
                     step.vertex.name

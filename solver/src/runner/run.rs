@@ -401,6 +401,7 @@ impl StoreRunner {
                 source,
             })?;
         let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let readers: Vec<_> = [
             (running.take_stdout(), LogStream::Stdout),
             (running.take_stderr(), LogStream::Stderr),
@@ -411,7 +412,9 @@ impl StoreRunner {
             let progress = progress.clone();
             let tail = Arc::clone(&tail);
             let id = step.id.index();
+            let done = done_tx.clone();
             std::thread::spawn(move || {
+                let _done = ReaderDone(done);
                 let mut splitter = crate::event::LineSplitter::default();
                 let mut buf = vec![0u8; 32 * 1024];
                 let emit = |lines: Vec<String>| {
@@ -441,13 +444,19 @@ impl StoreRunner {
         .collect();
         // Wait for the output to end, killing the sandbox when the build
         // is cancelled (Ctrl-C drops the step's future).
+        drop(done_tx);
         let mut killed = false;
-        while readers.iter().any(|r| !r.is_finished()) {
+        loop {
+            match done_rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                // A reader ended; the channel disconnects when all have.
+                Ok(()) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
             if !killed && cancel.is_cancelled() {
                 running.kill();
                 killed = true;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         for r in readers {
             let _ = r.join();
@@ -610,6 +619,16 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
+}
+
+/// Held by an output reader thread: its drop (when the thread ends, however
+/// it ends) tells the waiting step.
+struct ReaderDone(std::sync::mpsc::Sender<()>);
+
+impl Drop for ReaderDone {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,317 @@
+//! Layers whose only copy is their snapshot directory.
+//!
+//! On the build path a step's overlay upperdir *becomes* the snapshot of its
+//! layer ([`Store::commit_snapshot_from_dir`]): it is hashed as the layer tar
+//! it stands for (the diffID) without writing that tar, then renamed into
+//! `snapshots/`. The tar is made only when something needs the bytes (`save`,
+//! `--output`, push), by [`Store::open_layer`], which streams it from the
+//! directory and checks that it still hashes to the diffID. Such a layer
+//! has no blob until then; [`Store::has_layer`] counts either form.
+//!
+//! The writer is deterministic, so the same directory always gives the same
+//! bytes. `SOURCE_DATE_EPOCH` clamping is applied to the directory itself
+//! before hashing, so the directory alone determines its tar.
+//!
+//! Snapshot directories are not fsynced (as containerd's overlay
+//! snapshotter does not): a crash of the kiln process loses nothing, a
+//! power loss may leave a recorded snapshot incomplete; `kiln system fsck
+//! --verify` regenerates every blob-less layer and reports a mismatch.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use nix::sys::stat::{UtimensatFlags, utimensat};
+use nix::sys::time::TimeSpec;
+use rusqlite::{OptionalExtension, params};
+
+use crate::blob::{BlobReader, into_store_error};
+use crate::digest::{Digest, Hasher, HashingWriter};
+use crate::error::{Result, StoreError};
+use crate::image::LayerInfo;
+use crate::layer::{self, LayerError, LayerStats, WriteOptions};
+use crate::store::{SNAPSHOT_PREFIX, Store, now};
+
+impl Store {
+    /// Commits `upper` (an overlay upperdir or a plain tree, inside the
+    /// store's `tmp/`) as a layer without writing its tar: hashes the tar
+    /// it stands for, then moves the directory to `snapshots/` as the
+    /// layer's snapshot. If the layer exists already, `upper` is removed.
+    pub fn commit_snapshot_from_dir(&self, upper: &Path, opts: &WriteOptions) -> Result<LayerInfo> {
+        let _lock = self.lock_shared()?;
+        if let Some(epoch) = opts.source_date_epoch {
+            clamp_mtimes(upper, epoch)?;
+        }
+        let mut hw = HashingWriter::new(io::sink());
+        layer::write_layer(upper, &mut hw, opts).map_err(|source| StoreError::Layer {
+            what: upper.display().to_string(),
+            source,
+        })?;
+        let (_, diff_id, size) = hw.finish();
+        let id = format!("{SNAPSHOT_PREFIX}{}", diff_id.hex());
+        let snapshots = self.root().join("snapshots");
+        let dir = snapshots.join(&id);
+        let lock_path = snapshots.join(format!("{id}.lock"));
+        let lock = fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::io("opening snapshot lock", &lock_path, e))?;
+        lock.lock()
+            .map_err(|e| StoreError::io("locking snapshot", &lock_path, e))?;
+        if dir.is_dir() {
+            let _ = fs_err::remove_dir_all(upper);
+        } else {
+            // The root of a snapshot is the root of the overlays it takes
+            // part in: it must not keep a scratch directory's mode.
+            use std::os::unix::fs::PermissionsExt;
+            fs_err::set_permissions(upper, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| StoreError::io("setting snapshot mode", upper, e))?;
+            fs_err::rename(upper, &dir)
+                .map_err(|e| StoreError::io("committing snapshot", &dir, e))?;
+        }
+        let t = now();
+        {
+            let conn = self.db();
+            conn.execute(
+                "INSERT OR IGNORE INTO layers (diff_id, size, created) VALUES (?1, ?2, ?3)",
+                params![diff_id.to_string(), size as i64, t],
+            )
+            .map_err(self.db_err("recording layer"))?;
+            conn.execute(
+                "INSERT INTO snapshots (id, diff_id, created, last_used) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT(id) DO UPDATE SET last_used = ?3",
+                params![id, diff_id.to_string(), t],
+            )
+            .map_err(self.db_err("recording snapshot"))?;
+        }
+        Ok(LayerInfo { diff_id, size })
+    }
+
+    /// The directory of `diff_id`'s snapshot, if it is unpacked.
+    pub fn snapshot_dir(&self, diff_id: &Digest) -> Option<PathBuf> {
+        let dir = self
+            .root()
+            .join("snapshots")
+            .join(format!("{SNAPSHOT_PREFIX}{}", diff_id.hex()));
+        dir.is_dir().then_some(dir)
+    }
+
+    /// Whether the layer `diff_id` is here, as a blob or a snapshot.
+    pub fn has_layer(&self, diff_id: &Digest) -> bool {
+        self.has_blob(diff_id) || self.snapshot_dir(diff_id).is_some()
+    }
+
+    /// Opens the uncompressed tar of layer `diff_id`: its blob, or else a
+    /// stream made from its snapshot. Either way the reader fails at its
+    /// end if the bytes do not hash to `diff_id`.
+    pub fn open_layer(&self, diff_id: &Digest) -> Result<LayerReader> {
+        if self.has_blob(diff_id) {
+            return self.open_blob(diff_id).map(LayerReader::Blob);
+        }
+        let Some(dir) = self.snapshot_dir(diff_id) else {
+            return Err(StoreError::BlobMissing {
+                digest: diff_id.to_string(),
+            });
+        };
+        let size: Option<i64> = self
+            .db()
+            .query_row(
+                "SELECT size FROM layers WHERE diff_id = ?1",
+                [diff_id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db_err("reading layer"))?;
+        let Some(size) = size else {
+            return Err(StoreError::BlobMissing {
+                digest: diff_id.to_string(),
+            });
+        };
+        SnapshotTar::spawn(dir, diff_id.clone(), size as u64).map(LayerReader::Snapshot)
+    }
+
+    /// Makes sure layer `diff_id` has a blob (writing its tar from the
+    /// snapshot if it has none), verified against the diffID.
+    pub fn ensure_layer_blob(&self, diff_id: &Digest) -> Result<()> {
+        if self.has_blob(diff_id) {
+            return Ok(());
+        }
+        let _lock = self.lock_shared()?;
+        let mut r = self.open_layer(diff_id)?;
+        let mut w = self.blob_writer()?;
+        io::copy(&mut r, &mut w).map_err(|e| r.error(e))?;
+        w.commit(Some(diff_id), "layer")?;
+        Ok(())
+    }
+
+    /// Reads layer `diff_id` through and checks that it hashes to its name.
+    pub fn verify_layer(&self, diff_id: &Digest) -> Result<()> {
+        let mut r = self.open_layer(diff_id)?;
+        io::copy(&mut r, &mut io::sink())
+            .map(|_| ())
+            .map_err(|e| r.error(e))
+    }
+}
+
+/// The uncompressed tar of a layer: its blob or a stream from its snapshot.
+#[derive(Debug)]
+pub enum LayerReader {
+    /// A stored blob.
+    Blob(BlobReader),
+    /// Made from the snapshot directory while it is read.
+    Snapshot(SnapshotTar),
+}
+
+impl LayerReader {
+    /// The tar's size in bytes.
+    pub fn len(&self) -> Result<u64> {
+        match self {
+            LayerReader::Blob(b) => b.len(),
+            LayerReader::Snapshot(s) => Ok(s.size),
+        }
+    }
+
+    /// Whether the tar is empty (never, for a real layer).
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Turns an I/O error of this reader into the store error it carries
+    /// (a corrupt layer) or one naming the layer.
+    pub fn error(&self, e: io::Error) -> StoreError {
+        let path = match self {
+            LayerReader::Blob(_) => PathBuf::from("<blob>"),
+            LayerReader::Snapshot(s) => s.dir.clone(),
+        };
+        into_store_error(e, &path)
+    }
+}
+
+impl Read for LayerReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            LayerReader::Blob(b) => b.read(buf),
+            LayerReader::Snapshot(s) => s.read(buf),
+        }
+    }
+}
+
+/// A layer tar written from a snapshot directory by a thread into a pipe.
+#[derive(Debug)]
+pub struct SnapshotTar {
+    pipe: Option<io::PipeReader>,
+    writer: Option<JoinHandle<std::result::Result<LayerStats, LayerError>>>,
+    hasher: Option<Hasher>,
+    digest: Digest,
+    size: u64,
+    dir: PathBuf,
+}
+
+impl SnapshotTar {
+    fn spawn(dir: PathBuf, digest: Digest, size: u64) -> Result<SnapshotTar> {
+        let (reader, writer) = io::pipe().map_err(|e| StoreError::io("making a pipe", &dir, e))?;
+        let src = dir.clone();
+        let handle = std::thread::Builder::new()
+            .name("layer-tar".to_owned())
+            .spawn(move || layer::write_layer(&src, writer, &WriteOptions::default()))
+            .map_err(|e| StoreError::io("starting the layer writer", &dir, e))?;
+        Ok(SnapshotTar {
+            pipe: Some(reader),
+            writer: Some(handle),
+            hasher: Some(Hasher::new()),
+            digest,
+            size,
+            dir,
+        })
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.pipe = None;
+        if let Some(h) = self.writer.take() {
+            match h.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(source)) => {
+                    return Err(io::Error::other(StoreError::Layer {
+                        what: self.dir.display().to_string(),
+                        source,
+                    }));
+                }
+                Err(_) => {
+                    return Err(io::Error::other(format!(
+                        "the layer writer for `{}` panicked",
+                        self.dir.display()
+                    )));
+                }
+            }
+        }
+        if let Some(h) = self.hasher.take() {
+            let actual = h.finish();
+            if actual != self.digest {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    StoreError::Corrupt {
+                        digest: self.digest.to_string(),
+                        actual: actual.to_string(),
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for SnapshotTar {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return Ok(0);
+        };
+        let n = pipe.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.finish()?;
+            return Ok(0);
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for SnapshotTar {
+    fn drop(&mut self) {
+        // Closing the read end makes the writer fail with EPIPE and stop.
+        self.pipe = None;
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Clamps every mtime under `dir` (not `dir` itself) to at most `epoch`,
+/// as the layer writer does with `SOURCE_DATE_EPOCH`, so the directory
+/// alone determines its tar.
+fn clamp_mtimes(dir: &Path, epoch: i64) -> Result<()> {
+    let entries = fs_err::read_dir(dir).map_err(|e| StoreError::io("reading directory", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("reading directory", dir, e))?;
+        let path = entry.path();
+        let md = fs_err::symlink_metadata(&path)
+            .map_err(|e| StoreError::io("reading metadata", &path, e))?;
+        if md.is_dir() {
+            clamp_mtimes(&path, epoch)?;
+        }
+        if std::os::unix::fs::MetadataExt::mtime(&md) > epoch {
+            utimensat(
+                nix::fcntl::AT_FDCWD,
+                &path,
+                &TimeSpec::UTIME_OMIT,
+                &TimeSpec::new(epoch, 0),
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .map_err(|e| StoreError::io("clamping mtime", &path, io::Error::from(e)))?;
+        }
+    }
+    Ok(())
+}

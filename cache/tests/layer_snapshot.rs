@@ -1,0 +1,172 @@
+//! Layers committed as snapshot directories (the build path): hashed without
+//! writing a tar, streamed as a tar on demand, verified, collected and
+//! checked like blob layers.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use kiln_cache::{CacheResult, Digest, GcOptions, HashingWriter, Store, StoreError, WriteOptions};
+
+fn upper(store: &Store, name: &str) -> PathBuf {
+    let dir = store.root().join("tmp").join(name);
+    fs_err::create_dir_all(dir.join("etc/app")).expect("mkdir");
+    fs_err::write(dir.join("etc/app/conf"), "a = 1\n").expect("write");
+    fs_err::write(dir.join("big"), vec![3u8; 300_000]).expect("write");
+    std::os::unix::fs::symlink("big", dir.join("link")).expect("symlink");
+    fs_err::hard_link(dir.join("big"), dir.join("big2")).expect("hardlink");
+    dir
+}
+
+fn tar_of(dir: &Path, opts: &WriteOptions) -> (Vec<u8>, Digest) {
+    let mut w = HashingWriter::new(Vec::new());
+    kiln_cache::write_layer(dir, &mut w, opts).expect("write layer");
+    let (bytes, digest, _) = w.finish();
+    (bytes, digest)
+}
+
+#[test]
+fn a_snapshot_layer_streams_the_tar_it_was_hashed_as() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let up = upper(&store, "up1");
+    let (expected, expected_digest) = tar_of(&up, &WriteOptions::default());
+
+    let layer = store
+        .commit_snapshot_from_dir(&up, &WriteOptions::default())
+        .expect("commit");
+    assert_eq!(layer.diff_id, expected_digest);
+    assert_eq!(layer.size, expected.len() as u64);
+    assert!(!up.exists(), "the upper became the snapshot");
+    assert!(
+        !store.has_blob(&layer.diff_id),
+        "no tar is written on commit"
+    );
+    assert!(store.has_layer(&layer.diff_id));
+    let snap = store.snapshot_dir(&layer.diff_id).expect("snapshot dir");
+    assert_eq!(store.snapshot_for(&layer.diff_id).expect("for"), snap);
+
+    let mut r = store.open_layer(&layer.diff_id).expect("open layer");
+    assert_eq!(r.len().expect("len"), layer.size);
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).expect("read");
+    assert_eq!(got, expected, "same bytes as the tar that was hashed");
+
+    // A second identical upper is the same layer: it is dropped.
+    let up2 = upper(&store, "up2");
+    let again = store
+        .commit_snapshot_from_dir(&up2, &WriteOptions::default())
+        .expect("commit again");
+    assert_eq!(again, layer);
+    assert!(!up2.exists());
+
+    // On demand, a blob is made, verified.
+    store.ensure_layer_blob(&layer.diff_id).expect("blob");
+    assert!(store.has_blob(&layer.diff_id));
+    assert_eq!(
+        store.read_blob(&layer.diff_id).expect("read blob"),
+        expected
+    );
+}
+
+#[test]
+fn a_tampered_snapshot_is_reported_not_streamed_as_good() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let up = upper(&store, "up");
+    let layer = store
+        .commit_snapshot_from_dir(&up, &WriteOptions::default())
+        .expect("commit");
+    let snap = store.snapshot_dir(&layer.diff_id).expect("snapshot");
+    fs_err::write(snap.join("etc/app/conf"), "a = 2\n").expect("tamper");
+
+    let mut r = store.open_layer(&layer.diff_id).expect("open");
+    let err = r.read_to_end(&mut Vec::new()).expect_err("must not verify");
+    let err = r.error(err);
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(store.verify_layer(&layer.diff_id).is_err());
+    let err = store
+        .ensure_layer_blob(&layer.diff_id)
+        .expect_err("no blob from a bad snapshot");
+    assert!(err.to_string().contains(layer.diff_id.short()), "{err}");
+    assert!(!store.has_blob(&layer.diff_id));
+
+    // fsck --verify names it once an image uses it.
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id.to_string()]},
+    });
+    let names = [kiln_cache::Reference::parse("t:1").expect("ref")];
+    store
+        .put_image(
+            &names,
+            &serde_json::to_vec(&config).expect("json"),
+            std::slice::from_ref(&layer),
+        )
+        .expect("image over a snapshot-only layer");
+    assert!(store.fsck(false).expect("fsck").is_empty());
+    let problems = store.fsck(true).expect("fsck verify");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].message.contains("layer"), "{problems:?}");
+}
+
+#[test]
+fn source_date_epoch_is_applied_to_the_snapshot_itself() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let up = upper(&store, "up");
+    let opts = WriteOptions::default().with_source_date_epoch(Some(1_000));
+    let (expected, digest) = tar_of(&up, &opts);
+    let layer = store.commit_snapshot_from_dir(&up, &opts).expect("commit");
+    assert_eq!(layer.diff_id, digest);
+    let snap = store.snapshot_dir(&layer.diff_id).expect("snapshot");
+    let mtime = std::os::unix::fs::MetadataExt::mtime(
+        &fs_err::symlink_metadata(snap.join("etc/app/conf")).expect("stat"),
+    );
+    assert_eq!(mtime, 1_000);
+    let mut got = Vec::new();
+    store
+        .open_layer(&layer.diff_id)
+        .expect("open")
+        .read_to_end(&mut got)
+        .expect("read");
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn gc_keeps_snapshot_layers_that_cache_records_need_and_drops_the_rest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let kept = store
+        .commit_snapshot_from_dir(&upper(&store, "a"), &WriteOptions::default())
+        .expect("commit a");
+    let b = store.root().join("tmp/b");
+    fs_err::create_dir_all(&b).expect("mkdir");
+    fs_err::write(b.join("only-b"), "b").expect("write");
+    let dropped = store
+        .commit_snapshot_from_dir(&b, &WriteOptions::default())
+        .expect("commit b");
+    store
+        .put_cache_record(
+            "key-a",
+            &CacheResult {
+                diff_ids: vec![kept.diff_id.clone()],
+                config: None,
+                extra: serde_json::Value::Null,
+            },
+        )
+        .expect("record");
+    assert!(store.get_cache_record("key-a").expect("get").is_some());
+    let report = store.gc(GcOptions::default()).expect("gc");
+    assert_eq!(report.snapshots, 1, "{report:?}");
+    assert!(store.has_layer(&kept.diff_id));
+    assert!(!store.has_layer(&dropped.diff_id));
+    // `prune --all` drops the cache record, and with it the layer.
+    store
+        .gc(GcOptions {
+            all: true,
+            dry_run: false,
+        })
+        .expect("gc all");
+    assert!(!store.has_layer(&kept.diff_id));
+    assert!(store.get_cache_record("key-a").expect("get").is_none());
+}
