@@ -655,6 +655,15 @@ impl ContentMemo {
         let conn = rusqlite::Connection::open(&path).map_err(e)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(e)?;
+        // As the key history on the same file: no fsync per write, no
+        // checkpoint when closing.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(e)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS content_digest (
                 id TEXT PRIMARY KEY NOT NULL,
