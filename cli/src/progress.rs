@@ -35,14 +35,16 @@ impl Renderer {
     pub(crate) fn new(mode: ProgressMode) -> Self {
         use std::io::IsTerminal as _;
         let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        let terminal = std::io::stderr().is_terminal();
         let tty = match mode {
-            ProgressMode::Tty => true,
-            ProgressMode::Auto => std::io::stderr().is_terminal() && !ci,
-            ProgressMode::Plain | ProgressMode::Json => false,
+            // Asked for: drawn with ANSI codes even into a pipe, as docker.
+            ProgressMode::Tty => Some(Tty::new(!terminal)),
+            ProgressMode::Auto => (terminal && !ci).then(|| Tty::new(false)),
+            ProgressMode::Plain | ProgressMode::Json => None,
         };
         Self {
             json: mode == ProgressMode::Json,
-            tty: tty.then(Tty::new),
+            tty,
             numbers: HashMap::new(),
             started: Instant::now(),
         }
@@ -96,15 +98,29 @@ impl Renderer {
 #[derive(Debug)]
 struct Tty {
     multi: indicatif::MultiProgress,
-    bars: HashMap<usize, (indicatif::ProgressBar, String, bool)>,
+    bars: HashMap<usize, Bar>,
+}
+
+/// One step's spinner.
+#[derive(Debug)]
+struct Bar {
+    bar: indicatif::ProgressBar,
+    name: String,
+    cached: bool,
+    /// The miss causes, shown when the step is done.
+    why: Option<String>,
 }
 
 impl Tty {
-    fn new() -> Self {
+    /// `forced`: stderr is no terminal but tty output was asked for.
+    fn new(forced: bool) -> Self {
+        let target = if forced {
+            indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(AnsiStderr), 10)
+        } else {
+            indicatif::ProgressDrawTarget::stderr()
+        };
         Self {
-            multi: indicatif::MultiProgress::with_draw_target(
-                indicatif::ProgressDrawTarget::stderr(),
-            ),
+            multi: indicatif::MultiProgress::with_draw_target(target),
             bars: HashMap::new(),
         }
     }
@@ -118,25 +134,47 @@ impl Tty {
                 bar.set_style(style);
                 bar.set_message(format!("#{n} {name}"));
                 bar.enable_steady_tick(std::time::Duration::from_millis(120));
-                self.bars.insert(*id, (bar, name.clone(), false));
+                self.bars.insert(
+                    *id,
+                    Bar {
+                        bar,
+                        name: name.clone(),
+                        cached: false,
+                        why: None,
+                    },
+                );
             }
             Event::VertexCached { id } => {
-                if let Some((_, _, cached)) = self.bars.get_mut(id) {
-                    *cached = true;
+                if let Some(b) = self.bars.get_mut(id) {
+                    b.cached = true;
                 }
             }
-            Event::VertexMiss { .. } => {}
+            Event::VertexMiss { id, causes } => {
+                // Kept for the step's last line: why it was not cached.
+                if let Some(b) = self.bars.get_mut(id) {
+                    let c: Vec<String> = causes.iter().map(ToString::to_string).collect();
+                    b.why = Some(c.join("; "));
+                }
+            }
             Event::Log { id, line, .. } => {
-                if let Some((bar, name, _)) = self.bars.get(id) {
-                    bar.set_message(format!("#{n} {name} | {line}"));
+                if let Some(b) = self.bars.get(id) {
+                    b.bar.set_message(format!("#{n} {} | {line}", b.name));
                 }
             }
             Event::VertexFinished { id, duration_ms } => {
-                if let Some((bar, name, cached)) = self.bars.remove(id) {
-                    let what = if cached {
-                        "CACHED".to_owned()
-                    } else {
-                        format!("DONE {:.1}s", *duration_ms as f64 / 1000.0)
+                if let Some(Bar {
+                    bar,
+                    name,
+                    cached,
+                    why,
+                }) = self.bars.remove(id)
+                {
+                    let what = match (cached, why) {
+                        (true, _) => "CACHED".to_owned(),
+                        (false, None) => format!("DONE {:.1}s", *duration_ms as f64 / 1000.0),
+                        (false, Some(why)) => {
+                            format!("DONE {:.1}s ({why})", *duration_ms as f64 / 1000.0)
+                        }
                     };
                     bar.set_style(
                         indicatif::ProgressStyle::with_template("{msg}")
@@ -146,10 +184,80 @@ impl Tty {
                 }
             }
             Event::VertexFailed { id, error } => {
-                if let Some((bar, name, _)) = self.bars.remove(id) {
-                    bar.abandon_with_message(format!("#{n} {name} ERROR: {error}"));
+                if let Some(b) = self.bars.remove(id) {
+                    b.bar
+                        .abandon_with_message(format!("#{n} {} ERROR: {error}", b.name));
                 }
             }
         }
+    }
+}
+
+/// Stderr as a terminal that understands ANSI cursor codes, for
+/// `--progress tty` when stderr is a pipe or a file (indicatif draws
+/// nothing to a non-terminal by itself).
+#[derive(Debug)]
+struct AnsiStderr;
+
+impl AnsiStderr {
+    fn put(s: &str) -> std::io::Result<()> {
+        std::io::stderr().lock().write_all(s.as_bytes())
+    }
+}
+
+impl indicatif::TermLike for AnsiStderr {
+    fn width(&self) -> u16 {
+        std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(100)
+    }
+
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}A"))
+        }
+    }
+
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}B"))
+        }
+    }
+
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}C"))
+        }
+    }
+
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            Self::put(&format!("\x1b[{n}D"))
+        }
+    }
+
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        Self::put(&format!("{s}\n"))
+    }
+
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        Self::put(s)
+    }
+
+    fn clear_line(&self) -> std::io::Result<()> {
+        Self::put("\r\x1b[2K")
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::stderr().lock().flush()
     }
 }

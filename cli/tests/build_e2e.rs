@@ -387,6 +387,20 @@ fn dockerignore_is_respected() {
     );
     assert!(!fs.join("ctx/ignored.txt").exists());
     assert!(!fs.join("ctx/debug.log").exists());
+    // A bind mount of the context shows what COPY sees.
+    for list in ["bind-ls", "bind-rw-ls"] {
+        let names: Vec<String> = read(&fs.join(list)).lines().map(str::to_owned).collect();
+        assert!(names.contains(&"kept.txt".to_owned()), "{list}: {names:?}");
+        assert!(names.contains(&"keep.log".to_owned()), "{list}: {names:?}");
+        assert!(
+            !names.contains(&"ignored.txt".to_owned()),
+            "{list}: {names:?}"
+        );
+        assert!(
+            !names.contains(&"debug.log".to_owned()),
+            "{list}: {names:?}"
+        );
+    }
     // Editing an ignored file changes nothing.
     fs_err::write(ctx.join("ignored.txt"), "changed\n").expect("edit");
     let again = env.build(&ctx, &["-t", "ign:1"]);
@@ -509,6 +523,7 @@ fn missing_copy_source_names_path_and_line() {
     let err = text(&o.stderr);
     assert!(err.contains("nothere.txt"), "{err}");
     assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("   3 | >>> COPY nothere.txt /"), "{err}");
     env.assert_clean();
 }
 
@@ -822,4 +837,800 @@ fn user_workdir_and_chown_ownership() {
     );
     assert_eq!(read(&fs.join("tmp/whoami")), "nobody\n");
     assert_eq!(env.config("own:1")["config"]["User"], "nobody");
+}
+
+/// `kiln` with `stdin` as its standard input; returns the output.
+fn kiln_with_stdin(env: &Env, args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args(args)
+        .env_remove("KILN_ROOT")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = writer.join();
+    out
+}
+
+#[test]
+fn config_steps_are_not_cached_on_a_first_build() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let first = env.build(&ctx, &["-t", "cfg:1"]);
+    for what in ["ENV MODE=release", "CMD [\"cat\", \"/joined\"]"] {
+        let n = step_number(&first, what);
+        let lines = step_lines(&first, &n);
+        assert!(
+            !lines.iter().any(|l| l.ends_with(" CACHED")),
+            "{what} CACHED on a first build:\n{first}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains(" DONE ")),
+            "{what}:\n{first}"
+        );
+    }
+    let second = env.build(&ctx, &["-t", "cfg:1", "--build-arg", "NOT_DECLARED=1"]);
+    assert!(
+        second.contains("build-args [NOT_DECLARED] were not consumed"),
+        "{second}"
+    );
+    for what in ["ENV MODE=release", "CMD [\"cat\", \"/joined\"]"] {
+        let n = step_number(&second, what);
+        assert!(
+            step_lines(&second, &n)
+                .iter()
+                .any(|l| l.ends_with(" CACHED")),
+            "{what} not CACHED on a rebuild:\n{second}"
+        );
+    }
+    // An edited ENV after cached steps: done, with its cause.
+    let df = read(&ctx.join("Dockerfile")).replace("MODE=release", "MODE=debug");
+    fs_err::write(ctx.join("Dockerfile"), df).expect("write");
+    let third = env.build(&ctx, &["-t", "cfg:1"]);
+    let n = step_number(&third, "ENV MODE=debug");
+    let lines = step_lines(&third, &n);
+    assert!(!lines.iter().any(|l| l.ends_with(" CACHED")), "{third}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("MISS: instruction changed")),
+        "{third}"
+    );
+    assert_eq!(env.config("cfg:1")["config"]["Env"][1], "MODE=debug");
+    env.assert_clean();
+}
+
+#[test]
+fn context_and_dockerfile_from_stdin() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    // A tar of the context on stdin (gzip-compressed).
+    let tar = env.path("ctx.tar.gz");
+    let o = Command::new("tar")
+        .arg("-czf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&ctx)
+        .arg(".")
+        .output()
+        .expect("tar");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let bytes = fs_err::read(&tar).expect("read tar");
+    let dest = env.path("out-tar");
+    let out = format!("type=local,dest={}", dest.display());
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "stdin:1",
+            "--output",
+            &out,
+            "-",
+        ],
+        &bytes,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(read(&dest.join("joined")), "a\nb\n");
+    // The same tar again: every step is a hit.
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "stdin:1",
+            "-",
+        ],
+        &bytes,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("0 steps run"),
+        "{}",
+        text(&o.stderr)
+    );
+    // A Dockerfile on stdin, with no context (and docker's `-o DIR`).
+    let dest = env.path("out-df");
+    let out = dest.display().to_string();
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "--output",
+            &out,
+            "-",
+        ],
+        b"FROM busybox:local\nRUN echo from-stdin > /hi\n",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(read(&dest.join("hi")), "from-stdin\n");
+    // Errors name the Dockerfile `-`, not a scratch path.
+    let o = kiln_with_stdin(
+        &env,
+        &["build", "--progress=plain", "--network=none", "-"],
+        b"FROM busybox:local\nRUN exit 5\nRUN [unclosed\n",
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(!err.contains("/tmp/stdin-"), "{err}");
+    let o = kiln_with_stdin(
+        &env,
+        &["build", "--progress=plain", "--network=none", "-"],
+        b"FROM nosuch:image\n",
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("planning `-`"), "{err}");
+    // `-f -` with a context directory.
+    let dest = env.path("out-f");
+    let out = format!("type=local,dest={}", dest.display());
+    let c = ctx.to_str().expect("utf8");
+    let o = kiln_with_stdin(
+        &env,
+        &[
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-f",
+            "-",
+            "--output",
+            &out,
+            c,
+        ],
+        b"FROM busybox:local\nCOPY src/a.txt /a\n",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(read(&dest.join("a")), "a\n");
+    env.assert_clean();
+}
+
+/// Processes whose command line is exactly `argv`.
+fn processes_with_cmdline(argv: &[&str]) -> Vec<String> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    fs_err::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| fs_err::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn failing_run_leaves_no_process_and_no_mount() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("failbg");
+    let token = (900_000 + std::process::id() % 90_000).to_string();
+    let arg = format!("TOKEN={token}");
+    let o = env.build_raw(&ctx, &["--build-arg", &arg]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("exit code 3"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    // The Dockerfile excerpt, as docker shows it.
+    assert!(err.contains("Dockerfile:4"), "{err}");
+    assert!(
+        err.contains("   4 | >>> RUN sleep $TOKEN >/dev/null 2>&1 & echo started-background"),
+        "{err}"
+    );
+    assert!(err.contains("   3 |     ARG TOKEN"), "{err}");
+    assert!(err.contains("started-background"), "{err}");
+    let left = processes_with_cmdline(&["sleep", &token]);
+    // Clean up before asserting, so a failure leaves nothing behind.
+    for pid in &left {
+        if let Ok(p) = pid.parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "the RUN's background process survived: pids {left:?}"
+    );
+    env.assert_clean();
+    // A missing COPY source: nothing mounted either.
+    let ctx = env.context("missing");
+    let o = env.build_raw(&ctx, &[]);
+    assert!(!o.status.success());
+    env.assert_clean();
+}
+
+#[test]
+fn bind_mount_rw_writes_are_discarded() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("bindrw");
+    let fs = env.rootfs(&ctx, &["-t", "bindrw:1"], "out");
+    let f = |p: &str| read(&fs.join(p));
+    assert_eq!(f("seen-ctx"), "changed\n", "the RUN could write");
+    assert_eq!(f("seen-file"), "original\nmore\n");
+    assert_eq!(f("seen-stage"), "s.txt\nw.txt\n");
+    // Gone afterwards: from the context, the stage, the next RUNs and the layers.
+    assert_eq!(read(&ctx.join("input.txt")), "original\n");
+    assert!(!ctx.join("new.txt").exists());
+    assert!(ctx.join("sub/s.txt").exists());
+    assert_eq!(f("stage-after"), "s.txt\n");
+    assert_eq!(f("seen-after"), "original\nin sub\n");
+    assert!(!f("ls-after").contains("new.txt"));
+    assert!(!fs.join("ctx/new.txt").exists());
+    assert!(!fs.join("d/w.txt").exists());
+    // Without rw the bind is read-only.
+    assert_ne!(f("ro-status").trim(), "0");
+    env.assert_clean();
+}
+
+#[test]
+fn cache_mount_sharing_private_and_locked() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("cacheshare");
+    let fs = env.rootfs(&ctx, &["--jobs", "4"], "out");
+    let f = |p: &str| read(&fs.join(p));
+    // Two private users at once: each its own directory, made with uid/mode.
+    assert_eq!(f("a-ls"), "a\n");
+    assert_eq!(f("b-ls"), "b\n");
+    assert_eq!(f("a-stat").trim(), "65534:700");
+    assert_eq!(f("b-stat").trim(), "65534:700");
+    // Locked: the second saw the first one's work finished.
+    assert_eq!(f("c-ls"), "");
+    assert_eq!(f("d-ls"), "");
+    env.assert_clean();
+}
+
+fn interfaces(list: &str) -> Vec<String> {
+    let mut v: Vec<String> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn network_default_is_the_host_network() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("network");
+    let dest = env.path("out");
+    let out = format!("type=local,dest={}", dest.display());
+    let c = ctx.to_str().expect("utf8");
+    let o = env.kiln(&[
+        "build",
+        "--progress=plain",
+        "--network",
+        "default",
+        "--output",
+        &out,
+        c,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let host: Vec<String> = interfaces(
+        &read(Path::new("/proc/net/dev"))
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let f = |p: &str| interfaces(&read(&dest.join(p)));
+    assert_eq!(f("net-flag"), host, "--network default");
+    assert_eq!(f("net-default"), host, "RUN --network=default");
+    assert_eq!(f("net-host"), host);
+    assert_eq!(f("net-none"), ["lo"]);
+    // --network none makes `default` RUNs network-less too; the network
+    // is in their keys (a RUN built with the host network is no hit).
+    let dest2 = env.path("out2");
+    let out2 = format!("type=local,dest={}", dest2.display());
+    let o = env.kiln(&[
+        "build",
+        "--progress=plain",
+        "--network=none",
+        "--output",
+        &out2,
+        c,
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(interfaces(&read(&dest2.join("net-flag"))), ["lo"]);
+    assert_eq!(interfaces(&read(&dest2.join("net-default"))), ["lo"]);
+    assert_eq!(interfaces(&read(&dest2.join("net-host"))), host);
+    env.assert_clean();
+}
+
+#[test]
+fn onbuild_of_a_base_image_and_cmd_reset_by_entrypoint() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("onbuild");
+    let base = ctx.join("base.Dockerfile");
+    env.build(
+        &ctx,
+        &["-f", base.to_str().expect("utf8"), "-t", "onbase:1"],
+    );
+    assert_eq!(
+        env.config("onbase:1")["config"]["OnBuild"],
+        serde_json::json!(["RUN echo triggered > /onbuild-ran"])
+    );
+    let fs = env.rootfs(&ctx, &["-t", "onchild:1"], "out");
+    assert_eq!(read(&fs.join("onbuild-ran")), "triggered\n");
+    let cfg = &env.config("onchild:1")["config"];
+    assert_eq!(cfg["Entrypoint"], serde_json::json!(["/bin/echo"]));
+    assert!(cfg["Cmd"].is_null(), "inherited CMD reset: {cfg}");
+    assert!(
+        cfg["OnBuild"].is_null(),
+        "triggers are not inherited: {cfg}"
+    );
+    let keep = ctx.join("keepcmd.Dockerfile");
+    env.build(
+        &ctx,
+        &["-f", keep.to_str().expect("utf8"), "-t", "onkeep:1"],
+    );
+    let cfg = &env.config("onkeep:1")["config"];
+    assert_eq!(cfg["Cmd"], serde_json::json!(["own-cmd"]));
+    env.assert_clean();
+}
+
+/// The MISS line of the step named `what`.
+fn miss_line(progress: &str, what: &str) -> String {
+    let n = step_number(progress, what);
+    step_lines(progress, &n)
+        .iter()
+        .find(|l| l.contains("MISS"))
+        .map(|l| (*l).to_owned())
+        .unwrap_or_else(|| panic!("no MISS for `{what}`:\n{progress}"))
+}
+
+#[test]
+fn miss_causes_name_instruction_arg_and_base_image() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("onbuild");
+    let base = ctx.join("base.Dockerfile");
+    let base = base.to_str().expect("utf8");
+    env.build(&ctx, &["-f", base, "-t", "onbase:1"]);
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM onbase:1\nARG V=1\nRUN echo $V > /v\nRUN echo one > /one\n",
+    )
+    .expect("write");
+    env.build(&ctx, &[]);
+    // An ARG value.
+    let p = env.build(&ctx, &["--build-arg", "V=2"]);
+    let l = miss_line(&p, "RUN echo $V");
+    assert!(l.contains("ARG `V` changed (`1` -> `2`)"), "{p}");
+    // The instruction text.
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM onbase:1\nARG V=1\nRUN echo $V > /v\nRUN echo two > /one\n",
+    )
+    .expect("write");
+    let p = env.build(&ctx, &[]);
+    let l = miss_line(&p, "RUN echo two");
+    assert!(l.contains("instruction changed"), "{p}");
+    assert!(l.contains("echo one"), "{p}");
+    // The base image: the tag now names another image.
+    fs_err::write(base, "FROM busybox:local\nRUN echo new > /new-base\n").expect("write");
+    env.build(&ctx, &["-f", base, "-t", "onbase:1"]);
+    let p = env.build(&ctx, &[]);
+    let l = miss_line(&p, "FROM onbase:1");
+    assert!(l.contains("base image `onbase:1` changed"), "{p}");
+    env.assert_clean();
+}
+
+#[test]
+fn copy_and_bind_from_a_stage_are_keyed_by_content() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("fromcontent");
+    env.build(&ctx, &["-t", "fc:1"]);
+    // The stage runs again (its ARG changed) but the copied file is the same.
+    let p = env.build(&ctx, &["-t", "fc:1", "--build-arg", "NOISE=2"]);
+    let generator = step_number(&p, "RUN echo \"$NOISE\"");
+    assert!(
+        step_lines(&p, &generator)
+            .iter()
+            .any(|l| l.contains("MISS")),
+        "{p}"
+    );
+    for what in [
+        "COPY --from=gen /stable /stable",
+        "RUN cat /stable",
+        "RUN --mount=type=bind,from=gen",
+    ] {
+        let n = step_number(&p, what);
+        assert!(
+            step_lines(&p, &n).iter().any(|l| l.ends_with(" CACHED")),
+            "{what}:\n{p}"
+        );
+    }
+    assert!(p.contains("1 steps run"), "{p}");
+    // The copied file changes: the copy and the RUN after it run, and the
+    // copy says why.
+    let p = env.build(&ctx, &["-t", "fc:1", "--build-arg", "STABLE=s2"]);
+    let l = miss_line(&p, "COPY --from=gen /stable /stable");
+    assert!(l.contains("the files it reads from [gen "), "{p}");
+    let fs = env.rootfs(&ctx, &["-t", "fc:1", "--build-arg", "STABLE=s2"], "out");
+    assert_eq!(read(&fs.join("copied")), "s2\n");
+    assert_eq!(read(&fs.join("mounted")), "s2\n");
+    // What --no-cache builds is found by the next build.
+    env.build(&ctx, &["--no-cache", "--build-arg", "STABLE=s3"]);
+    let p = env.build(&ctx, &["--build-arg", "STABLE=s3"]);
+    assert!(p.contains("0 steps run"), "{p}");
+    env.assert_clean();
+}
+
+#[test]
+fn progress_tty_draws_into_a_pipe() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let o = env.kiln(&[
+        "build",
+        "--progress",
+        "tty",
+        "--network=none",
+        "--pull=never",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("\u{1b}["), "ANSI codes: {err}");
+    assert!(err.contains("RUN cat a.txt b.txt > /joined DONE"), "{err}");
+    let o = env.kiln(&[
+        "build",
+        "--progress=tty",
+        "--network=none",
+        "--pull=missing",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("RUN cat a.txt b.txt > /joined CACHED"),
+        "{}",
+        text(&o.stderr)
+    );
+    // docker's bare `--pull` (before the context) is accepted.
+    let o = env.kiln(&[
+        "build",
+        "--progress=plain",
+        "--network=none",
+        "--pull",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("not supported yet"),
+        "{}",
+        text(&o.stderr)
+    );
+    // A miss says why on the step's line.
+    fs_err::write(ctx.join("src/b.txt"), "b2\n").expect("edit");
+    let o = env.kiln(&[
+        "build",
+        "--progress=tty",
+        "--network=none",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("COPY src/ ./ DONE"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(
+        text(&o.stderr).contains("(file `src/b.txt` changed)"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+/// A tiny HTTP server on 127.0.0.1: `GET /NAME` serves `files[NAME]` with
+/// an `ETag` of its content and answers `If-None-Match` with 304. Stops
+/// when dropped.
+struct HttpServer {
+    base: String,
+    files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServer {
+    fn start() -> HttpServer {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+            std::sync::Arc::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, st) = (std::sync::Arc::clone(&files), std::sync::Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut s) = conn else { continue };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req).into_owned();
+                let path = req
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap_or("/")
+                    .trim_start_matches('/')
+                    .to_owned();
+                let if_none = req
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("if-none-match:"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned());
+                let body = f.lock().ok().and_then(|m| m.get(&path).cloned());
+                let resp = match body {
+                    None => {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                    Some(body) => {
+                        let etag = format!(
+                            "\"{}-{}\"",
+                            body.len(),
+                            body.iter().map(|b| u64::from(*b)).sum::<u64>()
+                        );
+                        if if_none.as_deref() == Some(etag.as_str()) {
+                            format!("HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .into_bytes()
+                        } else {
+                            let mut r = format!(
+                                "HTTP/1.1 200 OK\r\nETag: {etag}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            r.extend_from_slice(&body);
+                            r
+                        }
+                    }
+                };
+                let _ = s.write_all(&resp);
+            }
+        });
+        HttpServer {
+            base,
+            files,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn put(&self, name: &str, body: &[u8]) {
+        if let Ok(mut m) = self.files.lock() {
+            m.insert(name.to_owned(), body.to_vec());
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = std::net::TcpStream::connect(self.base.trim_start_matches("http://"));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sha256_of(data: &[u8]) -> String {
+    let file = tempfile::NamedTempFile::new().expect("tmp");
+    fs_err::write(file.path(), data).expect("write");
+    let o = Command::new("sha256sum")
+        .arg(file.path())
+        .output()
+        .expect("sha256sum");
+    text(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn add_url_keyed_by_content_and_checked_by_checksum() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let server = HttpServer::start();
+    server.put("data.txt", b"data v1\n");
+    server.put("pinned.txt", b"pinned\n");
+    let ctx = env.context("addurl");
+    let base = format!("BASE={}", server.base);
+    let sum = format!("SUM=sha256:{}", sha256_of(b"pinned\n"));
+    let args = ["--build-arg", base.as_str(), "--build-arg", sum.as_str()];
+    let fs = env.rootfs(&ctx, &args, "one");
+    assert_eq!(read(&fs.join("both")), "data v1\npinned\n");
+    let mode = fs_err::metadata(fs.join("fetched/data.txt")).expect("stat");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    // Same content: cached.
+    let p = env.build(&ctx, &args);
+    let n = step_number(&p, "ADD $BASE/data.txt");
+    assert!(
+        step_lines(&p, &n).iter().any(|l| l.ends_with(" CACHED")),
+        "{p}"
+    );
+    assert!(p.contains("0 steps run"), "{p}");
+    // The server's file changed: the ADD and the RUN run again.
+    server.put("data.txt", b"data v2\n");
+    let fs = env.rootfs(&ctx, &args, "two");
+    assert_eq!(read(&fs.join("both")), "data v2\npinned\n");
+    // A pinned file is keyed by its checksum (a hit without fetching, as
+    // BuildKit); fetched again, a wrong checksum fails naming both digests.
+    server.put("pinned.txt", b"tampered\n");
+    let p = env.build(&ctx, &args);
+    assert!(p.contains("0 steps run"), "{p}");
+    let mut no_cache = args.to_vec();
+    no_cache.push("--no-cache");
+    let o = env.build_raw(&ctx, &no_cache);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains(&sha256_of(b"tampered\n")), "{err}");
+    assert!(err.contains("line 7"), "{err}");
+    env.assert_clean();
+}
+
+#[test]
+fn tmpfs_mount_and_docker_archive_output() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("tmpfs");
+    let archive = env.path("img-docker.tar");
+    let out = format!("type=docker,dest={}", archive.display());
+    let fs = env.rootfs(
+        &ctx,
+        &["-t", "tmpfs:1", "-t", "other/name:2", "--output", &out],
+        "out",
+    );
+    // Several -t: one image under each name.
+    assert_eq!(env.config("tmpfs:1"), env.config("other/name:2"));
+    assert_eq!(read(&fs.join("seen")), "in-tmpfs\n");
+    assert_eq!(read(&fs.join("fstype")), "tmpfs\n");
+    assert!(
+        !fs.join("scratch/f").exists(),
+        "tmpfs content is not in the layer"
+    );
+    assert!(read(&fs.join("after")).trim().is_empty() || read(&fs.join("after")) == "absent\n");
+    // The docker-archive output has a manifest.json naming the tag.
+    let o = Command::new("tar")
+        .arg("-xOf")
+        .arg(&archive)
+        .arg("manifest.json")
+        .output()
+        .expect("tar");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let manifest: serde_json::Value = serde_json::from_slice(&o.stdout).expect("manifest.json");
+    assert!(
+        manifest[0]["RepoTags"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains("tmpfs:1")))),
+        "{manifest}"
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn add_extracts_local_archives_by_content() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("addtar");
+    let src = env.path("tar-src");
+    fs_err::create_dir_all(src.join("d")).expect("mkdir");
+    fs_err::write(src.join("d/f.txt"), "in the archive\n").expect("write");
+    // `xz.bin`: an xz tar under a name that says nothing.
+    for (flag, name) in [
+        ("-cf", "plain.tar"),
+        ("-czf", "gz.tgz"),
+        ("-cjf", "bz.tar.bz2"),
+        ("-cJf", "xz.bin"),
+    ] {
+        let o = Command::new("tar")
+            .arg(flag)
+            .arg(ctx.join(name))
+            .arg("-C")
+            .arg(&src)
+            .arg("d")
+            .output()
+            .expect("tar");
+        assert!(o.status.success(), "tar {flag}: {}", text(&o.stderr));
+    }
+    let fs = env.rootfs(&ctx, &[], "out");
+    for dir in ["plain", "gz", "bz", "xz"] {
+        assert_eq!(
+            read(&fs.join(dir).join("d/f.txt")),
+            "in the archive\n",
+            "{dir}"
+        );
+    }
+    // COPY never extracts.
+    assert!(fs.join("copied/gz.tgz").is_file());
+    env.assert_clean();
 }

@@ -163,6 +163,12 @@ pub enum MissCause {
         /// The input step's name.
         name: String,
     },
+    /// The files a step reads from another stage (`COPY --from`, a bind
+    /// mount `from=`) changed: such steps are keyed by those files.
+    StageFilesChanged {
+        /// The stage's last step.
+        name: String,
+    },
     /// The definition changed in a way none of the above covers (for
     /// example an ENV or WORKDIR earlier in the stage).
     SettingsChanged,
@@ -214,6 +220,9 @@ impl std::fmt::Display for MissCause {
                 opt(after)
             ),
             MissCause::ParentChanged { name } => write!(f, "previous step changed: {name}"),
+            MissCause::StageFilesChanged { name } => {
+                write!(f, "the files it reads from {name} changed")
+            }
             MissCause::SettingsChanged => write!(f, "build settings changed"),
             MissCause::RecordMissing => write!(f, "no cached result (pruned)"),
         }
@@ -281,7 +290,14 @@ pub fn explain_miss(previous: &KeyInputs, current: &KeyInputs) -> Vec<MissCause>
         }
     }
     let direct = !causes.is_empty();
+    let image_changed = causes
+        .iter()
+        .any(|c| matches!(c, MissCause::BaseImageChanged { .. }));
     for (i, p) in current.parents.iter().enumerate() {
+        // A FROM's only parent is its image: named above.
+        if image_changed && current.kind == "stage" {
+            break;
+        }
         if previous.parents.get(i).map(|q| &q.key) != Some(&p.key) {
             causes.push(MissCause::ParentChanged {
                 name: p.name.clone(),
@@ -396,11 +412,20 @@ pub fn compute_keys(
             }
             _ => (BTreeMap::new(), None),
         };
-        let image = match &vert.op {
+        // The base image: of an image source, and of the FROM built on it
+        // (the step whose miss the user sees).
+        let image_of = |op: &Op| match op {
             Op::Source(SourceOp::Image {
                 reference, digest, ..
             }) => Some((reference.clone(), digest.clone())),
             _ => None,
+        };
+        let image = match &vert.op {
+            Op::StageRef { .. } => graph
+                .inputs(v)
+                .first()
+                .and_then(|(p, _)| image_of(&graph.graph[*p].op)),
+            op => image_of(op),
         };
         let inputs = KeyInputs {
             kind: vert.op.kind().to_owned(),
@@ -608,6 +633,89 @@ impl KeyHistory {
             None => vec![MissCause::FirstBuild],
         })
     }
+}
+
+/// Remembered content digests (see `runner::content`): an id naming a
+/// filesystem and a selection of files in it -> the selection's digest.
+/// In `statcache.db` under the store root, next to the key history.
+#[derive(Debug)]
+pub struct ContentMemo {
+    conn: rusqlite::Connection,
+    path: PathBuf,
+}
+
+impl ContentMemo {
+    /// Open (creating) the memo of the store at `store_root`.
+    pub fn open(store_root: &Path) -> Result<Self, KeyError> {
+        let path = store_root.join("statcache.db");
+        let e = |source| KeyError::History {
+            path: path.clone(),
+            source,
+        };
+        let conn = rusqlite::Connection::open(&path).map_err(e)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(e)?;
+        // As the key history on the same file: no fsync per write, no
+        // checkpoint when closing.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(e)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(e)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS content_digest (
+                id TEXT PRIMARY KEY NOT NULL,
+                digest TEXT NOT NULL
+            );",
+        )
+        .map_err(e)?;
+        Ok(Self { conn, path })
+    }
+
+    /// The digest remembered for `id`.
+    pub fn get(&self, id: &str) -> Result<Option<String>, KeyError> {
+        let e = |source| KeyError::History {
+            path: self.path.clone(),
+            source,
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT digest FROM content_digest WHERE id = ?1")
+            .map_err(e)?;
+        let mut rows = stmt.query([id]).map_err(e)?;
+        match rows.next().map_err(e)? {
+            Some(row) => Ok(Some(row.get(0).map_err(e)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Remember `digest` for `id`.
+    pub fn put(&self, id: &str, digest: &str) -> Result<(), KeyError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO content_digest (id, digest) VALUES (?1, ?2)",
+                [id, digest],
+            )
+            .map(|_| ())
+            .map_err(|source| KeyError::History {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// The key of `inputs` with its parents' keys replaced by `parents`
+/// (same order as [`KeyInputs::parents`]), for keys that depend on what
+/// the inputs produced (a `COPY --from` keyed by content, and everything
+/// after it).
+pub fn key_with_parents(inputs: &KeyInputs, parents: &[CacheKey]) -> CacheKey {
+    let mut i = inputs.clone();
+    for (p, k) in i.parents.iter_mut().zip(parents) {
+        p.key = k.clone();
+    }
+    i.key()
 }
 
 #[cfg(test)]

@@ -69,6 +69,10 @@ pub struct BuildOptions {
     pub build_platform: Platform,
     /// `--platform`, the platform of the result.
     pub target_platform: Platform,
+    /// `--network`: the network of RUNs without their own `--network`
+    /// (`None` or `Default`: the default). Part of their keys, as in
+    /// BuildKit, where it is the exec op's network mode.
+    pub network: Option<kiln_parser::Network>,
 }
 
 impl Default for BuildOptions {
@@ -78,6 +82,7 @@ impl Default for BuildOptions {
             target: None,
             build_platform: Platform::host(),
             target_platform: Platform::host(),
+            network: None,
         }
     }
 }
@@ -1107,7 +1112,14 @@ impl<'a> Planner<'a> {
                         proxy_env,
                         workdir: workdir.clone(),
                         user: st.config.user.clone(),
-                        network: run.network,
+                        // `RUN --network=default` is the build's network.
+                        network: match run.network {
+                            None | Some(kiln_parser::Network::Default) => self
+                                .opts
+                                .network
+                                .filter(|n| *n != kiln_parser::Network::Default),
+                            n => n,
+                        },
                         security: run.security,
                         mounts,
                     }),

@@ -12,6 +12,7 @@ fn opts(args: &[(&str, &str)]) -> BuildOptions {
         target: None,
         build_platform: Platform::parse("linux/amd64").unwrap_or_else(Platform::host),
         target_platform: Platform::parse("linux/arm64/v8").unwrap_or_else(Platform::host),
+        network: None,
     }
 }
 
@@ -809,4 +810,26 @@ mod generated {
             }
         }
     }
+}
+
+#[test]
+fn the_build_network_is_in_the_run_op() {
+    let src = "FROM busybox\nRUN a\nRUN --network=default b\nRUN --network=host c\n";
+    let nets = |o: &BuildOptions| -> Vec<Option<kiln_parser::Network>> {
+        let g = try_plan(src, o).expect("plans");
+        g.graph
+            .node_weights()
+            .filter_map(|v| match &v.op {
+                Op::Exec(r) => Some(r.network),
+                _ => None,
+            })
+            .collect()
+    };
+    use kiln_parser::Network as N;
+    let mut o = opts(&[]);
+    assert_eq!(nets(&o), [None, None, Some(N::Host)]);
+    o.network = Some(N::Default);
+    assert_eq!(nets(&o), [None, None, Some(N::Host)]);
+    o.network = Some(N::None);
+    assert_eq!(nets(&o), [Some(N::None), Some(N::None), Some(N::Host)]);
 }

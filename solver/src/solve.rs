@@ -7,6 +7,14 @@
 //! parallelism, deduplication, progress events and miss explanations.
 //! Dropping the future returned by [`solve`] aborts the running steps
 //! (Ctrl-C), so a runner must clean up in `Drop`.
+//!
+//! Keys are final only here: a step that reads files from another stage
+//! (`COPY --from`, `RUN --mount=type=bind,from=`) or a URL without
+//! `--checksum` is keyed by that content ([`StepRunner::content_digest`],
+//! computed as a task beside the running steps), and every step after it
+//! by the keys its inputs really had ("effective" keys). A config-only
+//! step (ENV, LABEL, ...) has its parent's key and is reported CACHED only
+//! when its parent was a hit and its instruction is unchanged.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,8 +24,10 @@ use std::time::Instant;
 use tokio::task::JoinSet;
 
 use crate::event::Progress;
-use crate::graph::{BuildGraph, Vertex, VertexId};
-use crate::key::{CacheKey, KeyError, KeyHistory, MissCause, VertexKey};
+use crate::graph::{
+    BuildGraph, CopySource, Edge, FileOp, InputRef, Op, SourceOp, Vertex, VertexId,
+};
+use crate::key::{CacheKey, KeyError, KeyHistory, MissCause, VertexKey, key_with_parents};
 
 /// One step handed to the runner.
 #[derive(Debug, Clone)]
@@ -42,6 +52,20 @@ pub trait StepRunner: Send + Sync + 'static {
         &self,
         step: &Step,
     ) -> impl Future<Output = Result<Option<Self::Output>, Self::Error>> + Send;
+
+    /// The digest of the content `step` reads from its non-parent inputs,
+    /// when its key should cover that content rather than those inputs'
+    /// keys (`COPY --from=<stage>`: exactly the files it copies), or from
+    /// the network (`ADD <url>` without `--checksum`); `None`
+    /// keeps the key computed from the graph. `inputs` as for
+    /// [`StepRunner::run`].
+    fn content_digest(
+        &self,
+        _step: &Step,
+        _inputs: &[Self::Output],
+    ) -> impl Future<Output = Result<Option<String>, Self::Error>> + Send {
+        async { Ok(None) }
+    }
 
     /// Run `step` on the results of its inputs (in [`BuildGraph::inputs`]
     /// order: parent first) and store the result under its key.
@@ -107,7 +131,7 @@ pub enum SolveError<E: std::error::Error + Send + Sync + 'static> {
 pub struct Solved<O> {
     /// Every vertex's result.
     pub outputs: HashMap<VertexId, O>,
-    /// Steps that ran.
+    /// Steps that ran (config-only steps never count).
     pub ran: usize,
     /// Steps found in the cache (or sharing a key with one that ran).
     pub cached: usize,
@@ -146,44 +170,119 @@ pub async fn solve<R: StepRunner>(
     let mut tasks: JoinSet<Done<R::Output, R::Error>> = JoinSet::new();
     let mut task_vertex: HashMap<tokio::task::Id, VertexId> = HashMap::new();
     let (mut ran, mut cached) = (0usize, 0usize);
+    // Vertices whose result came from the cache (for config-only steps,
+    // which are CACHED only when the step they follow was).
+    let mut hit: std::collections::HashSet<VertexId> = std::collections::HashSet::new();
+    // The keys steps ran (or were found) under: the computed key, unless
+    // an input's content or an input's own effective key changed it.
+    let mut effective: HashMap<VertexId, CacheKey> = HashMap::new();
+
+    // Content digests being computed (they count against `jobs`), and
+    // steps whose digest is known, waiting to be started.
+    let mut keying: JoinSet<Keyed<R::Error>> = JoinSet::new();
+    let mut keyed: std::collections::VecDeque<(VertexId, Instant, CacheKey)> =
+        std::collections::VecDeque::new();
 
     loop {
         // Start what can start.
-        while tasks.len() < jobs {
-            let Some(v) = ready.pop_front() else { break };
+        loop {
+            let (v, t, key) = if let Some(k) = keyed.pop_front() {
+                k
+            } else if tasks.len() + keying.len() < jobs {
+                let Some(v) = ready.pop_front() else { break };
+                let vert = &graph.graph[v];
+                let t = progress.started(v.index(), &vert.name, vert.span);
+                if needs_content(graph, v) {
+                    // Checksumming what a step reads from another stage can
+                    // take a while: do it beside the running steps.
+                    let inputs: Vec<R::Output> = graph
+                        .inputs(v)
+                        .iter()
+                        .filter_map(|(i, _)| outputs.get(i).cloned())
+                        .collect();
+                    let step = Step {
+                        id: v,
+                        vertex: vert.clone(),
+                        key: key_of[&v].key.clone(),
+                    };
+                    let runner = Arc::clone(&runner);
+                    keying.spawn(async move {
+                        let d = runner.content_digest(&step, &inputs).await;
+                        (v, t, d)
+                    });
+                    continue;
+                }
+                (v, t, key_for(graph, v, key_of[&v], &effective, None))
+            } else {
+                break;
+            };
             let vk = key_of[&v];
             let vert = &graph.graph[v];
-            let t = progress.started(v.index(), &vert.name, vert.span);
-            if let Some(out) = by_key.get(&vk.key) {
-                progress.cached(v.index());
-                progress.finished(v.index(), t);
-                cached += 1;
-                outputs.insert(v, out.clone());
-                release(graph, v, &mut pending_inputs, &mut ready);
-                continue;
-            }
-            if let Some(waiters) = in_flight.get_mut(&vk.key) {
-                waiters.push((v, t));
-                continue;
-            }
             let inputs: Vec<R::Output> = graph
                 .inputs(v)
                 .iter()
                 .filter_map(|(i, _)| outputs.get(i).cloned())
                 .collect();
+            effective.insert(v, key.clone());
+            if let Some(out) = by_key.get(&key) {
+                // A config-only step shares its parent's key and result: it
+                // is CACHED when its parent was, else just done.
+                let was_hit = match &vert.op {
+                    Op::Config(_) => {
+                        let parent_hit = graph
+                            .inputs(v)
+                            .first()
+                            .is_some_and(|(p, _)| hit.contains(p));
+                        // An edited (or new) config instruction after cached
+                        // steps is done, not cached, and says why.
+                        match history {
+                            Some(h) if parent_hit => {
+                                let causes = h.explain(&vk.inputs).map_err(SolveError::History)?;
+                                let same = causes == [MissCause::RecordMissing];
+                                if !same {
+                                    progress.miss(v.index(), causes);
+                                }
+                                same
+                            }
+                            _ => parent_hit,
+                        }
+                    }
+                    _ => true,
+                };
+                // (A config step that is not cached ran nothing: it is
+                // counted neither as run nor as cached.)
+                if was_hit {
+                    progress.cached(v.index());
+                    cached += 1;
+                    hit.insert(v);
+                }
+                progress.finished(v.index(), t);
+                outputs.insert(v, out.clone());
+                release(graph, v, &mut pending_inputs, &mut ready);
+                continue;
+            }
+            if let Some(waiters) = in_flight.get_mut(&key) {
+                waiters.push((v, t));
+                continue;
+            }
             let causes = if opts.no_cache {
                 vec![MissCause::NoCache]
             } else {
-                match history {
+                let causes = match history {
                     Some(h) => h.explain(&vk.inputs).map_err(SolveError::History)?,
                     None => vec![MissCause::FirstBuild],
+                };
+                if key == vk.key {
+                    causes
+                } else {
+                    stage_files_causes(graph, v, causes)
                 }
             };
-            in_flight.insert(vk.key.clone(), vec![(v, t)]);
+            in_flight.insert(key.clone(), vec![(v, t)]);
             let step = Step {
                 id: v,
                 vertex: vert.clone(),
-                key: vk.key.clone(),
+                key,
             };
             let runner = Arc::clone(&runner);
             let p = progress.clone();
@@ -203,13 +302,44 @@ pub async fn solve<R: StepRunner>(
             });
             task_vertex.insert(handle.id(), v);
         }
-        let Some(joined) = tasks.join_next().await else {
+        if tasks.is_empty() && keying.is_empty() {
             break;
+        }
+        let joined = tokio::select! {
+            Some(k) = keying.join_next(), if !keying.is_empty() => {
+                match k {
+                    Ok((v, t, Ok(d))) => {
+                        let key = key_for(graph, v, key_of[&v], &effective, d);
+                        keyed.push_back((v, t, key));
+                    }
+                    Ok((v, _, Err(e))) => {
+                        tasks.abort_all();
+                        keying.abort_all();
+                        let e = Arc::new(e);
+                        progress.failed(v.index(), &*e);
+                        return Err(SolveError::Step {
+                            name: graph.graph[v].name.clone(),
+                            id: v,
+                            source: e,
+                        });
+                    }
+                    Err(_) => {
+                        tasks.abort_all();
+                        keying.abort_all();
+                        return Err(SolveError::Aborted {
+                            name: "a content checksum".to_owned(),
+                        });
+                    }
+                }
+                continue;
+            }
+            Some(j) = tasks.join_next(), if !tasks.is_empty() => j,
         };
         let (key, result) = match joined {
             Ok(d) => d,
             Err(e) => {
                 tasks.abort_all();
+                keying.abort_all();
                 let name = task_vertex
                     .get(&e.id())
                     .map_or_else(String::new, |v| graph.graph[*v].name.clone());
@@ -225,6 +355,7 @@ pub async fn solve<R: StepRunner>(
                     } else {
                         progress.cached(v.index());
                         cached += 1;
+                        hit.insert(v);
                     }
                     progress.finished(v.index(), t);
                     outputs.insert(v, out.clone());
@@ -235,6 +366,7 @@ pub async fn solve<R: StepRunner>(
             Err(e) => {
                 // Stop everything else: dropping the tasks cancels them.
                 tasks.abort_all();
+                keying.abort_all();
                 let (v, _) = waiters
                     .first()
                     .copied()
@@ -253,6 +385,143 @@ pub async fn solve<R: StepRunner>(
         ran,
         cached,
     })
+}
+
+/// A content digest being computed: the step, when it started, the digest.
+type Keyed<E> = (VertexId, Instant, Result<Option<String>, E>);
+
+/// Whether `v`'s key covers content read outside the graph's keys (see
+/// [`StepRunner::content_digest`]): a `COPY --from=<stage>`, a `RUN` with
+/// bind mounts of paths in stages, an `ADD` of a URL without `--checksum`.
+/// Also with `--no-cache`: its results are recorded under the keys the
+/// next build looks up.
+fn needs_content(graph: &BuildGraph, v: VertexId) -> bool {
+    content_stages(graph, v).is_some()
+        || matches!(&graph.graph[v].op, Op::File(FileOp::Copy(c))
+            if c.checksum.is_none()
+                && c.sources.iter().any(|s| matches!(s, CopySource::Url { .. })))
+}
+
+/// The stages (their last vertices) whose files `v` is keyed by instead of
+/// their keys: the `--from` of a COPY, the stages of a RUN's bind mounts.
+/// A RUN that mounts a whole stage (no `source=`, or `/`) keeps the
+/// stages' keys: checksumming a whole filesystem (a toolchain image) on
+/// every change would cost more than it saves.
+fn content_stages(graph: &BuildGraph, v: VertexId) -> Option<Vec<VertexId>> {
+    let last = |from: &InputRef| match from {
+        InputRef::Stage { index } => graph.stage(*index).map(|s| s.last),
+        _ => None,
+    };
+    match &graph.graph[v].op {
+        Op::File(FileOp::Copy(c)) => last(&c.from).map(|l| vec![l]),
+        Op::Exec(r) => {
+            let mut out = Vec::new();
+            for m in &r.mounts {
+                if m.kind != kiln_parser::MountType::Bind {
+                    continue;
+                }
+                let Some(from @ InputRef::Stage { .. }) = &m.from else {
+                    continue;
+                };
+                if !is_sub_path(m.source.as_deref()) {
+                    return None;
+                }
+                out.push(last(from)?);
+            }
+            (!out.is_empty()).then_some(out)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a bind mount's `source=` names less than the whole filesystem.
+pub(crate) fn is_sub_path(source: Option<&str>) -> bool {
+    source.is_some_and(|s| !s.trim_matches('/').is_empty() && s.trim_matches('/') != ".")
+}
+
+/// The key `v` runs under: the key computed from the graph, recomputed
+/// with its inputs' effective keys when one differs, and with `content`
+/// (the runner's content digest): in place of the stages' keys for a step
+/// reading from stages, added for an `ADD` of URLs. A config-only step
+/// keeps its parent's (effective) key.
+fn key_for(
+    graph: &BuildGraph,
+    v: VertexId,
+    vk: &VertexKey,
+    effective: &HashMap<VertexId, CacheKey>,
+    content: Option<String>,
+) -> CacheKey {
+    // The inputs that are in the key, in the order of `vk.inputs.parents`.
+    let keyed: Vec<(VertexId, Edge)> = graph
+        .inputs(v)
+        .into_iter()
+        .filter(|(p, _)| !matches!(graph.graph[*p].op, Op::Source(SourceOp::Context)))
+        .collect();
+    let mut parents: Vec<CacheKey> = keyed
+        .iter()
+        .zip(&vk.inputs.parents)
+        .map(|((p, _), static_parent)| {
+            effective
+                .get(p)
+                .cloned()
+                .unwrap_or_else(|| static_parent.key.clone())
+        })
+        .collect();
+    if let Op::Config(_) = graph.graph[v].op {
+        return parents.first().cloned().unwrap_or_else(|| vk.key.clone());
+    }
+    let mut changed = parents
+        .iter()
+        .zip(&vk.inputs.parents)
+        .any(|(k, p)| *k != p.key);
+    let mut extra = None;
+    if let Some(d) = content {
+        if let Some(stages) = content_stages(graph, v) {
+            // Only those stages: an image input keeps its key (its
+            // digest), the parent and any other input too.
+            for ((p, edge), k) in keyed.iter().zip(parents.iter_mut()) {
+                if *edge == Edge::Source && stages.contains(p) {
+                    *k = CacheKey(format!("content:{d}"));
+                }
+            }
+        } else {
+            extra = Some(d);
+        }
+        changed = true;
+    }
+    match (changed, extra) {
+        (_, Some(d)) => {
+            let mut i = vk.inputs.clone();
+            i.files_digest = Some(format!(
+                "{}+urls:{d}",
+                i.files_digest.as_deref().unwrap_or("")
+            ));
+            key_with_parents(&i, &parents)
+        }
+        (true, None) => key_with_parents(&vk.inputs, &parents),
+        (false, None) => vk.key.clone(),
+    }
+}
+
+/// For a step keyed by the content it reads from stages: a changed stage
+/// is a change of those files (had they been the same, it would have hit).
+fn stage_files_causes(graph: &BuildGraph, v: VertexId, causes: Vec<MissCause>) -> Vec<MissCause> {
+    let Some(stages) = content_stages(graph, v) else {
+        return causes;
+    };
+    let stages: Vec<String> = stages
+        .into_iter()
+        .map(|p| graph.graph[p].name.clone())
+        .collect();
+    causes
+        .into_iter()
+        .map(|c| match c {
+            MissCause::ParentChanged { name } if stages.contains(&name) => {
+                MissCause::StageFilesChanged { name }
+            }
+            c => c,
+        })
+        .collect()
 }
 
 /// `v` is done: its consumers have one input less to wait for.

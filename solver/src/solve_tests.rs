@@ -22,6 +22,23 @@ struct Recorder {
     runs: Mutex<Vec<String>>,
     running: AtomicUsize,
     max_running: AtomicUsize,
+    /// What `content_digest` says for a `COPY --from=<stage>`.
+    content: Option<String>,
+    /// `content_digest` returns only once a step with this in its name ran.
+    digest_waits_for: Option<String>,
+    /// Set when `content_digest` began (steps named `WAITDIGEST` wait for it).
+    digest_started: std::sync::atomic::AtomicBool,
+}
+
+/// Poll `cond` every 10 ms for up to 10 s.
+async fn wait_until(cond: impl Fn() -> bool) -> bool {
+    for _ in 0..1000 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
 }
 
 impl StepRunner for Recorder {
@@ -37,12 +54,45 @@ impl StepRunner for Recorder {
         Ok(hit.then(|| step.key.0.clone()))
     }
 
+    async fn content_digest(
+        &self,
+        step: &Step,
+        _inputs: &[String],
+    ) -> Result<Option<String>, StepFailed> {
+        self.digest_started.store(true, Ordering::SeqCst);
+        if let Some(n) = &self.digest_waits_for {
+            let ran = wait_until(|| {
+                self.runs
+                    .lock()
+                    .map(|r| r.iter().any(|x| x.contains(n.as_str())))
+                    .unwrap_or(false)
+            })
+            .await;
+            if !ran {
+                return Err(StepFailed(format!("digest: `{n}` never ran")));
+            }
+        }
+        Ok(match &step.vertex.op {
+            Op::File(crate::graph::FileOp::Copy(c))
+                if matches!(c.from, crate::graph::InputRef::Stage { .. }) =>
+            {
+                self.content.clone()
+            }
+            _ => None,
+        })
+    }
+
     async fn run(
         &self,
         step: Step,
         inputs: Vec<String>,
         _progress: Progress,
     ) -> Result<String, StepFailed> {
+        if step.vertex.name.contains("WAITDIGEST")
+            && !wait_until(|| self.digest_started.load(Ordering::SeqCst)).await
+        {
+            return Err(StepFailed(step.vertex.name));
+        }
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         if let Ok(mut r) = self.runs.lock() {
@@ -282,4 +332,240 @@ async fn a_panicking_step_is_reported_by_name() {
         matches!(&e, SolveError::Aborted { name } if name.contains("RUN PANIC")),
         "{e:?}"
     );
+}
+
+/// The ids of the vertices that got a `VertexCached` event.
+fn cached_ids(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> HashSet<usize> {
+    let mut ids = HashSet::new();
+    while let Ok(e) = rx.try_recv() {
+        if let Event::VertexCached { id } = e {
+            ids.insert(id);
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn config_steps_are_cached_only_when_their_parent_was() {
+    let (g, keys) = setup("FROM busybox\nRUN make\nENV A=1\nLABEL x=y\nCMD [\"app\"]\n");
+    let config: Vec<usize> = g
+        .graph
+        .node_indices()
+        .filter(|v| matches!(g.graph[*v].op, Op::Config(_)))
+        .map(|v| v.index())
+        .collect();
+    assert_eq!(config.len(), 3);
+    let r = Arc::new(Recorder::default());
+    let (p, mut rx) = Progress::channel();
+    let first = solve(&g, &keys, Arc::clone(&r), p, None, &opts(2))
+        .await
+        .expect("first");
+    let ids = cached_ids(&mut rx);
+    for c in &config {
+        assert!(
+            !ids.contains(c),
+            "{} CACHED on a first build",
+            g.graph[VertexId::new(*c)].name
+        );
+    }
+    // The config steps are neither run nor cached.
+    assert_eq!(first.cached + first.ran + 3, g.graph.node_count());
+    let (p, mut rx) = Progress::channel();
+    let second = solve(&g, &keys, Arc::clone(&r), p, None, &opts(2))
+        .await
+        .expect("second");
+    assert_eq!(second.ran, 0);
+    let ids = cached_ids(&mut rx);
+    for c in &config {
+        assert!(
+            ids.contains(c),
+            "{} not CACHED on a rebuild",
+            g.graph[VertexId::new(*c)].name
+        );
+    }
+}
+
+#[tokio::test]
+async fn copy_from_a_stage_is_keyed_by_the_copied_content() {
+    let build = |version: &str| {
+        setup(&format!(
+            "FROM busybox AS a\nRUN gen {version}\nFROM busybox\nCOPY --from=a /out /out\nENV X=1\nRUN use\n"
+        ))
+    };
+    let r = Arc::new(Recorder {
+        content: Some("sha256:same-files".into()),
+        ..Recorder::default()
+    });
+    let (g, keys) = build("v1");
+    solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("first");
+    // The stage changes, the files it gives the copy do not: only the
+    // stage's RUN runs again.
+    let (g, keys) = build("v2");
+    let before = r.runs.lock().map(|r| r.len()).unwrap_or(0);
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("second");
+    let runs = r
+        .runs
+        .lock()
+        .map(|r| r[before..].to_vec())
+        .unwrap_or_default();
+    assert_eq!(out.ran, 1, "{runs:?}");
+    assert!(runs[0].contains("RUN gen v2"), "{runs:?}");
+    // Other content: the copy and what follows run.
+    let r2 = Arc::new(Recorder {
+        content: Some("sha256:other-files".into()),
+        store: Mutex::new(r.store.lock().map(|s| s.clone()).unwrap_or_default()),
+        ..Recorder::default()
+    });
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&r2),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("third");
+    let runs = r2.runs.lock().map(|r| r.clone()).unwrap_or_default();
+    // The copy and the RUN (the ENV between them is done, not cached).
+    assert_eq!(out.ran, 2, "{runs:?}");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().any(|n| n.contains("COPY --from=a")), "{runs:?}");
+    assert!(runs.iter().any(|n| n.contains("RUN use")), "{runs:?}");
+}
+
+#[tokio::test]
+async fn an_edited_config_step_after_hits_is_done_and_says_why() {
+    let store = tempfile::tempdir().expect("store");
+    let mut h = KeyHistory::open(store.path(), "scope").expect("history");
+    let r = Arc::new(Recorder::default());
+    let (g, keys) = setup("FROM busybox\nRUN make\nENV MODE=release\n");
+    solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        Some(&h),
+        &opts(2),
+    )
+    .await
+    .expect("first");
+    h.record(keys.iter().map(|k| &k.inputs)).expect("record");
+    let env_id = |g: &BuildGraph| {
+        g.graph
+            .node_indices()
+            .find(|v| matches!(g.graph[*v].op, Op::Config(_)))
+            .map(|v| v.index())
+            .expect("ENV vertex")
+    };
+    // Unchanged: CACHED.
+    let (p, mut rx) = Progress::channel();
+    solve(&g, &keys, Arc::clone(&r), p, Some(&h), &opts(2))
+        .await
+        .expect("second");
+    assert!(cached_ids(&mut rx).contains(&env_id(&g)));
+    // Edited: not CACHED, and the miss names the instruction.
+    let (g, keys) = setup("FROM busybox\nRUN make\nENV MODE=debug\n");
+    let (p, mut rx) = Progress::channel();
+    let out = solve(&g, &keys, Arc::clone(&r), p, Some(&h), &opts(2))
+        .await
+        .expect("third");
+    let id = env_id(&g);
+    let mut cached = false;
+    let mut causes = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            Event::VertexCached { id: i } if i == id => cached = true,
+            Event::VertexMiss { id: i, causes: c } if i == id => causes = c,
+            _ => {}
+        }
+    }
+    assert!(!cached);
+    assert!(
+        matches!(&causes[..], [MissCause::InstructionChanged { after, .. }] if after.contains("MODE=debug")),
+        "{causes:?}"
+    );
+    assert_eq!(out.ran, 0, "the ENV runs nothing");
+}
+
+#[tokio::test]
+async fn a_content_checksum_does_not_hold_up_other_steps() {
+    // The COPY's checksum only ends once `RUN late` ran, and `late` can
+    // only start after `WAITDIGEST` (which waits for the checksum to begin)
+    // is done: a scheduler that waited for the checksum would stall.
+    let (g, keys) = setup(
+        "FROM busybox AS a\nRUN a\nFROM busybox AS b\nRUN WAITDIGEST\nRUN late\nFROM busybox\nCOPY --from=a /x /x\nCOPY --from=b /y /y\n",
+    );
+    let r = Arc::new(Recorder {
+        content: Some("sha256:c".into()),
+        digest_waits_for: Some("RUN late".into()),
+        ..Recorder::default()
+    });
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&r),
+        Progress::discard(),
+        None,
+        &opts(4),
+    )
+    .await
+    .expect("solves without stalling");
+    assert_eq!(out.outputs.len(), g.graph.node_count());
+}
+
+#[test]
+fn only_the_stages_read_by_path_are_keyed_by_content() {
+    let (g, keys) = setup(
+        "FROM busybox AS a\nRUN a\nFROM busybox AS b\nRUN b\nFROM busybox\n\
+         RUN --mount=type=bind,from=a,source=/x,target=/x --mount=type=cache,from=b,target=/c use\n\
+         RUN --mount=type=bind,from=a,target=/whole whole\n",
+    );
+    let find = |needle: &str| {
+        g.graph
+            .node_indices()
+            .find(|v| g.graph[*v].name.contains(needle))
+            .expect("vertex")
+    };
+    let (use_v, whole_v) = (
+        find("RUN --mount=type=bind,from=a,source=/x"),
+        find("whole"),
+    );
+    assert!(needs_content(&g, use_v));
+    assert!(!needs_content(&g, whole_v), "a whole stage keeps its key");
+    let vk = keys.iter().find(|k| k.vertex == use_v).expect("key");
+    let none = HashMap::new();
+    let k1 = key_for(&g, use_v, vk, &none, Some("sha256:d".into()));
+    assert_eq!(k1, key_for(&g, use_v, vk, &none, Some("sha256:d".into())));
+    assert_ne!(k1, key_for(&g, use_v, vk, &none, Some("sha256:e".into())));
+    // Stage b (a cache mount's seed) still counts by its key.
+    let b_last = find("RUN b");
+    let other: HashMap<VertexId, CacheKey> = [(b_last, CacheKey("sha256:other".into()))]
+        .into_iter()
+        .collect();
+    assert_ne!(k1, key_for(&g, use_v, vk, &other, Some("sha256:d".into())));
+    // Stage a's key does not: its files do.
+    let a_last = find("RUN a");
+    let other: HashMap<VertexId, CacheKey> = [(a_last, CacheKey("sha256:other".into()))]
+        .into_iter()
+        .collect();
+    assert_eq!(k1, key_for(&g, use_v, vk, &other, Some("sha256:d".into())));
 }

@@ -28,7 +28,12 @@ pub(crate) enum Pull {
     /// Only the local store.
     Never,
     /// Pull when missing (not supported yet: same as never).
+    #[value(alias = "false")]
     Missing,
+    /// Always check the registry (docker's bare `--pull`; not supported
+    /// yet: the local store, with a warning).
+    #[value(alias = "true")]
+    Always,
 }
 
 /// `--network`.
@@ -60,8 +65,15 @@ pub(crate) struct BuildArgs {
     /// Run every step.
     #[arg(long)]
     no_cache: bool,
-    /// Where base images come from.
-    #[arg(long, value_enum, default_value = "missing")]
+    /// Where base images come from (`--pull` alone: always, as docker).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "missing",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "always"
+    )]
     pull: Pull,
     /// Progress output.
     #[arg(long, value_enum, default_value = "auto")]
@@ -75,7 +87,8 @@ pub(crate) struct BuildArgs {
     /// An image label `K=V` (repeatable).
     #[arg(long, value_name = "K=V")]
     label: Vec<String>,
-    /// Also write the result: `type=oci|docker,dest=FILE` or `type=local,dest=DIR`.
+    /// Also write the result: `type=oci|docker,dest=FILE`, `type=local,dest=DIR`
+    /// or just `DIR` (local).
     #[arg(short = 'o', long, value_name = "SPEC")]
     output: Vec<String>,
     /// Write the image id to this file.
@@ -90,7 +103,7 @@ pub(crate) struct BuildArgs {
     /// Print the build graph in DOT and exit.
     #[arg(long)]
     print_graph: bool,
-    /// The build context directory.
+    /// The build context directory, or `-` for a tar (or a Dockerfile) on stdin.
     context: PathBuf,
 }
 
@@ -110,7 +123,11 @@ pub(crate) struct GraphArgs {
     context: PathBuf,
 }
 
-fn build_options(args: &[String], target: Option<String>) -> BuildOptions {
+fn build_options(
+    args: &[String],
+    target: Option<String>,
+    network: Option<NetworkArg>,
+) -> BuildOptions {
     let mut build_args = BTreeMap::new();
     for a in args {
         match a.split_once('=') {
@@ -127,6 +144,11 @@ fn build_options(args: &[String], target: Option<String>) -> BuildOptions {
     BuildOptions {
         build_args,
         target,
+        network: network.map(|n| match n {
+            NetworkArg::None => kiln_parser::Network::None,
+            NetworkArg::Host => kiln_parser::Network::Host,
+            NetworkArg::Default => kiln_parser::Network::Default,
+        }),
         ..BuildOptions::default()
     }
 }
@@ -148,7 +170,7 @@ pub(crate) fn graph(args: &GraphArgs) -> anyhow::Result<ExitCode> {
     let (_, df) = read_dockerfile(args.file.as_deref(), &args.context)?;
     let g = plan(
         &df,
-        &build_options(&args.build_args, args.target.clone()),
+        &build_options(&args.build_args, args.target.clone(), None),
         &EmptyImages,
     )?;
     std::io::stdout().lock().write_all(g.to_dot().as_bytes())?;
@@ -193,23 +215,161 @@ fn source_date_epoch() -> anyhow::Result<Option<i64>> {
     }
 }
 
+/// Where the context and the Dockerfile are, when one of them came on
+/// stdin (`kiln build -`, `kiln build -f - DIR`): a scratch directory of
+/// the store that goes away with this value.
+struct Input {
+    context: PathBuf,
+    dockerfile: Option<PathBuf>,
+    /// The history scope for a context that has no stable path.
+    scope: Option<String>,
+    scratch: Option<tempfile::TempDir>,
+}
+
+impl Input {
+    /// The Dockerfile as messages name it: `-` for one read from stdin.
+    fn name_of(&self, path: &Path) -> String {
+        match &self.scratch {
+            Some(s) if path.starts_with(s.path().join("stdin")) => "-".to_owned(),
+            Some(s) => path
+                .strip_prefix(s.path().join("context"))
+                .map_or_else(|_| path.display().to_string(), |p| p.display().to_string()),
+            None => path.display().to_string(),
+        }
+    }
+
+    /// `e` with the scratch paths replaced by what the user gave.
+    fn rename(&self, e: anyhow::Error) -> anyhow::Error {
+        match &self.scratch {
+            Some(s) => {
+                let text = format!("{e:#}")
+                    .replace(&s.path().join("stdin").display().to_string(), "-")
+                    .replace(&format!("{}/", s.path().join("context").display()), "");
+                anyhow::anyhow!(text)
+            }
+            None => e,
+        }
+    }
+}
+
+/// The first bytes of a tar: `ustar` at offset 257 (POSIX and GNU).
+fn is_tar(head: &[u8]) -> bool {
+    head.get(257..262) == Some(b"ustar".as_slice())
+}
+
+/// Read stdin into `dir/stdin`; returns its path.
+fn save_stdin(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("stdin");
+    let mut f = fs_err::File::create(&path)?;
+    std::io::copy(&mut std::io::stdin().lock(), &mut f).context("reading stdin")?;
+    Ok(path)
+}
+
+fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<Input> {
+    let ctx_stdin = args.context.as_os_str() == "-";
+    let df_stdin = args.file.as_deref().is_some_and(|f| f.as_os_str() == "-");
+    if !ctx_stdin && !df_stdin {
+        return Ok(Input {
+            context: args.context.clone(),
+            dockerfile: args.file.clone(),
+            scope: None,
+            scratch: None,
+        });
+    }
+    if ctx_stdin && df_stdin {
+        bail!("the context and the Dockerfile cannot both come from stdin (`-f -` with `-`)");
+    }
+    let tmp = store.root().join("tmp");
+    fs_err::create_dir_all(&tmp)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("stdin-")
+        .tempdir_in(&tmp)
+        .with_context(|| format!("creating a scratch directory under `{}`", tmp.display()))?;
+    // Whose it is, so that a killed build's leftovers are swept.
+    fs_err::write(
+        scratch.path().join(kiln_solver::runner::OWNER_FILE),
+        std::process::id().to_string(),
+    )?;
+    let raw = save_stdin(scratch.path())?;
+    if df_stdin {
+        return Ok(Input {
+            context: args.context.clone(),
+            dockerfile: Some(raw),
+            scope: Some(format!("-|{}", args.context.display())),
+            scratch: Some(scratch),
+        });
+    }
+    let ctx = scratch.path().join("context");
+    fs_err::create_dir(&ctx)?;
+    let mut head = Vec::with_capacity(512);
+    {
+        use std::io::Read as _;
+        kiln_cache::decompress(fs_err::File::open(&raw)?)
+            .context("reading the context from stdin")?
+            .take(512)
+            .read_to_end(&mut head)
+            .context("reading the context from stdin")?;
+    }
+    let dockerfile = if is_tar(&head) {
+        let tar = kiln_cache::decompress(fs_err::File::open(&raw)?)
+            .context("reading the context tar from stdin")?;
+        kiln_cache::apply_layer(
+            tar,
+            &ctx,
+            &kiln_cache::ApplyOptions::default()
+                .with_whiteouts(kiln_cache::layer::WhiteoutMode::Remove),
+        )
+        .context("unpacking the context tar from stdin")?;
+        // `-f` names a file inside the tar.
+        args.file
+            .as_ref()
+            .map(|f| ctx.join(f.strip_prefix("/").unwrap_or(f)))
+    } else {
+        // A Dockerfile on stdin: the context is empty.
+        Some(raw)
+    };
+    Ok(Input {
+        context: ctx,
+        dockerfile,
+        scope: Some("stdin".to_owned()),
+        scratch: Some(scratch),
+    })
+}
+
 /// Runs `kiln build`.
 pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCode> {
-    let (df_path, df) = read_dockerfile(args.file.as_deref(), &args.context)?;
-    let opts = build_options(&args.build_args, args.target.clone());
     let store = Arc::new(global.store()?);
     // Scratch directories (and mounts) of builds that were killed.
     kiln_solver::runner::sweep_stale(&store);
-    let _ = args.pull; // registry pulls are a later issue; both modes use the store
+    let input = stdin_input(args, &store)?;
+    let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)
+        .map_err(|e| input.rename(e))?;
+    // How messages name the Dockerfile (`-` when it came on stdin).
+    let df_name = input.name_of(&df_path);
+    let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
+    // Registry pulls are a later issue: every mode uses the store.
+    if args.pull == Pull::Always {
+        eprintln!(
+            "warning: --pull: pulling from a registry is not supported yet; using the local store"
+        );
+    }
     let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
-        .with_context(|| format!("planning `{}`", df_path.display()))?;
+        .with_context(|| format!("planning `{df_name}`"))?;
+    if !graph.unused_build_args.is_empty() {
+        // As docker: a build arg no stage declares is probably a typo.
+        eprintln!(
+            "warning: one or more build-args [{}] were not consumed",
+            graph.unused_build_args.join(" ")
+        );
+    }
     if args.print_graph {
         std::io::stdout()
             .lock()
             .write_all(graph.to_dot().as_bytes())?;
         return Ok(ExitCode::SUCCESS);
     }
-    let context_dir = fs_err::canonicalize(&args.context)?;
+    let context_dir = fs_err::canonicalize(&input.context)
+        .with_context(|| format!("the build context `{}`", input.context.display()))?;
     let stat_cache = StatCache::open(store.root())?;
     let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
     let keys = compute_keys(&graph, Some(&mut ctx)).map_err(|e| {
@@ -219,22 +379,32 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
                 .graph
                 .node_weights()
                 .find(|v| &v.name == step)
-                .and_then(|v| v.span)
-                .map(|s| s.start.line),
+                .and_then(|v| v.span),
             _ => None,
         };
         let err = anyhow::Error::new(e);
         match line {
-            Some(l) => err.context(format!("{}: line {l}", df_path.display())),
+            Some(sp) => {
+                let l = sp.start.line;
+                let text = format!(
+                    "{:#}{}",
+                    err.context(format!("{df_name}: line {l}")),
+                    excerpt(&df_path, &df_name, l, sp.end.line)
+                );
+                anyhow::anyhow!(text)
+            }
             None => err,
         }
     })?;
     let ignore = kiln_parser::read_dockerignore(&context_dir, &df_path)?.map(|f| f.matcher);
-    let scope = format!(
-        "{}|{}",
-        fs_err::canonicalize(&df_path)?.display(),
-        context_dir.display()
-    );
+    let scope = match &input.scope {
+        Some(s) => s.clone(),
+        None => format!(
+            "{}|{}",
+            fs_err::canonicalize(&df_path)?.display(),
+            context_dir.display()
+        ),
+    };
     let mut history = KeyHistory::open(store.root(), &scope)?;
     let epoch = source_date_epoch()?;
     let graph = Arc::new(graph);
@@ -287,8 +457,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     };
     let solved = match result {
         Ok(s) => s,
-        Err(SolveError::Step { name, source, .. }) => {
-            bail!("{name} failed:\n{}", chain_text(&*source));
+        Err(SolveError::Step { name, source, id }) => {
+            let excerpt = graph.graph[id]
+                .span
+                .map(|sp| excerpt(&df_path, &df_name, sp.start.line, sp.end.line))
+                .unwrap_or_default();
+            bail!("{name} failed:\n{}{excerpt}", chain_text(&*source));
         }
         Err(e) => return Err(e.into()),
     };
@@ -330,6 +504,34 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// The Dockerfile lines `first..=last` (1-based) with two lines before,
+/// as docker shows a failed step:
+/// ```text
+///  Dockerfile:3
+///  --------------------
+///    2 |     RUN ok
+///    3 | >>> RUN make
+///  --------------------
+/// ```
+fn excerpt(path: &Path, name: &str, first: usize, last: usize) -> String {
+    let Ok(text) = fs_err::read_to_string(path) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    if first == 0 || first > lines.len() {
+        return String::new();
+    }
+    let last = last.clamp(first, lines.len()).min(first + 9);
+    let rule = " --------------------";
+    let mut out = format!("\n {name}:{first}\n{rule}\n");
+    for n in first.saturating_sub(2).max(1)..=last {
+        let mark = if n >= first { ">>> " } else { "    " };
+        out.push_str(&format!(" {n:>3} | {mark}{}\n", lines[n - 1]));
+    }
+    out.push_str(rule);
+    out
+}
+
 fn chain_text(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -345,7 +547,15 @@ fn write_output(
     image: &kiln_cache::Image,
     spec: &str,
 ) -> anyhow::Result<()> {
-    let kv = parse_kv_list(spec);
+    // docker's shorthand: `-o DIR` is `type=local,dest=DIR`.
+    let kv = if spec.contains('=') {
+        parse_kv_list(spec)
+    } else {
+        BTreeMap::from([
+            ("type".to_owned(), "local".to_owned()),
+            ("dest".to_owned(), spec.to_owned()),
+        ])
+    };
     let dest = kv
         .get("dest")
         .with_context(|| format!("`--output {spec}` has no `dest=`"))?;

@@ -13,6 +13,8 @@
 //! by [`MergedMount`] guards that unmount on drop, so a failure or a
 //! cancelled build leaves nothing mounted.
 
+mod content;
+mod hide;
 mod mount;
 mod run;
 
@@ -236,6 +238,16 @@ impl StoreRunner {
     pub fn with_sandbox(mut self, sandbox: kiln_executor::Sandbox) -> Self {
         self.sandbox = sandbox;
         self
+    }
+
+    /// A copy for a blocking task (shares the store and graph).
+    fn light(&self) -> StoreRunner {
+        StoreRunner {
+            store: Arc::clone(&self.store),
+            graph: Arc::clone(&self.graph),
+            opts: self.opts.clone(),
+            sandbox: self.sandbox.clone(),
+        }
     }
 
     /// The store.
@@ -509,6 +521,18 @@ impl StepRunner for StoreRunner {
         }))
     }
 
+    async fn content_digest(
+        &self,
+        step: &Step,
+        inputs: &[Chain],
+    ) -> Result<Option<String>, RunnerError> {
+        let this = self.light();
+        let (step, inputs) = (step.clone(), inputs.to_vec());
+        tokio::task::spawn_blocking(move || this.content_digest_sync(&step, &inputs))
+            .await
+            .unwrap_or(Ok(None))
+    }
+
     async fn run(
         &self,
         step: Step,
@@ -535,7 +559,7 @@ impl StepRunner for StoreRunner {
 }
 
 /// The file in a scratch directory that holds its owner's pid.
-const OWNER_FILE: &str = "owner.pid";
+pub const OWNER_FILE: &str = "owner.pid";
 
 /// Unmount and remove the scratch directories that builds which died
 /// without cleaning up (SIGKILL, power loss) left in the store's `tmp/`:

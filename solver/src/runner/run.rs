@@ -193,50 +193,25 @@ impl StoreRunner {
             match m.kind {
                 MountType::Cache => {
                     let id = m.id.clone().unwrap_or_else(|| m.target.clone());
-                    let hex = hex(&sha2::Sha256::digest(id.as_bytes()));
-                    let source = self.store.root().join("cache-mounts").join(hex);
-                    let scratch_err = |path: &std::path::Path| {
-                        let path = path.to_owned();
-                        move |e| RunnerError::Scratch { path, source: e }
+                    let base = self
+                        .store
+                        .root()
+                        .join("cache-mounts")
+                        .join(hex(&sha2::Sha256::digest(id.as_bytes())));
+                    let waiting = || {
+                        progress.send(crate::event::Event::Log {
+                            id: step.id.index(),
+                            stream: LogStream::Stderr,
+                            line: format!(
+                                "waiting for cache mount `{id}` (sharing=locked), in use by another step"
+                            ),
+                        });
                     };
-                    if !source.is_dir() {
-                        fs_err::create_dir_all(&source).map_err(scratch_err(&source))?;
-                        // uid=, gid=, mode= apply to a new cache directory.
-                        let uid = m.uid.as_deref().and_then(|u| u.parse::<u32>().ok());
-                        let gid = m.gid.as_deref().and_then(|g| g.parse::<u32>().ok());
-                        if uid.is_some() || gid.is_some() {
-                            std::os::unix::fs::chown(&source, uid, gid)
-                                .map_err(scratch_err(&source))?;
-                        }
-                        if let Some(mode) = m
-                            .mode
-                            .as_deref()
-                            .and_then(|x| u32::from_str_radix(x, 8).ok())
-                        {
-                            use std::os::unix::fs::PermissionsExt as _;
-                            fs_err::set_permissions(
-                                &source,
-                                std::fs::Permissions::from_mode(mode & 0o7777),
-                            )
-                            .map_err(scratch_err(&source))?;
-                        }
+                    let (source, lock) = cache_dir(&base, m, cancel, &waiting)?;
+                    if cancel.is_cancelled() {
+                        return Err(RunnerError::Cancelled { step: name });
                     }
-                    // sharing=locked (and private, approximated): one
-                    // writer at a time, across builds and processes.
-                    if matches!(
-                        m.sharing,
-                        Some(kiln_parser::Sharing::Locked | kiln_parser::Sharing::Private)
-                    ) {
-                        let lock_path = source.with_extension("lock");
-                        let lock = fs_err::OpenOptions::new()
-                            .create(true)
-                            .truncate(false)
-                            .write(true)
-                            .open(&lock_path)
-                            .map_err(scratch_err(&lock_path))?;
-                        lock.file().lock().map_err(scratch_err(&lock_path))?;
-                        cache_locks.push(lock);
-                    }
+                    cache_locks.extend(lock);
                     mounts.push(Mount {
                         target: m.target.clone(),
                         kind: MountKind::Cache { source },
@@ -324,7 +299,7 @@ impl StoreRunner {
                             p
                         }
                     };
-                    let source =
+                    let mut source =
                         crate::fileop::resolve_in_root(&root, &sub, true).map_err(|source| {
                             RunnerError::FileOp {
                                 line: format!("line {line}"),
@@ -332,13 +307,56 @@ impl StoreRunner {
                                 source,
                             }
                         })?;
+                    // `rw`: writes are allowed and thrown away. A stage's
+                    // merged view already writes to a scratch upper; the
+                    // context gets an overlay (a directory) or a copy (a
+                    // file) in the step's scratch directory. A context
+                    // directory is shown without its ignored entries.
+                    let writable = m.readonly == Some(false);
+                    let from_context = m.from.as_ref().is_none_or(|f| *f == InputRef::Context);
+                    let mut view: Option<Vec<PathBuf>> = None;
+                    if from_context && source.is_dir() {
+                        if let Some(ignore) = &self.opts.ignore {
+                            let rel = source
+                                .strip_prefix(&root)
+                                .map(|r| r.to_string_lossy().into_owned())
+                                .unwrap_or_default();
+                            let rel = if rel.is_empty() { ".".to_owned() } else { rel };
+                            let layer = dir.path().join(format!("bind-hide-{i}"));
+                            if super::hide::whiteout_layer(&source, &rel, ignore, &layer)? > 0 {
+                                view = Some(vec![source.clone(), layer]);
+                            }
+                        }
+                        if view.is_none() && writable {
+                            view = Some(vec![source.clone()]);
+                        }
+                    }
+                    if let Some(lowers) = view {
+                        let wdir = dir.path().join(format!("bind-rw-{i}"));
+                        let mm = MergedMount::mount(&lowers, &wdir).map_err(|source| {
+                            RunnerError::Mount {
+                                step: name.clone(),
+                                source,
+                            }
+                        })?;
+                        source = mm.path().to_owned();
+                        held.push(mm);
+                    } else if writable && from_context {
+                        let wdir = dir.path().join(format!("bind-rw-{i}"));
+                        source = {
+                            let scratch_err =
+                                |path: PathBuf| move |source| RunnerError::Scratch { path, source };
+                            fs_err::create_dir(&wdir).map_err(scratch_err(wdir.clone()))?;
+                            let copy = wdir.join("file");
+                            fs_err::copy(&source, &copy).map_err(scratch_err(copy.clone()))?;
+                            copy
+                        };
+                    }
                     mounts.push(Mount {
                         target: m.target.clone(),
-                        // A writable bind would write into the context or a
-                        // snapshot: always read-only.
                         kind: MountKind::Bind {
                             source,
-                            readonly: true,
+                            readonly: !writable,
                         },
                     });
                 }
@@ -474,6 +492,124 @@ impl StoreRunner {
         // executor removes those from the upper.
         let _ = PathBuf::new();
         self.commit(step, &parent, &upper)
+    }
+}
+
+/// The directory a cache mount uses, and the lock held while the RUN
+/// runs. `base` is the directory of the cache id; `uid=`, `gid=` and
+/// `mode=` apply when a directory is created. `sharing=`:
+/// * `shared` (the default): `base`, no lock;
+/// * `locked`: `base`, waiting for other users (builds too) to finish;
+/// * `private`: `base` if no one else uses it, else the first unused of
+///   `base-1`, `base-2`, ... (created when all are in use).
+fn cache_dir(
+    base: &std::path::Path,
+    m: &crate::graph::MountSpec,
+    cancel: &CancelHandle,
+    waiting: &dyn Fn(),
+) -> Result<(PathBuf, Option<fs_err::File>), RunnerError> {
+    use kiln_parser::Sharing;
+    let scratch_err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |e| RunnerError::Scratch { path, source: e }
+    };
+    let ensure = |dir: &std::path::Path| -> Result<(), RunnerError> {
+        let parent = dir.parent().unwrap_or(dir);
+        fs_err::create_dir_all(parent).map_err(scratch_err(parent))?;
+        // mkdir is atomic: whoever makes it sets owner and mode; the
+        // others use it as it is (never replaced under a running step).
+        match fs_err::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => {
+                return Err(RunnerError::Scratch {
+                    path: dir.to_owned(),
+                    source: e,
+                });
+            }
+        }
+        let uid = m.uid.as_deref().and_then(|u| u.parse::<u32>().ok());
+        let gid = m.gid.as_deref().and_then(|g| g.parse::<u32>().ok());
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::chown(dir, uid, gid).map_err(scratch_err(dir))?;
+        }
+        let mode = m
+            .mode
+            .as_deref()
+            .and_then(|x| u32::from_str_radix(x, 8).ok())
+            .unwrap_or(0o755);
+        use std::os::unix::fs::PermissionsExt as _;
+        fs_err::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(scratch_err(dir))
+    };
+    let open_lock = |dir: &std::path::Path| -> Result<fs_err::File, RunnerError> {
+        let lock_path = dir.with_extension("lock");
+        fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(scratch_err(&lock_path))
+    };
+    match m.sharing {
+        None | Some(Sharing::Shared) => {
+            ensure(base)?;
+            Ok((base.to_owned(), None))
+        }
+        Some(Sharing::Locked) => {
+            ensure(base)?;
+            let lock = open_lock(base)?;
+            // Poll, so that a cancelled build does not wait for the lock.
+            let mut said = false;
+            loop {
+                match lock.file().try_lock() {
+                    Ok(()) => break,
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        if cancel.is_cancelled() {
+                            return Ok((base.to_owned(), None));
+                        }
+                        if !said {
+                            waiting();
+                            said = true;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(RunnerError::Scratch {
+                            path: base.with_extension("lock"),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            Ok((base.to_owned(), Some(lock)))
+        }
+        Some(Sharing::Private) => {
+            let mut n = 0usize;
+            loop {
+                let dir = if n == 0 {
+                    base.to_owned()
+                } else {
+                    let mut s = base.as_os_str().to_owned();
+                    s.push(format!("-{n}"));
+                    PathBuf::from(s)
+                };
+                let lock = open_lock(&dir)?;
+                match lock.file().try_lock() {
+                    Ok(()) => {
+                        ensure(&dir)?;
+                        return Ok((dir, Some(lock)));
+                    }
+                    Err(std::fs::TryLockError::WouldBlock) => n += 1,
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        return Err(RunnerError::Scratch {
+                            path: dir.with_extension("lock"),
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,3 @@
+FROM busybox:local
+ONBUILD RUN echo triggered > /onbuild-ran
+CMD ["base-cmd"]

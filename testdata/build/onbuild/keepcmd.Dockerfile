@@ -1,0 +1,3 @@
+FROM onbase:1
+CMD ["own-cmd"]
+ENTRYPOINT ["/bin/echo"]
