@@ -144,13 +144,13 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         apply_ownership: op.apply_ownership,
     });
     let state = Arc::new(PoolState::default());
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(256);
-    let rx = Arc::new(Mutex::new(rx));
     std::thread::scope(|scope| {
+        let mut jobs = Vec::new();
         for _ in 0..copy_workers() {
-            let (rx, state, settings) =
-                (Arc::clone(&rx), Arc::clone(&state), Arc::clone(&settings));
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(256);
+            let (state, settings) = (Arc::clone(&state), Arc::clone(&settings));
             scope.spawn(move || worker(&rx, &state, &settings));
+            jobs.push(tx);
         }
         let mut c = Copier {
             dest_root,
@@ -164,7 +164,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             links: HashMap::new(),
             stamped: Vec::new(),
             report: Report::default(),
-            jobs: Some(tx),
+            jobs,
             state: Arc::clone(&state),
             settings: Arc::clone(&settings),
             deferred: Vec::new(),
@@ -180,7 +180,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             dest_is_dir,
         );
         // Stop the workers (also on error), then report the first failure.
-        c.jobs = None;
+        c.jobs.clear();
         let settled = c.settle();
         res.and(settled).map(|()| {
             c.report.bytes += state.bytes.load(Ordering::Relaxed);
@@ -317,8 +317,10 @@ struct Copier<'a> {
     /// set again at the end, since writing into them changed them.
     stamped: Vec<PathBuf>,
     report: Report,
-    /// Regular files go to the workers (`None`: copy them here).
-    jobs: Option<SyncSender<Job>>,
+    /// Regular files go to the workers (none: copy them here), all files
+    /// of one directory to the same one: creating entries in a directory
+    /// takes its lock, and two threads filling one directory mostly wait.
+    jobs: Vec<SyncSender<Job>>,
     state: Arc<PoolState>,
     settings: Arc<FileSettings>,
     /// Directories whose metadata is applied once every file in them is
@@ -392,13 +394,8 @@ fn copy_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>, state: &PoolState, settings: &FileSettings) {
-    loop {
-        let job = {
-            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            rx.recv()
-        };
-        let Ok(job) = job else { return };
+fn worker(rx: &Receiver<Job>, state: &PoolState, settings: &FileSettings) {
+    while let Ok(job) = rx.recv() {
         state.done(copy_regular(
             settings,
             &job.src,
@@ -711,7 +708,14 @@ impl Copier<'_> {
         if let Some(e) = self.state.take_error() {
             return Err(e);
         }
-        if let Some(tx) = &self.jobs {
+        if !self.jobs.is_empty() {
+            let slot = {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut h = std::hash::DefaultHasher::new();
+                job.target.parent().hash(&mut h);
+                usize::try_from(h.finish() % self.jobs.len() as u64).unwrap_or(0)
+            };
+            let tx = &self.jobs[slot];
             *self
                 .state
                 .pending
@@ -721,7 +725,7 @@ impl Copier<'_> {
                 Ok(()) => return Ok(()),
                 Err(std::sync::mpsc::SendError(job)) => {
                     self.state.done(Ok(0));
-                    self.jobs = None;
+                    self.jobs.clear();
                     return self.submit(job);
                 }
             }
