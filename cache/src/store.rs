@@ -45,7 +45,7 @@ use crate::layer;
 use crate::reference::Reference;
 
 /// The newest metadata schema this build knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Media type of an uncompressed OCI layer.
 pub const MEDIA_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -108,6 +108,8 @@ const MIGRATIONS: &[&str] = &[
         last_used INTEGER NOT NULL
     );
     ",
+    // version 2: containers, volumes, leases (see `crate::containers`)
+    crate::containers::MIGRATION_2,
 ];
 
 /// Where the store lives when `--root` and `KILN_ROOT` are not given:

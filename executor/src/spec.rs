@@ -48,6 +48,11 @@ pub struct SandboxSpec {
     /// from outside the namespace, which PID 1 cannot ignore).
     #[serde(default)]
     pub init: bool,
+    /// The payload's stdin is a terminal (`docker run -t`): after `setsid` it makes
+    /// fd 0 its controlling terminal. The caller passes the pty's slave side as
+    /// stdin/stdout/stderr with [`crate::Sandbox::spawn_with_io`].
+    #[serde(default)]
+    pub tty: bool,
 }
 
 impl SandboxSpec {
@@ -67,6 +72,7 @@ impl SandboxSpec {
             extra_hosts: Vec::new(),
             dns: Vec::new(),
             init: false,
+            tty: false,
         }
     }
 }
@@ -354,4 +360,16 @@ pub enum Stdio {
     Inherit,
     /// Discard.
     Null,
+}
+
+/// A process to start inside a running sandbox (`docker exec`): it joins the
+/// namespaces and cgroups of the sandbox's PID 1 `pid`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// The host pid of the sandbox's PID 1 (see [`crate::Running::wait_ready`]).
+    pub pid: u32,
+    /// What to run; `User::Spec` is resolved against the sandbox's `/etc/passwd`.
+    pub process: ProcessSpec,
+    /// fd 0 is a terminal to make the controlling one (`docker exec -t`).
+    pub tty: bool,
 }
