@@ -85,8 +85,11 @@ fn stdin_source() -> std::io::Result<OwnedFd> {
         // SAFETY: the caller passed this descriptor to us (not close-on-exec) for
         // exactly this purpose; nothing else in this process owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-            .map_err(std::io::Error::from)?;
+        nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(std::io::Error::from)?;
         return Ok(owned);
     }
     fs_err::File::open("/dev/null").map(|f| OwnedFd::from(f.into_file()))
@@ -409,7 +412,10 @@ fn run_exec(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
     let report = sock.as_fd();
     let spec: crate::spec::ExecSpec = read_spec(sock)?;
     if spec.process.args.is_empty() {
-        return Err(Fail::step("exec a process with an empty argv", libc::EINVAL));
+        return Err(Fail::step(
+            "exec a process with an empty argv",
+            libc::EINVAL,
+        ));
     }
     let sigfd = helper_signals()?;
     let pid = spec.pid;
@@ -448,8 +454,8 @@ fn run_exec(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
                         let read = |p: &str| fs_err::read_to_string(p).unwrap_or_default();
                         crate::user::resolve_user(text, &read("/etc/passwd"), &read("/etc/group"))
                             .map_err(|e| Fail {
-                                report: Report::UserFailed((&e).into()),
-                            })?
+                            report: Report::UserFailed((&e).into()),
+                        })?
                     }
                 };
                 let exec = ExecPlan::new(&spec.process, &user.home)?;
@@ -472,7 +478,12 @@ fn run_exec(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
         }
         ForkResult::Parent { child } => child,
     };
-    send(report, &Report::Started { pid: child.as_raw() });
+    send(
+        report,
+        &Report::Started {
+            pid: child.as_raw(),
+        },
+    );
     let DirectPipes {
         failed_r,
         failed_w,

@@ -31,8 +31,11 @@ pub fn openpty(size: Option<WinSize>) -> std::io::Result<Pty> {
     });
     let pair = nix::pty::openpty(ws.as_ref(), None).map_err(std::io::Error::from)?;
     for fd in [&pair.master, &pair.slave] {
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-            .map_err(std::io::Error::from)?;
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(std::io::Error::from)?;
     }
     Ok(Pty {
         master: pair.master,

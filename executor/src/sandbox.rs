@@ -133,12 +133,13 @@ impl Sandbox {
         // again once the helper has it.
         let inheritable = match &io.stdin {
             Some(fd) => {
-                let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD(10)).map_err(
-                    |e| Error::Pipe {
-                        what: "pass stdin through",
-                        source: e.into(),
-                    },
-                )?;
+                let raw =
+                    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD(10)).map_err(|e| {
+                        Error::Pipe {
+                            what: "pass stdin through",
+                            source: e.into(),
+                        }
+                    })?;
                 cmd.env(STDIN_FD_ENV, raw.to_string());
                 // SAFETY: F_DUPFD just returned this descriptor, owned by nobody else.
                 Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })

@@ -79,7 +79,12 @@ impl std::str::FromStr for RestartPolicy {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::invalid(format!("restart policy `{s}`"), "expected no, on-failure[:N], always or unless-stopped");
+        let bad = || {
+            Error::invalid(
+                format!("restart policy `{s}`"),
+                "expected no, on-failure[:N], always or unless-stopped",
+            )
+        };
         match s.split_once(':') {
             None if s == "no" => Ok(Self::No),
             None if s == "always" || s == "unless-stopped" => Ok(Self::Always),
@@ -184,9 +189,17 @@ pub struct ContainerConfig {
 /// Parses a docker memory size: `512`, `64k`, `64m`, `1g` (`b`, and a trailing
 /// `b` after the unit, as in `64mb`, are accepted).
 pub fn parse_memory(s: &str) -> Result<u64> {
-    let bad = || Error::invalid(format!("memory size `{s}`"), "expected a number with an optional unit b, k, m or g");
+    let bad = || {
+        Error::invalid(
+            format!("memory size `{s}`"),
+            "expected a number with an optional unit b, k, m or g",
+        )
+    };
     let lower = s.trim().to_ascii_lowercase();
-    let t = lower.strip_suffix('b').filter(|t| !t.is_empty()).unwrap_or(&lower);
+    let t = lower
+        .strip_suffix('b')
+        .filter(|t| !t.is_empty())
+        .unwrap_or(&lower);
     let (num, mult) = match t.chars().last() {
         Some('k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('m') => (&t[..t.len() - 1], 1 << 20),
@@ -331,7 +344,12 @@ fn parse_memory_any(s: &str) -> Result<u64> {
     };
     num.parse::<u64>()
         .map(|n| n.saturating_mul(mult))
-        .map_err(|_| Error::invalid(format!("tmpfs size `{s}`"), "expected a number with k, m or g"))
+        .map_err(|_| {
+            Error::invalid(
+                format!("tmpfs size `{s}`"),
+                "expected a number with k, m or g",
+            )
+        })
 }
 
 impl ContainerConfig {
@@ -500,6 +518,11 @@ mod tests {
         assert!(parse_volume_flag("data:rel").is_err());
         assert!(parse_volume_flag("data:/x:bogus").is_err());
         let t = parse_tmpfs("/run:size=1m").unwrap();
-        assert_eq!(t.source, MountSource::Tmpfs { size: Some(1 << 20) });
+        assert_eq!(
+            t.source,
+            MountSource::Tmpfs {
+                size: Some(1 << 20)
+            }
+        );
     }
 }

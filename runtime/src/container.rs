@@ -53,15 +53,38 @@ const ADJECTIVES: &[&str] = &[
     "merry", "nimble", "proud", "quiet", "rapid", "sharp", "tender", "vivid", "witty", "zealous",
 ];
 const NOUNS: &[&str] = &[
-    "archimedes", "babbage", "curie", "dijkstra", "euler", "fermat", "gauss", "hopper",
-    "hypatia", "kepler", "lovelace", "mirzakhani", "noether", "pascal", "ritchie", "shannon",
-    "thompson", "turing", "wozniak", "yonath",
+    "archimedes",
+    "babbage",
+    "curie",
+    "dijkstra",
+    "euler",
+    "fermat",
+    "gauss",
+    "hopper",
+    "hypatia",
+    "kepler",
+    "lovelace",
+    "mirzakhani",
+    "noether",
+    "pascal",
+    "ritchie",
+    "shannon",
+    "thompson",
+    "turing",
+    "wozniak",
+    "yonath",
 ];
 
 fn random_name(id: &str) -> String {
     let n = usize::from_str_radix(id.get(..8).unwrap_or("0"), 16).unwrap_or(0);
-    let a = ADJECTIVES.get(n % ADJECTIVES.len()).copied().unwrap_or("kiln");
-    let b = NOUNS.get(n / ADJECTIVES.len() % NOUNS.len()).copied().unwrap_or("box");
+    let a = ADJECTIVES
+        .get(n % ADJECTIVES.len())
+        .copied()
+        .unwrap_or("kiln");
+    let b = NOUNS
+        .get(n / ADJECTIVES.len() % NOUNS.len())
+        .copied()
+        .unwrap_or("box");
     format!("{a}_{b}_{}", id.get(..4).unwrap_or(id))
 }
 
@@ -222,12 +245,7 @@ fn create(store: &Store, opts: &RunOptions) -> Result<ContainerInfo> {
         .map(|n| n.trim_start_matches('/').to_owned())
         .unwrap_or_else(|| random_name(&id));
     let mut leases = vec![(LeaseKind::Image, image.id.to_string())];
-    leases.extend(
-        config
-            .layers
-            .iter()
-            .map(|l| (LeaseKind::Layer, l.clone())),
-    );
+    leases.extend(config.layers.iter().map(|l| (LeaseKind::Layer, l.clone())));
     for m in &config.mounts {
         if let MountSource::Volume { name, .. } = &m.source {
             leases.push((LeaseKind::Volume, name.clone()));
@@ -836,7 +854,10 @@ pub fn exec(store: &Store, name_or_id: &str, opts: &ExecOptions) -> Result<i32> 
         .workdir
         .clone()
         .unwrap_or_else(|| info.config.cwd.clone());
-    let user = opts.user.clone().unwrap_or_else(|| info.config.user.clone());
+    let user = opts
+        .user
+        .clone()
+        .unwrap_or_else(|| info.config.user.clone());
     process.user = if user.is_empty() {
         User::Resolved(ResolvedUser::root())
     } else {

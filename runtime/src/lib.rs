@@ -20,12 +20,11 @@ mod tty;
 pub mod volume;
 
 pub use config::{
-    ContainerConfig, MountConfig, MountSource, RestartPolicy, RunOptions, parse_cpus,
-    parse_memory,
+    ContainerConfig, MountConfig, MountSource, RestartPolicy, RunOptions, parse_cpus, parse_memory,
 };
 pub use container::{
-    ContainerInfo, ExecOptions, LogEntry, RunOutcome, container_dir, exec, inspect, kill, list, logs, remove,
-    run, start, stop,
+    ContainerInfo, ExecOptions, LogEntry, RunOutcome, container_dir, exec, inspect, kill, list,
+    logs, remove, run, start, stop,
 };
 pub use error::{Error, Result};
 pub use supervisor::{SUPERVISOR_ARG, supervisor_main_if_requested};

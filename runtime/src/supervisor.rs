@@ -114,7 +114,11 @@ impl LogFile {
     }
 
     /// Copies `from` line by line into the log as `stream` until EOF (or EIO).
-    fn copy(self, from: impl Read + Send + 'static, stream: &'static str) -> std::thread::JoinHandle<()> {
+    fn copy(
+        self,
+        from: impl Read + Send + 'static,
+        stream: &'static str,
+    ) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let mut reader = BufReader::new(from);
             let mut buf = Vec::new();
@@ -132,7 +136,10 @@ impl LogFile {
                 };
                 if let Ok(mut line) = serde_json::to_vec(&entry) {
                     line.push(b'\n');
-                    let mut f = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut f = self
+                        .0
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let _written = f.write_all(&line);
                 }
             }
@@ -155,8 +162,8 @@ fn run_once(d: &mut Detached<'_>, told: &mut bool) -> Result<i32> {
     // a shell waits instead of reading EOF (`kiln run -di busybox sh`).
     let mut _stdin_writer = None;
     if d.info.config.tty {
-        let pty = kiln_executor::openpty(None)
-            .map_err(|e| Error::io("opening a pty", "/dev/ptmx", e))?;
+        let pty =
+            kiln_executor::openpty(None).map_err(|e| Error::io("opening a pty", "/dev/ptmx", e))?;
         io.stdin = Some(dup(&pty.slave)?);
         io.stdout = Some(dup(&pty.slave)?);
         io.stderr = Some(pty.slave);

@@ -86,7 +86,11 @@ impl Proxy {
                 match from_pty.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if stdout.write_all(&buf[..n]).and_then(|()| stdout.flush()).is_err() {
+                        if stdout
+                            .write_all(&buf[..n])
+                            .and_then(|()| stdout.flush())
+                            .is_err()
+                        {
                             break;
                         }
                     }

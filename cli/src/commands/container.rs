@@ -38,7 +38,12 @@ pub(crate) struct LogsArgs {
 #[derive(Debug, Args)]
 pub(crate) struct StopArgs {
     /// Seconds to wait before SIGKILL (default: the container's stop timeout, 10).
-    #[arg(short, long = "time", visible_alias = "timeout", value_name = "SECONDS")]
+    #[arg(
+        short,
+        long = "time",
+        visible_alias = "timeout",
+        value_name = "SECONDS"
+    )]
     time: Option<u64>,
     /// The containers.
     #[arg(required = true)]
@@ -104,11 +109,15 @@ pub(crate) struct ExecArgs {
     /// The working directory.
     #[arg(short, long)]
     workdir: Option<String>,
-    /// The container.
-    container: String,
-    /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
+    /// The container, then the command and its arguments.
+    #[arg(
+        required = true,
+        num_args = 2..,
+        value_name = "CONTAINER COMMAND [ARG...]",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    container_and_command: Vec<String>,
 }
 
 fn store(global: &Global) -> Result<kiln_cache::Store, ExitCode> {
@@ -133,7 +142,11 @@ fn each(
             }
         }
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn status_text(info: &kiln_runtime::ContainerInfo, now: i64) -> String {
@@ -180,9 +193,17 @@ pub(crate) fn ps(a: &PsArgs, global: &Global) -> anyhow::Result<ExitCode> {
     }
     let now = now_nanos();
     let mut rows = vec![
-        ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
-            .map(str::to_owned)
-            .to_vec(),
+        [
+            "CONTAINER ID",
+            "IMAGE",
+            "COMMAND",
+            "CREATED",
+            "STATUS",
+            "PORTS",
+            "NAMES",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
     ];
     for c in &list {
         let mut cmd = c.config.args.join(" ");
@@ -234,7 +255,9 @@ pub(crate) fn stop(a: &StopArgs, global: &Global) -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(c) => return Ok(c),
     };
-    each(&a.containers, |n| kiln_runtime::stop(&store, n, a.time).map(|_| n.to_owned()))
+    each(&a.containers, |n| {
+        kiln_runtime::stop(&store, n, a.time).map(|_| n.to_owned())
+    })
 }
 
 pub(crate) fn kill(a: &KillArgs, global: &Global) -> anyhow::Result<ExitCode> {
@@ -252,7 +275,9 @@ pub(crate) fn start(a: &StartArgs, global: &Global) -> anyhow::Result<ExitCode> 
         Ok(s) => s,
         Err(c) => return Ok(c),
     };
-    each(&a.containers, |n| kiln_runtime::start(&store, n).map(|_| n.to_owned()))
+    each(&a.containers, |n| {
+        kiln_runtime::start(&store, n).map(|_| n.to_owned())
+    })
 }
 
 pub(crate) fn rm(a: &RmArgs, global: &Global) -> anyhow::Result<ExitCode> {
@@ -283,7 +308,11 @@ pub(crate) fn inspect(a: &InspectArgs, global: &Global) -> anyhow::Result<ExitCo
         }
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub(crate) fn exec(a: &ExecArgs, global: &Global) -> anyhow::Result<ExitCode> {
@@ -292,14 +321,19 @@ pub(crate) fn exec(a: &ExecArgs, global: &Global) -> anyhow::Result<ExitCode> {
         Err(c) => return Ok(c),
     };
     let opts = ExecOptions {
-        cmd: a.command.clone(),
+        cmd: a
+            .container_and_command
+            .get(1..)
+            .unwrap_or_default()
+            .to_vec(),
         env: a.env.clone(),
         user: a.user.clone(),
         workdir: a.workdir.clone(),
         interactive: a.interactive,
         tty: a.tty,
     };
-    match kiln_runtime::exec(&store, &a.container, &opts) {
+    let container = a.container_and_command.first().cloned().unwrap_or_default();
+    match kiln_runtime::exec(&store, &container, &opts) {
         Ok(c) => Ok(code(c)),
         Err(e) => Ok(fail(&e)),
     }

@@ -81,19 +81,31 @@ pub(crate) struct RunArgs {
     /// Restart policy: no, on-failure[:N], always.
     #[arg(long, default_value = "no")]
     restart: String,
-    /// The image.
-    image: String,
-    /// The command and its arguments (default: the image's).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
+    /// The image, then the command and its arguments (default: the image's).
+    /// Everything after the image belongs to the command, as in docker.
+    #[arg(
+        required = true,
+        value_name = "IMAGE [COMMAND [ARG...]]",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    image_and_command: Vec<String>,
 }
 
 fn options(a: &RunArgs) -> kiln_runtime::Result<RunOptions> {
-    let memory = a.memory.as_deref().map(kiln_runtime::parse_memory).transpose()?;
-    let millicpus = a.cpus.as_deref().map(kiln_runtime::parse_cpus).transpose()?;
+    let memory = a
+        .memory
+        .as_deref()
+        .map(kiln_runtime::parse_memory)
+        .transpose()?;
+    let millicpus = a
+        .cpus
+        .as_deref()
+        .map(kiln_runtime::parse_cpus)
+        .transpose()?;
     Ok(RunOptions {
-        image: a.image.clone(),
-        cmd: a.command.clone(),
+        image: a.image_and_command.first().cloned().unwrap_or_default(),
+        cmd: a.image_and_command.get(1..).unwrap_or_default().to_vec(),
         entrypoint: a.entrypoint.clone(),
         name: a.name.clone(),
         env: a.env.clone(),

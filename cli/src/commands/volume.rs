@@ -85,7 +85,10 @@ pub(crate) fn volume(command: VolumeCommand, global: &Global) -> anyhow::Result<
                 }
             } else {
                 let mut rows = vec![vec!["DRIVER".to_owned(), "VOLUME NAME".to_owned()]];
-                rows.extend(list.iter().map(|v| vec!["local".to_owned(), v.name.clone()]));
+                rows.extend(
+                    list.iter()
+                        .map(|v| vec!["local".to_owned(), v.name.clone()]),
+                );
                 print!("{}", table(&rows));
             }
         }
@@ -125,5 +128,9 @@ pub(crate) fn volume(command: VolumeCommand, global: &Global) -> anyhow::Result<
             println!("Total reclaimed volumes: {}", removed.len());
         }
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
