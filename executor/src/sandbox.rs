@@ -161,7 +161,7 @@ impl Sandbox {
         let len = u64::try_from(json.len()).unwrap_or(u64::MAX).to_le_bytes();
         let _written = (&ours)
             .write_all(&len)
-            .and_then(|()| (&ours).write_all(&json));
+            .and_then(|()| (&ours).write_all(json));
         let stdout = child
             .stdout
             .take()
