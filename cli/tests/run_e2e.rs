@@ -839,3 +839,34 @@ fn interactive_tty_through_a_pty() {
     let _drained = read_until(&mut master, "never", &mut seen);
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 }
+
+#[test]
+fn prune_and_rmi_keep_what_a_container_uses() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new();
+    env.ok(&["run", "--name", "user", "busybox:local", "sh", "-c", "echo first"]);
+    env.ok(&["rmi", "busybox:local"]);
+    env.ok(&["prune", "--all", "--force"]);
+    let snapshots = fs_err::read_dir(env.store().join("snapshots"))
+        .expect("snapshots")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .count();
+    assert_eq!(snapshots, 1, "the container's layer snapshot stays");
+    // The stopped container still starts.
+    env.ok(&["start", "user"]);
+    env.wait_exited("user");
+    assert_eq!(env.ok(&["logs", "user"]), "first\n");
+    assert_eq!(env.inspect("user")["State"]["ExitCode"], 0);
+    // Once it is gone, prune collects the layer.
+    env.ok(&["rm", "user"]);
+    env.ok(&["prune", "--all", "--force"]);
+    let snapshots = fs_err::read_dir(env.store().join("snapshots"))
+        .expect("snapshots")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .count();
+    assert_eq!(snapshots, 0);
+}
