@@ -846,7 +846,15 @@ fn prune_and_rmi_keep_what_a_container_uses() {
         return;
     }
     let env = Env::new();
-    env.ok(&["run", "--name", "user", "busybox:local", "sh", "-c", "echo first"]);
+    env.ok(&[
+        "run",
+        "--name",
+        "user",
+        "busybox:local",
+        "sh",
+        "-c",
+        "echo first",
+    ]);
     env.ok(&["rmi", "busybox:local"]);
     env.ok(&["prune", "--all", "--force"]);
     let snapshots = fs_err::read_dir(env.store().join("snapshots"))
