@@ -62,6 +62,31 @@ pub const EXEC_ARG: &str = "__kiln-nsexec";
 /// The environment variable naming the (inheritable) descriptor the helper puts on
 /// the payload's stdin; unset means `/dev/null`.
 pub(crate) const STDIN_FD_ENV: &str = "KILN_SANDBOX_STDIN_FD";
+/// The environment variable naming the (inheritable) read end of the gate pipe of
+/// a [`SandboxSpec::gated`] sandbox.
+pub(crate) const GATE_FD_ENV: &str = "KILN_SANDBOX_GATE_FD";
+
+/// The gate's read end in the helper (and, inherited, in init).
+static GATE: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// Takes the inheritable descriptor named by `var`, making it close-on-exec.
+fn inherited_fd(var: &str) -> Option<std::io::Result<OwnedFd>> {
+    let fd = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|fd| *fd > 2)?;
+    // SAFETY: the caller passed this descriptor to us (not close-on-exec) for
+    // exactly this purpose; nothing else in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Some(
+        nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map(|_| owned)
+        .map_err(std::io::Error::from),
+    )
+}
 /// Call this first thing in `main` of any binary used as the sandbox helper (the
 /// `kiln` binary, test binaries). When argv\[1\] is the helper marker, it runs the
 /// helper and exits; otherwise it returns at once.
@@ -77,20 +102,8 @@ pub fn helper_main_if_requested() {
 
 /// The descriptor to put on fd 0: the caller's inherited one, or `/dev/null`.
 fn stdin_source() -> std::io::Result<OwnedFd> {
-    if let Some(fd) = std::env::var(STDIN_FD_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .filter(|fd| *fd > 2)
-    {
-        // SAFETY: the caller passed this descriptor to us (not close-on-exec) for
-        // exactly this purpose; nothing else in this process owns it.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        nix::fcntl::fcntl(
-            &owned,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(std::io::Error::from)?;
-        return Ok(owned);
+    if let Some(fd) = inherited_fd(STDIN_FD_ENV) {
+        return fd;
     }
     fs_err::File::open("/dev/null").map(|f| OwnedFd::from(f.into_file()))
 }
@@ -120,6 +133,9 @@ fn helper_main(exec: bool) -> i32 {
             return 1;
         }
     };
+    if let Some(Ok(gate)) = inherited_fd(GATE_FD_ENV) {
+        let _set = GATE.set(gate);
+    }
     let result = if exec {
         run_exec(&sock, lifeline)
     } else {
@@ -853,6 +869,20 @@ fn init_main(
     let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir, &mut Vec::new())?;
     let exec = ExecPlan::new(&spec.process, &user.home)?;
     send(report, &Report::Ready);
+    if spec.gated {
+        // The caller finishes its part (a network, say) and writes one byte; EOF
+        // means it gave up or died.
+        let mut byte = [0u8; 1];
+        let go = GATE
+            .get()
+            .is_some_and(|g| matches!(nix::unistd::read(g, &mut byte), Ok(1)));
+        if !go {
+            return Err(Fail::step(
+                "wait for the caller's go-ahead (Running::release)",
+                libc::ECANCELED,
+            ));
+        }
+    }
     if let Some(alive) = alive {
         // No init: this process, PID 1 of the namespace, becomes the payload.
         return payload_main(

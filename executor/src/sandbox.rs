@@ -8,7 +8,7 @@ use std::process::{Child, Command};
 
 use crate::error::{Error, Result};
 use crate::fail::Report;
-use crate::helper::{EXEC_ARG, HELPER_ARG, STDIN_FD_ENV};
+use crate::helper::{EXEC_ARG, GATE_FD_ENV, HELPER_ARG, STDIN_FD_ENV};
 use crate::spec::{ExecSpec, RootfsSpec, SandboxSpec, Stdio};
 
 /// Descriptors for the payload's standard streams, overriding [`SandboxSpec::stdio`]
@@ -74,7 +74,7 @@ impl Sandbox {
             RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
             RootfsSpec::Dir(_) => None,
         };
-        self.start(HELPER_ARG, &json, spec.stdio, io, overlay)
+        self.start(HELPER_ARG, &json, spec.stdio, io, overlay, spec.gated)
     }
 
     /// Starts `spec.process` inside the running sandbox whose PID 1 is `spec.pid`
@@ -86,7 +86,7 @@ impl Sandbox {
             });
         }
         let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
-        self.start(EXEC_ARG, &json, Stdio::Inherit, io, None)
+        self.start(EXEC_ARG, &json, Stdio::Inherit, io, None, false)
     }
 
     fn start(
@@ -96,6 +96,7 @@ impl Sandbox {
         stdio: Stdio,
         io: Io,
         overlay: Option<(Vec<PathBuf>, PathBuf)>,
+        gated: bool,
     ) -> Result<Running> {
         // One socket carries the spec, the reports and the lifeline (see
         // `crate::helper`). Passing it as stdin (no `pre_exec` hook) lets std use
@@ -149,8 +150,27 @@ impl Sandbox {
                 None
             }
         };
+        let pipe_err = |e: nix::Error| Error::Pipe {
+            what: "create the gate",
+            source: e.into(),
+        };
+        let (gate_r, gate_w) = if gated {
+            // The read end inheritable (pipe without O_CLOEXEC), the write end ours.
+            let (r, w) = nix::unistd::pipe().map_err(pipe_err)?;
+            nix::fcntl::fcntl(
+                &w,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(pipe_err)?;
+            cmd.env(GATE_FD_ENV, std::os::fd::AsRawFd::as_raw_fd(&r).to_string());
+            (Some(r), Some(w))
+        } else {
+            cmd.env_remove(GATE_FD_ENV);
+            (None, None)
+        };
         let spawned = cmd.spawn();
         drop(inheritable);
+        drop(gate_r);
         drop(io.stdin);
         let mut child = spawned.map_err(|source| Error::SpawnHelper {
             helper: self.helper.clone(),
@@ -180,6 +200,7 @@ impl Sandbox {
             reader,
             reports: Vec::new(),
             exec: arg == EXEC_ARG,
+            gate: gate_w,
             stdout,
             stderr,
             status: None,
@@ -246,6 +267,8 @@ pub struct Running {
     reports: Vec<Report>,
     /// A [`Sandbox::exec`] (no `Ready` report comes).
     exec: bool,
+    /// The write end of a gated sandbox's gate (see [`SandboxSpec::gated`]).
+    gate: Option<OwnedFd>,
     stdout: Option<std::fs::File>,
     stderr: Option<std::fs::File>,
     status: Option<ExitStatus>,
@@ -319,6 +342,13 @@ impl Running {
                     });
                 }
             }
+        }
+    }
+
+    /// Lets the payload of a [`SandboxSpec::gated`] sandbox run (a no-op otherwise).
+    pub fn release(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            let _sent = nix::unistd::write(&gate, b"g");
         }
     }
 

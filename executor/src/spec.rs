@@ -53,6 +53,13 @@ pub struct SandboxSpec {
     /// stdin/stdout/stderr with [`crate::Sandbox::spawn_with_io`].
     #[serde(default)]
     pub tty: bool,
+    /// Hold the payload after the sandbox is set up until the caller calls
+    /// [`crate::Running::release`]: between [`crate::Running::wait_ready`] and the
+    /// release the caller can configure the sandbox's network namespace (the pid
+    /// returned) or its `/etc/hosts` (`/proc/<pid>/root/etc/hosts`) before the
+    /// payload runs. Dropping the `Running` unreleased cancels the start.
+    #[serde(default)]
+    pub gated: bool,
 }
 
 impl SandboxSpec {
@@ -73,6 +80,7 @@ impl SandboxSpec {
             dns: Vec::new(),
             init: false,
             tty: false,
+            gated: false,
         }
     }
 }

@@ -1535,3 +1535,49 @@ fn exec_joins_a_running_sandbox_and_stdin_is_passed_through() {
     assert_eq!(out.status, ExitStatus::Code(0));
     assert_eq!(text(&out.stdout), "got hello\n");
 }
+
+#[test]
+fn a_gated_sandbox_waits_for_release_and_unreleased_it_never_runs() {
+    if !can_run() {
+        return;
+    }
+    let _guard = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fx = Fixture::new();
+    let mut spec = fx.sh("gated", "grep peer /etc/hosts; touch /tmp/ran");
+    spec.gated = true;
+    let sandbox = Sandbox::new().with_helper(HELPER);
+    let mut running = sandbox.spawn(&spec).unwrap();
+    let pid = running.wait_ready().unwrap();
+    // Before the release the payload has not run: the caller can edit the
+    // sandbox (here its /etc/hosts) and its network namespace.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !fx.path("gated.upper/tmp/ran").exists(),
+        "ran before release"
+    );
+    let hosts = format!("/proc/{pid}/root/etc/hosts");
+    let mut text = fs_err::read_to_string(&hosts).unwrap();
+    text.push_str("10.0.0.9\tpeer\n");
+    fs_err::write(&hosts, text).unwrap();
+    running.release();
+    let out = running.wait_with_output().unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(text_of(&out.stdout), "10.0.0.9\tpeer\n");
+
+    // Dropped unreleased: the payload never runs.
+    let spec = {
+        let mut s = fx.sh("unreleased", "touch /tmp/ran");
+        s.gated = true;
+        s
+    };
+    let mut running = sandbox.spawn(&spec).unwrap();
+    running.wait_ready().unwrap();
+    drop(running);
+    assert!(!fx.path("unreleased.upper/tmp/ran").exists());
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

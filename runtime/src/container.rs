@@ -119,7 +119,8 @@ pub(crate) fn parse_signal(s: &str) -> Result<Signal> {
 }
 
 /// Checks the network mode: `none` and `host` are built in; a bridge network is
-/// the network module's (not in this build yet).
+/// the network module's (not in this build yet; see [`attach_network`]). The
+/// integration makes this accept `bridge` and existing network names.
 fn check_network(network: &str) -> Result<()> {
     match network {
         "none" | "host" => Ok(()),
@@ -348,6 +349,7 @@ fn sandbox_spec(store: &Store, info: &ContainerInfo) -> Result<SandboxSpec> {
     spec.limits = cfg.limits.clone();
     spec.readonly_rootfs = cfg.read_only;
     spec.tty = cfg.tty;
+    spec.gated = needs_gate(cfg);
     spec.mounts = cfg
         .mounts
         .iter()
@@ -436,7 +438,7 @@ fn run_attached(store: &Store, info: &mut ContainerInfo) -> Result<i32> {
         ),
         None => None,
     };
-    let finished = wait_running(store, &mut info.record, &mut running);
+    let finished = wait_running(store, info, &mut running);
     if let Some(p) = proxy {
         p.finish();
     }
@@ -445,24 +447,79 @@ fn run_attached(store: &Store, info: &mut ContainerInfo) -> Result<i32> {
 
 /// Waits for the payload to start (recording it running), then for its end
 /// (recording it exited). Returns the exit code.
-fn wait_running(store: &Store, rec: &mut ContainerRecord, running: &mut Running) -> Result<i32> {
-    match running.wait_ready() {
-        Ok(pid) => mark_running(store, rec, pid)?,
-        Err(e) => {
-            let e = Error::from(e);
-            mark_exited(store, rec, Err(&e))?;
-            return Err(e);
+fn wait_running(store: &Store, info: &mut ContainerInfo, running: &mut Running) -> Result<i32> {
+    start_payload(store, info, running)?;
+    finish_payload(store, info, running)
+}
+
+/// Waits until the sandbox is set up, joins the container's network while the
+/// payload is held (the sandbox is gated for a bridge network), lets the payload
+/// run and records the container running.
+pub(crate) fn start_payload(
+    store: &Store,
+    info: &mut ContainerInfo,
+    running: &mut Running,
+) -> Result<()> {
+    let started = running
+        .wait_ready()
+        .map_err(Error::from)
+        .and_then(|pid| attach_network(store, info, pid).map(|()| pid));
+    match started {
+        Ok(pid) => {
+            running.release();
+            mark_running(store, &mut info.record, pid)
         }
-    }
-    match running.wait() {
-        Ok(status) => mark_exited(store, rec, Ok(status)),
         Err(e) => {
-            let e = Error::from(e);
-            mark_exited(store, rec, Err(&e))?;
+            // Unreleased, the payload never runs: end the sandbox.
+            running.kill();
+            let _ended = running.wait();
+            detach_network(store, info);
+            mark_exited(store, &mut info.record, Err(&e))?;
             Err(e)
         }
     }
 }
+
+/// Waits for the payload's end, leaves the network, records the exit.
+pub(crate) fn finish_payload(
+    store: &Store,
+    info: &mut ContainerInfo,
+    running: &mut Running,
+) -> Result<i32> {
+    let status = running.wait();
+    detach_network(store, info);
+    match status {
+        Ok(status) => mark_exited(store, &mut info.record, Ok(status)),
+        Err(e) => {
+            let e = Error::from(e);
+            mark_exited(store, &mut info.record, Err(&e))?;
+            Err(e)
+        }
+    }
+}
+
+/// Whether the container's sandbox must hold its payload for [`attach_network`].
+fn needs_gate(cfg: &ContainerConfig) -> bool {
+    !matches!(cfg.network.as_str(), "none" | "host")
+}
+
+/// INTEGRATION POINT (networks): the one place a container joins a bridge network.
+/// Called with the host pid of the container's PID 1 after its namespaces and rootfs
+/// are complete and before its payload runs (the sandbox is gated). With
+/// `kiln_runtime::network` this becomes:
+/// `let a = network::attach(store.root(), net, &id, &name, &aliases, pid, &publish)?;`
+/// then copy `a.hosts_file` (and `a.resolv_conf`) over
+/// `/proc/<pid>/root/etc/hosts` (`.../etc/resolv.conf`), writing in place.
+fn attach_network(_store: &Store, info: &ContainerInfo, _pid: u32) -> Result<()> {
+    match info.config.network.as_str() {
+        "none" | "host" => Ok(()),
+        other => check_network(other),
+    }
+}
+
+/// INTEGRATION POINT (networks): `network::detach(store.root(), net, &id)` for a
+/// bridge network, best effort, after the payload's end.
+fn detach_network(_store: &Store, _info: &ContainerInfo) {}
 
 /// The payload's streams for a foreground run: a pty with `-t` (returning its
 /// master side), kiln's stdin with `-i`, else kiln's stdout/stderr.

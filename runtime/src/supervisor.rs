@@ -16,7 +16,7 @@ use std::time::Duration;
 use kiln_cache::{Store, format_rfc3339};
 use kiln_executor::{Io, Sandbox, Stdio};
 
-use crate::container::{Detached, LogEntry, mark_exited, mark_running};
+use crate::container::{Detached, LogEntry, finish_payload, mark_exited, start_payload};
 use crate::error::{Error, Result};
 
 /// argv\[1\] that turns the kiln binary into a container supervisor.
@@ -201,24 +201,12 @@ fn run_once(d: &mut Detached<'_>, told: &mut bool) -> Result<i32> {
             let _copied = c.join();
         }
     };
-    match running.wait_ready() {
-        Ok(pid) => mark_running(d.store, &mut d.info.record, pid)?,
-        Err(e) => {
-            let e = Error::from(e);
-            finish(copiers);
-            mark_exited(d.store, &mut d.info.record, Err(&e))?;
-            return Err(e);
-        }
+    if let Err(e) = start_payload(d.store, &mut d.info, &mut running) {
+        finish(copiers);
+        return Err(e);
     }
     tell_parent(told, "ok");
-    let status = running.wait();
+    let code = finish_payload(d.store, &mut d.info, &mut running);
     finish(copiers);
-    match status {
-        Ok(s) => mark_exited(d.store, &mut d.info.record, Ok(s)),
-        Err(e) => {
-            let e = Error::from(e);
-            mark_exited(d.store, &mut d.info.record, Err(&e))?;
-            Err(e)
-        }
-    }
+    code
 }
