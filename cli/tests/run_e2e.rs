@@ -135,6 +135,11 @@ impl Env {
         for cg in cgroups {
             assert!(!cg.exists(), "cgroup left: {}", cg.display());
         }
+        // A `--rm` container's writable layer lives on tmpfs.
+        for id in ids {
+            let scratch = Path::new("/dev/shm").join(format!("kiln-ctr-{id}"));
+            assert!(!scratch.exists(), "left: {}", scratch.display());
+        }
         // No process (supervisor, helper, payload) mentions the containers.
         for entry in fs_err::read_dir("/proc")
             .expect("/proc")

@@ -184,6 +184,19 @@ pub struct ContainerConfig {
     pub interactive: bool,
     /// `--rm`.
     pub auto_remove: bool,
+    /// Where `upper/` and `work/` live when not in the container's directory: a
+    /// `--rm` container's writable layer is on tmpfs (see `container::create`).
+    #[serde(default)]
+    pub scratch: Option<PathBuf>,
+}
+
+impl ContainerConfig {
+    /// The directory holding `upper/` and `work/`.
+    pub fn layer_dir(&self, container_dir: &std::path::Path) -> PathBuf {
+        self.scratch
+            .clone()
+            .unwrap_or_else(|| container_dir.to_path_buf())
+    }
 }
 
 /// Parses a docker memory size: `512`, `64k`, `64m`, `1g` (`b`, and a trailing
@@ -471,6 +484,7 @@ impl ContainerConfig {
             tty: opts.tty,
             interactive: opts.interactive,
             auto_remove: opts.auto_remove,
+            scratch: None,
         })
     }
 }

@@ -34,6 +34,14 @@ pub(crate) fn stop_marker(store: &Store, id: &str) -> PathBuf {
     container_dir(store, id).join("stopped-by-user")
 }
 
+fn write_stop_marker(store: &Store, id: &str) -> Result<()> {
+    let marker = stop_marker(store, id);
+    if let Some(dir) = marker.parent() {
+        fs_err::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+    }
+    fs_err::write(&marker, "").map_err(|e| Error::io("writing", &marker, e))
+}
+
 pub(crate) fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -232,6 +240,13 @@ fn create(store: &Store, opts: &RunOptions) -> Result<ContainerInfo> {
     }
     let id = new_id()?;
     let mut config = ContainerConfig::new(&image, lowers, opts, &id)?;
+    if opts.auto_remove {
+        // A `--rm` container's writable layer is thrown away: keep it on tmpfs
+        // (/dev/shm), as the sandbox keeps its own state. On a busy disk every
+        // mkdir/rmdir of upper/work and of the mount-point stubs waits for the
+        // journal (3-4 ms each), several times the whole start-up otherwise.
+        config.scratch = Some(kiln_executor::state_root().join(format!("kiln-ctr-{id}")));
+    }
     for m in &mut config.mounts {
         if let MountSource::Volume { name, anonymous } = &mut m.source
             && *anonymous
@@ -271,7 +286,7 @@ fn create(store: &Store, opts: &RunOptions) -> Result<ContainerInfo> {
         started: None,
         finished: None,
     };
-    let dir = container_dir(store, &id);
+    let dir = config.layer_dir(&container_dir(store, &id));
     for sub in ["upper", "work"] {
         let p = dir.join(sub);
         fs_err::create_dir_all(&p).map_err(|e| Error::io("creating", &p, e))?;
@@ -313,7 +328,7 @@ fn create(store: &Store, opts: &RunOptions) -> Result<ContainerInfo> {
 /// The sandbox spec for one start of the container.
 fn sandbox_spec(store: &Store, info: &ContainerInfo) -> Result<SandboxSpec> {
     let cfg = &info.config;
-    let dir = container_dir(store, &info.record.id);
+    let dir = cfg.layer_dir(&container_dir(store, &info.record.id));
     let work = dir.join("work");
     // A restarted container reuses its upper: overlayfs refuses a volatile upper
     // that was used before until this marker is gone (see SandboxSpec::volatile_upper).
@@ -630,8 +645,7 @@ pub fn stop(store: &Store, name_or_id: &str, timeout: Option<u64>) -> Result<Str
     if !info.running() {
         return Ok(info.record.name);
     }
-    let marker = stop_marker(store, &info.record.id);
-    fs_err::write(&marker, "").map_err(|e| Error::io("writing", &marker, e))?;
+    write_stop_marker(store, &info.record.id)?;
     let signal = parse_signal(&info.config.stop_signal)?;
     signal_container(&info, signal)?;
     let timeout = timeout.unwrap_or(info.config.stop_timeout);
@@ -653,11 +667,16 @@ pub fn kill(store: &Store, name_or_id: &str, signal: Option<&str>) -> Result<Str
 /// Deletes the container's directory, record and leases (and, with `volumes`,
 /// its anonymous volumes).
 fn remove_files(store: &Store, info: &ContainerInfo, volumes: bool) -> Result<()> {
-    let dir = container_dir(store, &info.record.id);
-    match fs_err::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("removing container directory", dir, e)),
+    let dirs = [
+        Some(container_dir(store, &info.record.id)),
+        info.config.scratch.clone(),
+    ];
+    for dir in dirs.into_iter().flatten() {
+        match fs_err::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("removing container directory", dir, e)),
+        }
     }
     store.remove_container(&info.record.id)?;
     if volumes {
@@ -690,8 +709,7 @@ pub fn remove(store: &Store, name_or_id: &str, force: bool, volumes: bool) -> Re
                 name: info.record.name,
             });
         }
-        let marker = stop_marker(store, &info.record.id);
-        let _written = fs_err::write(&marker, "");
+        let _written = write_stop_marker(store, &info.record.id);
         signal_container(&info, Signal::SIGKILL)?;
         wait_exit(store, &info.record.id, Duration::from_secs(30))?;
     }
@@ -746,7 +764,7 @@ pub fn inspect(store: &Store, name_or_id: &str) -> Result<serde_json::Value> {
             })
         })
         .collect();
-    let dir = container_dir(store, &r.id);
+    let dir = c.layer_dir(&container_dir(store, &r.id));
     Ok(serde_json::json!([{
         "Id": r.id,
         "Created": time(Some(r.created)),

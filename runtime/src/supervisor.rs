@@ -105,6 +105,9 @@ struct LogFile(Arc<Mutex<fs_err::File>>);
 
 impl LogFile {
     fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs_err::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        }
         let f = fs_err::OpenOptions::new()
             .create(true)
             .append(true)
