@@ -994,3 +994,25 @@ impl Detached<'_> {
         remove_files(self.store, &self.info, true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_short_name_or_number_and_names_are_checked() {
+        assert_eq!(parse_signal("SIGTERM").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("usr1").unwrap(), Signal::SIGUSR1);
+        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert!(parse_signal("SIGNOPE").is_err());
+        assert!(parse_signal("999").is_err());
+        assert!(validate_container_name("web-1.a_b").is_ok());
+        assert!(validate_container_name("/web").is_ok());
+        assert!(validate_container_name("-web").is_err());
+        assert!(validate_container_name("a b").is_err());
+        let id = "0123456789abcdef".repeat(4);
+        assert!(random_name(&id).ends_with("_0123"));
+        assert!(check_network("none").is_ok() && check_network("host").is_ok());
+        assert!(check_network("bridge").is_err());
+    }
+}
