@@ -262,7 +262,15 @@ fn image_config_and_flags_apply_as_in_docker() {
         .expect("kiln");
     assert_eq!(text(&out.stdout), "yes through\n", "{}", text(&out.stderr));
     // StopSignal and Cmd show in inspect.
-    env.ok(&["run", "--name", "kept", "app"]);
+    // An attached run prints the output and, kept, logs it too.
+    assert_eq!(
+        env.ok(&["run", "--name", "kept", "app"]),
+        "hello image /work 65534 default-cmd\n"
+    );
+    assert_eq!(
+        env.ok(&["logs", "kept"]),
+        "hello image /work 65534 default-cmd\n"
+    );
     let v = env.inspect("kept");
     assert_eq!(v["Config"]["StopSignal"], "SIGUSR1");
     assert_eq!(v["Config"]["Cmd"], serde_json::json!(["default-cmd"]));
@@ -871,7 +879,11 @@ fn prune_and_rmi_keep_what_a_container_uses() {
     // The stopped container still starts.
     env.ok(&["start", "user"]);
     env.wait_exited("user");
-    assert_eq!(env.ok(&["logs", "user"]), "first\n");
+    assert_eq!(
+        env.ok(&["logs", "user"]),
+        "first\nfirst\n",
+        "both runs logged"
+    );
     assert_eq!(env.inspect("user")["State"]["ExitCode"], 0);
     // Once it is gone, prune collects the layer.
     env.ok(&["rm", "user"]);

@@ -435,7 +435,11 @@ fn run_foreground(store: &Store, mut info: ContainerInfo) -> Result<i32> {
 
 fn run_attached(store: &Store, info: &mut ContainerInfo) -> Result<i32> {
     let mut spec = sandbox_spec(store, info)?;
-    spec.stdio = Stdio::Inherit;
+    // Output goes straight to kiln's stdout/stderr, and, for a container that is
+    // kept, to its log as well (as docker's attached run); a `--rm` container's
+    // log would go with it, so it is not written.
+    let logged = !info.config.auto_remove && !info.config.tty;
+    spec.stdio = if logged { Stdio::Piped } else { Stdio::Inherit };
     let (io, master) = stdio_for(&info.config)?;
     let started = Sandbox::new().spawn_with_io(&spec, io);
     let mut running = match started {
@@ -453,7 +457,23 @@ fn run_attached(store: &Store, info: &mut ContainerInfo) -> Result<i32> {
         ),
         None => None,
     };
+    let mut copiers = Vec::new();
+    if logged {
+        let log = crate::supervisor::LogFile::open(&log_path(store, &info.record.id))?;
+        if let Some(out) = running.take_stdout() {
+            copiers.push(
+                log.clone()
+                    .tee(out, "stdout", Some(Box::new(std::io::stdout()))),
+            );
+        }
+        if let Some(err) = running.take_stderr() {
+            copiers.push(log.tee(err, "stderr", Some(Box::new(std::io::stderr()))));
+        }
+    }
     let finished = wait_running(store, info, &mut running);
+    for c in copiers {
+        let _copied = c.join();
+    }
     if let Some(p) = proxy {
         p.finish();
     }

@@ -7,7 +7,7 @@
 //! (`ok`, or `error CODE MESSAGE`) whether the payload started, then lets go of it.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -101,10 +101,10 @@ fn supervise(root: &Path, id: &str) -> i32 {
 
 /// Appends docker json-file lines; shared by the stdout and stderr copiers.
 #[derive(Clone)]
-struct LogFile(Arc<Mutex<fs_err::File>>);
+pub(crate) struct LogFile(Arc<Mutex<fs_err::File>>);
 
 impl LogFile {
-    fn open(path: &Path) -> Result<Self> {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent() {
             fs_err::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
         }
@@ -122,29 +122,56 @@ impl LogFile {
         from: impl Read + Send + 'static,
         stream: &'static str,
     ) -> std::thread::JoinHandle<()> {
+        self.tee(from, stream, None)
+    }
+
+    fn append(&self, stream: &str, text: &[u8]) {
+        let secs = crate::container::now_nanos().div_euclid(1_000_000_000);
+        let entry = LogEntry {
+            log: String::from_utf8_lossy(text).into_owned(),
+            stream: stream.to_owned(),
+            time: format_rfc3339(secs),
+        };
+        if let Ok(mut line) = serde_json::to_vec(&entry) {
+            line.push(b'\n');
+            let mut f = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _written = f.write_all(&line);
+        }
+    }
+
+    /// Copies `from` into the log as `stream` (whole lines; the rest at EOF), and,
+    /// with `echo`, each chunk at once to `echo` too (an attached `kiln run`).
+    pub(crate) fn tee(
+        self,
+        mut from: impl Read + Send + 'static,
+        stream: &'static str,
+        mut echo: Option<Box<dyn Write + Send>>,
+    ) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
-            let mut reader = BufReader::new(from);
-            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            let mut pending: Vec<u8> = Vec::new();
             loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
+                let n = match from.read(&mut chunk) {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let secs = crate::container::now_nanos().div_euclid(1_000_000_000);
-                let entry = LogEntry {
-                    log: String::from_utf8_lossy(&buf).into_owned(),
-                    stream: stream.to_owned(),
-                    time: format_rfc3339(secs),
+                    Ok(n) => n,
                 };
-                if let Ok(mut line) = serde_json::to_vec(&entry) {
-                    line.push(b'\n');
-                    let mut f = self
-                        .0
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let _written = f.write_all(&line);
+                let data = chunk.get(..n).unwrap_or_default();
+                if let Some(out) = echo.as_mut()
+                    && out.write_all(data).and_then(|()| out.flush()).is_err()
+                {
+                    echo = None;
                 }
+                pending.extend_from_slice(data);
+                while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=pos).collect();
+                    self.append(stream, &line);
+                }
+            }
+            if !pending.is_empty() {
+                self.append(stream, &pending);
             }
         })
     }
