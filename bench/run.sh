@@ -18,4 +18,6 @@ export KILN_ROOT=$work/store
 prefix=""
 [ "${RT:-0}" = 1 ] && prefix="chrt -f 10 "
 echo "== s6: kiln run --rm --network none busybox:local true"
-hyperfine -N -w 20 -r "${RUNS:-200}" "${prefix}$kiln run --rm --network none busybox:local true"
+hyperfine -N -w 20 -r "${RUNS:-200}" --export-json "$work/s6.json" \
+  "${prefix}$kiln run --rm --network none busybox:local true"
+python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['results'][0]; print('median %.1f ms (target <= 15 ms)' % (r['median']*1000))" "$work/s6.json"
