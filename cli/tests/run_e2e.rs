@@ -277,6 +277,9 @@ fn image_config_and_flags_apply_as_in_docker() {
     assert_eq!(v["State"]["Status"], "exited");
     assert_eq!(v["State"]["ExitCode"], 0);
     env.ok(&["rm", "kept"]);
+    // As docker, inspect falls back to images.
+    let img: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "app"])).expect("json");
+    assert_eq!(img[0]["RepoTags"], serde_json::json!(["app:latest"]));
 }
 
 #[test]

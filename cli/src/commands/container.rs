@@ -86,7 +86,7 @@ pub(crate) struct RmArgs {
 /// `kiln inspect`.
 #[derive(Debug, Args)]
 pub(crate) struct InspectArgs {
-    /// The containers.
+    /// Containers (or, as docker, images: a name that is no container).
     #[arg(required = true)]
     containers: Vec<String>,
 }
@@ -301,6 +301,11 @@ pub(crate) fn inspect(a: &InspectArgs, global: &Global) -> anyhow::Result<ExitCo
         match kiln_runtime::inspect(&store, n) {
             Ok(serde_json::Value::Array(v)) => out.extend(v),
             Ok(other) => out.push(other),
+            Err(kiln_runtime::Error::Store(kiln_cache::StoreError::NoSuch { .. }))
+                if store.resolve(n).is_ok() =>
+            {
+                out.push(super::image::inspect_json(&store.resolve(n)?)?);
+            }
             Err(e) => {
                 eprintln!("kiln: error: {e:#}");
                 failed = true;
