@@ -495,6 +495,33 @@ fn kill_sends_the_signal_and_restart_policy_restarts() {
     let v = env.inspect("r");
     assert_eq!(v["RestartCount"], 2);
     assert_eq!(v["State"]["ExitCode"], 1);
+
+    // `always` restarts until `stop`, which ends it for good.
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "a",
+        "--restart",
+        "always",
+        "busybox:local",
+        "sh",
+        "-c",
+        "echo x; sleep 0.2; exit 3",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.inspect("a")["RestartCount"].as_u64().unwrap_or(0) < 2 {
+        assert!(Instant::now() < deadline, "{}", env.inspect("a"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.ok(&["stop", "-t", "1", "a"]);
+    let v = env.inspect("a");
+    assert_eq!(v["State"]["Status"], "exited", "{v}");
+    let runs = env.ok(&["logs", "a"]);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(env.ok(&["logs", "a"]), runs, "no restart after stop");
+    assert!(!env.ok(&["ps"]).contains(" a\n"));
+    env.ok(&["rm", "a"]);
     env.ok(&["rm", "k", "r"]);
 }
 

@@ -179,6 +179,15 @@ impl ContainerInfo {
     pub fn running(&self) -> bool {
         self.record.state == "running"
     }
+
+    /// Whether it is running or waiting to be restarted by its restart policy.
+    pub fn active(&self) -> bool {
+        is_active(&self.record.state)
+    }
+}
+
+fn is_active(state: &str) -> bool {
+    state == "running" || state == "restarting"
 }
 
 fn alive(pid: Option<u32>) -> bool {
@@ -189,7 +198,7 @@ fn alive(pid: Option<u32>) -> bool {
 /// A record that says `running` while its supervisor is gone (killed, machine
 /// restarted) is marked exited.
 fn refresh(store: &Store, mut rec: ContainerRecord) -> Result<ContainerRecord> {
-    if rec.state == "running" && !alive(rec.supervisor) {
+    if is_active(&rec.state) && !alive(rec.supervisor) {
         rec.state = "exited".to_owned();
         rec.pid = None;
         rec.supervisor = None;
@@ -613,7 +622,7 @@ fn start_detached(store: &Store, info: &ContainerInfo) -> Result<()> {
 /// `kiln start`: starts a stopped container, detached.
 pub fn start(store: &Store, name_or_id: &str) -> Result<String> {
     let info = ContainerInfo::load(store, name_or_id)?;
-    if !info.running() {
+    if !info.active() {
         start_detached(store, &info)?;
     }
     Ok(info.record.name)
@@ -644,7 +653,7 @@ fn wait_exit(store: &Store, id: &str, timeout: Duration) -> Result<bool> {
     loop {
         match store.container(id) {
             Ok(rec) => {
-                if refresh(store, rec)?.state != "running" {
+                if !is_active(&refresh(store, rec)?.state) {
                     return Ok(true);
                 }
             }
@@ -662,10 +671,15 @@ fn wait_exit(store: &Store, id: &str, timeout: Duration) -> Result<bool> {
 /// container's `--stop-timeout` by default). Its restart policy does not apply.
 pub fn stop(store: &Store, name_or_id: &str, timeout: Option<u64>) -> Result<String> {
     let info = ContainerInfo::load(store, name_or_id)?;
-    if !info.running() {
+    if !info.active() {
         return Ok(info.record.name);
     }
     write_stop_marker(store, &info.record.id)?;
+    if !info.running() {
+        // Restarting: the supervisor sees the marker and does not restart it.
+        wait_exit(store, &info.record.id, Duration::from_secs(30))?;
+        return Ok(info.record.name);
+    }
     let signal = parse_signal(&info.config.stop_signal)?;
     signal_container(&info, signal)?;
     let timeout = timeout.unwrap_or(info.config.stop_timeout);
@@ -723,14 +737,16 @@ fn remove_files(store: &Store, info: &ContainerInfo, volumes: bool) -> Result<()
 /// `kiln rm [-f] [-v]`: removes a stopped container (`force` kills a running one).
 pub fn remove(store: &Store, name_or_id: &str, force: bool, volumes: bool) -> Result<String> {
     let info = ContainerInfo::load(store, name_or_id)?;
-    if info.running() {
+    if info.active() {
         if !force {
             return Err(Error::Running {
                 name: info.record.name,
             });
         }
         let _written = write_stop_marker(store, &info.record.id);
-        signal_container(&info, Signal::SIGKILL)?;
+        if info.running() {
+            signal_container(&info, Signal::SIGKILL)?;
+        }
         wait_exit(store, &info.record.id, Duration::from_secs(30))?;
     }
     // A `--rm` container's supervisor may have removed it meanwhile.
@@ -747,7 +763,7 @@ pub fn list(store: &Store, all: bool) -> Result<Vec<ContainerInfo>> {
     let mut out = Vec::new();
     for rec in store.containers()? {
         let info = ContainerInfo::from_record(refresh(store, rec)?)?;
-        if all || info.running() {
+        if all || info.active() {
             out.push(info);
         }
     }
@@ -794,7 +810,7 @@ pub fn inspect(store: &Store, name_or_id: &str) -> Result<serde_json::Value> {
             "Status": r.state,
             "Running": info.running(),
             "Paused": false,
-            "Restarting": false,
+            "Restarting": r.state == "restarting",
             "OOMKilled": r.oom_killed,
             "Dead": false,
             "Pid": r.pid.unwrap_or(0),
@@ -894,7 +910,7 @@ pub fn logs(
         // At the end: stop once the container is no longer running and the rest
         // was read.
         let still = match store.container(&info.record.id) {
-            Ok(rec) => refresh(store, rec)?.state == "running",
+            Ok(rec) => is_active(&refresh(store, rec)?.state),
             Err(_) => false,
         };
         if !still {

@@ -87,11 +87,19 @@ fn supervise(root: &Path, id: &str) -> i32 {
             break;
         }
         d.info.record.restarts += 1;
+        d.info.record.state = "restarting".to_owned();
+        d.info.record.supervisor = Some(std::process::id());
         if store.update_container(&d.info.record).is_err() {
             break;
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(10));
+        if d.stopped_by_user() {
+            d.info.record.state = "exited".to_owned();
+            d.info.record.supervisor = None;
+            let _recorded = store.update_container(&d.info.record);
+            break;
+        }
     }
     if d.info.config.auto_remove {
         let _removed = d.remove();

@@ -157,6 +157,11 @@ fn status_text(info: &kiln_runtime::ContainerInfo, now: i64) -> String {
             let age = human_age(secs(r.started));
             format!("Up {}", age.trim_end_matches(" ago"))
         }
+        "restarting" => format!(
+            "Restarting ({}) {}",
+            r.exit_code.unwrap_or(0),
+            human_age(secs(r.finished))
+        ),
         "exited" => format!(
             "Exited ({}) {}",
             r.exit_code.unwrap_or(0),
