@@ -666,6 +666,35 @@ fn named_volume_keeps_data_and_is_filled_from_the_image() {
     env.ok(&["rm", "user"]);
     env.ok(&["volume", "rm", "data", "bin"]);
     assert_eq!(env.ok(&["volume", "ls", "-q"]).trim(), "");
+    // create / inspect / prune: prune takes unused anonymous volumes (named ones
+    // with --all), never one a container uses.
+    assert_eq!(env.ok(&["volume", "create", "made"]), "made\n");
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["volume", "inspect", "made"])).expect("json");
+    let mountpoint = v[0]["Mountpoint"].as_str().expect("mountpoint").to_owned();
+    assert!(Path::new(&mountpoint).is_dir(), "{mountpoint}");
+    env.ok(&[
+        "run",
+        "--name",
+        "anon",
+        "-v",
+        "/anon",
+        "busybox:local",
+        "true",
+    ]);
+    env.ok(&["volume", "prune", "-f"]);
+    assert_eq!(
+        env.ok(&["volume", "ls", "-q"]).lines().count(),
+        2,
+        "in use / named"
+    );
+    env.ok(&["rm", "anon"]);
+    env.ok(&["volume", "prune", "-f"]);
+    assert_eq!(env.ok(&["volume", "ls", "-q"]), "made\n");
+    env.ok(&["volume", "prune", "--all", "-f"]);
+    assert_eq!(env.ok(&["volume", "ls", "-q"]), "");
+    assert!(!Path::new(&mountpoint).exists());
+    assert!(!env.kiln(&["volume", "create", "bad/name"]).status.success());
 }
 
 #[test]
