@@ -819,7 +819,16 @@ fn exec_runs_in_the_running_container() {
 
 /// Reads from the pty master until `needle` shows up (or the deadline passes).
 fn read_until(master: &mut std::fs::File, needle: &str, seen: &mut String) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    read_until_for(master, needle, seen, Duration::from_secs(20))
+}
+
+fn read_until_for(
+    master: &mut std::fs::File,
+    needle: &str,
+    seen: &mut String,
+    wait: Duration,
+) -> bool {
+    let deadline = Instant::now() + wait;
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
         if seen.contains(needle) {
@@ -854,9 +863,13 @@ fn interactive_tty_through_a_pty() {
     };
     let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
     let slave: OwnedFd = pty.slave;
-    let mut child = env
-        .cmd()
+    // kiln in its own session with the pty as its controlling terminal (as in a
+    // terminal emulator), so that resizing the pty sends it SIGWINCH.
+    let mut child = Command::new("setsid")
+        .args(["--ctty", "--wait", env!("CARGO_BIN_EXE_kiln"), "--root"])
+        .arg(env.store())
         .args(["run", "--rm", "-it", "busybox:local", "sh"])
+        .env_remove("KILN_ROOT")
         .stdin(Stdio::from(slave.try_clone().expect("dup")))
         .stdout(Stdio::from(slave.try_clone().expect("dup")))
         .stderr(Stdio::from(slave))
@@ -872,6 +885,21 @@ fn interactive_tty_through_a_pty() {
     master.write_all(b"stty size; echo $TERM\r").expect("write");
     assert!(read_until(&mut master, "30 100", &mut seen), "{seen:?}");
     assert!(read_until(&mut master, "xterm", &mut seen), "{seen:?}");
+    // A window-size change reaches the container's terminal.
+    let bigger = kiln_executor::WinSize {
+        rows: 40,
+        cols: 120,
+    };
+    kiln_executor::set_winsize(master.as_fd(), bigger).expect("resize");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        seen.clear();
+        master.write_all(b"stty size\r").expect("write");
+        if read_until_for(&mut master, "40 120", &mut seen, Duration::from_millis(300)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "size not forwarded: {seen:?}");
+    }
     // Ctrl-C interrupts the foreground job inside, not kiln.
     seen.clear();
     master
