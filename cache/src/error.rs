@@ -125,6 +125,20 @@ pub enum StoreError {
         /// Its names.
         names: String,
     },
+    /// No container or volume has this name or id.
+    #[error("no such {kind}: {name}")]
+    NoSuch {
+        /// `container` or `volume`.
+        kind: &'static str,
+        /// The name or id asked for.
+        name: String,
+    },
+    /// A container or volume name is taken, or a volume is in use.
+    #[error("conflict: {message}")]
+    Conflict {
+        /// What conflicts with what.
+        message: String,
+    },
     /// A JSON document (manifest, config, index, archive manifest) is invalid.
     #[error("invalid {kind} `{what}`: {reason}")]
     InvalidDocument {

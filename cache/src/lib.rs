@@ -46,6 +46,7 @@ pub use compress::{CompressError, Compression, compress, decompress};
 pub use layer::{ApplyOptions, LayerError, LayerStats, WriteOptions, apply_layer, write_layer};
 
 mod blob;
+mod containers;
 mod digest;
 mod error;
 mod image;
@@ -58,6 +59,7 @@ mod validate;
 pub mod archive;
 
 pub use blob::{BlobReader, BlobWriter};
+pub use containers::{ContainerRecord, LeaseKind, VolumeRecord};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Result, StoreError};
 pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, parse_rfc3339};

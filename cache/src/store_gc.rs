@@ -32,7 +32,10 @@ impl Store {
             // `kiln rmi` removes names (as `docker image prune` keeps tagged
             // images and `docker builder prune -a` only drops build cache).
             let doomed: Vec<String> = tx
-                .prepare("SELECT id FROM images WHERE id NOT IN (SELECT image FROM names)")
+                .prepare(
+                    "SELECT id FROM images WHERE id NOT IN (SELECT image FROM names)
+                     AND id NOT IN (SELECT target FROM leases WHERE kind = 'image')",
+                )
                 .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
                 .map_err(&e)?;
             for id in &doomed {
@@ -72,6 +75,18 @@ impl Store {
                 .map_err(&e)?;
             for (_, diff_id) in layers.into_iter().filter(|(i, _)| !doomed.contains(i)) {
                 live_layers.insert(diff_id);
+            }
+            // Leases: what containers use stays, even after `rmi` (see `crate::containers`).
+            let leased: Vec<(String, String)> = tx
+                .prepare("SELECT kind, target FROM leases WHERE kind IN ('image', 'layer')")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            for (kind, target) in leased {
+                if kind == "image" {
+                    live_blobs.insert(target);
+                } else {
+                    live_layers.insert(target);
+                }
             }
             if !opts.all {
                 let results: Vec<String> = tx

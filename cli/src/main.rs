@@ -25,6 +25,8 @@ fn main() -> ExitCode {
     // When re-executed as the sandbox helper (argv[1] is `__kiln-sandbox`), this runs
     // the helper and exits: it must come before anything starts a thread.
     kiln_executor::helper_main_if_requested();
+    // Likewise the detached container's supervisor (`__kiln-supervise`).
+    kiln_runtime::supervisor_main_if_requested();
     let cli = Cli::parse();
     match commands::run(cli.command, &cli.global) {
         Ok(code) => code,

@@ -60,6 +60,12 @@ pub enum Error {
         /// The helper's own wait status.
         status: String,
     },
+    /// The sandbox ended before its payload was started.
+    #[error("the sandbox ended before its payload started ({status})")]
+    NotStarted {
+        /// How it ended.
+        status: String,
+    },
     /// Waiting for the helper failed.
     #[error("cannot wait for the sandbox helper")]
     Wait(#[source] std::io::Error),

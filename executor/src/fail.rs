@@ -28,6 +28,11 @@ pub(crate) enum Report {
     Cancelled,
     /// Mount-point stubs created in the rootfs (see `crate::stubs`).
     Stubs(Vec<String>),
+    /// The helper forked the sandbox's PID 1 (or the exec'd process): its pid in
+    /// the helper's pid namespace.
+    Started { pid: i32 },
+    /// The sandbox's rootfs is set up; the payload is about to be executed.
+    Ready,
 }
 
 /// [`UserError`] on the wire.

@@ -56,28 +56,70 @@ use crate::spec::{Network, ProcessSpec, RlimitResource, RootfsSpec, SandboxSpec,
 
 /// argv\[1\] that turns a binary into the sandbox helper.
 pub const HELPER_ARG: &str = "__kiln-sandbox";
+/// argv\[1\] that turns a binary into the exec helper (`docker exec`): it joins a
+/// running sandbox's namespaces and runs one process there.
+pub const EXEC_ARG: &str = "__kiln-nsexec";
+/// The environment variable naming the (inheritable) descriptor the helper puts on
+/// the payload's stdin; unset means `/dev/null`.
+pub(crate) const STDIN_FD_ENV: &str = "KILN_SANDBOX_STDIN_FD";
+/// The environment variable naming the (inheritable) read end of the gate pipe of
+/// a [`SandboxSpec::gated`] sandbox.
+pub(crate) const GATE_FD_ENV: &str = "KILN_SANDBOX_GATE_FD";
+
+/// The gate's read end in the helper (and, inherited, in init).
+static GATE: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+
+/// Takes the inheritable descriptor named by `var`, making it close-on-exec.
+fn inherited_fd(var: &str) -> Option<std::io::Result<OwnedFd>> {
+    let fd = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|fd| *fd > 2)?;
+    // SAFETY: the caller passed this descriptor to us (not close-on-exec) for
+    // exactly this purpose; nothing else in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Some(
+        nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map(|_| owned)
+        .map_err(std::io::Error::from),
+    )
+}
 /// Call this first thing in `main` of any binary used as the sandbox helper (the
 /// `kiln` binary, test binaries). When argv\[1\] is the helper marker, it runs the
 /// helper and exits; otherwise it returns at once.
 pub fn helper_main_if_requested() {
-    if std::env::args_os().nth(1).as_deref() != Some(OsStr::new(HELPER_ARG)) {
-        return;
+    let arg = std::env::args_os().nth(1);
+    if arg.as_deref() == Some(OsStr::new(HELPER_ARG)) {
+        std::process::exit(helper_main(false));
     }
-    std::process::exit(helper_main());
+    if arg.as_deref() == Some(OsStr::new(EXEC_ARG)) {
+        std::process::exit(helper_main(true));
+    }
 }
 
-fn helper_main() -> i32 {
+/// The descriptor to put on fd 0: the caller's inherited one, or `/dev/null`.
+fn stdin_source() -> std::io::Result<OwnedFd> {
+    if let Some(fd) = inherited_fd(STDIN_FD_ENV) {
+        return fd;
+    }
+    fs_err::File::open("/dev/null").map(|f| OwnedFd::from(f.into_file()))
+}
+
+fn helper_main(exec: bool) -> i32 {
     // Move the socket off fd 0 (close-on-exec) and give fd 0 /dev/null.
     let sock = match nix::fcntl::fcntl(std::io::stdin(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)) {
         // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor, owned by nobody else.
         Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
         Err(_) => return 2,
     };
-    let null = fs_err::File::open("/dev/null").map(|f| nix::unistd::dup2_stdin(f.file()));
+    let null = stdin_source().map(|f| nix::unistd::dup2_stdin(&f));
     if !matches!(null, Ok(Ok(()))) {
         send(
             sock.as_fd(),
-            &Fail::step("put /dev/null on the helper's stdin", libc::EIO).report,
+            &Fail::step("put the payload's stdin on the helper's fd 0", libc::EIO).report,
         );
         return 1;
     }
@@ -91,7 +133,15 @@ fn helper_main() -> i32 {
             return 1;
         }
     };
-    match run_helper(&sock, lifeline) {
+    if let Some(Ok(gate)) = inherited_fd(GATE_FD_ENV) {
+        let _set = GATE.set(gate);
+    }
+    let result = if exec {
+        run_exec(&sock, lifeline)
+    } else {
+        run_helper(&sock, lifeline)
+    };
+    match result {
         Ok(()) => 0,
         Err(fail) => {
             send(sock.as_fd(), &fail.report);
@@ -100,7 +150,7 @@ fn helper_main() -> i32 {
     }
 }
 
-fn read_spec(sock: &OwnedFd) -> Result<SandboxSpec, Fail> {
+fn read_spec<T: serde::de::DeserializeOwned>(sock: &OwnedFd) -> Result<T, Fail> {
     let mut file = std::mem::ManuallyDrop::new(
         // SAFETY: wrapped in ManuallyDrop: borrows the socket, never closes it.
         unsafe { std::fs::File::from_raw_fd(sock.as_raw_fd()) },
@@ -329,15 +379,7 @@ fn unshare_user_with_subids(
     }
 }
 
-fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
-    let report = sock.as_fd();
-    let spec = read_spec(sock)?;
-    if spec.process.args.is_empty() {
-        return Err(Fail::step(
-            "start a process with an empty argv",
-            libc::EINVAL,
-        ));
-    }
+fn helper_signals() -> Result<SignalFd, Fail> {
     let mut signals = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
@@ -351,8 +393,133 @@ fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
     signals
         .thread_block()
         .step(|| "block signals in the helper".to_owned())?;
-    let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC)
-        .step(|| "create a signalfd".to_owned())?;
+    SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).step(|| "create a signalfd".to_owned())
+}
+
+/// The cgroup directories (of any hierarchy) kiln made for the sandbox whose
+/// `/proc/<pid>/cgroup` is `text`: `<mount>/<path>/cgroup.procs` files to join.
+fn sandbox_cgroup_procs(text: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_id, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            if !path.contains("/kiln/sandbox-") {
+                return None;
+            }
+            let rel = path.trim_start_matches('/');
+            let dir = if ctrls.is_empty() {
+                if root.join("cgroup.controllers").exists() {
+                    root.join(rel)
+                } else {
+                    root.join("unified").join(rel)
+                }
+            } else {
+                root.join(ctrls.trim_start_matches("name=")).join(rel)
+            };
+            Some(dir.join("cgroup.procs"))
+        })
+        .collect()
+}
+
+/// The exec helper: join the namespaces and cgroups of a running sandbox's PID 1,
+/// fork the process there and supervise it like a payload without init.
+fn run_exec(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
+    let report = sock.as_fd();
+    let spec: crate::spec::ExecSpec = read_spec(sock)?;
+    if spec.process.args.is_empty() {
+        return Err(Fail::step(
+            "exec a process with an empty argv",
+            libc::EINVAL,
+        ));
+    }
+    let sigfd = helper_signals()?;
+    let pid = spec.pid;
+    let cgroups = fs_err::read_to_string(format!("/proc/{pid}/cgroup"))
+        .step(|| format!("read the cgroups of the container process {pid}"))?;
+    for procs in sandbox_cgroup_procs(&cgroups) {
+        fs_err::write(&procs, "0").step(|| format!("join the cgroup `{}`", procs.display()))?;
+    }
+    let mut namespaces = Vec::new();
+    for (name, flag) in [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ] {
+        let path = format!("/proc/{pid}/ns/{name}");
+        let file = fs_err::File::open(&path).step(|| format!("open `{path}`"))?;
+        namespaces.push((path, file, flag));
+    }
+    for (path, file, flag) in &namespaces {
+        nix::sched::setns(file.file().as_fd(), *flag).step(|| format!("join `{path}`"))?;
+    }
+    drop(namespaces);
+    let direct = DirectPipes::new()?;
+    // SAFETY: the helper is single-threaded (a fresh exec), so the child may run any code.
+    let child = match unsafe { fork() }.step(|| "fork the exec'd process".to_owned())? {
+        ForkResult::Child => {
+            drop(lifeline);
+            let result = (|| -> Result<std::convert::Infallible, Fail> {
+                crate::sys::prctl(libc::PR_SET_PDEATHSIG, Signal::SIGKILL as libc::c_ulong)
+                    .step(|| "set the parent-death signal".to_owned())?;
+                let user = match &spec.process.user {
+                    User::Resolved(u) => u.clone(),
+                    User::Spec(text) => {
+                        let read = |p: &str| fs_err::read_to_string(p).unwrap_or_default();
+                        crate::user::resolve_user(text, &read("/etc/passwd"), &read("/etc/group"))
+                            .map_err(|e| Fail {
+                            report: Report::UserFailed((&e).into()),
+                        })?
+                    }
+                };
+                let exec = ExecPlan::new(&spec.process, &user.home)?;
+                let cwd = PathBuf::from(&spec.process.cwd);
+                payload_main(
+                    &spec.process,
+                    &user,
+                    &cwd,
+                    true,
+                    &exec,
+                    Some(&direct.alive_r),
+                    spec.tty,
+                )
+            })();
+            let Err(fail) = result;
+            send(report, &fail.report);
+            let _told = nix::unistd::write(&direct.failed_w, b"f");
+            // SAFETY: skip the helper's atexit handlers and stdio flushing.
+            unsafe { libc::_exit(1) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    send(
+        report,
+        &Report::Started {
+            pid: child.as_raw(),
+        },
+    );
+    let DirectPipes {
+        failed_r,
+        failed_w,
+        alive_r,
+        alive_w,
+    } = direct;
+    drop((failed_w, alive_r));
+    supervise(child, report, &sigfd, lifeline, Some((failed_r, alive_w)))
+}
+
+fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
+    let report = sock.as_fd();
+    let spec: SandboxSpec = read_spec(sock)?;
+    if spec.process.args.is_empty() {
+        return Err(Fail::step(
+            "start a process with an empty argv",
+            libc::EINVAL,
+        ));
+    }
+    let sigfd = helper_signals()?;
 
     let state = make_state(&spec)?;
     let rootless = !Uid::effective().is_root();
@@ -483,6 +650,7 @@ fn run_namespaces(
         ForkResult::Parent { child } => child,
     };
     drop(procs);
+    send(report, &Report::Started { pid: init.as_raw() });
     let direct = direct.map(|d| (d.failed_r, d.alive_w));
     supervise(init, report, sigfd, lifeline, direct)
 }
@@ -700,6 +868,21 @@ fn init_main(
     // Like Docker, a missing working directory is created, and kept (not a stub).
     let cwd = rootfs::ensure_target(Path::new(&spec.process.cwd), Kind::Dir, &mut Vec::new())?;
     let exec = ExecPlan::new(&spec.process, &user.home)?;
+    send(report, &Report::Ready);
+    if spec.gated {
+        // The caller finishes its part (a network, say) and writes one byte; EOF
+        // means it gave up or died.
+        let mut byte = [0u8; 1];
+        let go = GATE
+            .get()
+            .is_some_and(|g| matches!(nix::unistd::read(g, &mut byte), Ok(1)));
+        if !go {
+            return Err(Fail::step(
+                "wait for the caller's go-ahead (Running::release)",
+                libc::ECANCELED,
+            ));
+        }
+    }
     if let Some(alive) = alive {
         // No init: this process, PID 1 of the namespace, becomes the payload.
         return payload_main(
@@ -709,13 +892,22 @@ fn init_main(
             groups_allowed,
             &exec,
             Some(alive),
+            spec.tty,
         );
     }
 
     // SAFETY: init is single-threaded (forked from the single-threaded helper).
     let payload = match unsafe { fork() }.step(|| "fork the payload".to_owned())? {
         ForkResult::Child => {
-            let fail = match payload_main(&spec.process, &user, &cwd, groups_allowed, &exec, None) {
+            let fail = match payload_main(
+                &spec.process,
+                &user,
+                &cwd,
+                groups_allowed,
+                &exec,
+                None,
+                spec.tty,
+            ) {
                 Ok(never) => match never {},
                 Err(fail) => fail,
             };
@@ -882,6 +1074,7 @@ fn payload_main(
     groups_allowed: bool,
     exec: &ExecPlan,
     alive: Option<&OwnedFd>,
+    tty: bool,
 ) -> Result<std::convert::Infallible, Fail> {
     SigSet::all()
         .thread_unblock()
@@ -892,6 +1085,16 @@ fn payload_main(
     unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
         .step(|| "reset SIGPIPE".to_owned())?;
     nix::unistd::setsid().step(|| "start a session".to_owned())?;
+    if tty {
+        // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal).
+        let ret = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+        if ret < 0 {
+            return Err(Fail::step(
+                "make stdin the controlling terminal",
+                nix::errno::Errno::last() as i32,
+            ));
+        }
+    }
     for r in &process.rlimits {
         set_rlimit(r.resource, r.soft, r.hard)
             .step(|| format!("set the rlimit {:?}", r.resource))?;

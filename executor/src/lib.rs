@@ -55,6 +55,7 @@ mod cgroup;
 mod error;
 mod fail;
 mod helper;
+mod pty;
 mod rootfs;
 mod sandbox;
 mod spec;
@@ -64,10 +65,11 @@ mod user;
 
 pub use caps::{DOCKER_DEFAULT_CAPS, docker_default_mask};
 pub use error::{Error, Result};
-pub use helper::{HELPER_ARG, helper_main_if_requested, state_root};
-pub use sandbox::{ExitStatus, Output, Running, Sandbox};
+pub use helper::{EXEC_ARG, HELPER_ARG, helper_main_if_requested, state_root};
+pub use pty::{Pty, WinSize, get_winsize, openpty, set_winsize};
+pub use sandbox::{ExitStatus, Io, Output, Running, Sandbox};
 pub use spec::{
-    DEFAULT_PATH_ENV, Limits, Mount, MountKind, Network, ProcessSpec, ResolvedUser, Rlimit,
-    RlimitResource, RootfsSpec, SandboxSpec, Stdio, User,
+    DEFAULT_PATH_ENV, ExecSpec, Limits, Mount, MountKind, Network, ProcessSpec, ResolvedUser,
+    Rlimit, RlimitResource, RootfsSpec, SandboxSpec, Stdio, User,
 };
 pub use user::{UserError, resolve_user};

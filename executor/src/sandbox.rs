@@ -8,8 +8,25 @@ use std::process::{Child, Command};
 
 use crate::error::{Error, Result};
 use crate::fail::Report;
-use crate::helper::HELPER_ARG;
-use crate::spec::{RootfsSpec, SandboxSpec, Stdio};
+use crate::helper::{EXEC_ARG, GATE_FD_ENV, HELPER_ARG, STDIN_FD_ENV};
+use crate::spec::{ExecSpec, RootfsSpec, SandboxSpec, Stdio};
+
+/// Descriptors for the payload's standard streams, overriding [`SandboxSpec::stdio`]
+/// (and `/dev/null` on stdin) for those given: a pty's slave side for `-t`, the
+/// caller's stdin for `-i`, a log pipe.
+///
+/// The stdin descriptor reaches the helper as an inheritable duplicate for the
+/// moment of the spawn: another thread of the caller spawning a process at that
+/// very moment would inherit it too.
+#[derive(Debug, Default)]
+pub struct Io {
+    /// The payload's stdin.
+    pub stdin: Option<OwnedFd>,
+    /// The payload's stdout.
+    pub stdout: Option<OwnedFd>,
+    /// The payload's stderr.
+    pub stderr: Option<OwnedFd>,
+}
 
 /// Starts sandboxes. Cheap to build; holds only the helper's path.
 #[derive(Debug, Clone)]
@@ -46,20 +63,53 @@ impl Sandbox {
     /// Starts `spec`. Returns as soon as the helper runs; setup errors come back
     /// from [`Running::wait`]. Safe to call from any thread (it only forks to exec).
     pub fn spawn(&self, spec: &SandboxSpec) -> Result<Running> {
+        self.spawn_with_io(spec, Io::default())
+    }
+
+    /// [`Sandbox::spawn`] with the payload's streams given as descriptors.
+    pub fn spawn_with_io(&self, spec: &SandboxSpec, io: Io) -> Result<Running> {
+        spec.validate()?;
+        let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
+        let overlay = match &spec.rootfs {
+            RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
+            RootfsSpec::Dir(_) => None,
+        };
+        self.start(HELPER_ARG, &json, spec.stdio, io, overlay, spec.gated)
+    }
+
+    /// Starts `spec.process` inside the running sandbox whose PID 1 is `spec.pid`
+    /// (`docker exec`). [`Running::wait`] returns its status.
+    pub fn exec(&self, spec: &ExecSpec, io: Io) -> Result<Running> {
+        if spec.process.args.is_empty() {
+            return Err(Error::InvalidSpec {
+                reason: "the process has no arguments".to_owned(),
+            });
+        }
+        let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
+        self.start(EXEC_ARG, &json, Stdio::Inherit, io, None, false)
+    }
+
+    fn start(
+        &self,
+        arg: &str,
+        json: &[u8],
+        stdio: Stdio,
+        io: Io,
+        overlay: Option<(Vec<PathBuf>, PathBuf)>,
+        gated: bool,
+    ) -> Result<Running> {
         // One socket carries the spec, the reports and the lifeline (see
         // `crate::helper`). Passing it as stdin (no `pre_exec` hook) lets std use
         // posix_spawn, which stays cheap from a large multi-threaded caller.
-        spec.validate()?;
         let (ours, theirs) = UnixStream::pair().map_err(|source| Error::Pipe {
             what: "create",
             source,
         })?;
-        let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
 
         let mut cmd = Command::new(&self.helper);
-        cmd.arg(HELPER_ARG)
+        cmd.arg(arg)
             .stdin(std::process::Stdio::from(OwnedFd::from(theirs)));
-        match spec.stdio {
+        match stdio {
             Stdio::Piped => {
                 cmd.stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped());
@@ -73,7 +123,56 @@ impl Sandbox {
                     .stderr(std::process::Stdio::null());
             }
         }
-        let mut child = cmd.spawn().map_err(|source| Error::SpawnHelper {
+        let piped = matches!(stdio, Stdio::Piped);
+        if let Some(out) = io.stdout {
+            cmd.stdout(std::process::Stdio::from(out));
+        }
+        if let Some(err) = io.stderr {
+            cmd.stderr(std::process::Stdio::from(err));
+        }
+        // An inheritable duplicate (F_DUPFD leaves close-on-exec clear), closed
+        // again once the helper has it.
+        let inheritable = match &io.stdin {
+            Some(fd) => {
+                let raw =
+                    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD(10)).map_err(|e| {
+                        Error::Pipe {
+                            what: "pass stdin through",
+                            source: e.into(),
+                        }
+                    })?;
+                cmd.env(STDIN_FD_ENV, raw.to_string());
+                // SAFETY: F_DUPFD just returned this descriptor, owned by nobody else.
+                Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+            }
+            None => {
+                cmd.env_remove(STDIN_FD_ENV);
+                None
+            }
+        };
+        let pipe_err = |e: nix::Error| Error::Pipe {
+            what: "create the gate",
+            source: e.into(),
+        };
+        let (gate_r, gate_w) = if gated {
+            // The read end inheritable (pipe without O_CLOEXEC), the write end ours.
+            let (r, w) = nix::unistd::pipe().map_err(pipe_err)?;
+            nix::fcntl::fcntl(
+                &w,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(pipe_err)?;
+            cmd.env(GATE_FD_ENV, std::os::fd::AsRawFd::as_raw_fd(&r).to_string());
+            (Some(r), Some(w))
+        } else {
+            cmd.env_remove(GATE_FD_ENV);
+            (None, None)
+        };
+        let spawned = cmd.spawn();
+        drop(inheritable);
+        drop(gate_r);
+        drop(io.stdin);
+        let mut child = spawned.map_err(|source| Error::SpawnHelper {
             helper: self.helper.clone(),
             source,
         })?;
@@ -82,23 +181,26 @@ impl Sandbox {
         let len = u64::try_from(json.len()).unwrap_or(u64::MAX).to_le_bytes();
         let _written = (&ours)
             .write_all(&len)
-            .and_then(|()| (&ours).write_all(&json));
+            .and_then(|()| (&ours).write_all(json));
         let stdout = child
             .stdout
             .take()
+            .filter(|_| piped)
             .map(|s| std::fs::File::from(OwnedFd::from(s)));
         let stderr = child
             .stderr
             .take()
+            .filter(|_| piped)
             .map(|s| std::fs::File::from(OwnedFd::from(s)));
-        let overlay = match &spec.rootfs {
-            RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
-            RootfsSpec::Dir(_) => None,
-        };
+        let reader = ours.try_clone().ok().map(BufReader::new);
         Ok(Running {
             overlay,
             child,
             sock: Some(ours),
+            reader,
+            reports: Vec::new(),
+            exec: arg == EXEC_ARG,
+            gate: gate_w,
             stdout,
             stderr,
             status: None,
@@ -159,6 +261,14 @@ pub struct Running {
     child: Child,
     /// The socket to the helper: reports in; shut down for writing to cancel.
     sock: Option<UnixStream>,
+    /// Reads the reports (a clone of `sock`); `None` once at EOF.
+    reader: Option<BufReader<UnixStream>>,
+    /// Reports read so far.
+    reports: Vec<Report>,
+    /// A [`Sandbox::exec`] (no `Ready` report comes).
+    exec: bool,
+    /// The write end of a gated sandbox's gate (see [`SandboxSpec::gated`]).
+    gate: Option<OwnedFd>,
     stdout: Option<std::fs::File>,
     stderr: Option<std::fs::File>,
     status: Option<ExitStatus>,
@@ -178,6 +288,72 @@ impl Running {
     /// The helper's pid (in the caller's pid namespace).
     pub fn helper_pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Reads one report; `None` at EOF.
+    fn next_report(&mut self) -> Result<Option<Report>> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line).map_err(|source| Error::Pipe {
+                what: "read",
+                source,
+            })?;
+            if n == 0 {
+                self.reader = None;
+                return Ok(None);
+            }
+            if let Ok(r) = serde_json::from_str::<Report>(&line) {
+                return Ok(Some(r));
+            }
+        }
+    }
+
+    /// Waits until the payload is about to be executed (its rootfs and namespaces
+    /// are complete, so [`Sandbox::exec`] can join them) and returns the host pid of
+    /// the sandbox's PID 1 (the payload itself without [`SandboxSpec::init`]): the
+    /// process to signal for `docker stop`/`kill`. For a [`Sandbox::exec`] it returns
+    /// the exec'd process's pid once forked. A sandbox that ends before that returns
+    /// its setup error, or [`Error::NotStarted`].
+    pub fn wait_ready(&mut self) -> Result<u32> {
+        let mut pid = None;
+        let mut ready = false;
+        loop {
+            for r in &self.reports {
+                match r {
+                    Report::Started { pid: p } => pid = u32::try_from(*p).ok(),
+                    Report::Ready => ready = true,
+                    _ => {}
+                }
+            }
+            if let Some(p) = pid
+                && (ready || self.is_exec())
+            {
+                return Ok(p);
+            }
+            match self.next_report()? {
+                Some(r) => self.reports.push(r),
+                None => {
+                    let status = self.wait()?;
+                    return Err(Error::NotStarted {
+                        status: format!("{status:?}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Lets the payload of a [`SandboxSpec::gated`] sandbox run (a no-op otherwise).
+    pub fn release(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            let _sent = nix::unistd::write(&gate, b"g");
+        }
+    }
+
+    fn is_exec(&self) -> bool {
+        self.exec
     }
 
     /// Kills everything in the sandbox; [`Running::wait`] then returns
@@ -213,18 +389,11 @@ impl Running {
     }
 
     fn wait_inner(&mut self) -> Result<ExitStatus> {
-        let mut reports = Vec::new();
-        if let Some(sock) = self.sock.take() {
-            for line in BufReader::new(sock).lines() {
-                let line = line.map_err(|source| Error::Pipe {
-                    what: "read",
-                    source,
-                })?;
-                if let Ok(r) = serde_json::from_str::<Report>(&line) {
-                    reports.push(r);
-                }
-            }
+        while let Some(r) = self.next_report()? {
+            self.reports.push(r);
         }
+        self.sock = None;
+        let reports = std::mem::take(&mut self.reports);
         let helper_status = self.child.wait().map_err(Error::Wait)?;
         // The helper has exited, so init and its mount namespace are gone: the upper
         // is no longer mounted and the stubs can go.
@@ -297,7 +466,7 @@ fn interpret(reports: Vec<Report>, helper_status: &str) -> Result<ExitStatus> {
             Report::Signaled { signal } => status = Some(ExitStatus::Signal(signal)),
             Report::OomKilled => oom = true,
             Report::Cancelled => cancelled = true,
-            Report::Stubs(_) => {}
+            Report::Stubs(_) | Report::Started { .. } | Report::Ready => {}
         }
     }
     match status {

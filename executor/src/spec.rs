@@ -48,6 +48,18 @@ pub struct SandboxSpec {
     /// from outside the namespace, which PID 1 cannot ignore).
     #[serde(default)]
     pub init: bool,
+    /// The payload's stdin is a terminal (`docker run -t`): after `setsid` it makes
+    /// fd 0 its controlling terminal. The caller passes the pty's slave side as
+    /// stdin/stdout/stderr with [`crate::Sandbox::spawn_with_io`].
+    #[serde(default)]
+    pub tty: bool,
+    /// Hold the payload after the sandbox is set up until the caller calls
+    /// [`crate::Running::release`]: between [`crate::Running::wait_ready`] and the
+    /// release the caller can configure the sandbox's network namespace (the pid
+    /// returned) or its `/etc/hosts` (`/proc/<pid>/root/etc/hosts`) before the
+    /// payload runs. Dropping the `Running` unreleased cancels the start.
+    #[serde(default)]
+    pub gated: bool,
 }
 
 impl SandboxSpec {
@@ -67,6 +79,8 @@ impl SandboxSpec {
             extra_hosts: Vec::new(),
             dns: Vec::new(),
             init: false,
+            tty: false,
+            gated: false,
         }
     }
 }
@@ -354,4 +368,16 @@ pub enum Stdio {
     Inherit,
     /// Discard.
     Null,
+}
+
+/// A process to start inside a running sandbox (`docker exec`): it joins the
+/// namespaces and cgroups of the sandbox's PID 1 `pid`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// The host pid of the sandbox's PID 1 (see [`crate::Running::wait_ready`]).
+    pub pid: u32,
+    /// What to run; `User::Spec` is resolved against the sandbox's `/etc/passwd`.
+    pub process: ProcessSpec,
+    /// fd 0 is a terminal to make the controlling one (`docker exec -t`).
+    pub tty: bool,
 }

@@ -1469,3 +1469,119 @@ fn hostile_links_through_proc_fd_cannot_reach_host_sources() {
     // Every stub went into the rootfs's own (not yet mounted-over) /proc directory.
     assert_eq!(result.unwrap().status, ExitStatus::Code(0));
 }
+
+#[test]
+fn exec_joins_a_running_sandbox_and_stdin_is_passed_through() {
+    if !can_run() {
+        return;
+    }
+    let _guard = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fx = Fixture::new();
+    let (stdin_r, stdin_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut spec = fx.sh(
+        "exec",
+        "echo inside > /tmp/marker; read line; echo got $line",
+    );
+    spec.hostname = "execbox".into();
+    let io = kiln_executor::Io {
+        stdin: Some(stdin_r),
+        ..Default::default()
+    };
+    let sandbox = Sandbox::new().with_helper(HELPER);
+    let mut running = sandbox.spawn_with_io(&spec, io).unwrap();
+    let pid = running.wait_ready().unwrap();
+    assert!(alive(pid), "wait_ready returns the live PID 1");
+    // The marker is written by the payload after `ready`: wait for it via exec.
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let exec = kiln_executor::ExecSpec {
+        pid,
+        process: ProcessSpec::new([
+            "/bin/sh",
+            "-c",
+            "while [ ! -e /tmp/marker ]; do sleep 0.05; done; echo $(hostname) $(cat /tmp/marker) $(cat /proc/1/cmdline | tr '\\0' ' ')",
+        ]),
+        tty: false,
+    };
+    let mut execd = sandbox
+        .exec(
+            &exec,
+            kiln_executor::Io {
+                stdout: Some(out_w),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(execd.wait().unwrap(), ExitStatus::Code(0));
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(out_r), &mut seen).unwrap();
+    assert_eq!(
+        seen,
+        "execbox inside /bin/sh -c echo inside > /tmp/marker; read line; echo got $line\n"
+    );
+    // A missing program is an exec error, as for the sandbox's payload.
+    let missing = kiln_executor::ExecSpec {
+        pid,
+        process: ProcessSpec::new(["no-such-program"]),
+        tty: false,
+    };
+    let err = sandbox
+        .exec(&missing, kiln_executor::Io::default())
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(matches!(err, Error::Exec { .. }), "{err}");
+    // The payload reads what the caller writes to its stdin.
+    nix::unistd::write(&stdin_w, b"hello\n").unwrap();
+    drop(stdin_w);
+    let out = running.wait_with_output().unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(text(&out.stdout), "got hello\n");
+}
+
+#[test]
+fn a_gated_sandbox_waits_for_release_and_unreleased_it_never_runs() {
+    if !can_run() {
+        return;
+    }
+    let _guard = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fx = Fixture::new();
+    let mut spec = fx.sh("gated", "grep peer /etc/hosts; touch /tmp/ran");
+    spec.gated = true;
+    let sandbox = Sandbox::new().with_helper(HELPER);
+    let mut running = sandbox.spawn(&spec).unwrap();
+    let pid = running.wait_ready().unwrap();
+    // Before the release the payload has not run: the caller can edit the
+    // sandbox (here its /etc/hosts) and its network namespace.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !fx.path("gated.upper/tmp/ran").exists(),
+        "ran before release"
+    );
+    let hosts = format!("/proc/{pid}/root/etc/hosts");
+    let mut text = fs_err::read_to_string(&hosts).unwrap();
+    text.push_str("10.0.0.9\tpeer\n");
+    fs_err::write(&hosts, text).unwrap();
+    running.release();
+    let out = running.wait_with_output().unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(text_of(&out.stdout), "10.0.0.9\tpeer\n");
+
+    // Dropped unreleased: the payload never runs.
+    let spec = {
+        let mut s = fx.sh("unreleased", "touch /tmp/ran");
+        s.gated = true;
+        s
+    };
+    let mut running = sandbox.spawn(&spec).unwrap();
+    running.wait_ready().unwrap();
+    drop(running);
+    assert!(!fx.path("unreleased.upper/tmp/ran").exists());
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

@@ -265,7 +265,7 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
 }
 
-fn inspect_json(image: &Image) -> anyhow::Result<Value> {
+pub(crate) fn inspect_json(image: &Image) -> anyhow::Result<Value> {
     let config: Value = serde_json::from_slice(&image.config_bytes)?;
     Ok(json!({
         "Id": image.id.to_string(),

@@ -1,11 +1,14 @@
 //! One module per subcommand (or group of subcommands).
 
 mod build;
+mod container;
 mod format;
 mod image;
 mod network;
 mod parse;
+mod run;
 mod store;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +68,27 @@ pub(crate) enum Command {
     /// Manage networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Create and start a container.
+    Run(Box<run::RunArgs>),
+    /// List containers.
+    Ps(container::PsArgs),
+    /// Print a container's output.
+    Logs(container::LogsArgs),
+    /// Stop containers (stop signal, then SIGKILL after a timeout).
+    Stop(container::StopArgs),
+    /// Send a signal to containers.
+    Kill(container::KillArgs),
+    /// Start stopped containers.
+    Start(container::StartArgs),
+    /// Remove containers.
+    Rm(container::RmArgs),
+    /// Run a command in a running container.
+    Exec(container::ExecArgs),
+    /// Show containers as JSON.
+    Inspect(container::InspectArgs),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
 }
 
 /// Runs one subcommand and returns the process exit code.
@@ -88,6 +112,16 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode>
         Command::Prune(a) => store::prune(&a, global),
         Command::System(c) => store::system(c, global),
         Command::Network(c) => network::network(c, global),
+        Command::Run(a) => run::run(&a, global),
+        Command::Ps(a) => container::ps(&a, global),
+        Command::Logs(a) => container::logs(&a, global),
+        Command::Stop(a) => container::stop(&a, global),
+        Command::Kill(a) => container::kill(&a, global),
+        Command::Start(a) => container::start(&a, global),
+        Command::Rm(a) => container::rm(&a, global),
+        Command::Exec(a) => container::exec(&a, global),
+        Command::Inspect(a) => container::inspect(&a, global),
+        Command::Volume(c) => volume::volume(c, global),
     }
 }
 
