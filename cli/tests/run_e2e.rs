@@ -168,6 +168,8 @@ impl Drop for Env {
                 let _gone = self.cmd().args(["rm", "-f", id]).output();
             }
         }
+        // The store's bridges (the default one included) and their rules.
+        let _gone = kiln_runtime::network::teardown_store(&self.store());
     }
 }
 
@@ -310,13 +312,13 @@ fn exit_codes_are_the_containers_or_dockers() {
         "run",
         "--rm",
         "--network",
-        "bridge",
+        "no-such-net",
         "busybox:local",
         "true",
     ]);
     assert_eq!(o.status.code(), Some(125));
     assert!(
-        text(&o.stderr).contains("network `bridge`"),
+        text(&o.stderr).contains("network `no-such-net`"),
         "{}",
         text(&o.stderr)
     );
@@ -981,4 +983,164 @@ fn prune_and_rmi_keep_what_a_container_uses() {
         .filter(|e| e.path().is_dir())
         .count();
     assert_eq!(snapshots, 0);
+}
+
+/// Removes a test network when the test ends, passing or not (its containers
+/// first: a network in use cannot be removed).
+struct NetGuard<'a> {
+    env: &'a Env,
+    net: String,
+}
+
+impl Drop for NetGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(o) = self.env.cmd().args(["ps", "-aq", "--no-trunc"]).output() {
+            for id in text(&o.stdout).split_whitespace() {
+                let _gone = self.env.cmd().args(["rm", "-f", id]).output();
+            }
+        }
+        let _gone = self.env.cmd().args(["network", "rm", &self.net]).output();
+    }
+}
+
+/// `GET /` on 127.0.0.1:`port` from the host, retried while the server starts.
+fn http_get_local(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            if s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").is_ok() {
+                let mut out = String::new();
+                if s.read_to_string(&mut out).is_ok() && out.contains("200") {
+                    return out;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "127.0.0.1:{port} did not answer in 20s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn containers_on_a_bridge_network_talk_by_name_and_a_published_port_answers() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new();
+    let pid = std::process::id();
+    let net = format!("kt{pid}");
+    env.ok(&["network", "create", &net]);
+    let guard = NetGuard {
+        env: &env,
+        net: net.clone(),
+    };
+    let www = env.tmp.path().join("www");
+    fs_err::create_dir_all(&www).expect("www");
+    fs_err::write(www.join("index.html"), "hello from web\n").expect("index");
+    let port = u16::try_from(20_000 + pid % 20_000).expect("port");
+    let web = format!("web{pid}");
+    let publish = format!("127.0.0.1:{port}:8080");
+    let bind = format!("{}:/www:ro", www.display());
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        &web,
+        "--network",
+        &net,
+        "--network-alias",
+        "site",
+        "-p",
+        &publish,
+        "-v",
+        &bind,
+        "busybox:local",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
+    ]);
+    let web_id = env.inspect(&web)["Id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // From another container on the network, by name and by alias (busybox
+    // wget; retried while httpd starts).
+    for host in [web.as_str(), "site"] {
+        let url = format!("http://{host}:8080/");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = env.kiln(&[
+                "run",
+                "--rm",
+                "--network",
+                &net,
+                "busybox:local",
+                "timeout",
+                "5",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &url,
+            ]);
+            if o.status.success() {
+                assert_eq!(text(&o.stdout), "hello from web\n", "{host}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url} unreachable: {}",
+                text(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // A container on another network (none) cannot resolve it.
+    let o = env.kiln(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "busybox:local",
+        "timeout",
+        "5",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        "http://site:8080/",
+    ]);
+    assert!(!o.status.success(), "reached from the none network");
+    // The published port, from the host.
+    let page = http_get_local(port);
+    assert!(page.contains("hello from web"), "{page}");
+    // Removing the container and the network leaves no veth, bridge or rule.
+    env.ok(&["rm", "-f", &web]);
+    let rules = Command::new("iptables-save")
+        .output()
+        .expect("iptables-save");
+    assert!(
+        !text(&rules.stdout).contains(&format!("--dport {port}")),
+        "a rule for port {port} is left"
+    );
+    env.ok(&["network", "rm", &net]);
+    drop(guard);
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = text(&links.stdout);
+    assert!(
+        !links.contains(&web_id[..8.min(web_id.len())]) || web_id.is_empty(),
+        "{links}"
+    );
+    let ls = env.ok(&["network", "ls"]);
+    assert!(!ls.contains(&net), "{ls}");
+    env.assert_nothing_left(&[&web_id], &[]);
 }

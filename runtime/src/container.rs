@@ -3,10 +3,12 @@
 
 use std::io::{BufRead, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_cache::{ContainerRecord, LeaseKind, Store, format_rfc3339};
+
+use crate::network;
 use kiln_executor::{
     ExecSpec, ExitStatus, Io, Mount, MountKind, Network, ProcessSpec, ResolvedUser, RootfsSpec,
     Running, Sandbox, SandboxSpec, Stdio, User,
@@ -126,16 +128,36 @@ pub(crate) fn parse_signal(s: &str) -> Result<Signal> {
     full.parse::<Signal>().map_err(|_| bad())
 }
 
-/// Checks the network mode: `none` and `host` are built in; a bridge network is
-/// the network module's (not in this build yet; see [`attach_network`]). The
-/// integration makes this accept `bridge` and existing network names.
-fn check_network(network: &str) -> Result<()> {
+/// Checks the network mode: `none` and `host` are built in; `bridge` (made
+/// on first use) and networks made with `kiln network create` are bridges.
+/// `-p` values are checked here too, before anything is created.
+fn check_network(store_root: &Path, network: &str, publish: &[String]) -> Result<()> {
+    let net_err = |reason: String| Error::Network {
+        network: network.to_owned(),
+        reason,
+    };
     match network {
-        "none" | "host" => Ok(()),
-        other => Err(Error::Network {
-            network: other.to_owned(),
-            reason: "bridge networks are not available in this build yet; use --network none or --network host".to_owned(),
-        }),
+        "none" | "host" => {
+            if publish.is_empty() {
+                Ok(())
+            } else {
+                Err(net_err(format!(
+                    "ports cannot be published on the `{network}` network"
+                )))
+            }
+        }
+        other => {
+            for p in publish {
+                p.parse::<network::PortSpec>()
+                    .map_err(|e| net_err(format!("-p {p}: {e}")))?;
+            }
+            if other == network::DEFAULT_NETWORK {
+                return Ok(());
+            }
+            network::inspect(store_root, other)
+                .map(|_| ())
+                .map_err(|e| net_err(e.to_string()))
+        }
     }
 }
 
@@ -143,10 +165,9 @@ fn sandbox_network(cfg: &ContainerConfig) -> Result<Network> {
     match cfg.network.as_str() {
         "none" => Ok(Network::None),
         "host" => Ok(Network::Host),
-        other => {
-            check_network(other)?;
-            Ok(Network::None)
-        }
+        // A bridge: a fresh network namespace, joined to the bridge by
+        // [`attach_network`] before the payload runs.
+        _ => Ok(Network::None),
     }
 }
 
@@ -238,7 +259,7 @@ pub fn run(store: &Store, opts: &RunOptions) -> Result<RunOutcome> {
 }
 
 fn create(store: &Store, opts: &RunOptions) -> Result<ContainerInfo> {
-    check_network(&opts.network)?;
+    check_network(store.root(), &opts.network, &opts.publish)?;
     if let Some(n) = &opts.name {
         validate_container_name(n)?;
     }
@@ -370,6 +391,18 @@ fn sandbox_spec(store: &Store, info: &ContainerInfo) -> Result<SandboxSpec> {
     );
     spec.hostname = cfg.hostname.clone();
     spec.network = sandbox_network(cfg)?;
+    let hosts = if needs_gate(cfg) {
+        // The network's hosts file, shared by its containers and rewritten
+        // in place: a bind mount shows names that join later.
+        Some(
+            network::prepare(store.root(), &cfg.network).map_err(|e| Error::Network {
+                network: cfg.network.clone(),
+                reason: e.to_string(),
+            })?,
+        )
+    } else {
+        None
+    };
     spec.limits = cfg.limits.clone();
     spec.readonly_rootfs = cfg.read_only;
     spec.tty = cfg.tty;
@@ -392,6 +425,15 @@ fn sandbox_spec(store: &Store, info: &ContainerInfo) -> Result<SandboxSpec> {
             },
         })
         .collect();
+    if let Some(hosts) = hosts {
+        spec.mounts.push(Mount {
+            target: "/etc/hosts".to_owned(),
+            kind: MountKind::Bind {
+                source: hosts,
+                readonly: true,
+            },
+        });
+    }
     Ok(spec)
 }
 
@@ -547,23 +589,55 @@ fn needs_gate(cfg: &ContainerConfig) -> bool {
     !matches!(cfg.network.as_str(), "none" | "host")
 }
 
-/// INTEGRATION POINT (networks): the one place a container joins a bridge network.
-/// Called with the host pid of the container's PID 1 after its namespaces and rootfs
-/// are complete and before its payload runs (the sandbox is gated). With
-/// `kiln_runtime::network` this becomes:
-/// `let a = network::attach(store.root(), net, &id, &name, &aliases, pid, &publish)?;`
-/// then copy `a.hosts_file` (and `a.resolv_conf`) over
-/// `/proc/<pid>/root/etc/hosts` (`.../etc/resolv.conf`), writing in place.
-fn attach_network(_store: &Store, info: &ContainerInfo, _pid: u32) -> Result<()> {
-    match info.config.network.as_str() {
-        "none" | "host" => Ok(()),
-        other => check_network(other),
+/// Joins a bridge network: called with the host pid of the container's PID 1
+/// after its namespaces and rootfs are complete and before its payload runs
+/// (the sandbox is gated). Its name, its `--network-alias`es and its hostname
+/// resolve on the network (the shared hosts file is bind-mounted).
+fn attach_network(store: &Store, info: &ContainerInfo, pid: u32) -> Result<()> {
+    let cfg = &info.config;
+    if !needs_gate(cfg) {
+        return Ok(());
     }
+    let net_err = |reason: String| Error::Network {
+        network: cfg.network.clone(),
+        reason,
+    };
+    let publish = cfg
+        .publish
+        .iter()
+        .map(|p| {
+            p.parse::<network::PortSpec>()
+                .map_err(|e| net_err(format!("-p {p}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut aliases = cfg.aliases.clone();
+    if !cfg.hostname.is_empty()
+        && cfg.hostname != info.record.name
+        && !aliases.contains(&cfg.hostname)
+        && !info.record.id.starts_with(&cfg.hostname)
+    {
+        aliases.push(cfg.hostname.clone());
+    }
+    let name = info.record.name.trim_start_matches('/');
+    network::attach(
+        store.root(),
+        &cfg.network,
+        &info.record.id,
+        name,
+        &aliases,
+        pid,
+        &publish,
+    )
+    .map(|_| ())
+    .map_err(|e| net_err(e.to_string()))
 }
 
-/// INTEGRATION POINT (networks): `network::detach(store.root(), net, &id)` for a
-/// bridge network, best effort, after the payload's end.
-fn detach_network(_store: &Store, _info: &ContainerInfo) {}
+/// Leaves the bridge network, best effort (idempotent).
+fn detach_network(store: &Store, info: &ContainerInfo) {
+    if needs_gate(&info.config) {
+        let _ = network::detach(store.root(), &info.config.network, &info.record.id);
+    }
+}
 
 /// The payload's streams for a foreground run: a pty with `-t` (returning its
 /// master side), kiln's stdin with `-i`, else kiln's stdout/stderr.
@@ -1048,7 +1122,12 @@ mod tests {
         assert!(validate_container_name("a b").is_err());
         let id = "0123456789abcdef".repeat(4);
         assert!(random_name(&id).ends_with("_0123"));
-        assert!(check_network("none").is_ok() && check_network("host").is_ok());
-        assert!(check_network("bridge").is_err());
+        let root = Path::new("/nonexistent-kiln-root");
+        assert!(check_network(root, "none", &[]).is_ok());
+        assert!(check_network(root, "host", &[]).is_ok());
+        assert!(check_network(root, "bridge", &["8080".to_owned()]).is_ok());
+        assert!(check_network(root, "none", &["8080".to_owned()]).is_err());
+        assert!(check_network(root, "bridge", &["notaport".to_owned()]).is_err());
+        assert!(check_network(root, "no-such-net", &[]).is_err());
     }
 }

@@ -51,8 +51,8 @@ pub(crate) struct RunArgs {
     /// Mount the container's root file system read-only.
     #[arg(long = "read-only")]
     read_only: bool,
-    /// The network: none, host, bridge or a network name.
-    #[arg(long, default_value = "none")]
+    /// The network: bridge (the default, as docker's), none, host or a network name.
+    #[arg(long, default_value = "bridge")]
     network: String,
     /// A name for the container on its network.
     #[arg(long = "network-alias", value_name = "ALIAS")]
