@@ -1144,3 +1144,59 @@ fn containers_on_a_bridge_network_talk_by_name_and_a_published_port_answers() {
     assert!(!ls.contains(&net), "{ls}");
     env.assert_nothing_left(&[&web_id], &[]);
 }
+
+#[test]
+fn a_new_volume_is_filled_from_every_layer_of_the_image() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.tmp.path().join("ctx");
+    fs_err::create_dir_all(&ctx).expect("ctx");
+    // /data spread over three layers, one file deleted by a later layer.
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\n\
+         RUN mkdir -p /data/sub && echo lower > /data/a && echo gone > /data/b\n\
+         RUN echo upper > /data/c && rm /data/b && echo deep > /data/sub/d\n\
+         RUN echo top > /data/a\n",
+    )
+    .expect("Dockerfile");
+    let ctx_s = ctx.to_str().expect("utf8");
+    env.ok(&[
+        "build",
+        "--progress=plain",
+        "--network=none",
+        "-t",
+        "layers",
+        ctx_s,
+    ]);
+    let listing = env.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        "merged:/data",
+        "layers",
+        "sh",
+        "-c",
+        "cd /data && find . -type f | sort && cat a c sub/d",
+    ]);
+    assert_eq!(listing, "./a\n./c\n./sub/d\ntop\nupper\ndeep\n");
+    // The copy is the volume's own: it outlives the container.
+    let again = env.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        "merged:/v",
+        "busybox:local",
+        "cat",
+        "/v/c",
+    ]);
+    assert_eq!(again, "upper\n");
+    env.ok(&["volume", "rm", "merged"]);
+    env.assert_nothing_left(&[], &[]);
+}

@@ -79,41 +79,91 @@ pub fn prune(store: &Store, all: bool) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Copies the image's content at `target` into the volume's empty `data`
-/// directory: from the top-most layer holding `target` as a directory.
+/// Fills an empty volume with what the image has at `target`, as docker
+/// does on first use: the image's merged view there (every layer, whiteouts
+/// and opaque directories applied), read through a read-only overlay of
+/// `lowers` (top-most first) mounted in a scratch directory. A `target`
+/// that is missing, not a directory, or reached through a symlink in the
+/// image leaves the volume empty (nothing is followed out of the image).
 pub(crate) fn fill_from_image(data: &Path, lowers: &[PathBuf], target: &str) -> Result<()> {
     let empty = fs_err::read_dir(data)
         .map_err(|e| Error::io("reading volume", data, e))?
         .next()
         .is_none();
-    if !empty {
+    if !empty || lowers.is_empty() {
         return Ok(());
     }
-    let rel = target.trim_start_matches('/');
-    let Some(source) = lowers
-        .iter()
-        .map(|l| l.join(rel))
-        .find(|p| fs_err::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
-    else {
-        return Ok(());
-    };
-    let out = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", source.display()))
-        .arg(data)
-        .output()
-        .map_err(|e| Error::io("running cp to fill the volume", data, e))?;
-    if !out.status.success() {
-        return Err(Error::invalid(
-            format!("volume at `{target}`"),
-            format!(
-                "copying the image's content from `{}` failed: {}",
-                source.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+    let parent = data.parent().unwrap_or(data);
+    let scratch = tempfile::Builder::new()
+        .prefix(".fill-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io("making a scratch directory", parent, e))?;
+    let merged = scratch.path().join("m");
+    let blank = scratch.path().join("e");
+    for d in [&merged, &blank] {
+        fs_err::create_dir(d).map_err(|e| Error::io("making a scratch directory", d, e))?;
+    }
+    let merged = merged.as_path();
+    let mut opts = std::ffi::OsString::from("ro,lowerdir=");
+    for (i, l) in lowers.iter().enumerate() {
+        if i > 0 {
+            opts.push(":");
+        }
+        opts.push(l.as_os_str());
+    }
+    if lowers.len() == 1 {
+        // Without an upper, overlayfs wants two lower layers.
+        opts.push(":");
+        opts.push(blank.as_os_str());
+    }
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let mounted = mount(
+        Some("overlay"),
+        merged,
+        Some("overlay"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_os_str()),
+    );
+    if let Err(e) = mounted {
+        return Err(Error::io(
+            "mounting the image to fill a volume",
+            merged,
+            std::io::Error::from(e),
         ));
     }
-    Ok(())
+    let result = (|| -> Result<()> {
+        // Walk the target inside the image, following no symlink.
+        let mut source = merged.to_path_buf();
+        for comp in target.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if comp == ".." {
+                return Ok(());
+            }
+            source.push(comp);
+            match fs_err::symlink_metadata(&source) {
+                Ok(m) if m.is_dir() => {}
+                _ => return Ok(()),
+            }
+        }
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", source.display()))
+            .arg(data)
+            .output()
+            .map_err(|e| Error::io("running cp to fill the volume", data, e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                format!("volume at `{target}`"),
+                format!(
+                    "copying the image's content failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ))
+        }
+    })();
+    let _ = umount2(merged, MntFlags::MNT_DETACH);
+    result
 }
 
 #[cfg(test)]
