@@ -1069,6 +1069,17 @@ fn containers_on_a_bridge_network_talk_by_name_and_a_published_port_answers() {
         .as_str()
         .unwrap_or_default()
         .to_owned();
+    let info = kiln_runtime::network::inspect(&env.store(), &net).expect("network inspect");
+    let bridge = info.bridge.clone().expect("a bridge network has a bridge");
+    let veths: Vec<String> = info.containers.iter().map(|c| c.veth.clone()).collect();
+    assert_eq!(veths.len(), 1, "{info:?}");
+    let link_exists = |name: &str| {
+        Command::new("ip")
+            .args(["link", "show", name])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(link_exists(&veths[0]) && link_exists(&bridge));
     // From another container on the network, by name and by alias (busybox
     // wget; retried while httpd starts).
     for host in [web.as_str(), "site"] {
@@ -1122,6 +1133,7 @@ fn containers_on_a_bridge_network_talk_by_name_and_a_published_port_answers() {
     assert!(page.contains("hello from web"), "{page}");
     // Removing the container and the network leaves no veth, bridge or rule.
     env.ok(&["rm", "-f", &web]);
+    assert!(!link_exists(&veths[0]), "veth {} left after rm", veths[0]);
     let rules = Command::new("iptables-save")
         .output()
         .expect("iptables-save");
@@ -1131,14 +1143,9 @@ fn containers_on_a_bridge_network_talk_by_name_and_a_published_port_answers() {
     );
     env.ok(&["network", "rm", &net]);
     drop(guard);
-    let links = Command::new("ip")
-        .args(["-o", "link"])
-        .output()
-        .expect("ip link");
-    let links = text(&links.stdout);
     assert!(
-        !links.contains(&web_id[..8.min(web_id.len())]) || web_id.is_empty(),
-        "{links}"
+        !link_exists(&bridge),
+        "bridge {bridge} left after network rm"
     );
     let ls = env.ok(&["network", "ls"]);
     assert!(!ls.contains(&net), "{ls}");
