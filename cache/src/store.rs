@@ -270,6 +270,16 @@ impl Store {
             true,
         )
         .map_err(|e| db("setting pragmas", e))?;
+        // A process that opens the database alone reads the whole WAL to
+        // rebuild its index: keep it small (checkpoint every 128 pages,
+        // truncate it to 1 MiB after).
+        conn.execute_batch("PRAGMA wal_autocheckpoint=128; PRAGMA journal_size_limit=1048576;")
+            .map_err(|e| db("setting pragmas", e))?;
+        let wal = root.join("meta.db-wal");
+        if fs_err::metadata(&wal).is_ok_and(|m| m.len() > 2 << 20) {
+            conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                .map_err(|e| db("checkpointing", e))?;
+        }
         migrate(&mut conn, &db_path)?;
         Ok(Store {
             root,

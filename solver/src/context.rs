@@ -579,14 +579,14 @@ impl StatCache {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(e)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
-        // A cache: losing the last writes on power loss only costs re-reads.
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(e)?;
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )
-        .map_err(e)?;
+        tune_cache_db(&conn).map_err(e)?;
+        // A WAL left big (by an older kiln) is read whole by every process
+        // that opens it alone: fold it into the database once.
+        let wal = store_root.join("statcache.db-wal");
+        if fs_err::metadata(&wal).is_ok_and(|m| m.len() > 2 << 20) {
+            conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                .map_err(e)?;
+        }
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS stat_cache (
                 path TEXT PRIMARY KEY,
@@ -706,3 +706,20 @@ impl StatCache {
 #[cfg(test)]
 #[path = "context_tests.rs"]
 mod tests;
+
+/// Settings of `statcache.db` connections (stat cache, key history,
+/// content memo): a cache, so losing the last writes on power loss only
+/// costs re-reads (`synchronous=NORMAL`); no checkpoint when a short-lived
+/// process closes it, but a small WAL (checkpointed every 128 pages and
+/// truncated to 1 MiB), since every process that opens it alone reads the
+/// whole WAL to rebuild its index.
+pub(crate) fn tune_cache_db(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 128)?;
+    conn.pragma_update(None, "journal_size_limit", 1 << 20)?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
+    Ok(())
+}

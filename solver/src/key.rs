@@ -521,13 +521,7 @@ impl KeyHistory {
         let conn = rusqlite::Connection::open(&path).map_err(e)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(e)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(e)?;
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )
-        .map_err(e)?;
+        crate::context::tune_cache_db(&conn).map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS key_history (
                 scope TEXT NOT NULL,
@@ -593,8 +587,13 @@ impl KeyHistory {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO key_history (scope, stage, idx, line, inputs)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    // Unchanged rows are not rewritten: a no-op rebuild
+                    // writes nothing (a COPY's row lists all its files).
+                    "INSERT INTO key_history (scope, stage, idx, line, inputs)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (scope, stage, idx) DO UPDATE
+                     SET line = excluded.line, inputs = excluded.inputs
+                     WHERE line != excluded.line OR inputs != excluded.inputs",
                 )
                 .map_err(e)?;
             for i in inputs {
@@ -655,15 +654,8 @@ impl ContentMemo {
         let conn = rusqlite::Connection::open(&path).map_err(e)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(e)?;
-        // As the key history on the same file: no fsync per write, no
-        // checkpoint when closing.
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(e)?;
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )
-        .map_err(e)?;
+        // As the key history on the same file.
+        crate::context::tune_cache_db(&conn).map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS content_digest (
                 id TEXT PRIMARY KEY NOT NULL,
