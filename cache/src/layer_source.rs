@@ -48,18 +48,7 @@ impl Store {
             source,
         })?;
         let (_, diff_id, size) = hw.finish();
-        let id = format!("{SNAPSHOT_PREFIX}{}", diff_id.hex());
-        let snapshots = self.root().join("snapshots");
-        let dir = snapshots.join(&id);
-        let lock_path = snapshots.join(format!("{id}.lock"));
-        let lock = fs_err::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| StoreError::io("opening snapshot lock", &lock_path, e))?;
-        lock.lock()
-            .map_err(|e| StoreError::io("locking snapshot", &lock_path, e))?;
+        let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;
         if dir.is_dir() {
             let _ = fs_err::remove_dir_all(upper);
         } else {

@@ -525,11 +525,12 @@ impl Store {
 
     // ------------------------------------------------------------ snapshots
 
-    /// The directory holding the layer `diff_id` unpacked (overlay form:
-    /// whiteouts as 0/0 devices), unpacking it on first use. Concurrent
-    /// callers, in this or other processes, unpack it once.
-    pub fn snapshot_for(&self, diff_id: &Digest) -> Result<PathBuf> {
-        let _lock = self.lock_shared()?;
+    /// Takes the lock of `diff_id`'s snapshot (held while the returned file
+    /// is open): its id, its directory, the lock.
+    pub(crate) fn lock_snapshot(
+        &self,
+        diff_id: &Digest,
+    ) -> Result<(String, PathBuf, fs_err::File)> {
         let id = format!("{SNAPSHOT_PREFIX}{}", diff_id.hex());
         let snapshots = self.root.join("snapshots");
         let dir = snapshots.join(&id);
@@ -542,6 +543,16 @@ impl Store {
             .map_err(|e| StoreError::io("opening snapshot lock", &lock_path, e))?;
         lock.lock()
             .map_err(|e| StoreError::io("locking snapshot", &lock_path, e))?;
+        Ok((id, dir, lock))
+    }
+
+    /// The directory holding the layer `diff_id` unpacked (overlay form:
+    /// whiteouts as 0/0 devices), unpacking it on first use. Concurrent
+    /// callers, in this or other processes, unpack it once.
+    pub fn snapshot_for(&self, diff_id: &Digest) -> Result<PathBuf> {
+        let _lock = self.lock_shared()?;
+        let (id, dir, _snapshot_lock) = self.lock_snapshot(diff_id)?;
+        let snapshots = self.root.join("snapshots");
         if !dir.is_dir() {
             let temp = snapshots.join(unique_name(&format!(".tmp-{id}")));
             mkdir(&temp)?;

@@ -573,13 +573,7 @@ impl StatCache {
             path: path.clone(),
             source,
         };
-        let conn = rusqlite::Connection::open(&path).map_err(e)?;
-        // WAL so concurrent builds can read while one writes; a busy
-        // timeout instead of failing when two write at once.
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(e)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
-        tune_cache_db(&conn).map_err(e)?;
+        let conn = open_cache_db(&path).map_err(e)?;
         // A WAL left big (by an older kiln) is read whole by every process
         // that opens it alone: fold it into the database once.
         let wal = store_root.join("statcache.db-wal");
@@ -707,13 +701,17 @@ impl StatCache {
 #[path = "context_tests.rs"]
 mod tests;
 
-/// Settings of `statcache.db` connections (stat cache, key history,
-/// content memo): a cache, so losing the last writes on power loss only
-/// costs re-reads (`synchronous=NORMAL`); no checkpoint when a short-lived
-/// process closes it, but a small WAL (checkpointed every 128 pages and
-/// truncated to 1 MiB), since every process that opens it alone reads the
-/// whole WAL to rebuild its index.
-pub(crate) fn tune_cache_db(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+/// Opens `statcache.db` (stat cache, key history, content memo): WAL so
+/// concurrent builds read while one writes, a busy timeout instead of
+/// failing when two write at once; a cache, so losing the last writes on
+/// power loss only costs re-reads (`synchronous=NORMAL`); no checkpoint
+/// when a short-lived process closes it, but a small WAL (checkpointed
+/// every 128 pages and truncated to 1 MiB), since every process that opens
+/// it alone reads the whole WAL to rebuild its index.
+pub(crate) fn open_cache_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "wal_autocheckpoint", 128)?;
     conn.pragma_update(None, "journal_size_limit", 1 << 20)?;
@@ -721,5 +719,5 @@ pub(crate) fn tune_cache_db(conn: &rusqlite::Connection) -> rusqlite::Result<()>
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
         true,
     )?;
-    Ok(())
+    Ok(conn)
 }

@@ -518,10 +518,7 @@ impl KeyHistory {
             path: path.clone(),
             source,
         };
-        let conn = rusqlite::Connection::open(&path).map_err(e)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(e)?;
-        crate::context::tune_cache_db(&conn).map_err(e)?;
+        let conn = crate::context::open_cache_db(&path).map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS key_history (
                 scope TEXT NOT NULL,
@@ -651,11 +648,7 @@ impl ContentMemo {
             path: path.clone(),
             source,
         };
-        let conn = rusqlite::Connection::open(&path).map_err(e)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(e)?;
-        // As the key history on the same file.
-        crate::context::tune_cache_db(&conn).map_err(e)?;
+        let conn = crate::context::open_cache_db(&path).map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS content_digest (
                 id TEXT PRIMARY KEY NOT NULL,
