@@ -201,6 +201,9 @@ pub struct SnapshotTar {
 impl SnapshotTar {
     fn spawn(dir: PathBuf, digest: Digest, size: u64) -> Result<SnapshotTar> {
         let (reader, writer) = io::pipe().map_err(|e| StoreError::io("making a pipe", &dir, e))?;
+        // A 1 MiB pipe: the default 64 KiB makes writer and reader take
+        // turns every 64 KiB. (A kernel refusing the size keeps the default.)
+        let _ = nix::fcntl::fcntl(&writer, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
         let src = dir.clone();
         let handle = std::thread::Builder::new()
             .name("layer-tar".to_owned())
