@@ -139,7 +139,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
     let settings = Arc::new(FileSettings {
         kind: op.source_kind,
         owner,
-        chmod: chmod.clone(),
+        chmod,
         time: op.created_time,
         apply_ownership: op.apply_ownership,
     });
@@ -154,11 +154,6 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         }
         let mut c = Copier {
             dest_root,
-            kind: op.source_kind,
-            owner,
-            chmod,
-            time: op.created_time,
-            apply_ownership: op.apply_ownership,
             exclude,
             ignore: op.ignore.as_ref(),
             links: HashMap::new(),
@@ -229,7 +224,7 @@ fn copy_all(
                 dest_root,
                 &dst,
                 &mut c.report,
-                c.apply_ownership,
+                c.settings.apply_ownership,
             )?;
             continue;
         }
@@ -246,14 +241,14 @@ fn copy_all(
                 dest_root,
                 &dst,
                 &mut c.report,
-                c.apply_ownership,
+                c.settings.apply_ownership,
             )?;
             continue;
         }
         c.copy_top(path, "", name, false, &dst, SourceKindFor::Generated)?;
     }
     c.settle()?;
-    if let Some(t) = c.time {
+    if let Some(t) = c.settings.time {
         let t = FileTime::from_system_time(t);
         for dir in c.stamped.iter().rev() {
             filetime::set_symlink_file_times(dir, t, t).map_err(|e| with_path(e, dir))?;
@@ -304,11 +299,6 @@ enum SourceKindFor {
 
 struct Copier<'a> {
     dest_root: &'a Path,
-    kind: SourceKind,
-    owner: Option<Owner>,
-    chmod: Option<ModeChange>,
-    time: Option<SystemTime>,
-    apply_ownership: bool,
     exclude: Option<PatternMatcher>,
     ignore: Option<&'a PatternMatcher>,
     /// (dev, ino) of a source file with several links → where it was written.
@@ -336,6 +326,41 @@ struct FileSettings {
     chmod: Option<ModeChange>,
     time: Option<SystemTime>,
     apply_ownership: bool,
+}
+
+impl FileSettings {
+    /// The owner a copied entry gets (`None`: ownership is not applied):
+    /// `--chown`, else a stage's own ids, else root.
+    fn owner_of(&self, meta: &Metadata, whose: SourceKindFor) -> Option<(u32, u32)> {
+        if !self.apply_ownership {
+            return None;
+        }
+        Some(match (self.owner, whose, self.kind) {
+            (Some(o), _, _) => (o.uid, o.gid),
+            (None, SourceKindFor::Op, SourceKind::Stage) => (meta.uid(), meta.gid()),
+            _ => (0, 0),
+        })
+    }
+
+    /// The source's permission bits, after `--chmod`.
+    fn mode_of(&self, meta: &Metadata, is_dir: bool) -> u32 {
+        let bits = meta.mode() & 0o7777;
+        match &self.chmod {
+            Some(c) => c.apply(bits, is_dir),
+            None => bits,
+        }
+    }
+
+    /// (atime, mtime): the fixed build time, else the source's.
+    fn times_of(&self, meta: &Metadata) -> (FileTime, FileTime) {
+        match self.time {
+            Some(t) => (FileTime::from_system_time(t), FileTime::from_system_time(t)),
+            None => (
+                FileTime::from_last_access_time(meta),
+                FileTime::from_last_modification_time(meta),
+            ),
+        }
+    }
 }
 
 /// One regular file to copy.
@@ -438,11 +463,15 @@ impl Copier<'_> {
         for dir in missing.into_iter().rev() {
             fs_err::create_dir(&dir)?;
             fs_err::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-            if let Some(o) = self.owner.filter(|_| self.apply_ownership) {
+            if let Some(o) = self
+                .settings
+                .owner
+                .filter(|_| self.settings.apply_ownership)
+            {
                 std::os::unix::fs::lchown(&dir, Some(o.uid), Some(o.gid))
                     .map_err(|e| with_path(e, &dir))?;
             }
-            if self.time.is_some() {
+            if self.settings.time.is_some() {
                 self.stamped.push(dir.clone());
             }
             let inner = self.inner_of(&dir);
@@ -771,31 +800,16 @@ impl Copier<'_> {
         is_symlink: bool,
         whose: SourceKindFor,
     ) -> Result<(), FileOpError> {
-        if self.apply_ownership {
-            let (uid, gid) = match (self.owner, whose, self.kind) {
-                (Some(o), _, _) => (o.uid, o.gid),
-                (None, SourceKindFor::Op, SourceKind::Stage) => (meta.uid(), meta.gid()),
-                _ => (0, 0),
-            };
+        if let Some((uid, gid)) = self.settings.owner_of(meta, whose) {
             std::os::unix::fs::lchown(target, Some(uid), Some(gid))
                 .map_err(|e| with_path(e, target))?;
         }
         if !is_symlink {
-            let bits = meta.mode() & 0o7777;
-            let mode = match &self.chmod {
-                Some(c) => c.apply(bits, meta.is_dir()),
-                None => bits,
-            };
+            let mode = self.settings.mode_of(meta, meta.is_dir());
             fs_err::set_permissions(target, std::fs::Permissions::from_mode(mode))?;
         }
         copy_xattrs(src, target)?;
-        let (atime, mtime) = match self.time {
-            Some(t) => (FileTime::from_system_time(t), FileTime::from_system_time(t)),
-            None => (
-                FileTime::from_last_access_time(meta),
-                FileTime::from_last_modification_time(meta),
-            ),
-        };
+        let (atime, mtime) = self.settings.times_of(meta);
         filetime::set_symlink_file_times(target, atime, mtime).map_err(|e| with_path(e, target))?;
         Ok(())
     }
@@ -812,7 +826,7 @@ fn copy_regular(
     whose: SourceKindFor,
 ) -> Result<u64, FileOpError> {
     use fs_err::os::unix::fs::OpenOptionsExt;
-    use xattr::FileExt;
+    use xattr::FileExt as _;
     let mut from = fs_err::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
@@ -835,54 +849,26 @@ fn copy_regular(
         io::copy(&mut from, &mut to)?
     };
     let (fd_from, fd_to) = (from.file(), to.file());
-    if settings.apply_ownership {
-        let (uid, gid) = match (settings.owner, whose, settings.kind) {
-            (Some(o), _, _) => (o.uid, o.gid),
-            (None, SourceKindFor::Op, SourceKind::Stage) => (meta.uid(), meta.gid()),
-            _ => (0, 0),
-        };
+    if let Some((uid, gid)) = settings.owner_of(meta, whose) {
         let created = fd_to.metadata().map_err(|e| with_path(e, target))?;
         if (created.uid(), created.gid()) != (uid, gid) {
             std::os::unix::fs::fchown(fd_to, Some(uid), Some(gid))
                 .map_err(|e| with_path(e, target))?;
         }
     }
-    let bits = meta.mode() & 0o7777;
-    let mode = match &settings.chmod {
-        Some(c) => c.apply(bits, false),
-        None => bits,
-    };
     fd_to
-        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .set_permissions(std::fs::Permissions::from_mode(
+            settings.mode_of(meta, false),
+        ))
         .map_err(|e| with_path(e, target))?;
-    match fd_from.list_xattr() {
-        Ok(names) => {
-            for name in names {
-                let Some(value) = fd_from.get_xattr(&name).map_err(|e| with_path(e, src))? else {
-                    continue;
-                };
-                let lossy = name.to_string_lossy();
-                match fd_to.set_xattr(&name, &value) {
-                    Ok(()) => {}
-                    Err(e)
-                        if xattr_skippable(&e)
-                            || (e.kind() == io::ErrorKind::PermissionDenied
-                                && (lossy.starts_with("security.")
-                                    || lossy.starts_with("trusted."))) => {}
-                    Err(e) => return Err(with_path(e, target).into()),
-                }
-            }
-        }
-        Err(e) if xattr_skippable(&e) => {}
-        Err(e) => return Err(with_path(e, src).into()),
-    }
-    let (atime, mtime) = match settings.time {
-        Some(t) => (FileTime::from_system_time(t), FileTime::from_system_time(t)),
-        None => (
-            FileTime::from_last_access_time(meta),
-            FileTime::from_last_modification_time(meta),
-        ),
-    };
+    copy_xattr_list(
+        src,
+        target,
+        fd_from.list_xattr(),
+        |name| fd_from.get_xattr(name),
+        |name, value| fd_to.set_xattr(name, value),
+    )?;
+    let (atime, mtime) = settings.times_of(meta);
     filetime::set_file_handle_times(fd_to, Some(atime), Some(mtime))
         .map_err(|e| with_path(e, target))?;
     Ok(bytes)
@@ -896,17 +882,35 @@ const SMALL_FILE: u64 = 256 * 1024;
 /// ones an unprivileged process may not set, are left out (BuildKit's
 /// xattr error handler does the same for unsupported ones).
 pub(super) fn copy_xattrs(src: &Path, target: &Path) -> Result<(), FileOpError> {
-    let names = match xattr::list(src) {
+    copy_xattr_list(
+        src,
+        target,
+        xattr::list(src),
+        |name| xattr::get(src, name),
+        |name, value| xattr::set(target, name, value),
+    )
+}
+
+/// [`copy_xattrs`] over any way of listing, reading and writing them (paths
+/// or open files).
+fn copy_xattr_list(
+    src: &Path,
+    target: &Path,
+    names: io::Result<xattr::XAttrs>,
+    get: impl Fn(&std::ffi::OsStr) -> io::Result<Option<Vec<u8>>>,
+    set: impl Fn(&std::ffi::OsStr, &[u8]) -> io::Result<()>,
+) -> Result<(), FileOpError> {
+    let names = match names {
         Ok(n) => n,
         Err(e) if xattr_skippable(&e) => return Ok(()),
         Err(e) => return Err(with_path(e, src).into()),
     };
     for name in names {
-        let Some(value) = xattr::get(src, &name).map_err(|e| with_path(e, src))? else {
+        let Some(value) = get(&name).map_err(|e| with_path(e, src))? else {
             continue;
         };
         let lossy = name.to_string_lossy();
-        match xattr::set(target, &name, &value) {
+        match set(&name, &value) {
             Ok(()) => {}
             Err(e)
                 if xattr_skippable(&e)
