@@ -1634,3 +1634,93 @@ fn add_extracts_local_archives_by_content() {
     assert!(fs.join("copied/gz.tgz").is_file());
     env.assert_clean();
 }
+
+/// The diffID of layer `index` of image `name` in `env`'s store.
+fn layer_of(env: &Env, name: &str, index: usize) -> String {
+    let store = kiln_cache::Store::open(env.store()).expect("open store");
+    let img = store.resolve(name).expect("resolve");
+    img.layers[index].diff_id.to_string()
+}
+
+#[test]
+fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !can_build() {
+        return;
+    }
+    let a = Env::new();
+    let ctx = a.path("ctx-incr");
+    for d in 0..3 {
+        for f in 0..5 {
+            let p = ctx.join(format!("tree/d{d}/f{f}.txt"));
+            fs_err::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs_err::write(&p, format!("{d}/{f}\n")).expect("write");
+        }
+    }
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY tree/ /app/\nRUN cat /app/d1/f1.txt\n",
+    )
+    .expect("dockerfile");
+    // Sources changed within a clock tick of a copy are never remembered.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let build = |env: &Env| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(env.store())
+            .args(["build", "--progress=plain", "--network=none", "-t", "incr"])
+            .arg(&ctx)
+            .env_remove("KILN_ROOT")
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .output()
+            .expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    build(&a);
+    let first_top = layer_of(&a, "incr", 1);
+    // Edit one file, chmod another, add one, delete one.
+    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited\n").expect("edit");
+    fs_err::set_permissions(
+        ctx.join("tree/d2/f2.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    fs_err::write(ctx.join("tree/d0/new.txt"), "new\n").expect("add");
+    fs_err::remove_file(ctx.join("tree/d0/f4.txt")).expect("rm");
+    let second = build(&a);
+    let copy = step_number(&second, "COPY tree/ /app/");
+    assert!(
+        step_lines(&second, &copy)
+            .iter()
+            .any(|l| l.contains("MISS")),
+        "{second}"
+    );
+    assert!(second.contains("edited"), "the RUN saw the edit:\n{second}");
+    let top = layer_of(&a, "incr", 1);
+    assert_ne!(top, first_top);
+    let hex = top.trim_start_matches("sha256:");
+    let snap = a.store().join("snapshots").join(format!("v1-{hex}"));
+    let first_snap = a
+        .store()
+        .join("snapshots")
+        .join(format!("v1-{}", first_top.trim_start_matches("sha256:")));
+    let meta = |p: &Path| fs_err::symlink_metadata(p).expect("stat");
+    // Unchanged files are the previous build's inodes; changed ones are new.
+    let same = meta(&snap.join("app/d0/f0.txt"));
+    assert_eq!(same.ino(), meta(&first_snap.join("app/d0/f0.txt")).ino());
+    for changed in ["app/d1/f1.txt", "app/d2/f2.txt", "app/d0/new.txt"] {
+        assert_eq!(meta(&snap.join(changed)).nlink(), 1, "{changed}");
+    }
+    assert_eq!(meta(&snap.join("app/d2/f2.txt")).mode() & 0o777, 0o600);
+    assert_eq!(read(&snap.join("app/d1/f1.txt")), "edited\n");
+    assert!(!snap.join("app/d0/f4.txt").exists());
+    // The previous snapshot is untouched.
+    assert_eq!(read(&first_snap.join("app/d1/f1.txt")), "1/1\n");
+    assert!(first_snap.join("app/d0/f4.txt").exists());
+    // And the layer is exactly what a clean store builds.
+    let b = Env::new();
+    build(&b);
+    assert_eq!(layer_of(&b, "incr", 1), top);
+    a.assert_clean();
+}

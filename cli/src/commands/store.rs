@@ -55,6 +55,10 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
         all: args.all,
         dry_run: false,
     })?;
+    if args.all {
+        kiln_solver::runner::clear_copy_memos(&store)
+            .map_err(|e| anyhow::anyhow!("removing the COPY memos of the store: {e}"))?;
+    }
     if !report.images.is_empty() {
         println!("Deleted Images:");
         for id in &report.images {

@@ -18,6 +18,7 @@ use kiln_parser::PatternMatcher;
 use super::chmod::ModeChange;
 use super::chown::{Owner, resolve_owner};
 use super::pattern::{ResolveOptions, resolve_sources};
+use super::reuse::{Expected, FileIdentity, Reuse};
 use super::root::{clean_abs, is_absent, resolve};
 use super::{CopyOp, EntryKind, FileOpError, InRoot, Report, Source, SourceKind, archive, http};
 
@@ -163,6 +164,8 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             state: Arc::clone(&state),
             settings: Arc::clone(&settings),
             deferred: Vec::new(),
+            // Archives are extracted without the copier: ADD never reuses.
+            reuse: op.reuse.as_deref().filter(|_| !op.is_add),
         };
         let res = copy_all(
             &mut c,
@@ -316,6 +319,8 @@ struct Copier<'a> {
     /// Directories whose metadata is applied once every file in them is
     /// written (a file created later would change the mtime).
     deferred: Vec<(PathBuf, PathBuf, Metadata, SourceKindFor)>,
+    /// Linking unchanged files from the previous run of this COPY.
+    reuse: Option<&'a Reuse>,
 }
 
 /// What a regular file's copy needs besides its paths.
@@ -650,6 +655,9 @@ impl Copier<'_> {
                 // The common case, on a worker, on file descriptors only.
                 let inner = self.inner_of(target);
                 self.report.push(inner, EntryKind::File);
+                if self.reuse_file(target, &meta, fresh_parent, whose) {
+                    return Ok(());
+                }
                 return self.submit(Job {
                     src: src.to_path_buf(),
                     target: target.to_path_buf(),
@@ -660,6 +668,7 @@ impl Copier<'_> {
             match self.links.get(&key).filter(|_| meta.nlink() > 1) {
                 Some(first) => {
                     fs_err::hard_link(first, target)?;
+                    self.forget(target);
                     let inner = self.inner_of(target);
                     self.report.push(inner, EntryKind::Hardlink);
                     return Ok(());
@@ -686,9 +695,67 @@ impl Copier<'_> {
             EntryKind::Special
         };
         self.apply_info(src, target, &meta, ft.is_symlink(), whose)?;
+        self.forget(target);
         let inner = self.inner_of(target);
         self.report.push(inner, kind);
         Ok(())
+    }
+
+    /// Path of `target` below the destination root, as the memo keys it.
+    fn rel_of<'p>(&self, target: &'p Path) -> Option<&'p str> {
+        target
+            .strip_prefix(self.dest_root)
+            .ok()
+            .and_then(Path::to_str)
+            .filter(|r| !r.is_empty())
+    }
+
+    /// With reuse on: remembers the source of the regular file copied to
+    /// `target`, and links it from the previous result when it is unchanged
+    /// there (true: nothing left to copy).
+    fn reuse_file(
+        &mut self,
+        target: &Path,
+        meta: &Metadata,
+        fresh_parent: bool,
+        whose: SourceKindFor,
+    ) -> bool {
+        let Some(reuse) = self.reuse else {
+            return false;
+        };
+        let Some(rel) = self.rel_of(target) else {
+            return false;
+        };
+        let id = FileIdentity::of(meta);
+        if !reuse.rememberable(&id) {
+            self.report.identities.remove(rel);
+            return false;
+        }
+        self.report.identities.insert(rel.to_owned(), id);
+        if !fresh_parent {
+            return false;
+        }
+        let (_, mtime) = self.settings.times_of(meta);
+        let expect = Expected {
+            size: meta.size(),
+            mode: self.settings.mode_of(meta, false),
+            owner: self.settings.owner_of(meta, whose),
+            mtime: (mtime.unix_seconds(), i64::from(mtime.nanoseconds())),
+        };
+        let linked = reuse.try_link(rel, &id, &expect);
+        if linked {
+            self.report.reused += 1;
+        }
+        linked
+    }
+
+    /// Something other than a copied regular file now sits at `target`.
+    fn forget(&mut self, target: &Path) {
+        if self.reuse.is_some()
+            && let Some(rel) = self.rel_of(target)
+        {
+            self.report.identities.remove(rel);
+        }
     }
 
     /// fsutil's `copyDirectoryOnly`: make `target` a directory. An existing

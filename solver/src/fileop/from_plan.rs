@@ -40,6 +40,7 @@ impl CopyOp {
             created_time: None,
             apply_ownership: true,
             ignore: None,
+            reuse: None,
         }
     }
 }

@@ -40,6 +40,7 @@ mod error;
 mod from_plan;
 mod http;
 mod pattern;
+mod reuse;
 mod root;
 mod workdir;
 
@@ -50,6 +51,7 @@ pub use chmod::ModeChange;
 pub use copy::copy;
 pub use error::FileOpError;
 pub use pattern::{ResolveOptions, SourceEntry, files_read, go_match, resolve_sources};
+pub use reuse::{CopyMemo, FileIdentity, Reuse};
 pub use root::resolve_in_root;
 pub use workdir::mkdir_workdir;
 
@@ -145,6 +147,9 @@ pub struct CopyOp {
     /// The context's `.dockerignore` patterns: ignored paths of the source
     /// root are treated as absent. `None` for stage sources.
     pub ignore: Option<kiln_parser::PatternMatcher>,
+    /// Link files unchanged since the previous run of this COPY from its
+    /// result (see [`Reuse`]); `None` copies everything.
+    pub reuse: Option<std::sync::Arc<Reuse>>,
 }
 
 impl CopyOp {
@@ -202,6 +207,11 @@ pub struct Report {
     pub sources_read: Vec<String>,
     /// Bytes of file content written.
     pub bytes: u64,
+    /// Regular files linked from the previous result instead of copied.
+    pub reused: usize,
+    /// With reuse on: the source identity of each regular file copied, by
+    /// path below the destination root.
+    pub identities: std::collections::HashMap<String, FileIdentity>,
 }
 
 impl Report {

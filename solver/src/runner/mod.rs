@@ -16,6 +16,7 @@
 mod content;
 mod hide;
 mod mount;
+mod reuse;
 mod run;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use crate::graph::{BuildGraph, Edge, FileOp, InputRef, Op, SourceOp, VertexId};
 use crate::solve::{Step, StepRunner};
 
 pub use mount::{MergedMount, MountError};
+pub use reuse::clear_memos as clear_copy_memos;
 pub use run::RunFailure;
 
 /// A filesystem: its layers, lowest first.
@@ -443,7 +445,12 @@ impl StoreRunner {
                         src_mount.path().to_owned()
                     }
                 };
-                if c.link {
+                // A context COPY links the files unchanged since its last
+                // run from that run's result.
+                let memo = (c.from == InputRef::Context && !c.add)
+                    .then(|| reuse::memo_path(&self.store, c, &parent, self.opts.source_date_epoch))
+                    .flatten();
+                let (chain, report) = if c.link {
                     // --link: copy into an empty tree; the result is a layer
                     // independent of the parent.
                     let root = dir.path().join("link");
@@ -451,15 +458,23 @@ impl StoreRunner {
                         path: root.clone(),
                         source,
                     })?;
-                    fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
-                    self.commit(step, &parent, &root)
+                    fop.reuse = memo.as_ref().map(|m| reuse::load(&self.store, m, &root));
+                    let report = fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
+                    (self.commit(step, &parent, &root)?, report)
                 } else {
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
-                    fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
+                    fop.reuse = memo
+                        .as_ref()
+                        .map(|m| reuse::load(&self.store, m, merged.upper()));
+                    let report = fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
                     let upper = merged.unmount().map_err(mount_err)?;
-                    self.commit(step, &parent, &upper)
+                    (self.commit(step, &parent, &upper)?, report)
+                };
+                if let Some(memo) = memo {
+                    reuse::save(&memo, &parent, &chain, report);
                 }
+                Ok(chain)
             }
         }
     }

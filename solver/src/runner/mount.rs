@@ -133,6 +133,11 @@ impl MergedMount {
         })
     }
 
+    /// The upper directory (where writes land).
+    pub fn upper(&self) -> &Path {
+        &self.upper
+    }
+
     /// The merged view.
     pub fn path(&self) -> &Path {
         &self.merged
