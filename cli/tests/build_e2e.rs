@@ -1724,3 +1724,60 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     assert_eq!(layer_of(&b, "incr", 1), top);
     a.assert_clean();
 }
+
+#[test]
+fn copy_from_a_stage_links_its_files_and_later_writes_copy_up() {
+    use std::os::unix::fs::MetadataExt as _;
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-link");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local AS a\n\
+         RUN mkdir -p /out/sub && echo one > /out/one && echo two > /out/sub/two \
+             && chmod 640 /out/one && chown 7:8 /out/sub/two && ln /out/one /out/hard\n\
+         FROM busybox:local\n\
+         COPY --from=a /out /a\n\
+         COPY --from=a --chmod=600 /out/sub/two /m/two\n\
+         RUN echo changed >> /a/one\n",
+    )
+    .expect("dockerfile");
+    env.build(&ctx, &["-t", "linked"]);
+    let store = kiln_cache::Store::open(env.store()).expect("open store");
+    let img = store.resolve("linked").expect("resolve");
+    let snap = |i: usize| {
+        env.store().join("snapshots").join(format!(
+            "v1-{}",
+            img.layers[i]
+                .diff_id
+                .to_string()
+                .trim_start_matches("sha256:")
+        ))
+    };
+    let (copy, chmod, run) = (snap(1), snap(2), snap(3));
+    let meta = |p: PathBuf| fs_err::symlink_metadata(p).expect("stat");
+    // The stage's files are its snapshot's inodes, metadata kept.
+    let two = meta(copy.join("a/sub/two"));
+    assert!(two.nlink() >= 2, "linked from the stage: {}", two.nlink());
+    assert_eq!((two.uid(), two.gid()), (7, 8));
+    let one = meta(copy.join("a/one"));
+    assert_eq!(one.mode() & 0o777, 0o640);
+    // Hard links within the copy stay hard links of one inode.
+    assert_eq!(one.ino(), meta(copy.join("a/hard")).ino());
+    // --chmod changes metadata: a copy, not a link.
+    let m = meta(chmod.join("m/two"));
+    assert_eq!((m.nlink(), m.mode() & 0o777), (1, 0o600));
+    assert_ne!(m.ino(), two.ino());
+    // A later RUN that appends copies the file up: the linked inode (and so
+    // the stage's snapshot) is unchanged.
+    assert_eq!(read(&copy.join("a/one")), "one\n");
+    assert_eq!(read(&run.join("a/one")), "one\nchanged\n");
+    let fs = env.rootfs(&ctx, &["-t", "linked"], "out");
+    assert_eq!(read(&fs.join("a/one")), "one\nchanged\n");
+    assert_eq!(read(&fs.join("a/sub/two")), "two\n");
+    assert_eq!(read(&fs.join("m/two")), "two\n");
+    env.assert_clean();
+}

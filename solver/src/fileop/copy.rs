@@ -166,6 +166,8 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             deferred: Vec::new(),
             // Archives are extracted without the copier: ADD never reuses.
             reuse: op.reuse.as_deref().filter(|_| !op.is_add),
+            linked: std::collections::HashSet::new(),
+            src_root,
         };
         let res = copy_all(
             &mut c,
@@ -319,8 +321,13 @@ struct Copier<'a> {
     /// Directories whose metadata is applied once every file in them is
     /// written (a file created later would change the mtime).
     deferred: Vec<(PathBuf, PathBuf, Metadata, SourceKindFor)>,
-    /// Linking unchanged files from the previous run of this COPY.
+    /// Linking files from snapshots instead of copying them.
     reuse: Option<&'a Reuse>,
+    /// Targets linked behind the overlay's back (see [`Copier::unlink_linked`]).
+    linked: std::collections::HashSet<PathBuf>,
+    /// The source root (source paths below it are looked up in the source
+    /// stage's layers).
+    src_root: &'a Path,
 }
 
 /// What a regular file's copy needs besides its paths.
@@ -597,6 +604,9 @@ impl Copier<'_> {
             return Ok(());
         }
         let ft = meta.file_type();
+        if !self.linked.is_empty() {
+            self.unlink_linked(target)?;
+        }
         if is_dir {
             let (dir, created) = if fresh_parent {
                 fs_err::create_dir(target)?;
@@ -655,7 +665,7 @@ impl Copier<'_> {
                 // The common case, on a worker, on file descriptors only.
                 let inner = self.inner_of(target);
                 self.report.push(inner, EntryKind::File);
-                if self.reuse_file(target, &meta, fresh_parent, whose) {
+                if self.link_instead(src, target, &meta, whose) {
                     return Ok(());
                 }
                 return self.submit(Job {
@@ -667,13 +677,33 @@ impl Copier<'_> {
             }
             match self.links.get(&key).filter(|_| meta.nlink() > 1) {
                 Some(first) => {
-                    fs_err::hard_link(first, target)?;
+                    match (self.linked.contains(first), self.reuse) {
+                        // The first name was linked into the upper behind
+                        // the overlay's back: so is this one.
+                        (true, Some(reuse)) => {
+                            let (Some(a), Some(b)) = (self.rel_of(first), self.rel_of(target))
+                            else {
+                                return Err(FileOpError::Io(io::Error::other(
+                                    "a linked path outside the destination root",
+                                )));
+                            };
+                            fs_err::hard_link(reuse.upper.join(a), reuse.upper.join(b))?;
+                            self.linked.insert(target.to_path_buf());
+                        }
+                        _ => fs_err::hard_link(first, target)?,
+                    }
                     self.forget(target);
                     let inner = self.inner_of(target);
                     self.report.push(inner, EntryKind::Hardlink);
                     return Ok(());
                 }
                 None => {
+                    if self.link_instead(src, target, &meta, whose) {
+                        self.links.insert(key, target.to_path_buf());
+                        let inner = self.inner_of(target);
+                        self.report.push(inner, EntryKind::File);
+                        return Ok(());
+                    }
                     self.report.bytes += fs_err::copy(src, target)?;
                     if meta.nlink() > 1 {
                         self.links.insert(key, target.to_path_buf());
@@ -710,14 +740,14 @@ impl Copier<'_> {
             .filter(|r| !r.is_empty())
     }
 
-    /// With reuse on: remembers the source of the regular file copied to
-    /// `target`, and links it from the previous result when it is unchanged
-    /// there (true: nothing left to copy).
-    fn reuse_file(
+    /// With linking on: remembers the source of the regular file copied to
+    /// `target` (context copies), and links it instead of copying when an
+    /// identical snapshot file exists (true: nothing left to copy).
+    fn link_instead(
         &mut self,
+        src: &Path,
         target: &Path,
         meta: &Metadata,
-        fresh_parent: bool,
         whose: SourceKindFor,
     ) -> bool {
         let Some(reuse) = self.reuse else {
@@ -727,14 +757,16 @@ impl Copier<'_> {
             return false;
         };
         let id = FileIdentity::of(meta);
-        if !reuse.rememberable(&id) {
-            self.report.identities.remove(rel);
-            return false;
-        }
-        self.report.identities.insert(rel.to_owned(), id);
-        if !fresh_parent {
-            return false;
-        }
+        let previous = if reuse.remember {
+            if !reuse.rememberable(&id) {
+                self.report.identities.remove(rel);
+                return false;
+            }
+            self.report.identities.insert(rel.to_owned(), id);
+            reuse.previous(rel, &id)
+        } else {
+            None
+        };
         let (_, mtime) = self.settings.times_of(meta);
         let expect = Expected {
             size: meta.size(),
@@ -742,11 +774,34 @@ impl Copier<'_> {
             owner: self.settings.owner_of(meta, whose),
             mtime: (mtime.unix_seconds(), i64::from(mtime.nanoseconds())),
         };
-        let linked = reuse.try_link(rel, &id, &expect);
+        let from = previous.or_else(|| {
+            // A stage's file, when the copy would keep all its metadata.
+            let keeps = expect.mode == meta.mode() & 0o7777
+                && expect.owner.is_none_or(|o| o == (meta.uid(), meta.gid()))
+                && expect.mtime == (meta.mtime(), meta.mtime_nsec());
+            let src_rel = src.strip_prefix(self.src_root).ok()?.to_str()?;
+            (keeps && whose == SourceKindFor::Op && !src_rel.is_empty())
+                .then(|| reuse.in_source_layers(src_rel, meta))
+                .flatten()
+        });
+        let linked = from.is_some_and(|from| reuse.link(&from, rel, &expect));
         if linked {
             self.report.reused += 1;
+            self.linked.insert(target.to_path_buf());
         }
         linked
+    }
+
+    /// Before writing `target` again: a file linked there behind the
+    /// overlay's back is removed from the upper first, so the overlay (which
+    /// may remember the path as absent) and its upper agree.
+    fn unlink_linked(&mut self, target: &Path) -> Result<(), FileOpError> {
+        if self.linked.remove(target)
+            && let (Some(reuse), Some(rel)) = (self.reuse, self.rel_of(target))
+        {
+            fs_err::remove_file(reuse.upper.join(rel))?;
+        }
+        Ok(())
     }
 
     /// Something other than a copied regular file now sits at `target`.

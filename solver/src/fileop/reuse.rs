@@ -1,20 +1,29 @@
-//! Incremental COPY: a regular file that has not changed since the previous
-//! run of the same COPY (same instruction, same parent layers, same fixed
-//! time) is hard-linked from that run's snapshot instead of copied again.
+//! Linking instead of copying: a COPY's regular file can often be the very
+//! inode another immutable snapshot already holds, hard-linked into the new
+//! upper directory, instead of a new inode with copied bytes. Creating
+//! thousands of inodes (or copying big files) is most of a COPY's cost.
 //!
-//! Creating thousands of new inodes is most of a small-file COPY's cost; a
-//! link shares the inode the previous run wrote. That is sound because:
-//! - a file is linked only when its source is the same inode with the same
-//!   size, mtime and ctime as when the previous run copied it (any write,
-//!   chmod, chown or xattr change moves ctime), and only sources whose ctime
-//!   was safely older than that run's start were remembered (a change in the
-//!   same clock tick as the stat could not be seen);
-//! - the linked file must still look exactly like a fresh copy (type, size,
-//!   mode, owner, mtime), and snapshots are never written in place: a later
-//!   step's overlay copies a file up before changing it;
-//! - only files whose parent directory this copy created are linked: the
-//!   link is made in the overlay's upper directory, below a directory the
-//!   overlay has not looked up entries in.
+//! Two sources of such inodes:
+//! - **the previous run of the same context COPY** (same instruction, same
+//!   parent layers, same fixed time): a file is linked from that run's
+//!   snapshot when its source is the same inode with the same size, mtime
+//!   and ctime as when that run copied it (any write, chmod, chown or xattr
+//!   change moves ctime); sources whose ctime was within a clock tick of
+//!   that run's start were never remembered (a change in the same tick as
+//!   the stat could not be seen). Context files themselves are never
+//!   linked: the user may change them in place.
+//! - **the source stage's own layers** (`COPY --from`): the file the copy
+//!   reads through the stage's overlay is a file of one of its snapshots;
+//!   when a copy would keep its owner, mode and mtime (no `--chown`,
+//!   `--chmod` or fixed time), that inode is linked.
+//!
+//! Either way the linked file must look exactly like a fresh copy (type,
+//! size, mode, owner, mtime, and no overlayfs-private xattrs), and
+//! snapshots are never written in place: a later step's overlay copies a
+//! file up before changing it. Links are made in the overlay's upper
+//! directory behind the mounted overlay's back; the copier forgets a link
+//! (unlinks it from the upper) before it writes that path again, so the
+//! overlay's view and its upper never disagree about a path it touches.
 
 use std::collections::HashMap;
 use std::fs::Metadata;
@@ -52,10 +61,15 @@ impl FileIdentity {
     }
 }
 
-/// How a COPY may reuse its previous result, and what it records for the
-/// next one.
+/// Where a COPY may link files from, and what it records for the next run.
 #[derive(Debug, Default)]
 pub struct Reuse {
+    /// Whether to remember source identities for the next run (context
+    /// copies).
+    pub remember: bool,
+    /// The snapshot directories of the source stage, topmost first
+    /// (`COPY --from`); empty for the context.
+    pub source_layers: Vec<PathBuf>,
     /// The previous result's snapshot; `None`: nothing to link from (the
     /// copy still records identities for next time).
     pub prev_root: Option<PathBuf>,
@@ -86,10 +100,23 @@ impl Reuse {
             .unwrap_or_default()
             .saturating_sub(RACY_WINDOW);
         Reuse {
+            remember: true,
+            source_layers: Vec::new(),
             prev_root,
             prev,
             upper,
             racy_after_ns: i128::try_from(now.as_nanos()).unwrap_or(i128::MAX),
+        }
+    }
+
+    /// Links from the source stage's layers (`layers` lowest first, as
+    /// mounted), writing into `upper`; remembers nothing.
+    pub fn from_layers(layers: &[PathBuf], upper: PathBuf) -> Reuse {
+        Reuse {
+            remember: false,
+            source_layers: layers.iter().rev().cloned().collect(),
+            upper,
+            ..Reuse::default()
         }
     }
 
@@ -98,17 +125,41 @@ impl Reuse {
         id.ctime_ns() < self.racy_after_ns
     }
 
-    /// Links `rel` from the previous result when its source is unchanged and
-    /// the previous file looks as `expect` says; false when it did not.
-    pub(super) fn try_link(&self, rel: &str, id: &FileIdentity, expect: &Expected) -> bool {
-        let Some(prev_root) = &self.prev_root else {
-            return false;
-        };
-        if self.prev.get(rel) != Some(id) {
-            return false;
+    /// The previous result's file for `rel`, when its source is unchanged
+    /// since that run copied it.
+    pub(super) fn previous(&self, rel: &str, id: &FileIdentity) -> Option<PathBuf> {
+        let prev_root = self.prev_root.as_ref()?;
+        (self.prev.get(rel) == Some(id)).then(|| prev_root.join(rel))
+    }
+
+    /// The snapshot file that `src_rel` (a path below the source root) is
+    /// in the source stage's overlay: the topmost layer that has the path,
+    /// when it is the inode `seen` (what the overlay showed).
+    pub(super) fn in_source_layers(&self, src_rel: &str, seen: &Metadata) -> Option<PathBuf> {
+        for layer in &self.source_layers {
+            let candidate = layer.join(src_rel);
+            match fs_err::symlink_metadata(&candidate) {
+                Ok(m) => {
+                    let same = m.file_type().is_file()
+                        && m.ino() == seen.ino()
+                        && m.size() == seen.size()
+                        && (m.mtime(), m.mtime_nsec()) == (seen.mtime(), seen.mtime_nsec())
+                        && (m.ctime(), m.ctime_nsec()) == (seen.ctime(), seen.ctime_nsec())
+                        && m.mode() == seen.mode()
+                        && (m.uid(), m.gid()) == (seen.uid(), seen.gid());
+                    return same.then_some(candidate);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => return None,
+            }
         }
-        let prev = prev_root.join(rel);
-        let Ok(pm) = fs_err::symlink_metadata(&prev) else {
+        None
+    }
+
+    /// Links `from` (a snapshot's file) to `rel` in the upper, when it looks
+    /// as `expect` says; false when it did not.
+    pub(super) fn link(&self, from: &Path, rel: &str, expect: &Expected) -> bool {
+        let Ok(pm) = fs_err::symlink_metadata(from) else {
             return false;
         };
         let same = pm.file_type().is_file()
@@ -116,7 +167,17 @@ impl Reuse {
             && pm.mode() & 0o7777 == expect.mode
             && expect.owner.is_none_or(|o| (pm.uid(), pm.gid()) == o)
             && (pm.mtime(), pm.mtime_nsec()) == expect.mtime;
-        same && fs_err::hard_link(&prev, self.upper.join(rel)).is_ok()
+        // A file that was copied up keeps overlayfs' own xattrs (origin,
+        // ...): those must not reach another overlay's upper.
+        let private = || {
+            xattr::list(from).map_or(true, |mut names| {
+                names.any(|n| {
+                    let n = n.as_encoded_bytes();
+                    n.starts_with(b"trusted.overlay.") || n.starts_with(b"user.overlay.")
+                })
+            })
+        };
+        same && !private() && fs_err::hard_link(from, self.upper.join(rel)).is_ok()
     }
 }
 

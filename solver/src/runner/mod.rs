@@ -432,6 +432,7 @@ impl StoreRunner {
                 // read-only for the copy.
                 let src_dir = self.scratch("src-")?;
                 let src_mount;
+                let mut src_layers = Vec::new();
                 let src_root: PathBuf = match &c.from {
                     InputRef::Context => {
                         fop.ignore.clone_from(&self.opts.ignore);
@@ -439,9 +440,9 @@ impl StoreRunner {
                     }
                     other => {
                         let chain = self.input_chain(step, inputs, other)?;
-                        let lowers = self.snapshots(&chain)?;
+                        src_layers = self.snapshots(&chain)?;
                         src_mount =
-                            MergedMount::mount(&lowers, src_dir.path()).map_err(mount_err)?;
+                            MergedMount::mount(&src_layers, src_dir.path()).map_err(mount_err)?;
                         src_mount.path().to_owned()
                     }
                 };
@@ -450,6 +451,15 @@ impl StoreRunner {
                 let memo = (c.from == InputRef::Context && !c.add)
                     .then(|| reuse::memo_path(&self.store, c, &parent, self.opts.source_date_epoch))
                     .flatten();
+                // A stage's files are linked from its snapshots when the copy
+                // keeps their metadata.
+                let linking = |upper: &Path| match &memo {
+                    Some(m) => Some(reuse::load(&self.store, m, upper)),
+                    None if !src_layers.is_empty() && !c.add => Some(Arc::new(
+                        fileop::Reuse::from_layers(&src_layers, upper.to_owned()),
+                    )),
+                    None => None,
+                };
                 let (chain, report) = if c.link {
                     // --link: copy into an empty tree; the result is a layer
                     // independent of the parent.
@@ -458,15 +468,13 @@ impl StoreRunner {
                         path: root.clone(),
                         source,
                     })?;
-                    fop.reuse = memo.as_ref().map(|m| reuse::load(&self.store, m, &root));
+                    fop.reuse = linking(&root);
                     let report = fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
                     (self.commit(step, &parent, &root)?, report)
                 } else {
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
-                    fop.reuse = memo
-                        .as_ref()
-                        .map(|m| reuse::load(&self.store, m, merged.upper()));
+                    fop.reuse = linking(merged.upper());
                     let report = fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
                     let upper = merged.unmount().map_err(mount_err)?;
                     (self.commit(step, &parent, &upper)?, report)
