@@ -145,12 +145,14 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         apply_ownership: op.apply_ownership,
     });
     let state = Arc::new(PoolState::default());
+    // Archives are extracted without the copier: ADD never links.
+    let reuse = op.reuse.as_deref().filter(|_| !op.is_add);
     std::thread::scope(|scope| {
         let mut jobs = Vec::new();
         for _ in 0..copy_workers() {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(256);
             let (state, settings) = (Arc::clone(&state), Arc::clone(&settings));
-            scope.spawn(move || worker(&rx, &state, &settings));
+            scope.spawn(move || worker(&rx, &state, &settings, reuse));
             jobs.push(tx);
         }
         let mut c = Copier {
@@ -164,8 +166,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             state: Arc::clone(&state),
             settings: Arc::clone(&settings),
             deferred: Vec::new(),
-            // Archives are extracted without the copier: ADD never reuses.
-            reuse: op.reuse.as_deref().filter(|_| !op.is_add),
+            reuse,
             linked: std::collections::HashSet::new(),
             src_root,
         };
@@ -184,6 +185,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         let settled = c.settle();
         res.and(settled).map(|()| {
             c.report.bytes += state.bytes.load(Ordering::Relaxed);
+            c.report.reused = c.linked.len();
             std::mem::take(&mut c.report)
         })
     })
@@ -381,6 +383,35 @@ struct Job {
     target: PathBuf,
     meta: Metadata,
     whose: SourceKindFor,
+    /// Try linking it from a snapshot first.
+    link: Option<LinkPlan>,
+}
+
+/// Where a file may be linked from instead of copied (see [`Reuse`]).
+struct LinkPlan {
+    /// The previous run's file, when the source is unchanged.
+    previous: Option<PathBuf>,
+    /// The path below the source root, to find in the source stage's layers.
+    src_rel: Option<String>,
+    /// The path below the destination root.
+    rel: String,
+    /// What a copy would look like.
+    expect: Expected,
+}
+
+impl LinkPlan {
+    /// Links the file as planned; true when it did.
+    fn run(&self, reuse: &Reuse, meta: &Metadata) -> bool {
+        match &self.previous {
+            // A file an earlier copy made: no overlayfs xattrs on it.
+            Some(prev) => reuse.link(prev, &self.rel, &self.expect, false),
+            None => self
+                .src_rel
+                .as_deref()
+                .and_then(|r| reuse.in_source_layers(r, meta))
+                .is_some_and(|from| reuse.link(&from, &self.rel, &self.expect, true)),
+        }
+    }
 }
 
 /// The workers' shared state: files in flight, the first failure, bytes.
@@ -390,6 +421,8 @@ struct PoolState {
     idle: Condvar,
     error: Mutex<Option<FileOpError>>,
     bytes: AtomicU64,
+    /// Targets the workers linked instead of copying.
+    linked: Mutex<Vec<PathBuf>>,
 }
 
 impl PoolState {
@@ -431,8 +464,19 @@ fn copy_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
 }
 
-fn worker(rx: &Receiver<Job>, state: &PoolState, settings: &FileSettings) {
+fn worker(rx: &Receiver<Job>, state: &PoolState, settings: &FileSettings, reuse: Option<&Reuse>) {
     while let Ok(job) = rx.recv() {
+        if let (Some(plan), Some(reuse)) = (&job.link, reuse)
+            && plan.run(reuse, &job.meta)
+        {
+            state
+                .linked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(job.target);
+            state.done(Ok(0));
+            continue;
+        }
         state.done(copy_regular(
             settings,
             &job.src,
@@ -665,14 +709,13 @@ impl Copier<'_> {
                 // The common case, on a worker, on file descriptors only.
                 let inner = self.inner_of(target);
                 self.report.push(inner, EntryKind::File);
-                if self.link_instead(src, target, &meta, whose) {
-                    return Ok(());
-                }
+                let link = self.plan_link(src, target, &meta, whose);
                 return self.submit(Job {
                     src: src.to_path_buf(),
                     target: target.to_path_buf(),
                     meta,
                     whose,
+                    link,
                 });
             }
             match self.links.get(&key).filter(|_| meta.nlink() > 1) {
@@ -698,7 +741,7 @@ impl Copier<'_> {
                     return Ok(());
                 }
                 None => {
-                    if self.link_instead(src, target, &meta, whose) {
+                    if self.link_now(src, target, &meta, whose) {
                         self.links.insert(key, target.to_path_buf());
                         let inner = self.inner_of(target);
                         self.report.push(inner, EntryKind::File);
@@ -741,26 +784,22 @@ impl Copier<'_> {
     }
 
     /// With linking on: remembers the source of the regular file copied to
-    /// `target` (context copies), and links it instead of copying when an
-    /// identical snapshot file exists (true: nothing left to copy).
-    fn link_instead(
+    /// `target` (context copies), and plans linking it instead of copying
+    /// when an identical snapshot file may exist.
+    fn plan_link(
         &mut self,
         src: &Path,
         target: &Path,
         meta: &Metadata,
         whose: SourceKindFor,
-    ) -> bool {
-        let Some(reuse) = self.reuse else {
-            return false;
-        };
-        let Some(rel) = self.rel_of(target) else {
-            return false;
-        };
+    ) -> Option<LinkPlan> {
+        let reuse = self.reuse?;
+        let rel = self.rel_of(target)?;
         let id = FileIdentity::of(meta);
         let previous = if reuse.remember {
             if !reuse.rememberable(&id) {
                 self.report.identities.remove(rel);
-                return false;
+                return None;
             }
             self.report.identities.insert(rel.to_owned(), id);
             reuse.previous(rel, &id)
@@ -774,19 +813,43 @@ impl Copier<'_> {
             owner: self.settings.owner_of(meta, whose),
             mtime: (mtime.unix_seconds(), i64::from(mtime.nanoseconds())),
         };
-        let from = previous.or_else(|| {
-            // A stage's file, when the copy would keep all its metadata.
-            let keeps = expect.mode == meta.mode() & 0o7777
-                && expect.owner.is_none_or(|o| o == (meta.uid(), meta.gid()))
-                && expect.mtime == (meta.mtime(), meta.mtime_nsec());
-            let src_rel = src.strip_prefix(self.src_root).ok()?.to_str()?;
-            (keeps && whose == SourceKindFor::Op && !src_rel.is_empty())
-                .then(|| reuse.in_source_layers(src_rel, meta))
-                .flatten()
-        });
-        let linked = from.is_some_and(|from| reuse.link(&from, rel, &expect));
+        // A stage's file, when the copy would keep all its metadata.
+        let keeps = expect.mode == meta.mode() & 0o7777
+            && expect.owner.is_none_or(|o| o == (meta.uid(), meta.gid()))
+            && expect.mtime == (meta.mtime(), meta.mtime_nsec());
+        let src_rel = src
+            .strip_prefix(self.src_root)
+            .ok()
+            .and_then(Path::to_str)
+            .filter(|r| {
+                previous.is_none()
+                    && keeps
+                    && whose == SourceKindFor::Op
+                    && !r.is_empty()
+                    && !reuse.source_layers.is_empty()
+            })
+            .map(str::to_owned);
+        (previous.is_some() || src_rel.is_some()).then(|| LinkPlan {
+            previous,
+            src_rel,
+            rel: rel.to_owned(),
+            expect,
+        })
+    }
+
+    /// [`Copier::plan_link`] and the link, here (true: linked).
+    fn link_now(
+        &mut self,
+        src: &Path,
+        target: &Path,
+        meta: &Metadata,
+        whose: SourceKindFor,
+    ) -> bool {
+        let Some(plan) = self.plan_link(src, target, meta, whose) else {
+            return false;
+        };
+        let linked = self.reuse.is_some_and(|r| plan.run(r, meta));
         if linked {
-            self.report.reused += 1;
             self.linked.insert(target.to_path_buf());
         }
         linked
@@ -881,6 +944,12 @@ impl Copier<'_> {
                 }
             }
         }
+        if let (Some(plan), Some(reuse)) = (&job.link, self.reuse)
+            && plan.run(reuse, &job.meta)
+        {
+            self.linked.insert(job.target);
+            return Ok(());
+        }
         self.report.bytes +=
             copy_regular(&self.settings, &job.src, &job.target, &job.meta, job.whose)?;
         Ok(())
@@ -906,6 +975,14 @@ impl Copier<'_> {
         if let Some(e) = self.state.take_error() {
             return Err(e);
         }
+        let linked = std::mem::take(
+            &mut *self
+                .state
+                .linked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        self.linked.extend(linked);
         for (src, dir, meta, whose) in std::mem::take(&mut self.deferred) {
             self.apply_info(&src, &dir, &meta, false, whose)?;
         }

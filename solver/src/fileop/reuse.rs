@@ -157,8 +157,15 @@ impl Reuse {
     }
 
     /// Links `from` (a snapshot's file) to `rel` in the upper, when it looks
-    /// as `expect` says; false when it did not.
-    pub(super) fn link(&self, from: &Path, rel: &str, expect: &Expected) -> bool {
+    /// as `expect` says (and, with `check_xattrs`, has no overlayfs xattrs);
+    /// false when it did not.
+    pub(super) fn link(
+        &self,
+        from: &Path,
+        rel: &str,
+        expect: &Expected,
+        check_xattrs: bool,
+    ) -> bool {
         let Ok(pm) = fs_err::symlink_metadata(from) else {
             return false;
         };
@@ -177,7 +184,8 @@ impl Reuse {
                 })
             })
         };
-        same && !private() && fs_err::hard_link(from, self.upper.join(rel)).is_ok()
+        same && !(check_xattrs && private())
+            && fs_err::hard_link(from, self.upper.join(rel)).is_ok()
     }
 }
 
