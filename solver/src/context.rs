@@ -320,13 +320,16 @@ impl BuildContext {
             MatchInfo::default(),
         )];
         while let Some((rel_dir, host_dir, sub_dir, info)) = stack.pop() {
-            let mut names: Vec<std::ffi::OsString> = fs_err::read_dir(&host_dir)
-                .map_err(io_err(&host_dir))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<_, _>>()
-                .map_err(io_err(&host_dir))?;
-            names.sort();
-            for name in names {
+            // Entries keep the directory open: their `lstat` is relative to
+            // it (no walk of the whole path for each file).
+            let mut entries: Vec<(std::ffi::OsString, fs_err::DirEntry)> =
+                fs_err::read_dir(&host_dir)
+                    .map_err(io_err(&host_dir))?
+                    .map(|e| e.map(|e| (e.file_name(), e)))
+                    .collect::<Result<_, _>>()
+                    .map_err(io_err(&host_dir))?;
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, dirent) in entries {
                 let name_s = name.to_string_lossy().into_owned();
                 let rel_path = if rel_dir == "." {
                     name_s.clone()
@@ -339,7 +342,7 @@ impl BuildContext {
                     format!("{sub_dir}/{name_s}")
                 };
                 let host = host_dir.join(&name);
-                let meta = fs_err::symlink_metadata(&host).map_err(io_err(&host))?;
+                let meta = dirent.metadata().map_err(io_err(&host))?;
                 let (ignored, child_info) = match &self.ignore {
                     Some(m) => m.matches_with_parent(&rel_path, &info),
                     None => (false, MatchInfo::default()),
@@ -398,12 +401,29 @@ impl BuildContext {
         } else {
             None
         };
-        let content = if kind == EntryType::File {
-            Some(self.content_digest(host, meta)?)
+        let (content, xattrs) = if kind == EntryType::File {
+            // A file unchanged since it was hashed (ctime included) still
+            // has the xattrs it had: none, when the cache says so.
+            let cached = self.stat_cache.as_ref().and_then(|c| {
+                c.lookup(host, &StatKey::of(meta))
+                    .map(|(d, free)| (d.to_owned(), free))
+            });
+            match cached {
+                Some((d, true)) => {
+                    self.stats.cached += 1;
+                    (Some(d), BTreeMap::new())
+                }
+                _ => {
+                    let xattrs = read_xattrs(host);
+                    (
+                        Some(self.content_digest(host, meta, xattrs.is_empty())?),
+                        xattrs,
+                    )
+                }
+            }
         } else {
-            None
+            (None, read_xattrs(host))
         };
-        let xattrs = read_xattrs(host);
         let mut h = Sha256::new();
         let header = format!(
             "{rel}\0{kind:?}\0{:o}\0{}\0{}\0{}\0{}\0",
@@ -444,10 +464,11 @@ impl BuildContext {
         &mut self,
         host: &Path,
         meta: &std::fs::Metadata,
+        xattr_free: bool,
     ) -> Result<String, ContextError> {
         let stat = StatKey::of(meta);
         if let Some(c) = &self.stat_cache
-            && let Some(d) = c.lookup(host, &stat)
+            && let Some((d, _)) = c.lookup(host, &stat)
         {
             self.stats.cached += 1;
             return Ok(d.to_owned());
@@ -476,7 +497,7 @@ impl BuildContext {
             && !stat.is_racy(SystemTime::now(), self.racy_window_ns)
             && n_total == meta.len()
         {
-            c.record(host, stat, &digest);
+            c.record(host, stat, &digest, xattr_free);
         }
         Ok(digest)
     }
@@ -560,8 +581,8 @@ impl StatKey {
 pub struct StatCache {
     conn: rusqlite::Connection,
     path: PathBuf,
-    entries: HashMap<PathBuf, (StatKey, String)>,
-    dirty: Vec<(PathBuf, StatKey, String)>,
+    entries: HashMap<PathBuf, (StatKey, String, bool)>,
+    dirty: Vec<(PathBuf, StatKey, String, bool)>,
 }
 
 impl StatCache {
@@ -590,10 +611,23 @@ impl StatCache {
                 ino INTEGER NOT NULL,
                 dev INTEGER NOT NULL,
                 mode INTEGER NOT NULL,
-                digest TEXT NOT NULL
+                digest TEXT NOT NULL,
+                xattr_free INTEGER NOT NULL DEFAULT 0
             ) WITHOUT ROWID;",
         )
         .map_err(e)?;
+        // Databases from before `xattr_free` (1: the file had no xattrs when
+        // hashed; with ctime unchanged it still has none).
+        let has_column = conn
+            .prepare("SELECT 1 FROM pragma_table_info('stat_cache') WHERE name = 'xattr_free'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(e)?;
+        if !has_column {
+            conn.execute_batch(
+                "ALTER TABLE stat_cache ADD COLUMN xattr_free INTEGER NOT NULL DEFAULT 0;",
+            )
+            .map_err(e)?;
+        }
         Ok(Self {
             conn,
             path,
@@ -615,8 +649,8 @@ impl StatCache {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest FROM stat_cache
-                 WHERE path >= ?1 AND path < ?2",
+                "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, xattr_free
+                 FROM stat_cache WHERE path >= ?1 AND path < ?2",
             )
             .map_err(e)?;
         let rows = stmt
@@ -632,30 +666,33 @@ impl StatCache {
                         mode: r.get(6)?,
                     },
                     r.get::<_, String>(7)?,
+                    r.get::<_, bool>(8)?,
                 ))
             })
             .map_err(e)?;
         let mut n = 0;
         for row in rows {
-            let (p, k, d) = row.map_err(e)?;
-            self.entries.insert(p, (k, d));
+            let (p, k, d, x) = row.map_err(e)?;
+            self.entries.insert(p, (k, d, x));
             n += 1;
         }
         Ok(n)
     }
 
-    fn lookup(&self, path: &Path, stat: &StatKey) -> Option<&str> {
+    /// The content digest of an unchanged file, and whether it had no
+    /// xattrs.
+    fn lookup(&self, path: &Path, stat: &StatKey) -> Option<(&str, bool)> {
         match self.entries.get(path) {
-            Some((k, d)) if k == stat => Some(d),
+            Some((k, d, x)) if k == stat => Some((d, *x)),
             _ => None,
         }
     }
 
-    fn record(&mut self, path: &Path, stat: StatKey, digest: &str) {
+    fn record(&mut self, path: &Path, stat: StatKey, digest: &str, xattr_free: bool) {
         self.entries
-            .insert(path.to_path_buf(), (stat, digest.to_owned()));
+            .insert(path.to_path_buf(), (stat, digest.to_owned(), xattr_free));
         self.dirty
-            .push((path.to_path_buf(), stat, digest.to_owned()));
+            .push((path.to_path_buf(), stat, digest.to_owned(), xattr_free));
     }
 
     /// Write new entries.
@@ -673,11 +710,11 @@ impl StatCache {
             let mut stmt = tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO stat_cache
-                     (path, size, mtime_ns, ctime_ns, ino, dev, mode, digest)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                     (path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, xattr_free)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(e)?;
-            for (p, k, d) in &self.dirty {
+            for (p, k, d, x) in &self.dirty {
                 stmt.execute(rusqlite::params![
                     p.to_string_lossy(),
                     k.size as i64,
@@ -686,7 +723,8 @@ impl StatCache {
                     k.ino as i64,
                     k.dev as i64,
                     k.mode,
-                    d
+                    d,
+                    x
                 ])
                 .map_err(e)?;
             }

@@ -191,6 +191,42 @@ fn stat_cache_skips_unchanged_files_across_runs() {
 }
 
 #[test]
+fn a_cached_file_whose_xattrs_change_is_seen() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    write(d.path(), "f/a", "a");
+    write(d.path(), "f/b", "b");
+    let open = || {
+        BuildContext::new(d.path(), None)
+            .with_racy_window(Duration::ZERO)
+            .with_stat_cache(StatCache::open(store.path()).expect("open"))
+            .expect("load")
+    };
+    let mut c = open();
+    let first = sum(&mut c, &["f"]);
+    c.flush().expect("flush");
+    drop(c);
+    // Hashed before, no xattrs then: served from the cache.
+    let mut c = open();
+    assert_eq!(sum(&mut c, &["f"]), first);
+    assert_eq!(c.stats().cached, 2);
+    // Setting an xattr moves ctime: the file is read (and hashed) again.
+    if let Err(e) = xattr::set(d.path().join("f/a"), "user.kiln.test", b"1") {
+        // Only a file system without user xattrs excuses this, never CI.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "setting a user xattr in {}: {e}",
+            d.path().display()
+        );
+        return;
+    }
+    let mut c = open();
+    let second = sum(&mut c, &["f"]);
+    assert_eq!(c.stats().cached, 1);
+    assert_ne!(second.digest, first.digest);
+}
+
+#[test]
 fn racy_files_are_not_cached() {
     let store = tempfile::tempdir().expect("store");
     let d = tempfile::tempdir().expect("ctx");
@@ -216,14 +252,21 @@ fn stat_cache_load_is_limited_to_the_context() {
         dev: 1,
         mode: 0o100644,
     };
-    cache.record(Path::new("/ctx/a"), k, "sha256:a");
-    cache.record(Path::new("/ctx/sub/b"), k, "sha256:b");
-    cache.record(Path::new("/ctx0/c"), k, "sha256:c");
-    cache.record(Path::new("/ctxx/d"), k, "sha256:d");
+    cache.record(Path::new("/ctx/a"), k, "sha256:a", true);
+    cache.record(Path::new("/ctx/sub/b"), k, "sha256:b", false);
+    cache.record(Path::new("/ctx0/c"), k, "sha256:c", true);
+    cache.record(Path::new("/ctxx/d"), k, "sha256:d", true);
     cache.flush().expect("flush");
     let mut fresh = StatCache::open(store.path()).expect("open");
     assert_eq!(fresh.load(Path::new("/ctx")).expect("load"), 2);
-    assert_eq!(fresh.lookup(Path::new("/ctx/sub/b"), &k), Some("sha256:b"));
+    assert_eq!(
+        fresh.lookup(Path::new("/ctx/sub/b"), &k),
+        Some(("sha256:b", false))
+    );
+    assert_eq!(
+        fresh.lookup(Path::new("/ctx/a"), &k),
+        Some(("sha256:a", true))
+    );
     let other = StatKey { size: 2, ..k };
     assert_eq!(fresh.lookup(Path::new("/ctx/a"), &other), None);
 }
