@@ -190,8 +190,13 @@ impl BlobReader {
             }
             Err(e) => return Err(StoreError::io("opening blob", &path, e)),
         };
+        // The buffer is zeroed before its first use (`fs_err::File` reads
+        // into initialised memory): small blobs (configs, manifests) get a
+        // small one.
+        let size = file.metadata().map_or(0, |m| m.len());
+        let capacity = usize::try_from(size.clamp(8 << 10, 1 << 20)).unwrap_or(1 << 20);
         Ok(BlobReader {
-            file: io::BufReader::with_capacity(1 << 20, file),
+            file: io::BufReader::with_capacity(capacity, file),
             hasher: Some(Hasher::new()),
             digest,
             path,

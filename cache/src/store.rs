@@ -467,10 +467,10 @@ impl Store {
 
     fn record_layer(&self, diff_id: &Digest, size: u64) -> Result<()> {
         let conn = self.db();
-        conn.execute(
+        conn.prepare_cached(
             "INSERT OR IGNORE INTO layers (diff_id, size, created) VALUES (?1, ?2, ?3)",
-            params![diff_id.to_string(), size as i64, now()],
         )
+        .and_then(|mut st| st.execute(params![diff_id.to_string(), size as i64, now()]))
         .map_err(self.db_err("recording layer"))?;
         Ok(())
     }
@@ -515,10 +515,8 @@ impl Store {
         size: u64,
     ) -> Result<()> {
         self.db()
-            .execute(
-                "INSERT OR REPLACE INTO layer_blobs (blob, diff_id, media_type, size) VALUES (?1, ?2, ?3, ?4)",
-                params![blob.to_string(), diff_id.to_string(), media_type, size as i64],
-            )
+            .prepare_cached("INSERT OR REPLACE INTO layer_blobs (blob, diff_id, media_type, size) VALUES (?1, ?2, ?3, ?4)")
+                .and_then(|mut st| st.execute(params![blob.to_string(), diff_id.to_string(), media_type, size as i64]))
             .map_err(self.db_err("recording compressed layer"))?;
         Ok(())
     }
@@ -577,11 +575,11 @@ impl Store {
         }
         let t = now();
         self.db()
-            .execute(
+            .prepare_cached(
                 "INSERT INTO snapshots (id, diff_id, created, last_used) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT(id) DO UPDATE SET last_used = ?3",
-                params![id, diff_id.to_string(), t],
+                 ON CONFLICT(id) DO UPDATE SET last_used = ?3 WHERE last_used < ?3 - 60",
             )
+            .and_then(|mut st| st.execute(params![id, diff_id.to_string(), t]))
             .map_err(self.db_err("recording snapshot"))?;
         Ok(dir)
     }
@@ -657,36 +655,36 @@ impl Store {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(self.db_err("starting transaction"))?;
             let e = self.db_err("storing image");
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO images (id, manifest, config_created, size, created, last_used)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?5)
                  ON CONFLICT(id) DO UPDATE SET manifest = ?2, last_used = ?5",
-                params![
+            )
+            .and_then(|mut st| {
+                st.execute(params![
                     config_digest.to_string(),
                     manifest_digest.to_string(),
                     config.created().clone(),
                     size as i64,
                     t
-                ],
-            )
+                ])
+            })
             .map_err(&e)?;
             for (i, l) in layers.iter().enumerate() {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR IGNORE INTO layers (diff_id, size, created) VALUES (?1, ?2, ?3)",
-                    params![l.diff_id.to_string(), l.size as i64, t],
                 )
+                .and_then(|mut st| st.execute(params![l.diff_id.to_string(), l.size as i64, t]))
                 .map_err(&e)?;
-                tx.execute(
-                    "INSERT OR REPLACE INTO image_layers (image, position, diff_id) VALUES (?1, ?2, ?3)",
-                    params![config_digest.to_string(), i as i64, l.diff_id.to_string()],
-                )
+                tx.prepare_cached("INSERT OR REPLACE INTO image_layers (image, position, diff_id) VALUES (?1, ?2, ?3)")
+                .and_then(|mut st| st.execute(params![config_digest.to_string(), i as i64, l.diff_id.to_string()]))
                 .map_err(&e)?;
             }
             for n in names {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR REPLACE INTO names (name, image, created) VALUES (?1, ?2, ?3)",
-                    params![n.to_string(), config_digest.to_string(), t],
                 )
+                .and_then(|mut st| st.execute(params![n.to_string(), config_digest.to_string(), t]))
                 .map_err(&e)?;
             }
             tx.commit().map_err(self.db_err("committing image"))?;
@@ -705,11 +703,8 @@ impl Store {
         let conn = self.db();
         if let Ok(r) = Reference::parse(name_or_id) {
             let found: Option<String> = conn
-                .query_row(
-                    "SELECT image FROM names WHERE name = ?1",
-                    [r.to_string()],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT image FROM names WHERE name = ?1")
+                .and_then(|mut st| st.query_row([r.to_string()], |r| r.get(0)))
                 .optional()
                 .map_err(self.db_err("looking up name"))?;
             if let Some(id) = found {
@@ -735,11 +730,13 @@ impl Store {
                 [] => {}
                 _ => {
                     let count: i64 = conn
-                        .query_row(
-                            "SELECT count(*) FROM images WHERE id >= ?1 AND id < ?2",
-                            [format!("sha256:{hex}"), format!("sha256:{hex}\u{7f}")],
-                            |r| r.get(0),
-                        )
+                        .prepare_cached("SELECT count(*) FROM images WHERE id >= ?1 AND id < ?2")
+                        .and_then(|mut st| {
+                            st.query_row(
+                                [format!("sha256:{hex}"), format!("sha256:{hex}\u{7f}")],
+                                |r| r.get(0),
+                            )
+                        })
                         .map_err(self.db_err("looking up id"))?;
                     return Err(StoreError::AmbiguousId {
                         prefix: name_or_id.to_owned(),
@@ -768,11 +765,10 @@ impl Store {
         let (manifest, created, size, names, layers) = {
             let conn = self.db();
             let row: Option<(String, i64, i64)> = conn
-                .query_row(
-                    "SELECT manifest, created, size FROM images WHERE id = ?1",
-                    [id.to_string()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
+                .prepare_cached("SELECT manifest, created, size FROM images WHERE id = ?1")
+                .and_then(|mut st| {
+                    st.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                })
                 .optional()
                 .map_err(self.db_err("reading image"))?;
             let Some((manifest, created, size)) = row else {
@@ -780,10 +776,10 @@ impl Store {
                     reference: id.to_string(),
                 });
             };
-            conn.execute(
-                "UPDATE images SET last_used = ?1 WHERE id = ?2",
-                params![now(), id.to_string()],
+            conn.prepare_cached(
+                "UPDATE images SET last_used = ?1 WHERE id = ?2 AND last_used < ?1 - 60",
             )
+            .and_then(|mut st| st.execute(params![now(), id.to_string()]))
             .map_err(self.db_err("touching image"))?;
             let names = self.names_of(&conn, id)?;
             let mut st = conn
@@ -854,11 +850,11 @@ impl Store {
         let id = self.resolve_id(source)?;
         let n = self
             .db()
-            .execute(
+            .prepare_cached(
                 "INSERT OR REPLACE INTO names (name, image, created)
                  SELECT ?1, id, ?3 FROM images WHERE id = ?2",
-                params![target.to_string(), id.to_string(), now()],
             )
+            .and_then(|mut st| st.execute(params![target.to_string(), id.to_string(), now()]))
             .map_err(self.db_err("tagging"))?;
         if n == 0 {
             // Removed between the lookup and the insert.
@@ -880,18 +876,16 @@ impl Store {
         let e = self.db_err("removing image");
         let mut report = RemoveReport::default();
         let by_name = Reference::parse(name_or_id).ok().and_then(|r| {
-            tx.query_row(
-                "SELECT image FROM names WHERE name = ?1",
-                [r.to_string()],
-                |row| row.get::<_, String>(0),
-            )
-            .optional()
-            .ok()
-            .flatten()
-            .map(|id| (r, id))
+            tx.prepare_cached("SELECT image FROM names WHERE name = ?1")
+                .and_then(|mut st| st.query_row([r.to_string()], |row| row.get::<_, String>(0)))
+                .optional()
+                .ok()
+                .flatten()
+                .map(|id| (r, id))
         });
         let id = if let Some((r, id)) = by_name {
-            tx.execute("DELETE FROM names WHERE name = ?1", [r.to_string()])
+            tx.prepare_cached("DELETE FROM names WHERE name = ?1")
+                .and_then(|mut st| st.execute([r.to_string()]))
                 .map_err(&e)?;
             report.untagged.push(r);
             id
@@ -914,22 +908,24 @@ impl Store {
                         .join(", "),
                 });
             }
-            tx2.execute("DELETE FROM names WHERE image = ?1", [id.to_string()])
+            tx2.prepare_cached("DELETE FROM names WHERE image = ?1")
+                .and_then(|mut st| st.execute([id.to_string()]))
                 .map_err(&e)?;
             report.untagged = names;
-            tx2.execute("DELETE FROM images WHERE id = ?1", [id.to_string()])
+            tx2.prepare_cached("DELETE FROM images WHERE id = ?1")
+                .and_then(|mut st| st.execute([id.to_string()]))
                 .map_err(&e)?;
             tx2.commit().map_err(self.db_err("committing removal"))?;
             report.deleted.push(id);
             return Ok(report);
         };
         let left: i64 = tx
-            .query_row("SELECT count(*) FROM names WHERE image = ?1", [&id], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT count(*) FROM names WHERE image = ?1")
+            .and_then(|mut st| st.query_row([&id], |r| r.get(0)))
             .map_err(&e)?;
         if left == 0 {
-            tx.execute("DELETE FROM images WHERE id = ?1", [&id])
+            tx.prepare_cached("DELETE FROM images WHERE id = ?1")
+                .and_then(|mut st| st.execute([&id]))
                 .map_err(&e)?;
             report.deleted.push(id.parse()?);
         }
@@ -951,11 +947,9 @@ impl Store {
         let _lock = self.lock_shared()?;
         let t = now();
         self.db()
-            .execute(
-                "INSERT INTO cache_records (key, result, created, last_used) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT(key) DO UPDATE SET result = ?2, last_used = ?3",
-                params![key, json, t],
-            )
+            .prepare_cached("INSERT INTO cache_records (key, result, created, last_used) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT(key) DO UPDATE SET result = ?2, last_used = ?3")
+                .and_then(|mut st| st.execute(params![key, json, t]))
             .map_err(self.db_err("storing cache record"))?;
         Ok(())
     }
@@ -966,18 +960,15 @@ impl Store {
         let json: Option<String> = {
             let conn = self.db();
             let json = conn
-                .query_row(
-                    "SELECT result FROM cache_records WHERE key = ?1",
-                    [key],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT result FROM cache_records WHERE key = ?1")
+                .and_then(|mut st| st.query_row([key], |r| r.get(0)))
                 .optional()
                 .map_err(self.db_err("reading cache record"))?;
             if json.is_some() {
-                conn.execute(
-                    "UPDATE cache_records SET last_used = ?1 WHERE key = ?2",
-                    params![now(), key],
-                )
+                // Touched at most once a minute (as images and snapshots):
+                // a repeated no-op build writes nothing.
+                conn.prepare_cached("UPDATE cache_records SET last_used = ?1 WHERE key = ?2 AND last_used < ?1 - 60")
+                .and_then(|mut st| st.execute(params![now(), key]))
                 .map_err(self.db_err("touching cache record"))?;
             }
             json

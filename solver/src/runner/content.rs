@@ -19,7 +19,6 @@ use sha2::Digest as _;
 use super::{Chain, MergedMount, RunnerError, StoreRunner};
 use crate::context::{BuildContext, hex};
 use crate::graph::{CopySource, FileOp, InputRef, Op};
-use crate::key::ContentMemo;
 use crate::solve::Step;
 
 impl StoreRunner {
@@ -109,8 +108,7 @@ impl StoreRunner {
         }
         let memo_id = format!("sha256:{}", hex(&h.finalize()));
         // The memo is an optimisation: when it fails, compute.
-        let memo = ContentMemo::open(self.store.root()).ok();
-        if let Some(d) = memo.as_ref().and_then(|m| m.get(&memo_id).ok().flatten()) {
+        if let Some(d) = self.with_memo(|m| m.get(&memo_id).ok().flatten()).flatten() {
             return Ok(Some(d));
         }
         let lowers = self.snapshots(chain)?;
@@ -125,9 +123,7 @@ impl StoreRunner {
         let Ok(sum) = sum else {
             return Ok(None);
         };
-        if let Some(m) = &memo {
-            let _ = m.put(&memo_id, &sum.digest);
-        }
+        let _ = self.with_memo(|m| m.put(&memo_id, &sum.digest));
         Ok(Some(sum.digest))
     }
 
@@ -147,7 +143,6 @@ impl StoreRunner {
         if urls.is_empty() {
             return None;
         }
-        let memo = ContentMemo::open(self.store.root()).ok();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(std::time::Duration::from_secs(30)))
@@ -156,9 +151,9 @@ impl StoreRunner {
         let mut all = sha2::Sha256::new();
         for url in urls {
             let memo_id = format!("url:{url}");
-            let known: Option<(String, String)> = memo
-                .as_ref()
-                .and_then(|m| m.get(&memo_id).ok().flatten())
+            let known: Option<(String, String)> = self
+                .with_memo(|m| m.get(&memo_id).ok().flatten())
+                .flatten()
                 .and_then(|v| {
                     v.split_once('\t')
                         .map(|(e, d)| (e.to_owned(), d.to_owned()))
@@ -181,8 +176,8 @@ impl StoreRunner {
                     let mut body = resp.body_mut().as_reader();
                     std::io::copy(&mut body, &mut HashWriter(&mut h)).ok()?;
                     let d = format!("sha256:{}", hex(&h.finalize()));
-                    if let (Some(m), Some(e)) = (&memo, etag) {
-                        let _ = m.put(&memo_id, &format!("{e}\t{d}"));
+                    if let Some(e) = etag {
+                        let _ = self.with_memo(|m| m.put(&memo_id, &format!("{e}\t{d}")));
                     }
                     d
                 }

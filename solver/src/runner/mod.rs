@@ -222,6 +222,9 @@ pub struct StoreRunner {
     graph: Arc<BuildGraph>,
     opts: RunnerOptions,
     sandbox: kiln_executor::Sandbox,
+    /// The content memo (`statcache.db`), opened once for the build when
+    /// first needed; `None` inside when it cannot be opened.
+    content_memo: Arc<std::sync::OnceLock<Option<std::sync::Mutex<crate::key::ContentMemo>>>>,
 }
 
 impl StoreRunner {
@@ -232,6 +235,7 @@ impl StoreRunner {
             graph,
             opts,
             sandbox: kiln_executor::Sandbox::new(),
+            content_memo: Arc::default(),
         }
     }
 
@@ -249,7 +253,20 @@ impl StoreRunner {
             graph: Arc::clone(&self.graph),
             opts: self.opts.clone(),
             sandbox: self.sandbox.clone(),
+            content_memo: Arc::clone(&self.content_memo),
         }
+    }
+
+    /// Runs `f` on the build's content memo (`None`: no memo available; it
+    /// is only a speed-up).
+    fn with_memo<R>(&self, f: impl FnOnce(&crate::key::ContentMemo) -> R) -> Option<R> {
+        let memo = self.content_memo.get_or_init(|| {
+            crate::key::ContentMemo::open(self.store.root())
+                .ok()
+                .map(std::sync::Mutex::new)
+        });
+        let guard = memo.as_ref()?.lock().ok()?;
+        Some(f(&guard))
     }
 
     /// The store.
@@ -564,12 +581,7 @@ impl StepRunner for StoreRunner {
     ) -> Result<Chain, RunnerError> {
         // The runner is shared through an Arc by the scheduler, but the
         // blocking task needs 'static data: rebuild a light runner.
-        let this = StoreRunner {
-            store: Arc::clone(&self.store),
-            graph: Arc::clone(&self.graph),
-            opts: self.opts.clone(),
-            sandbox: self.sandbox.clone(),
-        };
+        let this = self.light();
         let name = step.vertex.name.clone();
         let cancel = run::CancelHandle::default();
         let guard = cancel.guard();
