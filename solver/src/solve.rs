@@ -135,6 +135,9 @@ pub struct Solved<O> {
     pub ran: usize,
     /// Steps found in the cache (or sharing a key with one that ran).
     pub cached: usize,
+    /// The key each vertex ran (or was found) under: its effective key
+    /// (what `--cache-to` exports).
+    pub keys: HashMap<VertexId, CacheKey>,
 }
 
 type Done<O, E> = (CacheKey, Result<(O, bool), Arc<E>>);
@@ -384,6 +387,7 @@ pub async fn solve<R: StepRunner>(
         outputs,
         ran,
         cached,
+        keys: effective,
     })
 }
 

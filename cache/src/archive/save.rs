@@ -181,6 +181,20 @@ pub fn save<W: Write>(store: &Store, items: &[SaveItem], out: W, opts: &SaveOpti
     out.flush().map_err(io_err)
 }
 
+/// The compressed blob of layer `diff_id` (made now and remembered with
+/// [`Store::record_compressed_layer`], or found from an earlier save or
+/// export), as `(digest, size, media type)`: what `kiln save --compress`
+/// and the build cache export share, so a layer is compressed once.
+pub fn compressed_layer_blob(
+    store: &Store,
+    diff_id: &Digest,
+    c: Compression,
+    threads: usize,
+) -> Result<(Digest, u64, &'static str)> {
+    let el = export_layer(store, diff_id, 0, c, threads)?;
+    Ok((el.digest, el.size, el.media_type))
+}
+
 /// The blob to export for a layer: the uncompressed one, or a compressed
 /// variant (made now and remembered, or found from an earlier save).
 fn export_layer(

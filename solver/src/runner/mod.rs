@@ -20,7 +20,7 @@ mod run;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use kiln_cache::{CacheResult, Digest, LayerInfo, Store, StoreError};
@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::Progress;
 use crate::fileop::{self, FileOpError};
 use crate::graph::{BuildGraph, Edge, FileOp, InputRef, Op, SourceOp, VertexId};
+use crate::remote_cache::{ImportedCache, RemoteCacheError};
 use crate::solve::{Step, StepRunner};
 
 pub use mount::{MergedMount, MountError};
@@ -197,6 +198,15 @@ pub enum RunnerError {
         /// Which input.
         what: String,
     },
+    /// A layer of an imported cache (`--cache-from`) could not be fetched.
+    #[error("fetching layer {layer} from the imported cache")]
+    CacheImport {
+        /// The layer (diffID).
+        layer: String,
+        /// Why.
+        #[source]
+        source: Box<RemoteCacheError>,
+    },
     /// A blocking task died.
     #[error("{step} was cancelled")]
     Cancelled {
@@ -220,6 +230,10 @@ pub struct StoreRunner {
     graph: Arc<BuildGraph>,
     opts: RunnerOptions,
     sandbox: kiln_executor::Sandbox,
+    /// `--cache-from`, and where to note its hits.
+    imported: Option<(Arc<ImportedCache>, Progress)>,
+    /// Content digests of stage files this build used (for `--cache-to`).
+    used_contents: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl StoreRunner {
@@ -230,7 +244,57 @@ impl StoreRunner {
             graph,
             opts,
             sandbox: kiln_executor::Sandbox::new(),
+            imported: None,
+            used_contents: Arc::default(),
         }
+    }
+
+    /// Use `cache` (`--cache-from`) on local misses; its hits are noted
+    /// on `progress`.
+    #[must_use]
+    pub fn with_imported(mut self, cache: Arc<ImportedCache>, progress: Progress) -> Self {
+        self.imported = Some((cache, progress));
+        self
+    }
+
+    /// Makes sure layer `diff_id` is in the store, fetching it from the
+    /// imported cache if it is only there.
+    pub fn ensure_layer(&self, diff_id: &Digest) -> Result<(), RemoteCacheError> {
+        if self.store.has_layer(diff_id) {
+            return Ok(());
+        }
+        let Some(src) = self.imported.as_ref().and_then(|(c, _)| c.layer(diff_id)) else {
+            return Err(RemoteCacheError::Store {
+                what: format!("layer {diff_id}"),
+                source: Box::new(StoreError::BlobMissing {
+                    digest: diff_id.to_string(),
+                }),
+            });
+        };
+        crate::remote_cache::fetch_layer(&self.store, diff_id, src).map(|_| ())
+    }
+
+    /// `chain` with every layer in the store (fetched from the imported
+    /// cache where needed) and its sizes as the store has them.
+    pub fn materialize(&self, chain: &Chain) -> Result<Chain, RemoteCacheError> {
+        let mut out = chain.clone();
+        for l in &mut out.layers {
+            self.ensure_layer(&l.diff_id)?;
+            if let Ok(r) = self.store.open_layer(&l.diff_id)
+                && let Ok(n) = r.len()
+            {
+                l.size = n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The content digests of stage files this build used, by memo id.
+    pub fn used_contents(&self) -> BTreeMap<String, String> {
+        self.used_contents
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
     }
 
     /// Use `helper` as the sandbox helper binary (tests).
@@ -247,6 +311,8 @@ impl StoreRunner {
             graph: Arc::clone(&self.graph),
             opts: self.opts.clone(),
             sandbox: self.sandbox.clone(),
+            imported: self.imported.clone(),
+            used_contents: Arc::clone(&self.used_contents),
         }
     }
 
@@ -297,6 +363,13 @@ impl StoreRunner {
             .layers
             .iter()
             .map(|l| {
+                if self.imported.is_some() {
+                    self.ensure_layer(&l.diff_id)
+                        .map_err(|e| RunnerError::CacheImport {
+                            layer: l.diff_id.to_string(),
+                            source: Box::new(e),
+                        })?;
+                }
                 self.store
                     .snapshot_for(&l.diff_id)
                     .map_err(store_err(format!("unpacking layer `{}`", l.diff_id)))
@@ -501,6 +574,25 @@ impl StepRunner for StoreRunner {
             .store
             .get_cache_record(&step.key.0)
             .map_err(store_err("reading a cache record"))?;
+        if rec.is_none()
+            && let Some((cache, progress)) = &self.imported
+            && let Some((layers, from)) = cache.record(&step.key.0)
+        {
+            progress.send(crate::event::Event::Log {
+                id: step.id.index(),
+                stream: crate::event::LogStream::Stderr,
+                line: format!("CACHED: from the imported cache {from}"),
+            });
+            return Ok(Some(Chain {
+                layers: layers
+                    .iter()
+                    .map(|(diff_id, size)| ChainLayer {
+                        diff_id: diff_id.clone(),
+                        size: *size,
+                    })
+                    .collect(),
+            }));
+        }
         Ok(rec.map(|r| {
             let sizes: Vec<u64> = r
                 .extra
@@ -541,12 +633,7 @@ impl StepRunner for StoreRunner {
     ) -> Result<Chain, RunnerError> {
         // The runner is shared through an Arc by the scheduler, but the
         // blocking task needs 'static data: rebuild a light runner.
-        let this = StoreRunner {
-            store: Arc::clone(&self.store),
-            graph: Arc::clone(&self.graph),
-            opts: self.opts.clone(),
-            sandbox: self.sandbox.clone(),
-        };
+        let this = self.light();
         let name = step.vertex.name.clone();
         let cancel = run::CancelHandle::default();
         let guard = cancel.guard();
