@@ -241,7 +241,10 @@ pub async fn solve<R: StepRunner>(
                         match history {
                             Some(h) if parent_hit => {
                                 let causes = h.explain(&vk.inputs).map_err(SolveError::History)?;
-                                let same = causes == [MissCause::RecordMissing];
+                                // Unchanged, or never built here (a hit from
+                                // an imported cache, another checkout).
+                                let same = causes == [MissCause::RecordMissing]
+                                    || causes == [MissCause::FirstBuild];
                                 if !same {
                                     progress.miss(v.index(), causes);
                                 }

@@ -103,6 +103,14 @@ pub(crate) struct BuildArgs {
     /// Print the build graph in DOT and exit.
     #[arg(long)]
     print_graph: bool,
+    /// Export the build cache: `type=local,dest=DIR[,mode=min|max][,tag=T]`
+    /// or `type=registry,ref=R[,mode=min|max]` (BuildKit's format).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    cache_to: Vec<String>,
+    /// Use a build cache: `type=local,src=DIR[,tag=T]` or
+    /// `type=registry,ref=R` (repeatable; a missing one is a warning).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    cache_from: Vec<String>,
     /// The build context directory, or `-` for a tar (or a Dockerfile) on stdin.
     context: PathBuf,
 }
@@ -408,7 +416,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     let mut history = KeyHistory::open(store.root(), &scope)?;
     let epoch = source_date_epoch()?;
     let graph = Arc::new(graph);
-    let runner = StoreRunner::new(
+    let cache_to = super::build_cache::parse_cache_to(&args.cache_to)?;
+    let imported = super::build_cache::import(&args.cache_from)?;
+    let (progress, mut rx) = Progress::channel();
+    let mut runner = StoreRunner::new(
         Arc::clone(&store),
         Arc::clone(&graph),
         RunnerOptions {
@@ -422,6 +433,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             source_date_epoch: epoch,
         },
     );
+    if let Some(cache) = imported {
+        runner = runner.with_imported(cache, progress.clone());
+    }
+    let runner = Arc::new(runner);
     let mut solve_opts = SolveOptions {
         no_cache: args.no_cache,
         ..SolveOptions::default()
@@ -433,7 +448,6 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (progress, mut rx) = Progress::channel();
     let mut renderer = Renderer::new(args.progress);
     let render = rt.spawn(async move {
         while let Some(e) = rx.recv().await {
@@ -442,11 +456,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     });
     let outcome = rt.block_on(async {
         tokio::select! {
-            r = solve(&graph, &keys, Arc::new(runner), progress, Some(&history), &solve_opts) => Some(r),
+            r = solve(&graph, &keys, Arc::clone(&runner), progress, Some(&history), &solve_opts) => Some(r),
             _ = tokio::signal::ctrl_c() => None,
         }
     });
     // The progress sender is gone with the solve future: drain the renderer.
+    runner.close_progress();
     let _ = rt.block_on(render);
     let Some(result) = outcome else {
         // Cancelled: the dropped steps killed their sandboxes and unmount
@@ -455,7 +470,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         eprintln!("error: build cancelled");
         return Ok(ExitCode::from(130));
     };
-    let solved = match result {
+    let mut solved = match result {
         Ok(s) => s,
         Err(SolveError::Step { name, source, id }) => {
             let excerpt = graph.graph[id]
@@ -467,6 +482,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         Err(e) => return Err(e.into()),
     };
     history.record(keys.iter().map(|k| &k.inputs))?;
+    // The image's layers, fetched from an imported cache if only there.
+    super::build_cache::materialize_target(&runner, &graph, &mut solved.outputs)?;
     let image = export_image(
         &store,
         &graph,
@@ -485,6 +502,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     for o in &args.output {
         write_output(&store, &image, o)?;
     }
+    super::build_cache::export(&runner, &graph, &solved, &cache_to)?;
     if let Some(f) = &args.iidfile {
         fs_err::write(f, image.id.to_string())?;
     }

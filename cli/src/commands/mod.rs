@@ -1,6 +1,7 @@
 //! One module per subcommand (or group of subcommands).
 
 mod build;
+mod build_cache;
 mod container;
 mod format;
 mod image;

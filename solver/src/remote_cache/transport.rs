@@ -124,6 +124,11 @@ impl LocalLayout {
             tmp.write_all(&buf[..n])
                 .map_err(Self::io("writing", tmp.path()))?;
         }
+        // Readable by all, as a shared cache directory should be.
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(Self::io("setting the mode of", tmp.path()))?;
         tmp.as_file()
             .sync_all()
             .map_err(Self::io("syncing", path))?;

@@ -118,7 +118,7 @@ impl StoreRunner {
         if let Some(d) = self
             .imported
             .as_ref()
-            .and_then(|(c, _)| c.content(&memo_id))
+            .and_then(|c| c.content(&memo_id))
         {
             remember(d);
             return Ok(Some(d.to_owned()));

@@ -230,8 +230,10 @@ pub struct StoreRunner {
     graph: Arc<BuildGraph>,
     opts: RunnerOptions,
     sandbox: kiln_executor::Sandbox,
-    /// `--cache-from`, and where to note its hits.
-    imported: Option<(Arc<ImportedCache>, Progress)>,
+    /// `--cache-from`.
+    imported: Option<Arc<ImportedCache>>,
+    /// Where to note imported hits (until [`StoreRunner::close_progress`]).
+    notes: Arc<Mutex<Option<Progress>>>,
     /// Content digests of stage files this build used (for `--cache-to`).
     used_contents: Arc<Mutex<BTreeMap<String, String>>>,
 }
@@ -245,16 +247,27 @@ impl StoreRunner {
             opts,
             sandbox: kiln_executor::Sandbox::new(),
             imported: None,
+            notes: Arc::default(),
             used_contents: Arc::default(),
         }
     }
 
     /// Use `cache` (`--cache-from`) on local misses; its hits are noted
-    /// on `progress`.
+    /// on `progress` until [`StoreRunner::close_progress`].
     #[must_use]
     pub fn with_imported(mut self, cache: Arc<ImportedCache>, progress: Progress) -> Self {
-        self.imported = Some((cache, progress));
+        self.imported = Some(cache);
+        self.notes = Arc::new(Mutex::new(Some(progress)));
         self
+    }
+
+    /// Drops the runner's progress sender (given with
+    /// [`StoreRunner::with_imported`]), so that the receiver sees the end
+    /// of the build.
+    pub fn close_progress(&self) {
+        if let Ok(mut p) = self.notes.lock() {
+            *p = None;
+        }
     }
 
     /// Makes sure layer `diff_id` is in the store, fetching it from the
@@ -263,7 +276,7 @@ impl StoreRunner {
         if self.store.has_layer(diff_id) {
             return Ok(());
         }
-        let Some(src) = self.imported.as_ref().and_then(|(c, _)| c.layer(diff_id)) else {
+        let Some(src) = self.imported.as_ref().and_then(|c| c.layer(diff_id)) else {
             return Err(RemoteCacheError::Store {
                 what: format!("layer {diff_id}"),
                 source: Box::new(StoreError::BlobMissing {
@@ -312,6 +325,7 @@ impl StoreRunner {
             opts: self.opts.clone(),
             sandbox: self.sandbox.clone(),
             imported: self.imported.clone(),
+            notes: Arc::clone(&self.notes),
             used_contents: Arc::clone(&self.used_contents),
         }
     }
@@ -575,14 +589,18 @@ impl StepRunner for StoreRunner {
             .get_cache_record(&step.key.0)
             .map_err(store_err("reading a cache record"))?;
         if rec.is_none()
-            && let Some((cache, progress)) = &self.imported
+            && let Some(cache) = &self.imported
             && let Some((layers, from)) = cache.record(&step.key.0)
         {
-            progress.send(crate::event::Event::Log {
-                id: step.id.index(),
-                stream: crate::event::LogStream::Stderr,
-                line: format!("CACHED: from the imported cache {from}"),
-            });
+            if let Ok(p) = self.notes.lock()
+                && let Some(p) = p.as_ref()
+            {
+                p.send(crate::event::Event::Log {
+                    id: step.id.index(),
+                    stream: crate::event::LogStream::Stderr,
+                    line: format!("CACHED: from the imported cache {from}"),
+                });
+            }
             return Ok(Some(Chain {
                 layers: layers
                     .iter()
