@@ -16,12 +16,18 @@ use kiln_solver::solve::Solved;
 /// The transport of a cache location.
 fn transport(loc: &CacheLocation, writing: bool) -> anyhow::Result<Arc<dyn CacheTransport>> {
     match loc {
-        CacheLocation::Local { dir, tag } => {
-            Ok(Arc::new(LocalLayout::new(dir.clone(), tag.clone(), writing)))
-        }
+        CacheLocation::Local { dir, tag } => Ok(Arc::new(LocalLayout::new(
+            dir.clone(),
+            tag.clone(),
+            writing,
+        ))),
         CacheLocation::Registry { reference } => anyhow::bail!(
             "{} type=registry,ref={reference}: the registry client is not in this build yet (use type=local)",
-            if writing { "--cache-to" } else { "--cache-from" }
+            if writing {
+                "--cache-to"
+            } else {
+                "--cache-from"
+            }
         ),
     }
 }
@@ -79,6 +85,7 @@ pub(crate) fn materialize_target(
             .context("fetching the image's layers from the imported cache")?;
         outputs.insert(last, full);
     }
+    runner.keep_imported_hits();
     Ok(())
 }
 

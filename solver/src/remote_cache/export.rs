@@ -138,21 +138,19 @@ pub fn export_cache(
                         c
                     }
                 };
-                let idx = *layer_of
-                    .entry((blob.clone(), parent))
-                    .or_insert_with(|| {
-                        cc.layers.push(CacheLayer {
-                            blob: blob.to_string(),
-                            parent_index: parent,
-                            annotations: Some(LayerAnnotations {
-                                media_type: media_type.to_owned(),
-                                diff_id: l.diff_id.to_string(),
-                                size: i64::try_from(size).unwrap_or(i64::MAX),
-                                created_at: created.clone(),
-                            }),
-                        });
-                        cc.layers.len() - 1
+                let idx = *layer_of.entry((blob.clone(), parent)).or_insert_with(|| {
+                    cc.layers.push(CacheLayer {
+                        blob: blob.to_string(),
+                        parent_index: parent,
+                        annotations: Some(LayerAnnotations {
+                            media_type: media_type.to_owned(),
+                            diff_id: l.diff_id.to_string(),
+                            size: i64::try_from(size).unwrap_or(i64::MAX),
+                            created_at: created.clone(),
+                        }),
                     });
+                    cc.layers.len() - 1
+                });
                 if blob_seen.insert(blob.clone()) {
                     blobs.push((blob, size, media_type, l.diff_id.clone(), l.size));
                 }

@@ -95,7 +95,11 @@ pub struct CacheLayer {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerAnnotations {
     /// The blob's media type.
-    #[serde(default, rename = "mediaType", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "mediaType",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub media_type: String,
     /// The uncompressed digest.
     #[serde(default, rename = "diffID", skip_serializing_if = "String::is_empty")]
@@ -104,7 +108,11 @@ pub struct LayerAnnotations {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub size: i64,
     /// When it was made (RFC 3339).
-    #[serde(default, rename = "createdAt", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "createdAt",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub created_at: String,
 }
 
@@ -137,7 +145,11 @@ pub struct CacheResultRef {
     #[serde(rename = "layer")]
     pub layer_index: i64,
     /// When it was made (RFC 3339).
-    #[serde(default, rename = "createdAt", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "createdAt",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub created_at: String,
 }
 
@@ -252,42 +264,45 @@ impl ImportedCache {
         };
         let root: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| invalid("the cache manifest", e.to_string()))?;
-        let media_type = root["mediaType"]
-            .as_str()
-            .map_or(media_type, str::to_owned);
+        let media_type = root["mediaType"].as_str().map_or(media_type, str::to_owned);
         // The config descriptor and the layer descriptors.
-        let (config, descriptors): (serde_json::Value, Vec<serde_json::Value>) =
-            if media_type.contains("index") || media_type.contains("manifest.list") {
-                // BuildKit's index form: the config is one of the manifests.
-                let all = root["manifests"].as_array().cloned().unwrap_or_default();
-                let config = all
-                    .iter()
-                    .find(|d| d["mediaType"] == MEDIA_CACHE_CONFIG)
-                    .cloned()
-                    .ok_or_else(|| {
-                        invalid(
-                            "the cache index",
-                            format!("it lists no `{MEDIA_CACHE_CONFIG}` blob"),
-                        )
-                    })?;
-                let layers = all
-                    .into_iter()
-                    .filter(|d| d["mediaType"] != MEDIA_CACHE_CONFIG)
-                    .collect();
-                (config, layers)
-            } else {
-                let config = root["config"].clone();
-                if config["mediaType"] != MEDIA_CACHE_CONFIG {
-                    return Err(invalid(
-                        "the cache manifest",
-                        format!(
-                            "its config has media type {} (want `{MEDIA_CACHE_CONFIG}`): not a build cache",
-                            config["mediaType"]
-                        ),
-                    ));
-                }
-                (config, root["layers"].as_array().cloned().unwrap_or_default())
-            };
+        let (config, descriptors): (serde_json::Value, Vec<serde_json::Value>) = if media_type
+            .contains("index")
+            || media_type.contains("manifest.list")
+        {
+            // BuildKit's index form: the config is one of the manifests.
+            let all = root["manifests"].as_array().cloned().unwrap_or_default();
+            let config = all
+                .iter()
+                .find(|d| d["mediaType"] == MEDIA_CACHE_CONFIG)
+                .cloned()
+                .ok_or_else(|| {
+                    invalid(
+                        "the cache index",
+                        format!("it lists no `{MEDIA_CACHE_CONFIG}` blob"),
+                    )
+                })?;
+            let layers = all
+                .into_iter()
+                .filter(|d| d["mediaType"] != MEDIA_CACHE_CONFIG)
+                .collect();
+            (config, layers)
+        } else {
+            let config = root["config"].clone();
+            if config["mediaType"] != MEDIA_CACHE_CONFIG {
+                return Err(invalid(
+                    "the cache manifest",
+                    format!(
+                        "its config has media type {} (want `{MEDIA_CACHE_CONFIG}`): not a build cache",
+                        config["mediaType"]
+                    ),
+                ));
+            }
+            (
+                config,
+                root["layers"].as_array().cloned().unwrap_or_default(),
+            )
+        };
         let config_digest = descriptor_digest(&config)
             .ok_or_else(|| invalid("the cache manifest", "the config has no digest".into()))?;
         let config_bytes = transport.get_small_blob(&config_digest)?;
@@ -325,7 +340,12 @@ impl ImportedCache {
                 } else {
                     ann.media_type
                 };
-                Some((diff_id.parse().ok()?, size, l.blob.parse().ok()?, media_type))
+                Some((
+                    diff_id.parse().ok()?,
+                    size,
+                    l.blob.parse().ok()?,
+                    media_type,
+                ))
             })
             .collect();
         for rec in &cc.records {
@@ -353,10 +373,7 @@ impl ImportedCache {
                 continue;
             }
             chain.reverse();
-            let layers = chain
-                .iter()
-                .map(|(d, s, _, _)| (d.clone(), *s))
-                .collect();
+            let layers = chain.iter().map(|(d, s, _, _)| (d.clone(), *s)).collect();
             for (diff_id, _, blob, media_type) in chain {
                 self.layers.entry(diff_id).or_insert_with(|| LayerSource {
                     transport: Arc::clone(&transport),
@@ -481,7 +498,16 @@ fn parse_attrs(
         };
         let k = k.trim().to_ascii_lowercase();
         // BuildKit's attributes kiln accepts and does not need.
-        if ["compression", "compression-level", "force-compression", "oci-mediatypes", "image-manifest", "ignore-error"].contains(&k.as_str()) {
+        if [
+            "compression",
+            "compression-level",
+            "force-compression",
+            "oci-mediatypes",
+            "image-manifest",
+            "ignore-error",
+        ]
+        .contains(&k.as_str())
+        {
             continue;
         }
         if !allowed.contains(&k.as_str()) {
@@ -526,7 +552,10 @@ fn parse_location(
                 .get("ref")
                 .filter(|r| !r.is_empty())
                 .ok_or_else(|| err("type=registry needs `ref=REFERENCE`".into()))?;
-            if let Some(a) = ["src", "dest", "tag"].iter().find(|a| attrs.contains_key(**a)) {
+            if let Some(a) = ["src", "dest", "tag"]
+                .iter()
+                .find(|a| attrs.contains_key(**a))
+            {
                 return Err(err(format!("attribute `{a}` is for type=local")));
             }
             Ok(CacheLocation::Registry {

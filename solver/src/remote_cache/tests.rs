@@ -54,14 +54,20 @@ fn cache_to_specs() {
     // BuildKit's attributes kiln has no use for are accepted.
     assert!(CacheTo::parse("type=local,dest=d,compression=gzip,oci-mediatypes=true").is_ok());
     for (spec, want) in [
-        ("type=local,dest=d,mode=all", "attribute `mode`: `all` is not min or max"),
+        (
+            "type=local,dest=d,mode=all",
+            "attribute `mode`: `all` is not min or max",
+        ),
         ("type=local", "type=local needs `dest=DIR`"),
         ("type=local,src=d", "unknown attribute `src`"),
         ("type=gha", "attribute `type`: `gha` is not supported"),
         ("type=registry", "type=registry needs `ref=REFERENCE`"),
         ("type=local,dest", "attribute `dest` is not KEY=VALUE"),
     ] {
-        let e = CacheTo::parse(spec).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = CacheTo::parse(spec)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.starts_with("invalid --cache-to"), "{spec}: {e}");
         assert!(e.contains(want), "{spec}: `{e}` should say `{want}`");
     }
@@ -140,8 +146,11 @@ fn buildkit_layout(dir: &std::path::Path) -> (Digest, Digest) {
                        "digest": i.to_string(), "size": index.len(),
                        "annotations": {ANNOTATION_REF_NAME: "latest"}}],
     });
-    fs_err::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    fs_err::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&top).unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     fs_err::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
         .unwrap_or_else(|e| panic!("{e}"));
     (d0, d1)
@@ -178,7 +187,11 @@ fn missing_and_malformed_caches() {
     let t = tmp();
     let mut cache = ImportedCache::new();
     let none = cache
-        .add(Arc::new(LocalLayout::new(t.path().join("nope"), "latest", false)))
+        .add(Arc::new(LocalLayout::new(
+            t.path().join("nope"),
+            "latest",
+            false,
+        )))
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(!none);
     fs_err::write(t.path().join("index.json"), "{not json").unwrap_or_else(|e| panic!("{e}"));
@@ -208,7 +221,9 @@ fn a_corrupt_layer_blob_is_named_and_not_stored() {
     fs_err::write(t.path().join("blobs/sha256").join(src.blob.hex()), other)
         .unwrap_or_else(|e| panic!("{e}"));
     let store = kiln_cache::Store::open(t.path().join("store")).unwrap_or_else(|e| panic!("{e}"));
-    let e = fetch_layer(&store, &d0, &src).err().unwrap_or_else(|| panic!("a corrupt blob was accepted"));
+    let e = fetch_layer(&store, &d0, &src)
+        .err()
+        .unwrap_or_else(|| panic!("a corrupt blob was accepted"));
     let text = format!("{e}: {:?}", std::error::Error::source(&e));
     assert!(text.contains(&src.blob.to_string()), "{text}");
     assert!(!store.has_layer(&d0), "a corrupt layer was stored");
@@ -251,7 +266,10 @@ fn config_serializes_with_buildkit_names() {
     assert_eq!(v["layers"][0]["blob"], "sha256:aa");
     assert_eq!(v["layers"][0]["parent"], -1);
     assert_eq!(v["records"][0]["layers"][0]["layer"], 0);
-    assert_eq!(v["records"][0]["layers"][0]["createdAt"], "2024-01-01T00:00:00Z");
+    assert_eq!(
+        v["records"][0]["layers"][0]["createdAt"],
+        "2024-01-01T00:00:00Z"
+    );
     assert_eq!(v["records"][0]["inputs"][0][0]["link"], 0);
     assert_eq!(v["records"][0]["digest"], "sha256:bb");
     assert!(v.get("kiln.contentDigests").is_none());

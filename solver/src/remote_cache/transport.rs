@@ -116,7 +116,9 @@ impl LocalLayout {
         let mut h = sha2::Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = data.read(&mut buf).map_err(Self::io("reading data for", path))?;
+            let n = data
+                .read(&mut buf)
+                .map_err(Self::io("reading data for", path))?;
             if n == 0 {
                 break;
             }
@@ -132,12 +134,11 @@ impl LocalLayout {
         tmp.as_file()
             .sync_all()
             .map_err(Self::io("syncing", path))?;
-        tmp.persist(path)
-            .map_err(|e| RemoteCacheError::Io {
-                what: "renaming into place".into(),
-                path: path.to_owned(),
-                source: e.error,
-            })?;
+        tmp.persist(path).map_err(|e| RemoteCacheError::Io {
+            what: "renaming into place".into(),
+            path: path.to_owned(),
+            source: e.error,
+        })?;
         Ok(format!("sha256:{}", hex(&h.finalize()))
             .parse()
             .map_err(|_| self.invalid("a blob", "bad digest"))?)
@@ -197,7 +198,11 @@ impl CacheTransport for LocalLayout {
         })?;
         if let Some(log) = std::env::var_os(READ_LOG_ENV) {
             // A test hook: best effort.
-            if let Ok(mut l) = fs_err::OpenOptions::new().create(true).append(true).open(log) {
+            if let Ok(mut l) = fs_err::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
                 let _ = writeln!(l, "{digest}");
             }
         }
@@ -249,7 +254,8 @@ impl CacheTransport for LocalLayout {
             "mediaType": kiln_cache::MEDIA_OCI_INDEX,
             "manifests": manifests,
         });
-        let bytes = serde_json::to_vec(&index).map_err(|e| self.invalid("index.json", e.to_string()))?;
+        let bytes =
+            serde_json::to_vec(&index).map_err(|e| self.invalid("index.json", e.to_string()))?;
         self.write_atomic(&self.dir.join("index.json"), &mut &bytes[..])?;
         Ok(())
     }

@@ -115,11 +115,7 @@ impl StoreRunner {
         };
         // An imported cache may know it: then the stage's layers need
         // not be fetched to key this step.
-        if let Some(d) = self
-            .imported
-            .as_ref()
-            .and_then(|c| c.content(&memo_id))
-        {
+        if let Some(d) = self.imported.as_ref().and_then(|c| c.content(&memo_id)) {
             remember(d);
             return Ok(Some(d.to_owned()));
         }

@@ -236,6 +236,8 @@ pub struct StoreRunner {
     notes: Arc<Mutex<Option<Progress>>>,
     /// Content digests of stage files this build used (for `--cache-to`).
     used_contents: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Hits in the imported cache: key and result.
+    imported_hits: Arc<Mutex<Vec<(String, Chain)>>>,
 }
 
 impl StoreRunner {
@@ -249,6 +251,7 @@ impl StoreRunner {
             imported: None,
             notes: Arc::default(),
             used_contents: Arc::default(),
+            imported_hits: Arc::default(),
         }
     }
 
@@ -302,6 +305,32 @@ impl StoreRunner {
         Ok(out)
     }
 
+    /// Records, in the store's cache index, the imported hits whose
+    /// layers are all here now (fetched for the image or a later step),
+    /// so the next build hits them without the imported cache. Returns
+    /// how many.
+    pub fn keep_imported_hits(&self) -> usize {
+        let hits = self
+            .imported_hits
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let mut kept = 0;
+        for (key, chain) in hits {
+            if chain
+                .layers
+                .iter()
+                .all(|l| self.store.has_layer(&l.diff_id))
+            {
+                let step_key = crate::key::CacheKey(key);
+                if self.put_record(&step_key, &chain).is_ok() {
+                    kept += 1;
+                }
+            }
+        }
+        kept
+    }
+
     /// The content digests of stage files this build used, by memo id.
     pub fn used_contents(&self) -> BTreeMap<String, String> {
         self.used_contents
@@ -326,6 +355,7 @@ impl StoreRunner {
             sandbox: self.sandbox.clone(),
             imported: self.imported.clone(),
             notes: Arc::clone(&self.notes),
+            imported_hits: Arc::clone(&self.imported_hits),
             used_contents: Arc::clone(&self.used_contents),
         }
     }
@@ -443,6 +473,10 @@ impl StoreRunner {
     }
 
     fn record(&self, step: &Step, chain: &Chain) -> Result<(), RunnerError> {
+        self.put_record(&step.key, chain)
+    }
+
+    fn put_record(&self, key: &crate::key::CacheKey, chain: &Chain) -> Result<(), RunnerError> {
         let result = CacheResult {
             diff_ids: chain.layers.iter().map(|l| l.diff_id.clone()).collect(),
             config: None,
@@ -451,7 +485,7 @@ impl StoreRunner {
             }),
         };
         self.store
-            .put_cache_record(&step.key.0, &result)
+            .put_cache_record(&key.0, &result)
             .map_err(store_err("storing a cache record"))
     }
 
@@ -601,7 +635,7 @@ impl StepRunner for StoreRunner {
                     line: format!("CACHED: from the imported cache {from}"),
                 });
             }
-            return Ok(Some(Chain {
+            let chain = Chain {
                 layers: layers
                     .iter()
                     .map(|(diff_id, size)| ChainLayer {
@@ -609,7 +643,11 @@ impl StepRunner for StoreRunner {
                         size: *size,
                     })
                     .collect(),
-            }));
+            };
+            if let Ok(mut h) = self.imported_hits.lock() {
+                h.push((step.key.0.clone(), chain.clone()));
+            }
+            return Ok(Some(chain));
         }
         Ok(rec.map(|r| {
             let sizes: Vec<u64> = r
