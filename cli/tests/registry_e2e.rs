@@ -340,6 +340,40 @@ fn login_logout_and_auth_errors() {
             .images()
             .contains(&name.rsplit_once(':').expect("tag").0.to_owned())
     );
+
+    // A credential helper (`credsStore`) is asked, as docker does.
+    let bin = other.path("bin");
+    fs_err::create_dir_all(&bin).expect("mkdir");
+    let helper = bin.join("docker-credential-kilntest");
+    fs_err::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$1\" = get ] && [ \"$server\" = \"{host}\" ] || exit 1\necho '{{\"ServerURL\":\"{host}\",\"Username\":\"kiln\",\"Secret\":\"s3cret\"}}'\n"
+        ),
+    )
+    .expect("write helper");
+    use std::os::unix::fs::PermissionsExt as _;
+    fs_err::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs_err::write(
+        other.path("docker/config.json"),
+        r#"{"credsStore":"kilntest"}"#,
+    )
+    .expect("write");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = other
+        .cmd(&["pull", &name])
+        .env("PATH", path)
+        .output()
+        .expect("run");
+    assert!(
+        o.status.success(),
+        "pull with the helper's credentials: {}",
+        text(&o.stderr)
+    );
 }
 
 /// What the proxy does to the response for one blob.

@@ -133,8 +133,88 @@ impl DockerConfig {
         &self.path
     }
 
-    /// The saved credentials for `registry` (`docker.io`, `host:port`).
+    /// The saved credentials for `registry` (`docker.io`, `host:port`):
+    /// from its credential helper (`credHelpers`, else `credsStore`, as
+    /// docker asks `docker-credential-<name> get`), else from `auths`.
     pub fn credentials(&self, registry: &str) -> Result<Option<Credentials>, RegistryError> {
+        if let Some(helper) = self.helper_for(registry)
+            && let Some(c) = self.from_helper(&helper, registry)?
+        {
+            return Ok(Some(c));
+        }
+        self.from_auths(registry)
+    }
+
+    fn helper_for(&self, registry: &str) -> Option<String> {
+        let want = normalize_registry(registry);
+        if let Some(Value::Object(helpers)) = self.doc.get("credHelpers") {
+            for (k, v) in helpers {
+                if normalize_registry(k) == want
+                    && let Some(h) = v.as_str().filter(|h| !h.is_empty())
+                {
+                    return Some(h.to_owned());
+                }
+            }
+        }
+        self.doc
+            .get("credsStore")
+            .and_then(Value::as_str)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+    }
+
+    /// Runs `docker-credential-<helper> get` with the server on stdin.
+    fn from_helper(
+        &self,
+        helper: &str,
+        registry: &str,
+    ) -> Result<Option<Credentials>, RegistryError> {
+        use std::process::{Command, Stdio};
+        let bad = |reason: String| RegistryError::Config {
+            path: self.path.clone(),
+            reason: format!("credential helper `docker-credential-{helper}`: {reason}"),
+        };
+        if !helper
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(bad("the helper name is malformed".to_owned()));
+        }
+        let mut child = match Command::new(format!("docker-credential-{helper}"))
+            .arg("get")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            // Not installed: docker fails here; falling back to `auths`
+            // keeps a config copied from another machine usable.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(config_key(registry).as_bytes());
+        }
+        let out = child.wait_with_output().map_err(|e| bad(e.to_string()))?;
+        if !out.status.success() {
+            // "credentials not found in native keychain"
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| bad(format!("its answer is not JSON: {e}")))?;
+        let user = v.get("Username").and_then(Value::as_str).unwrap_or("");
+        let secret = v.get("Secret").and_then(Value::as_str).unwrap_or("");
+        if user.is_empty() || secret.is_empty() || user == "<token>" {
+            return Ok(None);
+        }
+        Ok(Some(Credentials {
+            username: user.to_owned(),
+            password: secret.to_owned(),
+        }))
+    }
+
+    fn from_auths(&self, registry: &str) -> Result<Option<Credentials>, RegistryError> {
         let want = normalize_registry(registry);
         let Some(Value::Object(auths)) = self.doc.get("auths") else {
             return Ok(None);
@@ -410,6 +490,36 @@ mod tests {
                 .expect("ok"),
             None
         );
+    }
+
+    #[test]
+    fn credential_helpers_are_asked_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.json");
+        // A helper that is not installed: `auths` answers.
+        fs_err::write(
+            &path,
+            r#"{"credsStore":"kiln-test-absent","auths":{"h:1":{"auth":"dTpw"}}}"#,
+        )
+        .expect("write");
+        let c = DockerConfig::load(&path).expect("loads");
+        assert_eq!(c.helper_for("h:1").as_deref(), Some("kiln-test-absent"));
+        let got = c.credentials("h:1").expect("ok").expect("from auths");
+        assert_eq!(got.username, "u");
+        fs_err::write(
+            &path,
+            r#"{"credsStore":"a","credHelpers":{"https://h:1":"b"}}"#,
+        )
+        .expect("write");
+        let c = DockerConfig::load(&path).expect("loads");
+        assert_eq!(c.helper_for("h:1").as_deref(), Some("b"));
+        assert_eq!(c.helper_for("other").as_deref(), Some("a"));
+        fs_err::write(&path, r#"{"credsStore":"../x"}"#).expect("write");
+        let err = DockerConfig::load(&path)
+            .expect("loads")
+            .credentials("h")
+            .expect_err("bad helper name");
+        assert!(err.to_string().contains("malformed"), "{err}");
     }
 
     #[test]

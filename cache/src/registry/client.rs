@@ -353,7 +353,7 @@ impl RegistryClient {
         size: Option<u64>,
     ) -> Result<Vec<u8>, RegistryError> {
         let mut out = Vec::new();
-        self.retrying(|| {
+        self.retrying_body(|| {
             out.clear();
             self.get_blob(digest, size, &mut out)
         })?;
@@ -544,14 +544,38 @@ impl RegistryClient {
     /// retrying (see [`RegistryError::is_retryable`]).
     pub(crate) fn retrying<T>(
         &self,
+        f: impl FnMut() -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        self.retry_when(f, RegistryError::is_retryable)
+    }
+
+    /// Like [`RegistryClient::retrying`], for a download whose request was
+    /// retried already: only a body cut short by the network is tried
+    /// again (the request's own failures were retried inside).
+    pub(crate) fn retrying_body<T>(
+        &self,
+        f: impl FnMut() -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        self.retry_when(f, |e| match e {
+            RegistryError::Blob { source, .. } => {
+                matches!(**source, RegistryError::Io { .. }) && source.is_retryable()
+            }
+            RegistryError::Io { .. } => e.is_retryable(),
+            _ => false,
+        })
+    }
+
+    fn retry_when<T>(
+        &self,
         mut f: impl FnMut() -> Result<T, RegistryError>,
+        retry: impl Fn(&RegistryError) -> bool,
     ) -> Result<T, RegistryError> {
         let mut pause = self.options.backoff;
         let mut attempt = 1;
         loop {
             match f() {
-                Err(e) if e.is_retryable() && attempt < self.options.attempts.max(1) => {
-                    tracing_free_sleep(pause);
+                Err(e) if retry(&e) && attempt < self.options.attempts.max(1) => {
+                    std::thread::sleep(pause);
                     pause = pause.saturating_mul(2);
                     attempt += 1;
                 }
@@ -789,7 +813,7 @@ impl RegistryClient {
                 }
                 Ok(resp) => return Ok(resp),
             }
-            tracing_free_sleep(pause);
+            std::thread::sleep(pause);
             pause = pause.saturating_mul(2);
             attempt += 1;
         }
@@ -822,10 +846,6 @@ impl RegistryClient {
             detail: error_detail(resp),
         }
     }
-}
-
-fn tracing_free_sleep(d: Duration) {
-    std::thread::sleep(d);
 }
 
 fn is_retryable_status(s: StatusCode) -> bool {

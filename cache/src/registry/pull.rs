@@ -208,12 +208,12 @@ pub fn pull(
 ) -> Result<PulledImage, RegistryError> {
     let name = image.to_string();
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
-    let top = client.retrying(|| client.get_manifest(&image.reference()))?;
+    let top = client.get_manifest(&image.reference())?;
     let top_digest = top.digest.clone();
     let manifest = if top.is_index() {
         validate_document(DocumentKind::Index, &top.bytes, &name)?;
         let (digest, size) = select_platform(&top.bytes, &name, &platform)?;
-        let m = client.retrying(|| client.get_manifest(&digest.to_string()))?;
+        let m = client.get_manifest(&digest.to_string())?;
         if size.is_some_and(|s| s != m.bytes.len() as u64) {
             return Err(RegistryError::Document {
                 what: format!("manifest `{digest}` of `{name}`"),
@@ -405,7 +405,7 @@ fn pull_layer(
     });
     let what = format!("{image}: layer {digest}");
     let info = client
-        .retrying(|| {
+        .retrying_body(|| {
             let stream = client.open_blob(digest, Some(size))?;
             store
                 .commit_layer_from_tar(stream, Some(digest), Some(diff_id), &what)

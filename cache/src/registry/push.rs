@@ -149,7 +149,7 @@ pub fn push(
         });
     }
     // The config.
-    if client.retrying(|| client.blob_exists(&image.id))?.is_none() {
+    if client.blob_exists(&image.id)?.is_none() {
         let bytes = image.config_bytes.clone();
         client
             .put_blob_with(&image.id, bytes.len() as u64, &|| {
@@ -163,7 +163,7 @@ pub fn push(
             reason: e.to_string(),
         })?;
     let tag = target.reference();
-    let digest = client.retrying(|| client.put_manifest(&tag, &manifest, MEDIA_MANIFEST))?;
+    let digest = client.put_manifest(&tag, &manifest, MEDIA_MANIFEST)?;
     Ok(PushedImage {
         digest,
         size: manifest.len() as u64,
@@ -198,7 +198,7 @@ fn push_layer(
     let layer = export_layer(store, diff_id, size, opts.compression, threads)?;
     let digest = layer.digest.clone();
     if client
-        .retrying(|| client.blob_exists(&digest))
+        .blob_exists(&digest)
         .map_err(|e| wrap(image, &digest, e))?
         .is_some()
     {
