@@ -138,11 +138,11 @@ impl DockerConfig {
     /// docker asks `docker-credential-<name> get`), else from `auths`.
     pub fn credentials(&self, registry: &str) -> Result<Option<Credentials>, RegistryError> {
         if let Some(helper) = self.helper_for(registry)
-            && let Some(c) = self.from_helper(&helper, registry)?
+            && let Some(c) = self.ask_helper(&helper, registry)?
         {
             return Ok(Some(c));
         }
-        self.from_auths(registry)
+        self.lookup_auths(registry)
     }
 
     fn helper_for(&self, registry: &str) -> Option<String> {
@@ -164,7 +164,7 @@ impl DockerConfig {
     }
 
     /// Runs `docker-credential-<helper> get` with the server on stdin.
-    fn from_helper(
+    fn ask_helper(
         &self,
         helper: &str,
         registry: &str,
@@ -214,7 +214,7 @@ impl DockerConfig {
         }))
     }
 
-    fn from_auths(&self, registry: &str) -> Result<Option<Credentials>, RegistryError> {
+    fn lookup_auths(&self, registry: &str) -> Result<Option<Credentials>, RegistryError> {
         let want = normalize_registry(registry);
         let Some(Value::Object(auths)) = self.doc.get("auths") else {
             return Ok(None);
