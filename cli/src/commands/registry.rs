@@ -416,3 +416,40 @@ impl kiln_solver::plan::ImageResolver for PullingResolver {
         local()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::Cli;
+
+    #[test]
+    fn parses_docker_style_flags() {
+        let ok = |args: &[&str]| {
+            let mut all = vec!["kiln"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).is_ok()
+        };
+        assert!(ok(&["pull", "--platform", "linux/arm64", "busybox"]));
+        assert!(ok(&[
+            "pull",
+            "--platform=linux/arm/v7",
+            "-q",
+            "localhost:5000/x@sha256:00"
+        ]));
+        assert!(ok(&["pull", "--tls-verify=false", "h:1/x"]));
+        assert!(ok(&["push", "--tls-verify=false", "h:1/x:1"]));
+        assert!(ok(&["push", "-q", "h:1/x:1"]));
+        assert!(ok(&["login", "-u", "me", "--password-stdin", "h:1"]));
+        assert!(ok(&["login", "-u", "me", "-p", "pw", "h:1"]));
+        assert!(ok(&["login"]));
+        assert!(ok(&["logout", "h:1"]));
+        assert!(ok(&["logout"]));
+        assert!(
+            !ok(&["login", "-p", "pw", "--password-stdin", "h:1"]),
+            "conflicting"
+        );
+        assert!(!ok(&["pull"]), "pull needs an image");
+        assert!(!ok(&["push", "--tls-verify=maybe", "x"]));
+    }
+}
