@@ -110,7 +110,14 @@ impl RegistryClient {
             .root_certs(system_roots())
             .disable_verification(options.insecure)
             .build();
+        // As Go's ProxyFromEnvironment: this machine is never proxied.
+        let proxy = if image.is_local() {
+            None
+        } else {
+            ureq::Proxy::try_from_env()
+        };
         let agent = ureq::Agent::config_builder()
+            .proxy(proxy)
             .http_status_as_error(false)
             .tls_config(tls)
             .timeout_connect(Some(Duration::from_secs(30)))
