@@ -57,6 +57,7 @@ mod store_gc;
 mod validate;
 
 pub mod archive;
+pub mod registry;
 
 pub use blob::{BlobReader, BlobWriter};
 pub use containers::{ContainerRecord, LeaseKind, VolumeRecord};

@@ -14,7 +14,7 @@
 
 mod import;
 mod load;
-mod save;
+pub(crate) mod save;
 mod source;
 
 pub use import::{ImportOptions, import_rootfs};

@@ -14,9 +14,7 @@ use kiln_solver::event::Progress;
 use kiln_solver::export::{ExportOptions, export_image};
 use kiln_solver::key::{KeyHistory, compute_keys};
 use kiln_solver::plan::{BuildOptions, EmptyImages, plan};
-use kiln_solver::runner::{
-    DefaultNetwork, RunnerOptions, SecretSource, StoreResolver, StoreRunner,
-};
+use kiln_solver::runner::{DefaultNetwork, RunnerOptions, SecretSource, StoreRunner};
 use kiln_solver::solve::{SolveError, SolveOptions, solve};
 
 use super::Global;
@@ -27,11 +25,10 @@ use crate::progress::{ProgressMode, Renderer};
 pub(crate) enum Pull {
     /// Only the local store.
     Never,
-    /// Pull when missing (not supported yet: same as never).
+    /// Pull from the registry when not in the store.
     #[value(alias = "false")]
     Missing,
-    /// Always check the registry (docker's bare `--pull`; not supported
-    /// yet: the local store, with a warning).
+    /// Always pull from the registry (docker's bare `--pull`).
     #[value(alias = "true")]
     Always,
 }
@@ -111,6 +108,9 @@ pub(crate) struct BuildArgs {
     /// `type=registry,ref=R` (repeatable; a missing one is a warning).
     #[arg(long = "cache-from", value_name = "SPEC")]
     cache_from: Vec<String>,
+    /// Push every `-t` name to its registry after the build.
+    #[arg(long)]
+    push: bool,
     /// The build context directory, or `-` for a tar (or a Dockerfile) on stdin.
     context: PathBuf,
 }
@@ -355,14 +355,16 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // How messages name the Dockerfile (`-` when it came on stdin).
     let df_name = input.name_of(&df_path);
     let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
-    // Registry pulls are a later issue: every mode uses the store.
-    if args.pull == Pull::Always {
-        eprintln!(
-            "warning: --pull: pulling from a registry is not supported yet; using the local store"
-        );
+    if args.push && args.tags.is_empty() {
+        bail!("--push needs at least one `-t NAME` to push to");
     }
-    let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
-        .with_context(|| format!("planning `{df_name}`"))?;
+    let policy = match args.pull {
+        Pull::Never => super::registry::PullPolicy::Never,
+        Pull::Missing => super::registry::PullPolicy::Missing,
+        Pull::Always => super::registry::PullPolicy::Always,
+    };
+    let resolver = super::registry::PullingResolver::new(Arc::clone(&store), policy);
+    let graph = plan(&df, &opts, &resolver).with_context(|| format!("planning `{df_name}`"))?;
     if !graph.unused_build_args.is_empty() {
         // As docker: a build arg no stage declares is probably a typo.
         eprintln!(
@@ -518,6 +520,13 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         "built {} ({} steps run, {} cached)",
         image.id, solved.ran, solved.cached
     );
+    if args.push {
+        for t in &args.tags {
+            let pushed = super::registry::push_image(&store, t, true, true)
+                .with_context(|| format!("pushing `{t}`"))?;
+            eprintln!("pushed {t} ({})", pushed.digest);
+        }
+    }
     println!("{}", image.id);
     Ok(ExitCode::SUCCESS)
 }

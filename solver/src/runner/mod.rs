@@ -121,7 +121,7 @@ pub enum RunnerError {
     },
     /// A base image is not in the store.
     #[error(
-        "image `{reference}` is not in the local store\nhint: make it with `kiln import` or `kiln load`, then build again (pulling from a registry is not supported yet)"
+        "image `{reference}` is not in the local store\nhint: `kiln pull` it, or make it with `kiln import` or `kiln load`, then build again (or build with `--pull=missing`)"
     )]
     ImageNotFound {
         /// The reference.
