@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kiln_solver::graph::{BuildGraph, VertexId};
 use kiln_solver::remote_cache::{
-    CacheLocation, CacheTo, CacheTransport, ImportedCache, LocalLayout, export_cache,
+    CacheLocation, CacheTo, CacheTransport, ImportedCache, LocalLayout, RegistryCache, export_cache,
     parse_cache_from,
 };
 use kiln_solver::runner::{Chain, StoreRunner};
@@ -21,14 +21,9 @@ fn transport(loc: &CacheLocation, writing: bool) -> anyhow::Result<Arc<dyn Cache
             tag.clone(),
             writing,
         ))),
-        CacheLocation::Registry { reference } => anyhow::bail!(
-            "{} type=registry,ref={reference}: the registry client is not in this build yet (use type=local)",
-            if writing {
-                "--cache-to"
-            } else {
-                "--cache-from"
-            }
-        ),
+        CacheLocation::Registry { reference } => {
+            Ok(Arc::new(RegistryCache::new(reference, writing)?))
+        }
     }
 }
 

@@ -31,10 +31,11 @@
 //! none of the layers of the steps before it.
 //!
 //! Transports ([`CacheTransport`]): a local OCI layout directory
-//! ([`LocalLayout`], `type=local`); the registry (`type=registry`) plugs in
-//! behind the same trait.
+//! ([`LocalLayout`], `type=local`) and a registry repository
+//! ([`RegistryCache`], `type=registry`).
 
 mod export;
+mod registry;
 mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +46,7 @@ use kiln_cache::{Digest, StoreError};
 use serde::{Deserialize, Serialize};
 
 pub use export::{ExportMode, ExportReport, export_cache};
+pub use registry::RegistryCache;
 pub use transport::{CacheTransport, LocalLayout, READ_LOG_ENV};
 
 /// The media type of BuildKit's cache config blob.

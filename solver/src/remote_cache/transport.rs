@@ -39,7 +39,7 @@ pub trait CacheTransport: Send + Sync + std::fmt::Debug {
         &self,
         digest: &Digest,
         size: u64,
-        data: &mut dyn Read,
+        data: &mut (dyn Read + Send),
     ) -> Result<(), RemoteCacheError>;
 
     /// Stores the root document (after all the blobs it names).
@@ -217,7 +217,7 @@ impl CacheTransport for LocalLayout {
         &self,
         digest: &Digest,
         _size: u64,
-        data: &mut dyn Read,
+        data: &mut (dyn Read + Send),
     ) -> Result<(), RemoteCacheError> {
         let path = self.blob_path(digest);
         let actual = self.write_atomic(&path, data)?;
