@@ -7,8 +7,12 @@
 #![expect(clippy::print_stderr, reason = "tests report skips on stderr")]
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+#[path = "../../cache/tests/registry_support.rs"]
+mod registry_support;
 
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -454,4 +458,117 @@ fn a_corrupt_cache_blob_fails_the_build_naming_it() {
         !store_b.has_layer(&top.parse().expect("digest")),
         "half-stored layer"
     );
+}
+
+/// A plain HTTP/1.0 GET to the test registry: the body.
+fn http_get(port: u16, path: &str, accept: &str) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .expect("request");
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).expect("response");
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers end");
+    let head = text(&all[..split]);
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{path}: {head}"
+    );
+    all[split + 4..].to_vec()
+}
+
+#[test]
+fn two_machines_share_a_cache_in_a_registry() {
+    if !can_build() || !registry_support::available() {
+        return;
+    }
+    let reg = registry_support::Registry::start(None);
+    let m = Machines::new();
+    let repo = format!("kiln-buildcache-{}/app", std::process::id());
+    let cache_ref = format!("{}/{repo}:cache", reg.host());
+    let a = m.build(
+        "A",
+        &[
+            "--cache-to",
+            &format!("type=registry,ref={cache_ref},mode=max"),
+        ],
+    );
+    assert!(
+        a.contains("exported build cache to type=registry,ref="),
+        "{a}"
+    );
+
+    // The cache manifest, as the registry serves it.
+    let manifest: serde_json::Value = serde_json::from_slice(&http_get(
+        reg.port,
+        &format!("/v2/{repo}/manifests/cache"),
+        "application/vnd.oci.image.manifest.v1+json",
+    ))
+    .expect("manifest json");
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.buildkit.cacheconfig.v0"
+    );
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("config")
+        .to_owned();
+    let diff_of_blob: HashMap<String, String> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_owned(),
+                l["annotations"]["containerd.io/uncompressed"]
+                    .as_str()
+                    .expect("diffID")
+                    .to_owned(),
+            )
+        })
+        .collect();
+
+    // Machine B: every step CACHED; the blobs it GETs from the registry
+    // (its access log) are the config and the image's layers B lacked.
+    let log = reg.dir.path().join("log");
+    let before = fs_err::read(&log).map(|b| b.len()).unwrap_or(0);
+    let b = m.build(
+        "B",
+        &["--cache-from", &format!("type=registry,ref={cache_ref}")],
+    );
+    let (steps, cached) = steps_and_cached(&b);
+    assert!(
+        steps.is_subset(&cached),
+        "every step should be CACHED, not {:?}:\n{b}",
+        steps.difference(&cached).collect::<Vec<_>>()
+    );
+    let access = text(&fs_err::read(&log).expect("registry log")[before..]);
+    let prefix = format!("\"GET /v2/{repo}/blobs/");
+    let gets: Vec<String> = access
+        .lines()
+        .filter_map(|l| {
+            let i = l.find(&prefix)?;
+            let rest = &l[i + prefix.len()..];
+            Some(rest.split([' ', '?']).next().unwrap_or("").to_owned())
+        })
+        .collect();
+    let busybox: BTreeSet<String> = image_layers(&m.store("B"), "busybox:local")
+        .into_iter()
+        .collect();
+    let image = image_layers(&m.store("B"), "app:1");
+    let mut want: BTreeSet<String> = diff_of_blob
+        .iter()
+        .filter(|(_, d)| image.contains(d) && !busybox.contains(*d))
+        .map(|(b, _)| b.clone())
+        .collect();
+    assert_eq!(want.len(), 3, "three layers on top of busybox");
+    want.insert(config_digest);
+    let got: BTreeSet<String> = gets.iter().cloned().collect();
+    assert_eq!(got, want, "blobs B fetched from the registry:\n{access}");
+    assert_eq!(gets.len(), want.len(), "a blob was fetched twice: {gets:?}");
 }
