@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use kiln_solver::graph::{BuildGraph, VertexId};
 use kiln_solver::remote_cache::{
-    CacheLocation, CacheTo, CacheTransport, ImportedCache, LocalLayout, RegistryCache, export_cache,
-    parse_cache_from,
+    CacheLocation, CacheTo, CacheTransport, ImportedCache, LocalLayout, RegistryCache,
+    export_cache, parse_cache_from,
 };
 use kiln_solver::runner::{Chain, StoreRunner};
 use kiln_solver::solve::Solved;

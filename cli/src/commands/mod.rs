@@ -40,7 +40,7 @@ pub(crate) enum Command {
     /// Print the version.
     Version,
     /// Build an image from a Dockerfile and a context directory.
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
     /// Print the build graph of a Dockerfile in Graphviz DOT.
     Graph(build::GraphArgs),
     /// Parse a Dockerfile and print its syntax tree.

@@ -139,9 +139,9 @@ impl LocalLayout {
             path: path.to_owned(),
             source: e.error,
         })?;
-        Ok(format!("sha256:{}", hex(&h.finalize()))
+        format!("sha256:{}", hex(&h.finalize()))
             .parse()
-            .map_err(|_| self.invalid("a blob", "bad digest"))?)
+            .map_err(|_| self.invalid("a blob", "bad digest"))
     }
 
     fn read_index(&self) -> Result<Option<serde_json::Value>, RemoteCacheError> {
