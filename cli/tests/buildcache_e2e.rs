@@ -572,3 +572,49 @@ fn two_machines_share_a_cache_in_a_registry() {
     assert_eq!(got, want, "blobs B fetched from the registry:\n{access}");
     assert_eq!(gets.len(), want.len(), "a blob was fetched twice: {gets:?}");
 }
+
+#[test]
+fn reexporting_to_the_same_cache_fetches_no_more_layers() {
+    if !can_build() {
+        return;
+    }
+    let m = Machines::new();
+    m.build("A", &["--cache-to", &m.to("max")]);
+    let first = read_cache(&m.cache());
+    // The usual CI line: import from and export to the same place.
+    let b = m.build(
+        "B",
+        &["--cache-from", &m.from(), "--cache-to", &m.to("max")],
+    );
+    assert!(b.contains("(0 steps run,"), "{b}");
+    let second = read_cache(&m.cache());
+    assert_eq!(
+        second.diff_of_blob, first.diff_of_blob,
+        "the same layers, as the same blobs"
+    );
+    // B fetched only the image's layers it lacked: the build stage's
+    // layers went into the new cache without being downloaded.
+    let image = image_layers(&m.store("B"), "app:1");
+    let store_b = kiln_cache::Store::open(m.store("B")).expect("store");
+    for d in first.diff_of_blob.values().filter(|d| !image.contains(d)) {
+        assert!(
+            !store_b.has_layer(&d.parse().expect("digest")),
+            "B fetched {d} to export it"
+        );
+    }
+    let fetched: Vec<String> = m
+        .reads("B")
+        .into_iter()
+        .filter(|r| first.diff_of_blob.contains_key(r))
+        .collect();
+    assert_eq!(fetched.len(), 3, "{fetched:?}");
+    // And the rewritten cache serves a third machine.
+    let o = Command::new(workspace().join("testdata/make-busybox.sh"))
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_ROOT", m.store("C"))
+        .output()
+        .expect("make-busybox.sh");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let c = m.build("C", &["--cache-from", &m.from()]);
+    assert!(c.contains("(0 steps run,"), "{c}");
+}

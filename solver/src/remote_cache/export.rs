@@ -59,6 +59,35 @@ fn min_stages(graph: &BuildGraph) -> HashSet<usize> {
     out
 }
 
+/// A layer's blob in the cache: digest, size, media type.
+type LayerBlob = (Digest, u64, std::borrow::Cow<'static, str>);
+
+/// The compressed blob of layer `diff_id`: the one an imported cache has
+/// when the layer was never fetched here (nothing is downloaded), else
+/// the store's gzip blob (made once and remembered).
+fn layer_blob(
+    runner: &StoreRunner,
+    diff_id: &Digest,
+    threads: usize,
+) -> Result<LayerBlob, RemoteCacheError> {
+    let store = runner.store();
+    if !store.has_layer(diff_id)
+        && let Some(src) = runner.imported_layer(diff_id)
+        && src.blob_size > 0
+    {
+        return Ok((
+            src.blob.clone(),
+            src.blob_size,
+            std::borrow::Cow::Owned(src.media_type.clone()),
+        ));
+    }
+    runner.ensure_layer(diff_id)?;
+    let (d, size, mt) =
+        kiln_cache::archive::compressed_layer_blob(store, diff_id, Compression::Gzip, threads)
+            .map_err(store_err(format!("compressing layer {diff_id}")))?;
+    Ok((d, size, std::borrow::Cow::Borrowed(mt)))
+}
+
 /// Exports the cache of a build: for each step (per `mode`) its key, the
 /// links to its inputs' records and the layer chain of its result; the
 /// layers gzip-compressed (once: the compressed blob is remembered in the
@@ -83,9 +112,9 @@ pub fn export_cache(
     let mut record_of: HashMap<CacheKey, usize> = HashMap::new();
     let mut layer_of: HashMap<(Digest, i64), usize> = HashMap::new();
     // Blobs in manifest order: (digest, size, media type, diffID, uncompressed size).
-    let mut blobs: Vec<(Digest, u64, &'static str, Digest, u64)> = Vec::new();
+    let mut blobs: Vec<(Digest, u64, String, Digest, u64)> = Vec::new();
     let mut blob_seen: HashSet<Digest> = HashSet::new();
-    let mut compressed: HashMap<Digest, (Digest, u64, &'static str)> = HashMap::new();
+    let mut compressed: HashMap<Digest, LayerBlob> = HashMap::new();
 
     for v in graph.topo_order() {
         let vert = &graph.graph[v];
@@ -123,17 +152,10 @@ pub fn export_cache(
         if with_result && !chain.layers.is_empty() {
             let mut parent: i64 = -1;
             for l in &chain.layers {
-                runner.ensure_layer(&l.diff_id)?;
                 let (blob, size, media_type) = match compressed.get(&l.diff_id) {
                     Some(c) => c.clone(),
                     None => {
-                        let c = kiln_cache::archive::compressed_layer_blob(
-                            store,
-                            &l.diff_id,
-                            Compression::Gzip,
-                            threads,
-                        )
-                        .map_err(store_err(format!("compressing layer {}", l.diff_id)))?;
+                        let c = layer_blob(runner, &l.diff_id, threads)?;
                         compressed.insert(l.diff_id.clone(), c.clone());
                         c
                     }
@@ -143,7 +165,7 @@ pub fn export_cache(
                         blob: blob.to_string(),
                         parent_index: parent,
                         annotations: Some(LayerAnnotations {
-                            media_type: media_type.to_owned(),
+                            media_type: media_type.to_string(),
                             diff_id: l.diff_id.to_string(),
                             size: i64::try_from(size).unwrap_or(i64::MAX),
                             created_at: created.clone(),
@@ -152,7 +174,13 @@ pub fn export_cache(
                     cc.layers.len() - 1
                 });
                 if blob_seen.insert(blob.clone()) {
-                    blobs.push((blob, size, media_type, l.diff_id.clone(), l.size));
+                    blobs.push((
+                        blob,
+                        size,
+                        media_type.to_string(),
+                        l.diff_id.clone(),
+                        l.size,
+                    ));
                 }
                 parent = idx as i64;
             }
@@ -171,14 +199,20 @@ pub fn export_cache(
         layers: cc.layers.len(),
         blobs_written: 0,
     };
-    for (blob, size, _, _, _) in &blobs {
+    for (blob, size, _, diff_id, _) in &blobs {
         if transport.has_blob(blob)? {
             continue;
         }
-        let mut r = store
-            .open_blob(blob)
-            .map_err(store_err(format!("reading blob {blob}")))?;
-        transport.put_blob(blob, *size, &mut r)?;
+        if store.has_blob(blob) {
+            let mut r = store
+                .open_blob(blob)
+                .map_err(store_err(format!("reading blob {blob}")))?;
+            transport.put_blob(blob, *size, &mut r)?;
+        } else if let Some(src) = runner.imported_layer(diff_id) {
+            // Only in the imported cache: copied across, not stored here.
+            let mut r = src.transport.get_blob(&src.blob)?;
+            transport.put_blob(blob, *size, &mut r)?;
+        }
         report.blobs_written += 1;
     }
     let config_bytes = serde_json::to_vec(&cc).map_err(|e| RemoteCacheError::Invalid {

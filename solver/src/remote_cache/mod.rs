@@ -230,6 +230,8 @@ pub struct LayerSource {
     pub blob: Digest,
     /// Its media type.
     pub media_type: String,
+    /// Its size (0 when the cache does not say).
+    pub blob_size: u64,
 }
 
 /// One layer of an imported result: diffID and uncompressed size (0 when
@@ -317,9 +319,10 @@ impl ImportedCache {
                 by_blob.insert(dg.to_owned(), d);
             }
         }
-        // Each layer: (diffID, size, blob, media type), or None when the
-        // cache does not say what it is (then its records are skipped).
-        let layer_info: Vec<Option<(Digest, u64, Digest, String)>> = cc
+        // Each layer: (diffID, size, blob, media type, blob size), or None
+        // when the cache does not say what it is (then its records are
+        // skipped).
+        let layer_info: Vec<Option<(Digest, u64, Digest, String, u64)>> = cc
             .layers
             .iter()
             .map(|l| {
@@ -342,11 +345,16 @@ impl ImportedCache {
                 } else {
                     ann.media_type
                 };
+                let blob_size = desc
+                    .and_then(|d| d["size"].as_u64())
+                    .or_else(|| u64::try_from(ann.size).ok())
+                    .unwrap_or(0);
                 Some((
                     diff_id.parse().ok()?,
                     size,
                     l.blob.parse().ok()?,
                     media_type,
+                    blob_size,
                 ))
             })
             .collect();
@@ -375,12 +383,13 @@ impl ImportedCache {
                 continue;
             }
             chain.reverse();
-            let layers = chain.iter().map(|(d, s, _, _)| (d.clone(), *s)).collect();
-            for (diff_id, _, blob, media_type) in chain {
+            let layers = chain.iter().map(|(d, s, ..)| (d.clone(), *s)).collect();
+            for (diff_id, _, blob, media_type, blob_size) in chain {
                 self.layers.entry(diff_id).or_insert_with(|| LayerSource {
                     transport: Arc::clone(&transport),
                     blob,
                     media_type,
+                    blob_size,
                 });
             }
             self.records

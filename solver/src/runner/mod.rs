@@ -290,6 +290,11 @@ impl StoreRunner {
         crate::remote_cache::fetch_layer(&self.store, diff_id, src).map(|_| ())
     }
 
+    /// Where the imported cache has layer `diff_id`, if it does.
+    pub fn imported_layer(&self, diff_id: &Digest) -> Option<&crate::remote_cache::LayerSource> {
+        self.imported.as_ref().and_then(|c| c.layer(diff_id))
+    }
+
     /// `chain` with every layer in the store (fetched from the imported
     /// cache where needed) and its sizes as the store has them.
     pub fn materialize(&self, chain: &Chain) -> Result<Chain, RemoteCacheError> {
