@@ -618,3 +618,39 @@ fn reexporting_to_the_same_cache_fetches_no_more_layers() {
     let c = m.build("C", &["--cache-from", &m.from()]);
     assert!(c.contains("(0 steps run,"), "{c}");
 }
+
+#[test]
+fn a_step_after_imported_hits_runs_on_the_fetched_layers() {
+    if !can_build() {
+        return;
+    }
+    let m = Machines::new();
+    m.build("A", &["--cache-to", &m.to("max")]);
+    // B's Dockerfile has one more step: it runs on the imported layers,
+    // which are fetched for it (once each).
+    let df = m.path("ctx/Dockerfile");
+    let mut text_df = fs_err::read_to_string(&df).expect("Dockerfile");
+    text_df.push_str("RUN cat /base /app/b > /combined\n");
+    fs_err::write(&df, text_df).expect("write");
+    let out = m.path("out-B");
+    let output = format!("type=local,dest={}", out.display());
+    let b = m.build("B", &["--cache-from", &m.from(), "--output", &output]);
+    assert!(b.contains("(1 steps run,"), "{b}");
+    assert_eq!(
+        fs_err::read_to_string(out.join("combined")).expect("combined"),
+        "final-base\nhi\none\n"
+    );
+    let doc = read_cache(&m.cache());
+    let fetched: Vec<String> = m
+        .reads("B")
+        .into_iter()
+        .filter(|r| doc.diff_of_blob.contains_key(r))
+        .collect();
+    assert_eq!(
+        fetched.len(),
+        3,
+        "the final stage's three layers: {fetched:?}"
+    );
+    let unique: BTreeSet<&String> = fetched.iter().collect();
+    assert_eq!(unique.len(), 3, "{fetched:?}");
+}

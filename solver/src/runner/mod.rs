@@ -238,6 +238,9 @@ pub struct StoreRunner {
     used_contents: Arc<Mutex<BTreeMap<String, String>>>,
     /// Hits in the imported cache: key and result.
     imported_hits: Arc<Mutex<Vec<(String, Chain)>>>,
+    /// Held while a layer is fetched from the imported cache, so that
+    /// steps needing the same layer at once download it once.
+    fetching: Arc<Mutex<()>>,
 }
 
 impl StoreRunner {
@@ -252,6 +255,7 @@ impl StoreRunner {
             notes: Arc::default(),
             used_contents: Arc::default(),
             imported_hits: Arc::default(),
+            fetching: Arc::default(),
         }
     }
 
@@ -287,6 +291,11 @@ impl StoreRunner {
                 }),
             });
         };
+        // One fetch at a time; whoever waited finds the layer here.
+        let _one = self.fetching.lock();
+        if self.store.has_layer(diff_id) {
+            return Ok(());
+        }
         crate::remote_cache::fetch_layer(&self.store, diff_id, src).map(|_| ())
     }
 
@@ -361,6 +370,7 @@ impl StoreRunner {
             imported: self.imported.clone(),
             notes: Arc::clone(&self.notes),
             imported_hits: Arc::clone(&self.imported_hits),
+            fetching: Arc::clone(&self.fetching),
             used_contents: Arc::clone(&self.used_contents),
         }
     }
