@@ -336,6 +336,10 @@ impl StoreRunner {
                 .iter()
                 .all(|l| self.store.has_layer(&l.diff_id))
             {
+                // (All here: this fetches nothing, and sets the sizes.)
+                let Ok(chain) = self.materialize(&chain) else {
+                    continue;
+                };
                 let step_key = crate::key::CacheKey(key);
                 if self.put_record(&step_key, &chain).is_ok() {
                     kept += 1;
