@@ -517,8 +517,15 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         fs_err::write(f, serde_json::to_vec_pretty(&meta)?)?;
     }
     eprintln!(
-        "built {} ({} steps run, {} cached)",
-        image.id, solved.ran, solved.cached
+        "built {} ({} steps run, {} cached{})",
+        image.id,
+        solved.ran,
+        solved.cached,
+        if solved.skipped > 0 {
+            format!(", {} not needed", solved.skipped)
+        } else {
+            String::new()
+        }
     );
     if args.push {
         for t in &args.tags {

@@ -93,8 +93,16 @@ pub(crate) fn export(
 ) -> anyhow::Result<()> {
     for c in to {
         let t = transport(&c.location, true)?;
-        let report = export_cache(runner, graph, &solved.outputs, &solved.keys, c.mode, &*t)
-            .with_context(|| format!("exporting the build cache to {}", t.name()))?;
+        let report = export_cache(
+            runner,
+            graph,
+            &solved.outputs,
+            &solved.keys,
+            &solved.contents,
+            c.mode,
+            &*t,
+        )
+        .with_context(|| format!("exporting the build cache to {}", t.name()))?;
         eprintln!(
             "exported build cache to {}: {} records, {} layers ({} blobs written)",
             t.name(),

@@ -91,12 +91,15 @@ fn layer_blob(
 /// Exports the cache of a build: for each step (per `mode`) its key, the
 /// links to its inputs' records and the layer chain of its result; the
 /// layers gzip-compressed (once: the compressed blob is remembered in the
-/// store). Layers an import left in another cache are fetched first.
+/// store). `contents` are the content digests the steps were keyed by
+/// ([`crate::solve::Solved::contents`]). Layers an import left in another
+/// cache are copied from it, not fetched into the store.
 pub fn export_cache(
     runner: &StoreRunner,
     graph: &BuildGraph,
     outputs: &HashMap<VertexId, Chain>,
     keys: &HashMap<VertexId, CacheKey>,
+    contents: &BTreeMap<String, String>,
     mode: ExportMode,
     transport: &dyn CacheTransport,
 ) -> Result<ExportReport, RemoteCacheError> {
@@ -193,6 +196,8 @@ pub fn export_cache(
         cc.records.push(rec);
     }
     cc.kiln_contents = runner.used_contents();
+    cc.kiln_contents
+        .extend(contents.iter().map(|(k, v)| (k.clone(), v.clone())));
 
     let mut report = ExportReport {
         records: cc.records.len(),

@@ -688,6 +688,27 @@ impl StepRunner for StoreRunner {
         }))
     }
 
+    fn would_hit(&self, step: &Step) -> bool {
+        match &step.vertex.op {
+            Op::Source(_) => true,
+            Op::Config(_) => false,
+            Op::Exec(_) | Op::File(_) | Op::StageRef { .. } => {
+                matches!(self.store.get_cache_record(&step.key.0), Ok(Some(_)))
+                    || self
+                        .imported
+                        .as_ref()
+                        .is_some_and(|c| c.record(&step.key.0).is_some())
+            }
+        }
+    }
+
+    fn known_content(&self, id: &str) -> Option<String> {
+        self.imported
+            .as_ref()
+            .and_then(|c| c.content(id))
+            .map(str::to_owned)
+    }
+
     async fn content_digest(
         &self,
         step: &Step,
