@@ -322,7 +322,7 @@ impl ImportedCache {
         // Each layer: (diffID, size, blob, media type, blob size), or None
         // when the cache does not say what it is (then its records are
         // skipped).
-        let layer_info: Vec<Option<(Digest, u64, Digest, String, u64)>> = cc
+        let layer_info: Vec<Option<LayerRow>> = cc
             .layers
             .iter()
             .map(|l| {
@@ -429,6 +429,10 @@ impl ImportedCache {
         self.records.is_empty()
     }
 }
+
+/// A layer of a cache config: diffID, uncompressed size, blob, media
+/// type, blob size.
+type LayerRow = (Digest, u64, Digest, String, u64);
 
 fn descriptor_digest(d: &serde_json::Value) -> Option<Digest> {
     d["digest"].as_str()?.parse().ok()
