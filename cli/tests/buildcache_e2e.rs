@@ -575,6 +575,14 @@ fn two_machines_share_a_cache_in_a_registry() {
     let got: BTreeSet<String> = gets.iter().cloned().collect();
     assert_eq!(got, want, "blobs B fetched from the registry:\n{access}");
     assert_eq!(gets.len(), want.len(), "a blob was fetched twice: {gets:?}");
+    // A cache ref with nothing there is a warning, as a missing directory.
+    let none = format!("type=registry,ref={}/{repo}:nothing-here", reg.host());
+    let c = m.build("B", &["--cache-from", &none]);
+    assert!(
+        c.contains("warning: --cache-from type=registry,ref="),
+        "{c}"
+    );
+    assert!(c.contains("no cache found there"), "{c}");
 }
 
 #[test]
