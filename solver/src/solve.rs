@@ -130,6 +130,15 @@ pub enum SolveError<E: std::error::Error + Send + Sync + 'static> {
         /// The step's display name.
         name: String,
     },
+    /// A step expected in the cache, so that the stages only it reads
+    /// were left out, was not found there when it was looked up.
+    #[error(
+        "{name} was expected in the cache (the stages it reads were left out) but is not there any more\nhint: build again"
+    )]
+    CacheChanged {
+        /// The step's display name.
+        name: String,
+    },
     /// The keys do not match the graph.
     #[error("no key for vertex {id}")]
     MissingKey {
@@ -157,7 +166,9 @@ pub struct Solved<O> {
     pub skipped: usize,
 }
 
-type Done<O, E> = (CacheKey, Result<(O, bool), Arc<E>>);
+/// A finished step: its key and result (`Err(None)`: a step whose inputs
+/// were left out, expected in the cache, was not found there).
+type Done<O, E> = (CacheKey, Result<(O, bool), Option<Arc<E>>>);
 
 /// Build `graph`: every vertex, with at most `opts.jobs` steps at once.
 pub async fn solve<R: StepRunner>(
@@ -347,18 +358,20 @@ pub async fn solve<R: StepRunner>(
             let runner = Arc::clone(&runner);
             let p = progress.clone();
             let no_cache = opts.no_cache;
+            let left_out = graph.inputs(v).iter().any(|(i, _)| skip.contains(i));
             let handle = tasks.spawn(async move {
                 let key = step.key.clone();
                 if !no_cache {
                     match runner.lookup(&step).await {
                         Ok(Some(out)) => return (key, Ok((out, false))),
+                        Ok(None) if left_out => return (key, Err(None)),
                         Ok(None) => {}
-                        Err(e) => return (key, Err(Arc::new(e))),
+                        Err(e) => return (key, Err(Some(Arc::new(e)))),
                     }
                 }
                 p.miss(step.id.index(), causes);
                 let r = runner.run(step, inputs, p).await;
-                (key, r.map(|o| (o, true)).map_err(Arc::new))
+                (key, r.map(|o| (o, true)).map_err(|e| Some(Arc::new(e))))
             });
             task_vertex.insert(handle.id(), v);
         }
@@ -437,6 +450,13 @@ pub async fn solve<R: StepRunner>(
                     .first()
                     .copied()
                     .unwrap_or((VertexId::new(0), Instant::now()));
+                let Some(e) = e else {
+                    let err = SolveError::<R::Error>::CacheChanged {
+                        name: graph.graph[v].name.clone(),
+                    };
+                    progress.failed(v.index(), &err);
+                    return Err(err);
+                };
                 progress.failed(v.index(), &*e);
                 return Err(SolveError::Step {
                     name: graph.graph[v].name.clone(),
