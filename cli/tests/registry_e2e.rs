@@ -762,3 +762,60 @@ fn build_pulls_missing_bases_and_pushes_tags() {
     let run = other.ok(&["run", "--rm", "--network=none", &out_name, "cat", "/built"]);
     assert_eq!(run.trim(), "built");
 }
+
+/// https is verified against the system's roots (`SSL_CERT_FILE` here);
+/// `--tls-verify=false` accepts any certificate and plain http; a
+/// registry elsewhere than this machine never gets plain http otherwise.
+#[test]
+fn tls_is_verified_and_plain_http_needs_consent() {
+    if !can_run() {
+        return;
+    }
+    if !have("openssl") || !have("hostname") {
+        assert!(!ci(), "CI=true but this test needs openssl and hostname");
+        eprintln!("skipping: needs openssl");
+        return;
+    }
+    let Some(ip) = registry_support::outside_ip() else {
+        assert!(
+            !ci(),
+            "CI=true but this machine has no non-loopback IPv4 address"
+        );
+        eprintln!("skipping: no non-loopback address to serve a non-local registry on");
+        return;
+    };
+    let env = Env::with_busybox();
+
+    let tls = Registry::start_on(&ip, None, true);
+    let name = format!("{}/kiln/{}:1", tls.host(), unique("tls"));
+    env.ok(&["tag", "busybox:local", &name]);
+    let err = env.fails(&["push", &name]);
+    eprintln!("unknown CA: {err}");
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "an unknown CA is refused: {err}"
+    );
+    env.ok(&["push", "--tls-verify=false", &name]);
+    let o = env
+        .cmd(&["pull", &name])
+        .env("SSL_CERT_FILE", tls.cert())
+        .output()
+        .expect("run");
+    assert!(
+        o.status.success(),
+        "a CA in SSL_CERT_FILE is trusted: {}",
+        text(&o.stderr)
+    );
+
+    let plain = Registry::start_on(&ip, None, false);
+    let name = format!("{}/kiln/{}:1", plain.host(), unique("plain"));
+    env.ok(&["tag", "busybox:local", &name]);
+    let err = env.fails(&["push", &name]);
+    eprintln!("plain http: {err}");
+    assert!(err.contains(&plain.host()), "{err}");
+    env.ok(&["push", "--tls-verify=false", &name]);
+    let other = Env::new();
+    other.fails(&["pull", &name]);
+    other.ok(&["pull", "--tls-verify=false", &name]);
+    assert_eq!(other.image_id(&name), env.image_id("busybox:local"));
+}

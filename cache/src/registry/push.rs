@@ -89,6 +89,7 @@ pub fn push(
     progress: &(dyn Fn(PushEvent) + Sync),
 ) -> Result<PushedImage, RegistryError> {
     let name = target.to_string();
+    client.connect()?;
     let _lock = store.lock_shared()?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let workers = opts.threads.clamp(1, 8).min(image.layers.len().max(1));
