@@ -697,6 +697,18 @@ fn platform_is_selected_from_an_index() {
     let err = Env::new().fails(&["pull", "--platform", "linux/s390x", &multi]);
     assert!(err.contains("linux/s390x"), "{err}");
     assert!(err.contains("linux/arm64/v8"), "lists what there is: {err}");
+    // A single-platform image of another platform is refused too.
+    let err = Env::new().fails(&["pull", "--platform", "linux/s390x", &format!("{repo}:amd")]);
+    let arch =
+        serde_json::from_str::<serde_json::Value>(&env.ok(&["image", "inspect", "busybox:local"]))
+            .expect("json")[0]["Architecture"]
+            .as_str()
+            .expect("arch")
+            .to_owned();
+    assert!(
+        err.contains("linux/s390x") && err.contains(&format!("linux/{arch}")),
+        "{err}"
+    );
 }
 
 #[test]
