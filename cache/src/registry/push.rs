@@ -118,7 +118,9 @@ pub fn push(
                         &layer.diff_id,
                         layer.size,
                         opts,
-                        (cores / workers).max(1),
+                        // Each layer gets every core: layers are rarely the same
+                        // size, and the big one should not be slowed by the small.
+                        cores,
                         progress,
                     );
                     let failed = r.is_err();
