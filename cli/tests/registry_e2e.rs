@@ -189,6 +189,15 @@ fn push_then_pull_round_trips_with_skopeo_both_ways() {
     assert!(again.contains("Layer already exists"), "{again}");
     assert!(!again.contains(": Pushed"), "{again}");
     assert!(again.contains(&digest), "same manifest: {again}");
+    // Another repository of the same registry: the layer is mounted, not uploaded.
+    let sibling = format!("{}/kiln/{}:v1", reg.host(), unique("sibling"));
+    env.ok(&["tag", "busybox:local", &sibling]);
+    let out = env.ok(&["push", &sibling]);
+    assert!(
+        out.contains(&format!("Mounted from kiln/{}", unique("roundtrip"))),
+        "{out}"
+    );
+    assert!(!out.contains(": Pushed"), "{out}");
 
     // skopeo reads what kiln pushed.
     let inspect = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{name}")]);
