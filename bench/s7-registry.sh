@@ -63,13 +63,21 @@ fi
 "$KILN" tag s4:latest "$IMG"
 # The same image as a gzip OCI layout for skopeo (this also makes kiln remember the gzip layers).
 rm -rf "$OUT/layout" "$OUT/layout.tar"; mkdir -p "$OUT/layout"
-ls "$KILN_ROOT/blobs/sha256" | sort > "$OUT/blobs-before"
 "$KILN" save --format oci --compress gzip -o "$OUT/layout.tar" "$IMG"
 tar -C "$OUT/layout" -xf "$OUT/layout.tar"; rm -f "$OUT/layout.tar"
 LAYOUT_REF=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"])' "$OUT/layout/index.json")
 empty_registry="rm -rf $R/data/docker; sync"
-# Deletes the gzip blobs kiln made for the layers, so the next push compresses again.
-drop_compressed="comm -13 $OUT/blobs-before <(ls $KILN_ROOT/blobs/sha256 | sort) | sed 's|^|$KILN_ROOT/blobs/sha256/|' | xargs -r rm -f"
+# The gzip layer blobs kiln made (and remembers), from the layout's manifest: deleting them
+# makes the next push compress again.
+python3 - "$OUT/layout" > "$OUT/gzip-layers" <<'PY'
+import json, sys
+root = sys.argv[1]
+index = json.load(open(f"{root}/index.json"))
+m = index["manifests"][0]["digest"].split(":")[1]
+for l in json.load(open(f"{root}/blobs/sha256/{m}"))["layers"]:
+    print(l["digest"].split(":")[1])
+PY
+drop_compressed="sed 's|^|$KILN_ROOT/blobs/sha256/|' $OUT/gzip-layers | xargs -r rm -f"
 
 echo "== push (upload only; registry emptied before each run)"
 hyperfine --warmup 1 --runs "$RUNS" --shell bash --prepare "$empty_registry" \

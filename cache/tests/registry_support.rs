@@ -16,6 +16,7 @@ pub struct Registry {
     child: Child,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    pub ip: String,
 }
 
 /// Whether the registry tests can run; with CI=true a missing tool fails.
@@ -31,6 +32,18 @@ pub fn available() -> bool {
     ok
 }
 
+/// A non-loopback IPv4 address of this machine, if it has one.
+pub fn outside_ip() -> Option<String> {
+    let out = Command::new("hostname").arg("-I").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !ip.is_loopback())
+        })
+        .map(str::to_owned)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -39,15 +52,93 @@ fn free_port() -> u16 {
 }
 
 impl Registry {
-    /// Starts a registry; with `auth`, users `(name, password)` in htpasswd.
+    /// Starts a registry on 127.0.0.1; with `auth`, users `(name,
+    /// password)` in htpasswd.
     pub fn start(auth: Option<(&str, &str)>) -> Registry {
+        Registry::start_on("127.0.0.1", auth, false)
+    }
+
+    /// Starts a registry on `ip`, with a certificate for it signed by a
+    /// test CA ([`Registry::cert`]) when `tls`.
+    pub fn start_on(ip: &str, auth: Option<(&str, &str)>, tls: bool) -> Registry {
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             let port = free_port();
             let mut config = format!(
-                "version: 0.1\nlog: {{ level: error }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp: {{ addr: 127.0.0.1:{port} }}\n",
+                "version: 0.1\nlog: {{ level: error }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  delete: {{ enabled: true }}\nhttp:\n  addr: {ip}:{port}\n",
                 dir.path().join("data").display()
             );
+            if tls {
+                let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+                let d = dir.path();
+                fs_err::write(
+                    d.join("leaf.ext"),
+                    format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+                )
+                .expect("write ext");
+                let openssl = |args: &[&str]| {
+                    let out = Command::new("openssl")
+                        .args(args)
+                        .current_dir(d)
+                        .output()
+                        .expect("openssl runs");
+                    assert!(
+                        out.status.success(),
+                        "openssl {args:?}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                };
+                // A CA, and a server certificate for `ip` signed by it.
+                openssl(&[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=kiln-test-ca",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                ]);
+                openssl(&[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    "/CN=kiln-test",
+                    "-keyout",
+                    "key.pem",
+                    "-out",
+                    "leaf.csr",
+                ]);
+                openssl(&[
+                    "x509",
+                    "-req",
+                    "-in",
+                    "leaf.csr",
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "leaf.ext",
+                    "-out",
+                    "cert.pem",
+                ]);
+                config.push_str(&format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                ));
+            }
             if let Some((user, password)) = auth {
                 let out = Command::new("htpasswd")
                     .args(["-Bbn", user, password])
@@ -72,7 +163,12 @@ impl Registry {
                 .stderr(log.into_file())
                 .spawn()
                 .expect("start docker-registry");
-            let mut reg = Registry { child, port, dir };
+            let mut reg = Registry {
+                child,
+                port,
+                dir,
+                ip: ip.to_owned(),
+            };
             if reg.wait_ready() {
                 return reg;
             }
@@ -87,7 +183,7 @@ impl Registry {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(mut s) = TcpStream::connect((self.ip.as_str(), self.port)) {
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
                 let mut buf = [0u8; 12];
                 if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") {
@@ -99,9 +195,14 @@ impl Registry {
         false
     }
 
-    /// `127.0.0.1:<port>`.
+    /// `<ip>:<port>`.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    /// The CA that signed a TLS registry's certificate.
+    pub fn cert(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
     }
 }
 

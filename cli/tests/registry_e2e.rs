@@ -189,6 +189,15 @@ fn push_then_pull_round_trips_with_skopeo_both_ways() {
     assert!(again.contains("Layer already exists"), "{again}");
     assert!(!again.contains(": Pushed"), "{again}");
     assert!(again.contains(&digest), "same manifest: {again}");
+    // Another repository of the same registry: the layer is mounted, not uploaded.
+    let sibling = format!("{}/kiln/{}:v1", reg.host(), unique("sibling"));
+    env.ok(&["tag", "busybox:local", &sibling]);
+    let out = env.ok(&["push", &sibling]);
+    assert!(
+        out.contains(&format!("Mounted from kiln/{}", unique("roundtrip"))),
+        "{out}"
+    );
+    assert!(!out.contains(": Pushed"), "{out}");
 
     // skopeo reads what kiln pushed.
     let inspect = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{name}")]);
@@ -697,6 +706,18 @@ fn platform_is_selected_from_an_index() {
     let err = Env::new().fails(&["pull", "--platform", "linux/s390x", &multi]);
     assert!(err.contains("linux/s390x"), "{err}");
     assert!(err.contains("linux/arm64/v8"), "lists what there is: {err}");
+    // A single-platform image of another platform is refused too.
+    let err = Env::new().fails(&["pull", "--platform", "linux/s390x", &format!("{repo}:amd")]);
+    let arch =
+        serde_json::from_str::<serde_json::Value>(&env.ok(&["image", "inspect", "busybox:local"]))
+            .expect("json")[0]["Architecture"]
+            .as_str()
+            .expect("arch")
+            .to_owned();
+    assert!(
+        err.contains("linux/s390x") && err.contains(&format!("linux/{arch}")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -761,4 +782,61 @@ fn build_pulls_missing_bases_and_pushes_tags() {
     other.ok(&["pull", &out_name]);
     let run = other.ok(&["run", "--rm", "--network=none", &out_name, "cat", "/built"]);
     assert_eq!(run.trim(), "built");
+}
+
+/// https is verified against the system's roots (`SSL_CERT_FILE` here);
+/// `--tls-verify=false` accepts any certificate and plain http; a
+/// registry elsewhere than this machine never gets plain http otherwise.
+#[test]
+fn tls_is_verified_and_plain_http_needs_consent() {
+    if !can_run() {
+        return;
+    }
+    if !have("openssl") || !have("hostname") {
+        assert!(!ci(), "CI=true but this test needs openssl and hostname");
+        eprintln!("skipping: needs openssl");
+        return;
+    }
+    let Some(ip) = registry_support::outside_ip() else {
+        assert!(
+            !ci(),
+            "CI=true but this machine has no non-loopback IPv4 address"
+        );
+        eprintln!("skipping: no non-loopback address to serve a non-local registry on");
+        return;
+    };
+    let env = Env::with_busybox();
+
+    let tls = Registry::start_on(&ip, None, true);
+    let name = format!("{}/kiln/{}:1", tls.host(), unique("tls"));
+    env.ok(&["tag", "busybox:local", &name]);
+    let err = env.fails(&["push", &name]);
+    eprintln!("unknown CA: {err}");
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "an unknown CA is refused: {err}"
+    );
+    env.ok(&["push", "--tls-verify=false", &name]);
+    let o = env
+        .cmd(&["pull", &name])
+        .env("SSL_CERT_FILE", tls.cert())
+        .output()
+        .expect("run");
+    assert!(
+        o.status.success(),
+        "a CA in SSL_CERT_FILE is trusted: {}",
+        text(&o.stderr)
+    );
+
+    let plain = Registry::start_on(&ip, None, false);
+    let name = format!("{}/kiln/{}:1", plain.host(), unique("plain"));
+    env.ok(&["tag", "busybox:local", &name]);
+    let err = env.fails(&["push", &name]);
+    eprintln!("plain http: {err}");
+    assert!(err.contains(&plain.host()), "{err}");
+    env.ok(&["push", "--tls-verify=false", &name]);
+    let other = Env::new();
+    other.fails(&["pull", &name]);
+    other.ok(&["pull", "--tls-verify=false", &name]);
+    assert_eq!(other.image_id(&name), env.image_id("busybox:local"));
 }

@@ -26,7 +26,8 @@ const MAX_MANIFEST: u64 = 8 << 20;
 pub struct ClientOptions {
     /// Allow plain http and unverified TLS for this registry (docker's
     /// `insecure-registries`, podman's `--tls-verify=false`). Registries on
-    /// this machine get http after https fails even without it.
+    /// this machine (`localhost`, `127.0.0.0/8`, `::1`) are insecure even
+    /// without it, as in docker.
     pub insecure: bool,
     /// Credentials to use; `None` looks in docker's config.json
     /// (see [`ClientOptions::docker_config`]).
@@ -108,7 +109,8 @@ impl RegistryClient {
         };
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(system_roots())
-            .disable_verification(options.insecure)
+            // docker treats registries on this machine as insecure too.
+            .disable_verification(options.insecure || image.is_local())
             .build();
         // As Go's ProxyFromEnvironment: this machine is never proxied.
         let proxy = if image.is_local() {
@@ -140,6 +142,12 @@ impl RegistryClient {
     /// The image this client was made for.
     pub fn image(&self) -> &ImageRef {
         &self.image
+    }
+
+    /// Reaches the registry (`GET /v2/`, once per client): finds its
+    /// scheme and how it wants to be authenticated.
+    pub fn connect(&self) -> Result<(), RegistryError> {
+        self.base_url().map(|_| ())
     }
 
     /// Checks that the registry answers and accepts the credentials
@@ -613,6 +621,14 @@ impl RegistryClient {
                 self.ping(&http, true)?;
                 http
             }
+            Err(RegistryError::Transport {
+                registry, source, ..
+            }) if is_tls_failure(&source) => {
+                return Err(RegistryError::Tls {
+                    registry,
+                    cause: source,
+                });
+            }
             Err(e) => return Err(e),
         };
         Ok(self.base.get_or_init(|| result).clone())
@@ -620,7 +636,7 @@ impl RegistryClient {
 
     fn ping(&self, base: &str, retry: bool) -> Result<(), RegistryError> {
         let url = format!("{base}/v2/");
-        let what = format!("registry `{}`", self.image.registry());
+        let what = format!("GET {url}");
         let once = || {
             let r = self
                 .agent
@@ -852,6 +868,16 @@ impl RegistryClient {
             status,
             detail: error_detail(resp),
         }
+    }
+}
+
+/// A certificate or TLS protocol failure (rustls errors come as
+/// `InvalidData` I/O errors).
+fn is_tls_failure(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) => true,
+        ureq::Error::Io(io) => io.kind() == io::ErrorKind::InvalidData,
+        _ => false,
     }
 }
 

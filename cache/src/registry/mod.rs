@@ -72,6 +72,17 @@ pub enum RegistryError {
         #[source]
         source: Box<ureq::Error>,
     },
+    /// The TLS handshake failed (an unknown certificate authority, or a
+    /// registry that speaks plain http).
+    #[error(
+        "registry `{registry}`: TLS handshake failed: {cause}\n\nhint: trust its CA (system store or SSL_CERT_FILE), or if it has a self-signed certificate or speaks plain http, use `--tls-verify=false`"
+    )]
+    Tls {
+        /// The registry host.
+        registry: String,
+        /// The cause (in the message: the hint comes last).
+        cause: Box<ureq::Error>,
+    },
     /// The registry refused the credentials (or asked for some).
     #[error("{what}: unauthorized: authentication required for `{registry}` ({detail})")]
     Unauthorized {
@@ -168,15 +179,18 @@ impl RegistryError {
     /// a download cut short by the network (not a digest mismatch).
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Transport { source, .. } => !matches!(
-                **source,
+            RegistryError::Transport { source, .. } => match &**source {
                 ureq::Error::HostNotFound
-                    | ureq::Error::BadUri(_)
-                    | ureq::Error::Tls(_)
-                    | ureq::Error::Rustls(_)
-                    | ureq::Error::TooManyRedirects
-                    | ureq::Error::RequireHttpsOnly(_)
-            ),
+                | ureq::Error::BadUri(_)
+                | ureq::Error::Tls(_)
+                | ureq::Error::Rustls(_)
+                | ureq::Error::TooManyRedirects
+                | ureq::Error::RequireHttpsOnly(_) => false,
+                // TLS failures (a bad certificate, https to an http
+                // server) come as `InvalidData`: trying again won't help.
+                ureq::Error::Io(e) => e.kind() != std::io::ErrorKind::InvalidData,
+                _ => true,
+            },
             RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
             RegistryError::Blob { source, .. } => source.is_retryable(),
             RegistryError::Io { source, .. } => is_transient_io(source),

@@ -210,7 +210,8 @@ pub fn pull(
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     let top = client.get_manifest(&image.reference())?;
     let top_digest = top.digest.clone();
-    let manifest = if top.is_index() {
+    let was_index = top.is_index();
+    let manifest = if was_index {
         validate_document(DocumentKind::Index, &top.bytes, &name)?;
         let (digest, size) = select_platform(&top.bytes, &name, &platform)?;
         let m = client.get_manifest(&digest.to_string())?;
@@ -257,6 +258,28 @@ pub fn pull(
                 parsed.layers().len()
             ),
         });
+    }
+    // A single-platform image must be the platform asked for (docker:
+    // "does not match the specified platform").
+    if !was_index && let Some(want) = &opts.platform {
+        let os = config_parsed.os().to_string();
+        let arch = normalize_arch(&config_parsed.architecture().to_string());
+        let variant = config_parsed.variant().clone();
+        if os != want.os
+            || arch != want.architecture
+            || (want.variant.is_some() && variant.is_some() && want.variant != variant)
+        {
+            let found = Platform {
+                os,
+                architecture: arch,
+                variant,
+            };
+            return Err(RegistryError::NoPlatform {
+                image: name,
+                platform: want.to_string(),
+                available: found.to_string(),
+            });
+        }
     }
     let up_to_date = store.resolve(&config_digest.to_string()).is_ok();
 

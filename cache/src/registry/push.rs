@@ -89,6 +89,7 @@ pub fn push(
     progress: &(dyn Fn(PushEvent) + Sync),
 ) -> Result<PushedImage, RegistryError> {
     let name = target.to_string();
+    client.connect()?;
     let _lock = store.lock_shared()?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let workers = opts.threads.clamp(1, 8).min(image.layers.len().max(1));
@@ -117,7 +118,9 @@ pub fn push(
                         &layer.diff_id,
                         layer.size,
                         opts,
-                        (cores / workers).max(1),
+                        // Each layer gets every core: layers are rarely the same
+                        // size, and the big one should not be slowed by the small.
+                        cores,
                         progress,
                     );
                     let failed = r.is_err();

@@ -205,14 +205,11 @@ pub(crate) fn push_image(
             let _ = writeln!(o, "{line}");
         }
     };
-    let pushed = registry::push(
-        store,
-        &client,
-        &image,
-        &target,
-        &PushOptions::default(),
-        &progress,
-    )?;
+    let opts = PushOptions {
+        mount_from: mount_candidates(store, &image, &target),
+        ..PushOptions::default()
+    };
+    let pushed = registry::push(store, &client, &image, &target, &opts, &progress)?;
     if !quiet {
         println!(
             "{}: digest: {} size: {}",
@@ -222,6 +219,45 @@ pub(crate) fn push_image(
         );
     }
     Ok(pushed)
+}
+
+/// Repositories of the same registry that other images sharing a layer
+/// with `image` are named in: the registry probably has those layers
+/// there, and mounting is cheaper than uploading (docker does the same
+/// from what it remembers of earlier pushes and pulls).
+fn mount_candidates(store: &Store, image: &kiln_cache::Image, target: &ImageRef) -> Vec<String> {
+    let layers: std::collections::HashSet<_> = image.layers.iter().map(|l| &l.diff_id).collect();
+    let mut repos = Vec::new();
+    let Ok(all) = store.list_images() else {
+        return repos;
+    };
+    for summary in all {
+        let names: Vec<ImageRef> = summary
+            .names
+            .iter()
+            .map(ImageRef::from_store_reference)
+            .filter(|r| r.registry() == target.registry() && r.repository() != target.repository())
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        let Ok(other) = store.resolve(&summary.id.to_string()) else {
+            continue;
+        };
+        if !other.layers.iter().any(|l| layers.contains(&l.diff_id)) {
+            continue;
+        }
+        for n in names {
+            if !repos.iter().any(|r| r == n.repository()) {
+                repos.push(n.repository().to_owned());
+            }
+        }
+        if repos.len() >= 3 {
+            break;
+        }
+    }
+    repos.truncate(3);
+    repos
 }
 
 /// `kiln push`.
