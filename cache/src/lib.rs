@@ -13,7 +13,8 @@
 //! [`Store::snapshot_for`]; images are stored, named and found with
 //! [`Store::put_image`], [`Store::tag`], [`Store::resolve`] and
 //! [`Store::remove`]; [`Store::gc`] and [`Store::fsck`] keep it tidy and
-//! checked. [`archive`] moves images in and out (docker-archive, OCI).
+//! checked. [`archive`] moves images in and out (docker-archive, OCI);
+//! [`registry`] pulls and pushes them (OCI distribution spec).
 //!
 //! ```
 //! use kiln_cache::{Reference, Store, WriteOptions};
@@ -57,6 +58,7 @@ mod store_gc;
 mod validate;
 
 pub mod archive;
+pub mod registry;
 
 pub use blob::{BlobReader, BlobWriter};
 pub use containers::{ContainerRecord, LeaseKind, VolumeRecord};

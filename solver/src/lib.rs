@@ -34,3 +34,6 @@ pub mod fileop;
 // The concrete step runner over the store and the sandbox, and image export.
 pub mod export;
 pub mod runner;
+
+// Build cache export/import in BuildKit's format (`--cache-to`/`--cache-from`).
+pub mod remote_cache;

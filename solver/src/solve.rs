@@ -67,6 +67,18 @@ pub trait StepRunner: Send + Sync + 'static {
         async { Ok(None) }
     }
 
+    /// Whether [`StepRunner::lookup`] would find `step` (cheaply, fetching
+    /// nothing): lets the scheduler leave out stages nothing needs.
+    fn would_hit(&self, _step: &Step) -> bool {
+        false
+    }
+
+    /// A content digest (see [`StepRunner::content_digest`]) known without
+    /// the inputs' files, by [`content_lookup_id`] (an imported cache).
+    fn known_content(&self, _id: &str) -> Option<String> {
+        None
+    }
+
     /// Run `step` on the results of its inputs (in [`BuildGraph::inputs`]
     /// order: parent first) and store the result under its key.
     fn run(
@@ -118,6 +130,15 @@ pub enum SolveError<E: std::error::Error + Send + Sync + 'static> {
         /// The step's display name.
         name: String,
     },
+    /// A step expected in the cache, so that the stages only it reads
+    /// were left out, was not found there when it was looked up.
+    #[error(
+        "{name} was expected in the cache (the stages it reads were left out) but is not there any more\nhint: build again"
+    )]
+    CacheChanged {
+        /// The step's display name.
+        name: String,
+    },
     /// The keys do not match the graph.
     #[error("no key for vertex {id}")]
     MissingKey {
@@ -135,9 +156,19 @@ pub struct Solved<O> {
     pub ran: usize,
     /// Steps found in the cache (or sharing a key with one that ran).
     pub cached: usize,
+    /// The key each vertex ran (or was found) under: its effective key
+    /// (what `--cache-to` exports).
+    pub keys: HashMap<VertexId, CacheKey>,
+    /// The content digests steps were keyed by, by [`content_lookup_id`].
+    pub contents: std::collections::BTreeMap<String, String>,
+    /// Vertices left out: in stages the target does not build `FROM`,
+    /// needed by nothing but cache hits.
+    pub skipped: usize,
 }
 
-type Done<O, E> = (CacheKey, Result<(O, bool), Arc<E>>);
+/// A finished step: its key and result (`Err(None)`: a step whose inputs
+/// were left out, expected in the cache, was not found there).
+type Done<O, E> = (CacheKey, Result<(O, bool), Option<Arc<E>>>);
 
 /// Build `graph`: every vertex, with at most `opts.jobs` steps at once.
 pub async fn solve<R: StepRunner>(
@@ -151,12 +182,28 @@ pub async fn solve<R: StepRunner>(
     let jobs = opts.jobs.max(1);
     let key_of: HashMap<VertexId, &VertexKey> = keys.iter().map(|k| (k.vertex, k)).collect();
     let order = graph.topo_order();
-    let mut pending_inputs: HashMap<VertexId, usize> = HashMap::new();
     for &v in &order {
         if !key_of.contains_key(&v) {
             return Err(SolveError::MissingKey { id: v.index() });
         }
-        pending_inputs.insert(v, graph.inputs(v).len());
+    }
+    let pruned = if opts.no_cache {
+        Pruned::default()
+    } else {
+        prune(graph, &key_of, &*runner, &order)
+    };
+    let skip = &pruned.skip;
+    let mut pending_inputs: HashMap<VertexId, usize> = HashMap::new();
+    for &v in &order {
+        if skip.contains(&v) {
+            continue;
+        }
+        let n = graph
+            .inputs(v)
+            .iter()
+            .filter(|(p, _)| !skip.contains(p))
+            .count();
+        pending_inputs.insert(v, n);
     }
     let mut ready: std::collections::VecDeque<VertexId> = order
         .iter()
@@ -176,6 +223,14 @@ pub async fn solve<R: StepRunner>(
     // The keys steps ran (or were found) under: the computed key, unless
     // an input's content or an input's own effective key changed it.
     let mut effective: HashMap<VertexId, CacheKey> = HashMap::new();
+    // Left-out vertices: their consumers are keyed by what they would be.
+    for v in skip {
+        if let Some(k) = pruned.keys.get(v) {
+            effective.insert(*v, k.clone());
+        }
+    }
+    let mut contents: std::collections::BTreeMap<String, String> =
+        std::collections::BTreeMap::new();
 
     // Content digests being computed (they count against `jobs`), and
     // steps whose digest is known, waiting to be started.
@@ -192,6 +247,19 @@ pub async fn solve<R: StepRunner>(
                 let Some(v) = ready.pop_front() else { break };
                 let vert = &graph.graph[v];
                 let t = progress.started(v.index(), &vert.name, vert.span);
+                if let Some(d) = pruned.contents.get(&v)
+                    && graph.inputs(v).iter().any(|(p, _)| skip.contains(p))
+                {
+                    // Keyed by a content digest known without the
+                    // left-out stage's files.
+                    let key = key_for(graph, v, key_of[&v], &effective, Some(d.clone()));
+                    contents.insert(
+                        content_lookup_id(graph, v, key_of[&v], &effective),
+                        d.clone(),
+                    );
+                    keyed.push_back((v, t, key));
+                    continue;
+                }
                 if needs_content(graph, v) {
                     // Checksumming what a step reads from another stage can
                     // take a while: do it beside the running steps.
@@ -238,7 +306,10 @@ pub async fn solve<R: StepRunner>(
                         match history {
                             Some(h) if parent_hit => {
                                 let causes = h.explain(&vk.inputs).map_err(SolveError::History)?;
-                                let same = causes == [MissCause::RecordMissing];
+                                // Unchanged, or never built here (a hit from
+                                // an imported cache, another checkout).
+                                let same = causes == [MissCause::RecordMissing]
+                                    || causes == [MissCause::FirstBuild];
                                 if !same {
                                     progress.miss(v.index(), causes);
                                 }
@@ -287,18 +358,20 @@ pub async fn solve<R: StepRunner>(
             let runner = Arc::clone(&runner);
             let p = progress.clone();
             let no_cache = opts.no_cache;
+            let left_out = graph.inputs(v).iter().any(|(i, _)| skip.contains(i));
             let handle = tasks.spawn(async move {
                 let key = step.key.clone();
                 if !no_cache {
                     match runner.lookup(&step).await {
                         Ok(Some(out)) => return (key, Ok((out, false))),
+                        Ok(None) if left_out => return (key, Err(None)),
                         Ok(None) => {}
-                        Err(e) => return (key, Err(Arc::new(e))),
+                        Err(e) => return (key, Err(Some(Arc::new(e)))),
                     }
                 }
                 p.miss(step.id.index(), causes);
                 let r = runner.run(step, inputs, p).await;
-                (key, r.map(|o| (o, true)).map_err(Arc::new))
+                (key, r.map(|o| (o, true)).map_err(|e| Some(Arc::new(e))))
             });
             task_vertex.insert(handle.id(), v);
         }
@@ -309,6 +382,12 @@ pub async fn solve<R: StepRunner>(
             Some(k) = keying.join_next(), if !keying.is_empty() => {
                 match k {
                     Ok((v, t, Ok(d))) => {
+                        if let Some(d) = &d {
+                            contents.insert(
+                                content_lookup_id(graph, v, key_of[&v], &effective),
+                                d.clone(),
+                            );
+                        }
                         let key = key_for(graph, v, key_of[&v], &effective, d);
                         keyed.push_back((v, t, key));
                     }
@@ -371,6 +450,13 @@ pub async fn solve<R: StepRunner>(
                     .first()
                     .copied()
                     .unwrap_or((VertexId::new(0), Instant::now()));
+                let Some(e) = e else {
+                    let err = SolveError::<R::Error>::CacheChanged {
+                        name: graph.graph[v].name.clone(),
+                    };
+                    progress.failed(v.index(), &err);
+                    return Err(err);
+                };
                 progress.failed(v.index(), &*e);
                 return Err(SolveError::Step {
                     name: graph.graph[v].name.clone(),
@@ -384,7 +470,142 @@ pub async fn solve<R: StepRunner>(
         outputs,
         ran,
         cached,
+        keys: effective,
+        contents,
+        skipped: skip.len(),
     })
+}
+
+/// The id under which the content digest of `v` (a step keyed by content,
+/// see [`StepRunner::content_digest`]) is remembered across machines: its
+/// static key and its inputs' effective keys, which a machine without the
+/// inputs' files can compute.
+pub fn content_lookup_id(
+    graph: &BuildGraph,
+    v: VertexId,
+    vk: &VertexKey,
+    effective: &HashMap<VertexId, CacheKey>,
+) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in std::iter::once(vk.key.0.as_str()).chain(
+        graph
+            .inputs(v)
+            .iter()
+            .map(|(p, _)| effective.get(p).map_or("", |k| k.0.as_str())),
+    ) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    format!("inputs:sha256:{}", crate::context::hex(&h.finalize()))
+}
+
+/// What the scheduler leaves out, and the keys it expects.
+#[derive(Debug, Default)]
+struct Pruned {
+    /// Vertices not run: nothing needs them.
+    skip: std::collections::HashSet<VertexId>,
+    /// Expected effective keys.
+    keys: HashMap<VertexId, CacheKey>,
+    /// Content digests known without files, by vertex.
+    contents: HashMap<VertexId, String>,
+}
+
+/// Leaves out the steps of stages that nothing needs: with the keys the
+/// steps will have (content digests from [`StepRunner::known_content`]) and
+/// the hits [`StepRunner::would_hit`] expects, walks from the target back,
+/// stopping at hits; a step of a stage other than the target's (and the
+/// stages it is built `FROM`) that is not reached and would miss is not
+/// run (BuildKit's lazy solve: a `COPY --from=build` found in the cache
+/// does not build `build`).
+fn prune<R: StepRunner>(
+    graph: &BuildGraph,
+    key_of: &HashMap<VertexId, &VertexKey>,
+    runner: &R,
+    order: &[VertexId],
+) -> Pruned {
+    let mut out = Pruned::default();
+    let Some(target) = graph.target_stage() else {
+        return out;
+    };
+    let mut unknown: std::collections::HashSet<VertexId> = std::collections::HashSet::new();
+    let mut hit: std::collections::HashSet<VertexId> = std::collections::HashSet::new();
+    for &v in order {
+        let vk = key_of[&v];
+        let inputs = graph.inputs(v);
+        if inputs.iter().any(|(p, _)| unknown.contains(p)) {
+            unknown.insert(v);
+            continue;
+        }
+        let content = if needs_content(graph, v) {
+            let id = content_lookup_id(graph, v, vk, &out.keys);
+            match runner.known_content(&id) {
+                Some(d) => {
+                    out.contents.insert(v, d.clone());
+                    Some(d)
+                }
+                None => {
+                    unknown.insert(v);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let key = key_for(graph, v, vk, &out.keys, content);
+        let is_hit = match &graph.graph[v].op {
+            Op::Config(_) => inputs.first().is_some_and(|(p, _)| hit.contains(p)),
+            _ => runner.would_hit(&Step {
+                id: v,
+                vertex: graph.graph[v].clone(),
+                key: key.clone(),
+            }),
+        };
+        if is_hit {
+            hit.insert(v);
+        }
+        out.keys.insert(v, key);
+    }
+    if hit.is_empty() {
+        return out;
+    }
+    // The target's stage and the stages it is built FROM are always built.
+    let mut kept_stages = std::collections::HashSet::new();
+    let mut cur = Some(target.index);
+    while let Some(i) = cur {
+        if !kept_stages.insert(i) {
+            break;
+        }
+        cur = match graph.stage(i).map(|s| &s.base) {
+            Some(crate::graph::StageBase::Stage { index }) => Some(*index),
+            _ => None,
+        };
+    }
+    let mut needed: std::collections::HashSet<VertexId> = std::collections::HashSet::new();
+    let mut stack: Vec<VertexId> = order
+        .iter()
+        .copied()
+        .filter(|v| {
+            graph.graph[*v]
+                .stage
+                .is_none_or(|s| kept_stages.contains(&s))
+        })
+        .collect();
+    while let Some(v) = stack.pop() {
+        if !needed.insert(v) {
+            continue;
+        }
+        let stops = hit.contains(&v) && !matches!(graph.graph[v].op, Op::Config(_));
+        if !stops {
+            stack.extend(graph.inputs(v).into_iter().map(|(p, _)| p));
+        }
+    }
+    out.skip = order
+        .iter()
+        .copied()
+        .filter(|v| !needed.contains(v) && !hit.contains(v) && out.keys.contains_key(v))
+        .collect();
+    out
 }
 
 /// A content digest being computed: the step, when it started, the digest.

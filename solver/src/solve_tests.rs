@@ -569,3 +569,141 @@ fn only_the_stages_read_by_path_are_keyed_by_content() {
         .collect();
     assert_eq!(k1, key_for(&g, use_v, vk, &other, Some("sha256:d".into())));
 }
+
+/// A [`Recorder`] that, as an imported cache, knows which keys would hit
+/// and the content digests of copies by their inputs' keys.
+struct WithImport {
+    r: Recorder,
+    hits: HashSet<CacheKey>,
+    known: std::collections::BTreeMap<String, String>,
+    /// Steps whose record is gone by the time they are looked up.
+    vanish: Option<&'static str>,
+}
+
+impl StepRunner for WithImport {
+    type Output = String;
+    type Error = StepFailed;
+
+    async fn lookup(&self, step: &Step) -> Result<Option<String>, StepFailed> {
+        if self.vanish.is_some_and(|n| step.vertex.name.contains(n)) {
+            return Ok(None);
+        }
+        Ok(self.would_hit(step).then(|| step.key.0.clone()))
+    }
+
+    fn would_hit(&self, step: &Step) -> bool {
+        matches!(step.vertex.op, Op::Source(_)) || self.hits.contains(&step.key)
+    }
+
+    fn known_content(&self, id: &str) -> Option<String> {
+        self.known.get(id).cloned()
+    }
+
+    async fn content_digest(
+        &self,
+        step: &Step,
+        inputs: &[String],
+    ) -> Result<Option<String>, StepFailed> {
+        self.r.content_digest(step, inputs).await
+    }
+
+    async fn run(
+        &self,
+        step: Step,
+        inputs: Vec<String>,
+        progress: Progress,
+    ) -> Result<String, StepFailed> {
+        self.r.run(step, inputs, progress).await
+    }
+}
+
+#[tokio::test]
+async fn a_stage_only_a_cached_copy_reads_is_left_out() {
+    let (g, keys) =
+        setup("FROM busybox AS a\nRUN gen\nFROM busybox\nCOPY --from=a /out /out\nRUN use\n");
+    let first = solve(
+        &g,
+        &keys,
+        Arc::new(Recorder {
+            content: Some("sha256:files".into()),
+            ..Recorder::default()
+        }),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("first");
+    assert_eq!(first.contents.len(), 1, "{:?}", first.contents);
+    let target = g.target_stage().map(|s| s.index);
+    let final_keys: HashSet<CacheKey> = first
+        .keys
+        .iter()
+        .filter(|(v, _)| g.graph[**v].stage == target)
+        .map(|(_, k)| k.clone())
+        .collect();
+    // Another machine has the final stage's records and the copy's
+    // content digest (mode=min): it runs nothing, and not `RUN gen`.
+    let runner = Arc::new(WithImport {
+        r: Recorder::default(),
+        hits: final_keys.clone(),
+        known: first.contents.clone(),
+        vanish: None,
+    });
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&runner),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("second");
+    let runs = runner.r.runs.lock().map(|r| r.clone()).unwrap_or_default();
+    assert_eq!(out.ran, 0, "{runs:?} skipped {}", out.skipped);
+    assert_eq!(out.skipped, 1);
+    assert!(!runner.r.digest_started.load(Ordering::SeqCst));
+    assert_eq!(runner.r.runs.lock().map(|r| r.len()).unwrap_or(1), 0);
+    // Without the content digest the copy's key needs the stage: it runs.
+    let runner = Arc::new(WithImport {
+        r: Recorder {
+            content: Some("sha256:files".into()),
+            ..Recorder::default()
+        },
+        hits: final_keys.clone(),
+        known: std::collections::BTreeMap::new(),
+        vanish: None,
+    });
+    let out = solve(
+        &g,
+        &keys,
+        Arc::clone(&runner),
+        Progress::discard(),
+        None,
+        &opts(2),
+    )
+    .await
+    .expect("third");
+    assert_eq!(out.skipped, 0);
+    let runs = runner.r.runs.lock().map(|r| r.clone()).unwrap_or_default();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(runs[0].contains("RUN gen"), "{runs:?}");
+    // The copy's record vanishes between the plan and its lookup: a clear
+    // error, not a run without its stage.
+    let runner = Arc::new(WithImport {
+        r: Recorder::default(),
+        hits: final_keys,
+        known: first.contents.clone(),
+        vanish: Some("COPY --from=a"),
+    });
+    let err = solve(&g, &keys, runner, Progress::discard(), None, &opts(2))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("COPY --from=a") && err.contains("expected in the cache"),
+        "{err}"
+    );
+}

@@ -14,12 +14,12 @@
 
 mod import;
 mod load;
-mod save;
+pub(crate) mod save;
 mod source;
 
 pub use import::{ImportOptions, import_rootfs};
 pub use load::{LoadedImage, load};
-pub use save::{ArchiveFormat, SaveItem, SaveOptions, save};
+pub use save::{ArchiveFormat, SaveItem, SaveOptions, compressed_layer_blob, save};
 
 /// Name annotation docker and containerd write into `index.json`.
 pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";

@@ -45,10 +45,11 @@ pub struct SaveItem {
     pub names: Vec<Reference>,
 }
 
-struct ExportLayer {
-    digest: Digest,
-    size: u64,
-    media_type: &'static str,
+/// A layer as exported: the blob written for it.
+pub(crate) struct ExportLayer {
+    pub(crate) digest: Digest,
+    pub(crate) size: u64,
+    pub(crate) media_type: &'static str,
 }
 
 fn io_err(e: io::Error) -> StoreError {
@@ -116,20 +117,7 @@ pub fn save<W: Write>(store: &Store, items: &[SaveItem], out: W, opts: &SaveOpti
                 }
             }
             ArchiveFormat::Oci => {
-                let manifest = json!({
-                    "schemaVersion": 2,
-                    "mediaType": MEDIA_MANIFEST,
-                    "config": {
-                        "mediaType": MEDIA_CONFIG,
-                        "digest": image.id.to_string(),
-                        "size": image.config_bytes.len(),
-                    },
-                    "layers": layers.iter().map(|l| json!({
-                        "mediaType": l.media_type,
-                        "digest": l.digest.to_string(),
-                        "size": l.size,
-                    })).collect::<Vec<_>>(),
-                });
+                let manifest = oci_manifest(image, &layers);
                 let bytes = to_json(&manifest)?;
                 let digest = Digest::of_bytes(&bytes);
                 if written.insert(digest.clone()) {
@@ -181,9 +169,42 @@ pub fn save<W: Write>(store: &Store, items: &[SaveItem], out: W, opts: &SaveOpti
     out.flush().map_err(io_err)
 }
 
+/// The compressed blob of layer `diff_id` (made now and remembered with
+/// [`Store::record_compressed_layer`], or found from an earlier save or
+/// export), as `(digest, size, media type)`: what `kiln save --compress`
+/// and the build cache export share, so a layer is compressed once.
+pub fn compressed_layer_blob(
+    store: &Store,
+    diff_id: &Digest,
+    c: Compression,
+    threads: usize,
+) -> Result<(Digest, u64, &'static str)> {
+    let el = export_layer(store, diff_id, 0, c, threads)?;
+    Ok((el.digest, el.size, el.media_type))
+}
+
+/// The OCI manifest of `image` over the exported `layers` (what `save
+/// --format oci` writes and `push` uploads).
+pub(crate) fn oci_manifest(image: &Image, layers: &[ExportLayer]) -> serde_json::Value {
+    json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {
+            "mediaType": MEDIA_CONFIG,
+            "digest": image.id.to_string(),
+            "size": image.config_bytes.len(),
+        },
+        "layers": layers.iter().map(|l| json!({
+            "mediaType": l.media_type,
+            "digest": l.digest.to_string(),
+            "size": l.size,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 /// The blob to export for a layer: the uncompressed one, or a compressed
 /// variant (made now and remembered, or found from an earlier save).
-fn export_layer(
+pub(crate) fn export_layer(
     store: &Store,
     diff_id: &Digest,
     size: u64,

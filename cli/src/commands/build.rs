@@ -14,9 +14,7 @@ use kiln_solver::event::Progress;
 use kiln_solver::export::{ExportOptions, export_image};
 use kiln_solver::key::{KeyHistory, compute_keys};
 use kiln_solver::plan::{BuildOptions, EmptyImages, plan};
-use kiln_solver::runner::{
-    DefaultNetwork, RunnerOptions, SecretSource, StoreResolver, StoreRunner,
-};
+use kiln_solver::runner::{DefaultNetwork, RunnerOptions, SecretSource, StoreRunner};
 use kiln_solver::solve::{SolveError, SolveOptions, solve};
 
 use super::Global;
@@ -27,11 +25,10 @@ use crate::progress::{ProgressMode, Renderer};
 pub(crate) enum Pull {
     /// Only the local store.
     Never,
-    /// Pull when missing (not supported yet: same as never).
+    /// Pull from the registry when not in the store.
     #[value(alias = "false")]
     Missing,
-    /// Always check the registry (docker's bare `--pull`; not supported
-    /// yet: the local store, with a warning).
+    /// Always pull from the registry (docker's bare `--pull`).
     #[value(alias = "true")]
     Always,
 }
@@ -103,6 +100,17 @@ pub(crate) struct BuildArgs {
     /// Print the build graph in DOT and exit.
     #[arg(long)]
     print_graph: bool,
+    /// Export the build cache: `type=local,dest=DIR[,mode=min|max][,tag=T]`
+    /// or `type=registry,ref=R[,mode=min|max]` (BuildKit's format).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    cache_to: Vec<String>,
+    /// Use a build cache: `type=local,src=DIR[,tag=T]` or
+    /// `type=registry,ref=R` (repeatable; a missing one is a warning).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    cache_from: Vec<String>,
+    /// Push every `-t` name to its registry after the build.
+    #[arg(long)]
+    push: bool,
     /// The build context directory, or `-` for a tar (or a Dockerfile) on stdin.
     context: PathBuf,
 }
@@ -347,14 +355,16 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // How messages name the Dockerfile (`-` when it came on stdin).
     let df_name = input.name_of(&df_path);
     let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
-    // Registry pulls are a later issue: every mode uses the store.
-    if args.pull == Pull::Always {
-        eprintln!(
-            "warning: --pull: pulling from a registry is not supported yet; using the local store"
-        );
+    if args.push && args.tags.is_empty() {
+        bail!("--push needs at least one `-t NAME` to push to");
     }
-    let graph = plan(&df, &opts, &StoreResolver::new(Arc::clone(&store)))
-        .with_context(|| format!("planning `{df_name}`"))?;
+    let policy = match args.pull {
+        Pull::Never => super::registry::PullPolicy::Never,
+        Pull::Missing => super::registry::PullPolicy::Missing,
+        Pull::Always => super::registry::PullPolicy::Always,
+    };
+    let resolver = super::registry::PullingResolver::new(Arc::clone(&store), policy);
+    let graph = plan(&df, &opts, &resolver).with_context(|| format!("planning `{df_name}`"))?;
     if !graph.unused_build_args.is_empty() {
         // As docker: a build arg no stage declares is probably a typo.
         eprintln!(
@@ -408,7 +418,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     let mut history = KeyHistory::open(store.root(), &scope)?;
     let epoch = source_date_epoch()?;
     let graph = Arc::new(graph);
-    let runner = StoreRunner::new(
+    let cache_to = super::build_cache::parse_cache_to(&args.cache_to)?;
+    let imported = super::build_cache::import(&args.cache_from)?;
+    let (progress, mut rx) = Progress::channel();
+    let mut runner = StoreRunner::new(
         Arc::clone(&store),
         Arc::clone(&graph),
         RunnerOptions {
@@ -422,6 +435,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             source_date_epoch: epoch,
         },
     );
+    if let Some(cache) = imported {
+        runner = runner.with_imported(cache, progress.clone());
+    }
+    let runner = Arc::new(runner);
     let mut solve_opts = SolveOptions {
         no_cache: args.no_cache,
         ..SolveOptions::default()
@@ -433,7 +450,6 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (progress, mut rx) = Progress::channel();
     let mut renderer = Renderer::new(args.progress);
     let render = rt.spawn(async move {
         while let Some(e) = rx.recv().await {
@@ -442,11 +458,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     });
     let outcome = rt.block_on(async {
         tokio::select! {
-            r = solve(&graph, &keys, Arc::new(runner), progress, Some(&history), &solve_opts) => Some(r),
+            r = solve(&graph, &keys, Arc::clone(&runner), progress, Some(&history), &solve_opts) => Some(r),
             _ = tokio::signal::ctrl_c() => None,
         }
     });
     // The progress sender is gone with the solve future: drain the renderer.
+    runner.close_progress();
     let _ = rt.block_on(render);
     let Some(result) = outcome else {
         // Cancelled: the dropped steps killed their sandboxes and unmount
@@ -455,7 +472,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         eprintln!("error: build cancelled");
         return Ok(ExitCode::from(130));
     };
-    let solved = match result {
+    let mut solved = match result {
         Ok(s) => s,
         Err(SolveError::Step { name, source, id }) => {
             let excerpt = graph.graph[id]
@@ -467,6 +484,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         Err(e) => return Err(e.into()),
     };
     history.record(keys.iter().map(|k| &k.inputs))?;
+    // The image's layers, fetched from an imported cache if only there.
+    super::build_cache::materialize_target(&runner, &graph, &mut solved.outputs)?;
     let image = export_image(
         &store,
         &graph,
@@ -485,6 +504,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     for o in &args.output {
         write_output(&store, &image, o)?;
     }
+    super::build_cache::export(&runner, &graph, &solved, &cache_to)?;
     if let Some(f) = &args.iidfile {
         fs_err::write(f, image.id.to_string())?;
     }
@@ -497,9 +517,23 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         fs_err::write(f, serde_json::to_vec_pretty(&meta)?)?;
     }
     eprintln!(
-        "built {} ({} steps run, {} cached)",
-        image.id, solved.ran, solved.cached
+        "built {} ({} steps run, {} cached{})",
+        image.id,
+        solved.ran,
+        solved.cached,
+        if solved.skipped > 0 {
+            format!(", {} not needed", solved.skipped)
+        } else {
+            String::new()
+        }
     );
+    if args.push {
+        for t in &args.tags {
+            let pushed = super::registry::push_image(&store, t, true, true)
+                .with_context(|| format!("pushing `{t}`"))?;
+            eprintln!("pushed {t} ({})", pushed.digest);
+        }
+    }
     println!("{}", image.id);
     Ok(ExitCode::SUCCESS)
 }

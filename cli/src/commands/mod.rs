@@ -1,11 +1,13 @@
 //! One module per subcommand (or group of subcommands).
 
 mod build;
+mod build_cache;
 mod container;
 mod format;
 mod image;
 mod network;
 mod parse;
+mod registry;
 mod run;
 mod store;
 mod volume;
@@ -38,7 +40,7 @@ pub(crate) enum Command {
     /// Print the version.
     Version,
     /// Build an image from a Dockerfile and a context directory.
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
     /// Print the build graph of a Dockerfile in Graphviz DOT.
     Graph(build::GraphArgs),
     /// Parse a Dockerfile and print its syntax tree.
@@ -60,6 +62,14 @@ pub(crate) enum Command {
     History(image::HistoryArgs),
     /// Make a one-layer image from a rootfs directory or tarball.
     Import(image::ImportArgs),
+    /// Download an image from a registry.
+    Pull(registry::PullArgs),
+    /// Upload an image to a registry.
+    Push(registry::PushArgs),
+    /// Log in to a registry (credentials go to docker's config.json).
+    Login(registry::LoginArgs),
+    /// Log out from a registry.
+    Logout(registry::LogoutArgs),
     /// Remove what no image name or cache record needs.
     Prune(store::PruneArgs),
     /// Store-wide commands.
@@ -109,6 +119,10 @@ pub(crate) fn run(command: Command, global: &Global) -> anyhow::Result<ExitCode>
         Command::Rmi(a) => image::rmi(&a, global),
         Command::History(a) => image::history(&a, global),
         Command::Import(a) => image::import(&a, global),
+        Command::Pull(a) => registry::pull(&a, global),
+        Command::Push(a) => registry::push(&a, global),
+        Command::Login(a) => registry::login(&a),
+        Command::Logout(a) => registry::logout(&a),
         Command::Prune(a) => store::prune(&a, global),
         Command::System(c) => store::system(c, global),
         Command::Network(c) => network::network(c, global),

@@ -107,8 +107,20 @@ impl StoreRunner {
             h.update(part.as_bytes());
         }
         let memo_id = format!("sha256:{}", hex(&h.finalize()));
+        let remember = |d: &str| {
+            if let Ok(mut m) = self.used_contents.lock() {
+                m.insert(memo_id.clone(), d.to_owned());
+            }
+        };
+        // An imported cache may know it: then the stage's layers need
+        // not be fetched to key this step.
+        if let Some(d) = self.imported.as_ref().and_then(|c| c.content(&memo_id)) {
+            remember(d);
+            return Ok(Some(d.to_owned()));
+        }
         // The memo is an optimisation: when it fails, compute.
         if let Some(d) = self.with_memo(|m| m.get(&memo_id).ok().flatten()).flatten() {
+            remember(&d);
             return Ok(Some(d));
         }
         let lowers = self.snapshots(chain)?;
@@ -124,6 +136,7 @@ impl StoreRunner {
             return Ok(None);
         };
         let _ = self.with_memo(|m| m.put(&memo_id, &sum.digest));
+        remember(&sum.digest);
         Ok(Some(sum.digest))
     }
 

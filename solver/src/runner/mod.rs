@@ -21,7 +21,7 @@ mod run;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use kiln_cache::{CacheResult, Digest, LayerInfo, Store, StoreError};
@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::Progress;
 use crate::fileop::{self, FileOpError};
 use crate::graph::{BuildGraph, Edge, FileOp, InputRef, Op, SourceOp, VertexId};
+use crate::remote_cache::{ImportedCache, RemoteCacheError};
 use crate::solve::{Step, StepRunner};
 
 pub use mount::{MergedMount, MountError};
@@ -122,7 +123,7 @@ pub enum RunnerError {
     },
     /// A base image is not in the store.
     #[error(
-        "image `{reference}` is not in the local store\nhint: make it with `kiln import` or `kiln load`, then build again (pulling from a registry is not supported yet)"
+        "image `{reference}` is not in the local store\nhint: `kiln pull` it, or make it with `kiln import` or `kiln load`, then build again (or build with `--pull=missing`)"
     )]
     ImageNotFound {
         /// The reference.
@@ -199,6 +200,15 @@ pub enum RunnerError {
         /// Which input.
         what: String,
     },
+    /// A layer of an imported cache (`--cache-from`) could not be fetched.
+    #[error("fetching layer {layer} from the imported cache")]
+    CacheImport {
+        /// The layer (diffID).
+        layer: String,
+        /// Why.
+        #[source]
+        source: Box<RemoteCacheError>,
+    },
     /// A blocking task died.
     #[error("{step} was cancelled")]
     Cancelled {
@@ -225,6 +235,17 @@ pub struct StoreRunner {
     /// The content memo (`statcache.db`), opened once for the build when
     /// first needed; `None` inside when it cannot be opened.
     content_memo: Arc<std::sync::OnceLock<Option<std::sync::Mutex<crate::key::ContentMemo>>>>,
+    /// `--cache-from`.
+    imported: Option<Arc<ImportedCache>>,
+    /// Where to note imported hits (until [`StoreRunner::close_progress`]).
+    notes: Arc<Mutex<Option<Progress>>>,
+    /// Content digests of stage files this build used (for `--cache-to`).
+    used_contents: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Hits in the imported cache: key and result.
+    imported_hits: Arc<Mutex<Vec<(String, Chain)>>>,
+    /// Held while a layer is fetched from the imported cache, so that
+    /// steps needing the same layer at once download it once.
+    fetching: Arc<Mutex<()>>,
 }
 
 impl StoreRunner {
@@ -236,7 +257,110 @@ impl StoreRunner {
             opts,
             sandbox: kiln_executor::Sandbox::new(),
             content_memo: Arc::default(),
+            imported: None,
+            notes: Arc::default(),
+            used_contents: Arc::default(),
+            imported_hits: Arc::default(),
+            fetching: Arc::default(),
         }
+    }
+
+    /// Use `cache` (`--cache-from`) on local misses; its hits are noted
+    /// on `progress` until [`StoreRunner::close_progress`].
+    #[must_use]
+    pub fn with_imported(mut self, cache: Arc<ImportedCache>, progress: Progress) -> Self {
+        self.imported = Some(cache);
+        self.notes = Arc::new(Mutex::new(Some(progress)));
+        self
+    }
+
+    /// Drops the runner's progress sender (given with
+    /// [`StoreRunner::with_imported`]), so that the receiver sees the end
+    /// of the build.
+    pub fn close_progress(&self) {
+        if let Ok(mut p) = self.notes.lock() {
+            *p = None;
+        }
+    }
+
+    /// Makes sure layer `diff_id` is in the store, fetching it from the
+    /// imported cache if it is only there.
+    pub fn ensure_layer(&self, diff_id: &Digest) -> Result<(), RemoteCacheError> {
+        if self.store.has_layer(diff_id) {
+            return Ok(());
+        }
+        let Some(src) = self.imported.as_ref().and_then(|c| c.layer(diff_id)) else {
+            return Err(RemoteCacheError::Store {
+                what: format!("layer {diff_id}"),
+                source: Box::new(StoreError::BlobMissing {
+                    digest: diff_id.to_string(),
+                }),
+            });
+        };
+        // One fetch at a time; whoever waited finds the layer here.
+        let _one = self.fetching.lock();
+        if self.store.has_layer(diff_id) {
+            return Ok(());
+        }
+        crate::remote_cache::fetch_layer(&self.store, diff_id, src).map(|_| ())
+    }
+
+    /// Where the imported cache has layer `diff_id`, if it does.
+    pub fn imported_layer(&self, diff_id: &Digest) -> Option<&crate::remote_cache::LayerSource> {
+        self.imported.as_ref().and_then(|c| c.layer(diff_id))
+    }
+
+    /// `chain` with every layer in the store (fetched from the imported
+    /// cache where needed) and its sizes as the store has them.
+    pub fn materialize(&self, chain: &Chain) -> Result<Chain, RemoteCacheError> {
+        let mut out = chain.clone();
+        for l in &mut out.layers {
+            self.ensure_layer(&l.diff_id)?;
+            if let Ok(r) = self.store.open_layer(&l.diff_id)
+                && let Ok(n) = r.len()
+            {
+                l.size = n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records, in the store's cache index, the imported hits whose
+    /// layers are all here now (fetched for the image or a later step),
+    /// so the next build hits them without the imported cache. Returns
+    /// how many.
+    pub fn keep_imported_hits(&self) -> usize {
+        let hits = self
+            .imported_hits
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let mut kept = 0;
+        for (key, chain) in hits {
+            if chain
+                .layers
+                .iter()
+                .all(|l| self.store.has_layer(&l.diff_id))
+            {
+                // (All here: this fetches nothing, and sets the sizes.)
+                let Ok(chain) = self.materialize(&chain) else {
+                    continue;
+                };
+                let step_key = crate::key::CacheKey(key);
+                if self.put_record(&step_key, &chain).is_ok() {
+                    kept += 1;
+                }
+            }
+        }
+        kept
+    }
+
+    /// The content digests of stage files this build used, by memo id.
+    pub fn used_contents(&self) -> BTreeMap<String, String> {
+        self.used_contents
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
     }
 
     /// Use `helper` as the sandbox helper binary (tests).
@@ -254,6 +378,11 @@ impl StoreRunner {
             opts: self.opts.clone(),
             sandbox: self.sandbox.clone(),
             content_memo: Arc::clone(&self.content_memo),
+            imported: self.imported.clone(),
+            notes: Arc::clone(&self.notes),
+            imported_hits: Arc::clone(&self.imported_hits),
+            fetching: Arc::clone(&self.fetching),
+            used_contents: Arc::clone(&self.used_contents),
         }
     }
 
@@ -316,6 +445,13 @@ impl StoreRunner {
             .layers
             .iter()
             .map(|l| {
+                if self.imported.is_some() {
+                    self.ensure_layer(&l.diff_id)
+                        .map_err(|e| RunnerError::CacheImport {
+                            layer: l.diff_id.to_string(),
+                            source: Box::new(e),
+                        })?;
+                }
                 self.store
                     .snapshot_for(&l.diff_id)
                     .map_err(store_err(format!("unpacking layer `{}`", l.diff_id)))
@@ -375,6 +511,10 @@ impl StoreRunner {
     }
 
     fn record(&self, step: &Step, chain: &Chain) -> Result<(), RunnerError> {
+        self.put_record(&step.key, chain)
+    }
+
+    fn put_record(&self, key: &crate::key::CacheKey, chain: &Chain) -> Result<(), RunnerError> {
         let result = CacheResult {
             diff_ids: chain.layers.iter().map(|l| l.diff_id.clone()).collect(),
             config: None,
@@ -383,7 +523,7 @@ impl StoreRunner {
             }),
         };
         self.store
-            .put_cache_record(&step.key.0, &result)
+            .put_cache_record(&key.0, &result)
             .map_err(store_err("storing a cache record"))
     }
 
@@ -541,6 +681,33 @@ impl StepRunner for StoreRunner {
             .store
             .get_cache_record(&step.key.0)
             .map_err(store_err("reading a cache record"))?;
+        if rec.is_none()
+            && let Some(cache) = &self.imported
+            && let Some((layers, from)) = cache.record(&step.key.0)
+        {
+            if let Ok(p) = self.notes.lock()
+                && let Some(p) = p.as_ref()
+            {
+                p.send(crate::event::Event::Log {
+                    id: step.id.index(),
+                    stream: crate::event::LogStream::Stderr,
+                    line: format!("CACHED: from the imported cache {from}"),
+                });
+            }
+            let chain = Chain {
+                layers: layers
+                    .iter()
+                    .map(|(diff_id, size)| ChainLayer {
+                        diff_id: diff_id.clone(),
+                        size: *size,
+                    })
+                    .collect(),
+            };
+            if let Ok(mut h) = self.imported_hits.lock() {
+                h.push((step.key.0.clone(), chain.clone()));
+            }
+            return Ok(Some(chain));
+        }
         Ok(rec.map(|r| {
             let sizes: Vec<u64> = r
                 .extra
@@ -559,6 +726,27 @@ impl StepRunner for StoreRunner {
                     .collect(),
             }
         }))
+    }
+
+    fn would_hit(&self, step: &Step) -> bool {
+        match &step.vertex.op {
+            Op::Source(_) => true,
+            Op::Config(_) => false,
+            Op::Exec(_) | Op::File(_) | Op::StageRef { .. } => {
+                matches!(self.store.get_cache_record(&step.key.0), Ok(Some(_)))
+                    || self
+                        .imported
+                        .as_ref()
+                        .is_some_and(|c| c.record(&step.key.0).is_some())
+            }
+        }
+    }
+
+    fn known_content(&self, id: &str) -> Option<String> {
+        self.imported
+            .as_ref()
+            .and_then(|c| c.content(id))
+            .map(str::to_owned)
     }
 
     async fn content_digest(
