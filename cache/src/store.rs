@@ -233,7 +233,10 @@ impl Store {
     /// Opens (creating if needed) the store at `root` and migrates its
     /// database to [`SCHEMA_VERSION`].
     pub fn open(root: impl AsRef<Path>) -> Result<Store> {
-        let root = root.as_ref().to_owned();
+        // Absolute: store paths end up in overlay options and in links
+        // that are resolved from other directories.
+        let root = std::path::absolute(root.as_ref())
+            .map_err(|e| StoreError::io("resolving the store path", root.as_ref(), e))?;
         for dir in ["blobs/sha256", "snapshots", "tmp"] {
             mkdir(&root.join(dir))?;
         }

@@ -1782,3 +1782,39 @@ fn copy_from_a_stage_links_its_files_and_later_writes_copy_up() {
     assert_eq!(read(&fs.join("m/two")), "two\n");
     env.assert_clean();
 }
+
+#[test]
+fn a_relative_store_path_works() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-rel");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(ctx.join("a.txt"), "a\n").expect("write");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt\n",
+    )
+    .expect("dockerfile");
+    // `--root store` from the temp dir: the overlays it mounts must still
+    // find their layers.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(env.path(""))
+        .args([
+            "--root",
+            "store",
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "rel",
+            "ctx-rel",
+        ])
+        .env_remove("KILN_ROOT")
+        .output()
+        .expect("build");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let fs = env.rootfs(&ctx, &["-t", "rel"], "out");
+    assert_eq!(read(&fs.join("b.txt")), "a\n");
+}
