@@ -258,6 +258,22 @@ fn push_then_pull_round_trips_with_skopeo_both_ways() {
         "/etc/passwd",
     ]);
     assert!(run.starts_with("root:x:0:0"), "{run}");
+    // kiln remembers the registry's (zstd) layer: pushing the pulled image to
+    // another repository mounts that blob instead of compressing and uploading.
+    let name3 = format!("{}/kiln/{}:again", reg.host(), unique("again"));
+    third.ok(&["tag", &name2, &name3]);
+    let out = third.ok(&["push", &name3]);
+    assert!(out.contains("Mounted from"), "{out}");
+    let layers = |n: &str| {
+        let raw = skopeo(&[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{n}"),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&raw).expect("json")["layers"].clone()
+    };
+    assert_eq!(layers(&name3), layers(&name2), "the same layer blobs");
     // And by digest: no name is recorded, the image is there.
     let by_digest = format!(
         "{}@{}",
