@@ -802,7 +802,7 @@ impl RegistryClient {
             match result {
                 Err(e) => {
                     let err = self.transport(what, e);
-                    if one_shot || attempt >= self.options.attempts.max(1) {
+                    if one_shot || !err.is_retryable() || attempt >= self.options.attempts.max(1) {
                         return Err(err);
                     }
                 }
