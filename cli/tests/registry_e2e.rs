@@ -798,6 +798,20 @@ fn build_pulls_missing_bases_and_pushes_tags() {
     other.ok(&["pull", &out_name]);
     let run = other.ok(&["run", "--rm", "--network=none", &out_name, "cat", "/built"]);
     assert_eq!(run.trim(), "built");
+
+    // Two layers, the second corrupted on the way: the pull fails, the
+    // first layer may be stored (complete and verified), no image is named
+    // and the store checks clean.
+    let top = v["Layers"][1].as_str().expect("layer").to_owned();
+    let proxy = Proxy::start(reg.port, top.clone(), Mischief::Flip);
+    let (_, path) = out_name.split_once('/').expect("host/path");
+    let via = format!("localhost:{}/{path}", proxy.port);
+    let fresh = Env::new();
+    let before = fresh.images();
+    let err = fresh.fails(&["pull", &via]);
+    assert!(err.contains(&top) && err.contains("localhost:"), "{err}");
+    assert_eq!(fresh.images(), before);
+    fresh.assert_consistent();
 }
 
 /// https is verified against the system's roots (`SSL_CERT_FILE` here);
