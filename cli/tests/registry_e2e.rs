@@ -291,6 +291,30 @@ fn push_then_pull_round_trips_with_skopeo_both_ways() {
     fourth.ok(&["pull", &by_digest]);
     assert!(fourth.images().contains(&env.image_id("busybox:local")));
     third.assert_consistent();
+
+    // A Docker v2 schema 2 manifest (docker's own format) pulls too.
+    let name4 = format!("{}/kiln/{}:v2s2", reg.host(), unique("v2s2"));
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{name4}"),
+    ]);
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{name4}"),
+    ]);
+    assert!(
+        raw.contains("application/vnd.docker.distribution.manifest.v2+json"),
+        "{raw}"
+    );
+    let fifth = Env::new();
+    fifth.ok(&["pull", &name4]);
+    assert_eq!(fifth.image_id(&name4), env.image_id("busybox:local"));
 }
 
 #[test]
