@@ -258,6 +258,22 @@ fn push_then_pull_round_trips_with_skopeo_both_ways() {
         "/etc/passwd",
     ]);
     assert!(run.starts_with("root:x:0:0"), "{run}");
+    // kiln remembers the registry's (zstd) layer: pushing the pulled image to
+    // another repository mounts that blob instead of compressing and uploading.
+    let name3 = format!("{}/kiln/{}:again", reg.host(), unique("again"));
+    third.ok(&["tag", &name2, &name3]);
+    let out = third.ok(&["push", &name3]);
+    assert!(out.contains("Mounted from"), "{out}");
+    let layers = |n: &str| {
+        let raw = skopeo(&[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{n}"),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&raw).expect("json")["layers"].clone()
+    };
+    assert_eq!(layers(&name3), layers(&name2), "the same layer blobs");
     // And by digest: no name is recorded, the image is there.
     let by_digest = format!(
         "{}@{}",
@@ -275,6 +291,30 @@ fn push_then_pull_round_trips_with_skopeo_both_ways() {
     fourth.ok(&["pull", &by_digest]);
     assert!(fourth.images().contains(&env.image_id("busybox:local")));
     third.assert_consistent();
+
+    // A Docker v2 schema 2 manifest (docker's own format) pulls too.
+    let name4 = format!("{}/kiln/{}:v2s2", reg.host(), unique("v2s2"));
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{name4}"),
+    ]);
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{name4}"),
+    ]);
+    assert!(
+        raw.contains("application/vnd.docker.distribution.manifest.v2+json"),
+        "{raw}"
+    );
+    let fifth = Env::new();
+    fifth.ok(&["pull", &name4]);
+    assert_eq!(fifth.image_id(&name4), env.image_id("busybox:local"));
 }
 
 #[test]
@@ -782,6 +822,20 @@ fn build_pulls_missing_bases_and_pushes_tags() {
     other.ok(&["pull", &out_name]);
     let run = other.ok(&["run", "--rm", "--network=none", &out_name, "cat", "/built"]);
     assert_eq!(run.trim(), "built");
+
+    // Two layers, the second corrupted on the way: the pull fails, the
+    // first layer may be stored (complete and verified), no image is named
+    // and the store checks clean.
+    let top = v["Layers"][1].as_str().expect("layer").to_owned();
+    let proxy = Proxy::start(reg.port, top.clone(), Mischief::Flip);
+    let (_, path) = out_name.split_once('/').expect("host/path");
+    let via = format!("localhost:{}/{path}", proxy.port);
+    let fresh = Env::new();
+    let before = fresh.images();
+    let err = fresh.fails(&["pull", &via]);
+    assert!(err.contains(&top) && err.contains("localhost:"), "{err}");
+    assert_eq!(fresh.images(), before);
+    fresh.assert_consistent();
 }
 
 /// https is verified against the system's roots (`SSL_CERT_FILE` here);

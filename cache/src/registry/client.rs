@@ -122,7 +122,7 @@ impl RegistryClient {
             .proxy(proxy)
             .http_status_as_error(false)
             .tls_config(tls)
-            .timeout_connect(Some(Duration::from_secs(30)))
+            .timeout_connect(Some(Duration::from_secs(15)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
             .timeout_per_read(Some(Duration::from_secs(120)))
             .user_agent(format!("kiln/{}", env!("CARGO_PKG_VERSION")))
@@ -652,7 +652,24 @@ impl RegistryClient {
             }
             Ok(r)
         };
-        let resp = if retry { self.retrying(once)? } else { once()? };
+        // First contact: a registry that cannot be connected to at all (no
+        // route, a firewall dropping packets) fails at once instead of
+        // after several connect timeouts; 5xx, 429 and a dropped
+        // connection are retried.
+        let first_contact_retry = |e: &RegistryError| match e {
+            RegistryError::Transport { source, .. } => {
+                !matches!(
+                    **source,
+                    ureq::Error::ConnectionFailed | ureq::Error::Timeout(_)
+                ) && e.is_retryable()
+            }
+            _ => e.is_retryable(),
+        };
+        let resp = if retry {
+            self.retry_when(once, first_contact_retry)?
+        } else {
+            once()?
+        };
         if resp.status() == StatusCode::UNAUTHORIZED {
             let challenge = header(&resp, "www-authenticate").and_then(parse_challenge);
             self.lock().challenge = challenge;
@@ -802,7 +819,7 @@ impl RegistryClient {
             match result {
                 Err(e) => {
                     let err = self.transport(what, e);
-                    if one_shot || attempt >= self.options.attempts.max(1) {
+                    if one_shot || !err.is_retryable() || attempt >= self.options.attempts.max(1) {
                         return Err(err);
                     }
                 }

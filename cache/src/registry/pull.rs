@@ -286,15 +286,10 @@ pub fn pull(
     // Hold the store lock shared from the first blob to the name, so GC
     // never sees our layers before the image references them.
     let _lock = store.lock_shared()?;
-    struct Job {
-        digest: Digest,
-        size: u64,
-        diff_id: Digest,
-    }
     let mut jobs = Vec::new();
     for (l, diff_id) in parsed.layers().iter().zip(diff_ids) {
         let lmt = l.media_type().to_string();
-        if Compression::from_media_type(&lmt).is_none() {
+        let Some(compression) = Compression::from_media_type(&lmt) else {
             return Err(RegistryError::Document {
                 what: format!("manifest of `{name}`"),
                 reason: format!(
@@ -302,11 +297,12 @@ pub fn pull(
                     l.digest()
                 ),
             });
-        }
+        };
         jobs.push(Job {
             digest: Digest::from_oci(l.digest())?,
             size: l.size(),
             diff_id: diff_id.parse::<Digest>()?,
+            compression,
         });
     }
     let results: Vec<Mutex<Option<Result<LayerInfo, RegistryError>>>> =
@@ -329,15 +325,7 @@ pub fn pull(
                     if failed.load(std::sync::atomic::Ordering::Relaxed) {
                         break;
                     }
-                    let r = pull_layer(
-                        store,
-                        client,
-                        &name,
-                        &job.digest,
-                        job.size,
-                        &job.diff_id,
-                        progress,
-                    );
+                    let r = pull_layer(store, client, &name, job, progress);
                     if r.is_err() {
                         failed.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -387,6 +375,14 @@ fn wrap_blob(image: &str, digest: &Digest, e: RegistryError) -> RegistryError {
     }
 }
 
+/// One layer to fetch.
+struct Job {
+    digest: Digest,
+    size: u64,
+    diff_id: Digest,
+    compression: Compression,
+}
+
 /// The recorded uncompressed size of a layer the store has.
 fn known_layer(store: &Store, diff_id: &Digest) -> Result<Option<LayerInfo>, StoreError> {
     if !store.has_layer(diff_id) {
@@ -411,36 +407,53 @@ fn pull_layer(
     store: &Store,
     client: &RegistryClient,
     image: &str,
-    digest: &Digest,
-    size: u64,
-    diff_id: &Digest,
+    job: &Job,
     progress: &(dyn Fn(PullEvent) + Sync),
 ) -> Result<LayerInfo, RegistryError> {
-    if let Some(info) = known_layer(store, diff_id)? {
+    let Job {
+        digest,
+        size,
+        diff_id,
+        compression,
+    } = job;
+    let info = if let Some(info) = known_layer(store, diff_id)? {
         progress(PullEvent::LayerExists {
             digest: digest.clone(),
         });
-        return Ok(info);
+        info
+    } else {
+        progress(PullEvent::LayerStarted {
+            digest: digest.clone(),
+            size: *size,
+        });
+        let what = format!("{image}: layer {digest}");
+        let info = client
+            .retrying_body(|| {
+                let stream = client.open_blob(digest, Some(*size))?;
+                store
+                    .commit_layer_from_tar(stream, Some(digest), Some(diff_id), &what)
+                    .map_err(|e| match e {
+                        StoreError::Io { source, .. } => client.blob_io_error(digest, source),
+                        other => RegistryError::Store(other),
+                    })
+            })
+            .map_err(|e| wrap_blob(image, digest, e))?;
+        progress(PullEvent::LayerDone {
+            digest: digest.clone(),
+        });
+        info
+    };
+    // Remember the registry's compressed form (without keeping its bytes):
+    // a later push to this registry can then find or mount it instead of
+    // compressing and uploading the layer again.
+    if digest != diff_id {
+        store.record_compressed_layer(
+            diff_id,
+            digest,
+            compression.oci_layer_media_type(),
+            *size,
+        )?;
     }
-    progress(PullEvent::LayerStarted {
-        digest: digest.clone(),
-        size,
-    });
-    let what = format!("{image}: layer {digest}");
-    let info = client
-        .retrying_body(|| {
-            let stream = client.open_blob(digest, Some(size))?;
-            store
-                .commit_layer_from_tar(stream, Some(digest), Some(diff_id), &what)
-                .map_err(|e| match e {
-                    StoreError::Io { source, .. } => client.blob_io_error(digest, source),
-                    other => RegistryError::Store(other),
-                })
-        })
-        .map_err(|e| wrap_blob(image, digest, e))?;
-    progress(PullEvent::LayerDone {
-        digest: digest.clone(),
-    });
     Ok(info)
 }
 

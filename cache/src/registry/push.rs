@@ -198,6 +198,9 @@ fn push_layer(
     threads: usize,
     progress: &(dyn Fn(PushEvent) + Sync),
 ) -> Result<ExportLayer, RegistryError> {
+    if let Some(layer) = remembered_upstream(store, client, image, diff_id, opts, progress)? {
+        return Ok(layer);
+    }
     let layer = export_layer(store, diff_id, size, opts.compression, threads)?;
     let digest = layer.digest.clone();
     if client
@@ -241,4 +244,69 @@ fn push_layer(
         .map_err(|e| wrap(image, &digest, e))?;
     progress(PushEvent::LayerDone { digest });
     Ok(layer)
+}
+
+/// A compressed form of the layer that kiln remembers from a pull (it
+/// kept the layer, not those bytes) and that the registry has in this
+/// repository or can mount from another one.
+fn remembered_upstream(
+    store: &Store,
+    client: &RegistryClient,
+    image: &str,
+    diff_id: &Digest,
+    opts: &PushOptions,
+    progress: &(dyn Fn(PushEvent) + Sync),
+) -> Result<Option<ExportLayer>, RegistryError> {
+    let rows: Vec<(String, String, i64)> = {
+        let conn = store.db();
+        let mut st = conn
+            .prepare("SELECT blob, media_type, size FROM layer_blobs WHERE diff_id = ?1")
+            .map_err(store.db_err("reading layer blobs"))?;
+        st.query_map([diff_id.to_string()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .and_then(Iterator::collect)
+        .map_err(store.db_err("reading layer blobs"))?
+    };
+    for (blob, media_type, size) in rows {
+        let Ok(digest) = blob.parse::<Digest>() else {
+            continue;
+        };
+        // A blob kiln has is pushed the ordinary way.
+        if store.has_blob(&digest) {
+            continue;
+        }
+        let Some(media_type) = [Compression::Gzip, Compression::Zstd, Compression::None]
+            .into_iter()
+            .map(Compression::oci_layer_media_type)
+            .find(|m| *m == media_type)
+        else {
+            continue;
+        };
+        let layer = ExportLayer {
+            digest: digest.clone(),
+            size: size as u64,
+            media_type,
+        };
+        if client
+            .blob_exists(&digest)
+            .map_err(|e| wrap(image, &digest, e))?
+            .is_some()
+        {
+            progress(PushEvent::LayerExists { digest });
+            return Ok(Some(layer));
+        }
+        for from in &opts.mount_from {
+            if from != client.image().repository()
+                && client.mount_blob(&digest, from).unwrap_or(false)
+            {
+                progress(PushEvent::LayerMounted {
+                    digest,
+                    from: from.clone(),
+                });
+                return Ok(Some(layer));
+            }
+        }
+    }
+    Ok(None)
 }
