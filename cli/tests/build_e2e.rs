@@ -6,41 +6,15 @@
 
 #![expect(clippy::print_stderr, reason = "tests report skips on stderr")]
 
+mod common;
+
+use common::{ci, have_tool, text, workspace};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn have_tool(name: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Whether the build tests can run here (root, busybox-static); panics in CI.
+/// Whether these tests can run here (root, busybox-static); panics in CI.
 fn can_build() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let busybox = Path::new("/bin/busybox").is_file();
-    if root && busybox {
-        return true;
-    }
-    assert!(
-        !ci(),
-        "CI=true but the build tests need root ({root}) and /bin/busybox from busybox-static ({busybox})"
-    );
-    eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
-    false
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
+    common::root_and_busybox("the build tests")
 }
 
 /// A temp dir holding a store with `busybox:local` and copies of contexts.
@@ -144,10 +118,6 @@ impl Env {
             .collect();
         assert!(left.is_empty(), "left in the store's tmp: {left:?}");
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn read(p: &Path) -> String {

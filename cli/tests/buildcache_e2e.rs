@@ -6,6 +6,9 @@
 
 #![expect(clippy::print_stderr, reason = "tests report skips on stderr")]
 
+mod common;
+
+use common::{ci, have_tool, text, workspace};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -14,41 +17,9 @@ use std::process::{Command, Output};
 #[path = "../../cache/tests/registry_support.rs"]
 mod registry_support;
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
+/// Whether these tests can run here (root, busybox-static); panics in CI.
 fn can_build() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let busybox = Path::new("/bin/busybox").is_file();
-    if root && busybox {
-        return true;
-    }
-    assert!(
-        !ci(),
-        "CI=true but the build cache tests need root ({root}) and /bin/busybox ({busybox})"
-    );
-    eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
-    false
-}
-
-fn have_tool(name: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    common::root_and_busybox("the build cache tests")
 }
 
 /// A temp dir with two stores ("machines" A and B), each holding only

@@ -10,6 +10,9 @@
 #[path = "../../cache/tests/registry_support.rs"]
 mod registry_support;
 
+mod common;
+
+use common::{ci, text, workspace};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -18,10 +21,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use registry_support::Registry;
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -52,17 +51,6 @@ fn can_run() -> bool {
     );
     eprintln!("skipping: needs root and {missing:?}");
     false
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
 }
 
 /// A temp dir with a store (and a docker config dir) for kiln.

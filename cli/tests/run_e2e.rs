@@ -7,48 +7,18 @@
 //! them they print a skip message, except under `CI=true`, where they fail.
 #![expect(clippy::print_stderr, reason = "tests report skips on stderr")]
 
+mod common;
+
+use common::{ci, have_tool, text, workspace};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn have_tool(name: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Whether the runtime tests can run here (root, busybox-static); panics in CI.
+/// Whether these tests can run here (root, busybox-static); panics in CI.
 fn can_run() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let busybox = Path::new("/bin/busybox").is_file();
-    if root && busybox {
-        return true;
-    }
-    assert!(
-        !ci(),
-        "CI=true but the runtime tests need root ({root}) and /bin/busybox from busybox-static ({busybox})"
-    );
-    eprintln!("skipping: needs root and /bin/busybox (busybox-static)");
-    false
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    common::root_and_busybox("the runtime tests")
 }
 
 /// A temp store with `busybox:local`. Dropping it force-removes every container
