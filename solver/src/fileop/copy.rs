@@ -18,7 +18,7 @@ use kiln_parser::PatternMatcher;
 use super::chmod::ModeChange;
 use super::chown::{Owner, resolve_owner};
 use super::pattern::{ResolveOptions, resolve_sources};
-use super::reuse::{Expected, FileIdentity, Reuse};
+use super::reuse::{DirFds, Expected, FileIdentity, Reuse};
 use super::root::{clean_abs, is_absent, resolve};
 use super::{CopyOp, EntryKind, FileOpError, InRoot, Report, Source, SourceKind, archive, http};
 
@@ -401,15 +401,15 @@ struct LinkPlan {
 
 impl LinkPlan {
     /// Links the file as planned; true when it did.
-    fn run(&self, reuse: &Reuse, meta: &Metadata) -> bool {
+    fn run(&self, reuse: &Reuse, meta: &Metadata, dirs: &mut DirFds) -> bool {
         match &self.previous {
             // A file an earlier copy made: no overlayfs xattrs on it.
-            Some(prev) => reuse.link(prev, &self.rel, &self.expect, false),
+            Some(prev) => reuse.link(prev, &self.rel, &self.expect, false, dirs),
             None => self
                 .src_rel
                 .as_deref()
                 .and_then(|r| reuse.in_source_layers(r, meta))
-                .is_some_and(|from| reuse.link(&from, &self.rel, &self.expect, true)),
+                .is_some_and(|from| reuse.link(&from, &self.rel, &self.expect, true, dirs)),
         }
     }
 }
@@ -465,9 +465,10 @@ fn copy_workers() -> usize {
 }
 
 fn worker(rx: &Receiver<Job>, state: &PoolState, settings: &FileSettings, reuse: Option<&Reuse>) {
+    let mut dirs = DirFds::default();
     while let Ok(job) = rx.recv() {
         if let (Some(plan), Some(reuse)) = (&job.link, reuse)
-            && plan.run(reuse, &job.meta)
+            && plan.run(reuse, &job.meta, &mut dirs)
         {
             state
                 .linked
@@ -848,7 +849,9 @@ impl Copier<'_> {
         let Some(plan) = self.plan_link(src, target, meta, whose) else {
             return false;
         };
-        let linked = self.reuse.is_some_and(|r| plan.run(r, meta));
+        let linked = self
+            .reuse
+            .is_some_and(|r| plan.run(r, meta, &mut DirFds::default()));
         if linked {
             self.linked.insert(target.to_path_buf());
         }
@@ -945,7 +948,7 @@ impl Copier<'_> {
             }
         }
         if let (Some(plan), Some(reuse)) = (&job.link, self.reuse)
-            && plan.run(reuse, &job.meta)
+            && plan.run(reuse, &job.meta, &mut DirFds::default())
         {
             self.linked.insert(job.target);
             return Ok(());

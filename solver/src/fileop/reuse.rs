@@ -158,22 +158,35 @@ impl Reuse {
 
     /// Links `from` (a snapshot's file) to `rel` in the upper, when it looks
     /// as `expect` says (and, with `check_xattrs`, has no overlayfs xattrs);
-    /// false when it did not.
+    /// false when it did not. `dirs` keeps the last directories used open,
+    /// so that files of one directory are stat'ed and linked relative to it.
     pub(super) fn link(
         &self,
         from: &Path,
         rel: &str,
         expect: &Expected,
         check_xattrs: bool,
+        dirs: &mut DirFds,
     ) -> bool {
-        let Ok(pm) = fs_err::symlink_metadata(from) else {
+        use nix::fcntl::AtFlags;
+        let to = self.upper.join(rel);
+        let (Some(from_dir), Some(from_name), Some(to_dir), Some(to_name)) =
+            (from.parent(), from.file_name(), to.parent(), to.file_name())
+        else {
             return false;
         };
-        let same = pm.file_type().is_file()
-            && pm.size() == expect.size
-            && pm.mode() & 0o7777 == expect.mode
-            && expect.owner.is_none_or(|o| (pm.uid(), pm.gid()) == o)
-            && (pm.mtime(), pm.mtime_nsec()) == expect.mtime;
+        let Some(from_fd) = dirs.from.open(from_dir) else {
+            return false;
+        };
+        let Ok(pm) = nix::sys::stat::fstatat(from_fd, from_name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        else {
+            return false;
+        };
+        let same = pm.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG
+            && u64::try_from(pm.st_size).is_ok_and(|n| n == expect.size)
+            && pm.st_mode & 0o7777 == expect.mode
+            && expect.owner.is_none_or(|o| (pm.st_uid, pm.st_gid) == o)
+            && (pm.st_mtime, pm.st_mtime_nsec) == expect.mtime;
         // A file that was copied up keeps overlayfs' own xattrs (origin,
         // ...): those must not reach another overlay's upper.
         let private = || {
@@ -184,8 +197,56 @@ impl Reuse {
                 })
             })
         };
-        same && !(check_xattrs && private())
-            && fs_err::hard_link(from, self.upper.join(rel)).is_ok()
+        if !same || (check_xattrs && private()) {
+            return false;
+        }
+        let Some(to_fd) = dirs.to.open(to_dir) else {
+            return false;
+        };
+        // `dirs.from` may have been replaced by opening `to_dir`: they are
+        // separate slots.
+        let Some(from_fd) = dirs.from.get(from_dir) else {
+            return false;
+        };
+        nix::unistd::linkat(from_fd, from_name, to_fd, to_name, AtFlags::empty()).is_ok()
+    }
+}
+
+/// The directories a copy worker linked from and to last, kept open.
+#[derive(Debug, Default)]
+pub(super) struct DirFds {
+    from: DirSlot,
+    to: DirSlot,
+}
+
+#[derive(Debug, Default)]
+struct DirSlot(Option<(PathBuf, std::os::fd::OwnedFd)>);
+
+impl DirSlot {
+    /// The open directory `dir` (opened now unless it is the one held).
+    fn open(&mut self, dir: &Path) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        if self.0.as_ref().is_none_or(|(p, _)| p != dir) {
+            let fd = nix::fcntl::open(
+                dir,
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .ok()?;
+            self.0 = Some((dir.to_owned(), fd));
+        }
+        self.0.as_ref().map(|(_, fd)| fd.as_fd())
+    }
+
+    /// The held directory, if it is `dir`.
+    fn get(&self, dir: &Path) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.0
+            .as_ref()
+            .filter(|(p, _)| p == dir)
+            .map(|(_, fd)| fd.as_fd())
     }
 }
 
