@@ -70,7 +70,7 @@ pub use reference::Reference;
 pub use store::{
     CacheResult, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
     MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST, RemoveReport, SCHEMA_VERSION, Store,
-    StoreLock, default_root,
+    StoreLock, default_root, fold_wal,
 };
 pub use validate::{
     DocumentKind, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,

@@ -219,6 +219,31 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        fold_wal(conn, &self.db_path);
+    }
+}
+
+/// When a connection closes: a WAL past 64 KiB is checkpointed into the
+/// database and truncated, if that can be done without waiting for other
+/// processes. The next process that opens the database alone reads the
+/// whole WAL to rebuild its index, so a small WAL keeps every short kiln
+/// command quick; checkpointing only past a size keeps the fsyncs off the
+/// commands that wrote little.
+pub fn fold_wal(conn: &Connection, db_path: &Path) {
+    let mut wal = db_path.as_os_str().to_owned();
+    wal.push("-wal");
+    if fs_err::metadata(Path::new(&wal)).is_ok_and(|m| m.len() > 64 << 10) {
+        let _ = conn.busy_timeout(Duration::ZERO);
+        let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+}
+
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -661,7 +686,8 @@ impl Store {
             tx.prepare_cached(
                 "INSERT INTO images (id, manifest, config_created, size, created, last_used)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?5)
-                 ON CONFLICT(id) DO UPDATE SET manifest = ?2, last_used = ?5",
+                 ON CONFLICT(id) DO UPDATE SET manifest = ?2, last_used = ?5
+                 WHERE manifest != ?2 OR last_used < ?5 - 60",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -679,13 +705,25 @@ impl Store {
                 )
                 .and_then(|mut st| st.execute(params![l.diff_id.to_string(), l.size as i64, t]))
                 .map_err(&e)?;
-                tx.prepare_cached("INSERT OR REPLACE INTO image_layers (image, position, diff_id) VALUES (?1, ?2, ?3)")
-                .and_then(|mut st| st.execute(params![config_digest.to_string(), i as i64, l.diff_id.to_string()]))
+                tx.prepare_cached(
+                    "INSERT INTO image_layers (image, position, diff_id) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(image, position) DO UPDATE SET diff_id = ?3 WHERE diff_id != ?3",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        config_digest.to_string(),
+                        i as i64,
+                        l.diff_id.to_string()
+                    ])
+                })
                 .map_err(&e)?;
             }
             for n in names {
+                // An unchanged name is not rewritten: a no-op rebuild
+                // writes nothing.
                 tx.prepare_cached(
-                    "INSERT OR REPLACE INTO names (name, image, created) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO names (name, image, created) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET image = ?2, created = ?3 WHERE image != ?2",
                 )
                 .and_then(|mut st| st.execute(params![n.to_string(), config_digest.to_string(), t]))
                 .map_err(&e)?;

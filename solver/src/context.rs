@@ -585,6 +585,12 @@ pub struct StatCache {
     dirty: Vec<(PathBuf, StatKey, String, bool)>,
 }
 
+impl Drop for StatCache {
+    fn drop(&mut self) {
+        kiln_cache::fold_wal(&self.conn, &self.path);
+    }
+}
+
 impl StatCache {
     /// Open (or create) `<store_root>/statcache.db`.
     pub fn open(store_root: &Path) -> Result<Self, ContextError> {

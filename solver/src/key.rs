@@ -631,6 +631,12 @@ impl KeyHistory {
     }
 }
 
+impl Drop for KeyHistory {
+    fn drop(&mut self) {
+        kiln_cache::fold_wal(&self.conn, &self.path);
+    }
+}
+
 /// Remembered content digests (see `runner::content`): an id naming a
 /// filesystem and a selection of files in it -> the selection's digest.
 /// In `statcache.db` under the store root, next to the key history.
