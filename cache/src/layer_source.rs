@@ -78,6 +78,20 @@ impl Store {
         Ok(LayerInfo { diff_id, size })
     }
 
+    /// The uncompressed size recorded for layer `diff_id`, if it is recorded.
+    pub(crate) fn recorded_layer_size(&self, diff_id: &Digest) -> Result<Option<u64>> {
+        let size: Option<i64> = self
+            .db()
+            .query_row(
+                "SELECT size FROM layers WHERE diff_id = ?1",
+                [diff_id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db_err("reading layer"))?;
+        Ok(size.map(|s| u64::try_from(s).unwrap_or(0)))
+    }
+
     /// The directory of `diff_id`'s snapshot, if it is unpacked.
     pub fn snapshot_dir(&self, diff_id: &Digest) -> Option<PathBuf> {
         let dir = self
@@ -104,21 +118,12 @@ impl Store {
                 digest: diff_id.to_string(),
             });
         };
-        let size: Option<i64> = self
-            .db()
-            .query_row(
-                "SELECT size FROM layers WHERE diff_id = ?1",
-                [diff_id.to_string()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.db_err("reading layer"))?;
-        let Some(size) = size else {
+        let Some(size) = self.recorded_layer_size(diff_id)? else {
             return Err(StoreError::BlobMissing {
                 digest: diff_id.to_string(),
             });
         };
-        SnapshotTar::spawn(dir, diff_id.clone(), size as u64).map(LayerReader::Snapshot)
+        SnapshotTar::spawn(dir, diff_id.clone(), size).map(LayerReader::Snapshot)
     }
 
     /// Makes sure layer `diff_id` has a blob (writing its tar from the

@@ -173,16 +173,24 @@ impl RegistryClient {
         }
     }
 
+    /// The URL of manifest `reference` in this repository, and how errors
+    /// name it.
+    fn manifest_url(&self, reference: &str) -> Result<(String, String), RegistryError> {
+        Ok((
+            format!(
+                "{}/v2/{}/manifests/{reference}",
+                self.base_url()?,
+                self.image.repository()
+            ),
+            format!("manifest `{reference}` of `{}`", self.repo_name()),
+        ))
+    }
+
     /// `GET /v2/<repo>/manifests/<reference>` (a tag or a digest), accepting
     /// OCI and Docker manifests and indexes. A digest reference is checked
     /// against the bytes.
     pub fn get_manifest(&self, reference: &str) -> Result<FetchedManifest, RegistryError> {
-        let url = format!(
-            "{}/v2/{}/manifests/{reference}",
-            self.base_url()?,
-            self.image.repository()
-        );
-        let what = format!("manifest `{reference}` of `{}`", self.repo_name());
+        let (url, what) = self.manifest_url(reference)?;
         let resp = self.send(
             Method::GET,
             &url,
@@ -239,12 +247,7 @@ impl RegistryClient {
         bytes: &[u8],
         media_type: &str,
     ) -> Result<Digest, RegistryError> {
-        let url = format!(
-            "{}/v2/{}/manifests/{reference}",
-            self.base_url()?,
-            self.image.repository()
-        );
-        let what = format!("manifest `{reference}` of `{}`", self.repo_name());
+        let (url, what) = self.manifest_url(reference)?;
         let resp = self.send(
             Method::PUT,
             &url,

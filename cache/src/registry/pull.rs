@@ -13,7 +13,6 @@ use std::fmt;
 use std::sync::Mutex;
 
 use oci_spec::image::{ImageIndex, ImageManifest};
-use rusqlite::OptionalExtension as _;
 
 use super::RegistryError;
 use super::client::{FetchedManifest, RegistryClient};
@@ -388,18 +387,9 @@ fn known_layer(store: &Store, diff_id: &Digest) -> Result<Option<LayerInfo>, Sto
     if !store.has_layer(diff_id) {
         return Ok(None);
     }
-    let size: Option<i64> = store
-        .db()
-        .query_row(
-            "SELECT size FROM layers WHERE diff_id = ?1",
-            [diff_id.to_string()],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(store.db_err("reading layer"))?;
-    Ok(size.map(|size| LayerInfo {
+    Ok(store.recorded_layer_size(diff_id)?.map(|size| LayerInfo {
         diff_id: diff_id.clone(),
-        size: size as u64,
+        size,
     }))
 }
 

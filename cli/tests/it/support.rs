@@ -5,10 +5,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Whether we are in CI, where missing prerequisites are failures.
-pub fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
+#[path = "../common/mod.rs"]
+mod common;
+
+pub use common::{ci, have_tool};
 
 /// Returns false (after printing why) when the test cannot run here; in CI
 /// panics instead.
@@ -19,14 +19,6 @@ pub fn require(ok: bool, what: &str) -> bool {
     assert!(!ci(), "CI=true but this test needs {what}");
     eprintln!("skipping: needs {what}");
     false
-}
-
-pub fn have_tool(name: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 pub fn is_root() -> bool {
