@@ -280,7 +280,9 @@ pub fn explain_miss(previous: &KeyInputs, current: &KeyInputs) -> Vec<MissCause>
     for (path, d) in &current.files {
         match previous.files.get(path) {
             None => causes.push(MissCause::FileAdded { path: path.clone() }),
-            Some(p) if p != d => causes.push(MissCause::FileChanged { path: path.clone() }),
+            Some(p) if !same_digest(p, d) => {
+                causes.push(MissCause::FileChanged { path: path.clone() });
+            }
             Some(_) => {}
         }
     }
@@ -498,6 +500,41 @@ fn context_reads(op: &Op) -> Option<(Vec<String>, Vec<String>, bool)> {
     }
 }
 
+/// Digests as the key history keeps them: `sha256:` and 16 hex digits
+/// (enough to tell a changed file; the key itself uses full digests).
+const HISTORY_DIGEST_LEN: usize = "sha256:".len() + 16;
+
+/// Whether two file digests are the same, either one possibly shortened by
+/// the key history.
+fn same_digest(a: &str, b: &str) -> bool {
+    let n = a.len().min(b.len());
+    a == b || (n >= HISTORY_DIGEST_LEN && a.get(..n) == b.get(..n))
+}
+
+/// The stored form of `inputs`: per-file digests shortened, JSON, zstd.
+/// A COPY of thousands of files is recorded on every build that changes
+/// one, so this keeps the row small.
+fn history_row(inputs: &KeyInputs) -> Result<Vec<u8>, serde_json::Error> {
+    let mut slim = inputs.clone();
+    for d in slim.files.values_mut() {
+        d.truncate(HISTORY_DIGEST_LEN);
+    }
+    let json = serde_json::to_vec(&slim)?;
+    Ok(zstd::encode_all(json.as_slice(), 3).unwrap_or(json))
+}
+
+/// Reads a stored row: zstd-compressed JSON, or plain JSON (older rows).
+fn parse_history_row(value: rusqlite::types::ValueRef<'_>) -> Option<KeyInputs> {
+    match value {
+        rusqlite::types::ValueRef::Text(t) => serde_json::from_slice(t).ok(),
+        rusqlite::types::ValueRef::Blob(b) => {
+            let json = zstd::decode_all(b).ok()?;
+            serde_json::from_slice(&json).ok()
+        }
+        _ => None,
+    }
+}
+
 /// The inputs of the last build of each step, in `statcache.db` under the
 /// store root, so the next build can explain its misses. Scoped by the
 /// Dockerfile and context paths; a step is found by stage and instruction
@@ -519,13 +556,16 @@ impl KeyHistory {
             source,
         };
         let conn = crate::context::open_cache_db(&path).map_err(e)?;
+        // `key_history2` holds compressed rows ([`history_row`]); the older
+        // `key_history` (plain JSON) is left to older kiln versions, which
+        // would fail on a compressed row.
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS key_history (
+            "CREATE TABLE IF NOT EXISTS key_history2 (
                 scope TEXT NOT NULL,
                 stage TEXT NOT NULL,
                 idx INTEGER NOT NULL,
                 line INTEGER NOT NULL,
-                inputs TEXT NOT NULL,
+                inputs BLOB NOT NULL,
                 PRIMARY KEY (scope, stage, idx)
             );",
         )
@@ -547,7 +587,7 @@ impl KeyHistory {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT inputs FROM key_history WHERE scope = ?1 AND
+                "SELECT inputs FROM key_history2 WHERE scope = ?1 AND
                  ((stage = ?2 AND idx = ?3) OR line = ?4)
                  ORDER BY (stage = ?2 AND idx = ?3) DESC LIMIT 1",
             )
@@ -561,11 +601,8 @@ impl KeyHistory {
             ])
             .map_err(e)?;
         match rows.next().map_err(e)? {
-            Some(row) => {
-                let text: String = row.get(0).map_err(e)?;
-                // An unreadable record (older format) is as good as none.
-                Ok(serde_json::from_str(&text).ok())
-            }
+            // An unreadable record (older format) is as good as none.
+            Some(row) => Ok(parse_history_row(row.get_ref(0).map_err(e)?)),
             None => Ok(None),
         }
     }
@@ -586,7 +623,7 @@ impl KeyHistory {
                 .prepare_cached(
                     // Unchanged rows are not rewritten: a no-op rebuild
                     // writes nothing (a COPY's row lists all its files).
-                    "INSERT INTO key_history (scope, stage, idx, line, inputs)
+                    "INSERT INTO key_history2 (scope, stage, idx, line, inputs)
                      VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (scope, stage, idx) DO UPDATE
                      SET line = excluded.line, inputs = excluded.inputs
@@ -595,7 +632,7 @@ impl KeyHistory {
                 .map_err(e)?;
             for i in inputs {
                 let Some(loc) = &i.locator else { continue };
-                let json = serde_json::to_string(i).map_err(|source| KeyError::Serialize {
+                let json = history_row(i).map_err(|source| KeyError::Serialize {
                     step: loc.stage.clone(),
                     source,
                 })?;

@@ -332,3 +332,41 @@ fn an_env_change_is_named_for_a_run() {
         "ENV `MODE` changed (`debug` -> `release`)"
     );
 }
+
+#[test]
+fn history_rows_are_compact_and_older_json_rows_still_read() {
+    let mut i = inputs();
+    // Digest-like values: the leading digits differ, as sha256's do.
+    let digest = |n: u64| {
+        format!(
+            "sha256:{:016x}{:048x}",
+            n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            n
+        )
+    };
+    for n in 0..2000u64 {
+        i.files
+            .insert(format!("src/mod{}/file{n}.c", n % 50), digest(n));
+    }
+    let plain = serde_json::to_vec(&i).expect("json");
+    let row = history_row(&i).expect("row");
+    assert!(
+        row.len() * 4 < plain.len(),
+        "{} vs {}",
+        row.len(),
+        plain.len()
+    );
+    let back =
+        parse_history_row(rusqlite::types::ValueRef::Blob(&row)).expect("compressed row reads");
+    assert_eq!(back.files.len(), i.files.len());
+    // Shortened digests still compare equal to full ones, and differ from
+    // other digests.
+    for (p, d) in &i.files {
+        assert!(same_digest(&back.files[p], d), "{p}");
+    }
+    assert!(!same_digest(&back.files["src/mod0/file0.c"], &digest(1)));
+    assert!(explain_miss(&back, &i).is_empty());
+    // A row written before compression (plain JSON text).
+    let old = parse_history_row(rusqlite::types::ValueRef::Text(&plain)).expect("json row");
+    assert_eq!(old, i);
+}
