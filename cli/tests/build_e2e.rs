@@ -26,12 +26,7 @@ impl Env {
     fn new() -> Env {
         let tmp = tempfile::tempdir().expect("tmp");
         let env = Env { tmp };
-        let o = Command::new(workspace().join("testdata/make-busybox.sh"))
-            .arg(env!("CARGO_BIN_EXE_kiln"))
-            .env("KILN_ROOT", env.store())
-            .output()
-            .expect("make-busybox.sh");
-        assert!(o.status.success(), "make-busybox.sh: {}", text(&o.stderr));
+        common::make_busybox(&env.store());
         env
     }
 

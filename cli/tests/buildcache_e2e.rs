@@ -36,12 +36,7 @@ impl Machines {
             .expect("tmp");
         let m = Machines { tmp };
         for store in ["A", "B"] {
-            let o = Command::new(workspace().join("testdata/make-busybox.sh"))
-                .arg(env!("CARGO_BIN_EXE_kiln"))
-                .env("KILN_ROOT", m.store(store))
-                .output()
-                .expect("make-busybox.sh");
-            assert!(o.status.success(), "make-busybox.sh: {}", text(&o.stderr));
+            common::make_busybox(&m.store(store));
         }
         let o = Command::new("cp")
             .arg("-a")
@@ -592,12 +587,7 @@ fn reexporting_to_the_same_cache_fetches_no_more_layers() {
         .collect();
     assert_eq!(fetched.len(), 3, "{fetched:?}");
     // And the rewritten cache serves a third machine.
-    let o = Command::new(workspace().join("testdata/make-busybox.sh"))
-        .arg(env!("CARGO_BIN_EXE_kiln"))
-        .env("KILN_ROOT", m.store("C"))
-        .output()
-        .expect("make-busybox.sh");
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    common::make_busybox(&m.store("C"));
     let c = m.build("C", &["--cache-from", &m.from()]);
     assert!(c.contains("(0 steps run,"), "{c}");
 }

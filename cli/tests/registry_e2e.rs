@@ -12,7 +12,7 @@ mod registry_support;
 
 mod common;
 
-use common::{ci, text, workspace};
+use common::{ci, text};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -69,12 +69,7 @@ impl Env {
     /// A store with `busybox:local`.
     fn with_busybox() -> Env {
         let env = Env::new();
-        let o = Command::new(workspace().join("testdata/make-busybox.sh"))
-            .arg(env!("CARGO_BIN_EXE_kiln"))
-            .env("KILN_ROOT", env.store())
-            .output()
-            .expect("make-busybox.sh");
-        assert!(o.status.success(), "make-busybox.sh: {}", text(&o.stderr));
+        common::make_busybox(&env.store());
         env
     }
 

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{ci, have_tool, text, workspace};
+use common::{ci, have_tool, text};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -31,12 +31,7 @@ impl Env {
     fn new() -> Env {
         let tmp = tempfile::tempdir().expect("tmp");
         let env = Env { tmp };
-        let o = Command::new(workspace().join("testdata/make-busybox.sh"))
-            .arg(env!("CARGO_BIN_EXE_kiln"))
-            .env("KILN_ROOT", env.store())
-            .output()
-            .expect("make-busybox.sh");
-        assert!(o.status.success(), "make-busybox.sh: {}", text(&o.stderr));
+        common::make_busybox(&env.store());
         env
     }
 

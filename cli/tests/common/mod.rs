@@ -34,6 +34,17 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Makes `busybox:local` in the store at `store` (`testdata/make-busybox.sh`
+/// with this build's kiln).
+pub fn make_busybox(store: &Path) {
+    let o = Command::new(workspace().join("testdata/make-busybox.sh"))
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_ROOT", store)
+        .output()
+        .expect("make-busybox.sh");
+    assert!(o.status.success(), "make-busybox.sh: {}", text(&o.stderr));
+}
+
 /// Whether `what` (e.g. "the build tests") can run here: root and
 /// `/bin/busybox` from busybox-static. Prints a skip reason and returns
 /// false, or panics under `CI=true`.
