@@ -409,16 +409,18 @@ impl BuildContext {
                     .map(|(d, free)| (d.to_owned(), free))
             });
             match cached {
-                Some((d, true)) => {
+                Some((d, xattr_free)) => {
                     self.stats.cached += 1;
-                    (Some(d), BTreeMap::new())
+                    let xattrs = if xattr_free {
+                        BTreeMap::new()
+                    } else {
+                        read_xattrs(host)
+                    };
+                    (Some(d), xattrs)
                 }
-                _ => {
+                None => {
                     let xattrs = read_xattrs(host);
-                    (
-                        Some(self.content_digest(host, meta, xattrs.is_empty())?),
-                        xattrs,
-                    )
+                    (Some(self.hash_file(host, meta, xattrs.is_empty())?), xattrs)
                 }
             }
         } else {
@@ -460,19 +462,15 @@ impl BuildContext {
         })
     }
 
-    fn content_digest(
+    /// Hashes a file the stat cache did not know, and records it there
+    /// (unless it may still be changing).
+    fn hash_file(
         &mut self,
         host: &Path,
         meta: &std::fs::Metadata,
         xattr_free: bool,
     ) -> Result<String, ContextError> {
         let stat = StatKey::of(meta);
-        if let Some(c) = &self.stat_cache
-            && let Some((d, _)) = c.lookup(host, &stat)
-        {
-            self.stats.cached += 1;
-            return Ok(d.to_owned());
-        }
         let mut f = fs_err::File::open(host).map_err(io_err(host))?;
         let mut h = Sha256::new();
         if self.buf.is_empty() {

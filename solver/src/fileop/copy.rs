@@ -185,7 +185,6 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         let settled = c.settle();
         res.and(settled).map(|()| {
             c.report.bytes += state.bytes.load(Ordering::Relaxed);
-            c.report.reused = c.linked.len();
             std::mem::take(&mut c.report)
         })
     })

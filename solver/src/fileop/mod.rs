@@ -207,8 +207,6 @@ pub struct Report {
     pub sources_read: Vec<String>,
     /// Bytes of file content written.
     pub bytes: u64,
-    /// Regular files linked from the previous result instead of copied.
-    pub reused: usize,
     /// With reuse on: the source identity of each regular file copied, by
     /// path below the destination root.
     pub identities: std::collections::HashMap<String, FileIdentity>,
