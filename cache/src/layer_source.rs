@@ -48,6 +48,7 @@ impl Store {
             source,
         })?;
         let (_, diff_id, size) = hw.finish();
+        crate::timing::mark("layer hashed");
         let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;
         if dir.is_dir() {
             let _ = fs_err::remove_dir_all(upper);
@@ -104,6 +105,18 @@ impl Store {
     /// Whether the layer `diff_id` is here, as a blob or a snapshot.
     pub fn has_layer(&self, diff_id: &Digest) -> bool {
         self.has_blob(diff_id) || self.snapshot_dir(diff_id).is_some()
+    }
+
+    /// The uncompressed size of layer `diff_id`: its blob's length, or the
+    /// size recorded with its snapshot. Reads no layer content.
+    pub fn layer_size(&self, diff_id: &Digest) -> Result<Option<u64>> {
+        if let Some(n) = self.blob_len(diff_id) {
+            return Ok(Some(n));
+        }
+        if self.snapshot_dir(diff_id).is_none() {
+            return Ok(None);
+        }
+        self.recorded_layer_size(diff_id)
     }
 
     /// Opens the uncompressed tar of layer `diff_id`: its blob, or else a

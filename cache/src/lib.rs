@@ -42,6 +42,8 @@ pub use oci_spec;
 
 pub mod compress;
 pub mod layer;
+#[doc(hidden)]
+pub mod timing;
 
 pub use compress::{CompressError, Compression, compress, decompress};
 pub use layer::{ApplyOptions, LayerError, LayerStats, WriteOptions, apply_layer, write_layer};

@@ -372,6 +372,14 @@ impl Store {
         self.blob_path(digest).is_file()
     }
 
+    /// The length of a blob file, if it exists (its content is not checked).
+    pub(crate) fn blob_len(&self, digest: &Digest) -> Option<u64> {
+        fs_err::metadata(self.blob_path(digest))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    }
+
     /// Starts writing a blob; call [`BlobWriter::commit`] to store it.
     pub fn blob_writer(&self) -> Result<BlobWriter> {
         BlobWriter::create(&self.root.join("tmp"), &self.root.join("blobs/sha256"))

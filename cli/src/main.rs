@@ -27,8 +27,11 @@ fn main() -> ExitCode {
     kiln_executor::helper_main_if_requested();
     // Likewise the detached container's supervisor (`__kiln-supervise`).
     kiln_runtime::supervisor_main_if_requested();
+    kiln_cache::timing::mark("start");
     let cli = Cli::parse();
-    match commands::run(cli.command, &cli.global) {
+    let result = commands::run(cli.command, &cli.global);
+    kiln_cache::timing::mark("end");
+    match result {
         Ok(code) => code,
         Err(err) => {
             // A closed pipe (`kiln ... | head`) is not an error.

@@ -347,8 +347,10 @@ fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<In
 /// Runs `kiln build`.
 pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCode> {
     let store = Arc::new(global.store()?);
+    kiln_cache::timing::mark("store open");
     // Scratch directories (and mounts) of builds that were killed.
     kiln_solver::runner::sweep_stale(&store);
+    kiln_cache::timing::mark("swept");
     let input = stdin_input(args, &store)?;
     let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)
         .map_err(|e| input.rename(e))?;
@@ -365,6 +367,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     };
     let resolver = super::registry::PullingResolver::new(Arc::clone(&store), policy);
     let graph = plan(&df, &opts, &resolver).with_context(|| format!("planning `{df_name}`"))?;
+    kiln_cache::timing::mark("planned");
     if !graph.unused_build_args.is_empty() {
         // As docker: a build arg no stage declares is probably a typo.
         eprintln!(
@@ -382,6 +385,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         .with_context(|| format!("the build context `{}`", input.context.display()))?;
     let stat_cache = StatCache::open(store.root())?;
     let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
+    kiln_cache::timing::mark("ctx open");
     let keys = compute_keys(&graph, Some(&mut ctx)).map_err(|e| {
         // Name the Dockerfile line of the step whose context files failed.
         let line = match &e {
@@ -406,6 +410,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             None => err,
         }
     })?;
+    kiln_cache::timing::mark("keys");
     let ignore = kiln_parser::read_dockerignore(&context_dir, &df_path)?.map(|f| f.matcher);
     let scope = match &input.scope {
         Some(s) => s.clone(),
@@ -416,6 +421,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         ),
     };
     let mut history = KeyHistory::open(store.root(), &scope)?;
+    kiln_cache::timing::mark("history open");
     let epoch = source_date_epoch()?;
     let graph = Arc::new(graph);
     let cache_to = super::build_cache::parse_cache_to(&args.cache_to)?;
@@ -463,6 +469,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         }
     });
     // The progress sender is gone with the solve future: drain the renderer.
+    kiln_cache::timing::mark("solved");
     runner.close_progress();
     let _ = rt.block_on(render);
     let Some(result) = outcome else {
@@ -484,6 +491,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         Err(e) => return Err(e.into()),
     };
     history.record(keys.iter().map(|k| &k.inputs))?;
+    kiln_cache::timing::mark("history recorded");
     // The image's layers, fetched from an imported cache if only there.
     super::build_cache::materialize_target(&runner, &graph, &mut solved.outputs)?;
     let image = export_image(
@@ -501,6 +509,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             source_date_epoch: epoch,
         },
     )?;
+    kiln_cache::timing::mark("exported");
     for o in &args.output {
         write_output(&store, &image, o)?;
     }

@@ -316,9 +316,7 @@ impl StoreRunner {
         let mut out = chain.clone();
         for l in &mut out.layers {
             self.ensure_layer(&l.diff_id)?;
-            if let Ok(r) = self.store.open_layer(&l.diff_id)
-                && let Ok(n) = r.len()
-            {
+            if let Ok(Some(n)) = self.store.layer_size(&l.diff_id) {
                 l.size = n;
             }
         }
@@ -506,7 +504,9 @@ impl StoreRunner {
                 )))?;
             parent.with(layer)
         };
+        kiln_cache::timing::mark("commit: layer");
         self.record(step, &chain)?;
+        kiln_cache::timing::mark("commit: recorded");
         Ok(chain)
     }
 
@@ -632,12 +632,16 @@ impl StoreRunner {
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
                     fop.reuse = linking(merged.upper());
+                    kiln_cache::timing::mark("copy: mounted+memo loaded");
                     let report = fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
+                    kiln_cache::timing::mark("copy: copied");
                     let upper = merged.unmount().map_err(mount_err)?;
+                    kiln_cache::timing::mark("copy: unmounted");
                     (self.commit(step, &parent, &upper)?, report)
                 };
                 if let Some(memo) = memo {
                     reuse::save(&memo, &parent, &chain, report);
+                    kiln_cache::timing::mark("copy: memo saved");
                 }
                 Ok(chain)
             }

@@ -393,6 +393,7 @@ impl StoreRunner {
         if cancel.is_cancelled() {
             return Err(RunnerError::Cancelled { step: name });
         }
+        kiln_cache::timing::mark("run: prepared");
         let mut running = self
             .sandbox
             .spawn(&spec)
@@ -400,6 +401,7 @@ impl StoreRunner {
                 step: name.clone(),
                 source,
             })?;
+        kiln_cache::timing::mark("run: spawned");
         let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let readers: Vec<_> = [
@@ -465,6 +467,7 @@ impl StoreRunner {
             step: name.clone(),
             source,
         })?;
+        kiln_cache::timing::mark("run: exited");
         drop(held);
         drop(secret_files);
         drop(cache_locks);
