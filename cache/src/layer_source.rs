@@ -29,7 +29,7 @@ use crate::blob::{BlobReader, into_store_error};
 use crate::digest::{Digest, Hasher, HashingWriter};
 use crate::error::{Result, StoreError};
 use crate::image::LayerInfo;
-use crate::layer::{self, LayerError, LayerStats, WriteOptions};
+use crate::layer::{self, KnownFiles, LayerError, LayerStats, WriteOptions};
 use crate::store::{SNAPSHOT_PREFIX, Store, now};
 
 impl Store {
@@ -38,15 +38,32 @@ impl Store {
     /// it stands for, then moves the directory to `snapshots/` as the
     /// layer's snapshot. If the layer exists already, `upper` is removed.
     pub fn commit_snapshot_from_dir(&self, upper: &Path, opts: &WriteOptions) -> Result<LayerInfo> {
+        self.commit_snapshot_reusing(upper, opts, None)
+            .map(|(info, _)| info)
+    }
+
+    /// [`Store::commit_snapshot_from_dir`], hashing the layer with the
+    /// contents `known` has for files linked from another snapshot, and
+    /// giving back the small files' contents for the next time (see
+    /// [`KnownFiles`]).
+    pub fn commit_snapshot_reusing(
+        &self,
+        upper: &Path,
+        opts: &WriteOptions,
+        known: Option<&KnownFiles>,
+    ) -> Result<(LayerInfo, KnownFiles)> {
         let _lock = self.lock_shared()?;
         if let Some(epoch) = opts.source_date_epoch {
             clamp_mtimes(upper, epoch)?;
         }
         let mut hw = HashingWriter::new(io::sink());
-        layer::write_layer(upper, &mut hw, opts).map_err(|source| StoreError::Layer {
-            what: upper.display().to_string(),
-            source,
-        })?;
+        let (_, recorded) =
+            layer::write_layer_reusing(upper, &mut hw, opts, known).map_err(|source| {
+                StoreError::Layer {
+                    what: upper.display().to_string(),
+                    source,
+                }
+            })?;
         let (_, diff_id, size) = hw.finish();
         crate::timing::mark("layer hashed");
         let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;
@@ -76,7 +93,7 @@ impl Store {
             )
             .map_err(self.db_err("recording snapshot"))?;
         }
-        Ok(LayerInfo { diff_id, size })
+        Ok((LayerInfo { diff_id, size }, recorded))
     }
 
     /// The uncompressed size recorded for layer `diff_id`, if it is recorded.

@@ -46,7 +46,9 @@ pub mod layer;
 pub mod timing;
 
 pub use compress::{CompressError, Compression, compress, decompress};
-pub use layer::{ApplyOptions, LayerError, LayerStats, WriteOptions, apply_layer, write_layer};
+pub use layer::{
+    ApplyOptions, KnownFiles, LayerError, LayerStats, WriteOptions, apply_layer, write_layer,
+};
 
 mod blob;
 mod containers;

@@ -428,3 +428,58 @@ fn fixed_tree_has_a_stable_diff_id() {
         "389bfe0f2f8bbe01f1e2d368d11e22dcab34e7ff8e8ae42db21c6fc949d89eb8"
     );
 }
+
+#[test]
+fn reusing_writer_records_small_files_and_trusts_known_contents() {
+    use kiln_cache::layer::{KnownFiles, write_layer_reusing};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tree");
+    rich_tree(&root);
+    let opts = WriteOptions::default();
+    let plain = write(&root, &opts);
+    // With nothing known, the same tar; small xattr-free regular files recorded.
+    let mut out = Vec::new();
+    let (stats, recorded) = write_layer_reusing(&root, &mut out, &opts, None).unwrap();
+    assert_eq!(out, plain);
+    assert_eq!(stats.bytes, out.len() as u64);
+    assert_eq!(recorded.get(b"dir/sub/file.txt"), Some(&b"hello\n"[..]));
+    assert_eq!(recorded.get(b"empty"), Some(&b""[..]));
+    assert_eq!(
+        recorded.get(b"a.txt"),
+        None,
+        "70,000 bytes is over the limit"
+    );
+    assert_eq!(recorded.get(b"dir/rel-link"), None, "not a regular file");
+    // Reusing what was recorded gives the same tar, and records it again.
+    let mut again = Vec::new();
+    let (_, carried) = write_layer_reusing(&root, &mut again, &opts, Some(&recorded)).unwrap();
+    assert_eq!(again, plain);
+    assert_eq!(carried, recorded);
+    // The writer takes a known content instead of reading the file (the
+    // caller vouches for it) when the size matches, and reads it otherwise.
+    let mut forged = KnownFiles::default();
+    forged.record(b"dir/sub/file.txt", b"HELLO\n");
+    forged.record(b"dir/setuid", b"short");
+    let mut trusted = Vec::new();
+    write_layer_reusing(&root, &mut trusted, &opts, Some(&forged)).unwrap();
+    assert_ne!(trusted, plain);
+    let dest = tmp.path().join("dest");
+    fs_err::create_dir(&dest).unwrap();
+    apply(&trusted, &dest);
+    assert_eq!(
+        fs_err::read(dest.join("dir/sub/file.txt")).unwrap(),
+        b"HELLO\n"
+    );
+    assert_eq!(
+        fs_err::read(dest.join("dir/setuid")).unwrap(),
+        b"#!/bin/sh\n"
+    );
+    assert_eq!(
+        fs_err::symlink_metadata(dest.join("dir/setuid"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o4755
+    );
+}

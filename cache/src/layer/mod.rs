@@ -76,13 +76,15 @@
 //! does not change them. A directory replaces a non-directory and the other way round.
 
 mod apply;
+pub mod known;
 mod tar_format;
 mod write;
 
 use std::path::PathBuf;
 
 pub use apply::apply_layer;
-pub use write::write_layer;
+pub use known::KnownFiles;
+pub use write::{write_layer, write_layer_reusing};
 
 /// Prefix of an OCI whiteout entry's base name.
 pub const WHITEOUT_PREFIX: &str = ".wh.";

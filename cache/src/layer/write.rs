@@ -13,6 +13,7 @@ use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
 use xattr::FileExt as _;
 
+use super::known::{self, KnownFiles};
 use super::tar_format::{
     self, EntryHeader, KIND_BLOCK, KIND_CHAR, KIND_DIR, KIND_FIFO, KIND_FILE, KIND_LINK,
     KIND_SYMLINK,
@@ -28,6 +29,32 @@ pub fn write_layer<W: Write>(
     out: W,
     opts: &WriteOptions,
 ) -> Result<LayerStats, LayerError> {
+    write_inner(diff_dir, out, opts, None, None)
+}
+
+/// [`write_layer`], taking the content of the regular files `known` has
+/// (by path in the layer, when the size is the same) from there instead
+/// of reading them, and recording the content of the small files it
+/// writes for the next time (see [`KnownFiles`]). The tar is the one
+/// [`write_layer`] writes when `known` is right about every file it has.
+pub fn write_layer_reusing<W: Write>(
+    diff_dir: &Path,
+    out: W,
+    opts: &WriteOptions,
+    known: Option<&KnownFiles>,
+) -> Result<(LayerStats, KnownFiles), LayerError> {
+    let mut recorded = KnownFiles::default();
+    let stats = write_inner(diff_dir, out, opts, known, Some(&mut recorded))?;
+    Ok((stats, recorded))
+}
+
+fn write_inner<W: Write>(
+    diff_dir: &Path,
+    out: W,
+    opts: &WriteOptions,
+    known: Option<&KnownFiles>,
+    record: Option<&mut KnownFiles>,
+) -> Result<LayerStats, LayerError> {
     let mut w = Writer {
         out: BufWriter::with_capacity(256 * 1024, out),
         stats: LayerStats::default(),
@@ -35,6 +62,9 @@ pub fn write_layer<W: Write>(
         links: HashMap::new(),
         header: Vec::with_capacity(2048),
         copy_buf: vec![0u8; 128 * 1024],
+        known,
+        record,
+        content: Vec::new(),
     };
     // The root itself must be a directory; its own metadata is not part of the diff.
     let md = fs_err::metadata(diff_dir).map_err(|source| LayerError::ReadDiff {
@@ -60,7 +90,7 @@ pub fn write_layer<W: Write>(
     Ok(w.stats)
 }
 
-struct Writer<W: Write> {
+struct Writer<'k, W: Write> {
     out: BufWriter<W>,
     stats: LayerStats,
     opts: WriteOptions,
@@ -68,6 +98,12 @@ struct Writer<W: Write> {
     links: HashMap<(u64, u64), Vec<u8>>,
     header: Vec<u8>,
     copy_buf: Vec<u8>,
+    /// Contents not to read again (see [`KnownFiles`]).
+    known: Option<&'k KnownFiles>,
+    /// Where to record small files' contents.
+    record: Option<&'k mut KnownFiles>,
+    /// The content of the file being copied, when it is recorded.
+    content: Vec<u8>,
 }
 
 fn read_err(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
@@ -162,7 +198,7 @@ fn open_at(dir: &OwnedFd, name: &[u8], path: &Path, flags: OFlag) -> Result<File
     .map_err(errno_err(path))
 }
 
-impl<W: Write> Writer<W> {
+impl<W: Write> Writer<'_, W> {
     fn clamp(&self, mtime: i64) -> i64 {
         match self.opts.source_date_epoch {
             Some(epoch) if mtime > epoch => epoch,
@@ -273,6 +309,12 @@ impl<W: Write> Writer<W> {
             _ => return Ok(()),
         };
 
+        if kind == KIND_FILE
+            && let Some(content) = self.known.and_then(|k| k.get(&rel))
+            && u64::try_from(st.st_size).is_ok_and(|n| n == content.len() as u64)
+        {
+            return self.known_file(rel, &st, content);
+        }
         let file = if kind == KIND_FILE {
             Some(open_at(dir, base, path, OFlag::empty())?)
         } else {
@@ -293,6 +335,13 @@ impl<W: Write> Writer<W> {
             self.links.insert(key, rel.clone());
         }
 
+        // Small files without xattrs are recorded (for a later
+        // `write_layer_reusing` of a layer linking them).
+        let record = kind == KIND_FILE
+            && xattrs.is_empty()
+            && self.record.is_some()
+            && u64::try_from(st.st_size).is_ok_and(|n| n <= known::MAX_FILE);
+        let rel_for_record = record.then(|| rel.clone());
         let mut h = self.base_header(rel, kind, &st);
         h.xattrs = xattrs;
         match (kind, file) {
@@ -312,14 +361,57 @@ impl<W: Write> Writer<W> {
             (KIND_FILE, Some(file)) => {
                 h.size = u64::try_from(st.st_size).unwrap_or(0);
                 self.emit(&h)?;
-                self.copy_file(file, path, h.size)
+                self.content.clear();
+                self.copy_file(file, path, h.size, record)?;
+                if let (Some(rel), Some(rec)) = (rel_for_record, self.record.as_deref_mut()) {
+                    rec.record(&rel, &self.content);
+                }
+                Ok(())
             }
             _ => self.emit(&h),
         }
     }
 
     /// Stream exactly `size` bytes of `path` (its size when stat'ed) into the tar.
-    fn copy_file(&mut self, file: File, path: &Path, size: u64) -> Result<(), LayerError> {
+    /// A regular file whose content `known` has: its header (no xattrs:
+    /// only xattr-free files are recorded), then the known bytes.
+    fn known_file(
+        &mut self,
+        rel: Vec<u8>,
+        st: &FileStat,
+        content: &[u8],
+    ) -> Result<(), LayerError> {
+        if st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
+            if let Some(first) = self.links.get(&key) {
+                let mut h = self.base_header(rel, KIND_LINK, st);
+                h.link = first.clone();
+                return self.emit(&h);
+            }
+            self.links.insert(key, rel.clone());
+        }
+        if let Some(rec) = self.record.as_deref_mut() {
+            rec.record(&rel, content);
+        }
+        let mut h = self.base_header(rel, KIND_FILE, st);
+        h.size = content.len() as u64;
+        self.emit(&h)?;
+        self.out.write_all(content).map_err(LayerError::WriteTar)?;
+        let pad = tar_format::padding(h.size);
+        self.out
+            .write_all(&[0u8; tar_format::BLOCK][..pad])
+            .map_err(LayerError::WriteTar)?;
+        self.stats.bytes += h.size + pad as u64;
+        Ok(())
+    }
+
+    fn copy_file(
+        &mut self,
+        file: File,
+        path: &Path,
+        size: u64,
+        record: bool,
+    ) -> Result<(), LayerError> {
         let mut left = size;
         let mut reader = file.take(size);
         while left > 0 {
@@ -345,6 +437,9 @@ impl<W: Write> Writer<W> {
             self.out
                 .write_all(&self.copy_buf[..n])
                 .map_err(LayerError::WriteTar)?;
+            if record {
+                self.content.extend_from_slice(&self.copy_buf[..n]);
+            }
             left -= n as u64;
         }
         let pad = tar_format::padding(size);

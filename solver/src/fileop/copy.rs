@@ -185,6 +185,13 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         let settled = c.settle();
         res.and(settled).map(|()| {
             c.report.bytes += state.bytes.load(Ordering::Relaxed);
+            let mut linked: Vec<String> = c
+                .linked
+                .iter()
+                .filter_map(|t| c.rel_of(t).map(str::to_owned))
+                .collect();
+            linked.sort();
+            c.report.linked = linked;
             std::mem::take(&mut c.report)
         })
     })

@@ -210,6 +210,9 @@ pub struct Report {
     /// With reuse on: the source identity of each regular file copied, by
     /// path below the destination root.
     pub identities: std::collections::HashMap<String, FileIdentity>,
+    /// With reuse on: the regular files hard-linked from a snapshot instead
+    /// of copied, by path below the destination root (sorted).
+    pub linked: Vec<String>,
 }
 
 impl Report {

@@ -31,11 +31,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
 /// What identifies a source file's state: if all of it is unchanged, so are
 /// its content and metadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileIdentity(u64, u64, u64, i64, i64, i64, i64, u32, u32, u32);
 
 impl FileIdentity {
@@ -53,6 +51,39 @@ impl FileIdentity {
             meta.uid(),
             meta.gid(),
         )
+    }
+
+    /// The ten fields, as stored in a memo.
+    fn fields(&self) -> [u64; 10] {
+        [
+            self.0,
+            self.1,
+            self.2,
+            self.3 as u64,
+            self.4 as u64,
+            self.5 as u64,
+            self.6 as u64,
+            u64::from(self.7),
+            u64::from(self.8),
+            u64::from(self.9),
+        ]
+    }
+
+    /// The identity [`FileIdentity::fields`] gave; `None` when a 32-bit
+    /// field does not fit.
+    fn from_fields(f: [u64; 10]) -> Option<FileIdentity> {
+        Some(FileIdentity(
+            f[0],
+            f[1],
+            f[2],
+            f[3] as i64,
+            f[4] as i64,
+            f[5] as i64,
+            f[6] as i64,
+            u32::try_from(f[7]).ok()?,
+            u32::try_from(f[8]).ok()?,
+            u32::try_from(f[9]).ok()?,
+        ))
     }
 
     /// ctime in nanoseconds since the epoch.
@@ -259,21 +290,26 @@ pub(super) struct Expected {
     pub mtime: (i64, i64),
 }
 
-/// The identities a COPY remembers, with the layer they went into, saved
-/// under the store for the next run of the same COPY.
-#[derive(Debug, Serialize, Deserialize)]
+/// The identities a COPY remembers, with the layer they went into and the
+/// contents of that layer's small files, saved under the store for the next
+/// run of the same COPY.
+#[derive(Debug, Default)]
 pub struct CopyMemo {
     /// The result layer's diffID.
     pub diff_id: String,
     /// Path below the destination root -> source identity.
     pub files: Vec<(String, FileIdentity)>,
+    /// The contents of the result layer's small files (see
+    /// [`kiln_cache::KnownFiles`]).
+    pub known: kiln_cache::KnownFiles,
 }
+
+const MEMO_MAGIC: &[u8] = b"kiln-copy-memo-2\n";
 
 impl CopyMemo {
     /// The memo at `path`, if there is a readable one.
     pub fn load(path: &Path) -> Option<CopyMemo> {
-        let bytes = fs_err::read(path).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        CopyMemo::from_bytes(&fs_err::read(path).ok()?)
     }
 
     /// Writes the memo to `path` (temp file + rename: a reader sees the old
@@ -281,10 +317,102 @@ impl CopyMemo {
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         fs_err::create_dir_all(dir)?;
-        let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
         let tmp = tempfile::NamedTempFile::new_in(dir)?;
-        fs_err::write(tmp.path(), bytes)?;
+        fs_err::write(tmp.path(), self.to_bytes())?;
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
+    }
+
+    /// The memo as bytes: a magic line, the diffID, the identities (path
+    /// length, path, ten 64-bit fields each), then the known contents.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let known = self.known.to_bytes();
+        let mut out =
+            Vec::with_capacity(MEMO_MAGIC.len() + 80 + self.files.len() * 120 + known.len());
+        out.extend_from_slice(MEMO_MAGIC);
+        out.extend_from_slice(&(self.diff_id.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.diff_id.as_bytes());
+        out.extend_from_slice(&(self.files.len() as u64).to_le_bytes());
+        for (rel, id) in &self.files {
+            out.extend_from_slice(&(rel.len() as u32).to_le_bytes());
+            out.extend_from_slice(rel.as_bytes());
+            for v in id.fields() {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&known);
+        out
+    }
+
+    /// A memo written by [`CopyMemo::to_bytes`]; `None` for anything else.
+    pub fn from_bytes(bytes: &[u8]) -> Option<CopyMemo> {
+        let mut r = bytes.strip_prefix(MEMO_MAGIC)?;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            if n > r.len() {
+                return None;
+            }
+            let (head, tail) = r.split_at(n);
+            r = tail;
+            Some(head)
+        };
+        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let diff_id = std::str::from_utf8(take(len)?).ok()?.to_owned();
+        let n = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let n = usize::try_from(n).ok()?;
+        // An entry takes at least 84 bytes: a bigger count is corrupt.
+        if n > bytes.len() / 84 {
+            return None;
+        }
+        let mut files = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            let rel = std::str::from_utf8(take(len)?).ok()?.to_owned();
+            let mut f = [0u64; 10];
+            for v in &mut f {
+                *v = u64::from_le_bytes(take(8)?.try_into().ok()?);
+            }
+            files.push((rel, FileIdentity::from_fields(f)?));
+        }
+        let known = kiln_cache::KnownFiles::from_bytes(r)?;
+        Some(CopyMemo {
+            diff_id,
+            files,
+            known,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memo_round_trips_and_damaged_memos_are_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("f");
+        fs_err::write(&f, "x").expect("write");
+        let id = FileIdentity::of(&fs_err::symlink_metadata(&f).expect("stat"));
+        let mut known = kiln_cache::KnownFiles::default();
+        known.record(b"app/f", b"x");
+        let memo = CopyMemo {
+            diff_id: "sha256:00".to_owned(),
+            files: vec![("app/f".to_owned(), id), ("app/g".to_owned(), id)],
+            known,
+        };
+        let path = dir.path().join("memo");
+        memo.save(&path).expect("save");
+        let back = CopyMemo::load(&path).expect("load");
+        assert_eq!(back.diff_id, memo.diff_id);
+        assert_eq!(back.files, memo.files);
+        assert_eq!(back.known, memo.known);
+        let bytes = memo.to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(
+                CopyMemo::from_bytes(&bytes[..cut]).is_none(),
+                "cut at {cut}"
+            );
+        }
+        // A memo of an older kiln (JSON) is no memo.
+        assert!(CopyMemo::from_bytes(br#"{"diff_id":"sha256:00","files":[]}"#).is_none());
     }
 }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use kiln_cache::{CacheResult, Digest, LayerInfo, Store, StoreError};
+use kiln_cache::{CacheResult, Digest, KnownFiles, LayerInfo, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::event::Progress;
@@ -487,27 +487,41 @@ impl StoreRunner {
 
     /// Commit `upper` as a layer on `parent`; an empty upper adds no layer.
     fn commit(&self, step: &Step, parent: &Chain, upper: &Path) -> Result<Chain, RunnerError> {
+        self.commit_reusing(step, parent, upper, None)
+            .map(|(chain, _)| chain)
+    }
+
+    /// [`StoreRunner::commit`], hashing the layer with the contents `known`
+    /// has (see [`kiln_cache::KnownFiles`]); gives back the contents of the
+    /// new layer's small files.
+    fn commit_reusing(
+        &self,
+        step: &Step,
+        parent: &Chain,
+        upper: &Path,
+        known: Option<&KnownFiles>,
+    ) -> Result<(Chain, KnownFiles), RunnerError> {
         let empty = fs_err::read_dir(upper)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
-        let chain = if empty {
-            parent.clone()
+        let (chain, recorded) = if empty {
+            (parent.clone(), KnownFiles::default())
         } else {
             let opts = kiln_cache::WriteOptions::default()
                 .with_source_date_epoch(self.opts.source_date_epoch);
-            let layer = self
+            let (layer, recorded) = self
                 .store
-                .commit_snapshot_from_dir(upper, &opts)
+                .commit_snapshot_reusing(upper, &opts, known)
                 .map_err(store_err(format!(
                     "committing the layer of {}",
                     step.vertex.name
                 )))?;
-            parent.with(layer)
+            (parent.with(layer), recorded)
         };
         kiln_cache::timing::mark("commit: layer");
         self.record(step, &chain)?;
         kiln_cache::timing::mark("commit: recorded");
-        Ok(chain)
+        Ok((chain, recorded))
     }
 
     fn record(&self, step: &Step, chain: &Chain) -> Result<(), RunnerError> {
@@ -610,14 +624,19 @@ impl StoreRunner {
                     .flatten();
                 // A stage's files are linked from its snapshots when the copy
                 // keeps their metadata.
-                let linking = |upper: &Path| match &memo {
-                    Some(m) => Some(reuse::load(&self.store, m, upper)),
+                let mut known = None;
+                let mut linking = |upper: &Path| match &memo {
+                    Some(m) => {
+                        let loaded = reuse::load(&self.store, m, upper);
+                        known = loaded.known;
+                        Some(loaded.reuse)
+                    }
                     None if !src_layers.is_empty() && !c.add => Some(Arc::new(
                         fileop::Reuse::from_layers(&src_layers, upper.to_owned()),
                     )),
                     None => None,
                 };
-                let (chain, report) = if c.link {
+                let (upper, report) = if c.link {
                     // --link: copy into an empty tree; the result is a layer
                     // independent of the parent.
                     let root = dir.path().join("link");
@@ -627,7 +646,7 @@ impl StoreRunner {
                     })?;
                     fop.reuse = linking(&root);
                     let report = fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
-                    (self.commit(step, &parent, &root)?, report)
+                    (root, report)
                 } else {
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
@@ -637,10 +656,13 @@ impl StoreRunner {
                     kiln_cache::timing::mark("copy: copied");
                     let upper = merged.unmount().map_err(mount_err)?;
                     kiln_cache::timing::mark("copy: unmounted");
-                    (self.commit(step, &parent, &upper)?, report)
+                    (upper, report)
                 };
+                let known = known.map(|k| reuse::known_for(k, &report));
+                let (chain, recorded) =
+                    self.commit_reusing(step, &parent, &upper, known.as_ref())?;
                 if let Some(memo) = memo {
-                    reuse::save(&memo, &parent, &chain, report);
+                    reuse::save(&memo, &parent, &chain, report, recorded);
                     kiln_cache::timing::mark("copy: memo saved");
                 }
                 Ok(chain)

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_cache::{Digest, Store};
+use kiln_cache::{Digest, KnownFiles, Store};
 use sha2::{Digest as _, Sha256};
 
 use super::Chain;
@@ -34,7 +34,7 @@ pub(super) fn memo_path(
 ) -> Option<PathBuf> {
     let def = serde_json::to_vec(op).ok()?;
     let mut h = Sha256::new();
-    h.update(b"kiln-copy-reuse-v1\0");
+    h.update(b"kiln-copy-reuse-v2\0");
     h.update(&def);
     for l in &parent.layers {
         h.update(b"\0");
@@ -49,24 +49,58 @@ pub(super) fn memo_path(
     )
 }
 
+/// What a context COPY found in its memo: where to link unchanged files
+/// from, and the contents of that snapshot's small files.
+pub(super) struct Loaded {
+    pub reuse: Arc<Reuse>,
+    pub known: Option<KnownFiles>,
+}
+
 /// The reuse for a copy writing into `upper`, from the memo at `memo`.
-pub(super) fn load(store: &Store, memo: &Path, upper: &Path) -> Arc<Reuse> {
-    let (prev_root, prev) = match CopyMemo::load(memo) {
-        Some(m) => (
-            m.diff_id
+pub(super) fn load(store: &Store, memo: &Path, upper: &Path) -> Loaded {
+    let (prev_root, prev, known) = match CopyMemo::load(memo) {
+        Some(m) => {
+            let root = m
+                .diff_id
                 .parse::<Digest>()
                 .ok()
-                .and_then(|d| store.snapshot_dir(&d)),
-            m.files.into_iter().collect(),
-        ),
-        None => (None, HashMap::new()),
+                .and_then(|d| store.snapshot_dir(&d));
+            let known = root.is_some().then_some(m.known);
+            (root, m.files.into_iter().collect(), known)
+        }
+        None => (None, HashMap::new(), None),
     };
-    Arc::new(Reuse::new(prev_root, prev, upper.to_owned()))
+    Loaded {
+        reuse: Arc::new(Reuse::new(prev_root, prev, upper.to_owned())),
+        known,
+    }
+}
+
+/// The contents the layer writer may take from the memo: those of the
+/// files the copy linked from the previous result (the same inodes, so the
+/// same bytes at the same path), and no others.
+pub(super) fn known_for(mut known: KnownFiles, report: &crate::fileop::Report) -> KnownFiles {
+    known.retain(|p| {
+        std::str::from_utf8(p).is_ok_and(|p| {
+            report
+                .linked
+                .binary_search_by(|l| l.as_str().cmp(p))
+                .is_ok()
+        })
+    });
+    known
 }
 
 /// Leaves the memo for the next build: the files of `report` went into the
-/// top layer of `chain` (when the copy added a layer at all).
-pub(super) fn save(memo: &Path, parent: &Chain, chain: &Chain, report: crate::fileop::Report) {
+/// top layer of `chain` (when the copy added a layer at all), whose small
+/// files' contents are `known`.
+pub(super) fn save(
+    memo: &Path,
+    parent: &Chain,
+    chain: &Chain,
+    report: crate::fileop::Report,
+    known: KnownFiles,
+) {
     if chain.layers.len() <= parent.layers.len() {
         return;
     }
@@ -78,6 +112,7 @@ pub(super) fn save(memo: &Path, parent: &Chain, chain: &Chain, report: crate::fi
     let memo_data = CopyMemo {
         diff_id: top.diff_id.to_string(),
         files,
+        known,
     };
     // Only a speed-up: a memo that cannot be written costs the next build
     // a full copy.
