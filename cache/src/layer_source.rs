@@ -42,28 +42,36 @@ impl Store {
             .map(|(info, _)| info)
     }
 
-    /// [`Store::commit_snapshot_from_dir`], hashing the layer with the
-    /// contents `known` has for files linked from another snapshot, and
-    /// giving back the small files' contents for the next time (see
-    /// [`KnownFiles`]).
+    /// [`Store::commit_snapshot_from_dir`]; with `known`, hashing the layer
+    /// with the contents it has for files linked from another snapshot,
+    /// and giving back the new layer's small files' contents for the next
+    /// time (see [`KnownFiles`]).
     pub fn commit_snapshot_reusing(
         &self,
         upper: &Path,
         opts: &WriteOptions,
-        known: Option<&KnownFiles>,
-    ) -> Result<(LayerInfo, KnownFiles)> {
+        known: Option<KnownFiles>,
+    ) -> Result<(LayerInfo, Option<KnownFiles>)> {
         let _lock = self.lock_shared()?;
         if let Some(epoch) = opts.source_date_epoch {
             clamp_mtimes(upper, epoch)?;
         }
         let mut hw = HashingWriter::new(io::sink());
-        let (_, recorded) =
-            layer::write_layer_reusing(upper, &mut hw, opts, known).map_err(|source| {
-                StoreError::Layer {
-                    what: upper.display().to_string(),
-                    source,
-                }
-            })?;
+        let layer_err = |source| StoreError::Layer {
+            what: upper.display().to_string(),
+            source,
+        };
+        let recorded = match known {
+            Some(k) => Some(
+                layer::write_layer_reusing(upper, &mut hw, opts, k)
+                    .map_err(layer_err)?
+                    .1,
+            ),
+            None => {
+                layer::write_layer(upper, &mut hw, opts).map_err(layer_err)?;
+                None
+            }
+        };
         let (_, diff_id, size) = hw.finish();
         crate::timing::mark("layer hashed");
         let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;

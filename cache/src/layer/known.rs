@@ -23,14 +23,37 @@ pub const MAX_TOTAL: usize = 32 << 20;
 
 /// The content of some regular files of a layer, by path in the layer
 /// (as in its tar: relative, no leading `./`).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub struct KnownFiles {
-    data: Vec<u8>,
-    /// Path -> (offset, length) in `data`.
-    files: HashMap<Vec<u8>, (usize, usize)>,
+    /// Buffers holding the contents (a loaded file is one, untouched).
+    chunks: Vec<Vec<u8>>,
+    files: HashMap<Vec<u8>, Entry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    chunk: usize,
+    off: usize,
+    len: usize,
+    /// Whether the writer took this content (see [`KnownFiles::take`]).
+    used: bool,
 }
 
 const MAGIC: &[u8] = b"kiln-known-files-1\n";
+
+/// Two sets are equal when they know the same paths with the same bytes
+/// (however their data is laid out).
+impl PartialEq for KnownFiles {
+    fn eq(&self, other: &KnownFiles) -> bool {
+        self.files.len() == other.files.len()
+            && self
+                .files
+                .keys()
+                .all(|p| self.get(p).is_some() && self.get(p) == other.get(p))
+    }
+}
+
+impl Eq for KnownFiles {}
 
 impl KnownFiles {
     /// How many files are known.
@@ -43,22 +66,64 @@ impl KnownFiles {
         self.files.is_empty()
     }
 
+    fn bytes_of(&self, e: &Entry) -> Option<&[u8]> {
+        self.chunks.get(e.chunk)?.get(e.off..e.off + e.len)
+    }
+
     /// The content of `path`, if known.
     pub fn get(&self, path: &[u8]) -> Option<&[u8]> {
-        let &(off, len) = self.files.get(path)?;
-        self.data.get(off..off + len)
+        self.bytes_of(self.files.get(path)?)
+    }
+
+    /// The content of `path`, if known, marking it as used (see
+    /// [`KnownFiles::keep_used`]).
+    pub fn take(&mut self, path: &[u8]) -> Option<&[u8]> {
+        let e = self.files.get_mut(path)?;
+        e.used = true;
+        let e = *e;
+        self.bytes_of(&e)
+    }
+
+    /// Forgets every path not taken since the last call.
+    pub fn keep_used(&mut self) {
+        self.files.retain(|_, e| std::mem::take(&mut e.used));
     }
 
     /// Records `content` for `path`, unless the file is too big or the
     /// set is full. Returns whether it was recorded.
     pub fn record(&mut self, path: &[u8], content: &[u8]) -> bool {
-        if content.len() as u64 > MAX_FILE || self.data.len() + content.len() > MAX_TOTAL {
+        let total: usize = self.chunks.iter().map(Vec::len).sum();
+        if content.len() as u64 > MAX_FILE || total + content.len() > MAX_TOTAL {
             return false;
         }
-        let off = self.data.len();
-        self.data.extend_from_slice(content);
-        self.files.insert(path.to_vec(), (off, content.len()));
+        if self.chunks.is_empty() {
+            self.chunks.push(Vec::new());
+        }
+        let chunk = self.chunks.len() - 1;
+        let data = &mut self.chunks[chunk];
+        let off = data.len();
+        data.extend_from_slice(content);
+        self.files.insert(
+            path.to_vec(),
+            Entry {
+                chunk,
+                off,
+                len: content.len(),
+                used: false,
+            },
+        );
         true
+    }
+
+    /// Adds every file of `other` (its content replacing this set's for
+    /// the same path), moving its buffers over.
+    pub fn absorb(&mut self, other: KnownFiles) {
+        let base = self.chunks.len();
+        self.chunks.extend(other.chunks);
+        for (p, mut e) in other.files {
+            e.chunk += base;
+            self.files.insert(p, e);
+        }
     }
 
     /// Keeps only the paths `keep` says yes to (the data of the others
@@ -69,29 +134,43 @@ impl KnownFiles {
 
     /// The set as bytes, for [`KnownFiles::from_bytes`].
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut paths: Vec<&Vec<u8>> = self.files.keys().collect();
-        paths.sort();
-        let body: usize = self.files.values().map(|&(_, l)| l).sum();
-        let mut out = Vec::with_capacity(MAGIC.len() + 8 + paths.len() * 48 + body);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(paths.len() as u64).to_le_bytes());
-        for p in &paths {
-            let (_, len) = self.files[*p];
-            out.extend_from_slice(&(p.len() as u32).to_le_bytes());
-            out.extend_from_slice(p);
-            out.extend_from_slice(&(len as u32).to_le_bytes());
-        }
-        for p in &paths {
-            let (off, len) = self.files[*p];
-            out.extend_from_slice(&self.data[off..off + len]);
-        }
+        let mut out = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = self.write_to(&mut out);
         out
+    }
+
+    /// Writes [`KnownFiles::to_bytes`] to `out`.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut paths: Vec<(&Vec<u8>, &[u8])> = self
+            .files
+            .iter()
+            .filter_map(|(p, e)| Some((p, self.bytes_of(e)?)))
+            .collect();
+        paths.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        out.write_all(MAGIC)?;
+        out.write_all(&(paths.len() as u64).to_le_bytes())?;
+        for (p, content) in &paths {
+            out.write_all(&(p.len() as u32).to_le_bytes())?;
+            out.write_all(p)?;
+            out.write_all(&(content.len() as u32).to_le_bytes())?;
+        }
+        for (_, content) in &paths {
+            out.write_all(content)?;
+        }
+        Ok(())
     }
 
     /// A set written by [`KnownFiles::to_bytes`]; `None` for anything else
     /// (a truncated or foreign file is no error: nothing is known).
     pub fn from_bytes(bytes: &[u8]) -> Option<KnownFiles> {
-        let mut r = Cursor(bytes.strip_prefix(MAGIC)?);
+        KnownFiles::from_vec(bytes.to_vec(), 0)
+    }
+
+    /// [`KnownFiles::from_bytes`] of `bytes[start..]`, keeping `bytes` as
+    /// the data (no copy of the contents).
+    pub fn from_vec(bytes: Vec<u8>, start: usize) -> Option<KnownFiles> {
+        let mut r = Cursor(bytes.get(start..)?.strip_prefix(MAGIC)?);
         let n = usize::try_from(r.u64()?).ok()?;
         // Each entry takes at least 8 bytes: a count beyond that is corrupt.
         if n > r.0.len() / 8 {
@@ -104,22 +183,29 @@ impl KnownFiles {
             let len = r.u32()? as usize;
             index.push((path, len));
         }
-        let data = r.0;
+        let mut off = bytes.len() - r.0.len();
         let mut files = HashMap::with_capacity(n);
-        let mut off = 0usize;
         for (path, len) in index {
             let end = off.checked_add(len)?;
-            if end > data.len() {
+            if end > bytes.len() {
                 return None;
             }
-            files.insert(path, (off, len));
+            files.insert(
+                path,
+                Entry {
+                    chunk: 0,
+                    off,
+                    len,
+                    used: false,
+                },
+            );
             off = end;
         }
-        if off != data.len() {
+        if off != bytes.len() {
             return None;
         }
         Some(KnownFiles {
-            data: data.to_vec(),
+            chunks: vec![bytes],
             files,
         })
     }

@@ -34,25 +34,28 @@ pub fn write_layer<W: Write>(
 
 /// [`write_layer`], taking the content of the regular files `known` has
 /// (by path in the layer, when the size is the same) from there instead
-/// of reading them, and recording the content of the small files it
-/// writes for the next time (see [`KnownFiles`]). The tar is the one
-/// [`write_layer`] writes when `known` is right about every file it has.
+/// of reading them. Gives back the contents of the layer's small files for
+/// the next time (see [`KnownFiles`]): those it took from `known` and
+/// those it read. The tar is the one [`write_layer`] writes when `known`
+/// is right about every file it has.
 pub fn write_layer_reusing<W: Write>(
     diff_dir: &Path,
     out: W,
     opts: &WriteOptions,
-    known: Option<&KnownFiles>,
+    mut known: KnownFiles,
 ) -> Result<(LayerStats, KnownFiles), LayerError> {
     let mut recorded = KnownFiles::default();
-    let stats = write_inner(diff_dir, out, opts, known, Some(&mut recorded))?;
-    Ok((stats, recorded))
+    let stats = write_inner(diff_dir, out, opts, Some(&mut known), Some(&mut recorded))?;
+    known.keep_used();
+    known.absorb(recorded);
+    Ok((stats, known))
 }
 
 fn write_inner<W: Write>(
     diff_dir: &Path,
     out: W,
     opts: &WriteOptions,
-    known: Option<&KnownFiles>,
+    known: Option<&mut KnownFiles>,
     record: Option<&mut KnownFiles>,
 ) -> Result<LayerStats, LayerError> {
     let mut w = Writer {
@@ -99,7 +102,7 @@ struct Writer<'k, W: Write> {
     header: Vec<u8>,
     copy_buf: Vec<u8>,
     /// Contents not to read again (see [`KnownFiles`]).
-    known: Option<&'k KnownFiles>,
+    known: Option<&'k mut KnownFiles>,
     /// Where to record small files' contents.
     record: Option<&'k mut KnownFiles>,
     /// The content of the file being copied, when it is recorded.
@@ -310,10 +313,12 @@ impl<W: Write> Writer<'_, W> {
         };
 
         if kind == KIND_FILE
-            && let Some(content) = self.known.and_then(|k| k.get(&rel))
-            && u64::try_from(st.st_size).is_ok_and(|n| n == content.len() as u64)
+            && let Some(known) = self.known.as_deref_mut()
+            && known
+                .get(&rel)
+                .is_some_and(|c| u64::try_from(st.st_size).is_ok_and(|n| n == c.len() as u64))
         {
-            return self.known_file(rel, &st, content);
+            return self.known_file(rel, &st);
         }
         let file = if kind == KIND_FILE {
             Some(open_at(dir, base, path, OFlag::empty())?)
@@ -375,12 +380,7 @@ impl<W: Write> Writer<'_, W> {
     /// Stream exactly `size` bytes of `path` (its size when stat'ed) into the tar.
     /// A regular file whose content `known` has: its header (no xattrs:
     /// only xattr-free files are recorded), then the known bytes.
-    fn known_file(
-        &mut self,
-        rel: Vec<u8>,
-        st: &FileStat,
-        content: &[u8],
-    ) -> Result<(), LayerError> {
+    fn known_file(&mut self, rel: Vec<u8>, st: &FileStat) -> Result<(), LayerError> {
         if st.st_nlink > 1 {
             let key = (st.st_dev, st.st_ino);
             if let Some(first) = self.links.get(&key) {
@@ -390,18 +390,28 @@ impl<W: Write> Writer<'_, W> {
             }
             self.links.insert(key, rel.clone());
         }
-        if let Some(rec) = self.record.as_deref_mut() {
-            rec.record(&rel, content);
-        }
+        let Some(known) = self.known.as_deref_mut() else {
+            return Ok(());
+        };
+        let size = known.take(&rel).map_or(0, <[u8]>::len) as u64;
         let mut h = self.base_header(rel, KIND_FILE, st);
-        h.size = content.len() as u64;
-        self.emit(&h)?;
-        self.out.write_all(content).map_err(LayerError::WriteTar)?;
-        let pad = tar_format::padding(h.size);
+        h.size = size;
+        self.header.clear();
+        let n = tar_format::encode_header(&h, &mut self.header);
+        self.stats.bytes += n as u64;
+        self.stats.entries += 1;
+        let pad = tar_format::padding(size);
+        let content = self
+            .known
+            .as_deref()
+            .and_then(|k| k.get(&h.name))
+            .unwrap_or_default();
         self.out
-            .write_all(&[0u8; tar_format::BLOCK][..pad])
+            .write_all(&self.header)
+            .and_then(|()| self.out.write_all(content))
+            .and_then(|()| self.out.write_all(&[0u8; tar_format::BLOCK][..pad]))
             .map_err(LayerError::WriteTar)?;
-        self.stats.bytes += h.size + pad as u64;
+        self.stats.bytes += size + pad as u64;
         Ok(())
     }
 

@@ -161,7 +161,12 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             ignore: op.ignore.as_ref(),
             links: HashMap::new(),
             stamped: Vec::new(),
-            report: Report::default(),
+            report: Report {
+                identities: HashMap::with_capacity(
+                    reuse.filter(|r| r.remember).map_or(0, |r| r.prev.len()),
+                ),
+                ..Report::default()
+            },
             jobs,
             state: Arc::clone(&state),
             settings: Arc::clone(&settings),

@@ -309,43 +309,60 @@ const MEMO_MAGIC: &[u8] = b"kiln-copy-memo-2\n";
 impl CopyMemo {
     /// The memo at `path`, if there is a readable one.
     pub fn load(path: &Path) -> Option<CopyMemo> {
-        CopyMemo::from_bytes(&fs_err::read(path).ok()?)
+        CopyMemo::from_vec(fs_err::read(path).ok()?)
     }
 
     /// Writes the memo to `path` (temp file + rename: a reader sees the old
     /// memo or the new one).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write as _;
         let dir = path.parent().unwrap_or(Path::new("."));
         fs_err::create_dir_all(dir)?;
         let tmp = tempfile::NamedTempFile::new_in(dir)?;
-        fs_err::write(tmp.path(), self.to_bytes())?;
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, tmp.as_file());
+        self.write_to(&mut w)?;
+        w.flush()?;
+        drop(w);
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
     }
 
-    /// The memo as bytes: a magic line, the diffID, the identities (path
-    /// length, path, ten 64-bit fields each), then the known contents.
+    /// The memo as bytes (see [`CopyMemo::write_to`]).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let known = self.known.to_bytes();
-        let mut out =
-            Vec::with_capacity(MEMO_MAGIC.len() + 80 + self.files.len() * 120 + known.len());
-        out.extend_from_slice(MEMO_MAGIC);
-        out.extend_from_slice(&(self.diff_id.len() as u32).to_le_bytes());
-        out.extend_from_slice(self.diff_id.as_bytes());
-        out.extend_from_slice(&(self.files.len() as u64).to_le_bytes());
-        for (rel, id) in &self.files {
-            out.extend_from_slice(&(rel.len() as u32).to_le_bytes());
-            out.extend_from_slice(rel.as_bytes());
-            for v in id.fields() {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        out.extend_from_slice(&known);
+        let mut out = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = self.write_to(&mut out);
         out
+    }
+
+    /// Writes the memo: a magic line, the diffID, the identities (path
+    /// length, path, ten 64-bit fields each), then the known contents.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        out.write_all(MEMO_MAGIC)?;
+        out.write_all(&(self.diff_id.len() as u32).to_le_bytes())?;
+        out.write_all(self.diff_id.as_bytes())?;
+        out.write_all(&(self.files.len() as u64).to_le_bytes())?;
+        let mut entry = Vec::with_capacity(256);
+        for (rel, id) in &self.files {
+            entry.clear();
+            entry.extend_from_slice(&(rel.len() as u32).to_le_bytes());
+            entry.extend_from_slice(rel.as_bytes());
+            for v in id.fields() {
+                entry.extend_from_slice(&v.to_le_bytes());
+            }
+            out.write_all(&entry)?;
+        }
+        self.known.write_to(out)
     }
 
     /// A memo written by [`CopyMemo::to_bytes`]; `None` for anything else.
     pub fn from_bytes(bytes: &[u8]) -> Option<CopyMemo> {
+        CopyMemo::from_vec(bytes.to_vec())
+    }
+
+    /// [`CopyMemo::from_bytes`], keeping `bytes` as the known contents'
+    /// data.
+    pub fn from_vec(bytes: Vec<u8>) -> Option<CopyMemo> {
         let mut r = bytes.strip_prefix(MEMO_MAGIC)?;
         let mut take = |n: usize| -> Option<&[u8]> {
             if n > r.len() {
@@ -373,7 +390,8 @@ impl CopyMemo {
             }
             files.push((rel, FileIdentity::from_fields(f)?));
         }
-        let known = kiln_cache::KnownFiles::from_bytes(r)?;
+        let start = bytes.len() - r.len();
+        let known = kiln_cache::KnownFiles::from_vec(bytes, start)?;
         Some(CopyMemo {
             diff_id,
             files,

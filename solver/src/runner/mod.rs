@@ -499,13 +499,13 @@ impl StoreRunner {
         step: &Step,
         parent: &Chain,
         upper: &Path,
-        known: Option<&KnownFiles>,
-    ) -> Result<(Chain, KnownFiles), RunnerError> {
+        known: Option<KnownFiles>,
+    ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
         let empty = fs_err::read_dir(upper)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
         let (chain, recorded) = if empty {
-            (parent.clone(), KnownFiles::default())
+            (parent.clone(), None)
         } else {
             let opts = kiln_cache::WriteOptions::default()
                 .with_source_date_epoch(self.opts.source_date_epoch);
@@ -658,11 +658,16 @@ impl StoreRunner {
                     kiln_cache::timing::mark("copy: unmounted");
                     (upper, report)
                 };
-                let known = known.map(|k| reuse::known_for(k, &report));
-                let (chain, recorded) =
-                    self.commit_reusing(step, &parent, &upper, known.as_ref())?;
+                // A context copy hashes the files it linked with the memo's
+                // contents, and records its own for the next run.
+                let known = memo.is_some().then(|| {
+                    known
+                        .map(|k| reuse::known_for(k, &report))
+                        .unwrap_or_default()
+                });
+                let (chain, recorded) = self.commit_reusing(step, &parent, &upper, known)?;
                 if let Some(memo) = memo {
-                    reuse::save(&memo, &parent, &chain, report, recorded);
+                    reuse::save(&memo, &parent, &chain, report, recorded.unwrap_or_default());
                     kiln_cache::timing::mark("copy: memo saved");
                 }
                 Ok(chain)
