@@ -452,7 +452,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     if let Some(j) = args.jobs {
         solve_opts.jobs = j.max(1);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The steps' work runs on the blocking pool (in parallel, up to
+    // `--jobs`); the scheduler and the progress renderer are light enough
+    // for one thread, which saves starting a worker per core.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -399,6 +399,8 @@ pub(crate) struct PullingResolver {
     inner: kiln_solver::runner::StoreResolver,
     policy: PullPolicy,
     pulled: Mutex<Vec<String>>,
+    /// What each reference resolved to (stages often share a base).
+    found: Mutex<std::collections::HashMap<String, kiln_solver::plan::ImageInfo>>,
 }
 
 impl PullingResolver {
@@ -408,6 +410,7 @@ impl PullingResolver {
             store,
             policy,
             pulled: Mutex::new(Vec::new()),
+            found: Mutex::default(),
         }
     }
 }
@@ -418,12 +421,34 @@ impl kiln_solver::plan::ImageResolver for PullingResolver {
         reference: &str,
         platform: &kiln_solver::graph::Platform,
     ) -> Result<kiln_solver::plan::ImageInfo, kiln_solver::plan::ResolveError> {
+        let key = format!("{reference}\0{platform:?}");
+        if let Ok(found) = self.found.lock()
+            && let Some(info) = found.get(&key)
+        {
+            return Ok(info.clone());
+        }
+        let info = self.resolve_once(reference, platform)?;
+        if let Ok(mut found) = self.found.lock() {
+            found.insert(key, info.clone());
+        }
+        Ok(info)
+    }
+}
+
+impl PullingResolver {
+    fn resolve_once(
+        &self,
+        reference: &str,
+        platform: &kiln_solver::graph::Platform,
+    ) -> Result<kiln_solver::plan::ImageInfo, kiln_solver::plan::ResolveError> {
+        use kiln_solver::plan::ImageResolver as _;
         let local = || self.inner.resolve(reference, platform);
         let want_pull = match self.policy {
             PullPolicy::Never => false,
             PullPolicy::Always => true,
             PullPolicy::Missing => match self.store.resolve(reference) {
-                Ok(_) => false,
+                // Here: this is the image (one lookup, not two).
+                Ok(image) => return Ok(kiln_solver::runner::StoreResolver::info(&image)),
                 Err(StoreError::NoSuchImage { .. }) => true,
                 Err(e) => return Err(Box::new(e)),
             },

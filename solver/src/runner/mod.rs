@@ -19,7 +19,7 @@ mod mount;
 mod reuse;
 mod run;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -246,6 +246,8 @@ pub struct StoreRunner {
     /// Held while a layer is fetched from the imported cache, so that
     /// steps needing the same layer at once download it once.
     fetching: Arc<Mutex<()>>,
+    /// Base images looked up in this build, by what was looked up.
+    bases: Arc<Mutex<HashMap<String, Chain>>>,
 }
 
 impl StoreRunner {
@@ -262,6 +264,7 @@ impl StoreRunner {
             used_contents: Arc::default(),
             imported_hits: Arc::default(),
             fetching: Arc::default(),
+            bases: Arc::default(),
         }
     }
 
@@ -381,6 +384,7 @@ impl StoreRunner {
             imported_hits: Arc::clone(&self.imported_hits),
             fetching: Arc::clone(&self.fetching),
             used_contents: Arc::clone(&self.used_contents),
+            bases: Arc::clone(&self.bases),
         }
     }
 
@@ -544,15 +548,25 @@ impl StoreRunner {
     fn source(&self, _step: &Step, src: &SourceOp) -> Result<Chain, RunnerError> {
         match src {
             SourceOp::Scratch | SourceOp::Context => Ok(Chain::default()),
-            SourceOp::Image { reference, .. } => {
+            SourceOp::Image {
+                reference, digest, ..
+            } => {
+                // The image the plan found (its config is the stage's), once
+                // per build however many stages start from it.
+                let id = digest.as_deref().unwrap_or(reference);
+                if let Ok(bases) = self.bases.lock()
+                    && let Some(chain) = bases.get(id)
+                {
+                    return Ok(chain.clone());
+                }
                 let image =
                     self.store
-                        .resolve(reference)
+                        .resolve(id)
                         .map_err(|source| RunnerError::ImageNotFound {
                             reference: reference.clone(),
                             source: Box::new(source),
                         })?;
-                Ok(Chain {
+                let chain = Chain {
                     layers: image
                         .layers
                         .into_iter()
@@ -561,7 +575,11 @@ impl StoreRunner {
                             size: l.size,
                         })
                         .collect(),
-                })
+                };
+                if let Ok(mut bases) = self.bases.lock() {
+                    bases.insert(id.to_owned(), chain.clone());
+                }
+                Ok(chain)
             }
         }
     }
@@ -891,6 +909,14 @@ impl StoreResolver {
     pub fn new(store: Arc<Store>) -> Self {
         Self { store }
     }
+
+    /// What the planner needs of `image`.
+    pub fn info(image: &kiln_cache::Image) -> crate::plan::ImageInfo {
+        crate::plan::ImageInfo {
+            digest: Some(image.id.to_string()),
+            config: crate::export::plan_config_json(&image.config_bytes),
+        }
+    }
 }
 
 impl crate::plan::ImageResolver for StoreResolver {
@@ -899,11 +925,7 @@ impl crate::plan::ImageResolver for StoreResolver {
         reference: &str,
         _platform: &crate::graph::Platform,
     ) -> Result<crate::plan::ImageInfo, crate::plan::ResolveError> {
-        let image = self.store.resolve(reference)?;
-        Ok(crate::plan::ImageInfo {
-            digest: Some(image.id.to_string()),
-            config: crate::export::plan_config_json(&image.config_bytes),
-        })
+        Ok(StoreResolver::info(&self.store.resolve(reference)?))
     }
 }
 
