@@ -150,7 +150,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
     std::thread::scope(|scope| {
         let mut jobs = Vec::new();
         for _ in 0..copy_workers() {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(256);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Job>>(8);
             let (state, settings) = (Arc::clone(&state), Arc::clone(&settings));
             scope.spawn(move || worker(&rx, &state, &settings, reuse));
             jobs.push(tx);
@@ -167,6 +167,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
                 ),
                 ..Report::default()
             },
+            batches: Vec::new(),
             jobs,
             state: Arc::clone(&state),
             settings: Arc::clone(&settings),
@@ -186,6 +187,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             dest_is_dir,
         );
         // Stop the workers (also on error), then report the first failure.
+        c.flush();
         c.jobs.clear();
         let settled = c.settle();
         res.and(settled).map(|()| {
@@ -328,7 +330,10 @@ struct Copier<'a> {
     /// Regular files go to the workers (none: copy them here), all files
     /// of one directory to the same one: creating entries in a directory
     /// takes its lock, and two threads filling one directory mostly wait.
-    jobs: Vec<SyncSender<Job>>,
+    jobs: Vec<SyncSender<Vec<Job>>>,
+    /// Jobs gathered for each worker, handed over in batches (one lock
+    /// and one wake-up per batch instead of per file).
+    batches: Vec<(Vec<Job>, u64)>,
     state: Arc<PoolState>,
     settings: Arc<FileSettings>,
     /// Directories whose metadata is applied once every file in them is
@@ -437,24 +442,21 @@ struct PoolState {
 }
 
 impl PoolState {
-    fn done(&self, res: Result<u64, FileOpError>) {
-        match res {
-            Ok(n) => {
-                self.bytes.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let mut first = self
-                    .error
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                first.get_or_insert(e);
-            }
+    /// `n` files are done, `bytes` written, `error` the first failure.
+    fn done_many(&self, n: usize, bytes: u64, error: Option<FileOpError>) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(e) = error {
+            let mut first = self
+                .error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            first.get_or_insert(e);
         }
         let mut pending = self
             .pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *pending = pending.saturating_sub(1);
+        *pending = pending.saturating_sub(n);
         if *pending == 0 {
             self.idle.notify_all();
         }
@@ -468,6 +470,12 @@ impl PoolState {
     }
 }
 
+/// Files handed to a worker at once, at most (fewer when their bytes reach
+/// [`BATCH_BYTES`]).
+const BATCH_FILES: usize = 64;
+/// Bytes of files to copy handed to a worker at once.
+const BATCH_BYTES: u64 = 8 << 20;
+
 /// File copies run on this many threads (the walk itself stays on one):
 /// small files are bound by system calls, big ones by the disk, and a
 /// second core overlaps both.
@@ -475,27 +483,40 @@ fn copy_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
 }
 
-fn worker(rx: &Receiver<Job>, state: &PoolState, settings: &FileSettings, reuse: Option<&Reuse>) {
+fn worker(
+    rx: &Receiver<Vec<Job>>,
+    state: &PoolState,
+    settings: &FileSettings,
+    reuse: Option<&Reuse>,
+) {
     let mut dirs = DirFds::default();
-    while let Ok(job) = rx.recv() {
-        if let (Some(plan), Some(reuse)) = (&job.link, reuse)
-            && plan.run(reuse, &job.meta, &mut dirs)
-        {
+    let mut linked = Vec::new();
+    while let Ok(batch) = rx.recv() {
+        let n = batch.len();
+        let mut bytes = 0;
+        let mut error = None;
+        for job in batch {
+            if let (Some(plan), Some(reuse)) = (&job.link, reuse)
+                && plan.run(reuse, &job.meta, &mut dirs)
+            {
+                linked.push(job.target);
+                continue;
+            }
+            match copy_regular(settings, &job.src, &job.target, &job.meta, job.whose) {
+                Ok(b) => bytes += b,
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        if !linked.is_empty() {
             state
                 .linked
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(job.target);
-            state.done(Ok(0));
-            continue;
+                .append(&mut linked);
         }
-        state.done(copy_regular(
-            settings,
-            &job.src,
-            &job.target,
-            &job.meta,
-            job.whose,
-        ));
+        state.done_many(n, bytes, error);
     }
 }
 
@@ -580,7 +601,7 @@ impl Copier<'_> {
             host: parent_dir,
             inner: parent_inner,
         })?;
-        self.copy_entry(src, src_rel, "", &target, Placement::Top, whose)
+        self.copy_entry(src, src_rel, "", &target, Placement::Top, whose, None)
     }
 
     /// `--parents`: the entry lands at `dst/<keep_path>`, its parent
@@ -625,12 +646,15 @@ impl Copier<'_> {
             &target,
             Placement::Top,
             SourceKindFor::Op,
+            None,
         )
     }
 
     /// Copy `src` to `target` (whose parent exists inside the root).
     /// `comps` is the path below the top-level source, for `--exclude`;
-    /// `src_rel` the path below the source root, for `.dockerignore`.
+    /// `src_rel` the path below the source root, for `.dockerignore`;
+    /// `meta` the source's `lstat` when the caller has it.
+    #[allow(clippy::too_many_arguments)]
     fn copy_entry(
         &mut self,
         src: &Path,
@@ -639,10 +663,14 @@ impl Copier<'_> {
         target: &Path,
         placement: Placement,
         whose: SourceKindFor,
+        meta: Option<Metadata>,
     ) -> Result<(), FileOpError> {
         let overwrite_meta = placement != Placement::Top;
         let fresh_parent = placement == Placement::InCreatedDir;
-        let meta = fs_err::symlink_metadata(src)?;
+        let meta = match meta {
+            Some(m) => m,
+            None => fs_err::symlink_metadata(src)?,
+        };
         let is_dir = meta.is_dir();
         if !comps.is_empty()
             && let Some(m) = &self.exclude
@@ -670,15 +698,18 @@ impl Copier<'_> {
             } else {
                 self.dir_only(target)?
             };
-            let mut names: Vec<_> = fs_err::read_dir(src)?
-                .map(|e| e.map(|e| e.file_name()))
+            // Children are stat'ed relative to the open directory (no path
+            // walk from the root for each).
+            let mut children: Vec<_> = fs_err::read_dir(src)?
+                .map(|e| e.map(|e| (e.file_name(), e)))
                 .collect::<Result<_, _>>()?;
-            names.sort();
+            children.sort_by(|a, b| a.0.cmp(&b.0));
             if created {
                 let inner = self.inner_of(&dir);
                 self.report.push(inner, EntryKind::Dir);
             }
-            for name in names {
+            for (name, entry) in children {
+                let child_meta = entry.metadata()?;
                 let n = name.to_string_lossy();
                 let child_comps = if comps.is_empty() {
                     n.to_string()
@@ -701,6 +732,7 @@ impl Copier<'_> {
                         Placement::InExistingDir
                     },
                     whose,
+                    Some(child_meta),
                 )?;
             }
             // An existing top-level destination keeps its metadata; created
@@ -937,27 +969,35 @@ impl Copier<'_> {
             return Err(e);
         }
         if !self.jobs.is_empty() {
+            // A directory's files go to one worker (which keeps the
+            // directory open).
             let slot = {
                 use std::hash::{Hash as _, Hasher as _};
                 let mut h = std::hash::DefaultHasher::new();
                 job.target.parent().hash(&mut h);
                 usize::try_from(h.finish() % self.jobs.len() as u64).unwrap_or(0)
             };
-            let tx = &self.jobs[slot];
-            *self
-                .state
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
-            match tx.send(job) {
-                Ok(()) => return Ok(()),
-                Err(std::sync::mpsc::SendError(job)) => {
-                    self.state.done(Ok(0));
-                    self.jobs.clear();
-                    return self.submit(job);
-                }
+            if self.batches.len() != self.jobs.len() {
+                self.batches.resize_with(self.jobs.len(), Default::default);
             }
+            let size = if job.link.is_some() {
+                0
+            } else {
+                job.meta.len()
+            };
+            let (batch, bytes) = &mut self.batches[slot];
+            batch.push(job);
+            *bytes += size;
+            if batch.len() >= BATCH_FILES || *bytes >= BATCH_BYTES {
+                self.send(slot);
+            }
+            return Ok(());
         }
+        self.run_here(job)
+    }
+
+    /// Copies (or links) a file on this thread.
+    fn run_here(&mut self, job: Job) -> Result<(), FileOpError> {
         if let (Some(plan), Some(reuse)) = (&job.link, self.reuse)
             && plan.run(reuse, &job.meta, &mut DirFds::default())
         {
@@ -969,9 +1009,45 @@ impl Copier<'_> {
         Ok(())
     }
 
+    /// Hands worker `slot` its gathered jobs. If the workers are gone, the
+    /// jobs are done here (the first failure is kept for `settle`).
+    fn send(&mut self, slot: usize) {
+        let Some((batch, bytes)) = self.batches.get_mut(slot) else {
+            return;
+        };
+        let batch = std::mem::take(batch);
+        *bytes = 0;
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len();
+        *self
+            .state
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += n;
+        if let Err(std::sync::mpsc::SendError(batch)) = self.jobs[slot].send(batch) {
+            self.state.done_many(n, 0, None);
+            self.jobs.clear();
+            for job in batch {
+                if let Err(e) = self.run_here(job) {
+                    self.state.done_many(0, 0, Some(e));
+                }
+            }
+        }
+    }
+
+    /// Hands every gathered job to the workers.
+    fn flush(&mut self) {
+        for slot in 0..self.batches.len() {
+            self.send(slot);
+        }
+    }
+
     /// Waits until every file handed out is written, then applies the
     /// deferred directory metadata. Returns the first failure.
     fn settle(&mut self) -> Result<(), FileOpError> {
+        self.flush();
         {
             let mut pending = self
                 .state

@@ -17,9 +17,11 @@
 //!   when a copy would keep its owner, mode and mtime (no `--chown`,
 //!   `--chmod` or fixed time), that inode is linked.
 //!
-//! Either way the linked file must look exactly like a fresh copy (type,
-//! size, mode, owner, mtime, and no overlayfs-private xattrs), and
-//! snapshots are never written in place: a later step's overlay copies a
+//! A stage's file is linked only when it looks exactly like a fresh copy
+//! (type, size, mode, owner, mtime, and no overlayfs-private xattrs). The
+//! previous run's file is linked as it is: the same instruction on the same
+//! parents with the same fixed time made it from a source in the same state,
+//! so it is what a copy would make now. Snapshots are never written in place: a later step's overlay copies a
 //! file up before changing it. Links are made in the overlay's upper
 //! directory behind the mounted overlay's back; the copier forgets a link
 //! (unlinks it from the upper) before it writes that path again, so the
@@ -187,16 +189,19 @@ impl Reuse {
         None
     }
 
-    /// Links `from` (a snapshot's file) to `rel` in the upper, when it looks
-    /// as `expect` says (and, with `check_xattrs`, has no overlayfs xattrs);
-    /// false when it did not. `dirs` keeps the last directories used open,
-    /// so that files of one directory are stat'ed and linked relative to it.
+    /// Links `from` (a snapshot's file) to `rel` in the upper. With `check`
+    /// (a source stage's file), only when it looks as `expect` says and has
+    /// no overlayfs xattrs; without (the previous run's file for the same
+    /// source, same instruction, same parents, same fixed time: what a copy
+    /// makes now is what it made then), as it is. False when it did not
+    /// link. `dirs` keeps the last directories used open, so that files of
+    /// one directory are stat'ed and linked relative to it.
     pub(super) fn link(
         &self,
         from: &Path,
         rel: &str,
         expect: &Expected,
-        check_xattrs: bool,
+        check: bool,
         dirs: &mut DirFds,
     ) -> bool {
         use nix::fcntl::AtFlags;
@@ -209,6 +214,16 @@ impl Reuse {
         let Some(from_fd) = dirs.from.open(from_dir) else {
             return false;
         };
+        if !check {
+            let Some(to_fd) = dirs.to.open(to_dir) else {
+                return false;
+            };
+            let Some(from_fd) = dirs.from.get(from_dir) else {
+                return false;
+            };
+            return nix::unistd::linkat(from_fd, from_name, to_fd, to_name, AtFlags::empty())
+                .is_ok();
+        }
         let Ok(pm) = nix::sys::stat::fstatat(from_fd, from_name, AtFlags::AT_SYMLINK_NOFOLLOW)
         else {
             return false;
@@ -228,7 +243,7 @@ impl Reuse {
                 })
             })
         };
-        if !same || (check_xattrs && private()) {
+        if !same || private() {
             return false;
         }
         let Some(to_fd) = dirs.to.open(to_dir) else {
