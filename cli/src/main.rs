@@ -22,6 +22,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    kiln_executor::tune_allocator();
     // When re-executed as the sandbox helper (argv[1] is `__kiln-sandbox`), this runs
     // the helper and exits: it must come before anything starts a thread.
     kiln_executor::helper_main_if_requested();

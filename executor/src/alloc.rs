@@ -1,0 +1,29 @@
+//! Allocator settings for short-lived kiln processes.
+
+/// Tunes glibc's malloc for a process that lives for one command: one
+/// arena for all threads (a build's worker threads would otherwise each
+/// grow their own), no returning of freed memory to the kernel, and big
+/// blocks from the heap rather than their own mappings (freed and mapped
+/// again, they are fresh pages each time).
+///
+/// Each page a process touches for the first time costs a page fault,
+/// and on a virtual machine a fault can cost 2-20 us: an edit-one-file
+/// rebuild of 5,000 files took about 4,500 of them; with these settings
+/// about 3,400. Call it first thing in `main`, before any thread starts.
+/// Does nothing on other C libraries.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    {
+        const ARENAS: libc::c_int = 1;
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        const TRIM_THRESHOLD: libc::c_int = 64 << 20;
+        // SAFETY: mallopt only changes malloc's parameters; it is called
+        // before any other thread exists, and a refused setting (return 0)
+        // leaves the default, which is still correct.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+    }
+}
