@@ -23,7 +23,7 @@ use super::{LayerError, LayerStats, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WriteOptio
 /// Write the OCI layer tar for an overlay upperdir (or any plain directory = a full layer).
 ///
 /// The output is deterministic: the same tree always gives the same bytes. `out` should be
-/// buffered or fast; writes are batched internally in 256 KiB chunks.
+/// buffered or fast; writes are batched internally in 64 KiB chunks.
 pub fn write_layer<W: Write>(
     diff_dir: &Path,
     out: W,
@@ -59,12 +59,14 @@ fn write_inner<W: Write>(
     record: Option<&mut KnownFiles>,
 ) -> Result<LayerStats, LayerError> {
     let mut w = Writer {
-        out: BufWriter::with_capacity(256 * 1024, out),
+        out: BufWriter::with_capacity(64 * 1024, out),
         stats: LayerStats::default(),
         opts: opts.clone(),
         links: HashMap::new(),
         header: Vec::with_capacity(2048),
-        copy_buf: vec![0u8; 128 * 1024],
+        // Grown to the biggest file read (up to 128 KiB): a layer of small
+        // files touches no more memory than they need.
+        copy_buf: Vec::new(),
         known,
         record,
         content: Vec::new(),
@@ -422,6 +424,10 @@ impl<W: Write> Writer<'_, W> {
         size: u64,
         record: bool,
     ) -> Result<(), LayerError> {
+        let want = usize::try_from(size.clamp(1, 128 * 1024)).unwrap_or(128 * 1024);
+        if self.copy_buf.len() < want {
+            self.copy_buf.resize(want, 0);
+        }
         let mut left = size;
         let mut reader = file.take(size);
         while left > 0 {

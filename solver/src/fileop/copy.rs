@@ -162,7 +162,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             links: HashMap::new(),
             stamped: Vec::new(),
             report: Report {
-                identities: HashMap::with_capacity(
+                identities: Vec::with_capacity(
                     reuse.filter(|r| r.remember).map_or(0, |r| r.prev.len()),
                 ),
                 ..Report::default()
@@ -842,10 +842,10 @@ impl Copier<'_> {
         let id = FileIdentity::of(meta);
         let previous = if reuse.remember {
             if !reuse.rememberable(&id) {
-                self.report.identities.remove(rel);
+                self.report.identities.push((rel.to_owned(), None));
                 return None;
             }
-            self.report.identities.insert(rel.to_owned(), id);
+            self.report.identities.push((rel.to_owned(), Some(id)));
             reuse.previous(rel, &id)
         } else {
             None
@@ -918,7 +918,7 @@ impl Copier<'_> {
         if self.reuse.is_some()
             && let Some(rel) = self.rel_of(target)
         {
-            self.report.identities.remove(rel);
+            self.report.identities.push((rel.to_owned(), None));
         }
     }
 

@@ -208,8 +208,10 @@ pub struct Report {
     /// Bytes of file content written.
     pub bytes: u64,
     /// With reuse on: the source identity of each regular file copied, by
-    /// path below the destination root.
-    pub identities: std::collections::HashMap<String, FileIdentity>,
+    /// path below the destination root, as a log: a later entry for a path
+    /// replaces an earlier one, `None` forgets it (see
+    /// [`Report::remembered`]).
+    pub identities: Vec<(String, Option<FileIdentity>)>,
     /// With reuse on: the regular files hard-linked from a snapshot instead
     /// of copied, by path below the destination root (sorted).
     pub linked: Vec<String>,
@@ -218,6 +220,25 @@ pub struct Report {
 impl Report {
     fn push(&mut self, path: String, kind: EntryKind) {
         self.written.push(Written { path, kind });
+    }
+
+    /// The identities to remember: the last entry of each path in
+    /// [`Report::identities`] that is not a `None`, sorted by path.
+    pub fn remembered(self) -> Vec<(String, FileIdentity)> {
+        let mut log = self.identities;
+        // Stable: for one path, the later entry stays later.
+        log.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(String, FileIdentity)> = Vec::with_capacity(log.len());
+        let mut iter = log.into_iter().peekable();
+        while let Some((path, id)) = iter.next() {
+            if iter.peek().is_some_and(|(next, _)| *next == path) {
+                continue;
+            }
+            if let Some(id) = id {
+                out.push((path, id));
+            }
+        }
+        out
     }
 }
 

@@ -27,7 +27,6 @@
 //! (unlinks it from the upper) before it writes that path again, so the
 //! overlay's view and its upper never disagree about a path it touches.
 
-use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -107,8 +106,8 @@ pub struct Reuse {
     /// copy still records identities for next time).
     pub prev_root: Option<PathBuf>,
     /// Source identities of the regular files in `prev_root`, by path below
-    /// the destination root.
-    pub prev: HashMap<String, FileIdentity>,
+    /// the destination root, sorted by path.
+    pub prev: Vec<(String, FileIdentity)>,
     /// Where new entries really land: the overlay's upper directory (or the
     /// destination root itself when nothing is mounted).
     pub upper: PathBuf,
@@ -125,9 +124,12 @@ impl Reuse {
     /// A reuse of `prev_root` (with its identities) writing into `upper`.
     pub fn new(
         prev_root: Option<PathBuf>,
-        prev: HashMap<String, FileIdentity>,
+        mut prev: Vec<(String, FileIdentity)>,
         upper: PathBuf,
     ) -> Reuse {
+        if !prev.is_sorted_by(|a, b| a.0 <= b.0) {
+            prev.sort_by(|a, b| a.0.cmp(&b.0));
+        }
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -162,7 +164,11 @@ impl Reuse {
     /// since that run copied it.
     pub(super) fn previous(&self, rel: &str, id: &FileIdentity) -> Option<PathBuf> {
         let prev_root = self.prev_root.as_ref()?;
-        (self.prev.get(rel) == Some(id)).then(|| prev_root.join(rel))
+        let i = self
+            .prev
+            .binary_search_by(|(p, _)| p.as_str().cmp(rel))
+            .ok()?;
+        (self.prev[i].1 == *id).then(|| prev_root.join(rel))
     }
 
     /// The snapshot file that `src_rel` (a path below the source root) is
@@ -418,6 +424,41 @@ impl CopyMemo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_identity_log_keeps_the_last_word_per_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (f, g) = (dir.path().join("f"), dir.path().join("g"));
+        fs_err::write(&f, "x").expect("write");
+        fs_err::write(&g, "yy").expect("write");
+        let a = FileIdentity::of(&fs_err::symlink_metadata(&f).expect("stat"));
+        let b = FileIdentity::of(&fs_err::symlink_metadata(&g).expect("stat"));
+        let report = crate::fileop::Report {
+            identities: vec![
+                ("b".to_owned(), Some(a)),
+                ("a".to_owned(), Some(a)),
+                ("b".to_owned(), None),
+                ("c".to_owned(), Some(a)),
+                ("c".to_owned(), Some(b)),
+                ("d".to_owned(), None),
+            ],
+            ..crate::fileop::Report::default()
+        };
+        assert_eq!(
+            report.remembered(),
+            vec![("a".to_owned(), a), ("c".to_owned(), b)]
+        );
+        // Lookups find the previous run's identities by binary search,
+        // whatever order they came in.
+        let reuse = Reuse::new(
+            Some(dir.path().to_owned()),
+            vec![("z".to_owned(), b), ("m".to_owned(), a)],
+            dir.path().join("upper"),
+        );
+        assert_eq!(reuse.previous("m", &a), Some(dir.path().join("m")));
+        assert_eq!(reuse.previous("z", &a), None);
+        assert_eq!(reuse.previous("q", &a), None);
+    }
 
     #[test]
     fn memo_round_trips_and_damaged_memos_are_none() {

@@ -5,7 +5,6 @@
 //! layers, `SOURCE_DATE_EPOCH`). A memo only points at a snapshot; a memo
 //! whose snapshot is gone links nothing.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,9 +65,9 @@ pub(super) fn load(store: &Store, memo: &Path, upper: &Path) -> Loaded {
                 .ok()
                 .and_then(|d| store.snapshot_dir(&d));
             let known = root.is_some().then_some(m.known);
-            (root, m.files.into_iter().collect(), known)
+            (root, m.files, known)
         }
-        None => (None, HashMap::new(), None),
+        None => (None, Vec::new(), None),
     };
     Loaded {
         reuse: Arc::new(Reuse::new(prev_root, prev, upper.to_owned())),
@@ -107,8 +106,7 @@ pub(super) fn save(
     let Some(top) = chain.layers.last() else {
         return;
     };
-    let mut files: Vec<_> = report.identities.into_iter().collect();
-    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let files = report.remembered();
     let memo_data = CopyMemo {
         diff_id: top.diff_id.to_string(),
         files,
