@@ -370,6 +370,7 @@ pub async fn solve<R: StepRunner>(
                     }
                 }
                 p.miss(step.id.index(), causes);
+                kiln_cache::timing::mark("step: looked up, missed");
                 let r = runner.run(step, inputs, p).await;
                 (key, r.map(|o| (o, true)).map_err(|e| Some(Arc::new(e))))
             });

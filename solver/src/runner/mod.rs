@@ -598,6 +598,7 @@ impl StoreRunner {
         };
         let parent = self.parent_chain(step, inputs);
         let dir = self.scratch("file-")?;
+        kiln_cache::timing::mark("file op: scratch made");
         match op {
             FileOp::Mkdir { path, user } => {
                 let lowers = self.snapshots(&parent)?;
@@ -668,8 +669,9 @@ impl StoreRunner {
                 } else {
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
+                    kiln_cache::timing::mark("copy: mounted");
                     fop.reuse = linking(merged.upper());
-                    kiln_cache::timing::mark("copy: mounted+memo loaded");
+                    kiln_cache::timing::mark("copy: memo loaded");
                     let report = fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
                     kiln_cache::timing::mark("copy: copied");
                     let upper = merged.unmount().map_err(mount_err)?;

@@ -163,6 +163,7 @@ impl StoreRunner {
         progress: &Progress,
         cancel: &CancelHandle,
     ) -> Result<Chain, RunnerError> {
+        kiln_cache::timing::mark("run: start");
         let line = self.line_of(step.id);
         let name = step.vertex.name.clone();
         let parent = self.parent_chain(step, inputs);
