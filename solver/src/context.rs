@@ -273,15 +273,15 @@ impl BuildContext {
         }
         let files = result?;
         let mut h = Sha256::new();
-        for (path, e) in &files {
-            h.update(path.as_bytes());
+        for e in &files {
+            h.update(e.path.as_bytes());
             h.update([0]);
             h.update(e.digest.as_bytes());
             h.update([b'\n']);
         }
         Ok(ContextChecksum {
             digest: sha_string(&h.finalize().into()),
-            files: files.into_values().collect(),
+            files,
         })
     }
 }
@@ -360,68 +360,69 @@ fn split_rel(rel: &str) -> (&str, &str) {
 }
 
 impl Walker<'_> {
-    /// The entries of all `sources`, by path.
+    /// The entries of all `sources`, sorted by path, each path once.
     fn sources(
         &self,
         root: &Path,
         sources: &[crate::fileop::SourceEntry],
         threads: usize,
         st: &mut WorkerState,
-    ) -> Result<BTreeMap<String, FileEntry>, ContextError> {
-        let mut files: BTreeMap<String, FileEntry> = BTreeMap::new();
+    ) -> Result<Vec<FileEntry>, ContextError> {
+        let mut files: Vec<FileEntry> = Vec::new();
         for src in sources {
             // A source that is a link: hash the link itself, and what it
             // resolved to inside the context.
             if src.rel_path != src.resolved_path && src.rel_path != "." {
                 let link = root.join(&src.rel_path);
-                let e = self.entry_at(st, &src.rel_path, &link)?;
-                files.insert(e.path.clone(), e);
+                files.push(self.entry_at(st, &src.rel_path, &link)?);
             }
-            let rel = src.resolved_path.clone();
-            let e = self.entry_at(st, &rel, &src.host)?;
+            let rel = src.resolved_path.as_str();
+            let e = self.entry_at(st, rel, &src.host)?;
             let is_dir = e.kind == EntryType::Dir;
             if rel != "." {
-                files.insert(rel.clone(), e);
+                files.push(e);
             }
             if is_dir && src.is_dir {
                 st.skipped_walked = false;
-                let walked = self.walk(&rel, &src.host, threads, st)?;
+                let mut walked = self.walk(rel, &src.host, threads, st)?;
                 if files.is_empty() {
-                    // Built in bulk from the sorted entries.
-                    files = walked.into_iter().map(|e| (e.path.clone(), e)).collect();
+                    files = walked;
                 } else {
-                    for e in walked {
-                        files.insert(e.path.clone(), e);
-                    }
+                    files.append(&mut walked);
                 }
                 if st.skipped_walked {
                     // An ignored directory with an included child (`!`
                     // rule) is still sent, as fsutil sends the parents of
                     // what it includes.
+                    sort_unique(&mut files);
                     let prefix = if rel == "." {
                         String::new()
                     } else {
                         format!("{rel}/")
                     };
+                    let known =
+                        |p: &str| files.binary_search_by(|e| e.path.as_str().cmp(p)).is_ok();
                     let mut missing = Vec::new();
-                    for path in files.keys().filter(|p| p.starts_with(&prefix)) {
-                        let mut p = path.as_str();
+                    for e in files.iter().filter(|e| e.path.starts_with(&prefix)) {
+                        let mut p = e.path.as_str();
                         while let Some((parent, _)) = p.rsplit_once('/') {
-                            if parent.len() < prefix.len() || files.contains_key(parent) {
+                            if parent.len() < prefix.len() || known(parent) {
                                 break;
                             }
                             missing.push(parent.to_owned());
                             p = parent;
                         }
                     }
+                    missing.sort_unstable();
+                    missing.dedup();
                     for m in missing {
                         let host = root.join(&m);
-                        let e = self.entry_at(st, &m, &host)?;
-                        files.insert(m, e);
+                        files.push(self.entry_at(st, &m, &host)?);
                     }
                 }
             }
         }
+        sort_unique(&mut files);
         Ok(files)
     }
 
@@ -819,6 +820,21 @@ impl Walker<'_> {
         }
         Ok(digest)
     }
+}
+
+/// Sorts `files` by path, keeping the last added of equal paths (as a
+/// map insert would).
+fn sort_unique(files: &mut Vec<FileEntry>) {
+    // Stable, and linear on the usual already sorted input.
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.dedup_by(|later, earlier| {
+        if later.path == earlier.path {
+            std::mem::swap(later, earlier);
+            true
+        } else {
+            false
+        }
+    });
 }
 
 /// Appends `n` in base `radix` (8 or 10).

@@ -42,6 +42,10 @@ fn lists_exactly_the_files_a_source_reads() {
     assert_eq!(paths(&s), ["x.txt", "y.txt"]);
     let s = sum(&mut c, &["./README", "/src/main.rs"]);
     assert_eq!(paths(&s), ["README", "src/main.rs"]);
+    // Overlapping sources: each path once.
+    let s = sum(&mut c, &["src/main.rs", "src", "src/lib"]);
+    assert_eq!(paths(&s), ["src", "src/lib", "src/lib/a.rs", "src/main.rs"]);
+    assert_eq!(s.digest, sum(&mut c, &["src"]).digest);
     let e = c
         .checksum(&["nope".to_owned()], &[], false)
         .expect_err("missing source");

@@ -419,7 +419,9 @@ pub fn compute_keys(
                         step: vert.name.clone(),
                         source,
                     })?;
-                (sum.file_digests(), Some(sum.digest))
+                // (Moved, not copied: thousands of paths.)
+                let files = sum.files.into_iter().map(|f| (f.path, f.digest)).collect();
+                (files, Some(sum.digest))
             }
             _ => (BTreeMap::new(), None),
         };
