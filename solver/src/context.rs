@@ -981,29 +981,64 @@ struct CachedStat {
     xattr_free: bool,
 }
 
-/// One directory's stat cache entries: the stored blob, version byte 1
-/// then per entry (sorted by name) `u16` name length, name, size, mtime,
-/// ctime, inode, device (8 bytes each), mode (4), flags (1: bit 0 = no
-/// xattrs), content sha256 (32), little-endian.
+/// One part of a directory's stat cache entries (see [`DirParts`]): the
+/// stored blob, version byte 1, the part's index and the directory's part
+/// count (`u32` each), then per entry (sorted by name) `u16` name length,
+/// name, size, mtime, ctime, inode, device (8 bytes each), mode (4), flags
+/// (1: bit 0 = no xattrs), content sha256 (32), little-endian.
 #[derive(Debug, Default)]
 struct DirBlob {
     data: Vec<u8>,
     /// Where each entry's name length starts, in name order.
     offsets: Vec<u32>,
+    /// Which part, of how many.
+    part: u32,
+    parts: u32,
     /// Changed since loaded.
     dirty: bool,
 }
 
 const BLOB_VERSION: u8 = 1;
+const HEADER_LEN: usize = 1 + 4 + 4;
 const FIXED_LEN: usize = 8 * 5 + 4 + 1 + 32;
+
+/// A directory's entries are split in parts of at most about this many, so
+/// a file hashed again in a huge directory rewrites one part of it.
+const PART_ENTRIES: usize = 4096;
+
+/// The part of the entry `name` among `n`: FNV-1a of the name.
+fn part_of(name: &[u8], n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % n.max(1) as u64) as usize
+}
+
+/// How many parts `count` entries are stored in (a power of two).
+fn parts_for(count: usize) -> usize {
+    if count <= PART_ENTRIES {
+        1
+    } else {
+        (count / (PART_ENTRIES / 2)).next_power_of_two()
+    }
+}
 
 impl DirBlob {
     /// Parses a stored blob; a damaged or unknown one is empty (its files
     /// are hashed again).
     fn parse(data: Vec<u8>) -> Self {
         let mut offsets = Vec::new();
-        let ok = data.first() == Some(&BLOB_VERSION) && {
-            let mut at = 1usize;
+        let header = |i: usize| {
+            data.get(i..i + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let (Some(part), Some(parts)) = (header(1), header(5)) else {
+            return Self::default();
+        };
+        let ok = data.first() == Some(&BLOB_VERSION) && part < parts && {
+            let mut at = HEADER_LEN;
             let mut sorted = true;
             let mut good = true;
             while at < data.len() {
@@ -1033,6 +1068,8 @@ impl DirBlob {
             Self {
                 data,
                 offsets,
+                part,
+                parts,
                 dirty: false,
             }
         } else {
@@ -1085,11 +1122,18 @@ impl DirBlob {
             .map(|&at| (Self::name_at(&self.data, at), self.entry_at(at)))
     }
 
-    /// The blob of `entries` (names sorted, at most `u16::MAX` bytes).
-    fn build(entries: &BTreeMap<Vec<u8>, CachedStat>) -> Self {
-        let mut data = Vec::with_capacity(1 + entries.len() * (FIXED_LEN + 24));
+    /// Part `part` of `parts` holding `entries` (names sorted, at most
+    /// `u16::MAX` bytes).
+    fn build<'a>(
+        entries: impl Iterator<Item = (&'a Vec<u8>, &'a CachedStat)>,
+        part: u32,
+        parts: u32,
+    ) -> Self {
+        let mut data = Vec::new();
         data.push(BLOB_VERSION);
-        let mut offsets = Vec::with_capacity(entries.len());
+        data.extend_from_slice(&part.to_le_bytes());
+        data.extend_from_slice(&parts.to_le_bytes());
+        let mut offsets = Vec::new();
         for (name, c) in entries {
             let Ok(n) = u16::try_from(name.len()) else {
                 continue;
@@ -1112,8 +1156,126 @@ impl DirBlob {
         Self {
             data,
             offsets,
+            part,
+            parts,
             dirty: true,
         }
+    }
+}
+
+/// One directory's stat cache entries: [`parts_for`] parts, a row each,
+/// the entry `name` in part [`part_of`]`(name)`.
+#[derive(Debug, Default)]
+struct DirParts {
+    parts: Vec<DirBlob>,
+    /// Stored rows from this part index on are to be deleted.
+    stale_from: Option<usize>,
+}
+
+impl DirParts {
+    fn get(&self, name: &[u8]) -> Option<CachedStat> {
+        if self.parts.is_empty() {
+            return None;
+        }
+        self.parts[part_of(name, self.parts.len())].get(name)
+    }
+
+    fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.offsets.len()).sum()
+    }
+
+    /// The loaded rows of a directory; parts that do not make a whole set
+    /// (damaged, or from two writers) are dropped with their rows.
+    fn from_rows(mut rows: Vec<DirBlob>) -> Self {
+        rows.sort_by_key(|b| b.part);
+        let n = rows.len();
+        let whole = rows
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.part as usize == i && b.parts as usize == n);
+        if whole {
+            Self {
+                parts: rows,
+                stale_from: None,
+            }
+        } else {
+            Self {
+                parts: Vec::new(),
+                stale_from: Some(0),
+            }
+        }
+    }
+
+    /// All entries in `parts_for` parts, every part to be written.
+    fn split(entries: &BTreeMap<Vec<u8>, CachedStat>) -> Vec<DirBlob> {
+        let n = parts_for(entries.len());
+        (0..n)
+            .map(|p| {
+                DirBlob::build(
+                    entries.iter().filter(|(k, _)| part_of(k, n) == p),
+                    p as u32,
+                    n as u32,
+                )
+            })
+            .collect()
+    }
+
+    /// Adds `records`; entries of parts rewritten whose name is not in
+    /// `listing` (when given) are dropped.
+    fn update(&mut self, records: Vec<StatRecord>, listing: Option<&[std::ffi::OsString]>) {
+        let names: Option<std::collections::HashSet<&[u8]>> =
+            listing.map(|l| l.iter().map(|n| n.as_bytes()).collect());
+        let n = self.parts.len();
+        let mut touched: BTreeMap<usize, BTreeMap<Vec<u8>, CachedStat>> = BTreeMap::new();
+        for r in records {
+            let p = if n == 0 {
+                0
+            } else {
+                part_of(r.name.as_bytes(), n)
+            };
+            let part = touched.entry(p).or_insert_with(|| match self.parts.get(p) {
+                Some(b) => b.entries().map(|(k, c)| (k.to_vec(), c)).collect(),
+                None => BTreeMap::new(),
+            });
+            part.insert(
+                r.name.as_bytes().to_vec(),
+                CachedStat {
+                    stat: r.stat,
+                    digest: r.digest,
+                    xattr_free: r.xattr_free,
+                },
+            );
+        }
+        for (p, mut entries) in touched {
+            if let Some(names) = &names {
+                // Files no longer in the directory.
+                entries.retain(|k, _| names.contains(k.as_slice()));
+            }
+            if n == 0 {
+                self.parts = Self::split(&entries);
+            } else {
+                self.parts[p] = DirBlob::build(entries.iter(), p as u32, n as u32);
+            }
+        }
+        // Re-split a directory that grew past its parts (or shrank well
+        // below them).
+        let n = self.parts.len();
+        let want = parts_for(self.len());
+        if want > n || want * 4 <= n {
+            let all: BTreeMap<Vec<u8>, CachedStat> = self
+                .parts
+                .iter()
+                .flat_map(|b| b.entries().map(|(k, c)| (k.to_vec(), c)))
+                .collect();
+            self.parts = Self::split(&all);
+            if want < n {
+                self.stale_from = Some(self.stale_from.map_or(want, |s| s.min(want)));
+            }
+        }
+    }
+
+    fn dirty(&self) -> bool {
+        self.stale_from.is_some() || self.parts.iter().any(|p| p.dirty)
     }
 }
 
@@ -1123,14 +1285,15 @@ struct StatIndex {
     /// The context root, as stored.
     root: String,
     /// Context-relative directory (`""`: the root) -> its entries.
-    dirs: HashMap<String, DirBlob>,
+    dirs: HashMap<String, DirParts>,
 }
 
 /// `(path, size, mtime, ctime, inode, dev, mode) -> content digest`,
 /// persisted in `statcache.db` under the store root, one row (a blob, see
-/// [`DirBlob`]) per context directory: loading a context reads a row per
-/// directory, and a build that hashed files again rewrites only the rows
-/// of their directories, in one transaction, at [`flush`](Self::flush).
+/// [`DirBlob`]) per context directory (per part of a huge one): loading a
+/// context reads a row per directory, and a build that hashed files again
+/// rewrites only the rows of their directories, in one transaction, at
+/// [`flush`](Self::flush).
 #[derive(Debug)]
 pub struct StatCache {
     conn: rusqlite::Connection,
@@ -1162,13 +1325,14 @@ impl StatCache {
                 .map_err(e)?;
         }
         // (`stat_cache`, a row per file, is the table of older kiln
-        // versions: read once per context when `stat_dirs` has none.)
+        // versions: read once per context when `stat_parts` has none.)
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS stat_dirs (
+            "CREATE TABLE IF NOT EXISTS stat_parts (
                 root TEXT NOT NULL,
                 dir TEXT NOT NULL,
+                part INTEGER NOT NULL,
                 entries BLOB NOT NULL,
-                PRIMARY KEY (root, dir)
+                PRIMARY KEY (root, dir, part)
             );",
         )
         .map_err(e)?;
@@ -1190,12 +1354,12 @@ impl StatCache {
     /// number of files known.
     pub fn load(&mut self, dir: &Path) -> Result<usize, ContextError> {
         let root = dir.to_string_lossy().trim_end_matches('/').to_owned();
-        let mut dirs = HashMap::new();
+        let mut rows_of: HashMap<String, Vec<DirBlob>> = HashMap::new();
         {
             let e = self.db_err();
             let mut stmt = self
                 .conn
-                .prepare_cached("SELECT dir, entries FROM stat_dirs WHERE root = ?1")
+                .prepare_cached("SELECT dir, entries FROM stat_parts WHERE root = ?1")
                 .map_err(&e)?;
             let mut rows = stmt.query([&root]).map_err(&e)?;
             while let Some(row) = rows.next().map_err(&e)? {
@@ -1204,20 +1368,24 @@ impl StatCache {
                     rusqlite::types::ValueRef::Blob(b) => DirBlob::parse(b.to_vec()),
                     _ => DirBlob::default(),
                 };
-                dirs.insert(d, blob);
+                rows_of.entry(d).or_default().push(blob);
             }
         }
+        let mut dirs: HashMap<String, DirParts> = rows_of
+            .into_iter()
+            .map(|(d, rows)| (d, DirParts::from_rows(rows)))
+            .collect();
         if dirs.is_empty() {
             dirs = self.load_legacy(&root)?;
         }
-        let n = dirs.values().map(|d| d.offsets.len()).sum();
+        let n = dirs.values().map(DirParts::len).sum();
         self.index = StatIndex { root, dirs };
         Ok(n)
     }
 
     /// The entries of `root` in the per-file table of older kiln versions,
     /// to be written in the new form at the next flush.
-    fn load_legacy(&self, root: &str) -> Result<HashMap<String, DirBlob>, ContextError> {
+    fn load_legacy(&self, root: &str) -> Result<HashMap<String, DirParts>, ContextError> {
         let e = self.db_err();
         let has_legacy = self
             .conn
@@ -1275,7 +1443,15 @@ impl StatCache {
         }
         Ok(by_dir
             .into_iter()
-            .map(|(d, entries)| (d, DirBlob::build(&entries)))
+            .map(|(d, entries)| {
+                (
+                    d,
+                    DirParts {
+                        parts: DirParts::split(&entries),
+                        stale_from: None,
+                    },
+                )
+            })
             .collect())
     }
 
@@ -1283,32 +1459,17 @@ impl StatCache {
     /// now, written by [`flush`](Self::flush)).
     fn apply(&mut self, updates: Vec<DirUpdate>) {
         for u in updates {
-            let old = self.index.dirs.remove(&u.dir).unwrap_or_default();
-            let mut entries: BTreeMap<Vec<u8>, CachedStat> =
-                old.entries().map(|(n, c)| (n.to_vec(), c)).collect();
-            if let Some(listing) = &u.listing {
-                // Files no longer in the directory.
-                let names: std::collections::HashSet<&[u8]> =
-                    listing.iter().map(|n| n.as_bytes()).collect();
-                entries.retain(|n, _| names.contains(n.as_slice()));
-            }
-            for r in u.records {
-                entries.insert(
-                    r.name.as_bytes().to_vec(),
-                    CachedStat {
-                        stat: r.stat,
-                        digest: r.digest,
-                        xattr_free: r.xattr_free,
-                    },
-                );
-            }
-            self.index.dirs.insert(u.dir, DirBlob::build(&entries));
+            self.index
+                .dirs
+                .entry(u.dir)
+                .or_default()
+                .update(u.records, u.listing.as_deref());
         }
     }
 
     /// Write the directories with new entries.
     pub fn flush(&mut self) -> Result<(), ContextError> {
-        if !self.index.dirs.values().any(|d| d.dirty) {
+        if !self.index.dirs.values().any(DirParts::dirty) {
             return Ok(());
         }
         let path = self.path.clone();
@@ -1318,19 +1479,35 @@ impl StatCache {
         };
         let tx = self.conn.transaction().map_err(e)?;
         {
-            let mut stmt = tx
+            let mut drop_rows = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO stat_dirs (root, dir, entries) VALUES (?1, ?2, ?3)",
+                    "DELETE FROM stat_parts WHERE root = ?1 AND dir = ?2 AND part >= ?3",
                 )
                 .map_err(e)?;
-            for (d, blob) in self.index.dirs.iter().filter(|(_, b)| b.dirty) {
-                stmt.execute(rusqlite::params![self.index.root, d, blob.data])
-                    .map_err(e)?;
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO stat_parts (root, dir, part, entries) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (root, dir, part) DO UPDATE SET entries = excluded.entries",
+                )
+                .map_err(e)?;
+            for (d, dp) in self.index.dirs.iter().filter(|(_, dp)| dp.dirty()) {
+                if let Some(from) = dp.stale_from {
+                    drop_rows
+                        .execute(rusqlite::params![self.index.root, d, from as i64])
+                        .map_err(e)?;
+                }
+                for b in dp.parts.iter().filter(|b| b.dirty) {
+                    put.execute(rusqlite::params![self.index.root, d, b.part, b.data])
+                        .map_err(e)?;
+                }
             }
         }
         tx.commit().map_err(e)?;
-        for d in self.index.dirs.values_mut() {
-            d.dirty = false;
+        for dp in self.index.dirs.values_mut() {
+            dp.stale_from = None;
+            for b in &mut dp.parts {
+                b.dirty = false;
+            }
         }
         Ok(())
     }

@@ -557,7 +557,7 @@ fn a_stat_cache_of_an_older_kiln_is_read_and_migrated() {
     assert_eq!((st.hashed, st.cached), (0, 10));
     let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
     let rows: i64 = conn
-        .query_row("SELECT count(*) FROM stat_dirs", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM stat_parts", [], |r| r.get(0))
         .expect("count");
     assert_eq!(rows, 1);
 }
@@ -580,10 +580,104 @@ fn a_damaged_stat_cache_row_only_costs_a_rehash() {
     let (first, _) = run();
     let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
     for bad in [&b""[..], &[1, 200, 0, 1][..], &[9; 100][..]] {
-        conn.execute("UPDATE stat_dirs SET entries = ?1 WHERE dir = 'a'", [bad])
+        conn.execute("UPDATE stat_parts SET entries = ?1 WHERE dir = 'a'", [bad])
             .expect("update");
         let (s, st) = run();
         assert_eq!(s, first);
         assert_eq!((st.hashed, st.cached), (2, 0));
     }
+}
+
+fn part_rows(store: &Path) -> Vec<(String, i64, Vec<u8>)> {
+    let conn = rusqlite::Connection::open(store.join("statcache.db")).expect("db");
+    let mut st = conn
+        .prepare("SELECT dir, part, entries FROM stat_parts ORDER BY dir, part")
+        .expect("query");
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[test]
+fn a_huge_directory_is_stored_in_parts_and_one_edit_rewrites_one() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    for i in 0..4000 {
+        write(d.path(), &format!("big/f{i}"), &format!("{i}"));
+    }
+    let run = || {
+        let mut c = BuildContext::new(d.path(), None)
+            .with_racy_window(Duration::ZERO)
+            .with_stat_cache(StatCache::open(store.path()).expect("open"))
+            .expect("load");
+        let s = sum(&mut c, &["big"]);
+        c.flush().expect("flush");
+        (s, c.stats())
+    };
+    run();
+    let rows = part_rows(store.path());
+    assert_eq!(rows.iter().filter(|r| r.0 == "big").count(), 1);
+    // Grown past a part: split in two, all still found.
+    for i in 4000..4200 {
+        write(d.path(), &format!("big/f{i}"), &format!("{i}"));
+    }
+    let (_, st) = run();
+    assert_eq!((st.hashed, st.cached), (200, 4000));
+    let before = part_rows(store.path());
+    assert_eq!(before.iter().filter(|r| r.0 == "big").count(), 2);
+    let (first, st) = run();
+    assert_eq!((st.hashed, st.cached), (0, 4200));
+    // One file edited: one part rewritten.
+    write(d.path(), "big/f7", "seven");
+    let (edited, st) = run();
+    assert_eq!((st.hashed, st.cached), (1, 4199));
+    assert_ne!(edited.digest, first.digest);
+    let after = part_rows(store.path());
+    let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert_eq!(changed, 1);
+}
+
+#[test]
+fn a_directory_that_shrank_drops_its_extra_parts() {
+    let store = tempfile::tempdir().expect("store");
+    let k = StatKey {
+        size: 1,
+        mtime_ns: 1,
+        ctime_ns: 1,
+        ino: 1,
+        dev: 1,
+        mode: 0o100644,
+    };
+    let rec = |i: usize| StatRecord {
+        name: format!("f{i}").into(),
+        stat: k,
+        digest: [7; 32],
+        xattr_free: true,
+    };
+    let mut cache = StatCache::open(store.path()).expect("open");
+    cache.load(Path::new("/ctx")).expect("load");
+    cache.apply(vec![DirUpdate {
+        dir: "d".into(),
+        listing: None,
+        records: (0..9000).map(rec).collect(),
+    }]);
+    cache.flush().expect("flush");
+    assert_eq!(part_rows(store.path()).len(), 4);
+    // Read whole again, with only 20 files left.
+    let mut cache = StatCache::open(store.path()).expect("open");
+    assert_eq!(cache.load(Path::new("/ctx")).expect("load"), 9000);
+    let listing: Vec<std::ffi::OsString> = (0..20).map(|i| format!("f{i}").into()).collect();
+    cache.apply(vec![DirUpdate {
+        dir: "d".into(),
+        listing: Some(listing),
+        records: (0..20).map(rec).collect(),
+    }]);
+    cache.flush().expect("flush");
+    let rows = part_rows(store.path());
+    assert_eq!(rows.len(), 1);
+    let mut cache = StatCache::open(store.path()).expect("open");
+    assert_eq!(cache.load(Path::new("/ctx")).expect("load"), 20);
+    assert!(lookup(&cache, "d", "f19").is_some());
+    assert!(lookup(&cache, "d", "f20").is_none());
 }
