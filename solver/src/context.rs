@@ -515,13 +515,16 @@ impl Walker<'_> {
             }
         };
         let (mine, theirs) = std::thread::scope(|s| {
+            // (A thread the system cannot start leaves fewer workers.)
             let helpers: Vec<_> = (1..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut hs = WorkerState::new(Vec::new());
-                        let r = work(&mut hs);
-                        (r, hs)
-                    })
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(s, || {
+                            let mut hs = WorkerState::new(Vec::new());
+                            let r = work(&mut hs);
+                            (r, hs)
+                        })
+                        .ok()
                 })
                 .collect();
             let mine = work(st);
