@@ -179,7 +179,7 @@ impl BuildContext {
             stats: HashStats::default(),
             racy_window_ns: 2_000_000_000,
             buf: Vec::new(),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            threads: default_threads(),
         }
     }
 
@@ -284,6 +284,12 @@ impl BuildContext {
             files,
         })
     }
+}
+
+/// The CPUs this process may use (at most 4), looked up once.
+fn default_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
 /// A directory still to be read by [`Walker::walk`].
@@ -443,24 +449,31 @@ impl Walker<'_> {
             sub: String::new(),
             info: MatchInfo::default(),
         };
-        let mut out = if threads <= 1 {
-            let mut stack = vec![first];
+        let mut stack = vec![first];
+        // More threads once there are two directories to read (none for a
+        // directory without subdirectories).
+        while stack.len() == 1 && threads > 1 {
+            if let Some(job) = stack.pop() {
+                self.read_dir(job, st, &mut stack)?;
+            }
+        }
+        let mut out = if stack.len() > 1 && threads > 1 {
+            self.walk_parallel(stack, threads, st)?
+        } else {
             while let Some(job) = stack.pop() {
                 self.read_dir(job, st, &mut stack)?;
             }
             std::mem::take(&mut st.out)
-        } else {
-            self.walk_parallel(first, threads, st)?
         };
         out.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     }
 
     /// [`walk`](Self::walk) with `threads` threads taking directories from
-    /// a shared queue (the caller is one of them).
+    /// a shared queue (the caller is one of them), `first` in it to begin.
     fn walk_parallel(
         &self,
-        first: DirJob,
+        first: Vec<DirJob>,
         threads: usize,
         st: &mut WorkerState,
     ) -> Result<Vec<FileEntry>, ContextError> {
@@ -471,7 +484,7 @@ impl Walker<'_> {
             failed: bool,
         }
         let queue = std::sync::Mutex::new(Queue {
-            jobs: vec![first],
+            jobs: first,
             active: 0,
             failed: false,
         });
