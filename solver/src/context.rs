@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -164,6 +165,8 @@ pub struct BuildContext {
     racy_window_ns: i64,
     /// The read buffer, reused for every file.
     buf: Vec<u8>,
+    /// Threads walking a directory source (1: the caller's only).
+    threads: usize,
 }
 
 impl BuildContext {
@@ -176,6 +179,7 @@ impl BuildContext {
             stats: HashStats::default(),
             racy_window_ns: 2_000_000_000,
             buf: Vec::new(),
+            threads: default_threads(),
         }
     }
 
@@ -201,6 +205,13 @@ impl BuildContext {
     /// (default 2 s; tests use 0).
     pub fn with_racy_window(mut self, window: std::time::Duration) -> Self {
         self.racy_window_ns = i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// How many threads walk a directory source (default: the CPUs, at
+    /// most 4; at least 1).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
         self
     }
 
@@ -245,142 +256,444 @@ impl BuildContext {
                 patterns: patterns.to_vec(),
                 source: Box::new(e),
             })?;
-        let mut files: BTreeMap<String, FileEntry> = BTreeMap::new();
-        for src in &sources {
-            // A source that is a link: hash the link itself, and what it
-            // resolved to inside the context.
-            if src.rel_path != src.resolved_path && src.rel_path != "." {
-                let link = self.root.join(&src.rel_path);
-                let e = self.entry(&src.rel_path, &link)?;
-                files.insert(e.path.clone(), e);
-            }
-            let rel = src.resolved_path.clone();
-            let e = self.entry(&rel, &src.host)?;
-            let is_dir = e.kind == EntryType::Dir;
-            if rel != "." {
-                files.insert(rel.clone(), e);
-            }
-            if is_dir && src.is_dir {
-                self.walk(&rel, &src.host, exclude.as_ref(), &mut files)?;
-                // An ignored directory with an included child (`!` rule)
-                // is still sent, as fsutil sends the parents of what it
-                // includes.
-                let prefix = if rel == "." {
-                    String::new()
-                } else {
-                    format!("{rel}/")
-                };
-                let mut missing = Vec::new();
-                for path in files.keys().filter(|p| p.starts_with(&prefix)) {
-                    let mut p = path.as_str();
-                    while let Some((parent, _)) = p.rsplit_once('/') {
-                        if parent.len() < prefix.len() || files.contains_key(parent) {
-                            break;
-                        }
-                        missing.push(parent.to_owned());
-                        p = parent;
-                    }
-                }
-                for m in missing {
-                    let host = self.root.join(&m);
-                    let e = self.entry(&m, &host)?;
-                    files.insert(m, e);
-                }
-            }
+        let walker = Walker {
+            ignore: self.ignore.as_ref(),
+            exclude: exclude.as_ref(),
+            index: self.stat_cache.as_ref().map(|c| &c.index),
+            racy_window_ns: self.racy_window_ns,
+        };
+        let mut st = WorkerState::new(std::mem::take(&mut self.buf));
+        let result = walker.sources(&self.root, &sources, self.threads, &mut st);
+        self.stats.hashed += st.stats.hashed;
+        self.stats.cached += st.stats.cached;
+        self.stats.bytes += st.stats.bytes;
+        self.buf = std::mem::take(&mut st.buf);
+        if let Some(c) = &mut self.stat_cache {
+            c.apply(std::mem::take(&mut st.updates));
         }
+        let files = result?;
         let mut h = Sha256::new();
-        for (path, e) in &files {
-            h.update(path.as_bytes());
+        for e in &files {
+            h.update(e.path.as_bytes());
             h.update([0]);
             h.update(e.digest.as_bytes());
             h.update([b'\n']);
         }
         Ok(ContextChecksum {
-            digest: format!("sha256:{}", hex(&h.finalize())),
-            files: files.into_values().collect(),
+            digest: sha_string(&h.finalize().into()),
+            files,
         })
     }
+}
 
-    /// Walk the directory `dir` (context-relative `rel`), adding its
-    /// entries. Ignored entries are skipped, ignored directories pruned
-    /// when nothing below them can be re-included.
-    fn walk(
-        &mut self,
-        rel: &str,
-        dir: &Path,
-        exclude: Option<&PatternMatcher>,
-        files: &mut BTreeMap<String, FileEntry>,
-    ) -> Result<(), ContextError> {
-        // (context-relative dir, host dir, path below the source dir,
-        // ignore info of the dir)
-        let mut stack: Vec<(String, PathBuf, String, MatchInfo)> = vec![(
-            rel.to_owned(),
-            dir.to_path_buf(),
-            String::new(),
-            MatchInfo::default(),
-        )];
-        while let Some((rel_dir, host_dir, sub_dir, info)) = stack.pop() {
-            // Entries keep the directory open: their `lstat` is relative to
-            // it (no walk of the whole path for each file).
-            let mut entries: Vec<(std::ffi::OsString, fs_err::DirEntry)> =
-                fs_err::read_dir(&host_dir)
-                    .map_err(io_err(&host_dir))?
-                    .map(|e| e.map(|e| (e.file_name(), e)))
-                    .collect::<Result<_, _>>()
-                    .map_err(io_err(&host_dir))?;
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            for (name, dirent) in entries {
-                let name_s = name.to_string_lossy().into_owned();
-                let rel_path = if rel_dir == "." {
-                    name_s.clone()
+/// The CPUs this process may use (at most 4), looked up once.
+fn default_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+}
+
+/// A directory still to be read by [`Walker::walk`].
+struct DirJob {
+    /// Context-relative (`.` for the root).
+    rel: String,
+    /// On the host.
+    host: PathBuf,
+    /// Below the source directory (what `--exclude` matches).
+    sub: String,
+    /// The `.dockerignore` matches of the directory.
+    info: MatchInfo,
+}
+
+/// What one thread of a checksum produced.
+struct WorkerState {
+    /// The read buffer.
+    buf: Vec<u8>,
+    /// An entry's digest input, reused.
+    scratch: Vec<u8>,
+    /// Entries found.
+    out: Vec<FileEntry>,
+    /// New stat cache entries, by directory.
+    updates: Vec<DirUpdate>,
+    /// New stat cache entries of the directory being read.
+    pending: Vec<StatRecord>,
+    stats: HashStats,
+    /// A skipped (ignored or excluded) directory was walked for a `!`
+    /// exception: included entries may lack their parents.
+    skipped_walked: bool,
+}
+
+impl WorkerState {
+    fn new(buf: Vec<u8>) -> Self {
+        Self {
+            buf,
+            scratch: Vec::new(),
+            out: Vec::new(),
+            updates: Vec::new(),
+            pending: Vec::new(),
+            stats: HashStats::default(),
+            skipped_walked: false,
+        }
+    }
+
+    /// Files newly hashed in `dir` (listed whole when `listing` is given)
+    /// become a stat cache update.
+    fn end_dir(&mut self, dir: &str, listing: Option<Vec<std::ffi::OsString>>) {
+        if !self.pending.is_empty() {
+            self.updates.push(DirUpdate {
+                dir: dir.to_owned(),
+                listing,
+                records: std::mem::take(&mut self.pending),
+            });
+        }
+    }
+}
+
+/// The read-only parts of a checksum, shared by its threads.
+struct Walker<'a> {
+    ignore: Option<&'a PatternMatcher>,
+    exclude: Option<&'a PatternMatcher>,
+    index: Option<&'a StatIndex>,
+    racy_window_ns: i64,
+}
+
+/// The stat cache's directory key of a context-relative path: its parent
+/// (`""` for the root) and its name.
+fn split_rel(rel: &str) -> (&str, &str) {
+    match rel.rsplit_once('/') {
+        Some((d, n)) => (d, n),
+        None => ("", rel),
+    }
+}
+
+impl Walker<'_> {
+    /// The entries of all `sources`, sorted by path, each path once.
+    fn sources(
+        &self,
+        root: &Path,
+        sources: &[crate::fileop::SourceEntry],
+        threads: usize,
+        st: &mut WorkerState,
+    ) -> Result<Vec<FileEntry>, ContextError> {
+        let mut files: Vec<FileEntry> = Vec::new();
+        for src in sources {
+            // A source that is a link: hash the link itself, and what it
+            // resolved to inside the context.
+            if src.rel_path != src.resolved_path && src.rel_path != "." {
+                let link = root.join(&src.rel_path);
+                files.push(self.entry_at(st, &src.rel_path, &link)?);
+            }
+            let rel = src.resolved_path.as_str();
+            let e = self.entry_at(st, rel, &src.host)?;
+            let is_dir = e.kind == EntryType::Dir;
+            if rel != "." {
+                files.push(e);
+            }
+            if is_dir && src.is_dir {
+                st.skipped_walked = false;
+                let mut walked = self.walk(rel, &src.host, threads, st)?;
+                if files.is_empty() {
+                    files = walked;
                 } else {
-                    format!("{rel_dir}/{name_s}")
-                };
-                let sub = if sub_dir.is_empty() {
-                    name_s.clone()
-                } else {
-                    format!("{sub_dir}/{name_s}")
-                };
-                let host = host_dir.join(&name);
-                let meta = dirent.metadata().map_err(io_err(&host))?;
-                let (ignored, child_info) = match &self.ignore {
-                    Some(m) => m.matches_with_parent(&rel_path, &info),
-                    None => (false, MatchInfo::default()),
-                };
-                let excluded = exclude.is_some_and(|m| m.matches(&sub));
-                if ignored || excluded {
-                    let can_skip = (!ignored
-                        || self
-                            .ignore
-                            .as_ref()
-                            .is_none_or(|m| m.can_skip_dir(&rel_path)))
-                        && (!excluded || exclude.is_none_or(|m| m.can_skip_dir(&sub)));
-                    if meta.is_dir() && !can_skip {
-                        stack.push((rel_path, host, sub, child_info));
-                    }
-                    continue;
+                    files.append(&mut walked);
                 }
-                let e = self.entry_with_meta(&rel_path, &host, &meta)?;
-                files.insert(rel_path.clone(), e);
-                if meta.is_dir() {
-                    stack.push((rel_path, host, sub, child_info));
+                if st.skipped_walked {
+                    // An ignored directory with an included child (`!`
+                    // rule) is still sent, as fsutil sends the parents of
+                    // what it includes.
+                    sort_unique(&mut files);
+                    let prefix = if rel == "." {
+                        String::new()
+                    } else {
+                        format!("{rel}/")
+                    };
+                    let known =
+                        |p: &str| files.binary_search_by(|e| e.path.as_str().cmp(p)).is_ok();
+                    let mut missing = Vec::new();
+                    for e in files.iter().filter(|e| e.path.starts_with(&prefix)) {
+                        let mut p = e.path.as_str();
+                        while let Some((parent, _)) = p.rsplit_once('/') {
+                            if parent.len() < prefix.len() || known(parent) {
+                                break;
+                            }
+                            missing.push(parent.to_owned());
+                            p = parent;
+                        }
+                    }
+                    missing.sort_unstable();
+                    missing.dedup();
+                    for m in missing {
+                        let host = root.join(&m);
+                        files.push(self.entry_at(st, &m, &host)?);
+                    }
                 }
             }
         }
+        sort_unique(&mut files);
+        Ok(files)
+    }
+
+    /// The entries below the directory `dir` (context-relative `rel`),
+    /// sorted by path, read by `threads` threads. Ignored entries are
+    /// skipped, ignored directories pruned when nothing below them can be
+    /// re-included.
+    fn walk(
+        &self,
+        rel: &str,
+        dir: &Path,
+        threads: usize,
+        st: &mut WorkerState,
+    ) -> Result<Vec<FileEntry>, ContextError> {
+        let first = DirJob {
+            rel: rel.to_owned(),
+            host: dir.to_path_buf(),
+            sub: String::new(),
+            info: MatchInfo::default(),
+        };
+        let mut stack = vec![first];
+        // More threads once there are two directories to read (none for a
+        // directory without subdirectories).
+        while stack.len() == 1 && threads > 1 {
+            if let Some(job) = stack.pop() {
+                self.read_dir(job, st, &mut stack)?;
+            }
+        }
+        let mut out = if stack.len() > 1 && threads > 1 {
+            self.walk_parallel(stack, threads, st)?
+        } else {
+            while let Some(job) = stack.pop() {
+                self.read_dir(job, st, &mut stack)?;
+            }
+            std::mem::take(&mut st.out)
+        };
+        out.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// [`walk`](Self::walk) with `threads` threads taking directories from
+    /// a shared queue (the caller is one of them), `first` in it to begin.
+    fn walk_parallel(
+        &self,
+        first: Vec<DirJob>,
+        threads: usize,
+        st: &mut WorkerState,
+    ) -> Result<Vec<FileEntry>, ContextError> {
+        struct Queue {
+            jobs: Vec<DirJob>,
+            /// Directories being read.
+            active: usize,
+            failed: bool,
+        }
+        let queue = std::sync::Mutex::new(Queue {
+            jobs: first,
+            active: 0,
+            failed: false,
+        });
+        let ready = std::sync::Condvar::new();
+        let work = |st: &mut WorkerState| -> Result<(), ContextError> {
+            let mut found = Vec::new();
+            loop {
+                let job = {
+                    let mut q = queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    loop {
+                        if q.failed {
+                            return Ok(());
+                        }
+                        if let Some(j) = q.jobs.pop() {
+                            q.active += 1;
+                            break j;
+                        }
+                        if q.active == 0 {
+                            ready.notify_all();
+                            return Ok(());
+                        }
+                        q = ready
+                            .wait(q)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                };
+                let r = self.read_dir(job, st, &mut found);
+                let mut q = queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                q.active -= 1;
+                q.jobs.append(&mut found);
+                if r.is_err() {
+                    q.failed = true;
+                }
+                ready.notify_all();
+                drop(q);
+                r?;
+            }
+        };
+        let (mine, theirs) = std::thread::scope(|s| {
+            // (A thread the system cannot start leaves fewer workers.)
+            let helpers: Vec<_> = (1..threads)
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(s, || {
+                            let mut hs = WorkerState::new(Vec::new());
+                            let r = work(&mut hs);
+                            (r, hs)
+                        })
+                        .ok()
+                })
+                .collect();
+            let mine = work(st);
+            let theirs: Vec<_> = helpers.into_iter().map(|h| h.join()).collect();
+            (mine, theirs)
+        });
+        let mut out = std::mem::take(&mut st.out);
+        let mut err = mine.err();
+        for t in theirs {
+            match t {
+                Ok((r, mut hs)) => {
+                    if err.is_none() {
+                        err = r.err();
+                    }
+                    out.append(&mut hs.out);
+                    st.updates.append(&mut hs.updates);
+                    st.stats.hashed += hs.stats.hashed;
+                    st.stats.cached += hs.stats.cached;
+                    st.stats.bytes += hs.stats.bytes;
+                    st.skipped_walked |= hs.skipped_walked;
+                }
+                // A panic in a helper is a bug: pass it on.
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Reads one directory: its entries go to `st.out`, its subdirectories
+    /// to `found`.
+    fn read_dir(
+        &self,
+        job: DirJob,
+        st: &mut WorkerState,
+        found: &mut Vec<DirJob>,
+    ) -> Result<(), ContextError> {
+        let dir_key = if job.rel == "." { "" } else { job.rel.as_str() };
+        let cached_dir = self.index.and_then(|i| i.dirs.get(dir_key));
+        let mut listing = Vec::new();
+        // Entries keep the directory open: their `statx` is relative to it
+        // (no walk of the whole path for each file).
+        for dirent in fs_err::read_dir(&job.host).map_err(io_err(&job.host))? {
+            let dirent = dirent.map_err(io_err(&job.host))?;
+            let name = dirent.file_name();
+            let name_s = name.to_string_lossy();
+            let rel_path = if dir_key.is_empty() {
+                name_s.clone().into_owned()
+            } else {
+                let mut p = String::with_capacity(dir_key.len() + 1 + name_s.len());
+                p.push_str(dir_key);
+                p.push('/');
+                p.push_str(&name_s);
+                p
+            };
+            let sub = match self.exclude {
+                Some(_) if job.sub.is_empty() => name_s.clone().into_owned(),
+                Some(_) => format!("{}/{name_s}", job.sub),
+                None => String::new(),
+            };
+            let (ignored, child_info) = match self.ignore {
+                Some(m) => m.matches_with_parent(&rel_path, &job.info),
+                None => (false, MatchInfo::default()),
+            };
+            let excluded = self.exclude.is_some_and(|m| m.matches(&sub));
+            if ignored || excluded {
+                let can_skip = (!ignored || self.ignore.is_none_or(|m| m.can_skip_dir(&rel_path)))
+                    && (!excluded || self.exclude.is_none_or(|m| m.can_skip_dir(&sub)));
+                if !can_skip {
+                    let host = job.host.join(&name);
+                    let ft = dirent.file_type().map_err(io_err(&host))?;
+                    if ft.is_dir() {
+                        st.skipped_walked = true;
+                        found.push(DirJob {
+                            rel: rel_path,
+                            host,
+                            sub,
+                            info: child_info,
+                        });
+                    }
+                }
+                continue;
+            }
+            let meta = dirent.metadata().map_err(|source| ContextError::Io {
+                path: job.host.join(&name),
+                source,
+            })?;
+            let cached = cached_dir.and_then(|d| d.get(name.as_bytes()));
+            let is_dir = meta.is_dir();
+            let e = self.entry_with_meta(st, rel_path, &job.host, &name, &meta, cached)?;
+            if is_dir {
+                found.push(DirJob {
+                    rel: e.path.clone(),
+                    host: job.host.join(&name),
+                    sub,
+                    info: child_info,
+                });
+            }
+            st.out.push(e);
+            if self.index.is_some() {
+                listing.push(name);
+            }
+        }
+        st.end_dir(dir_key, Some(listing));
         Ok(())
     }
 
-    fn entry(&mut self, rel: &str, host: &Path) -> Result<FileEntry, ContextError> {
-        let meta = fs_err::symlink_metadata(host).map_err(io_err(host))?;
-        self.entry_with_meta(rel, host, &meta)
-    }
-
-    fn entry_with_meta(
-        &mut self,
+    /// The entry of the context-relative path `rel` at `host`.
+    fn entry_at(
+        &self,
+        st: &mut WorkerState,
         rel: &str,
         host: &Path,
-        meta: &std::fs::Metadata,
     ) -> Result<FileEntry, ContextError> {
+        let meta = fs_err::symlink_metadata(host).map_err(io_err(host))?;
+        let (dir_key, _) = split_rel(rel);
+        let (Some(dir), Some(name)) = (host.parent(), host.file_name()) else {
+            // The context root itself.
+            return self.entry_with_meta(
+                st,
+                rel.to_owned(),
+                host,
+                std::ffi::OsStr::new(""),
+                &meta,
+                None,
+            );
+        };
+        let cached = self
+            .index
+            .and_then(|i| i.dirs.get(dir_key))
+            .and_then(|d| d.get(name.as_bytes()));
+        let e = self.entry_with_meta(st, rel.to_owned(), dir, name, &meta, cached)?;
+        st.end_dir(dir_key, None);
+        Ok(e)
+    }
+
+    /// The entry `rel` (the file `name` in the host directory `dir`), with
+    /// its stat cache entry if there is one.
+    fn entry_with_meta(
+        &self,
+        st: &mut WorkerState,
+        rel: String,
+        dir: &Path,
+        name: &std::ffi::OsStr,
+        meta: &std::fs::Metadata,
+        cached: Option<CachedStat>,
+    ) -> Result<FileEntry, ContextError> {
+        let host = || {
+            if name.is_empty() {
+                dir.to_path_buf()
+            } else {
+                dir.join(name)
+            }
+        };
         let ft = meta.file_type();
         let kind = if ft.is_symlink() {
             EntryType::Symlink
@@ -392,9 +705,10 @@ impl BuildContext {
             EntryType::Special
         };
         let link_target = if kind == EntryType::Symlink {
+            let host = host();
             Some(
-                fs_err::read_link(host)
-                    .map_err(io_err(host))?
+                fs_err::read_link(&host)
+                    .map_err(io_err(&host))?
                     .to_string_lossy()
                     .into_owned(),
             )
@@ -402,51 +716,66 @@ impl BuildContext {
             None
         };
         let (content, xattrs) = if kind == EntryType::File {
-            // A file unchanged since it was hashed (ctime included) still
-            // has the xattrs it had: none, when the cache says so.
-            let cached = self.stat_cache.as_ref().and_then(|c| {
-                c.lookup(host, &StatKey::of(meta))
-                    .map(|(d, free)| (d.to_owned(), free))
-            });
+            let stat = StatKey::of(meta);
             match cached {
-                Some((d, xattr_free)) => {
-                    self.stats.cached += 1;
-                    let xattrs = if xattr_free {
+                // A file unchanged since it was hashed (ctime included)
+                // still has the xattrs it had: none, when the cache says so.
+                Some(c) if c.stat == stat => {
+                    st.stats.cached += 1;
+                    let xattrs = if c.xattr_free {
                         BTreeMap::new()
                     } else {
-                        read_xattrs(host)
+                        read_xattrs(&host())
                     };
-                    (Some(d), xattrs)
+                    (Some(c.digest), xattrs)
                 }
-                None => {
-                    let xattrs = read_xattrs(host);
-                    (Some(self.hash_file(host, meta, xattrs.is_empty())?), xattrs)
+                _ => {
+                    let host = host();
+                    let xattrs = read_xattrs(&host);
+                    let d = self.hash_file(st, &host, name, meta, xattrs.is_empty())?;
+                    (Some(d), xattrs)
                 }
             }
         } else {
-            (None, read_xattrs(host))
+            (None, read_xattrs(&host()))
         };
-        let mut h = Sha256::new();
-        let header = format!(
-            "{rel}\0{kind:?}\0{:o}\0{}\0{}\0{}\0{}\0",
-            meta.mode() & 0o7777,
-            meta.uid(),
-            meta.gid(),
-            link_target.as_deref().unwrap_or(""),
-            content.as_deref().unwrap_or(""),
-        );
-        h.update(header.as_bytes());
+        let content = content.map(|d| sha_string(&d));
+        // sha256 over `rel \0 kind \0 mode(octal) \0 uid \0 gid \0 link \0
+        // content \0 [rdev \0] (xattr=hex \0)*`.
+        let b = &mut st.scratch;
+        b.clear();
+        b.extend_from_slice(rel.as_bytes());
+        b.push(0);
+        b.extend_from_slice(match kind {
+            EntryType::File => b"File",
+            EntryType::Dir => b"Dir",
+            EntryType::Symlink => b"Symlink",
+            EntryType::Special => b"Special",
+        });
+        b.push(0);
+        push_num(b, u64::from(meta.mode() & 0o7777), 8);
+        b.push(0);
+        push_num(b, u64::from(meta.uid()), 10);
+        b.push(0);
+        push_num(b, u64::from(meta.gid()), 10);
+        b.push(0);
+        b.extend_from_slice(link_target.as_deref().unwrap_or("").as_bytes());
+        b.push(0);
+        b.extend_from_slice(content.as_deref().unwrap_or("").as_bytes());
+        b.push(0);
         if kind == EntryType::Special {
-            h.update(format!("{}\0", meta.rdev()).as_bytes());
+            push_num(b, meta.rdev(), 10);
+            b.push(0);
         }
         for (k, v) in &xattrs {
-            h.update(k.as_bytes());
-            h.update([b'=']);
-            h.update(hex(v).as_bytes());
-            h.update([0]);
+            b.extend_from_slice(k.as_bytes());
+            b.push(b'=');
+            b.extend_from_slice(hex(v).as_bytes());
+            b.push(0);
         }
+        let digest = sha_string(&Sha256::digest(&b[..]).into());
         Ok(FileEntry {
-            path: rel.to_owned(),
+            path: rel,
             kind,
             mode: meta.mode() & 0o7777,
             uid: meta.uid(),
@@ -458,47 +787,85 @@ impl BuildContext {
             },
             link_target,
             content,
-            digest: format!("sha256:{}", hex(&h.finalize())),
+            digest,
         })
     }
 
     /// Hashes a file the stat cache did not know, and records it there
     /// (unless it may still be changing).
     fn hash_file(
-        &mut self,
+        &self,
+        st: &mut WorkerState,
         host: &Path,
+        name: &std::ffi::OsStr,
         meta: &std::fs::Metadata,
         xattr_free: bool,
-    ) -> Result<String, ContextError> {
+    ) -> Result<[u8; 32], ContextError> {
         let stat = StatKey::of(meta);
         let mut f = fs_err::File::open(host).map_err(io_err(host))?;
         let mut h = Sha256::new();
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; 256 * 1024];
+        if st.buf.is_empty() {
+            st.buf = vec![0u8; 256 * 1024];
         }
         let mut n_total = 0u64;
         loop {
-            let n = f.read(&mut self.buf).map_err(io_err(host))?;
+            let n = f.read(&mut st.buf).map_err(io_err(host))?;
             if n == 0 {
                 break;
             }
             n_total += n as u64;
-            h.update(&self.buf[..n]);
+            h.update(&st.buf[..n]);
         }
-        let digest = format!("sha256:{}", hex(&h.finalize()));
-        self.stats.hashed += 1;
-        self.stats.bytes += n_total;
+        let digest: [u8; 32] = h.finalize().into();
+        st.stats.hashed += 1;
+        st.stats.bytes += n_total;
         // A file read while it may still change within the timestamp
         // granularity is not cached ("racy" entries, as git does): its
         // mtime must be older than the read.
-        if let Some(c) = &mut self.stat_cache
+        if self.index.is_some()
+            && !name.is_empty()
             && !stat.is_racy(SystemTime::now(), self.racy_window_ns)
             && n_total == meta.len()
         {
-            c.record(host, stat, &digest, xattr_free);
+            st.pending.push(StatRecord {
+                name: name.to_owned(),
+                stat,
+                digest,
+                xattr_free,
+            });
         }
         Ok(digest)
     }
+}
+
+/// Sorts `files` by path, keeping the last added of equal paths (as a
+/// map insert would).
+fn sort_unique(files: &mut Vec<FileEntry>) {
+    // Stable, and linear on the usual already sorted input.
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.dedup_by(|later, earlier| {
+        if later.path == earlier.path {
+            std::mem::swap(later, earlier);
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Appends `n` in base `radix` (8 or 10).
+fn push_num(out: &mut Vec<u8>, mut n: u64, radix: u64) {
+    let mut tmp = [0u8; 24];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % radix) as u8;
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
 }
 
 /// The xattrs of `path` (not following links), sorted; `security.selinux`
@@ -521,13 +888,44 @@ fn read_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
     }
     s
+}
+
+/// `sha256:<hex>`.
+fn sha_string(d: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in d {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// The bytes of `sha256:<hex>` (`None`: not that form).
+fn parse_sha(s: &str) -> Option<[u8; 32]> {
+    let h = s.strip_prefix("sha256:")?.as_bytes();
+    if h.len() != 64 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = nib(h[2 * i])? << 4 | nib(h[2 * i + 1])?;
+    }
+    Some(out)
 }
 
 /// The stat fields that identify an unchanged file.
@@ -571,16 +969,352 @@ impl StatKey {
     }
 }
 
+/// A file newly hashed, for the stat cache.
+#[derive(Debug, Clone)]
+struct StatRecord {
+    name: std::ffi::OsString,
+    stat: StatKey,
+    digest: [u8; 32],
+    xattr_free: bool,
+}
+
+/// The new stat cache entries of one directory.
+#[derive(Debug)]
+struct DirUpdate {
+    /// Context-relative (`""`: the root).
+    dir: String,
+    /// Every name in the directory, when it was read whole: entries of
+    /// other names (removed files) are dropped.
+    listing: Option<Vec<std::ffi::OsString>>,
+    records: Vec<StatRecord>,
+}
+
+/// A stat cache entry, as looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CachedStat {
+    stat: StatKey,
+    digest: [u8; 32],
+    xattr_free: bool,
+}
+
+/// One part of a directory's stat cache entries (see [`DirParts`]): the
+/// stored blob, version byte 1, the part's index and the directory's part
+/// count (`u32` each), then per entry (sorted by name) `u16` name length,
+/// name, size, mtime, ctime, inode, device (8 bytes each), mode (4), flags
+/// (1: bit 0 = no xattrs), content sha256 (32), little-endian.
+#[derive(Debug, Default)]
+struct DirBlob {
+    data: Vec<u8>,
+    /// Where each entry's name length starts, in name order.
+    offsets: Vec<u32>,
+    /// Which part, of how many.
+    part: u32,
+    parts: u32,
+    /// Changed since loaded.
+    dirty: bool,
+}
+
+const BLOB_VERSION: u8 = 1;
+const HEADER_LEN: usize = 1 + 4 + 4;
+const FIXED_LEN: usize = 8 * 5 + 4 + 1 + 32;
+
+/// A directory's entries are split in parts of at most about this many, so
+/// a file hashed again in a huge directory rewrites one part of it.
+const PART_ENTRIES: usize = 4096;
+
+/// The part of the entry `name` among `n`: FNV-1a of the name.
+fn part_of(name: &[u8], n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % n.max(1) as u64) as usize
+}
+
+/// How many parts `count` entries are stored in (a power of two).
+fn parts_for(count: usize) -> usize {
+    if count <= PART_ENTRIES {
+        1
+    } else {
+        (count / (PART_ENTRIES / 2)).next_power_of_two()
+    }
+}
+
+impl DirBlob {
+    /// Parses a stored blob; a damaged or unknown one is empty (its files
+    /// are hashed again).
+    fn parse(data: Vec<u8>) -> Self {
+        let mut offsets = Vec::new();
+        let header = |i: usize| {
+            data.get(i..i + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let (Some(part), Some(parts)) = (header(1), header(5)) else {
+            return Self::default();
+        };
+        let ok = data.first() == Some(&BLOB_VERSION) && part < parts && {
+            let mut at = HEADER_LEN;
+            let mut sorted = true;
+            let mut good = true;
+            while at < data.len() {
+                let Some(len) = data.get(at..at + 2) else {
+                    good = false;
+                    break;
+                };
+                let n = usize::from(u16::from_le_bytes([len[0], len[1]]));
+                let end = at + 2 + n + FIXED_LEN;
+                if end > data.len() || u32::try_from(at).is_err() {
+                    good = false;
+                    break;
+                }
+                if let Some(&prev) = offsets.last() {
+                    sorted &= Self::name_at(&data, prev) < &data[at + 2..at + 2 + n];
+                }
+                offsets.push(at as u32);
+                at = end;
+            }
+            if good && !sorted {
+                offsets.sort_by(|a, b| Self::name_at(&data, *a).cmp(Self::name_at(&data, *b)));
+                offsets.dedup_by(|a, b| Self::name_at(&data, *a) == Self::name_at(&data, *b));
+            }
+            good
+        };
+        if ok {
+            Self {
+                data,
+                offsets,
+                part,
+                parts,
+                dirty: false,
+            }
+        } else {
+            Self::default()
+        }
+    }
+
+    fn name_at(data: &[u8], at: u32) -> &[u8] {
+        let at = at as usize;
+        let n = usize::from(u16::from_le_bytes([data[at], data[at + 1]]));
+        &data[at + 2..at + 2 + n]
+    }
+
+    fn entry_at(&self, at: u32) -> CachedStat {
+        let at = at as usize;
+        let n = usize::from(u16::from_le_bytes([self.data[at], self.data[at + 1]]));
+        let f = &self.data[at + 2 + n..at + 2 + n + FIXED_LEN];
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&f[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&f[45..77]);
+        CachedStat {
+            stat: StatKey {
+                size: u64_at(0),
+                mtime_ns: u64_at(8) as i64,
+                ctime_ns: u64_at(16) as i64,
+                ino: u64_at(24),
+                dev: u64_at(32),
+                mode: u32::from_le_bytes([f[40], f[41], f[42], f[43]]),
+            },
+            digest,
+            xattr_free: f[44] & 1 == 1,
+        }
+    }
+
+    fn get(&self, name: &[u8]) -> Option<CachedStat> {
+        let i = self
+            .offsets
+            .binary_search_by(|&at| Self::name_at(&self.data, at).cmp(name))
+            .ok()?;
+        Some(self.entry_at(self.offsets[i]))
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (&[u8], CachedStat)> + '_ {
+        self.offsets
+            .iter()
+            .map(|&at| (Self::name_at(&self.data, at), self.entry_at(at)))
+    }
+
+    /// Part `part` of `parts` holding `entries` (names sorted, at most
+    /// `u16::MAX` bytes).
+    fn build<'a>(
+        entries: impl Iterator<Item = (&'a Vec<u8>, &'a CachedStat)>,
+        part: u32,
+        parts: u32,
+    ) -> Self {
+        let mut data = Vec::new();
+        data.push(BLOB_VERSION);
+        data.extend_from_slice(&part.to_le_bytes());
+        data.extend_from_slice(&parts.to_le_bytes());
+        let mut offsets = Vec::new();
+        for (name, c) in entries {
+            let Ok(n) = u16::try_from(name.len()) else {
+                continue;
+            };
+            let Ok(at) = u32::try_from(data.len()) else {
+                break;
+            };
+            offsets.push(at);
+            data.extend_from_slice(&n.to_le_bytes());
+            data.extend_from_slice(name);
+            data.extend_from_slice(&c.stat.size.to_le_bytes());
+            data.extend_from_slice(&c.stat.mtime_ns.to_le_bytes());
+            data.extend_from_slice(&c.stat.ctime_ns.to_le_bytes());
+            data.extend_from_slice(&c.stat.ino.to_le_bytes());
+            data.extend_from_slice(&c.stat.dev.to_le_bytes());
+            data.extend_from_slice(&c.stat.mode.to_le_bytes());
+            data.push(u8::from(c.xattr_free));
+            data.extend_from_slice(&c.digest);
+        }
+        Self {
+            data,
+            offsets,
+            part,
+            parts,
+            dirty: true,
+        }
+    }
+}
+
+/// One directory's stat cache entries: [`parts_for`] parts, a row each,
+/// the entry `name` in part [`part_of`]`(name)`.
+#[derive(Debug, Default)]
+struct DirParts {
+    parts: Vec<DirBlob>,
+    /// Stored rows from this part index on are to be deleted.
+    stale_from: Option<usize>,
+}
+
+impl DirParts {
+    fn get(&self, name: &[u8]) -> Option<CachedStat> {
+        if self.parts.is_empty() {
+            return None;
+        }
+        self.parts[part_of(name, self.parts.len())].get(name)
+    }
+
+    fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.offsets.len()).sum()
+    }
+
+    /// The loaded rows of a directory; parts that do not make a whole set
+    /// (damaged, or from two writers) are dropped with their rows.
+    fn from_rows(mut rows: Vec<DirBlob>) -> Self {
+        rows.sort_by_key(|b| b.part);
+        let n = rows.len();
+        let whole = rows
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.part as usize == i && b.parts as usize == n);
+        if whole {
+            Self {
+                parts: rows,
+                stale_from: None,
+            }
+        } else {
+            Self {
+                parts: Vec::new(),
+                stale_from: Some(0),
+            }
+        }
+    }
+
+    /// All entries in `parts_for` parts, every part to be written.
+    fn split(entries: &BTreeMap<Vec<u8>, CachedStat>) -> Vec<DirBlob> {
+        let n = parts_for(entries.len());
+        (0..n)
+            .map(|p| {
+                DirBlob::build(
+                    entries.iter().filter(|(k, _)| part_of(k, n) == p),
+                    p as u32,
+                    n as u32,
+                )
+            })
+            .collect()
+    }
+
+    /// Adds `records`; entries of parts rewritten whose name is not in
+    /// `listing` (when given) are dropped.
+    fn update(&mut self, records: Vec<StatRecord>, listing: Option<&[std::ffi::OsString]>) {
+        let names: Option<std::collections::HashSet<&[u8]>> =
+            listing.map(|l| l.iter().map(|n| n.as_bytes()).collect());
+        let n = self.parts.len();
+        let mut touched: BTreeMap<usize, BTreeMap<Vec<u8>, CachedStat>> = BTreeMap::new();
+        for r in records {
+            let p = if n == 0 {
+                0
+            } else {
+                part_of(r.name.as_bytes(), n)
+            };
+            let part = touched.entry(p).or_insert_with(|| match self.parts.get(p) {
+                Some(b) => b.entries().map(|(k, c)| (k.to_vec(), c)).collect(),
+                None => BTreeMap::new(),
+            });
+            part.insert(
+                r.name.as_bytes().to_vec(),
+                CachedStat {
+                    stat: r.stat,
+                    digest: r.digest,
+                    xattr_free: r.xattr_free,
+                },
+            );
+        }
+        for (p, mut entries) in touched {
+            if let Some(names) = &names {
+                // Files no longer in the directory.
+                entries.retain(|k, _| names.contains(k.as_slice()));
+            }
+            if n == 0 {
+                self.parts = Self::split(&entries);
+            } else {
+                self.parts[p] = DirBlob::build(entries.iter(), p as u32, n as u32);
+            }
+        }
+        // Re-split a directory that grew past its parts (or shrank well
+        // below them).
+        let n = self.parts.len();
+        let want = parts_for(self.len());
+        if want > n || want * 4 <= n {
+            let all: BTreeMap<Vec<u8>, CachedStat> = self
+                .parts
+                .iter()
+                .flat_map(|b| b.entries().map(|(k, c)| (k.to_vec(), c)))
+                .collect();
+            self.parts = Self::split(&all);
+            if want < n {
+                self.stale_from = Some(self.stale_from.map_or(want, |s| s.min(want)));
+            }
+        }
+    }
+
+    fn dirty(&self) -> bool {
+        self.stale_from.is_some() || self.parts.iter().any(|p| p.dirty)
+    }
+}
+
+/// The stat cache entries of one context, by directory.
+#[derive(Debug, Default)]
+struct StatIndex {
+    /// The context root, as stored.
+    root: String,
+    /// Context-relative directory (`""`: the root) -> its entries.
+    dirs: HashMap<String, DirParts>,
+}
+
 /// `(path, size, mtime, ctime, inode, dev, mode) -> content digest`,
-/// persisted in `statcache.db` under the store root. Entries for a context
-/// are loaded into memory once and new ones written in one transaction by
+/// persisted in `statcache.db` under the store root, one row (a blob, see
+/// [`DirBlob`]) per context directory (per part of a huge one): loading a
+/// context reads a row per directory, and a build that hashed files again
+/// rewrites only the rows of their directories, in one transaction, at
 /// [`flush`](Self::flush).
 #[derive(Debug)]
 pub struct StatCache {
     conn: rusqlite::Connection,
     path: PathBuf,
-    entries: HashMap<PathBuf, (StatKey, String, bool)>,
-    dirty: Vec<(PathBuf, StatKey, String, bool)>,
+    index: StatIndex,
 }
 
 impl Drop for StatCache {
@@ -606,102 +1340,152 @@ impl StatCache {
             conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
                 .map_err(e)?;
         }
+        // (`stat_cache`, a row per file, is the table of older kiln
+        // versions: read once per context when `stat_parts` has none.)
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS stat_cache (
-                path TEXT PRIMARY KEY,
-                size INTEGER NOT NULL,
-                mtime_ns INTEGER NOT NULL,
-                ctime_ns INTEGER NOT NULL,
-                ino INTEGER NOT NULL,
-                dev INTEGER NOT NULL,
-                mode INTEGER NOT NULL,
-                digest TEXT NOT NULL,
-                xattr_free INTEGER NOT NULL DEFAULT 0
-            ) WITHOUT ROWID;",
+            "CREATE TABLE IF NOT EXISTS stat_parts (
+                root TEXT NOT NULL,
+                dir TEXT NOT NULL,
+                part INTEGER NOT NULL,
+                entries BLOB NOT NULL,
+                PRIMARY KEY (root, dir, part)
+            );",
         )
         .map_err(e)?;
-        // Databases from before `xattr_free` (1: the file had no xattrs when
-        // hashed; with ctime unchanged it still has none).
-        let has_column = conn
-            .prepare("SELECT 1 FROM pragma_table_info('stat_cache') WHERE name = 'xattr_free'")
-            .and_then(|mut st| st.exists([]))
-            .map_err(e)?;
-        if !has_column {
-            conn.execute_batch(
-                "ALTER TABLE stat_cache ADD COLUMN xattr_free INTEGER NOT NULL DEFAULT 0;",
-            )
-            .map_err(e)?;
-        }
         Ok(Self {
             conn,
             path,
-            entries: HashMap::new(),
-            dirty: Vec::new(),
+            index: StatIndex::default(),
         })
     }
 
-    /// Load the entries under `dir` (a context root) into memory.
-    pub fn load(&mut self, dir: &Path) -> Result<usize, ContextError> {
-        let e = |source| ContextError::StatCache {
+    fn db_err(&self) -> impl Fn(rusqlite::Error) -> ContextError + '_ {
+        |source| ContextError::StatCache {
             path: self.path.clone(),
             source,
-        };
-        let prefix = format!("{}/", dir.to_string_lossy().trim_end_matches('/'));
-        // Every path under `prefix` sorts between `prefix` and `prefix`
-        // with its final `/` replaced by `0` (the next byte).
-        let upper = format!("{}0", prefix.trim_end_matches('/'));
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, xattr_free
-                 FROM stat_cache WHERE path >= ?1 AND path < ?2",
-            )
-            .map_err(e)?;
-        let rows = stmt
-            .query_map([&prefix, &upper], |r| {
-                Ok((
-                    PathBuf::from(r.get::<_, String>(0)?),
-                    StatKey {
-                        size: r.get::<_, i64>(1)? as u64,
-                        mtime_ns: r.get(2)?,
-                        ctime_ns: r.get(3)?,
-                        ino: r.get::<_, i64>(4)? as u64,
-                        dev: r.get::<_, i64>(5)? as u64,
-                        mode: r.get(6)?,
-                    },
-                    r.get::<_, String>(7)?,
-                    r.get::<_, bool>(8)?,
-                ))
-            })
-            .map_err(e)?;
-        let mut n = 0;
-        for row in rows {
-            let (p, k, d, x) = row.map_err(e)?;
-            self.entries.insert(p, (k, d, x));
-            n += 1;
         }
+    }
+
+    /// Load the entries under `dir` (a context root) into memory; the
+    /// number of files known.
+    pub fn load(&mut self, dir: &Path) -> Result<usize, ContextError> {
+        let root = dir.to_string_lossy().trim_end_matches('/').to_owned();
+        let mut rows_of: HashMap<String, Vec<DirBlob>> = HashMap::new();
+        {
+            let e = self.db_err();
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT dir, entries FROM stat_parts WHERE root = ?1")
+                .map_err(&e)?;
+            let mut rows = stmt.query([&root]).map_err(&e)?;
+            while let Some(row) = rows.next().map_err(&e)? {
+                let d: String = row.get(0).map_err(&e)?;
+                let blob = match row.get_ref(1).map_err(&e)? {
+                    rusqlite::types::ValueRef::Blob(b) => DirBlob::parse(b.to_vec()),
+                    _ => DirBlob::default(),
+                };
+                rows_of.entry(d).or_default().push(blob);
+            }
+        }
+        let mut dirs: HashMap<String, DirParts> = rows_of
+            .into_iter()
+            .map(|(d, rows)| (d, DirParts::from_rows(rows)))
+            .collect();
+        if dirs.is_empty() {
+            dirs = self.load_legacy(&root)?;
+        }
+        let n = dirs.values().map(DirParts::len).sum();
+        self.index = StatIndex { root, dirs };
         Ok(n)
     }
 
-    /// The content digest of an unchanged file, and whether it had no
-    /// xattrs.
-    fn lookup(&self, path: &Path, stat: &StatKey) -> Option<(&str, bool)> {
-        match self.entries.get(path) {
-            Some((k, d, x)) if k == stat => Some((d, *x)),
-            _ => None,
+    /// The entries of `root` in the per-file table of older kiln versions,
+    /// to be written in the new form at the next flush.
+    fn load_legacy(&self, root: &str) -> Result<HashMap<String, DirParts>, ContextError> {
+        let e = self.db_err();
+        let has_legacy = self
+            .conn
+            .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stat_cache'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(&e)?;
+        if !has_legacy {
+            return Ok(HashMap::new());
+        }
+        // (Databases from before `xattr_free`: not known.)
+        let has_xattr_free = self
+            .conn
+            .prepare("SELECT 1 FROM pragma_table_info('stat_cache') WHERE name = 'xattr_free'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(&e)?;
+        let prefix = format!("{root}/");
+        // Every path under `prefix` sorts between `prefix` and `prefix`
+        // with its final `/` replaced by `0` (the next byte).
+        let upper = format!("{root}0");
+        let mut stmt = self
+            .conn
+            .prepare(if has_xattr_free {
+                "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, xattr_free
+                 FROM stat_cache WHERE path >= ?1 AND path < ?2"
+            } else {
+                "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, 0
+                 FROM stat_cache WHERE path >= ?1 AND path < ?2"
+            })
+            .map_err(&e)?;
+        let mut rows = stmt.query([&prefix, &upper]).map_err(&e)?;
+        let mut by_dir: HashMap<String, BTreeMap<Vec<u8>, CachedStat>> = HashMap::new();
+        while let Some(r) = rows.next().map_err(&e)? {
+            let path: String = r.get(0).map_err(&e)?;
+            let digest: String = r.get(7).map_err(&e)?;
+            let (Some(rel), Some(digest)) = (path.strip_prefix(&prefix), parse_sha(&digest)) else {
+                continue;
+            };
+            let (d, name) = split_rel(rel);
+            let c = CachedStat {
+                stat: StatKey {
+                    size: r.get::<_, i64>(1).map_err(&e)? as u64,
+                    mtime_ns: r.get(2).map_err(&e)?,
+                    ctime_ns: r.get(3).map_err(&e)?,
+                    ino: r.get::<_, i64>(4).map_err(&e)? as u64,
+                    dev: r.get::<_, i64>(5).map_err(&e)? as u64,
+                    mode: r.get(6).map_err(&e)?,
+                },
+                digest,
+                xattr_free: r.get::<_, bool>(8).map_err(&e)?,
+            };
+            by_dir
+                .entry(d.to_owned())
+                .or_default()
+                .insert(name.as_bytes().to_vec(), c);
+        }
+        Ok(by_dir
+            .into_iter()
+            .map(|(d, entries)| {
+                (
+                    d,
+                    DirParts {
+                        parts: DirParts::split(&entries),
+                        stale_from: None,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Adds newly hashed files to the loaded entries (visible to lookups
+    /// now, written by [`flush`](Self::flush)).
+    fn apply(&mut self, updates: Vec<DirUpdate>) {
+        for u in updates {
+            self.index
+                .dirs
+                .entry(u.dir)
+                .or_default()
+                .update(u.records, u.listing.as_deref());
         }
     }
 
-    fn record(&mut self, path: &Path, stat: StatKey, digest: &str, xattr_free: bool) {
-        self.entries
-            .insert(path.to_path_buf(), (stat, digest.to_owned(), xattr_free));
-        self.dirty
-            .push((path.to_path_buf(), stat, digest.to_owned(), xattr_free));
-    }
-
-    /// Write new entries.
+    /// Write the directories with new entries.
     pub fn flush(&mut self) -> Result<(), ContextError> {
-        if self.dirty.is_empty() {
+        if !self.index.dirs.values().any(DirParts::dirty) {
             return Ok(());
         }
         let path = self.path.clone();
@@ -711,30 +1495,36 @@ impl StatCache {
         };
         let tx = self.conn.transaction().map_err(e)?;
         {
-            let mut stmt = tx
+            let mut drop_rows = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO stat_cache
-                     (path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, xattr_free)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "DELETE FROM stat_parts WHERE root = ?1 AND dir = ?2 AND part >= ?3",
                 )
                 .map_err(e)?;
-            for (p, k, d, x) in &self.dirty {
-                stmt.execute(rusqlite::params![
-                    p.to_string_lossy(),
-                    k.size as i64,
-                    k.mtime_ns,
-                    k.ctime_ns,
-                    k.ino as i64,
-                    k.dev as i64,
-                    k.mode,
-                    d,
-                    x
-                ])
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO stat_parts (root, dir, part, entries) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (root, dir, part) DO UPDATE SET entries = excluded.entries",
+                )
                 .map_err(e)?;
+            for (d, dp) in self.index.dirs.iter().filter(|(_, dp)| dp.dirty()) {
+                if let Some(from) = dp.stale_from {
+                    drop_rows
+                        .execute(rusqlite::params![self.index.root, d, from as i64])
+                        .map_err(e)?;
+                }
+                for b in dp.parts.iter().filter(|b| b.dirty) {
+                    put.execute(rusqlite::params![self.index.root, d, b.part, b.data])
+                        .map_err(e)?;
+                }
             }
         }
         tx.commit().map_err(e)?;
-        self.dirty.clear();
+        for dp in self.index.dirs.values_mut() {
+            dp.stale_from = None;
+            for b in &mut dp.parts {
+                b.dirty = false;
+            }
+        }
         Ok(())
     }
 }

@@ -42,6 +42,10 @@ fn lists_exactly_the_files_a_source_reads() {
     assert_eq!(paths(&s), ["x.txt", "y.txt"]);
     let s = sum(&mut c, &["./README", "/src/main.rs"]);
     assert_eq!(paths(&s), ["README", "src/main.rs"]);
+    // Overlapping sources: each path once.
+    let s = sum(&mut c, &["src/main.rs", "src", "src/lib"]);
+    assert_eq!(paths(&s), ["src", "src/lib", "src/lib/a.rs", "src/main.rs"]);
+    assert_eq!(s.digest, sum(&mut c, &["src"]).digest);
     let e = c
         .checksum(&["nope".to_owned()], &[], false)
         .expect_err("missing source");
@@ -122,6 +126,19 @@ fn dockerignore_hides_files_and_prunes_dirs() {
     );
     let s = sum(&mut c, &["."]);
     assert_eq!(paths(&s), ["docs", "docs/keep.md", "src", "src/a.rs"]);
+    // One thread or several: the same.
+    let mut one = ctx(
+        d.path(),
+        &["**/*.log", "src/target", "docs", "!docs/keep.md"],
+    )
+    .with_threads(1);
+    assert_eq!(sum(&mut one, &["."]), s);
+    let mut three = ctx(
+        d.path(),
+        &["**/*.log", "src/target", "docs", "!docs/keep.md"],
+    )
+    .with_threads(3);
+    assert_eq!(sum(&mut three, &["."]), s);
     let before = s.digest;
     // Changing an ignored file does not change the digest.
     write(d.path(), "src/a.log", "other");
@@ -240,6 +257,29 @@ fn racy_files_are_not_cached() {
     assert_eq!(c.stats().hashed, 2);
 }
 
+fn record(cache: &mut StatCache, root: &str, dir: &str, name: &str, k: StatKey, d: u8, free: bool) {
+    cache.load(Path::new(root)).expect("load");
+    cache.apply(vec![DirUpdate {
+        dir: dir.to_owned(),
+        listing: None,
+        records: vec![StatRecord {
+            name: name.into(),
+            stat: k,
+            digest: [d; 32],
+            xattr_free: free,
+        }],
+    }]);
+    cache.flush().expect("flush");
+}
+
+fn lookup(cache: &StatCache, dir: &str, name: &str) -> Option<CachedStat> {
+    cache
+        .index
+        .dirs
+        .get(dir)
+        .and_then(|d| d.get(name.as_bytes()))
+}
+
 #[test]
 fn stat_cache_load_is_limited_to_the_context() {
     let store = tempfile::tempdir().expect("store");
@@ -252,23 +292,19 @@ fn stat_cache_load_is_limited_to_the_context() {
         dev: 1,
         mode: 0o100644,
     };
-    cache.record(Path::new("/ctx/a"), k, "sha256:a", true);
-    cache.record(Path::new("/ctx/sub/b"), k, "sha256:b", false);
-    cache.record(Path::new("/ctx0/c"), k, "sha256:c", true);
-    cache.record(Path::new("/ctxx/d"), k, "sha256:d", true);
-    cache.flush().expect("flush");
+    record(&mut cache, "/ctx", "", "a", k, 1, true);
+    record(&mut cache, "/ctx", "sub", "b", k, 2, false);
+    record(&mut cache, "/ctx0", "", "c", k, 3, true);
+    record(&mut cache, "/ctxx", "", "d", k, 4, true);
+    drop(cache);
     let mut fresh = StatCache::open(store.path()).expect("open");
     assert_eq!(fresh.load(Path::new("/ctx")).expect("load"), 2);
-    assert_eq!(
-        fresh.lookup(Path::new("/ctx/sub/b"), &k),
-        Some(("sha256:b", false))
-    );
-    assert_eq!(
-        fresh.lookup(Path::new("/ctx/a"), &k),
-        Some(("sha256:a", true))
-    );
-    let other = StatKey { size: 2, ..k };
-    assert_eq!(fresh.lookup(Path::new("/ctx/a"), &other), None);
+    let b = lookup(&fresh, "sub", "b").expect("sub/b");
+    assert_eq!((b.stat, b.digest, b.xattr_free), (k, [2; 32], false));
+    let a = lookup(&fresh, "", "a").expect("a");
+    assert_eq!((a.stat, a.digest, a.xattr_free), (k, [1; 32], true));
+    assert_eq!(lookup(&fresh, "", "c"), None);
+    assert_eq!(lookup(&fresh, "", "b"), None);
 }
 
 #[test]
@@ -291,4 +327,357 @@ fn open_reads_the_dockerignore_for_the_dockerfile() {
     write(d.path(), ".dockerignore", "!\n");
     let e = BuildContext::open(d.path(), &d.path().join("Dockerfile")).expect_err("bad pattern");
     assert!(matches!(e, ContextError::Ignore { .. }));
+}
+
+/// The entry digest as kiln has always computed it (the formula the cache
+/// keys depend on), written out plainly.
+fn reference_entry_digest(root: &Path, e: &FileEntry) -> String {
+    let host = root.join(&e.path);
+    let meta = fs_err::symlink_metadata(&host).expect("lstat");
+    let mut h = Sha256::new();
+    let header = format!(
+        "{}\0{:?}\0{:o}\0{}\0{}\0{}\0{}\0",
+        e.path,
+        e.kind,
+        meta.mode() & 0o7777,
+        meta.uid(),
+        meta.gid(),
+        e.link_target.as_deref().unwrap_or(""),
+        e.content.as_deref().unwrap_or(""),
+    );
+    h.update(header.as_bytes());
+    if e.kind == EntryType::Special {
+        h.update(format!("{}\0", meta.rdev()).as_bytes());
+    }
+    for (k, v) in &read_xattrs(&host) {
+        h.update(k.as_bytes());
+        h.update([b'=']);
+        h.update(hex(v).as_bytes());
+        h.update([0]);
+    }
+    format!("sha256:{}", hex(&h.finalize()))
+}
+
+#[test]
+fn digests_keep_their_format_with_and_without_threads_and_cache() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    for i in 0..300 {
+        write(
+            d.path(),
+            &format!("m{}/s{}/f{i}.c", i % 7, i % 3),
+            &format!("int x{i};\n"),
+        );
+    }
+    write(d.path(), "exec.sh", "#!/bin/sh\n");
+    fs_err::set_permissions(
+        d.path().join("exec.sh"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .expect("chmod");
+    std::os::unix::fs::symlink("m1/s1/f1.c", d.path().join("link")).expect("symlink");
+    nix::unistd::mkfifo(&d.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let tagged = xattr::set(d.path().join("m0/s0/f0.c"), "user.kiln.t", b"\x01\xff").is_ok();
+    assert!(tagged || std::env::var("CI").as_deref() != Ok("true"));
+    let sum_with = |threads: usize, cache: bool| {
+        let mut c = BuildContext::new(d.path(), None)
+            .with_threads(threads)
+            .with_racy_window(Duration::ZERO);
+        if cache {
+            c = c
+                .with_stat_cache(StatCache::open(store.path()).expect("open"))
+                .expect("load");
+        }
+        let s = sum(&mut c, &["."]);
+        c.flush().expect("flush");
+        (s, c.stats())
+    };
+    let (one, _) = sum_with(1, false);
+    assert_eq!(one.files.len(), 300 + 7 + 7 * 3 + 3);
+    for e in &one.files {
+        assert_eq!(e.digest, reference_entry_digest(d.path(), e), "{}", e.path);
+    }
+    let mut h = Sha256::new();
+    for e in &one.files {
+        h.update(e.path.as_bytes());
+        h.update([0]);
+        h.update(e.digest.as_bytes());
+        h.update([b'\n']);
+    }
+    assert_eq!(one.digest, format!("sha256:{}", hex(&h.finalize())));
+    let fifo = one.files.iter().find(|f| f.path == "fifo").expect("fifo");
+    assert_eq!(fifo.kind, EntryType::Special);
+    // Threads and the stat cache (filling, then used) change nothing.
+    let (four, _) = sum_with(4, false);
+    assert_eq!(four, one);
+    let (filled, s) = sum_with(2, true);
+    assert_eq!(filled, one);
+    assert_eq!((s.hashed, s.cached), (301, 0));
+    let (cached, s) = sum_with(3, true);
+    assert_eq!(cached, one);
+    assert_eq!((s.hashed, s.cached), (0, 301));
+}
+
+#[test]
+fn stat_cache_sees_every_stat_change_after_a_reload() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    for i in 0..40 {
+        write(
+            d.path(),
+            &format!("d{}/f{i}", i % 4),
+            &format!("content {i:03}"),
+        );
+    }
+    let run = || {
+        let mut c = BuildContext::new(d.path(), None)
+            .with_racy_window(Duration::ZERO)
+            .with_stat_cache(StatCache::open(store.path()).expect("open"))
+            .expect("load");
+        let s = sum(&mut c, &["."]);
+        c.flush().expect("flush");
+        (s, c.stats())
+    };
+    let (first, _) = run();
+    let (again, st) = run();
+    assert_eq!(again, first);
+    assert_eq!((st.hashed, st.cached), (0, 40));
+    let digest_of = |s: &ContextChecksum, p: &str| {
+        s.files
+            .iter()
+            .find(|f| f.path == p)
+            .and_then(|f| f.content.clone())
+            .expect("file")
+    };
+    // Same size, mtime put back: the ctime still tells.
+    let f = d.path().join("d1/f1");
+    let mtime =
+        filetime::FileTime::from_last_modification_time(&fs_err::metadata(&f).expect("stat"));
+    write(d.path(), "d1/f1", "CONTENT 001");
+    filetime::set_file_mtime(&f, mtime).expect("mtime");
+    let (s, st) = run();
+    assert_eq!((st.hashed, st.cached), (1, 39));
+    assert_ne!(digest_of(&s, "d1/f1"), digest_of(&first, "d1/f1"));
+    // Replaced by another inode with the same content: hashed again, same
+    // digest.
+    write(d.path(), "d2/f2.new", "content 002");
+    fs_err::rename(d.path().join("d2/f2.new"), d.path().join("d2/f2")).expect("rename");
+    let (s2, st) = run();
+    assert_eq!((st.hashed, st.cached), (1, 39));
+    assert_eq!(s2, s);
+    // A mode change.
+    fs_err::set_permissions(
+        d.path().join("d3/f3"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let (s3, st) = run();
+    assert_eq!((st.hashed, st.cached), (1, 39));
+    assert_ne!(s3.digest, s2.digest);
+    // A removed file leaves its directory's row; a new one is hashed.
+    fs_err::remove_file(d.path().join("d0/f0")).expect("rm");
+    write(d.path(), "d0/new", "new");
+    let (s4, st) = run();
+    assert_eq!((st.hashed, st.cached), (1, 39));
+    assert!(s4.files.iter().all(|f| f.path != "d0/f0"));
+    let mut cache = StatCache::open(store.path()).expect("open");
+    assert_eq!(cache.load(d.path()).expect("load"), 40);
+    assert!(lookup(&cache, "d0", "f0").is_none());
+    assert!(lookup(&cache, "d0", "new").is_some());
+}
+
+#[test]
+fn a_stat_cache_of_an_older_kiln_is_read_and_migrated() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    for i in 0..10 {
+        write(d.path(), &format!("s/f{i}"), &format!("c{i}"));
+    }
+    let (expected, _) = {
+        let mut c = BuildContext::new(d.path(), None);
+        (sum(&mut c, &["."]), ())
+    };
+    // The per-file table an older kiln wrote (one entry with a wrong
+    // digest for an outdated stat, one for another context).
+    {
+        let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
+        conn.execute_batch(
+            "CREATE TABLE stat_cache (
+                path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, dev INTEGER NOT NULL,
+                mode INTEGER NOT NULL, digest TEXT NOT NULL
+            ) WITHOUT ROWID;",
+        )
+        .expect("schema");
+        for e in expected.files.iter().filter(|f| f.kind == EntryType::File) {
+            let host = d.path().join(&e.path);
+            let k = StatKey::of(&fs_err::metadata(&host).expect("stat"));
+            let (size, digest) = if e.path == "s/f0" {
+                (k.size as i64 + 1, "sha256:".to_owned() + &"0".repeat(64))
+            } else {
+                (k.size as i64, e.content.clone().expect("content"))
+            };
+            conn.execute(
+                "INSERT INTO stat_cache VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                rusqlite::params![
+                    host.to_string_lossy(),
+                    size,
+                    k.mtime_ns,
+                    k.ctime_ns,
+                    k.ino as i64,
+                    k.dev as i64,
+                    k.mode,
+                    digest
+                ],
+            )
+            .expect("row");
+        }
+        conn.execute(
+            "INSERT INTO stat_cache VALUES (?1, 1, 1, 1, 1, 1, 1, 'sha256:x')",
+            [format!("{}x/f", d.path().display())],
+        )
+        .expect("row");
+    }
+    let run = || {
+        let mut c = BuildContext::new(d.path(), None)
+            .with_racy_window(Duration::ZERO)
+            .with_stat_cache(StatCache::open(store.path()).expect("open"))
+            .expect("load");
+        let s = sum(&mut c, &["."]);
+        c.flush().expect("flush");
+        (s, c.stats())
+    };
+    let (s, st) = run();
+    assert_eq!(s, expected);
+    // The outdated entry was not trusted.
+    assert_eq!((st.hashed, st.cached), (1, 9));
+    // Written in the new form: the next run uses it.
+    let (s, st) = run();
+    assert_eq!(s, expected);
+    assert_eq!((st.hashed, st.cached), (0, 10));
+    let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM stat_parts", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(rows, 1);
+}
+
+#[test]
+fn a_damaged_stat_cache_row_only_costs_a_rehash() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    write(d.path(), "a/x", "x");
+    write(d.path(), "a/y", "y");
+    let run = || {
+        let mut c = BuildContext::new(d.path(), None)
+            .with_racy_window(Duration::ZERO)
+            .with_stat_cache(StatCache::open(store.path()).expect("open"))
+            .expect("load");
+        let s = sum(&mut c, &["."]);
+        c.flush().expect("flush");
+        (s, c.stats())
+    };
+    let (first, _) = run();
+    let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
+    for bad in [&b""[..], &[1, 200, 0, 1][..], &[9; 100][..]] {
+        conn.execute("UPDATE stat_parts SET entries = ?1 WHERE dir = 'a'", [bad])
+            .expect("update");
+        let (s, st) = run();
+        assert_eq!(s, first);
+        assert_eq!((st.hashed, st.cached), (2, 0));
+    }
+}
+
+fn part_rows(store: &Path) -> Vec<(String, i64, Vec<u8>)> {
+    let conn = rusqlite::Connection::open(store.join("statcache.db")).expect("db");
+    let mut st = conn
+        .prepare("SELECT dir, part, entries FROM stat_parts ORDER BY dir, part")
+        .expect("query");
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+#[test]
+fn a_huge_directory_is_stored_in_parts_and_one_edit_rewrites_one() {
+    let store = tempfile::tempdir().expect("store");
+    let d = tempfile::tempdir().expect("ctx");
+    for i in 0..4000 {
+        write(d.path(), &format!("big/f{i}"), &format!("{i}"));
+    }
+    let run = || {
+        let mut c = BuildContext::new(d.path(), None)
+            .with_racy_window(Duration::ZERO)
+            .with_stat_cache(StatCache::open(store.path()).expect("open"))
+            .expect("load");
+        let s = sum(&mut c, &["big"]);
+        c.flush().expect("flush");
+        (s, c.stats())
+    };
+    run();
+    let rows = part_rows(store.path());
+    assert_eq!(rows.iter().filter(|r| r.0 == "big").count(), 1);
+    // Grown past a part: split in two, all still found.
+    for i in 4000..4200 {
+        write(d.path(), &format!("big/f{i}"), &format!("{i}"));
+    }
+    let (_, st) = run();
+    assert_eq!((st.hashed, st.cached), (200, 4000));
+    let before = part_rows(store.path());
+    assert_eq!(before.iter().filter(|r| r.0 == "big").count(), 2);
+    let (first, st) = run();
+    assert_eq!((st.hashed, st.cached), (0, 4200));
+    // One file edited: one part rewritten.
+    write(d.path(), "big/f7", "seven");
+    let (edited, st) = run();
+    assert_eq!((st.hashed, st.cached), (1, 4199));
+    assert_ne!(edited.digest, first.digest);
+    let after = part_rows(store.path());
+    let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    assert_eq!(changed, 1);
+}
+
+#[test]
+fn a_directory_that_shrank_drops_its_extra_parts() {
+    let store = tempfile::tempdir().expect("store");
+    let k = StatKey {
+        size: 1,
+        mtime_ns: 1,
+        ctime_ns: 1,
+        ino: 1,
+        dev: 1,
+        mode: 0o100644,
+    };
+    let rec = |i: usize| StatRecord {
+        name: format!("f{i}").into(),
+        stat: k,
+        digest: [7; 32],
+        xattr_free: true,
+    };
+    let mut cache = StatCache::open(store.path()).expect("open");
+    cache.load(Path::new("/ctx")).expect("load");
+    cache.apply(vec![DirUpdate {
+        dir: "d".into(),
+        listing: None,
+        records: (0..9000).map(rec).collect(),
+    }]);
+    cache.flush().expect("flush");
+    assert_eq!(part_rows(store.path()).len(), 4);
+    // Read whole again, with only 20 files left.
+    let mut cache = StatCache::open(store.path()).expect("open");
+    assert_eq!(cache.load(Path::new("/ctx")).expect("load"), 9000);
+    let listing: Vec<std::ffi::OsString> = (0..20).map(|i| format!("f{i}").into()).collect();
+    cache.apply(vec![DirUpdate {
+        dir: "d".into(),
+        listing: Some(listing),
+        records: (0..20).map(rec).collect(),
+    }]);
+    cache.flush().expect("flush");
+    let rows = part_rows(store.path());
+    assert_eq!(rows.len(), 1);
+    let mut cache = StatCache::open(store.path()).expect("open");
+    assert_eq!(cache.load(Path::new("/ctx")).expect("load"), 20);
+    assert!(lookup(&cache, "d", "f19").is_some());
+    assert!(lookup(&cache, "d", "f20").is_none());
 }

@@ -352,6 +352,15 @@ pub enum KeyError {
         #[source]
         source: serde_json::Error,
     },
+    /// Compressing a key history row failed (never expected).
+    #[error("{step}: cannot compress the key history row")]
+    Compress {
+        /// The step's stage.
+        step: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The key history database failed.
     #[error("key history `{}` failed", path.display())]
     History {
@@ -410,7 +419,9 @@ pub fn compute_keys(
                         step: vert.name.clone(),
                         source,
                     })?;
-                (sum.file_digests(), Some(sum.digest))
+                // (Moved, not copied: thousands of paths.)
+                let files = sum.files.into_iter().map(|f| (f.path, f.digest)).collect();
+                (files, Some(sum.digest))
             }
             _ => (BTreeMap::new(), None),
         };
@@ -511,9 +522,9 @@ fn same_digest(a: &str, b: &str) -> bool {
     a == b || (n >= HISTORY_DIGEST_LEN && a.get(..n) == b.get(..n))
 }
 
-/// The stored form of `inputs`: per-file digests shortened, JSON, zstd.
-/// A COPY of thousands of files is recorded on every build that changes
-/// one, so this keeps the row small.
+/// The stored form of `inputs` in the table of kiln versions before
+/// [`FileBuckets`]: per-file digests shortened, JSON, zstd.
+#[cfg(test)]
 fn history_row(inputs: &KeyInputs) -> Result<Vec<u8>, serde_json::Error> {
     let mut slim = inputs.clone();
     for d in slim.files.values_mut() {
@@ -535,10 +546,94 @@ fn parse_history_row(value: rusqlite::types::ValueRef<'_>) -> Option<KeyInputs> 
     }
 }
 
+/// A step's file list split into buckets by a hash of the path (about 128
+/// files each, a power of two of them), so that a build which changed one
+/// file rewrites one small bucket, and explaining its miss reads only the
+/// buckets that differ. A bucket is, per file in path order, the path's
+/// length (`u32` LE), the path, the shortened digest's length (`u8`) and
+/// the digest; it is known by the first 8 bytes of its sha256.
+struct FileBuckets {
+    /// The encoded buckets.
+    raw: Vec<Vec<u8>>,
+    /// Their hashes, 8 bytes each, in bucket order.
+    hashes: Vec<u8>,
+}
+
+impl FileBuckets {
+    fn count_for(files: usize) -> usize {
+        if files == 0 {
+            0
+        } else {
+            files.div_ceil(128).next_power_of_two().min(4096)
+        }
+    }
+
+    fn bucket_of(path: &str, n: usize) -> usize {
+        // FNV-1a: stable across versions and platforms.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in path.as_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (h % n as u64) as usize
+    }
+
+    fn of(files: &BTreeMap<String, String>) -> Self {
+        let n = Self::count_for(files.len());
+        let mut raw = vec![Vec::new(); n];
+        for (p, d) in files {
+            let d = d.get(..HISTORY_DIGEST_LEN).unwrap_or(d);
+            let (Ok(pl), Ok(dl)) = (u32::try_from(p.len()), u8::try_from(d.len())) else {
+                continue;
+            };
+            let b = &mut raw[Self::bucket_of(p, n)];
+            b.extend_from_slice(&pl.to_le_bytes());
+            b.extend_from_slice(p.as_bytes());
+            b.push(dl);
+            b.extend_from_slice(d.as_bytes());
+        }
+        let mut hashes = Vec::with_capacity(n * 8);
+        for b in &raw {
+            hashes.extend_from_slice(&Sha256::digest(b)[..8]);
+        }
+        Self { raw, hashes }
+    }
+
+    /// The files of an encoded bucket (`None`: damaged).
+    fn decode(mut b: &[u8], into: &mut BTreeMap<String, String>) -> Option<()> {
+        while !b.is_empty() {
+            let pl = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+            let p = std::str::from_utf8(b.get(4..4 + pl)?).ok()?;
+            let dl = usize::from(*b.get(4 + pl)?);
+            let d = std::str::from_utf8(b.get(5 + pl..5 + pl + dl)?).ok()?;
+            into.insert(p.to_owned(), d.to_owned());
+            b = &b[5 + pl + dl..];
+        }
+        Some(())
+    }
+}
+
+/// The last build's row of a step.
+enum PreviousRow {
+    /// From `key_history3`: the inputs without their files, where the
+    /// row is, and the hashes of its file buckets.
+    Split {
+        inputs: KeyInputs,
+        stage: String,
+        idx: i64,
+        hashes: Vec<u8>,
+    },
+    /// From the table of older kiln versions (files included).
+    Whole(KeyInputs),
+}
+
 /// The inputs of the last build of each step, in `statcache.db` under the
 /// store root, so the next build can explain its misses. Scoped by the
 /// Dockerfile and context paths; a step is found by stage and instruction
-/// index, or else by its Dockerfile line.
+/// index, or else by its Dockerfile line. A step's inputs without their
+/// files are one row of `key_history3` (zstd JSON); the files are rows of
+/// `key_history3_files`, one per [`FileBuckets`] bucket, rewritten only
+/// when they change.
 #[derive(Debug)]
 pub struct KeyHistory {
     conn: rusqlite::Connection,
@@ -556,17 +651,28 @@ impl KeyHistory {
             source,
         };
         let conn = crate::context::open_cache_db(&path).map_err(e)?;
-        // `key_history2` holds compressed rows ([`history_row`]); the older
-        // `key_history` (plain JSON) is left to older kiln versions, which
-        // would fail on a compressed row.
+        // `key_history2` (a row per step, files included, written by older
+        // kiln versions) is still read when a step has no row here. Rowid
+        // tables updated in place: a row of about 1 KB stays in its leaf
+        // page (a `WITHOUT ROWID` row that size spills to overflow pages),
+        // so a one-file rebuild writes a few pages.
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS key_history2 (
+            "CREATE TABLE IF NOT EXISTS key_history3 (
                 scope TEXT NOT NULL,
                 stage TEXT NOT NULL,
                 idx INTEGER NOT NULL,
                 line INTEGER NOT NULL,
                 inputs BLOB NOT NULL,
+                buckets BLOB NOT NULL,
                 PRIMARY KEY (scope, stage, idx)
+            );
+            CREATE TABLE IF NOT EXISTS key_history3_files (
+                scope TEXT NOT NULL,
+                stage TEXT NOT NULL,
+                idx INTEGER NOT NULL,
+                bucket INTEGER NOT NULL,
+                files BLOB NOT NULL,
+                PRIMARY KEY (scope, stage, idx, bucket)
             );",
         )
         .map_err(e)?;
@@ -577,13 +683,50 @@ impl KeyHistory {
         })
     }
 
-    /// The previous inputs of the step at `loc`.
-    pub fn previous(&self, loc: &StepLocator) -> Result<Option<KeyInputs>, KeyError> {
-        let e = |source| KeyError::History {
+    fn db_err(&self) -> impl Fn(rusqlite::Error) -> KeyError + '_ {
+        |source| KeyError::History {
             path: self.path.clone(),
             source,
-        };
+        }
+    }
+
+    /// The row of the previous build of the step at `loc`.
+    fn previous_row(&self, loc: &StepLocator) -> Result<Option<PreviousRow>, KeyError> {
+        let e = self.db_err();
         let idx = loc.index.map_or(-1, |i| i as i64);
+        let params = rusqlite::params![self.scope, loc.stage, idx, loc.line as i64];
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT stage, idx, inputs, buckets FROM key_history3 WHERE scope = ?1 AND
+                 ((stage = ?2 AND idx = ?3) OR line = ?4)
+                 ORDER BY (stage = ?2 AND idx = ?3) DESC LIMIT 1",
+            )
+            .map_err(&e)?;
+        let mut rows = stmt.query(params).map_err(&e)?;
+        if let Some(row) = rows.next().map_err(&e)? {
+            // An unreadable record is as good as none.
+            let Some(inputs) = parse_history_row(row.get_ref(2).map_err(&e)?) else {
+                return Ok(None);
+            };
+            return Ok(Some(PreviousRow::Split {
+                inputs,
+                stage: row.get(0).map_err(&e)?,
+                idx: row.get(1).map_err(&e)?,
+                hashes: row.get(3).map_err(&e)?,
+            }));
+        }
+        drop(rows);
+        let has_old = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'key_history2'",
+            )
+            .and_then(|mut st| st.exists([]))
+            .map_err(&e)?;
+        if !has_old {
+            return Ok(None);
+        }
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -591,19 +734,67 @@ impl KeyHistory {
                  ((stage = ?2 AND idx = ?3) OR line = ?4)
                  ORDER BY (stage = ?2 AND idx = ?3) DESC LIMIT 1",
             )
-            .map_err(e)?;
-        let mut rows = stmt
-            .query(rusqlite::params![
-                self.scope,
-                loc.stage,
-                idx,
-                loc.line as i64
-            ])
-            .map_err(e)?;
-        match rows.next().map_err(e)? {
-            // An unreadable record (older format) is as good as none.
-            Some(row) => Ok(parse_history_row(row.get_ref(0).map_err(e)?)),
+            .map_err(&e)?;
+        let mut rows = stmt.query(params).map_err(&e)?;
+        match rows.next().map_err(&e)? {
+            Some(row) => Ok(parse_history_row(row.get_ref(0).map_err(&e)?).map(PreviousRow::Whole)),
             None => Ok(None),
+        }
+    }
+
+    /// Adds the files of the stored buckets `which` of the step at
+    /// `(stage, idx)` to `into` (`None`: a bucket is missing or damaged).
+    fn read_buckets(
+        &self,
+        stage: &str,
+        idx: i64,
+        which: &[usize],
+        into: &mut BTreeMap<String, String>,
+    ) -> Result<Option<()>, KeyError> {
+        let e = self.db_err();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT files FROM key_history3_files
+                 WHERE scope = ?1 AND stage = ?2 AND idx = ?3 AND bucket = ?4",
+            )
+            .map_err(&e)?;
+        for &b in which {
+            let mut rows = stmt
+                .query(rusqlite::params![self.scope, stage, idx, b as i64])
+                .map_err(&e)?;
+            let Some(row) = rows.next().map_err(&e)? else {
+                return Ok(None);
+            };
+            let rusqlite::types::ValueRef::Blob(z) = row.get_ref(0).map_err(&e)? else {
+                return Ok(None);
+            };
+            let Ok(raw) = zstd::decode_all(z) else {
+                return Ok(None);
+            };
+            if FileBuckets::decode(&raw, into).is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    }
+
+    /// The previous inputs of the step at `loc`.
+    pub fn previous(&self, loc: &StepLocator) -> Result<Option<KeyInputs>, KeyError> {
+        match self.previous_row(loc)? {
+            None => Ok(None),
+            Some(PreviousRow::Whole(i)) => Ok(Some(i)),
+            Some(PreviousRow::Split {
+                mut inputs,
+                stage,
+                idx,
+                hashes,
+            }) => {
+                let all: Vec<usize> = (0..hashes.len() / 8).collect();
+                Ok(self
+                    .read_buckets(&stage, idx, &all, &mut inputs.files)?
+                    .map(|()| inputs))
+            }
         }
     }
 
@@ -619,31 +810,97 @@ impl KeyHistory {
         };
         let tx = self.conn.transaction().map_err(e)?;
         {
-            let mut stmt = tx
+            let mut old_hashes = tx
+                .prepare_cached(
+                    "SELECT buckets FROM key_history3 WHERE scope = ?1 AND stage = ?2 AND idx = ?3",
+                )
+                .map_err(e)?;
+            let mut put_row = tx
                 .prepare_cached(
                     // Unchanged rows are not rewritten: a no-op rebuild
-                    // writes nothing (a COPY's row lists all its files).
-                    "INSERT INTO key_history2 (scope, stage, idx, line, inputs)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
+                    // writes nothing.
+                    "INSERT INTO key_history3 (scope, stage, idx, line, inputs, buckets)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (scope, stage, idx) DO UPDATE
-                     SET line = excluded.line, inputs = excluded.inputs
-                     WHERE line != excluded.line OR inputs != excluded.inputs",
+                     SET line = excluded.line, inputs = excluded.inputs, buckets = excluded.buckets
+                     WHERE line != excluded.line OR inputs != excluded.inputs
+                        OR buckets != excluded.buckets",
+                )
+                .map_err(e)?;
+            let mut drop_buckets = tx
+                .prepare_cached(
+                    "DELETE FROM key_history3_files WHERE scope = ?1 AND stage = ?2 AND idx = ?3",
+                )
+                .map_err(e)?;
+            let mut put_bucket = tx
+                .prepare_cached(
+                    "INSERT INTO key_history3_files (scope, stage, idx, bucket, files)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (scope, stage, idx, bucket) DO UPDATE SET files = excluded.files",
                 )
                 .map_err(e)?;
             for i in inputs {
                 let Some(loc) = &i.locator else { continue };
-                let json = history_row(i).map_err(|source| KeyError::Serialize {
+                let idx = loc.index.map_or(-1, |i| i as i64);
+                let slim = KeyInputs {
+                    files: BTreeMap::new(),
+                    kind: i.kind.clone(),
+                    definition: i.definition.clone(),
+                    instruction: i.instruction.clone(),
+                    locator: i.locator.clone(),
+                    parents: i.parents.clone(),
+                    vars: i.vars.clone(),
+                    image: i.image.clone(),
+                    files_digest: i.files_digest.clone(),
+                };
+                let json = serde_json::to_vec(&slim).map_err(|source| KeyError::Serialize {
                     step: loc.stage.clone(),
                     source,
                 })?;
-                stmt.execute(rusqlite::params![
-                    self.scope,
-                    loc.stage,
-                    loc.index.map_or(-1, |i| i as i64),
-                    loc.line as i64,
-                    json
-                ])
-                .map_err(e)?;
+                let row = zstd::bulk::compress(&json, 3).unwrap_or(json);
+                let buckets = FileBuckets::of(&i.files);
+                let old: Option<Vec<u8>> = {
+                    let mut rows = old_hashes
+                        .query(rusqlite::params![self.scope, loc.stage, idx])
+                        .map_err(e)?;
+                    match rows.next().map_err(e)? {
+                        Some(r) => Some(r.get(0).map_err(e)?),
+                        None => None,
+                    }
+                };
+                put_row
+                    .execute(rusqlite::params![
+                        self.scope,
+                        loc.stage,
+                        idx,
+                        loc.line as i64,
+                        row,
+                        buckets.hashes
+                    ])
+                    .map_err(e)?;
+                let old = match old {
+                    Some(h) if h.len() == buckets.hashes.len() => h,
+                    _ => {
+                        // Another bucket count: all rewritten.
+                        drop_buckets
+                            .execute(rusqlite::params![self.scope, loc.stage, idx])
+                            .map_err(e)?;
+                        Vec::new()
+                    }
+                };
+                for (b, raw) in buckets.raw.iter().enumerate() {
+                    let h = &buckets.hashes[b * 8..b * 8 + 8];
+                    if old.get(b * 8..b * 8 + 8) == Some(h) {
+                        continue;
+                    }
+                    let z = zstd::bulk::compress(raw, 3).map_err(|source| KeyError::Compress {
+                        step: loc.stage.clone(),
+                        source,
+                    })?;
+                    put_bucket
+                        .execute(rusqlite::params![self.scope, loc.stage, idx, b as i64, z])
+                        .map_err(e)?;
+                }
             }
         }
         tx.commit().map_err(e)
@@ -654,16 +911,66 @@ impl KeyHistory {
         let Some(loc) = &current.locator else {
             return Ok(vec![MissCause::FirstBuild]);
         };
-        Ok(match self.previous(loc)? {
-            Some(prev) => {
-                let c = explain_miss(&prev, current);
-                if c.is_empty() {
-                    vec![MissCause::RecordMissing]
+        let causes = match self.previous_row(loc)? {
+            None => return Ok(vec![MissCause::FirstBuild]),
+            Some(PreviousRow::Whole(prev)) => explain_miss(&prev, current),
+            Some(PreviousRow::Split {
+                mut inputs,
+                stage,
+                idx,
+                hashes,
+            }) => {
+                let cur = FileBuckets::of(&current.files);
+                if cur.hashes.len() == hashes.len() {
+                    // Only the files of buckets that differ are compared
+                    // (the same files in the same order as comparing all).
+                    let n = hashes.len() / 8;
+                    let differ: Vec<usize> = (0..n)
+                        .filter(|b| hashes[b * 8..b * 8 + 8] != cur.hashes[b * 8..b * 8 + 8])
+                        .collect();
+                    let mut differs = vec![false; n];
+                    for &b in &differ {
+                        differs[b] = true;
+                    }
+                    if self
+                        .read_buckets(&stage, idx, &differ, &mut inputs.files)?
+                        .is_none()
+                    {
+                        return Ok(vec![MissCause::FirstBuild]);
+                    }
+                    let subset = KeyInputs {
+                        files: current
+                            .files
+                            .iter()
+                            .filter(|(p, _)| differs[FileBuckets::bucket_of(p, n)])
+                            .map(|(p, d)| (p.clone(), d.clone()))
+                            .collect(),
+                        kind: current.kind.clone(),
+                        definition: current.definition.clone(),
+                        instruction: current.instruction.clone(),
+                        locator: current.locator.clone(),
+                        parents: current.parents.clone(),
+                        vars: current.vars.clone(),
+                        image: current.image.clone(),
+                        files_digest: current.files_digest.clone(),
+                    };
+                    explain_miss(&inputs, &subset)
                 } else {
-                    c
+                    let all: Vec<usize> = (0..hashes.len() / 8).collect();
+                    if self
+                        .read_buckets(&stage, idx, &all, &mut inputs.files)?
+                        .is_none()
+                    {
+                        return Ok(vec![MissCause::FirstBuild]);
+                    }
+                    explain_miss(&inputs, current)
                 }
             }
-            None => vec![MissCause::FirstBuild],
+        };
+        Ok(if causes.is_empty() {
+            vec![MissCause::RecordMissing]
+        } else {
+            causes
         })
     }
 }

@@ -370,3 +370,136 @@ fn history_rows_are_compact_and_older_json_rows_still_read() {
     let old = parse_history_row(rusqlite::types::ValueRef::Text(&plain)).expect("json row");
     assert_eq!(old, i);
 }
+
+fn with_files(n: usize, changed: Option<usize>) -> KeyInputs {
+    let mut i = inputs();
+    i.files = (0..n)
+        .map(|k| {
+            let v = if changed == Some(k) { k + 1_000_000 } else { k };
+            (
+                format!("src/mod{}/file{k}.c", k % 40),
+                // The leading digits differ, as sha256's do.
+                format!(
+                    "sha256:{:016x}{:048x}",
+                    (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    v
+                ),
+            )
+        })
+        .collect();
+    i
+}
+
+fn bucket_rows(h: &KeyHistory) -> i64 {
+    h.conn
+        .query_row("SELECT count(*) FROM key_history3_files", [], |r| r.get(0))
+        .expect("count")
+}
+
+#[test]
+fn a_one_file_change_rewrites_one_bucket_and_is_named() {
+    let store = tempfile::tempdir().expect("store");
+    let mut h = KeyHistory::open(store.path(), "scope").expect("open");
+    let base = with_files(5000, None);
+    h.record([&base]).expect("record");
+    let n = bucket_rows(&h);
+    assert_eq!(n, 64);
+    // The same inputs again: nothing written.
+    let before = h.conn.total_changes();
+    h.record([&base]).expect("record");
+    assert_eq!(h.conn.total_changes(), before);
+    assert_eq!(
+        h.explain(&base).expect("explain"),
+        [MissCause::RecordMissing]
+    );
+    // One file changed: one bucket row rewritten.
+    let edited = with_files(5000, Some(1234));
+    assert_eq!(
+        h.explain(&edited).expect("explain"),
+        [MissCause::FileChanged {
+            path: "src/mod34/file1234.c".into()
+        }]
+    );
+    let before = h.conn.total_changes();
+    h.record([&edited]).expect("record");
+    // (The step's row, with its bucket hashes, and one bucket.)
+    assert_eq!(h.conn.total_changes() - before, 2);
+    // The full previous inputs still read back.
+    let loc = base.locator.clone().expect("locator");
+    let prev = h.previous(&loc).expect("previous").expect("row");
+    assert_eq!(prev.files.len(), 5000);
+    assert!(explain_miss(&prev, &edited).is_empty());
+    // Files added and removed, across a change of the bucket count.
+    let mut fewer = with_files(100, None);
+    fewer.files.insert("new.txt".into(), "sha256:00".into());
+    let causes = h.explain(&fewer).expect("explain");
+    assert_eq!(causes.len(), 4900 + 1);
+    assert_eq!(
+        causes[0],
+        MissCause::FileAdded {
+            path: "new.txt".into()
+        }
+    );
+    assert!(
+        causes[1..]
+            .iter()
+            .all(|c| matches!(c, MissCause::FileRemoved { .. }))
+    );
+    h.record([&fewer]).expect("record");
+    assert_eq!(bucket_rows(&h), 1);
+    assert_eq!(
+        h.explain(&fewer).expect("explain"),
+        [MissCause::RecordMissing]
+    );
+    // No files at all.
+    let mut none = inputs();
+    none.files.clear();
+    h.record([&none]).expect("record");
+    assert_eq!(bucket_rows(&h), 0);
+    assert_eq!(
+        h.explain(&none).expect("explain"),
+        [MissCause::RecordMissing]
+    );
+}
+
+#[test]
+fn a_key_history_row_of_an_older_kiln_still_explains() {
+    let store = tempfile::tempdir().expect("store");
+    let old = with_files(300, None);
+    {
+        // The table and row as kiln wrote them before the file buckets.
+        let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
+        conn.execute_batch(
+            "CREATE TABLE key_history2 (
+                scope TEXT NOT NULL, stage TEXT NOT NULL, idx INTEGER NOT NULL,
+                line INTEGER NOT NULL, inputs BLOB NOT NULL,
+                PRIMARY KEY (scope, stage, idx)
+            );",
+        )
+        .expect("schema");
+        conn.execute(
+            "INSERT INTO key_history2 VALUES ('scope', 'build', 1, 3, ?1)",
+            [history_row(&old).expect("row")],
+        )
+        .expect("insert");
+    }
+    let mut h = KeyHistory::open(store.path(), "scope").expect("open");
+    let edited = with_files(300, Some(7));
+    assert_eq!(
+        h.explain(&edited).expect("explain"),
+        [MissCause::FileChanged {
+            path: "src/mod7/file7.c".into()
+        }]
+    );
+    // Recorded in the new tables, which win from then on.
+    h.record([&edited]).expect("record");
+    assert_eq!(
+        h.explain(&edited).expect("explain"),
+        [MissCause::RecordMissing]
+    );
+    // A damaged bucket is as good as no history.
+    h.conn
+        .execute("UPDATE key_history3_files SET files = x'00'", [])
+        .expect("damage");
+    assert_eq!(h.explain(&old).expect("explain"), [MissCause::FirstBuild]);
+}
