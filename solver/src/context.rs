@@ -1312,34 +1312,28 @@ struct StatIndex {
 /// [`flush`](Self::flush).
 #[derive(Debug)]
 pub struct StatCache {
-    conn: rusqlite::Connection,
+    db: CacheDb,
     path: PathBuf,
     index: StatIndex,
-}
-
-impl Drop for StatCache {
-    fn drop(&mut self) {
-        kiln_cache::fold_wal(&self.conn, &self.path);
-    }
 }
 
 impl StatCache {
     /// Open (or create) `<store_root>/statcache.db`.
     pub fn open(store_root: &Path) -> Result<Self, ContextError> {
         fs_err::create_dir_all(store_root).map_err(io_err(store_root))?;
-        let path = store_root.join("statcache.db");
+        let db = CacheDb::open(store_root)
+            .map_err(|(path, source)| ContextError::StatCache { path, source })?;
+        StatCache::with_db(db)
+    }
+
+    /// The stat cache in `db` (shared with the build's other users).
+    pub fn with_db(db: CacheDb) -> Result<Self, ContextError> {
+        let path = db.path().to_owned();
         let e = |source| ContextError::StatCache {
             path: path.clone(),
             source,
         };
-        let conn = open_cache_db(&path).map_err(e)?;
-        // A WAL left big (by an older kiln) is read whole by every process
-        // that opens it alone: fold it into the database once.
-        let wal = store_root.join("statcache.db-wal");
-        if fs_err::metadata(&wal).is_ok_and(|m| m.len() > 2 << 20) {
-            conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-                .map_err(e)?;
-        }
+        let conn = db.conn();
         // (`stat_cache`, a row per file, is the table of older kiln
         // versions: read once per context when `stat_parts` has none.)
         conn.execute_batch(
@@ -1352,8 +1346,9 @@ impl StatCache {
             );",
         )
         .map_err(e)?;
+        drop(conn);
         Ok(Self {
-            conn,
+            db,
             path,
             index: StatIndex::default(),
         })
@@ -1373,8 +1368,8 @@ impl StatCache {
         let mut rows_of: HashMap<String, Vec<DirBlob>> = HashMap::new();
         {
             let e = self.db_err();
-            let mut stmt = self
-                .conn
+            let conn = self.db.conn();
+            let mut stmt = conn
                 .prepare_cached("SELECT dir, entries FROM stat_parts WHERE root = ?1")
                 .map_err(&e)?;
             let mut rows = stmt.query([&root]).map_err(&e)?;
@@ -1403,8 +1398,8 @@ impl StatCache {
     /// to be written in the new form at the next flush.
     fn load_legacy(&self, root: &str) -> Result<HashMap<String, DirParts>, ContextError> {
         let e = self.db_err();
-        let has_legacy = self
-            .conn
+        let conn = self.db.conn();
+        let has_legacy = conn
             .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stat_cache'")
             .and_then(|mut st| st.exists([]))
             .map_err(&e)?;
@@ -1412,8 +1407,7 @@ impl StatCache {
             return Ok(HashMap::new());
         }
         // (Databases from before `xattr_free`: not known.)
-        let has_xattr_free = self
-            .conn
+        let has_xattr_free = conn
             .prepare("SELECT 1 FROM pragma_table_info('stat_cache') WHERE name = 'xattr_free'")
             .and_then(|mut st| st.exists([]))
             .map_err(&e)?;
@@ -1421,8 +1415,7 @@ impl StatCache {
         // Every path under `prefix` sorts between `prefix` and `prefix`
         // with its final `/` replaced by `0` (the next byte).
         let upper = format!("{root}0");
-        let mut stmt = self
-            .conn
+        let mut stmt = conn
             .prepare(if has_xattr_free {
                 "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, xattr_free
                  FROM stat_cache WHERE path >= ?1 AND path < ?2"
@@ -1493,7 +1486,8 @@ impl StatCache {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(e)?;
+        let mut conn = self.db.conn();
+        let tx = conn.transaction().map_err(e)?;
         {
             let mut drop_rows = tx
                 .prepare_cached(
@@ -1552,4 +1546,71 @@ pub(crate) fn open_cache_db(path: &Path) -> rusqlite::Result<rusqlite::Connectio
         true,
     )?;
     Ok(conn)
+}
+
+/// One connection to `<store>/statcache.db`, shared by the stat cache, the
+/// key history and the content memo of a build: each open connection costs
+/// its setup, its own read of the schema and its own page cache (all fresh
+/// memory), so a build opens one. Cloning shares it; the WAL is folded
+/// (see [`kiln_cache::fold_wal`]) when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct CacheDb {
+    inner: std::sync::Arc<CacheDbInner>,
+}
+
+#[derive(Debug)]
+struct CacheDbInner {
+    conn: std::sync::Mutex<rusqlite::Connection>,
+    path: PathBuf,
+}
+
+impl Drop for CacheDbInner {
+    fn drop(&mut self) {
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kiln_cache::fold_wal(conn, &self.path);
+    }
+}
+
+impl CacheDb {
+    /// Opens (creating) `<store_root>/statcache.db`.
+    pub fn open(store_root: &Path) -> Result<CacheDb, (PathBuf, rusqlite::Error)> {
+        let path = store_root.join("statcache.db");
+        if let Err(e) = fs_err::create_dir_all(store_root) {
+            return Err((path, rusqlite::Error::ToSqlConversionFailure(Box::new(e))));
+        }
+        let conn = match open_cache_db(&path) {
+            Ok(c) => c,
+            Err(e) => return Err((path, e)),
+        };
+        // A WAL left big (by an older kiln) is read whole by every process
+        // that opens it alone: fold it into the database once.
+        let wal = store_root.join("statcache.db-wal");
+        if fs_err::metadata(&wal).is_ok_and(|m| m.len() > 2 << 20)
+            && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        {
+            return Err((path, e));
+        }
+        Ok(CacheDb {
+            inner: std::sync::Arc::new(CacheDbInner {
+                conn: std::sync::Mutex::new(conn),
+                path,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The connection, for one use (do not hold it across another's).
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }

@@ -636,7 +636,7 @@ enum PreviousRow {
 /// when they change.
 #[derive(Debug)]
 pub struct KeyHistory {
-    conn: rusqlite::Connection,
+    db: crate::context::CacheDb,
     path: PathBuf,
     scope: String,
 }
@@ -645,12 +645,20 @@ impl KeyHistory {
     /// Open the history for builds of `scope` (e.g. the Dockerfile's and
     /// the context's absolute paths joined).
     pub fn open(store_root: &Path, scope: &str) -> Result<Self, KeyError> {
-        let path = store_root.join("statcache.db");
+        let db = crate::context::CacheDb::open(store_root)
+            .map_err(|(path, source)| KeyError::History { path, source })?;
+        KeyHistory::with_db(db, scope)
+    }
+
+    /// The history for builds of `scope` in `db` (shared with the build's
+    /// other users).
+    pub fn with_db(db: crate::context::CacheDb, scope: &str) -> Result<Self, KeyError> {
+        let path = db.path().to_owned();
         let e = |source| KeyError::History {
             path: path.clone(),
             source,
         };
-        let conn = crate::context::open_cache_db(&path).map_err(e)?;
+        let conn = db.conn();
         // `key_history2` (a row per step, files included, written by older
         // kiln versions) is still read when a step has no row here. Rowid
         // tables updated in place: a row of about 1 KB stays in its leaf
@@ -676,8 +684,9 @@ impl KeyHistory {
             );",
         )
         .map_err(e)?;
+        drop(conn);
         Ok(Self {
-            conn,
+            db,
             path,
             scope: scope.to_owned(),
         })
@@ -695,8 +704,8 @@ impl KeyHistory {
         let e = self.db_err();
         let idx = loc.index.map_or(-1, |i| i as i64);
         let params = rusqlite::params![self.scope, loc.stage, idx, loc.line as i64];
-        let mut stmt = self
-            .conn
+        let conn = self.db.conn();
+        let mut stmt = conn
             .prepare_cached(
                 "SELECT stage, idx, inputs, buckets FROM key_history3 WHERE scope = ?1 AND
                  ((stage = ?2 AND idx = ?3) OR line = ?4)
@@ -717,8 +726,7 @@ impl KeyHistory {
             }));
         }
         drop(rows);
-        let has_old = self
-            .conn
+        let has_old = conn
             .prepare_cached(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'key_history2'",
             )
@@ -727,8 +735,7 @@ impl KeyHistory {
         if !has_old {
             return Ok(None);
         }
-        let mut stmt = self
-            .conn
+        let mut stmt = conn
             .prepare_cached(
                 "SELECT inputs FROM key_history2 WHERE scope = ?1 AND
                  ((stage = ?2 AND idx = ?3) OR line = ?4)
@@ -752,8 +759,8 @@ impl KeyHistory {
         into: &mut BTreeMap<String, String>,
     ) -> Result<Option<()>, KeyError> {
         let e = self.db_err();
-        let mut stmt = self
-            .conn
+        let conn = self.db.conn();
+        let mut stmt = conn
             .prepare_cached(
                 "SELECT files FROM key_history3_files
                  WHERE scope = ?1 AND stage = ?2 AND idx = ?3 AND bucket = ?4",
@@ -808,7 +815,8 @@ impl KeyHistory {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(e)?;
+        let mut conn = self.db.conn();
+        let tx = conn.transaction().map_err(e)?;
         {
             let mut old_hashes = tx
                 .prepare_cached(
@@ -975,38 +983,39 @@ impl KeyHistory {
     }
 }
 
-impl Drop for KeyHistory {
-    fn drop(&mut self) {
-        kiln_cache::fold_wal(&self.conn, &self.path);
-    }
-}
-
 /// Remembered content digests (see `runner::content`): an id naming a
 /// filesystem and a selection of files in it -> the selection's digest.
 /// In `statcache.db` under the store root, next to the key history.
 #[derive(Debug)]
 pub struct ContentMemo {
-    conn: rusqlite::Connection,
+    db: crate::context::CacheDb,
     path: PathBuf,
 }
 
 impl ContentMemo {
     /// Open (creating) the memo of the store at `store_root`.
     pub fn open(store_root: &Path) -> Result<Self, KeyError> {
-        let path = store_root.join("statcache.db");
+        let db = crate::context::CacheDb::open(store_root)
+            .map_err(|(path, source)| KeyError::History { path, source })?;
+        ContentMemo::with_db(db)
+    }
+
+    /// The memo in `db` (shared with the build's other users).
+    pub fn with_db(db: crate::context::CacheDb) -> Result<Self, KeyError> {
+        let path = db.path().to_owned();
         let e = |source| KeyError::History {
             path: path.clone(),
             source,
         };
-        let conn = crate::context::open_cache_db(&path).map_err(e)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS content_digest (
-                id TEXT PRIMARY KEY NOT NULL,
-                digest TEXT NOT NULL
-            );",
-        )
-        .map_err(e)?;
-        Ok(Self { conn, path })
+        db.conn()
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS content_digest (
+                    id TEXT PRIMARY KEY NOT NULL,
+                    digest TEXT NOT NULL
+                );",
+            )
+            .map_err(e)?;
+        Ok(Self { db, path })
     }
 
     /// The digest remembered for `id`.
@@ -1015,8 +1024,8 @@ impl ContentMemo {
             path: self.path.clone(),
             source,
         };
-        let mut stmt = self
-            .conn
+        let conn = self.db.conn();
+        let mut stmt = conn
             .prepare_cached("SELECT digest FROM content_digest WHERE id = ?1")
             .map_err(e)?;
         let mut rows = stmt.query([id]).map_err(e)?;
@@ -1028,7 +1037,8 @@ impl ContentMemo {
 
     /// Remember `digest` for `id`.
     pub fn put(&self, id: &str, digest: &str) -> Result<(), KeyError> {
-        self.conn
+        self.db
+            .conn()
             .execute(
                 "INSERT OR REPLACE INTO content_digest (id, digest) VALUES (?1, ?2)",
                 [id, digest],

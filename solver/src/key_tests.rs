@@ -391,7 +391,7 @@ fn with_files(n: usize, changed: Option<usize>) -> KeyInputs {
 }
 
 fn bucket_rows(h: &KeyHistory) -> i64 {
-    h.conn
+    h.db.conn()
         .query_row("SELECT count(*) FROM key_history3_files", [], |r| r.get(0))
         .expect("count")
 }
@@ -405,9 +405,9 @@ fn a_one_file_change_rewrites_one_bucket_and_is_named() {
     let n = bucket_rows(&h);
     assert_eq!(n, 64);
     // The same inputs again: nothing written.
-    let before = h.conn.total_changes();
+    let before = h.db.conn().total_changes();
     h.record([&base]).expect("record");
-    assert_eq!(h.conn.total_changes(), before);
+    assert_eq!(h.db.conn().total_changes(), before);
     assert_eq!(
         h.explain(&base).expect("explain"),
         [MissCause::RecordMissing]
@@ -420,10 +420,10 @@ fn a_one_file_change_rewrites_one_bucket_and_is_named() {
             path: "src/mod34/file1234.c".into()
         }]
     );
-    let before = h.conn.total_changes();
+    let before = h.db.conn().total_changes();
     h.record([&edited]).expect("record");
     // (The step's row, with its bucket hashes, and one bucket.)
-    assert_eq!(h.conn.total_changes() - before, 2);
+    assert_eq!(h.db.conn().total_changes() - before, 2);
     // The full previous inputs still read back.
     let loc = base.locator.clone().expect("locator");
     let prev = h.previous(&loc).expect("previous").expect("row");
@@ -498,8 +498,35 @@ fn a_key_history_row_of_an_older_kiln_still_explains() {
         [MissCause::RecordMissing]
     );
     // A damaged bucket is as good as no history.
-    h.conn
+    h.db.conn()
         .execute("UPDATE key_history3_files SET files = x'00'", [])
         .expect("damage");
     assert_eq!(h.explain(&old).expect("explain"), [MissCause::FirstBuild]);
+}
+
+#[test]
+fn one_shared_connection_serves_the_stat_cache_the_history_and_the_memo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = crate::context::CacheDb::open(dir.path()).expect("open");
+    let stats = crate::context::StatCache::with_db(db.clone()).expect("stat cache");
+    let history = KeyHistory::with_db(db.clone(), "scope").expect("history");
+    let memo = ContentMemo::with_db(db.clone()).expect("memo");
+    memo.put("id", "sha256:aa").expect("put");
+    assert_eq!(memo.get("id").expect("get").as_deref(), Some("sha256:aa"));
+    // All three see one database: the memo's table is in the history's.
+    let tables: i64 = history
+        .db
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name IN
+             ('content_digest', 'key_history3', 'stat_parts')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(tables, 3);
+    drop((stats, history, memo, db));
+    // What was written is there for the next build's own connection.
+    let again = ContentMemo::open(dir.path()).expect("reopen");
+    assert_eq!(again.get("id").expect("get").as_deref(), Some("sha256:aa"));
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use kiln_solver::context::{BuildContext, StatCache};
+use kiln_solver::context::{BuildContext, CacheDb, StatCache};
 use kiln_solver::event::Progress;
 use kiln_solver::export::{ExportOptions, export_image};
 use kiln_solver::key::{KeyHistory, compute_keys};
@@ -383,7 +383,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     }
     let context_dir = fs_err::canonicalize(&input.context)
         .with_context(|| format!("the build context `{}`", input.context.display()))?;
-    let stat_cache = StatCache::open(store.root())?;
+    // One connection to statcache.db for the stat cache, the key history
+    // and the content memo.
+    let cache_db = CacheDb::open(store.root()).map_err(|(path, e)| {
+        anyhow::Error::new(e).context(format!("opening `{}`", path.display()))
+    })?;
+    let stat_cache = StatCache::with_db(cache_db.clone())?;
     let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
     kiln_cache::timing::mark("ctx open");
     let keys = compute_keys(&graph, Some(&mut ctx)).map_err(|e| {
@@ -420,7 +425,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             context_dir.display()
         ),
     };
-    let mut history = KeyHistory::open(store.root(), &scope)?;
+    let mut history = KeyHistory::with_db(cache_db.clone(), &scope)?;
     kiln_cache::timing::mark("history open");
     let epoch = source_date_epoch()?;
     let graph = Arc::new(graph);
@@ -440,7 +445,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             },
             source_date_epoch: epoch,
         },
-    );
+    )
+    .with_cache_db(cache_db);
     if let Some(cache) = imported {
         runner = runner.with_imported(cache, progress.clone());
     }

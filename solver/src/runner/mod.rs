@@ -248,6 +248,8 @@ pub struct StoreRunner {
     fetching: Arc<Mutex<()>>,
     /// Base images looked up in this build, by what was looked up.
     bases: Arc<Mutex<HashMap<String, Chain>>>,
+    /// The build's connection to `statcache.db`, for the content memo.
+    cache_db: Option<crate::context::CacheDb>,
 }
 
 impl StoreRunner {
@@ -265,7 +267,15 @@ impl StoreRunner {
             imported_hits: Arc::default(),
             fetching: Arc::default(),
             bases: Arc::default(),
+            cache_db: None,
         }
+    }
+
+    /// Keep the content memo in `db` (the build's shared connection).
+    #[must_use]
+    pub fn with_cache_db(mut self, db: crate::context::CacheDb) -> Self {
+        self.cache_db = Some(db);
+        self
     }
 
     /// Use `cache` (`--cache-from`) on local misses; its hits are noted
@@ -385,6 +395,7 @@ impl StoreRunner {
             fetching: Arc::clone(&self.fetching),
             used_contents: Arc::clone(&self.used_contents),
             bases: Arc::clone(&self.bases),
+            cache_db: self.cache_db.clone(),
         }
     }
 
@@ -392,9 +403,12 @@ impl StoreRunner {
     /// is only a speed-up).
     fn with_memo<R>(&self, f: impl FnOnce(&crate::key::ContentMemo) -> R) -> Option<R> {
         let memo = self.content_memo.get_or_init(|| {
-            crate::key::ContentMemo::open(self.store.root())
-                .ok()
-                .map(std::sync::Mutex::new)
+            match &self.cache_db {
+                Some(db) => crate::key::ContentMemo::with_db(db.clone()),
+                None => crate::key::ContentMemo::open(self.store.root()),
+            }
+            .ok()
+            .map(std::sync::Mutex::new)
         });
         let guard = memo.as_ref()?.lock().ok()?;
         Some(f(&guard))
