@@ -168,6 +168,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
                 ..Report::default()
             },
             batches: Vec::new(),
+            last_slot: None,
             jobs,
             state: Arc::clone(&state),
             settings: Arc::clone(&settings),
@@ -334,6 +335,8 @@ struct Copier<'a> {
     /// Jobs gathered for each worker, handed over in batches (one lock
     /// and one wake-up per batch instead of per file).
     batches: Vec<(Vec<Job>, u64)>,
+    /// The worker of the last file's directory.
+    last_slot: Option<(Vec<u8>, usize)>,
     state: Arc<PoolState>,
     settings: Arc<FileSettings>,
     /// Directories whose metadata is applied once every file in them is
@@ -520,12 +523,38 @@ fn worker(
     }
 }
 
+/// `path` below `base`, by bytes: the copier's paths are `base` joined
+/// with names, so no component parsing is needed. `Some("")` for `base`
+/// itself.
+fn below<'p>(path: &'p Path, base: &Path) -> Option<&'p std::ffi::OsStr> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let (p, b) = (path.as_os_str().as_bytes(), base.as_os_str().as_bytes());
+    // `/` -> ``, `/a/` -> `/a`: then what follows must start with a slash.
+    let b = b.strip_suffix(b"/").unwrap_or(b);
+    let rest = p.strip_prefix(b)?;
+    if rest.is_empty() {
+        return Some(std::ffi::OsStr::new(""));
+    }
+    if rest[0] != b'/' {
+        // `/ab` is not below `/a`.
+        return None;
+    }
+    let start = rest.iter().position(|&c| c != b'/').unwrap_or(rest.len());
+    Some(std::ffi::OsStr::from_bytes(&rest[start..]))
+}
+
 impl Copier<'_> {
     fn inner_of(&self, host: &Path) -> String {
-        match host.strip_prefix(self.dest_root) {
-            Ok(rel) if rel.as_os_str().is_empty() => "/".to_owned(),
-            Ok(rel) => format!("/{}", rel.to_string_lossy()),
-            Err(_) => host.to_string_lossy().into_owned(),
+        match below(host, self.dest_root) {
+            Some(rel) if rel.is_empty() => "/".to_owned(),
+            Some(rel) => {
+                let rel = rel.to_string_lossy();
+                let mut s = String::with_capacity(rel.len() + 1);
+                s.push('/');
+                s.push_str(&rel);
+                s
+            }
+            None => host.to_string_lossy().into_owned(),
         }
     }
 
@@ -820,10 +849,8 @@ impl Copier<'_> {
 
     /// Path of `target` below the destination root, as the memo keys it.
     fn rel_of<'p>(&self, target: &'p Path) -> Option<&'p str> {
-        target
-            .strip_prefix(self.dest_root)
-            .ok()
-            .and_then(Path::to_str)
+        below(target, self.dest_root)
+            .and_then(std::ffi::OsStr::to_str)
             .filter(|r| !r.is_empty())
     }
 
@@ -861,18 +888,14 @@ impl Copier<'_> {
         let keeps = expect.mode == meta.mode() & 0o7777
             && expect.owner.is_none_or(|o| o == (meta.uid(), meta.gid()))
             && expect.mtime == (meta.mtime(), meta.mtime_nsec());
-        let src_rel = src
-            .strip_prefix(self.src_root)
-            .ok()
-            .and_then(Path::to_str)
-            .filter(|r| {
-                previous.is_none()
-                    && keeps
-                    && whose == SourceKindFor::Op
-                    && !r.is_empty()
-                    && !reuse.source_layers.is_empty()
-            })
-            .map(str::to_owned);
+        let src_rel = (previous.is_none()
+            && keeps
+            && whose == SourceKindFor::Op
+            && !reuse.source_layers.is_empty())
+        .then(|| below(src, self.src_root).and_then(std::ffi::OsStr::to_str))
+        .flatten()
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned);
         (previous.is_some() || src_rel.is_some()).then(|| LinkPlan {
             previous,
             src_rel,
@@ -971,11 +994,20 @@ impl Copier<'_> {
         if !self.jobs.is_empty() {
             // A directory's files go to one worker (which keeps the
             // directory open).
-            let slot = {
-                use std::hash::{Hash as _, Hasher as _};
-                let mut h = std::hash::DefaultHasher::new();
-                job.target.parent().hash(&mut h);
-                usize::try_from(h.finish() % self.jobs.len() as u64).unwrap_or(0)
+            let parent = job
+                .target
+                .parent()
+                .map_or(&[][..], |p| p.as_os_str().as_encoded_bytes());
+            let slot = match &self.last_slot {
+                Some((dir, slot)) if dir.as_slice() == parent => *slot,
+                _ => {
+                    use std::hash::{Hash as _, Hasher as _};
+                    let mut h = std::hash::DefaultHasher::new();
+                    parent.hash(&mut h);
+                    let slot = usize::try_from(h.finish() % self.jobs.len() as u64).unwrap_or(0);
+                    self.last_slot = Some((parent.to_vec(), slot));
+                    slot
+                }
             };
             if self.batches.len() != self.jobs.len() {
                 self.batches.resize_with(self.jobs.len(), Default::default);
@@ -1015,7 +1047,7 @@ impl Copier<'_> {
         let Some((batch, bytes)) = self.batches.get_mut(slot) else {
             return;
         };
-        let batch = std::mem::take(batch);
+        let batch = std::mem::replace(batch, Vec::with_capacity(BATCH_FILES));
         *bytes = 0;
         if batch.is_empty() {
             return;
@@ -1237,4 +1269,33 @@ fn make_special(
 /// An io error that names `path` (for calls fs-err does not wrap).
 pub(super) fn with_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{e} at `{}`", path.display()))
+}
+
+#[cfg(test)]
+mod below_tests {
+    use super::below;
+    use std::path::Path;
+
+    #[test]
+    fn below_strips_by_bytes_as_strip_prefix_does() {
+        let cases = [
+            ("/a/b/c", "/a", Some("b/c")),
+            ("/a/b/c", "/a/", Some("b/c")),
+            ("/a", "/a", Some("")),
+            ("/ab/c", "/a", None),
+            ("/x/c", "/a", None),
+            ("/a/b", "/", Some("a/b")),
+            ("/", "/", Some("")),
+            ("/a//b", "/a", Some("b")),
+        ];
+        for (path, base, want) in cases {
+            let got = below(Path::new(path), Path::new(base)).map(|o| o.to_str().unwrap_or("?"));
+            assert_eq!(got, want, "{path} below {base}");
+            let std = Path::new(path)
+                .strip_prefix(base)
+                .ok()
+                .map(|p| p.to_str().unwrap_or("?"));
+            assert_eq!(got, std, "{path} below {base}, as Path::strip_prefix");
+        }
+    }
 }
