@@ -480,6 +480,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // The progress sender is gone with the solve future: drain the renderer.
     kiln_cache::timing::mark("solved");
     runner.close_progress();
+    // The copy memos being written for the next build.
+    runner.finish();
     let _ = rt.block_on(render);
     let Some(result) = outcome else {
         // Cancelled: the dropped steps killed their sandboxes and unmount
@@ -499,26 +501,38 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         }
         Err(e) => return Err(e.into()),
     };
-    history.record(keys.iter().map(|k| &k.inputs))?;
-    kiln_cache::timing::mark("history recorded");
-    // The image's layers, fetched from an imported cache if only there.
-    super::build_cache::materialize_target(&runner, &graph, &mut solved.outputs)?;
-    let image = export_image(
-        &store,
-        &graph,
-        &solved.outputs,
-        &ExportOptions {
-            names: args.tags.clone(),
-            labels: args
-                .label
-                .iter()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            source_date_epoch: epoch,
-        },
-    )?;
-    kiln_cache::timing::mark("exported");
+    // The key history (statcache.db) is written while the image is stored
+    // (meta.db).
+    let (recorded, exported) = std::thread::scope(|scope| {
+        let recording = scope.spawn(|| history.record(keys.iter().map(|k| &k.inputs)));
+        let exported = (|| -> anyhow::Result<_> {
+            // The image's layers, fetched from an imported cache if only there.
+            super::build_cache::materialize_target(&runner, &graph, &mut solved.outputs)?;
+            Ok(export_image(
+                &store,
+                &graph,
+                &solved.outputs,
+                &ExportOptions {
+                    names: args.tags.clone(),
+                    labels: args
+                        .label
+                        .iter()
+                        .filter_map(|l| l.split_once('='))
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
+                    source_date_epoch: epoch,
+                },
+            )?)
+        })();
+        kiln_cache::timing::mark("exported");
+        let recorded = recording
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        kiln_cache::timing::mark("history recorded");
+        (recorded, exported)
+    });
+    recorded?;
+    let image = exported?;
     for o in &args.output {
         write_output(&store, &image, o)?;
     }

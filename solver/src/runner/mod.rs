@@ -250,6 +250,9 @@ pub struct StoreRunner {
     bases: Arc<Mutex<HashMap<String, Chain>>>,
     /// The build's connection to `statcache.db`, for the content memo.
     cache_db: Option<crate::context::CacheDb>,
+    /// Work for later builds done beside this one's steps (copy memos);
+    /// [`StoreRunner::finish`] waits for it.
+    background: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
 impl StoreRunner {
@@ -268,6 +271,7 @@ impl StoreRunner {
             fetching: Arc::default(),
             bases: Arc::default(),
             cache_db: None,
+            background: Arc::default(),
         }
     }
 
@@ -285,6 +289,17 @@ impl StoreRunner {
         self.imported = Some(cache);
         self.notes = Arc::new(Mutex::new(Some(progress)));
         self
+    }
+
+    /// Waits for the work done for later builds (copy memos) to end.
+    pub fn finish(&self) {
+        let handles = match self.background.lock() {
+            Ok(mut b) => std::mem::take(&mut *b),
+            Err(_) => return,
+        };
+        for h in handles {
+            let _ = h.join();
+        }
     }
 
     /// Drops the runner's progress sender (given with
@@ -396,6 +411,7 @@ impl StoreRunner {
             used_contents: Arc::clone(&self.used_contents),
             bases: Arc::clone(&self.bases),
             cache_db: self.cache_db.clone(),
+            background: Arc::clone(&self.background),
         }
     }
 
@@ -701,7 +717,28 @@ impl StoreRunner {
                 });
                 let (chain, recorded) = self.commit_reusing(step, &parent, &upper, known)?;
                 if let Some(memo) = memo {
-                    reuse::save(&memo, &parent, &chain, report, recorded.unwrap_or_default());
+                    // Only the next build reads it: written beside the next
+                    // steps (see `StoreRunner::finish`).
+                    let (parent, chain2) = (parent.clone(), chain.clone());
+                    let save = move || {
+                        reuse::save(
+                            &memo,
+                            &parent,
+                            &chain2,
+                            report,
+                            recorded.unwrap_or_default(),
+                        );
+                    };
+                    // (A thread that cannot start loses the memo: the next
+                    // build copies everything, as with a memo it cannot
+                    // write.)
+                    if let Ok(handle) = std::thread::Builder::new()
+                        .name("copy-memo".to_owned())
+                        .spawn(save)
+                        && let Ok(mut b) = self.background.lock()
+                    {
+                        b.push(handle);
+                    }
                     kiln_cache::timing::mark("copy: memo saved");
                 }
                 Ok(chain)
