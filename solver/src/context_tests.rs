@@ -23,6 +23,18 @@ fn sum(c: &mut BuildContext, srcs: &[&str]) -> ContextChecksum {
     c.checksum(&srcs, &[], false).expect("checksum")
 }
 
+/// One build's checksum of `srcs` in `ctx` with the stat cache of `store`
+/// (no racy window), flushed: the sum and the counters.
+fn cached_run(ctx: &Path, store: &Path, srcs: &[&str]) -> (ContextChecksum, HashStats) {
+    let mut c = BuildContext::new(ctx, None)
+        .with_racy_window(Duration::ZERO)
+        .with_stat_cache(StatCache::open(store).expect("open"))
+        .expect("load");
+    let s = sum(&mut c, srcs);
+    c.flush().expect("flush");
+    (s, c.stats())
+}
+
 fn paths(c: &ContextChecksum) -> Vec<&str> {
     c.files.iter().map(|f| f.path.as_str()).collect()
 }
@@ -429,15 +441,7 @@ fn stat_cache_sees_every_stat_change_after_a_reload() {
             &format!("content {i:03}"),
         );
     }
-    let run = || {
-        let mut c = BuildContext::new(d.path(), None)
-            .with_racy_window(Duration::ZERO)
-            .with_stat_cache(StatCache::open(store.path()).expect("open"))
-            .expect("load");
-        let s = sum(&mut c, &["."]);
-        c.flush().expect("flush");
-        (s, c.stats())
-    };
+    let run = || cached_run(d.path(), store.path(), &["."]);
     let (first, _) = run();
     let (again, st) = run();
     assert_eq!(again, first);
@@ -538,15 +542,7 @@ fn a_stat_cache_of_an_older_kiln_is_read_and_migrated() {
         )
         .expect("row");
     }
-    let run = || {
-        let mut c = BuildContext::new(d.path(), None)
-            .with_racy_window(Duration::ZERO)
-            .with_stat_cache(StatCache::open(store.path()).expect("open"))
-            .expect("load");
-        let s = sum(&mut c, &["."]);
-        c.flush().expect("flush");
-        (s, c.stats())
-    };
+    let run = || cached_run(d.path(), store.path(), &["."]);
     let (s, st) = run();
     assert_eq!(s, expected);
     // The outdated entry was not trusted.
@@ -568,15 +564,7 @@ fn a_damaged_stat_cache_row_only_costs_a_rehash() {
     let d = tempfile::tempdir().expect("ctx");
     write(d.path(), "a/x", "x");
     write(d.path(), "a/y", "y");
-    let run = || {
-        let mut c = BuildContext::new(d.path(), None)
-            .with_racy_window(Duration::ZERO)
-            .with_stat_cache(StatCache::open(store.path()).expect("open"))
-            .expect("load");
-        let s = sum(&mut c, &["."]);
-        c.flush().expect("flush");
-        (s, c.stats())
-    };
+    let run = || cached_run(d.path(), store.path(), &["."]);
     let (first, _) = run();
     let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
     for bad in [&b""[..], &[1, 200, 0, 1][..], &[9; 100][..]] {
@@ -606,15 +594,7 @@ fn a_huge_directory_is_stored_in_parts_and_one_edit_rewrites_one() {
     for i in 0..4000 {
         write(d.path(), &format!("big/f{i}"), &format!("{i}"));
     }
-    let run = || {
-        let mut c = BuildContext::new(d.path(), None)
-            .with_racy_window(Duration::ZERO)
-            .with_stat_cache(StatCache::open(store.path()).expect("open"))
-            .expect("load");
-        let s = sum(&mut c, &["big"]);
-        c.flush().expect("flush");
-        (s, c.stats())
-    };
+    let run = || cached_run(d.path(), store.path(), &["big"]);
     run();
     let rows = part_rows(store.path());
     assert_eq!(rows.iter().filter(|r| r.0 == "big").count(), 1);
