@@ -167,6 +167,8 @@ pub struct BuildContext {
     buf: Vec<u8>,
     /// Threads walking a directory source (1: the caller's only).
     threads: usize,
+    /// Hash big files through a mapping (see [`BuildContext::of_stage`]).
+    map_big_files: bool,
 }
 
 impl BuildContext {
@@ -180,6 +182,18 @@ impl BuildContext {
             racy_window_ns: 2_000_000_000,
             buf: Vec::new(),
             threads: default_threads(),
+            map_big_files: false,
+        }
+    }
+
+    /// The files of a stage mounted at `root` (immutable: nothing writes a
+    /// stage's snapshots), whose big files are hashed through a mapping
+    /// instead of read into a buffer. Never for a build context: a file
+    /// the user truncates while it is mapped would kill kiln (SIGBUS).
+    pub fn of_stage(root: impl Into<PathBuf>) -> Self {
+        BuildContext {
+            map_big_files: true,
+            ..BuildContext::new(root, None)
         }
     }
 
@@ -261,6 +275,7 @@ impl BuildContext {
             exclude: exclude.as_ref(),
             index: self.stat_cache.as_ref().map(|c| &c.index),
             racy_window_ns: self.racy_window_ns,
+            map_big_files: self.map_big_files,
         };
         let mut st = WorkerState::new(std::mem::take(&mut self.buf));
         let result = walker.sources(&self.root, &sources, self.threads, &mut st);
@@ -354,6 +369,7 @@ struct Walker<'a> {
     exclude: Option<&'a PatternMatcher>,
     index: Option<&'a StatIndex>,
     racy_window_ns: i64,
+    map_big_files: bool,
 }
 
 /// The stat cache's directory key of a context-relative path: its parent
@@ -804,6 +820,19 @@ impl Walker<'_> {
         let stat = StatKey::of(meta);
         let mut f = fs_err::File::open(host).map_err(io_err(host))?;
         let mut h = Sha256::new();
+        // A stage's big files (which nothing writes any more) are hashed
+        // from a mapping: no copy out of the page cache.
+        if self.map_big_files
+            && meta.len() >= 1 << 20
+            && let Some(m) = kiln_cache::layer::Mapped::new(f.file(), meta.len())
+        {
+            for chunk in m.bytes().chunks(1 << 20) {
+                h.update(chunk);
+            }
+            st.stats.hashed += 1;
+            st.stats.bytes += meta.len();
+            return Ok(h.finalize().into());
+        }
         if st.buf.is_empty() {
             st.buf = vec![0u8; 256 * 1024];
         }

@@ -661,3 +661,18 @@ fn a_directory_that_shrank_drops_its_extra_parts() {
     assert!(lookup(&cache, "d", "f19").is_some());
     assert!(lookup(&cache, "d", "f20").is_none());
 }
+
+#[test]
+fn a_stage_hashes_big_files_through_a_mapping_to_the_same_digest() {
+    let d = tempfile::tempdir().expect("ctx");
+    let big: Vec<u8> = (0..(2 << 20) + 7).map(|i: u32| (i % 251) as u8).collect();
+    fs_err::create_dir_all(d.path().join("out")).expect("mkdir");
+    fs_err::write(d.path().join("out/big"), &big).expect("big");
+    write(d.path(), "out/small", "s");
+    let read = sum(&mut BuildContext::new(d.path(), None), &["out"]);
+    let mut stage = BuildContext::of_stage(d.path());
+    let mapped = sum(&mut stage, &["out"]);
+    assert_eq!(mapped, read);
+    assert_eq!(stage.stats().hashed, 2);
+    assert_eq!(stage.stats().bytes, big.len() as u64 + 1);
+}

@@ -77,6 +77,7 @@
 
 mod apply;
 pub mod known;
+mod mapped;
 mod tar_format;
 mod write;
 
@@ -84,6 +85,7 @@ use std::path::PathBuf;
 
 pub use apply::apply_layer;
 pub use known::KnownFiles;
+pub use mapped::Mapped;
 pub use write::{write_layer, write_layer_reusing};
 
 /// Prefix of an OCI whiteout entry's base name.

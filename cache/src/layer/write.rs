@@ -111,6 +111,9 @@ struct Writer<'k, W: Write> {
     content: Vec<u8>,
 }
 
+/// Regular files from this size are read through a mapping.
+const MAP_FROM: u64 = 1 << 20;
+
 fn read_err(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
     move |source| LayerError::ReadDiff {
         path: path.to_path_buf(),
@@ -424,6 +427,31 @@ impl<W: Write> Writer<'_, W> {
         size: u64,
         record: bool,
     ) -> Result<(), LayerError> {
+        if size >= MAP_FROM && !record {
+            // The file's size now must be the size stat'ed (the mapping's
+            // length): a file that changed is an error, as when reading.
+            let now = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if now != size {
+                return Err(LayerError::ReadDiff {
+                    path: path.to_path_buf(),
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file changed size while it was being archived",
+                    ),
+                });
+            }
+            if let Some(m) = super::mapped::Mapped::new(&file, size) {
+                for chunk in m.bytes().chunks(1 << 20) {
+                    self.out.write_all(chunk).map_err(LayerError::WriteTar)?;
+                }
+                let pad = tar_format::padding(size);
+                self.out
+                    .write_all(&[0u8; tar_format::BLOCK][..pad])
+                    .map_err(LayerError::WriteTar)?;
+                self.stats.bytes += size + pad as u64;
+                return Ok(());
+            }
+        }
         let want = usize::try_from(size.clamp(1, 128 * 1024)).unwrap_or(128 * 1024);
         if self.copy_buf.len() < want {
             self.copy_buf.resize(want, 0);

@@ -130,7 +130,7 @@ impl StoreRunner {
                 step: step.vertex.name.clone(),
                 source,
             })?;
-        let sum = BuildContext::new(merged.path(), None).checksum(patterns, exclude, parents);
+        let sum = BuildContext::of_stage(merged.path()).checksum(patterns, exclude, parents);
         drop(merged);
         let Ok(sum) = sum else {
             return Ok(None);
