@@ -250,7 +250,10 @@ impl SnapshotTar {
         let src = dir.clone();
         let handle = std::thread::Builder::new()
             .name("layer-tar".to_owned())
-            .spawn(move || layer::write_layer(&src, writer, &WriteOptions::default()))
+            .spawn(move || {
+                // A snapshot is never written in place: its files can be mapped.
+                layer::write_layer(&src, writer, &WriteOptions::default().with_mapped_files())
+            })
             .map_err(|e| StoreError::io("starting the layer writer", &dir, e))?;
         Ok(SnapshotTar {
             pipe: Some(reader),

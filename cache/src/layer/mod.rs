@@ -3,7 +3,7 @@
 //! # API (what the store and the builder call)
 //!
 //! ```text
-//! pub struct WriteOptions { pub source_date_epoch: Option<i64> }      // Default, with_source_date_epoch
+//! pub struct WriteOptions { pub source_date_epoch: Option<i64>, pub map_big_files: bool } // Default, with_*
 //! pub struct LayerStats   { pub entries: u64, pub bytes: u64 }
 //! pub fn write_layer<W: Write>(diff_dir: &Path, out: W, opts: &WriteOptions) -> Result<LayerStats, LayerError>;
 //!
@@ -98,9 +98,20 @@ pub const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
 pub struct WriteOptions {
     /// Clamp every mtime to at most this many seconds since the epoch (`SOURCE_DATE_EPOCH`).
     pub source_date_epoch: Option<i64>,
+    /// Read files of 1 MiB and more through a mapping (no copy out of the page cache). Only
+    /// for trees nothing writes any more (snapshots, the upper of a finished step): a file
+    /// truncated while mapped raises SIGBUS.
+    pub map_big_files: bool,
 }
 
 impl WriteOptions {
+    /// Read big files through a mapping (see [`WriteOptions::map_big_files`]).
+    #[must_use]
+    pub fn with_mapped_files(mut self) -> Self {
+        self.map_big_files = true;
+        self
+    }
+
     /// Clamp mtimes to `epoch` (the value of `SOURCE_DATE_EPOCH`).
     #[must_use]
     pub fn with_source_date_epoch(mut self, epoch: Option<i64>) -> Self {

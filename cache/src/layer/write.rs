@@ -427,7 +427,7 @@ impl<W: Write> Writer<'_, W> {
         size: u64,
         record: bool,
     ) -> Result<(), LayerError> {
-        if size >= MAP_FROM && !record {
+        if size >= MAP_FROM && !record && self.opts.map_big_files {
             // The file's size now must be the size stat'ed (the mapping's
             // length): a file that changed is an error, as when reading.
             let now = file.metadata().map(|m| m.len()).unwrap_or(0);

@@ -541,8 +541,10 @@ impl StoreRunner {
         let (chain, recorded) = if empty {
             (parent.clone(), None)
         } else {
+            // The step is over: nothing writes its upper any more.
             let opts = kiln_cache::WriteOptions::default()
-                .with_source_date_epoch(self.opts.source_date_epoch);
+                .with_source_date_epoch(self.opts.source_date_epoch)
+                .with_mapped_files();
             let (layer, recorded) = self
                 .store
                 .commit_snapshot_reusing(upper, &opts, known)
