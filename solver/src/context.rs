@@ -824,11 +824,12 @@ impl Walker<'_> {
         // from a mapping: no copy out of the page cache.
         if self.map_big_files
             && meta.len() >= 1 << 20
-            && let Some(m) = kiln_cache::layer::Mapped::new(f.file(), meta.len())
+            && kiln_cache::layer::for_each_window(f.file(), meta.len(), |bytes| {
+                bytes.chunks(1 << 20).for_each(|c| h.update(c));
+                Ok(())
+            })
+            .map_err(io_err(host))?
         {
-            for chunk in m.bytes().chunks(1 << 20) {
-                h.update(chunk);
-            }
             st.stats.hashed += 1;
             st.stats.bytes += meta.len();
             return Ok(h.finalize().into());

@@ -85,7 +85,7 @@ use std::path::PathBuf;
 
 pub use apply::apply_layer;
 pub use known::KnownFiles;
-pub use mapped::Mapped;
+pub use mapped::{Mapped, for_each_window};
 pub use write::{write_layer, write_layer_reusing};
 
 /// Prefix of an OCI whiteout entry's base name.

@@ -440,10 +440,22 @@ impl<W: Write> Writer<'_, W> {
                     ),
                 });
             }
-            if let Some(m) = super::mapped::Mapped::new(&file, size) {
-                for chunk in m.bytes().chunks(1 << 20) {
-                    self.out.write_all(chunk).map_err(LayerError::WriteTar)?;
-                }
+            let out = &mut self.out;
+            let mut write_err = None;
+            let mapped = super::mapped::for_each_window(&file, size, |bytes| {
+                bytes
+                    .chunks(1 << 20)
+                    .try_for_each(|c| out.write_all(c))
+                    .map_err(|e| {
+                        let kind = e.kind();
+                        write_err = Some(e);
+                        io::Error::from(kind)
+                    })
+            });
+            if let Some(e) = write_err {
+                return Err(LayerError::WriteTar(e));
+            }
+            if mapped.map_err(read_err(path))? {
                 let pad = tar_format::padding(size);
                 self.out
                     .write_all(&[0u8; tar_format::BLOCK][..pad])
