@@ -1167,7 +1167,10 @@ fn copy_regular(
         to.write_all(&buf)?;
         buf.len() as u64
     } else {
-        io::copy(&mut from, &mut to)?
+        // On the std files: `io::copy` then copies in the kernel
+        // (`copy_file_range`); through fs-err's wrappers it would read and
+        // write 8 KiB at a time.
+        io::copy(&mut from.file(), &mut to.file()).map_err(|e| with_path(e, src))?
     };
     let (fd_from, fd_to) = (from.file(), to.file());
     if let Some((uid, gid)) = settings.owner_of(meta, whose) {
