@@ -72,9 +72,9 @@ pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, pa
 pub use layer_source::{LayerReader, SnapshotTar};
 pub use reference::Reference;
 pub use store::{
-    CacheResult, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
+    CacheResult, Db, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
     MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST, RemoveReport, SCHEMA_VERSION, Store,
-    StoreLock, default_root, fold_wal,
+    StoreLock, default_root,
 };
 pub use validate::{
     DocumentKind, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,

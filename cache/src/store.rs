@@ -215,17 +215,50 @@ pub struct FsckProblem {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
-    db_path: PathBuf,
-    conn: Mutex<Connection>,
+    db: Db,
 }
 
-impl Drop for Store {
+/// A SQLite connection shared by the threads of a process, with its
+/// database's path. When it is dropped, a WAL past 64 KiB is checkpointed
+/// into the database and truncated (if no other process is in the way). The store's `meta.db` is one; the solver's `statcache.db`
+/// another.
+#[derive(Debug)]
+pub struct Db {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl Db {
+    /// The connection `conn` to the database at `path`.
+    pub fn new(conn: Connection, path: PathBuf) -> Db {
+        Db {
+            conn: Mutex::new(conn),
+            path,
+        }
+    }
+
+    /// The connection, for one use (do not hold it across another's).
+    pub fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (transactions roll back on drop), so a poisoned lock is usable.
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Db {
     fn drop(&mut self) {
         let conn = self
             .conn
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        fold_wal(conn, &self.db_path);
+        fold_wal(conn, &self.path);
     }
 }
 
@@ -235,7 +268,7 @@ impl Drop for Store {
 /// whole WAL to rebuild its index, so a small WAL keeps every short kiln
 /// command quick; checkpointing only past a size keeps the fsyncs off the
 /// commands that wrote little.
-pub fn fold_wal(conn: &Connection, db_path: &Path) {
+fn fold_wal(conn: &Connection, db_path: &Path) {
     let mut wal = db_path.as_os_str().to_owned();
     wal.push("-wal");
     if fs_err::metadata(Path::new(&wal)).is_ok_and(|m| m.len() > 64 << 10) {
@@ -311,8 +344,7 @@ impl Store {
         migrate(&mut conn, &db_path)?;
         Ok(Store {
             root,
-            db_path,
-            conn: Mutex::new(conn),
+            db: Db::new(conn, db_path),
         })
     }
 
@@ -322,17 +354,13 @@ impl Store {
     }
 
     pub(crate) fn db(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent
-        // (transactions roll back on drop), so a poisoned lock is usable.
-        self.conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.db.lock()
     }
 
     pub(crate) fn db_err(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         move |source| StoreError::Db {
             what,
-            path: self.db_path.clone(),
+            path: self.db.path().to_owned(),
             source,
         }
     }

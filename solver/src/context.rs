@@ -1582,26 +1582,10 @@ pub(crate) fn open_cache_db(path: &Path) -> rusqlite::Result<rusqlite::Connectio
 /// key history and the content memo of a build: each open connection costs
 /// its setup, its own read of the schema and its own page cache (all fresh
 /// memory), so a build opens one. Cloning shares it; the WAL is folded
-/// (see [`kiln_cache::fold_wal`]) when the last clone is dropped.
+/// (see [`kiln_cache::Db`]) when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct CacheDb {
-    inner: std::sync::Arc<CacheDbInner>,
-}
-
-#[derive(Debug)]
-struct CacheDbInner {
-    conn: std::sync::Mutex<rusqlite::Connection>,
-    path: PathBuf,
-}
-
-impl Drop for CacheDbInner {
-    fn drop(&mut self) {
-        let conn = self
-            .conn
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        kiln_cache::fold_wal(conn, &self.path);
-    }
+    inner: std::sync::Arc<kiln_cache::Db>,
 }
 
 impl CacheDb {
@@ -1624,23 +1608,17 @@ impl CacheDb {
             return Err((path, e));
         }
         Ok(CacheDb {
-            inner: std::sync::Arc::new(CacheDbInner {
-                conn: std::sync::Mutex::new(conn),
-                path,
-            }),
+            inner: std::sync::Arc::new(kiln_cache::Db::new(conn, path)),
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        self.inner.path()
     }
 
     /// The connection, for one use (do not hold it across another's).
     pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
-        self.inner
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock()
     }
 }
