@@ -140,6 +140,24 @@ fn opts(jobs: usize) -> SolveOptions {
     }
 }
 
+/// `solve` with no progress, no history and `jobs` at once.
+async fn quiet<R: StepRunner>(
+    g: &BuildGraph,
+    keys: &[VertexKey],
+    runner: &Arc<R>,
+    jobs: usize,
+) -> Result<Solved<R::Output>, SolveError<R::Error>> {
+    solve(
+        g,
+        keys,
+        Arc::clone(runner),
+        Progress::discard(),
+        None,
+        &opts(jobs),
+    )
+    .await
+}
+
 const PARALLEL: &str = "\
 FROM busybox AS a
 RUN sleep a
@@ -155,16 +173,7 @@ async fn independent_stages_run_in_parallel_within_jobs() {
     let (g, keys) = setup(PARALLEL);
     for (jobs, expect_max) in [(1, 1), (4, 2)] {
         let r = Arc::new(Recorder::default());
-        let out = solve(
-            &g,
-            &keys,
-            Arc::clone(&r),
-            Progress::discard(),
-            None,
-            &opts(jobs),
-        )
-        .await
-        .expect("solves");
+        let out = quiet(&g, &keys, &r, jobs).await.expect("solves");
         assert_eq!(out.outputs.len(), g.graph.node_count());
         let max = r.max_running.load(Ordering::SeqCst);
         assert!(max <= jobs, "jobs={jobs} max={max}");
@@ -187,16 +196,7 @@ async fn independent_stages_run_in_parallel_within_jobs() {
 async fn a_rebuild_is_all_cache_hits() {
     let (g, keys) = setup(PARALLEL);
     let r = Arc::new(Recorder::default());
-    let first = solve(
-        &g,
-        &keys,
-        Arc::clone(&r),
-        Progress::discard(),
-        None,
-        &opts(2),
-    )
-    .await
-    .expect("first");
+    let first = quiet(&g, &keys, &r, 2).await.expect("first");
     assert!(first.ran > 0);
     let runs_before = r.runs.lock().map(|r| r.len()).unwrap_or(0);
     let (p, mut rx) = Progress::channel();
@@ -227,16 +227,7 @@ async fn identical_steps_run_once() {
         "FROM busybox AS a\nRUN echo hi\nFROM busybox AS b\nRUN echo hi\nFROM scratch\nCOPY --from=a / /a\nCOPY --from=b / /b\n",
     );
     let r = Arc::new(Recorder::default());
-    let out = solve(
-        &g,
-        &keys,
-        Arc::clone(&r),
-        Progress::discard(),
-        None,
-        &opts(4),
-    )
-    .await
-    .expect("solves");
+    let out = quiet(&g, &keys, &r, 4).await.expect("solves");
     let runs = r.runs.lock().map(|r| r.clone()).unwrap_or_default();
     assert_eq!(
         runs.iter().filter(|n| n.contains("RUN echo hi")).count(),
@@ -325,9 +316,7 @@ async fn misses_carry_their_causes_from_the_history() {
 async fn a_panicking_step_is_reported_by_name() {
     let (g, keys) = setup("FROM busybox\nRUN ok\nRUN PANIC\n");
     let r = Arc::new(Recorder::default());
-    let e = solve(&g, &keys, r, Progress::discard(), None, &opts(2))
-        .await
-        .expect_err("aborts");
+    let e = quiet(&g, &keys, &r, 2).await.expect_err("aborts");
     assert!(
         matches!(&e, SolveError::Aborted { name } if name.contains("RUN PANIC")),
         "{e:?}"
@@ -397,30 +386,12 @@ async fn copy_from_a_stage_is_keyed_by_the_copied_content() {
         ..Recorder::default()
     });
     let (g, keys) = build("v1");
-    solve(
-        &g,
-        &keys,
-        Arc::clone(&r),
-        Progress::discard(),
-        None,
-        &opts(2),
-    )
-    .await
-    .expect("first");
+    quiet(&g, &keys, &r, 2).await.expect("first");
     // The stage changes, the files it gives the copy do not: only the
     // stage's RUN runs again.
     let (g, keys) = build("v2");
     let before = r.runs.lock().map(|r| r.len()).unwrap_or(0);
-    let out = solve(
-        &g,
-        &keys,
-        Arc::clone(&r),
-        Progress::discard(),
-        None,
-        &opts(2),
-    )
-    .await
-    .expect("second");
+    let out = quiet(&g, &keys, &r, 2).await.expect("second");
     let runs = r
         .runs
         .lock()
@@ -434,16 +405,7 @@ async fn copy_from_a_stage_is_keyed_by_the_copied_content() {
         store: Mutex::new(r.store.lock().map(|s| s.clone()).unwrap_or_default()),
         ..Recorder::default()
     });
-    let out = solve(
-        &g,
-        &keys,
-        Arc::clone(&r2),
-        Progress::discard(),
-        None,
-        &opts(2),
-    )
-    .await
-    .expect("third");
+    let out = quiet(&g, &keys, &r2, 2).await.expect("third");
     let runs = r2.runs.lock().map(|r| r.clone()).unwrap_or_default();
     // The copy and the RUN (the ENV between them is done, not cached).
     assert_eq!(out.ran, 2, "{runs:?}");
@@ -519,16 +481,9 @@ async fn a_content_checksum_does_not_hold_up_other_steps() {
         digest_waits_for: Some("RUN late".into()),
         ..Recorder::default()
     });
-    let out = solve(
-        &g,
-        &keys,
-        Arc::clone(&r),
-        Progress::discard(),
-        None,
-        &opts(4),
-    )
-    .await
-    .expect("solves without stalling");
+    let out = quiet(&g, &keys, &r, 4)
+        .await
+        .expect("solves without stalling");
     assert_eq!(out.outputs.len(), g.graph.node_count());
 }
 
@@ -650,16 +605,7 @@ async fn a_stage_only_a_cached_copy_reads_is_left_out() {
         known: first.contents.clone(),
         vanish: None,
     });
-    let out = solve(
-        &g,
-        &keys,
-        Arc::clone(&runner),
-        Progress::discard(),
-        None,
-        &opts(2),
-    )
-    .await
-    .expect("second");
+    let out = quiet(&g, &keys, &runner, 2).await.expect("second");
     let runs = runner.r.runs.lock().map(|r| r.clone()).unwrap_or_default();
     assert_eq!(out.ran, 0, "{runs:?} skipped {}", out.skipped);
     assert_eq!(out.skipped, 1);
@@ -675,16 +621,7 @@ async fn a_stage_only_a_cached_copy_reads_is_left_out() {
         known: std::collections::BTreeMap::new(),
         vanish: None,
     });
-    let out = solve(
-        &g,
-        &keys,
-        Arc::clone(&runner),
-        Progress::discard(),
-        None,
-        &opts(2),
-    )
-    .await
-    .expect("third");
+    let out = quiet(&g, &keys, &runner, 2).await.expect("third");
     assert_eq!(out.skipped, 0);
     let runs = runner.r.runs.lock().map(|r| r.clone()).unwrap_or_default();
     assert_eq!(runs.len(), 1, "{runs:?}");
@@ -697,7 +634,7 @@ async fn a_stage_only_a_cached_copy_reads_is_left_out() {
         known: first.contents.clone(),
         vanish: Some("COPY --from=a"),
     });
-    let err = solve(&g, &keys, runner, Progress::discard(), None, &opts(2))
+    let err = quiet(&g, &keys, &runner, 2)
         .await
         .err()
         .map(|e| e.to_string())
