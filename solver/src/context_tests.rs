@@ -23,13 +23,18 @@ fn sum(c: &mut BuildContext, srcs: &[&str]) -> ContextChecksum {
     c.checksum(&srcs, &[], false).expect("checksum")
 }
 
+/// The context `ctx` with the stat cache of `store` (no racy window).
+fn cached_ctx(ctx: &Path, store: &Path) -> BuildContext {
+    BuildContext::new(ctx, None)
+        .with_racy_window(Duration::ZERO)
+        .with_stat_cache(StatCache::open(store).expect("open"))
+        .expect("load")
+}
+
 /// One build's checksum of `srcs` in `ctx` with the stat cache of `store`
 /// (no racy window), flushed: the sum and the counters.
 fn cached_run(ctx: &Path, store: &Path, srcs: &[&str]) -> (ContextChecksum, HashStats) {
-    let mut c = BuildContext::new(ctx, None)
-        .with_racy_window(Duration::ZERO)
-        .with_stat_cache(StatCache::open(store).expect("open"))
-        .expect("load");
+    let mut c = cached_ctx(ctx, store);
     let s = sum(&mut c, srcs);
     c.flush().expect("flush");
     (s, c.stats())
@@ -184,12 +189,7 @@ fn stat_cache_skips_unchanged_files_across_runs() {
     for i in 0..20 {
         write(d.path(), &format!("f/{i}"), &format!("content {i}"));
     }
-    let open = || {
-        BuildContext::new(d.path(), None)
-            .with_racy_window(Duration::ZERO)
-            .with_stat_cache(StatCache::open(store.path()).expect("open"))
-            .expect("load")
-    };
+    let open = || cached_ctx(d.path(), store.path());
     let mut c = open();
     let first = sum(&mut c, &["f"]);
     assert_eq!(c.stats().hashed, 20);
@@ -225,12 +225,7 @@ fn a_cached_file_whose_xattrs_change_is_seen() {
     let d = tempfile::tempdir().expect("ctx");
     write(d.path(), "f/a", "a");
     write(d.path(), "f/b", "b");
-    let open = || {
-        BuildContext::new(d.path(), None)
-            .with_racy_window(Duration::ZERO)
-            .with_stat_cache(StatCache::open(store.path()).expect("open"))
-            .expect("load")
-    };
+    let open = || cached_ctx(d.path(), store.path());
     let mut c = open();
     let first = sum(&mut c, &["f"]);
     c.flush().expect("flush");
