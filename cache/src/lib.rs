@@ -57,6 +57,7 @@ mod error;
 mod image;
 mod layer_source;
 mod reference;
+mod spread;
 mod store;
 mod store_gc;
 mod validate;

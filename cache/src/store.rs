@@ -298,6 +298,9 @@ impl Store {
         for dir in ["blobs/sha256", "snapshots", "tmp"] {
             mkdir(&root.join(dir))?;
         }
+        // Each build's scratch trees start in block groups of their own
+        // (see `spread`).
+        crate::spread::spread_subdirectories(&root.join("tmp"));
         let db_path = root.join("meta.db");
         let db = |what, source| StoreError::Db {
             what,
