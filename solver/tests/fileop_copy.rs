@@ -793,3 +793,80 @@ fn workdir_takes_the_fixed_time() {
         assert_eq!(m.mtime(), 7, "{p}");
     }
 }
+
+/// With `record_contents`, the copy hands the layer writer what it wrote:
+/// small xattr-free files written once, and nothing else. The layer hashed
+/// with those contents is the layer hashed from the disk.
+#[test]
+fn recorded_contents_are_what_was_written_and_hash_to_the_same_layer() {
+    let r = roots();
+    write(&r.src, "d/a.txt", "alpha");
+    write(&r.src, "d/sub/b.txt", "beta");
+    write(&r.src, "over/a.txt", "second a");
+    // Bigger than a recorded file may be.
+    let big = "x".repeat(usize::try_from(kiln_cache::layer::known::MAX_FILE).unwrap() + 1);
+    write(&r.src, "d/big.txt", &big);
+    // Modes the copy creates files with directly, and ones it sets after.
+    write(&r.src, "d/ro.txt", "read only");
+    fs_err::set_permissions(
+        r.src.join("d/ro.txt"),
+        std::fs::Permissions::from_mode(0o444),
+    )
+    .unwrap();
+    write(&r.src, "d/suid", "set-id");
+    fs_err::set_permissions(
+        r.src.join("d/suid"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    write(&r.src, "d/x.txt", "with an xattr");
+    let xattrs = xattr::set(r.src.join("d/x.txt"), "user.kiln", b"v").is_ok();
+    assert!(
+        xattrs || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but the temp dir has no user xattrs"
+    );
+
+    let mut o = op(&["d", "over"], "/out/");
+    o.record_contents = true;
+    let rep = run(&r, &o);
+    let known = &rep.contents;
+    assert_eq!(known.get(b"out/sub/b.txt"), Some(&b"beta"[..]));
+    assert_eq!(known.get(b"out/ro.txt"), Some(&b"read only"[..]));
+    assert_eq!(known.get(b"out/suid"), Some(&b"set-id"[..]));
+    assert_eq!(read(&r.dst, "out/a.txt"), "second a");
+    assert_eq!(
+        known.get(b"out/a.txt"),
+        None,
+        "written twice: not vouched for"
+    );
+    assert_eq!(known.get(b"out/big.txt"), None, "too big to record");
+    if xattrs {
+        assert_eq!(known.get(b"out/x.txt"), None, "has an xattr");
+    }
+    let mode = |p: &str| fs_err::metadata(r.dst.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("out/ro.txt"), 0o444);
+    assert_eq!(mode("out/suid"), 0o4755);
+    assert_eq!(mode("out/sub/b.txt"), 0o644);
+
+    // Hashed with the recorded contents or from the disk: one layer; and
+    // the recorded contents were taken (a forged one changes the digest).
+    let opts = kiln_cache::WriteOptions::default();
+    let digest = |known: Option<kiln_cache::KnownFiles>| {
+        let mut w = kiln_cache::HashingWriter::new(std::io::sink());
+        match known {
+            Some(k) => kiln_cache::layer::write_layer_reusing(&r.dst, &mut w, &opts, k).map(|_| ()),
+            None => kiln_cache::write_layer(&r.dst, &mut w, &opts).map(|_| ()),
+        }
+        .unwrap();
+        w.finish().1
+    };
+    assert_eq!(digest(Some(known.clone())), digest(None));
+    let mut forged = kiln_cache::KnownFiles::default();
+    forged.record(b"out/sub/b.txt", b"BETA");
+    assert_ne!(digest(Some(forged)), digest(None));
+
+    // Without `record_contents`, nothing is kept.
+    let r2 = roots();
+    write(&r2.src, "d/a.txt", "alpha");
+    assert!(run(&r2, &op(&["d"], "/out/")).contents.is_empty());
+}

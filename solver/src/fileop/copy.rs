@@ -143,8 +143,12 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         chmod,
         time: op.created_time,
         apply_ownership: op.apply_ownership,
+        record_under: op.record_contents.then(|| dest_root.to_path_buf()),
     });
-    let state = Arc::new(PoolState::default());
+    let state = Arc::new(PoolState {
+        budget: AtomicU64::new(kiln_cache::layer::known::MAX_TOTAL as u64),
+        ..PoolState::default()
+    });
     // Archives are extracted without the copier: ADD never links.
     let reuse = op.reuse.as_deref().filter(|_| !op.is_add);
     std::thread::scope(|scope| {
@@ -200,9 +204,40 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
                 .collect();
             linked.sort();
             c.report.linked = linked;
+            let contents = std::mem::take(
+                &mut *state
+                    .contents
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            c.report.contents = written_once(contents, &c.report.written);
             std::mem::take(&mut c.report)
         })
     })
+}
+
+/// The copied `contents` of the paths written once by the copy: a path
+/// written again (a later source over an earlier one) may hold something
+/// else now, so its content is not vouched for.
+fn written_once(
+    contents: Vec<(Vec<u8>, Vec<u8>)>,
+    written: &[super::Written],
+) -> kiln_cache::KnownFiles {
+    let mut known = kiln_cache::KnownFiles::default();
+    if contents.is_empty() {
+        return known;
+    }
+    let mut times: HashMap<&[u8], u32> = HashMap::with_capacity(written.len());
+    for w in written {
+        let rel = w.path.strip_prefix('/').unwrap_or(&w.path);
+        *times.entry(rel.as_bytes()).or_default() += 1;
+    }
+    for (path, content) in contents {
+        if times.get(path.as_slice()) == Some(&1) {
+            known.record(&path, &content);
+        }
+    }
+    known
 }
 
 /// Everything [`copy`] does once its sources are resolved.
@@ -359,6 +394,9 @@ struct FileSettings {
     chmod: Option<ModeChange>,
     time: Option<SystemTime>,
     apply_ownership: bool,
+    /// Where the destination root is, when the contents of small copied
+    /// files are kept for the layer writer (see [`Report::contents`]).
+    record_under: Option<PathBuf>,
 }
 
 impl FileSettings {
@@ -442,6 +480,11 @@ struct PoolState {
     bytes: AtomicU64,
     /// Targets the workers linked instead of copying.
     linked: Mutex<Vec<PathBuf>>,
+    /// Contents of small files copied (path below the destination root,
+    /// bytes), while [`PoolState::budget`] lasts.
+    contents: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Bytes of content that may still be kept.
+    budget: AtomicU64,
 }
 
 impl PoolState {
@@ -462,6 +505,33 @@ impl PoolState {
         *pending = pending.saturating_sub(n);
         if *pending == 0 {
             self.idle.notify_all();
+        }
+    }
+
+    /// Keeps the `content` copied to `target` in `into`, if contents are
+    /// kept and the budget allows.
+    fn keep(
+        &self,
+        settings: &FileSettings,
+        target: &Path,
+        content: Option<Vec<u8>>,
+        into: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    ) {
+        let (Some(content), Some(root)) = (content, settings.record_under.as_deref()) else {
+            return;
+        };
+        let Some(rel) = below(target, root).filter(|r| !r.is_empty()) else {
+            return;
+        };
+        let n = content.len() as u64;
+        if self
+            .budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok()
+        {
+            into.push((rel.as_encoded_bytes().to_vec(), content));
         }
     }
 
@@ -494,6 +564,7 @@ fn worker(
 ) {
     let mut dirs = DirFds::default();
     let mut linked = Vec::new();
+    let mut contents = Vec::new();
     while let Ok(batch) = rx.recv() {
         let n = batch.len();
         let mut bytes = 0;
@@ -506,7 +577,10 @@ fn worker(
                 continue;
             }
             match copy_regular(settings, &job.src, &job.target, &job.meta, job.whose) {
-                Ok(b) => bytes += b,
+                Ok((b, content)) => {
+                    bytes += b;
+                    state.keep(settings, &job.target, content, &mut contents);
+                }
                 Err(e) => {
                     error.get_or_insert(e);
                 }
@@ -518,6 +592,13 @@ fn worker(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .append(&mut linked);
+        }
+        if !contents.is_empty() {
+            state
+                .contents
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .append(&mut contents);
         }
         state.done_many(n, bytes, error);
     }
@@ -1036,8 +1117,19 @@ impl Copier<'_> {
             self.linked.insert(job.target);
             return Ok(());
         }
-        self.report.bytes +=
+        let (bytes, content) =
             copy_regular(&self.settings, &job.src, &job.target, &job.meta, job.whose)?;
+        self.report.bytes += bytes;
+        let mut kept = Vec::new();
+        self.state
+            .keep(&self.settings, &job.target, content, &mut kept);
+        if !kept.is_empty() {
+            self.state
+                .contents
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .append(&mut kept);
+        }
         Ok(())
     }
 
@@ -1145,9 +1237,13 @@ fn copy_regular(
     target: &Path,
     meta: &Metadata,
     whose: SourceKindFor,
-) -> Result<u64, FileOpError> {
+) -> Result<(u64, Option<Vec<u8>>), FileOpError> {
     use fs_err::os::unix::fs::OpenOptionsExt;
     use xattr::FileExt as _;
+    let mode = settings.mode_of(meta, false);
+    // Created with its mode when the umask leaves it whole and no chown
+    // follows that would clear set-id bits: no `fchmod` then.
+    let mode_at_create = mode & 0o7000 == 0 && mode & process_umask() == 0;
     let mut from = fs_err::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
@@ -1155,9 +1251,10 @@ fn copy_regular(
     let mut to = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(if mode_at_create { mode } else { 0o600 })
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(target)?;
+    let mut small = None;
     let bytes = if meta.len() <= SMALL_FILE {
         // One read and one write: `io::copy` would stat both files to
         // pick a kernel copy, and read again to see the end.
@@ -1165,7 +1262,9 @@ fn copy_regular(
         let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
         (&mut from).take(SMALL_FILE).read_to_end(&mut buf)?;
         to.write_all(&buf)?;
-        buf.len() as u64
+        let n = buf.len() as u64;
+        small = Some(buf);
+        n
     } else {
         // On the std files: `io::copy` then copies in the kernel
         // (`copy_file_range`); through fs-err's wrappers it would read and
@@ -1180,11 +1279,11 @@ fn copy_regular(
                 .map_err(|e| with_path(e, target))?;
         }
     }
-    fd_to
-        .set_permissions(std::fs::Permissions::from_mode(
-            settings.mode_of(meta, false),
-        ))
-        .map_err(|e| with_path(e, target))?;
+    if !mode_at_create {
+        fd_to
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| with_path(e, target))?;
+    }
     copy_xattr_list(
         src,
         target,
@@ -1195,7 +1294,33 @@ fn copy_regular(
     let (atime, mtime) = settings.times_of(meta);
     filetime::set_file_handle_times(fd_to, Some(atime), Some(mtime))
         .map_err(|e| with_path(e, target))?;
-    Ok(bytes)
+    // The content is vouched for when the file has no xattrs at all (the
+    // layer writer takes known contents for xattr-free files only; a
+    // security module may label new files).
+    let content = small.filter(|b| {
+        settings.record_under.is_some()
+            && b.len() as u64 <= kiln_cache::layer::known::MAX_FILE
+            && b.len() as u64 == meta.len()
+            && fd_to.list_xattr().is_ok_and(|mut x| x.next().is_none())
+    });
+    Ok((bytes, content))
+}
+
+/// The process's umask, read once (`/proc/self/status`; `umask(2)` cannot
+/// read it without setting it, and other threads create files). When it
+/// cannot be read: all bits, so that modes are always set afterwards.
+fn process_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs_err::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o7777)
+    })
 }
 
 /// Files up to this size are copied through one buffer.

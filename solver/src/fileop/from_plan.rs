@@ -41,6 +41,7 @@ impl CopyOp {
             apply_ownership: true,
             ignore: None,
             reuse: None,
+            record_contents: false,
         }
     }
 }

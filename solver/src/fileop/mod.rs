@@ -150,6 +150,9 @@ pub struct CopyOp {
     /// Link files unchanged since the previous run of this COPY from its
     /// result (see [`Reuse`]); `None` copies everything.
     pub reuse: Option<std::sync::Arc<Reuse>>,
+    /// Keep the contents of the small files copied (see
+    /// [`Report::contents`]).
+    pub record_contents: bool,
 }
 
 impl CopyOp {
@@ -215,6 +218,11 @@ pub struct Report {
     /// With reuse on: the regular files hard-linked from a snapshot instead
     /// of copied, by path below the destination root (sorted).
     pub linked: Vec<String>,
+    /// With [`CopyOp::record_contents`]: the contents of small xattr-free
+    /// regular files the copy wrote (and did not write over), by path below
+    /// the destination root, for the layer writer (which then need not
+    /// read them back).
+    pub contents: kiln_cache::KnownFiles,
 }
 
 impl Report {

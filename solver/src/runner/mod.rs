@@ -687,7 +687,9 @@ impl StoreRunner {
                     )),
                     None => None,
                 };
-                let (upper, report) = if c.link {
+                // Its small files' contents go to the layer writer.
+                fop.record_contents = memo.is_some();
+                let (upper, mut report) = if c.link {
                     // --link: copy into an empty tree; the result is a layer
                     // independent of the parent.
                     let root = dir.path().join("link");
@@ -711,11 +713,14 @@ impl StoreRunner {
                     (upper, report)
                 };
                 // A context copy hashes the files it linked with the memo's
-                // contents, and records its own for the next run.
+                // contents and those it copied with what it wrote, and
+                // records them for the next run.
                 let known = memo.is_some().then(|| {
-                    known
+                    let mut known = known
                         .map(|k| reuse::known_for(k, &report))
-                        .unwrap_or_default()
+                        .unwrap_or_default();
+                    known.absorb(std::mem::take(&mut report.contents));
+                    known
                 });
                 let (chain, recorded) = self.commit_reusing(step, &parent, &upper, known)?;
                 if let Some(memo) = memo {
