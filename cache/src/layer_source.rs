@@ -29,7 +29,7 @@ use crate::blob::{BlobReader, into_store_error};
 use crate::digest::{Digest, Hasher, HashingWriter};
 use crate::error::{Result, StoreError};
 use crate::image::LayerInfo;
-use crate::layer::{self, KnownFiles, LayerError, LayerStats, WriteOptions};
+use crate::layer::{self, ContentDigests, KnownFiles, LayerError, LayerStats, WriteOptions};
 use crate::store::{SNAPSHOT_PREFIX, Store, now};
 
 impl Store {
@@ -39,19 +39,20 @@ impl Store {
     /// layer's snapshot. If the layer exists already, `upper` is removed.
     pub fn commit_snapshot_from_dir(&self, upper: &Path, opts: &WriteOptions) -> Result<LayerInfo> {
         self.commit_snapshot_reusing(upper, opts, None)
-            .map(|(info, _)| info)
+            .map(|(info, _, _)| info)
     }
 
     /// [`Store::commit_snapshot_from_dir`]; with `known`, hashing the layer
     /// with the contents it has for files linked from another snapshot,
     /// and giving back the new layer's small files' contents for the next
-    /// time (see [`KnownFiles`]).
+    /// time (see [`KnownFiles`]); with [`WriteOptions::content_digests`],
+    /// also its regular files' content digests (see [`ContentDigests`]).
     pub fn commit_snapshot_reusing(
         &self,
         upper: &Path,
         opts: &WriteOptions,
         known: Option<KnownFiles>,
-    ) -> Result<(LayerInfo, Option<KnownFiles>)> {
+    ) -> Result<(LayerInfo, Option<KnownFiles>, Option<ContentDigests>)> {
         let _lock = self.lock_shared()?;
         if let Some(epoch) = opts.source_date_epoch {
             clamp_mtimes(upper, epoch)?;
@@ -61,15 +62,23 @@ impl Store {
             what: upper.display().to_string(),
             source,
         };
-        let recorded = match known {
-            Some(k) => Some(
-                layer::write_layer_reusing(upper, &mut hw, opts, k)
-                    .map_err(layer_err)?
-                    .1,
+        let (recorded, digests) = match known {
+            _ if opts.content_digests => {
+                let (_, recorded, digests) =
+                    layer::write_layer_digesting(upper, &mut hw, opts, known).map_err(layer_err)?;
+                (recorded, Some(digests))
+            }
+            Some(k) => (
+                Some(
+                    layer::write_layer_reusing(upper, &mut hw, opts, k)
+                        .map_err(layer_err)?
+                        .1,
+                ),
+                None,
             ),
             None => {
                 layer::write_layer(upper, &mut hw, opts).map_err(layer_err)?;
-                None
+                (None, None)
             }
         };
         let (_, diff_id, size) = hw.finish();
@@ -101,7 +110,7 @@ impl Store {
             )
             .map_err(self.db_err("recording snapshot"))?;
         }
-        Ok((LayerInfo { diff_id, size }, recorded))
+        Ok((LayerInfo { diff_id, size }, recorded, digests))
     }
 
     /// The uncompressed size recorded for layer `diff_id`, if it is recorded.

@@ -47,7 +47,8 @@ pub mod timing;
 
 pub use compress::{CompressError, Compression, compress, decompress};
 pub use layer::{
-    ApplyOptions, KnownFiles, LayerError, LayerStats, WriteOptions, apply_layer, write_layer,
+    ApplyOptions, ContentDigests, KnownFiles, LayerError, LayerStats, WriteOptions, apply_layer,
+    write_layer,
 };
 
 mod blob;

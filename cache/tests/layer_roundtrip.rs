@@ -508,3 +508,59 @@ fn big_files_round_trip_byte_for_byte() {
     // The same bytes as when the files are read.
     assert_eq!(write(&root, &WriteOptions::default()), tar);
 }
+
+#[test]
+fn digesting_writer_gives_each_regular_files_content_digest_and_the_same_tar() {
+    use kiln_cache::layer::{KnownFiles, write_layer_digesting};
+    use sha2::Digest as _;
+    let sha = |b: &[u8]| -> [u8; 32] { sha2::Sha256::digest(b).into() };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("tree");
+    fs_err::create_dir_all(root.join("d")).unwrap();
+    // Two big files (read through mappings, hashed on threads) and more
+    // than the writer hashes at once; a middle-sized and a small one (read).
+    let big: Vec<u8> = (0..(2 << 20) + 77)
+        .map(|i: u32| (i * 13 + i / 999) as u8)
+        .collect();
+    for name in ["big1", "d/big2", "d/big3"] {
+        let mut b = big.clone();
+        b.extend_from_slice(name.as_bytes());
+        fs_err::write(root.join(name), &b).unwrap();
+    }
+    fs_err::write(root.join("mid"), vec![5u8; 300 * 1024]).unwrap();
+    fs_err::write(root.join("d/small"), b"small").unwrap();
+    fs_err::write(root.join("empty"), b"").unwrap();
+    std::os::unix::fs::symlink("small", root.join("d/link")).unwrap();
+    let opts = WriteOptions::default().with_mapped_files();
+    let plain = write(&root, &opts);
+
+    let mut out = Vec::new();
+    let (stats, none, digests) = write_layer_digesting(&root, &mut out, &opts, None).unwrap();
+    assert_eq!(out, plain, "taking digests does not change the tar");
+    assert_eq!(stats.bytes, out.len() as u64);
+    assert!(none.is_none());
+    for name in ["big1", "d/big2", "d/big3", "mid", "d/small", "empty"] {
+        let content = fs_err::read(root.join(name)).unwrap();
+        assert_eq!(
+            digests.get(name.as_bytes(), content.len() as u64),
+            Some(sha(&content)),
+            "{name}"
+        );
+        assert_eq!(digests.get(name.as_bytes(), content.len() as u64 + 1), None);
+    }
+    assert_eq!(digests.get(b"d/link", 5), None, "not a regular file");
+    assert_eq!(digests.len(), 6);
+
+    // A file whose content is known is digested from what is known.
+    let mut known = KnownFiles::default();
+    known.record(b"d/small", b"SMALL");
+    let mut again = Vec::new();
+    let (_, carried, digests) =
+        write_layer_digesting(&root, &mut again, &opts, Some(known)).unwrap();
+    assert!(carried.is_some());
+    assert_eq!(digests.get(b"d/small", 5), Some(sha(b"SMALL")));
+    assert_eq!(
+        digests.get(b"big1", big.len() as u64 + 4),
+        Some(sha(&fs_err::read(root.join("big1")).unwrap()))
+    );
+}

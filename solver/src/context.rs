@@ -152,6 +152,9 @@ pub struct HashStats {
     pub cached: u64,
     /// Bytes read.
     pub bytes: u64,
+    /// Regular files whose digest came from the top layer's (see
+    /// [`BuildContext::with_top_layer_digests`]).
+    pub from_layer: u64,
 }
 
 /// A build context directory with its ignore rules.
@@ -169,6 +172,9 @@ pub struct BuildContext {
     threads: usize,
     /// Hash big files through a mapping (see [`BuildContext::of_stage`]).
     map_big_files: bool,
+    /// Content digests of the files of the top layer of a stage (see
+    /// [`BuildContext::with_top_layer_digests`]).
+    top_layer: Option<std::sync::Arc<kiln_cache::ContentDigests>>,
 }
 
 impl BuildContext {
@@ -183,6 +189,7 @@ impl BuildContext {
             buf: Vec::new(),
             threads: default_threads(),
             map_big_files: false,
+            top_layer: None,
         }
     }
 
@@ -195,6 +202,18 @@ impl BuildContext {
             map_big_files: true,
             ..BuildContext::new(root, None)
         }
+    }
+
+    /// Takes the content of regular files from `digests`, those taken when
+    /// the top layer of the stage mounted at the root was written, when the
+    /// size is the same. A regular file of the top layer is the one the
+    /// mount shows at its path (an upper layer always wins).
+    pub fn with_top_layer_digests(
+        mut self,
+        digests: std::sync::Arc<kiln_cache::ContentDigests>,
+    ) -> Self {
+        self.top_layer = Some(digests);
+        self
     }
 
     /// The context at `root` with the ignore file BuildKit would use for
@@ -276,12 +295,14 @@ impl BuildContext {
             index: self.stat_cache.as_ref().map(|c| &c.index),
             racy_window_ns: self.racy_window_ns,
             map_big_files: self.map_big_files,
+            top_layer: self.top_layer.as_deref(),
         };
         let mut st = WorkerState::new(std::mem::take(&mut self.buf));
         let result = walker.sources(&self.root, &sources, self.threads, &mut st);
         self.stats.hashed += st.stats.hashed;
         self.stats.cached += st.stats.cached;
         self.stats.bytes += st.stats.bytes;
+        self.stats.from_layer += st.stats.from_layer;
         self.buf = std::mem::take(&mut st.buf);
         if let Some(c) = &mut self.stat_cache {
             c.apply(std::mem::take(&mut st.updates));
@@ -370,6 +391,7 @@ struct Walker<'a> {
     index: Option<&'a StatIndex>,
     racy_window_ns: i64,
     map_big_files: bool,
+    top_layer: Option<&'a kiln_cache::ContentDigests>,
 }
 
 /// The stat cache's directory key of a context-relative path: its parent
@@ -573,6 +595,7 @@ impl Walker<'_> {
                     st.stats.hashed += hs.stats.hashed;
                     st.stats.cached += hs.stats.cached;
                     st.stats.bytes += hs.stats.bytes;
+                    st.stats.from_layer += hs.stats.from_layer;
                     st.skipped_walked |= hs.skipped_walked;
                 }
                 // A panic in a helper is a bug: pass it on.
@@ -748,7 +771,16 @@ impl Walker<'_> {
                 _ => {
                     let host = host();
                     let xattrs = read_xattrs(&host);
-                    let d = self.hash_file(st, &host, name, meta, xattrs.is_empty())?;
+                    let d = match self
+                        .top_layer
+                        .and_then(|t| t.get(rel.as_bytes(), meta.len()))
+                    {
+                        Some(d) => {
+                            st.stats.from_layer += 1;
+                            d
+                        }
+                        None => self.hash_file(st, &host, name, meta, xattrs.is_empty())?,
+                    };
                     (Some(d), xattrs)
                 }
             }

@@ -671,3 +671,51 @@ fn a_stage_hashes_big_files_through_a_mapping_to_the_same_digest() {
     assert_eq!(stage.stats().hashed, 2);
     assert_eq!(stage.stats().bytes, big.len() as u64 + 1);
 }
+
+#[test]
+fn a_stage_takes_its_top_layers_digests_instead_of_reading_the_files() {
+    let d = tempfile::tempdir().expect("ctx");
+    let big: Vec<u8> = (0..(2 << 20) + 9).map(|i: u32| (i % 241) as u8).collect();
+    fs_err::create_dir_all(d.path().join("out")).expect("mkdir");
+    fs_err::write(d.path().join("out/big"), &big).expect("big");
+    write(d.path(), "out/small", "s");
+    write(d.path(), "out/other", "not in the layer's digests");
+    let read = sum(&mut BuildContext::new(d.path(), None), &["out"]);
+    // The digests a layer writer took of the same files.
+    let mut out = Vec::new();
+    let (_, _, digests) = kiln_cache::layer::write_layer_digesting(
+        d.path(),
+        &mut out,
+        &kiln_cache::WriteOptions::default(),
+        None,
+    )
+    .expect("layer");
+    let mut only_two = kiln_cache::ContentDigests::default();
+    for name in ["out/big", "out/small"] {
+        let size = fs_err::metadata(d.path().join(name)).expect("stat").len();
+        let digest = digests.get(name.as_bytes(), size).expect("digest taken");
+        only_two.insert(name.as_bytes().to_vec(), size, digest);
+    }
+    let mut stage =
+        BuildContext::of_stage(d.path()).with_top_layer_digests(std::sync::Arc::new(only_two));
+    assert_eq!(sum(&mut stage, &["out"]), read);
+    assert_eq!(stage.stats().from_layer, 2);
+    assert_eq!(
+        stage.stats().hashed,
+        1,
+        "only the file without a digest is read"
+    );
+    // The digests are taken as given (a wrong one changes the sum), and
+    // only for the size they were taken at.
+    let mut forged = kiln_cache::ContentDigests::default();
+    forged.insert(b"out/small".to_vec(), 1, [7; 32]);
+    let mut stage =
+        BuildContext::of_stage(d.path()).with_top_layer_digests(std::sync::Arc::new(forged));
+    assert_ne!(sum(&mut stage, &["out"]), read);
+    let mut resized = kiln_cache::ContentDigests::default();
+    resized.insert(b"out/small".to_vec(), 2, [7; 32]);
+    let mut stage =
+        BuildContext::of_stage(d.path()).with_top_layer_digests(std::sync::Arc::new(resized));
+    assert_eq!(sum(&mut stage, &["out"]), read);
+    assert_eq!(stage.stats().from_layer, 0);
+}

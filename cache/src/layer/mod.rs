@@ -3,7 +3,8 @@
 //! # API (what the store and the builder call)
 //!
 //! ```text
-//! pub struct WriteOptions { pub source_date_epoch: Option<i64>, pub map_big_files: bool } // Default, with_*
+//! pub struct WriteOptions { pub source_date_epoch: Option<i64>, pub map_big_files: bool,
+//!                           pub content_digests: bool } // Default, with_*
 //! pub struct LayerStats   { pub entries: u64, pub bytes: u64 }
 //! pub fn write_layer<W: Write>(diff_dir: &Path, out: W, opts: &WriteOptions) -> Result<LayerStats, LayerError>;
 //!
@@ -76,6 +77,7 @@
 //! does not change them. A directory replaces a non-directory and the other way round.
 
 mod apply;
+mod digests;
 pub mod known;
 mod mapped;
 mod tar_format;
@@ -84,9 +86,10 @@ mod write;
 use std::path::PathBuf;
 
 pub use apply::apply_layer;
+pub use digests::ContentDigests;
 pub use known::KnownFiles;
 pub use mapped::{Mapped, for_each_window};
-pub use write::{write_layer, write_layer_reusing};
+pub use write::{write_layer, write_layer_digesting, write_layer_reusing};
 
 /// Prefix of an OCI whiteout entry's base name.
 pub const WHITEOUT_PREFIX: &str = ".wh.";
@@ -102,6 +105,9 @@ pub struct WriteOptions {
     /// for trees nothing writes any more (snapshots, the upper of a finished step): a file
     /// truncated while mapped raises SIGBUS.
     pub map_big_files: bool,
+    /// Also take the sha256 of each regular file's content (see
+    /// [`write_layer_digesting`]).
+    pub content_digests: bool,
 }
 
 impl WriteOptions {
@@ -109,6 +115,13 @@ impl WriteOptions {
     #[must_use]
     pub fn with_mapped_files(mut self) -> Self {
         self.map_big_files = true;
+        self
+    }
+
+    /// Take content digests too (see [`WriteOptions::content_digests`]).
+    #[must_use]
+    pub fn with_content_digests(mut self, on: bool) -> Self {
+        self.content_digests = on;
         self
     }
 

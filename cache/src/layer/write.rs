@@ -8,11 +8,14 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use sha2::Digest as _;
+
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
 use xattr::FileExt as _;
 
+use super::digests::{ContentDigests, Digesting};
 use super::known::{self, KnownFiles};
 use super::tar_format::{
     self, EntryHeader, KIND_BLOCK, KIND_CHAR, KIND_DIR, KIND_FIFO, KIND_FILE, KIND_LINK,
@@ -29,7 +32,7 @@ pub fn write_layer<W: Write>(
     out: W,
     opts: &WriteOptions,
 ) -> Result<LayerStats, LayerError> {
-    write_inner(diff_dir, out, opts, None, None)
+    write_inner(diff_dir, out, opts, None, None).map(|(stats, _)| stats)
 }
 
 /// [`write_layer`], taking the content of the regular files `known` has
@@ -45,10 +48,39 @@ pub fn write_layer_reusing<W: Write>(
     mut known: KnownFiles,
 ) -> Result<(LayerStats, KnownFiles), LayerError> {
     let mut recorded = KnownFiles::default();
-    let stats = write_inner(diff_dir, out, opts, Some(&mut known), Some(&mut recorded))?;
+    let (stats, _) = write_inner(diff_dir, out, opts, Some(&mut known), Some(&mut recorded))?;
     known.keep_used();
     known.absorb(recorded);
     Ok((stats, known))
+}
+
+/// [`write_layer_reusing`] (or [`write_layer`], without `known`) that also
+/// takes the sha256 of every regular file's content (see
+/// [`ContentDigests`]); big files are hashed on another thread meanwhile.
+pub fn write_layer_digesting<W: Write>(
+    diff_dir: &Path,
+    out: W,
+    opts: &WriteOptions,
+    known: Option<KnownFiles>,
+) -> Result<(LayerStats, Option<KnownFiles>, ContentDigests), LayerError> {
+    let opts = WriteOptions {
+        content_digests: true,
+        ..opts.clone()
+    };
+    match known {
+        Some(mut known) => {
+            let mut recorded = KnownFiles::default();
+            let (stats, digests) =
+                write_inner(diff_dir, out, &opts, Some(&mut known), Some(&mut recorded))?;
+            known.keep_used();
+            known.absorb(recorded);
+            Ok((stats, Some(known), digests.unwrap_or_default()))
+        }
+        None => {
+            let (stats, digests) = write_inner(diff_dir, out, &opts, None, None)?;
+            Ok((stats, None, digests.unwrap_or_default()))
+        }
+    }
 }
 
 fn write_inner<W: Write>(
@@ -57,7 +89,7 @@ fn write_inner<W: Write>(
     opts: &WriteOptions,
     known: Option<&mut KnownFiles>,
     record: Option<&mut KnownFiles>,
-) -> Result<LayerStats, LayerError> {
+) -> Result<(LayerStats, Option<ContentDigests>), LayerError> {
     let mut w = Writer {
         out: BufWriter::with_capacity(64 * 1024, out),
         stats: LayerStats::default(),
@@ -70,6 +102,7 @@ fn write_inner<W: Write>(
         known,
         record,
         content: Vec::new(),
+        digesting: opts.content_digests.then(Digesting::default),
     };
     // The root itself must be a directory; its own metadata is not part of the diff.
     let md = fs_err::metadata(diff_dir).map_err(|source| LayerError::ReadDiff {
@@ -92,7 +125,7 @@ fn write_inner<W: Write>(
     w.walk(&root, diff_dir, b"")?;
     w.stats.bytes += tar_format::write_end(&mut w.out).map_err(LayerError::WriteTar)?;
     w.out.flush().map_err(LayerError::WriteTar)?;
-    Ok(w.stats)
+    Ok((w.stats, w.digesting.map(Digesting::finish)))
 }
 
 struct Writer<'k, W: Write> {
@@ -109,6 +142,8 @@ struct Writer<'k, W: Write> {
     record: Option<&'k mut KnownFiles>,
     /// The content of the file being copied, when it is recorded.
     content: Vec<u8>,
+    /// The content digests being taken, if they are.
+    digesting: Option<Digesting>,
 }
 
 /// Regular files from this size are read through a mapping.
@@ -372,7 +407,8 @@ impl<W: Write> Writer<'_, W> {
                 h.size = u64::try_from(st.st_size).unwrap_or(0);
                 self.emit(&h)?;
                 self.content.clear();
-                self.copy_file(file, path, h.size, record)?;
+                let digest_as = self.digesting.is_some().then(|| h.name.clone());
+                self.copy_file(file, path, h.size, record, digest_as)?;
                 if let (Some(rel), Some(rec)) = (rel_for_record, self.record.as_deref_mut()) {
                     rec.record(&rel, &self.content);
                 }
@@ -417,6 +453,9 @@ impl<W: Write> Writer<'_, W> {
             .and_then(|()| self.out.write_all(&[0u8; tar_format::BLOCK][..pad]))
             .map_err(LayerError::WriteTar)?;
         self.stats.bytes += size + pad as u64;
+        if let Some(d) = self.digesting.as_mut() {
+            d.add(h.name, size, sha2::Sha256::digest(content).into());
+        }
         Ok(())
     }
 
@@ -426,6 +465,7 @@ impl<W: Write> Writer<'_, W> {
         path: &Path,
         size: u64,
         record: bool,
+        digest_as: Option<Vec<u8>>,
     ) -> Result<(), LayerError> {
         if size >= MAP_FROM && !record && self.opts.map_big_files {
             // The file's size now must be the size stat'ed (the mapping's
@@ -456,6 +496,9 @@ impl<W: Write> Writer<'_, W> {
                 return Err(LayerError::WriteTar(e));
             }
             if mapped.map_err(read_err(path))? {
+                if let (Some(d), Some(name)) = (self.digesting.as_mut(), digest_as) {
+                    d.spawn_mapped(name, &file, size);
+                }
                 let pad = tar_format::padding(size);
                 self.out
                     .write_all(&[0u8; tar_format::BLOCK][..pad])
@@ -469,6 +512,7 @@ impl<W: Write> Writer<'_, W> {
             self.copy_buf.resize(want, 0);
         }
         let mut left = size;
+        let mut content_hash = digest_as.as_ref().map(|_| sha2::Sha256::new());
         let mut reader = file.take(size);
         while left > 0 {
             let n = match reader.read(&mut self.copy_buf) {
@@ -496,7 +540,13 @@ impl<W: Write> Writer<'_, W> {
             if record {
                 self.content.extend_from_slice(&self.copy_buf[..n]);
             }
+            if let Some(h) = content_hash.as_mut() {
+                h.update(&self.copy_buf[..n]);
+            }
             left -= n as u64;
+        }
+        if let (Some(d), Some(name), Some(h)) = (self.digesting.as_mut(), digest_as, content_hash) {
+            d.add(name, size, h.finalize().into());
         }
         let pad = tar_format::padding(size);
         self.out

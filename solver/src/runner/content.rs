@@ -130,7 +130,18 @@ impl StoreRunner {
                 step: step.vertex.name.clone(),
                 source,
             })?;
-        let sum = BuildContext::of_stage(merged.path()).checksum(patterns, exclude, parents);
+        let mut stage = BuildContext::of_stage(merged.path());
+        // The stage's top layer, if this build committed it with digests.
+        if let Some(top) = chain.layers.last()
+            && let Some(d) = self
+                .layer_digests
+                .lock()
+                .ok()
+                .and_then(|all| all.get(&top.diff_id.to_string()).cloned())
+        {
+            stage = stage.with_top_layer_digests(d);
+        }
+        let sum = stage.checksum(patterns, exclude, parents);
         drop(merged);
         let Ok(sum) = sum else {
             return Ok(None);

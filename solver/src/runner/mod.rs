@@ -253,11 +253,41 @@ pub struct StoreRunner {
     /// Work for later builds done beside this one's steps (copy memos);
     /// [`StoreRunner::finish`] waits for it.
     background: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// Stages that other stages read (`COPY --from`, bind mounts): their
+    /// RUN layers are committed with content digests.
+    read_stages: Arc<std::collections::HashSet<usize>>,
+    /// Content digests of layers committed in this build, by diffID.
+    layer_digests: Arc<Mutex<HashMap<String, Arc<kiln_cache::ContentDigests>>>>,
+}
+
+/// The stages whose files other steps read by content: sources of
+/// `COPY --from=<stage>` and of `RUN --mount=type=bind,from=<stage>`.
+fn stages_read(graph: &BuildGraph) -> std::collections::HashSet<usize> {
+    let mut out = std::collections::HashSet::new();
+    for v in graph.graph.node_weights() {
+        match &v.op {
+            Op::File(FileOp::Copy(c)) => {
+                if let InputRef::Stage { index } = c.from {
+                    out.insert(index);
+                }
+            }
+            Op::Exec(r) => {
+                for m in &r.mounts {
+                    if let Some(InputRef::Stage { index }) = m.from {
+                        out.insert(index);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 impl StoreRunner {
     /// A runner for `graph`, keeping layers and cache records in `store`.
     pub fn new(store: Arc<Store>, graph: Arc<BuildGraph>, opts: RunnerOptions) -> Self {
+        let read_stages = Arc::new(stages_read(&graph));
         Self {
             store,
             graph,
@@ -272,6 +302,8 @@ impl StoreRunner {
             bases: Arc::default(),
             cache_db: None,
             background: Arc::default(),
+            read_stages,
+            layer_digests: Arc::default(),
         }
     }
 
@@ -412,6 +444,8 @@ impl StoreRunner {
             bases: Arc::clone(&self.bases),
             cache_db: self.cache_db.clone(),
             background: Arc::clone(&self.background),
+            read_stages: Arc::clone(&self.read_stages),
+            layer_digests: Arc::clone(&self.layer_digests),
         }
     }
 
@@ -541,17 +575,30 @@ impl StoreRunner {
         let (chain, recorded) = if empty {
             (parent.clone(), None)
         } else {
-            // The step is over: nothing writes its upper any more.
+            // The step is over: nothing writes its upper any more. A RUN
+            // of a stage that others read takes its files' digests too (a
+            // `COPY --from` key then needs not read them again).
+            let digests = matches!(step.vertex.op, Op::Exec(_))
+                && step
+                    .vertex
+                    .stage
+                    .is_some_and(|s| self.read_stages.contains(&s));
             let opts = kiln_cache::WriteOptions::default()
                 .with_source_date_epoch(self.opts.source_date_epoch)
-                .with_mapped_files();
-            let (layer, recorded) = self
+                .with_mapped_files()
+                .with_content_digests(digests);
+            let (layer, recorded, digests) = self
                 .store
                 .commit_snapshot_reusing(upper, &opts, known)
                 .map_err(store_err(format!(
                     "committing the layer of {}",
                     step.vertex.name
                 )))?;
+            if let Some(d) = digests
+                && let Ok(mut all) = self.layer_digests.lock()
+            {
+                all.insert(layer.diff_id.to_string(), Arc::new(d));
+            }
             (parent.with(layer), recorded)
         };
         kiln_cache::timing::mark("commit: layer");

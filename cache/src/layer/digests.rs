@@ -1,0 +1,108 @@
+//! The content digests of a layer's regular files, taken while its tar is
+//! written (see [`WriteOptions::content_digests`](super::WriteOptions)).
+//!
+//! A `COPY --from=<stage>` is keyed by the digests of the files it copies
+//! (as BuildKit's content-based keys are), so right after a stage's last
+//! RUN the same files were read twice: once for the layer's diffID, once
+//! for the copy's key. Taking both digests in one pass saves the second
+//! read; big files are hashed on a thread beside the writer (the tar's
+//! hash is sequential, the file's own can run on the other core).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::thread::JoinHandle;
+
+use sha2::{Digest as _, Sha256};
+
+/// The sha256 of the content of a layer's regular files, with their sizes,
+/// by path in the layer (as in its tar: relative, no leading `./`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ContentDigests {
+    files: HashMap<Vec<u8>, (u64, [u8; 32])>,
+}
+
+impl ContentDigests {
+    /// The digest of the file at `path`, if it was taken and the file had
+    /// `size` bytes.
+    pub fn get(&self, path: &[u8], size: u64) -> Option<[u8; 32]> {
+        self.files
+            .get(path)
+            .filter(|(s, _)| *s == size)
+            .map(|(_, d)| *d)
+    }
+
+    /// Records the digest of the `size` bytes of the file at `path`.
+    pub fn insert(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32]) {
+        self.files.insert(path, (size, digest));
+    }
+
+    /// How many files have a digest.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether no file has one.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// Big files hashed at once, at most (a third waits for the first).
+const MAX_PENDING: usize = 2;
+
+type Pending = JoinHandle<Option<(Vec<u8>, u64, [u8; 32])>>;
+
+/// Digests being taken while a layer is written: small files by the
+/// writer, big ones on threads beside it.
+#[derive(Debug, Default)]
+pub(super) struct Digesting {
+    done: ContentDigests,
+    pending: VecDeque<Pending>,
+}
+
+impl Digesting {
+    pub(super) fn add(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32]) {
+        self.done.insert(path, size, digest);
+    }
+
+    /// Hashes the `size` bytes of `file` (which nothing writes any more)
+    /// through mappings, on another thread. A file that cannot be hashed so
+    /// gets no digest: its reader reads it.
+    pub(super) fn spawn_mapped(&mut self, path: Vec<u8>, file: &File, size: u64) {
+        let Ok(file) = file.try_clone() else {
+            return;
+        };
+        if self.pending.len() >= MAX_PENDING {
+            self.join_one();
+        }
+        let spawned = std::thread::Builder::new()
+            .name("layer-digest".to_owned())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                let mapped = super::mapped::for_each_window(&file, size, |bytes| {
+                    h.update(bytes);
+                    Ok(())
+                });
+                matches!(mapped, Ok(true)).then(|| (path, size, h.finalize().into()))
+            });
+        if let Ok(handle) = spawned {
+            self.pending.push_back(handle);
+        }
+    }
+
+    fn join_one(&mut self) {
+        if let Some(handle) = self.pending.pop_front()
+            && let Ok(Some((path, size, digest))) = handle.join()
+        {
+            self.done.insert(path, size, digest);
+        }
+    }
+
+    /// Every digest, once the threads are done.
+    pub(super) fn finish(mut self) -> ContentDigests {
+        while !self.pending.is_empty() {
+            self.join_one();
+        }
+        self.done
+    }
+}
