@@ -1093,13 +1093,20 @@ fn migrate(conn: &mut Connection, db_path: &Path) -> Result<()> {
         path: db_path.to_owned(),
         source,
     };
+    let known = MIGRATIONS.len() as i64;
+    // The usual case, read without taking the write lock: up to date.
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| db("reading schema version", e))?;
+    if current == known {
+        return Ok(());
+    }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| db("starting migration", e))?;
     let version: i64 = tx
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| db("reading schema version", e))?;
-    let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::SchemaTooNew {
             path: db_path.to_owned(),

@@ -1388,27 +1388,10 @@ impl StatCache {
         StatCache::with_db(db)
     }
 
-    /// The stat cache in `db` (shared with the build's other users).
+    /// The stat cache in `db` (shared with the build's other users; its
+    /// tables are made when it is opened).
     pub fn with_db(db: CacheDb) -> Result<Self, ContextError> {
         let path = db.path().to_owned();
-        let e = |source| ContextError::StatCache {
-            path: path.clone(),
-            source,
-        };
-        let conn = db.conn();
-        // (`stat_cache`, a row per file, is the table of older kiln
-        // versions: read once per context when `stat_parts` has none.)
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS stat_parts (
-                root TEXT NOT NULL,
-                dir TEXT NOT NULL,
-                part INTEGER NOT NULL,
-                entries BLOB NOT NULL,
-                PRIMARY KEY (root, dir, part)
-            );",
-        )
-        .map_err(e)?;
-        drop(conn);
         Ok(Self {
             db,
             path,
@@ -1600,15 +1583,65 @@ pub(crate) fn open_cache_db(path: &Path) -> rusqlite::Result<rusqlite::Connectio
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "wal_autocheckpoint", 128)?;
-    conn.pragma_update(None, "journal_size_limit", 1 << 20)?;
+    conn.execute_batch(
+        "PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=128;
+         PRAGMA journal_size_limit=1048576;",
+    )?;
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
         true,
     )?;
+    // The tables are made once (the version says they are there), not
+    // with a `CREATE TABLE IF NOT EXISTS` per user per build: every SQL
+    // text is parsed anew by each short-lived process.
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < CACHE_SCHEMA {
+        conn.execute_batch(CACHE_TABLES)?;
+        conn.pragma_update(None, "user_version", CACHE_SCHEMA)?;
+    }
     Ok(conn)
 }
+
+/// The version of `statcache.db`'s tables ([`CACHE_TABLES`]).
+const CACHE_SCHEMA: i64 = 1;
+
+/// The tables of `statcache.db`: the stat cache (`stat_parts`), the key
+/// history (`key_history3`, `key_history3_files`) and the content memo
+/// (`content_digest`). Older kiln versions' tables (`stat_cache`,
+/// `key_history2`) are still read where they exist.
+///
+/// The key history's are rowid tables updated in place: a row of about
+/// 1 KB stays in its leaf page (a `WITHOUT ROWID` row that size spills to
+/// overflow pages), so a one-file rebuild writes a few pages.
+const CACHE_TABLES: &str = "
+    CREATE TABLE IF NOT EXISTS stat_parts (
+        root TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        entries BLOB NOT NULL,
+        PRIMARY KEY (root, dir, part)
+    );
+    CREATE TABLE IF NOT EXISTS key_history3 (
+        scope TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        line INTEGER NOT NULL,
+        inputs BLOB NOT NULL,
+        buckets BLOB NOT NULL,
+        PRIMARY KEY (scope, stage, idx)
+    );
+    CREATE TABLE IF NOT EXISTS key_history3_files (
+        scope TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        bucket INTEGER NOT NULL,
+        files BLOB NOT NULL,
+        PRIMARY KEY (scope, stage, idx, bucket)
+    );
+    CREATE TABLE IF NOT EXISTS content_digest (
+        id TEXT PRIMARY KEY NOT NULL,
+        digest TEXT NOT NULL
+    );";
 
 /// One connection to `<store>/statcache.db`, shared by the stat cache, the
 /// key history and the content memo of a build: each open connection costs

@@ -534,7 +534,7 @@ fn history_row(inputs: &KeyInputs) -> Result<Vec<u8>, serde_json::Error> {
     Ok(zstd::encode_all(json.as_slice(), 3).unwrap_or(json))
 }
 
-/// Reads a stored row: zstd-compressed JSON, or plain JSON (older rows).
+/// Reads a stored row: plain JSON (text), or zstd-compressed JSON (a blob).
 fn parse_history_row(value: rusqlite::types::ValueRef<'_>) -> Option<KeyInputs> {
     match value {
         rusqlite::types::ValueRef::Text(t) => serde_json::from_slice(t).ok(),
@@ -631,7 +631,7 @@ enum PreviousRow {
 /// store root, so the next build can explain its misses. Scoped by the
 /// Dockerfile and context paths; a step is found by stage and instruction
 /// index, or else by its Dockerfile line. A step's inputs without their
-/// files are one row of `key_history3` (zstd JSON); the files are rows of
+/// files are one row of `key_history3` (JSON text); the files are rows of
 /// `key_history3_files`, one per [`FileBuckets`] bucket, rewritten only
 /// when they change.
 #[derive(Debug)]
@@ -653,38 +653,8 @@ impl KeyHistory {
     /// The history for builds of `scope` in `db` (shared with the build's
     /// other users).
     pub fn with_db(db: crate::context::CacheDb, scope: &str) -> Result<Self, KeyError> {
+        // (The tables are made when `db` is opened.)
         let path = db.path().to_owned();
-        let e = |source| KeyError::History {
-            path: path.clone(),
-            source,
-        };
-        let conn = db.conn();
-        // `key_history2` (a row per step, files included, written by older
-        // kiln versions) is still read when a step has no row here. Rowid
-        // tables updated in place: a row of about 1 KB stays in its leaf
-        // page (a `WITHOUT ROWID` row that size spills to overflow pages),
-        // so a one-file rebuild writes a few pages.
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS key_history3 (
-                scope TEXT NOT NULL,
-                stage TEXT NOT NULL,
-                idx INTEGER NOT NULL,
-                line INTEGER NOT NULL,
-                inputs BLOB NOT NULL,
-                buckets BLOB NOT NULL,
-                PRIMARY KEY (scope, stage, idx)
-            );
-            CREATE TABLE IF NOT EXISTS key_history3_files (
-                scope TEXT NOT NULL,
-                stage TEXT NOT NULL,
-                idx INTEGER NOT NULL,
-                bucket INTEGER NOT NULL,
-                files BLOB NOT NULL,
-                PRIMARY KEY (scope, stage, idx, bucket)
-            );",
-        )
-        .map_err(e)?;
-        drop(conn);
         Ok(Self {
             db,
             path,
@@ -865,7 +835,10 @@ impl KeyHistory {
                     step: loc.stage.clone(),
                     source,
                 })?;
-                let row = zstd::bulk::compress(&json, 3).unwrap_or(json);
+                // Plain JSON text: a few hundred bytes, and compressing it
+                // on every build (a no-op one too, to compare) cost a zstd
+                // context each; older rows (zstd blobs) are still read.
+                let row = String::from_utf8_lossy(&json).into_owned();
                 let buckets = FileBuckets::of(&i.files);
                 let old: Option<Vec<u8>> = {
                     let mut rows = old_hashes
@@ -1000,21 +973,10 @@ impl ContentMemo {
         ContentMemo::with_db(db)
     }
 
-    /// The memo in `db` (shared with the build's other users).
+    /// The memo in `db` (shared with the build's other users; its table
+    /// is made when `db` is opened).
     pub fn with_db(db: crate::context::CacheDb) -> Result<Self, KeyError> {
         let path = db.path().to_owned();
-        let e = |source| KeyError::History {
-            path: path.clone(),
-            source,
-        };
-        db.conn()
-            .execute_batch(
-                "CREATE TABLE IF NOT EXISTS content_digest (
-                    id TEXT PRIMARY KEY NOT NULL,
-                    digest TEXT NOT NULL
-                );",
-            )
-            .map_err(e)?;
         Ok(Self { db, path })
     }
 
