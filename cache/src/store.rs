@@ -779,6 +779,12 @@ impl Store {
         self.load_image(&id)
     }
 
+    /// The id of the image `name_or_id` names (as [`Store::resolve`], without
+    /// loading the image).
+    pub fn image_id(&self, name_or_id: &str) -> Result<Digest> {
+        self.resolve_id(name_or_id)
+    }
+
     fn resolve_id(&self, name_or_id: &str) -> Result<Digest> {
         let conn = self.db();
         if let Ok(r) = Reference::parse(name_or_id) {
@@ -1031,6 +1037,15 @@ impl Store {
                  ON CONFLICT(key) DO UPDATE SET result = ?2, last_used = ?3")
                 .and_then(|mut st| st.execute(params![key, json, t]))
             .map_err(self.db_err("storing cache record"))?;
+        Ok(())
+    }
+
+    /// Removes a cache record (none there is no error).
+    pub fn delete_cache_record(&self, key: &str) -> Result<()> {
+        self.db()
+            .prepare_cached("DELETE FROM cache_records WHERE key = ?1")
+            .and_then(|mut st| st.execute([key]))
+            .map_err(self.db_err("removing cache record"))?;
         Ok(())
     }
 

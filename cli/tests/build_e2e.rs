@@ -1799,3 +1799,111 @@ fn a_relative_store_path_works() {
     let fs = env.rootfs(&ctx, &["-t", "rel"], "out");
     assert_eq!(read(&fs.join("b.txt")), "a\n");
 }
+
+/// `kiln build` with `KILN_TIMINGS=1`: (progress, image id, whether the
+/// build memo answered it).
+fn timed_build(env: &Env, ctx: &Path, extra: &[&str]) -> (String, String, bool) {
+    let store = env.store();
+    let mut args = vec!["--root", store.to_str().expect("utf8")];
+    args.extend_from_slice(&["build", "--progress=plain", "--network=none"]);
+    args.extend_from_slice(extra);
+    args.push(ctx.to_str().expect("utf8"));
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .env_remove("KILN_ROOT")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env("KILN_TIMINGS", "1")
+        .output()
+        .expect("run kiln");
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "kiln build {extra:?}: {err}");
+    let memo = err
+        .lines()
+        .any(|l| l.starts_with("[timing]") && l.ends_with(" memo hit"));
+    (err, text(&o.stdout).trim().to_owned(), memo)
+}
+
+/// The build memo answers a rebuild whose inputs are all unchanged, with
+/// the same output and image, and nothing else: a context file edited or
+/// added, a build arg, the base image retagged, or the cache pruned each
+/// send the build down its full path (which runs what changed).
+#[test]
+fn the_build_memo_answers_only_an_unchanged_rebuild() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let tag = ["-t", "memo:1"];
+    // Context paths changed in the last two seconds make no memo.
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(2100));
+    settle();
+    let (first, id1, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo && !first.contains("0 steps run"), "{first}");
+    // A fully cached rebuild leaves the memo; the next one is answered by it.
+    let (second, id2, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo && second.contains("0 steps run"), "{second}");
+    assert_eq!(id1, id2);
+    let (third, id3, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo, "{third}");
+    assert_eq!(id3, id2);
+    let progress = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.starts_with('#') || l.starts_with("built "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(progress(&third), progress(&second), "the same progress");
+    // The tag is put back on the image when it moved.
+    let o = env.kiln(&["tag", "busybox:local", "memo:1"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (_, id, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo);
+    assert_eq!(id, id2);
+    let store = kiln_cache::Store::open(env.store()).expect("store");
+    assert_eq!(store.image_id("memo:1").expect("tag").to_string(), id2);
+    drop(store);
+
+    // An edited file (same size) misses, and names the file.
+    fs_err::write(ctx.join("src/a.txt"), "A\n").expect("edit");
+    let (out, id_edit, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo, "{out}");
+    assert!(out.contains("file `src/a.txt` changed"), "{out}");
+    assert_ne!(id_edit, id2);
+    // A file added to a copied directory misses too.
+    settle();
+    let (_, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo, "the run after a build that ran steps has no memo");
+    let (_, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo);
+    fs_err::write(ctx.join("src/new.txt"), "new\n").expect("add");
+    let (out, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo, "{out}");
+    assert!(out.contains("src/new.txt"), "{out}");
+    // Another build arg value is another build.
+    settle();
+    timed_build(&env, &ctx, &tag);
+    let (_, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo);
+    let (_, _, memo) = timed_build(&env, &ctx, &["-t", "memo:1", "--build-arg", "X=1"]);
+    assert!(!memo);
+    // The base image retagged: not answered (the full build starts from
+    // the new base).
+    let (_, id_before, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo);
+    let o = env.kiln(&["tag", "memo:1", "busybox:local"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (out, id_new_base, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo, "{out}");
+    assert_ne!(id_new_base, id_before);
+    // The cache pruned: the steps run again.
+    timed_build(&env, &ctx, &tag);
+    let (_, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo);
+    let o = env.kiln(&["prune", "--all", "--force"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (out, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo, "{out}");
+    assert!(!out.contains("0 steps run"), "{out}");
+    env.assert_clean();
+}

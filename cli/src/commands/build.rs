@@ -17,7 +17,7 @@ use kiln_solver::plan::{BuildOptions, EmptyImages, plan};
 use kiln_solver::runner::{DefaultNetwork, RunnerOptions, SecretSource, StoreRunner};
 use kiln_solver::solve::{SolveError, SolveOptions, solve};
 
-use super::Global;
+use super::{Global, build_memo};
 use crate::progress::{ProgressMode, Renderer};
 
 /// `--pull`.
@@ -352,11 +352,20 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     kiln_solver::runner::sweep_stale(&store);
     kiln_cache::timing::mark("swept");
     let input = stdin_input(args, &store)?;
+    let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
+    let epoch = source_date_epoch()?;
+    // The same inputs as a fully cached build before: its image.
+    let memo = memo_key(args, &input, &opts, epoch);
+    if let Some((key, ctx)) = &memo
+        && let Some(hit) = build_memo::lookup(&store, key, ctx)
+    {
+        kiln_cache::timing::mark("memo hit");
+        return memo_hit(args, &store, &hit);
+    }
     let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)
         .map_err(|e| input.rename(e))?;
     // How messages name the Dockerfile (`-` when it came on stdin).
     let df_name = input.name_of(&df_path);
-    let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
     if args.push && args.tags.is_empty() {
         bail!("--push needs at least one `-t NAME` to push to");
     }
@@ -368,12 +377,15 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     let resolver = super::registry::PullingResolver::new(Arc::clone(&store), policy);
     let graph = plan(&df, &opts, &resolver).with_context(|| format!("planning `{df_name}`"))?;
     kiln_cache::timing::mark("planned");
-    if !graph.unused_build_args.is_empty() {
-        // As docker: a build arg no stage declares is probably a typo.
-        eprintln!(
+    // As docker: a build arg no stage declares is probably a typo.
+    let warning = (!graph.unused_build_args.is_empty()).then(|| {
+        format!(
             "warning: one or more build-args [{}] were not consumed",
             graph.unused_build_args.join(" ")
-        );
+        )
+    });
+    if let Some(w) = &warning {
+        eprintln!("{w}");
     }
     if args.print_graph {
         std::io::stdout()
@@ -427,7 +439,6 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     };
     let mut history = KeyHistory::with_db(cache_db.clone(), &scope)?;
     kiln_cache::timing::mark("history open");
-    let epoch = source_date_epoch()?;
     let graph = Arc::new(graph);
     let cache_to = super::build_cache::parse_cache_to(&args.cache_to)?;
     let imported = super::build_cache::import(&args.cache_from)?;
@@ -466,10 +477,17 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         .build()
         .context("starting the async runtime")?;
     let mut renderer = Renderer::new(args.progress);
+    // The events shown are kept for the build memo.
+    let keep_events = memo.is_some();
     let render = rt.spawn(async move {
+        let mut shown = Vec::new();
         while let Some(e) = rx.recv().await {
             renderer.render(&e);
+            if keep_events {
+                shown.push(e);
+            }
         }
+        shown
     });
     let outcome = rt.block_on(async {
         tokio::select! {
@@ -482,7 +500,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     runner.close_progress();
     // The copy memos being written for the next build.
     runner.finish();
-    let _ = rt.block_on(render);
+    let shown = rt.block_on(render).unwrap_or_default();
     let Some(result) = outcome else {
         // Cancelled: the dropped steps killed their sandboxes and unmount
         // on drop; let blocking tasks finish their cleanup.
@@ -566,7 +584,98 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             eprintln!("pushed {t} ({})", pushed.digest);
         }
     }
+    if let Some((key, ctx)) = &memo {
+        if solved.ran == 0 {
+            build_memo::record(
+                &store,
+                key,
+                ctx,
+                build_memo::Done {
+                    graph: &graph,
+                    keys: &keys,
+                    effective: &solved.keys,
+                    image: &image.id,
+                    events: shown,
+                    cached: solved.cached,
+                    skipped: solved.skipped,
+                    warning,
+                },
+            );
+        } else {
+            build_memo::forget(&store, key);
+        }
+    }
     println!("{}", image.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The build memo's record key for this build, and the canonical context
+/// directory (`None`: the build is not memoized; see [`build_memo`]).
+fn memo_key(
+    args: &BuildArgs,
+    input: &Input,
+    opts: &BuildOptions,
+    epoch: Option<i64>,
+) -> Option<(String, PathBuf)> {
+    let outputs = args.output.len()
+        + usize::from(args.iidfile.is_some())
+        + usize::from(args.metadata_file.is_some());
+    if !build_memo::applies(
+        args.no_cache,
+        args.pull,
+        &args.cache_from,
+        &args.cache_to,
+        outputs,
+        args.push,
+        args.print_graph,
+        input.scratch.is_some(),
+    ) {
+        return None;
+    }
+    let context = fs_err::canonicalize(&input.context).ok()?;
+    let dockerfile = input
+        .dockerfile
+        .clone()
+        .unwrap_or_else(|| input.context.join("Dockerfile"));
+    let text = fs_err::read_to_string(&dockerfile).ok()?;
+    let key = build_memo::fingerprint(&build_memo::Inputs {
+        args,
+        options: opts,
+        epoch,
+        dockerfile: &dockerfile,
+        text: &text,
+        context: &context,
+    })?;
+    Some((key, context))
+}
+
+/// Finishes a build the memo answered: the same output as the build it
+/// remembers, and the tags.
+fn memo_hit(
+    args: &BuildArgs,
+    store: &kiln_cache::Store,
+    hit: &build_memo::Hit,
+) -> anyhow::Result<ExitCode> {
+    if let Some(w) = &hit.warning {
+        eprintln!("{w}");
+    }
+    let mut renderer = Renderer::new(args.progress);
+    for e in &hit.events {
+        renderer.render(e);
+    }
+    drop(renderer);
+    build_memo::tag(store, &hit.image, &args.tags)?;
+    eprintln!(
+        "built {} (0 steps run, {} cached{})",
+        hit.image,
+        hit.cached,
+        if hit.skipped > 0 {
+            format!(", {} not needed", hit.skipped)
+        } else {
+            String::new()
+        }
+    );
+    println!("{}", hit.image);
     Ok(ExitCode::SUCCESS)
 }
 

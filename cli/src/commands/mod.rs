@@ -2,6 +2,7 @@
 
 mod build;
 mod build_cache;
+mod build_memo;
 mod container;
 mod format;
 mod image;

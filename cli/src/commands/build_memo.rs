@@ -1,0 +1,312 @@
+//! The build memo: a rebuild with the same inputs as a previous build in
+//! which every step was a cache hit is answered from that build, without
+//! planning, keying or solving again.
+//!
+//! A fully cached build's result depends only on what it read: the
+//! Dockerfile, the options, the environment values it took, the base
+//! images' ids, the context files its steps read, and the cache records it
+//! hit (which `prune` may have removed since). So such a build leaves, in
+//! the store's cache index under a fingerprint of the first four, the
+//! image it made, the progress events it showed, the ids of its base
+//! images, its steps' keys, and the `lstat` identity (device, inode, size,
+//! mtime, ctime, mode) of every context path it read and of their
+//! directories (a directory's times change when an entry is added,
+//! removed or renamed).
+//!
+//! The next build with the same fingerprint checks all of it: each base
+//! reference resolves to the same id, each step's record is still there,
+//! the image is, and each context path `lstat`s the same. Only then is the
+//! image tagged and the recorded progress shown again; anything else falls
+//! through to the full build, which rewrites or drops the memo. A build that
+//! ran a step drops it (so an edit-and-rebuild loop does not check a stale
+//! memo each time).
+//!
+//! Not memoized: `--no-cache`, `--pull=always`, `--cache-from`/`--cache-to`,
+//! outputs (`-o`, `--iidfile`, `--metadata-file`), `--push`, a context or
+//! Dockerfile on stdin, and a build with a context path changed within the
+//! last two seconds (a later change in the same clock tick could keep its
+//! times: "racy" as in git).
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+
+use kiln_cache::{CacheResult, Digest, Reference, Store};
+use kiln_solver::event::Event;
+use kiln_solver::graph::{BuildGraph, Op, SourceOp, VertexId};
+use kiln_solver::key::{CacheKey, VertexKey};
+use serde::{Deserialize, Serialize};
+
+use super::build::Pull;
+
+/// The memo's version: part of the record key.
+const VERSION: &str = "kiln-build-memo-1";
+
+/// Context paths changed this recently (ns) make no memo.
+const RACY_NS: i128 = 2_000_000_000;
+
+/// At most this many context paths are checked (a bigger context is keyed
+/// in full: checking would cost as much).
+const MAX_EVIDENCE: usize = 10_000;
+
+/// What a memo holds besides the image id.
+#[derive(Debug, Serialize, Deserialize)]
+struct Memo {
+    /// Base references and the image ids they resolved to.
+    bases: Vec<(String, String)>,
+    /// Cache records the build hit.
+    steps: Vec<String>,
+    /// Context paths (relative, `.` for the root) and their `lstat` identity.
+    evidence: Vec<(String, [i128; 6])>,
+    /// The progress events the build showed.
+    events: Vec<Event>,
+    /// Steps found in the cache, and left out.
+    cached: usize,
+    skipped: usize,
+    /// The warning about unused build args, if there was one.
+    warning: Option<String>,
+}
+
+/// A memo that still holds.
+#[derive(Debug)]
+pub(crate) struct Hit {
+    pub(crate) image: Digest,
+    pub(crate) events: Vec<Event>,
+    pub(crate) cached: usize,
+    pub(crate) skipped: usize,
+    pub(crate) warning: Option<String>,
+}
+
+/// What a build has in hand when it looks for a memo.
+pub(crate) struct Inputs<'a> {
+    /// The build's flags (their debug form is part of the fingerprint).
+    pub(crate) args: &'a dyn std::fmt::Debug,
+    /// The plan options (build args with values taken from the environment).
+    pub(crate) options: &'a dyn std::fmt::Debug,
+    /// `SOURCE_DATE_EPOCH`.
+    pub(crate) epoch: Option<i64>,
+    /// The Dockerfile and its text.
+    pub(crate) dockerfile: &'a Path,
+    pub(crate) text: &'a str,
+    /// The context directory (canonical).
+    pub(crate) context: &'a Path,
+}
+
+/// Whether a build with these flags may use and leave a memo.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn applies(
+    no_cache: bool,
+    pull: Pull,
+    cache_from: &[String],
+    cache_to: &[String],
+    outputs: usize,
+    push: bool,
+    print_graph: bool,
+    from_stdin: bool,
+) -> bool {
+    !(no_cache
+        || pull == Pull::Always
+        || !cache_from.is_empty()
+        || !cache_to.is_empty()
+        || outputs > 0
+        || push
+        || print_graph
+        || from_stdin)
+}
+
+/// The record key of the memo of a build with `inputs`; `None` when a part
+/// of it cannot be read (no memo then).
+pub(crate) fn fingerprint(inputs: &Inputs<'_>) -> Option<String> {
+    let mut h = kiln_cache::Hasher::new();
+    let mut part = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    part(VERSION.as_bytes());
+    // This kiln binary: another build of kiln may make other images.
+    let exe = fs_err::metadata("/proc/self/exe").ok()?;
+    part(&identity(&exe).map(|n| n.to_le_bytes()).concat());
+    let cwd = std::env::current_dir().ok()?;
+    part(cwd.as_os_str().as_encoded_bytes());
+    part(format!("{:?}", inputs.args).as_bytes());
+    part(format!("{:?}", inputs.options).as_bytes());
+    part(format!("{:?}", inputs.epoch).as_bytes());
+    let df = fs_err::canonicalize(inputs.dockerfile).ok()?;
+    part(df.as_os_str().as_encoded_bytes());
+    part(inputs.text.as_bytes());
+    part(inputs.context.as_os_str().as_encoded_bytes());
+    // Both places an ignore file may be (see `read_dockerignore`).
+    let mut specific = df.file_name()?.to_os_string();
+    specific.push(".dockerignore");
+    for ignore in [
+        df.with_file_name(specific),
+        inputs.context.join(".dockerignore"),
+    ] {
+        match fs_err::read(&ignore) {
+            Ok(b) => {
+                part(b"present");
+                part(&b);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => part(b"absent"),
+            Err(_) => return None,
+        }
+    }
+    Some(format!("build-memo:{}", h.finish()))
+}
+
+/// The memo under `key`, if everything it rests on still holds.
+pub(crate) fn lookup(store: &Store, key: &str, context: &Path) -> Option<Hit> {
+    let rec = store.get_cache_record(key).ok()??;
+    let image = rec.config?;
+    let memo: Memo = serde_json::from_value(rec.extra).ok()?;
+    for (reference, id) in &memo.bases {
+        if store.image_id(reference).ok()?.to_string() != *id {
+            return None;
+        }
+    }
+    for step in &memo.steps {
+        store.get_cache_record(step).ok()??;
+    }
+    if store.image_id(&image.to_string()).ok()? != image {
+        return None;
+    }
+    for (rel, want) in &memo.evidence {
+        let m = fs_err::symlink_metadata(context.join(rel)).ok()?;
+        if identity(&m) != *want {
+            return None;
+        }
+    }
+    Some(Hit {
+        image,
+        events: memo.events,
+        cached: memo.cached,
+        skipped: memo.skipped,
+        warning: memo.warning,
+    })
+}
+
+/// What a finished build that hit the cache for every step leaves.
+pub(crate) struct Done<'a> {
+    pub(crate) graph: &'a BuildGraph,
+    pub(crate) keys: &'a [VertexKey],
+    /// The effective key of each vertex (see `Solved::keys`).
+    pub(crate) effective: &'a HashMap<VertexId, CacheKey>,
+    pub(crate) image: &'a Digest,
+    pub(crate) events: Vec<Event>,
+    pub(crate) cached: usize,
+    pub(crate) skipped: usize,
+    pub(crate) warning: Option<String>,
+}
+
+/// Leaves the memo of a build in which every step was a cache hit (best
+/// effort: a memo that cannot be written costs the next build its full
+/// path).
+pub(crate) fn record(store: &Store, key: &str, context: &Path, done: Done<'_>) {
+    let Some(evidence) = evidence(context, done.keys) else {
+        forget(store, key);
+        return;
+    };
+    let mut bases = Vec::new();
+    let mut steps = Vec::new();
+    for v in done.graph.graph.node_indices() {
+        match &done.graph.graph[v].op {
+            Op::Source(SourceOp::Image {
+                reference,
+                digest: Some(id),
+                ..
+            }) => bases.push((reference.clone(), id.clone())),
+            Op::Exec(_) | Op::File(_) | Op::StageRef { .. } => {
+                if let Some(k) = done.effective.get(&v) {
+                    steps.push(k.0.clone());
+                }
+            }
+            Op::Source(_) | Op::Config(_) => {}
+        }
+    }
+    let memo = Memo {
+        bases,
+        steps,
+        evidence,
+        events: done.events,
+        cached: done.cached,
+        skipped: done.skipped,
+        warning: done.warning,
+    };
+    let Ok(extra) = serde_json::to_value(&memo) else {
+        return;
+    };
+    let result = CacheResult {
+        diff_ids: Vec::new(),
+        config: Some(done.image.clone()),
+        extra,
+    };
+    // (Unchanged: the record is rewritten with the same bytes, which the
+    // store's upsert does cheaply.)
+    let _ = store.put_cache_record(key, &result);
+}
+
+/// Drops the memo under `key` (a build with these inputs ran a step).
+pub(crate) fn forget(store: &Store, key: &str) {
+    let _ = store.delete_cache_record(key);
+}
+
+/// The `lstat` identity of every context path the build's steps read, of
+/// their directories and of the context root; `None` when one is too
+/// recent to trust, cannot be read, or there are too many.
+fn evidence(context: &Path, keys: &[VertexKey]) -> Option<Vec<(String, [i128; 6])>> {
+    let mut paths: BTreeSet<&str> = BTreeSet::new();
+    paths.insert(".");
+    for k in keys {
+        for p in k.inputs.files.keys() {
+            let mut p = p.as_str();
+            paths.insert(p);
+            while let Some((dir, _)) = p.rsplit_once('/') {
+                paths.insert(dir);
+                p = dir;
+            }
+        }
+    }
+    if paths.len() > MAX_EVIDENCE {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    let now = i128::try_from(now).ok()?;
+    let mut out = Vec::with_capacity(paths.len());
+    for rel in paths {
+        let m = fs_err::symlink_metadata(context.join(rel)).ok()?;
+        let id = identity(&m);
+        if now - id[3].max(id[4]) < RACY_NS {
+            return None;
+        }
+        out.push((rel.to_owned(), id));
+    }
+    Some(out)
+}
+
+/// Device, inode, size, mtime (ns), ctime (ns), mode.
+fn identity(m: &std::fs::Metadata) -> [i128; 6] {
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    [
+        i128::from(m.dev()),
+        i128::from(m.ino()),
+        i128::from(m.len()),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec()),
+        i128::from(m.mode()),
+    ]
+}
+
+/// Tags `image` with each of `tags` that does not name it yet.
+pub(crate) fn tag(store: &Store, image: &Digest, tags: &[String]) -> anyhow::Result<()> {
+    for t in tags {
+        let r = Reference::parse(t).map_err(|e| anyhow::anyhow!("invalid tag `{t}`: {e}"))?;
+        if store.image_id(&r.to_string()).ok().as_ref() == Some(image) {
+            continue;
+        }
+        store.tag(&image.to_string(), &r)?;
+    }
+    Ok(())
+}
