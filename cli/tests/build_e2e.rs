@@ -1483,6 +1483,8 @@ fn add_url_keyed_by_content_and_checked_by_checksum() {
     server.put("data.txt", b"data v1\n");
     server.put("pinned.txt", b"pinned\n");
     let ctx = env.context("addurl");
+    // (Old enough for a build memo: see the server change below.)
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     let base = format!("BASE={}", server.base);
     let sum = format!("SUM=sha256:{}", sha256_of(b"pinned\n"));
     let args = ["--build-arg", base.as_str(), "--build-arg", sum.as_str()];
@@ -1501,8 +1503,12 @@ fn add_url_keyed_by_content_and_checked_by_checksum() {
         "{p}"
     );
     assert!(p.contains("0 steps run"), "{p}");
-    // The server's file changed: the ADD and the RUN run again.
+    // The server's file changed: the ADD and the RUN run again (a build
+    // memo never answers for an unpinned URL).
+    env.build(&ctx, &args);
     server.put("data.txt", b"data v2\n");
+    let p = env.build(&ctx, &args);
+    assert!(!p.contains("0 steps run"), "{p}");
     let fs = env.rootfs(&ctx, &args, "two");
     assert_eq!(read(&fs.join("both")), "data v2\npinned\n");
     // A pinned file is keyed by its checksum (a hit without fetching, as

@@ -23,9 +23,10 @@
 //!
 //! Not memoized: `--no-cache`, `--pull=always`, `--cache-from`/`--cache-to`,
 //! outputs (`-o`, `--iidfile`, `--metadata-file`), `--push`, a context or
-//! Dockerfile on stdin, and a build with a context path changed within the
-//! last two seconds (a later change in the same clock tick could keep its
-//! times: "racy" as in git).
+//! Dockerfile on stdin, an `ADD <url>` without `--checksum` (keyed by what
+//! the server sends now), and a build with a context path changed within
+//! the last two seconds (a later change in the same clock tick could keep
+//! its times: "racy" as in git).
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt as _;
@@ -33,7 +34,7 @@ use std::path::Path;
 
 use kiln_cache::{CacheResult, Digest, Reference, Store};
 use kiln_solver::event::Event;
-use kiln_solver::graph::{BuildGraph, Op, SourceOp, VertexId};
+use kiln_solver::graph::{BuildGraph, CopySource, FileOp, Op, SourceOp, VertexId};
 use kiln_solver::key::{CacheKey, VertexKey};
 use serde::{Deserialize, Serialize};
 
@@ -202,7 +203,19 @@ pub(crate) struct Done<'a> {
 /// effort: a memo that cannot be written costs the next build its full
 /// path).
 pub(crate) fn record(store: &Store, key: &str, context: &Path, done: Done<'_>) {
-    let Some(evidence) = evidence(context, done.keys) else {
+    // An `ADD <url>` without `--checksum` is keyed by what the server sends
+    // at each build: only a full build asks it.
+    let fetches = done.graph.graph.node_weights().any(|v| {
+        matches!(&v.op, Op::File(FileOp::Copy(c))
+            if c.checksum.is_none()
+                && c.sources.iter().any(|s| matches!(s, CopySource::Url { .. })))
+    });
+    let evidence = if fetches {
+        None
+    } else {
+        evidence(context, done.keys)
+    };
+    let Some(evidence) = evidence else {
         forget(store, key);
         return;
     };
