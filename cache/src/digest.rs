@@ -232,9 +232,163 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// A sink that hashes what is written to it on another thread, so that
+/// the writer's own work (walking a tree, reading files, faulting in
+/// mapped pages) overlaps the hashing. Bytes are handed over in blocks of
+/// [`PipeHasher::BLOCK`], through a few recycled buffers.
+#[derive(Debug)]
+pub struct PipeHasher {
+    buf: Vec<u8>,
+    to_hasher: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    hasher: Option<std::thread::JoinHandle<Hasher>>,
+    /// The hasher when no thread could be started (hashes inline).
+    inline: Option<Hasher>,
+}
+
+impl Default for PipeHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PipeHasher {
+    /// Bytes handed to the hashing thread at once.
+    pub const BLOCK: usize = 256 * 1024;
+
+    /// A sink with its hashing thread started (or, if none can be, one
+    /// that hashes on the caller's).
+    pub fn new() -> Self {
+        let (to_hasher, blocks) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (give_back, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let spawned = std::thread::Builder::new()
+            .name("layer-hash".to_owned())
+            .spawn(move || {
+                let mut h = Hasher::new();
+                while let Ok(mut block) = blocks.recv() {
+                    h.update(&block);
+                    block.clear();
+                    // A full pool just drops the buffer.
+                    let _ = give_back.try_send(block);
+                }
+                h
+            });
+        match spawned {
+            Ok(handle) => Self {
+                buf: Vec::with_capacity(Self::BLOCK),
+                to_hasher: Some(to_hasher),
+                recycled,
+                hasher: Some(handle),
+                inline: None,
+            },
+            Err(_) => Self {
+                buf: Vec::new(),
+                to_hasher: None,
+                recycled,
+                hasher: None,
+                inline: Some(Hasher::new()),
+            },
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let next = self
+            .recycled
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(Self::BLOCK));
+        let full = std::mem::replace(&mut self.buf, next);
+        match &self.to_hasher {
+            Some(tx) => tx
+                .send(full)
+                .map_err(|_| io::Error::other("the layer hashing thread stopped")),
+            None => Ok(()),
+        }
+    }
+
+    /// The digest and byte count of everything written.
+    pub fn finish(mut self) -> io::Result<(Digest, u64)> {
+        if let Some(h) = self.inline.take() {
+            let len = h.len();
+            return Ok((h.finish(), len));
+        }
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        drop(self.to_hasher.take());
+        let h = self
+            .hasher
+            .take()
+            .ok_or_else(|| io::Error::other("no layer hashing thread"))?
+            .join()
+            .map_err(|_| io::Error::other("the layer hashing thread panicked"))?;
+        let len = h.len();
+        Ok((h.finish(), len))
+    }
+}
+
+impl Write for PipeHasher {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(h) = self.inline.as_mut() {
+            h.update(data);
+            return Ok(data.len());
+        }
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = Self::BLOCK - self.buf.len();
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.buf.extend_from_slice(now);
+            rest = later;
+            if self.buf.len() == Self::BLOCK {
+                self.send()?;
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for PipeHasher {
+    fn drop(&mut self) {
+        // Unfinished (an error on the way): stop the thread.
+        drop(self.to_hasher.take());
+        if let Some(h) = self.hasher.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pipe_hasher_gives_the_digest_of_all_it_was_given() {
+        let data: Vec<u8> = (0..(3 * PipeHasher::BLOCK + 1234))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        for cut in [
+            0,
+            1,
+            1000,
+            PipeHasher::BLOCK - 1,
+            PipeHasher::BLOCK,
+            2 * PipeHasher::BLOCK + 7,
+        ] {
+            let mut p = PipeHasher::new();
+            p.write_all(&data[..cut]).unwrap_or_else(|e| panic!("{e}"));
+            for chunk in data[cut..].chunks(4096 + 3) {
+                p.write_all(chunk).unwrap_or_else(|e| panic!("{e}"));
+            }
+            let (d, n) = p.finish().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(n, data.len() as u64);
+            assert_eq!(d, Digest::of_bytes(&data), "cut at {cut}");
+        }
+        let (d, n) = PipeHasher::new().finish().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((d, n), (Digest::of_bytes(b""), 0));
+    }
 
     #[test]
     fn empty_digest_is_the_well_known_one() {

@@ -26,7 +26,7 @@ use nix::sys::time::TimeSpec;
 use rusqlite::{OptionalExtension, params};
 
 use crate::blob::{BlobReader, into_store_error};
-use crate::digest::{Digest, Hasher, HashingWriter};
+use crate::digest::{Digest, Hasher};
 use crate::error::{Result, StoreError};
 use crate::image::LayerInfo;
 use crate::layer::{self, ContentDigests, KnownFiles, LayerError, LayerStats, WriteOptions};
@@ -57,7 +57,8 @@ impl Store {
         if let Some(epoch) = opts.source_date_epoch {
             clamp_mtimes(upper, epoch)?;
         }
-        let mut hw = HashingWriter::new(io::sink());
+        // Hashed on another thread while the tree is walked and read.
+        let mut hw = crate::digest::PipeHasher::new();
         let layer_err = |source| StoreError::Layer {
             what: upper.display().to_string(),
             source,
@@ -81,7 +82,9 @@ impl Store {
                 (None, None)
             }
         };
-        let (_, diff_id, size) = hw.finish();
+        let (diff_id, size) = hw
+            .finish()
+            .map_err(|e| layer_err(LayerError::WriteTar(e)))?;
         crate::timing::mark("layer hashed");
         let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;
         if dir.is_dir() {
