@@ -567,15 +567,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         fs_err::write(f, serde_json::to_vec_pretty(&meta)?)?;
     }
     eprintln!(
-        "built {} ({} steps run, {} cached{})",
-        image.id,
-        solved.ran,
-        solved.cached,
-        if solved.skipped > 0 {
-            format!(", {} not needed", solved.skipped)
-        } else {
-            String::new()
-        }
+        "{}",
+        built_line(&image.id, solved.ran, solved.cached, solved.skipped)
     );
     if args.push {
         for t in &args.tags {
@@ -665,18 +658,20 @@ fn memo_hit(
     }
     drop(renderer);
     build_memo::tag(store, &hit.image, &args.tags)?;
-    eprintln!(
-        "built {} (0 steps run, {} cached{})",
-        hit.image,
-        hit.cached,
-        if hit.skipped > 0 {
-            format!(", {} not needed", hit.skipped)
-        } else {
-            String::new()
-        }
-    );
+    eprintln!("{}", built_line(&hit.image, 0, hit.cached, hit.skipped));
     println!("{}", hit.image);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The last line of a build's progress: `built ID (N steps run, M cached[,
+/// K not needed])`.
+fn built_line(id: &kiln_cache::Digest, ran: usize, cached: usize, skipped: usize) -> String {
+    let not_needed = if skipped > 0 {
+        format!(", {skipped} not needed")
+    } else {
+        String::new()
+    };
+    format!("built {id} ({ran} steps run, {cached} cached{not_needed})")
 }
 
 /// The Dockerfile lines `first..=last` (1-based) with two lines before,

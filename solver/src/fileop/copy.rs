@@ -586,21 +586,18 @@ fn worker(
                 }
             }
         }
-        if !linked.is_empty() {
-            state
-                .linked
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .append(&mut linked);
-        }
-        if !contents.is_empty() {
-            state
-                .contents
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .append(&mut contents);
-        }
+        append_locked(&state.linked, &mut linked);
+        append_locked(&state.contents, &mut contents);
         state.done_many(n, bytes, error);
+    }
+}
+
+/// Moves `items` (if any) to the end of the shared list.
+fn append_locked<T>(list: &Mutex<Vec<T>>, items: &mut Vec<T>) {
+    if !items.is_empty() {
+        list.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .append(items);
     }
 }
 
@@ -1123,13 +1120,7 @@ impl Copier<'_> {
         let mut kept = Vec::new();
         self.state
             .keep(&self.settings, &job.target, content, &mut kept);
-        if !kept.is_empty() {
-            self.state
-                .contents
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .append(&mut kept);
-        }
+        append_locked(&self.state.contents, &mut kept);
         Ok(())
     }
 
