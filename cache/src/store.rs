@@ -1052,6 +1052,16 @@ impl Store {
     /// Looks a cache record up (and marks it used). A record whose blobs
     /// are gone is treated as absent.
     pub fn get_cache_record(&self, key: &str) -> Result<Option<CacheResult>> {
+        self.cache_record(key, true)
+    }
+
+    /// [`Store::get_cache_record`] without marking the record used: no
+    /// write transaction (for checks that only read).
+    pub fn peek_cache_record(&self, key: &str) -> Result<Option<CacheResult>> {
+        self.cache_record(key, false)
+    }
+
+    fn cache_record(&self, key: &str, touch: bool) -> Result<Option<CacheResult>> {
         let json: Option<String> = {
             let conn = self.db();
             let json = conn
@@ -1059,7 +1069,7 @@ impl Store {
                 .and_then(|mut st| st.query_row([key], |r| r.get(0)))
                 .optional()
                 .map_err(self.db_err("reading cache record"))?;
-            if json.is_some() {
+            if touch && json.is_some() {
                 // Touched at most once a minute (as images and snapshots):
                 // a repeated no-op build writes nothing.
                 conn.prepare_cached("UPDATE cache_records SET last_used = ?1 WHERE key = ?2 AND last_used < ?1 - 60")

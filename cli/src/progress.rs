@@ -86,10 +86,30 @@ impl Renderer {
             self.tty = Some(tty);
             return;
         }
-        if let Some(l) = self.line(e) {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "{l}");
+        if let Some(mut l) = self.line(e) {
+            // One write per line (stderr is not buffered).
+            l.push('\n');
+            let _ = std::io::stderr().lock().write_all(l.as_bytes());
         }
+    }
+
+    /// Prints `events` (a build memo's), in one write unless drawn on a
+    /// terminal.
+    pub(crate) fn render_all(&mut self, events: &[Event]) {
+        if self.tty.is_some() {
+            for e in events {
+                self.render(e);
+            }
+            return;
+        }
+        let mut out = String::new();
+        for e in events {
+            if let Some(l) = self.line(e) {
+                out.push_str(&l);
+                out.push('\n');
+            }
+        }
+        let _ = std::io::stderr().lock().write_all(out.as_bytes());
     }
 }
 

@@ -652,11 +652,7 @@ fn memo_hit(
     if let Some(w) = &hit.warning {
         eprintln!("{w}");
     }
-    let mut renderer = Renderer::new(args.progress);
-    for e in &hit.events {
-        renderer.render(e);
-    }
-    drop(renderer);
+    Renderer::new(args.progress).render_all(&hit.events);
     build_memo::tag(store, &hit.image, &args.tags)?;
     eprintln!("{}", built_line(&hit.image, 0, hit.cached, hit.skipped));
     println!("{}", hit.image);

@@ -157,7 +157,8 @@ pub(crate) fn fingerprint(inputs: &Inputs<'_>) -> Option<String> {
 
 /// The memo under `key`, if everything it rests on still holds.
 pub(crate) fn lookup(store: &Store, key: &str, context: &Path) -> Option<Hit> {
-    let rec = store.get_cache_record(key).ok()??;
+    // (Read only: checking takes no write lock.)
+    let rec = store.peek_cache_record(key).ok()??;
     let image = rec.config?;
     let memo: Memo = serde_json::from_value(rec.extra).ok()?;
     for (reference, id) in &memo.bases {
@@ -166,7 +167,7 @@ pub(crate) fn lookup(store: &Store, key: &str, context: &Path) -> Option<Hit> {
         }
     }
     for step in &memo.steps {
-        store.get_cache_record(step).ok()??;
+        store.peek_cache_record(step).ok()??;
     }
     if store.image_id(&image.to_string()).ok()? != image {
         return None;

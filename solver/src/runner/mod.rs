@@ -949,12 +949,8 @@ pub fn sweep_stale(store: &Store) -> usize {
     let Ok(entries) = fs_err::read_dir(&tmp) else {
         return 0;
     };
-    let mountinfo = fs_err::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mount_points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
-        .collect();
+    // The mount table, read once a dead owner's directory is found.
+    let mut mount_points: Option<Vec<PathBuf>> = None;
     let mut removed = 0;
     for e in entries.flatten() {
         let dir = e.path();
@@ -967,6 +963,14 @@ pub fn sweep_stale(store: &Store) -> usize {
         if Path::new("/proc").join(pid.to_string()).exists() {
             continue;
         }
+        let mount_points = mount_points.get_or_insert_with(|| {
+            fs_err::read_to_string("/proc/self/mountinfo")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .map(|p| PathBuf::from(unescape_mountinfo(p)))
+                .collect()
+        });
         let mut under: Vec<&PathBuf> = mount_points
             .iter()
             .filter(|m| m.starts_with(&dir))
