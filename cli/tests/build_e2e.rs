@@ -1911,5 +1911,13 @@ fn the_build_memo_answers_only_an_unchanged_rebuild() {
     let (out, _, memo) = timed_build(&env, &ctx, &tag);
     assert!(!memo, "{out}");
     assert!(!out.contains("0 steps run"), "{out}");
+    // A new ignore file (even one that ignores nothing copied).
+    settle();
+    timed_build(&env, &ctx, &tag);
+    let (_, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo);
+    fs_err::write(ctx.join(".dockerignore"), "nothing-matches\n").expect("ignore file");
+    let (out, _, memo) = timed_build(&env, &ctx, &tag);
+    assert!(!memo, "{out}");
     env.assert_clean();
 }

@@ -136,11 +136,12 @@ pub(crate) fn fingerprint(inputs: &Inputs<'_>) -> Option<String> {
     part(df.as_os_str().as_encoded_bytes());
     part(inputs.text.as_bytes());
     part(inputs.context.as_os_str().as_encoded_bytes());
-    // Both places an ignore file may be (see `read_dockerignore`).
-    let mut specific = df.file_name()?.to_os_string();
+    // Both places an ignore file may be, named as `read_dockerignore` names
+    // them (beside the Dockerfile's path as given, a link or not).
+    let mut specific = inputs.dockerfile.file_name()?.to_os_string();
     specific.push(".dockerignore");
     for ignore in [
-        df.with_file_name(specific),
+        inputs.dockerfile.with_file_name(specific),
         inputs.context.join(".dockerignore"),
     ] {
         match fs_err::read(&ignore) {
