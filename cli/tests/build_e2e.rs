@@ -1853,6 +1853,15 @@ fn the_build_memo_answers_only_an_unchanged_rebuild() {
     let (third, id3, memo) = timed_build(&env, &ctx, &tag);
     assert!(memo, "{third}");
     assert_eq!(id3, id2);
+    // A fully cached build with settled inputs leaves a memo; the next
+    // build is answered by it.
+    let memo_ready = || {
+        settle();
+        timed_build(&env, &ctx, &tag);
+        let (out, id, memo) = timed_build(&env, &ctx, &tag);
+        assert!(memo, "{out}");
+        id
+    };
     let progress = |s: &str| -> Vec<String> {
         s.lines()
             .filter(|l| l.starts_with('#') || l.starts_with("built "))
@@ -1887,35 +1896,26 @@ fn the_build_memo_answers_only_an_unchanged_rebuild() {
     assert!(!memo, "{out}");
     assert!(out.contains("src/new.txt"), "{out}");
     // Another build arg value is another build.
-    settle();
-    timed_build(&env, &ctx, &tag);
-    let (_, _, memo) = timed_build(&env, &ctx, &tag);
-    assert!(memo);
+    memo_ready();
     let (_, _, memo) = timed_build(&env, &ctx, &["-t", "memo:1", "--build-arg", "X=1"]);
     assert!(!memo);
     // The base image retagged: not answered (the full build starts from
     // the new base).
-    let (_, id_before, memo) = timed_build(&env, &ctx, &tag);
-    assert!(memo);
+    let id_before = memo_ready();
     let o = env.kiln(&["tag", "memo:1", "busybox:local"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let (out, id_new_base, memo) = timed_build(&env, &ctx, &tag);
     assert!(!memo, "{out}");
     assert_ne!(id_new_base, id_before);
     // The cache pruned: the steps run again.
-    timed_build(&env, &ctx, &tag);
-    let (_, _, memo) = timed_build(&env, &ctx, &tag);
-    assert!(memo);
+    memo_ready();
     let o = env.kiln(&["prune", "--all", "--force"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let (out, _, memo) = timed_build(&env, &ctx, &tag);
     assert!(!memo, "{out}");
     assert!(!out.contains("0 steps run"), "{out}");
     // A new ignore file (even one that ignores nothing copied).
-    settle();
-    timed_build(&env, &ctx, &tag);
-    let (_, _, memo) = timed_build(&env, &ctx, &tag);
-    assert!(memo);
+    memo_ready();
     fs_err::write(ctx.join(".dockerignore"), "nothing-matches\n").expect("ignore file");
     let (out, _, memo) = timed_build(&env, &ctx, &tag);
     assert!(!memo, "{out}");

@@ -393,8 +393,11 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             .write_all(graph.to_dot().as_bytes())?;
         return Ok(ExitCode::SUCCESS);
     }
-    let context_dir = fs_err::canonicalize(&input.context)
-        .with_context(|| format!("the build context `{}`", input.context.display()))?;
+    let context_dir = match &memo {
+        Some((_, canonical)) => canonical.clone(),
+        None => fs_err::canonicalize(&input.context)
+            .with_context(|| format!("the build context `{}`", input.context.display()))?,
+    };
     // One connection to statcache.db for the stat cache, the key history
     // and the content memo.
     let cache_db = CacheDb::open(store.root()).map_err(|(path, e)| {
@@ -610,19 +613,19 @@ fn memo_key(
     opts: &BuildOptions,
     epoch: Option<i64>,
 ) -> Option<(String, PathBuf)> {
-    let outputs = args.output.len()
-        + usize::from(args.iidfile.is_some())
-        + usize::from(args.metadata_file.is_some());
-    if !build_memo::applies(
-        args.no_cache,
-        args.pull,
-        &args.cache_from,
-        &args.cache_to,
-        outputs,
-        args.push,
-        args.print_graph,
-        input.scratch.is_some(),
-    ) {
+    // Not memoized: what must reach past the store (a registry, outputs,
+    // a cache export), `--no-cache`, and a context or Dockerfile on stdin.
+    let memoized = !(args.no_cache
+        || args.pull == Pull::Always
+        || !args.cache_from.is_empty()
+        || !args.cache_to.is_empty()
+        || !args.output.is_empty()
+        || args.iidfile.is_some()
+        || args.metadata_file.is_some()
+        || args.push
+        || args.print_graph
+        || input.scratch.is_some());
+    if !memoized {
         return None;
     }
     let context = fs_err::canonicalize(&input.context).ok()?;

@@ -38,8 +38,6 @@ use kiln_solver::graph::{BuildGraph, CopySource, FileOp, Op, SourceOp, VertexId}
 use kiln_solver::key::{CacheKey, VertexKey};
 use serde::{Deserialize, Serialize};
 
-use super::build::Pull;
-
 /// The memo's version: part of the record key.
 const VERSION: &str = "kiln-build-memo-1";
 
@@ -91,28 +89,6 @@ pub(crate) struct Inputs<'a> {
     pub(crate) text: &'a str,
     /// The context directory (canonical).
     pub(crate) context: &'a Path,
-}
-
-/// Whether a build with these flags may use and leave a memo.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn applies(
-    no_cache: bool,
-    pull: Pull,
-    cache_from: &[String],
-    cache_to: &[String],
-    outputs: usize,
-    push: bool,
-    print_graph: bool,
-    from_stdin: bool,
-) -> bool {
-    !(no_cache
-        || pull == Pull::Always
-        || !cache_from.is_empty()
-        || !cache_to.is_empty()
-        || outputs > 0
-        || push
-        || print_graph
-        || from_stdin)
 }
 
 /// The record key of the memo of a build with `inputs`; `None` when a part
