@@ -25,6 +25,9 @@ pub struct Image {
     pub manifest: Digest,
     /// Its names, sorted.
     pub names: Vec<Reference>,
+    /// The registry digests it was pulled by (`domain/path@sha256:..`),
+    /// sorted.
+    pub repo_digests: Vec<String>,
     /// The decoded config.
     pub config: ImageConfiguration,
     /// The config exactly as stored (its sha256 is `id`).

@@ -72,11 +72,11 @@ pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Result, StoreError};
 pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, parse_rfc3339};
 pub use layer_source::{LayerReader, SnapshotTar};
-pub use reference::Reference;
+pub use reference::{Reference, short_name};
 pub use store::{
     CacheResult, Db, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
     MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST, RemoveReport, SCHEMA_VERSION, Store,
-    StoreLock, default_root,
+    StoreLock, default_root, digest_name,
 };
 pub use validate::{
     DocumentKind, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,

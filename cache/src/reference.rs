@@ -111,6 +111,14 @@ impl Reference {
     }
 }
 
+/// A stored name (`docker.io/library/busybox@sha256:..`) as docker prints
+/// it (`busybox@sha256:..`).
+pub fn short_name(full: &str) -> &str {
+    full.strip_prefix("docker.io/library/")
+        .or_else(|| full.strip_prefix("docker.io/"))
+        .unwrap_or(full)
+}
+
 fn valid_path_component(c: &str) -> bool {
     let b = c.as_bytes();
     !b.is_empty()

@@ -45,7 +45,7 @@ use crate::layer;
 use crate::reference::Reference;
 
 /// The newest metadata schema this build knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Media type of an uncompressed OCI layer.
 pub const MEDIA_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -110,6 +110,17 @@ const MIGRATIONS: &[&str] = &[
     ",
     // version 2: containers, volumes, leases (see `crate::containers`)
     crate::containers::MIGRATION_2,
+    // version 3: the registry digests images were pulled by (docker's
+    // RepoDigests): `FROM name@sha256:...` and `rmi name@sha256:...` find
+    // them, and an image with one is not dangling.
+    r"
+    CREATE TABLE repo_digests (
+        name TEXT PRIMARY KEY,          -- normalized `domain/path@sha256:hex`
+        image TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        created INTEGER NOT NULL
+    );
+    CREATE INDEX repo_digests_image ON repo_digests(image);
+    ",
 ];
 
 /// Where the store lives when `--root` and `KILN_ROOT` are not given:
@@ -151,6 +162,9 @@ pub struct CacheResult {
 pub struct RemoveReport {
     /// Names removed.
     pub untagged: Vec<Reference>,
+    /// Registry digests removed (`domain/path@sha256:..`): the one asked
+    /// for, or all of a deleted image's.
+    pub untagged_digests: Vec<String>,
     /// Images removed (no name left).
     pub deleted: Vec<Digest>,
 }
@@ -275,6 +289,26 @@ fn fold_wal(conn: &Connection, db_path: &Path) {
         let _ = conn.busy_timeout(Duration::ZERO);
         let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
     }
+}
+
+/// The store's key for a digest reference: `busybox@sha256:..` →
+/// `docker.io/library/busybox@sha256:..` (a tag beside the digest is
+/// ignored, as docker's lookups do).
+pub fn digest_name(reference: &str) -> Result<String> {
+    let bad = |reason| StoreError::InvalidReference {
+        reference: reference.to_owned(),
+        reason,
+    };
+    let (_, digest) = reference
+        .split_once('@')
+        .ok_or_else(|| bad("it names no digest"))?;
+    if digest.parse::<Digest>().is_err() {
+        return Err(bad("a digest is `sha256:` and 64 lowercase hex digits"));
+    }
+    crate::registry::ImageRef::parse(reference)
+        .ok()
+        .and_then(|r| r.digest_name())
+        .ok_or_else(|| bad("the name before `@` is not a valid image name"))
 }
 
 pub(crate) fn now() -> i64 {
@@ -787,6 +821,20 @@ impl Store {
 
     fn resolve_id(&self, name_or_id: &str) -> Result<Digest> {
         let conn = self.db();
+        if name_or_id.contains('@') {
+            let name = digest_name(name_or_id)?;
+            let found: Option<String> = conn
+                .prepare_cached("SELECT image FROM repo_digests WHERE name = ?1")
+                .and_then(|mut st| st.query_row([&name], |r| r.get(0)))
+                .optional()
+                .map_err(self.db_err("looking up digest"))?;
+            return match found {
+                Some(id) => id.parse(),
+                None => Err(StoreError::NoSuchImage {
+                    reference: name_or_id.to_owned(),
+                }),
+            };
+        }
         if let Ok(r) = Reference::parse(name_or_id) {
             let found: Option<String> = conn
                 .prepare_cached("SELECT image FROM names WHERE name = ?1")
@@ -847,8 +895,36 @@ impl Store {
         names.iter().map(|n| Reference::parse(n)).collect()
     }
 
+    fn repo_digests_of(&self, conn: &Connection, id: &Digest) -> Result<Vec<String>> {
+        conn.prepare_cached("SELECT name FROM repo_digests WHERE image = ?1 ORDER BY name")
+            .and_then(|mut st| {
+                st.query_map([id.to_string()], |r| r.get(0))
+                    .and_then(Iterator::collect)
+            })
+            .map_err(self.db_err("reading digests"))
+    }
+
+    /// Records that the registry knows image `id` as `name` (a
+    /// `domain/path@sha256:hex` as [`digest_name`] makes it).
+    pub fn add_repo_digest(&self, name: &str, id: &Digest) -> Result<()> {
+        let n = self
+            .db()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO repo_digests (name, image, created)
+                 SELECT ?1, id, ?3 FROM images WHERE id = ?2",
+            )
+            .and_then(|mut st| st.execute(params![name, id.to_string(), now()]))
+            .map_err(self.db_err("recording digest"))?;
+        if n == 0 {
+            return Err(StoreError::NoSuchImage {
+                reference: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn load_image(&self, id: &Digest) -> Result<Image> {
-        let (manifest, created, size, names, layers) = {
+        let (manifest, created, size, names, repo_digests, layers) = {
             let conn = self.db();
             let row: Option<(String, i64, i64)> = conn
                 .prepare_cached("SELECT manifest, created, size FROM images WHERE id = ?1")
@@ -868,6 +944,7 @@ impl Store {
             .and_then(|mut st| st.execute(params![now(), id.to_string()]))
             .map_err(self.db_err("touching image"))?;
             let names = self.names_of(&conn, id)?;
+            let repo_digests = self.repo_digests_of(&conn, id)?;
             let mut st = conn
                 .prepare(
                     "SELECT il.diff_id, COALESCE(l.size, 0) FROM image_layers il
@@ -879,7 +956,7 @@ impl Store {
                 .query_map([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
                 .and_then(Iterator::collect)
                 .map_err(self.db_err("reading layers"))?;
-            (manifest, created, size, names, layers)
+            (manifest, created, size, names, repo_digests, layers)
         };
         let config_bytes = self.read_blob(id)?;
         let config = parse_config(&config_bytes, &id.to_string())?;
@@ -896,6 +973,7 @@ impl Store {
             id: id.clone(),
             manifest: manifest.parse()?,
             names,
+            repo_digests,
             config,
             config_bytes,
             layers,
@@ -961,6 +1039,40 @@ impl Store {
             .map_err(self.db_err("starting transaction"))?;
         let e = self.db_err("removing image");
         let mut report = RemoveReport::default();
+        if name_or_id.contains('@') {
+            // A digest reference: drop it; the image goes with its last
+            // name or digest.
+            let name = digest_name(name_or_id)?;
+            let id: Option<String> = tx
+                .prepare_cached("SELECT image FROM repo_digests WHERE name = ?1")
+                .and_then(|mut st| st.query_row([&name], |r| r.get(0)))
+                .optional()
+                .map_err(&e)?;
+            let Some(id) = id else {
+                return Err(StoreError::NoSuchImage {
+                    reference: name_or_id.to_owned(),
+                });
+            };
+            tx.prepare_cached("DELETE FROM repo_digests WHERE name = ?1")
+                .and_then(|mut st| st.execute([&name]))
+                .map_err(&e)?;
+            report.untagged_digests.push(name);
+            let left: i64 = tx
+                .prepare_cached(
+                    "SELECT (SELECT count(*) FROM names WHERE image = ?1)
+                          + (SELECT count(*) FROM repo_digests WHERE image = ?1)",
+                )
+                .and_then(|mut st| st.query_row([&id], |r| r.get(0)))
+                .map_err(&e)?;
+            if left == 0 {
+                tx.prepare_cached("DELETE FROM images WHERE id = ?1")
+                    .and_then(|mut st| st.execute([&id]))
+                    .map_err(&e)?;
+                report.deleted.push(id.parse()?);
+            }
+            tx.commit().map_err(self.db_err("committing removal"))?;
+            return Ok(report);
+        }
         let by_name = Reference::parse(name_or_id).ok().and_then(|r| {
             tx.prepare_cached("SELECT image FROM names WHERE name = ?1")
                 .and_then(|mut st| st.query_row([r.to_string()], |row| row.get::<_, String>(0)))
@@ -998,6 +1110,7 @@ impl Store {
                 .and_then(|mut st| st.execute([id.to_string()]))
                 .map_err(&e)?;
             report.untagged = names;
+            report.untagged_digests = self.repo_digests_of(&tx2, &id)?;
             tx2.prepare_cached("DELETE FROM images WHERE id = ?1")
                 .and_then(|mut st| st.execute([id.to_string()]))
                 .map_err(&e)?;
@@ -1010,10 +1123,13 @@ impl Store {
             .and_then(|mut st| st.query_row([&id], |r| r.get(0)))
             .map_err(&e)?;
         if left == 0 {
+            // As docker: the last tag takes the image, digests and all.
+            let id: Digest = id.parse()?;
+            report.untagged_digests = self.repo_digests_of(&tx, &id)?;
             tx.prepare_cached("DELETE FROM images WHERE id = ?1")
-                .and_then(|mut st| st.execute([&id]))
+                .and_then(|mut st| st.execute([id.to_string()]))
                 .map_err(&e)?;
-            report.deleted.push(id.parse()?);
+            report.deleted.push(id);
         }
         tx.commit().map_err(self.db_err("committing removal"))?;
         Ok(report)

@@ -28,12 +28,14 @@ impl Store {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(self.db_err("starting transaction"))?;
-            // Named images are never collected, with or without `all`:
+            // Named images (a tag or a registry digest) are never
+            // collected, with or without `all`:
             // `kiln rmi` removes names (as `docker image prune` keeps tagged
             // images and `docker builder prune -a` only drops build cache).
             let doomed: Vec<String> = tx
                 .prepare(
                     "SELECT id FROM images WHERE id NOT IN (SELECT image FROM names)
+                     AND id NOT IN (SELECT image FROM repo_digests)
                      AND id NOT IN (SELECT target FROM leases WHERE kind = 'image')",
                 )
                 .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
@@ -44,6 +46,8 @@ impl Store {
             if !opts.dry_run {
                 for id in &doomed {
                     tx.execute("DELETE FROM names WHERE image = ?1", [id])
+                        .map_err(&e)?;
+                    tx.execute("DELETE FROM repo_digests WHERE image = ?1", [id])
                         .map_err(&e)?;
                     tx.execute("DELETE FROM images WHERE id = ?1", [id])
                         .map_err(&e)?;

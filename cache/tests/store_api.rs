@@ -193,6 +193,104 @@ fn names_resolve_tag_and_remove_like_docker() {
 }
 
 #[test]
+fn registry_digests_name_images_like_docker() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let a = import(&store, tmp.path(), "a", "busybox");
+    let b = import(&store, tmp.path(), "b", "other");
+    let d = Digest::of_bytes(b"a manifest");
+    let name = kiln_cache::digest_name(&format!("busybox@{d}")).expect("digest name");
+    assert_eq!(name, format!("docker.io/library/busybox@{d}"));
+    store.add_repo_digest(&name, &a.id).expect("record");
+    // Every spelling docker accepts finds it; a tag beside the digest is
+    // ignored; another repository or digest does not.
+    for r in [
+        format!("busybox@{d}"),
+        format!("docker.io/library/busybox@{d}"),
+        format!("busybox:whatever@{d}"),
+    ] {
+        assert_eq!(store.resolve(&r).expect(&r).id, a.id, "{r}");
+    }
+    for r in [
+        format!("other@{d}"),
+        format!("busybox@{}", Digest::of_bytes(b"another manifest")),
+    ] {
+        assert!(
+            matches!(store.resolve(&r), Err(StoreError::NoSuchImage { .. })),
+            "{r}"
+        );
+    }
+    let err = store
+        .resolve("busybox@sha256:abc")
+        .expect_err("short digest");
+    assert!(
+        matches!(err, StoreError::InvalidReference { .. }) && err.to_string().contains("64"),
+        "{err}"
+    );
+    assert_eq!(
+        store.resolve("busybox").expect("tag").repo_digests,
+        vec![name.clone()]
+    );
+    // Recording a digest for an image that is not there fails.
+    assert!(
+        store
+            .add_repo_digest(&name, &Digest::of_bytes(b"none"))
+            .is_err()
+    );
+
+    // As docker: removing the last tag takes the image, digests and all.
+    let r = store.remove("busybox", false).expect("untag");
+    assert_eq!(r.deleted, vec![a.id.clone()]);
+    assert_eq!(r.untagged_digests, vec![name.clone()]);
+    assert!(store.resolve(&format!("busybox@{d}")).is_err());
+
+    // An image with a digest and no tag (what a pull by digest leaves) is
+    // not dangling: GC keeps it, and collects a truly untagged one.
+    let untagged = |seed: &str| {
+        let src = tmp.path().join(format!("src-{seed}"));
+        tree(&src, seed);
+        archive::import_rootfs(&store, &src, &[], &ImportOptions::default()).expect("import")
+    };
+    let pinned = untagged("p");
+    let dangling = untagged("x");
+    let pinned_name = kiln_cache::digest_name(&format!("pinned@{d}")).expect("name");
+    store
+        .add_repo_digest(&pinned_name, &pinned.id)
+        .expect("record");
+    let report = store.gc(GcOptions::default()).expect("gc");
+    assert_eq!(report.images, vec![dangling.id.clone()]);
+    assert_eq!(
+        store.resolve(&format!("pinned@{d}")).expect("kept").id,
+        pinned.id
+    );
+    // `rmi name@digest` drops the digest, and the image with its last name.
+    let r = store.remove(&format!("pinned@{d}"), false).expect("rmi");
+    assert_eq!(r.untagged_digests, vec![pinned_name]);
+    assert_eq!(r.deleted, vec![pinned.id.clone()]);
+    let err = store
+        .remove(&format!("pinned@{d}"), false)
+        .expect_err("gone");
+    assert!(matches!(err, StoreError::NoSuchImage { .. }), "{err}");
+    // One digest of several goes; the image stays while it has a name.
+    let other = kiln_cache::digest_name(&format!("other@{d}")).expect("name");
+    let other2 = kiln_cache::digest_name(&format!("other2@{d}")).expect("name");
+    store.add_repo_digest(&other, &b.id).expect("record");
+    store.add_repo_digest(&other2, &b.id).expect("record");
+    let r = store.remove(&format!("other@{d}"), false).expect("rmi");
+    assert!(r.deleted.is_empty(), "{r:?}");
+    assert_eq!(
+        store.resolve(&format!("other2@{d}")).expect("left").id,
+        b.id
+    );
+    let r = store.remove("other", false).expect("rmi");
+    assert_eq!(
+        (r.deleted, r.untagged_digests),
+        (vec![b.id.clone()], vec![other2])
+    );
+    assert!(store.fsck(true).expect("fsck").is_empty());
+}
+
+#[test]
 fn gc_keeps_what_names_and_cache_records_need() {
     let tmp = tempfile::tempdir().expect("tmp");
     let store = Store::open(tmp.path().join("root")).expect("open");
@@ -379,6 +477,30 @@ fn newer_schema_is_refused() {
     assert!(
         matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
         "{err}"
+    );
+}
+
+#[test]
+fn a_version_2_store_gains_the_digest_table() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().join("root");
+    let store = Store::open(&root).expect("create");
+    let a = import(&store, tmp.path(), "a", "busybox");
+    drop(store);
+    {
+        // What a kiln of schema 2 left.
+        let conn = rusqlite::Connection::open(root.join("meta.db")).expect("db");
+        conn.execute_batch("DROP TABLE repo_digests; PRAGMA user_version = 2;")
+            .expect("downgrade");
+    }
+    let store = Store::open(&root).expect("migrate");
+    let name = kiln_cache::digest_name(&format!("busybox@{}", Digest::of_bytes(b"m"))).expect("n");
+    store
+        .add_repo_digest(&name, &a.id)
+        .expect("the table is there");
+    assert_eq!(
+        store.resolve("busybox").expect("kept").repo_digests,
+        vec![name]
     );
 }
 

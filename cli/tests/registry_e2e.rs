@@ -821,6 +821,130 @@ fn build_pulls_missing_bases_and_pushes_tags() {
     fresh.assert_consistent();
 }
 
+/// `FROM name@sha256:..` pins the base: it is pulled by digest when the
+/// store lacks it, found by digest afterwards (a moved tag does not
+/// change it), kept by `prune`, and a digest the registry lacks fails the
+/// build naming it.
+#[test]
+fn build_from_a_digest_pulls_and_pins_that_manifest() {
+    if !can_run() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let source = Env::with_busybox();
+    let repo = format!("{}/kiln/{}", reg.host(), unique("pinned"));
+    let base = format!("{repo}:1");
+    source.ok(&["tag", "busybox:local", &base]);
+    source.ok(&["push", &base]);
+    let inspect = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{base}")]);
+    let v: serde_json::Value = serde_json::from_str(&inspect).expect("json");
+    let digest = v["Digest"].as_str().expect("Digest").to_owned();
+    let pinned = format!("{repo}@{digest}");
+
+    let env = Env::new();
+    let ctx = env.path("ctx");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {pinned}\nRUN echo pinned > /p\n"),
+    )
+    .expect("write");
+    let c = ctx.to_str().expect("utf8");
+    let build = |extra: &[&str]| {
+        let mut args = vec!["build", "--progress=plain", "--network=none"];
+        args.extend_from_slice(extra);
+        args.push(c);
+        env.kiln(&args)
+    };
+    let o = build(&["--pull=never"]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("no such image") && err.contains(&digest),
+        "{err}"
+    );
+    let o = build(&["-t", "app:1"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("pulling base image"),
+        "{}",
+        text(&o.stderr)
+    );
+    // The base is stored by its digest, with no tag.
+    let base_json = env.ok(&["image", "inspect", &pinned]);
+    let b: serde_json::Value = serde_json::from_str(&base_json).expect("json");
+    assert_eq!(
+        b[0]["Id"].as_str(),
+        Some(source.image_id("busybox:local").as_str())
+    );
+    assert_eq!(
+        b[0]["RepoTags"].as_array().map(Vec::len),
+        Some(0),
+        "{base_json}"
+    );
+    assert_eq!(
+        b[0]["RepoDigests"][0].as_str(),
+        Some(pinned.as_str()),
+        "{base_json}"
+    );
+    let run = env.ok(&["run", "--rm", "--network=none", "app:1", "cat", "/p"]);
+    assert_eq!(run.trim(), "pinned");
+
+    // The tag moves in the registry; the pinned build does not follow it
+    // and does not reach the registry again.
+    let other_ctx = source.path("other");
+    fs_err::create_dir_all(&other_ctx).expect("mkdir");
+    fs_err::write(
+        other_ctx.join("Dockerfile"),
+        "FROM busybox:local\nRUN echo moved > /m\n",
+    )
+    .expect("write");
+    source.ok(&[
+        "build",
+        "--progress=plain",
+        "--network=none",
+        "-t",
+        &base,
+        other_ctx.to_str().expect("utf8"),
+    ]);
+    source.ok(&["push", &base]);
+    // Not dangling: prune keeps it.
+    env.ok(&["prune", "--force"]);
+    let o = build(&["--no-cache", "-t", "app:2"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        !text(&o.stderr).contains("pulling base image"),
+        "{}",
+        text(&o.stderr)
+    );
+    let run = env.ok(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "app:2",
+        "sh",
+        "-c",
+        "cat /p; test -e /m || echo no-m",
+    ]);
+    assert_eq!(
+        run.split_whitespace().collect::<Vec<_>>(),
+        ["pinned", "no-m"],
+        "{run}"
+    );
+
+    // A digest the registry does not have fails, naming it.
+    let absent = format!("sha256:{}", "0".repeat(64));
+    fs_err::write(ctx.join("Dockerfile"), format!("FROM {repo}@{absent}\n")).expect("write");
+    let o = build(&[]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains(&absent), "{err}");
+    // `rmi` by digest removes the base.
+    let out = env.ok(&["rmi", &pinned]);
+    assert!(out.contains(&format!("Untagged: {pinned}")), "{out}");
+    env.assert_consistent();
+}
+
 /// https is verified against the system's roots (`SSL_CERT_FILE` here);
 /// `--tls-verify=false` accepts any certificate and plain http; a
 /// registry elsewhere than this machine never gets plain http otherwise.

@@ -353,8 +353,18 @@ pub fn pull(
             reason: "a layer download stopped early".to_owned(),
         });
     }
-    let names: Vec<_> = image.store_reference().into_iter().collect();
+    // A pinned reference names no tag (its tag, if any, was only a label):
+    // the image is known by its digest.
+    let names: Vec<_> = if image.digest().is_some() {
+        Vec::new()
+    } else {
+        image.store_reference().into_iter().collect()
+    };
     let stored = store.put_image(&names, &config, &infos)?;
+    // As docker's RepoDigests: the digest the registry knows it by.
+    if let Some(name) = image.with_digest(top_digest.clone()).digest_name() {
+        store.add_repo_digest(&name, &stored.id)?;
+    }
     Ok(PulledImage {
         id: stored.id,
         digest: top_digest,

@@ -129,6 +129,13 @@ impl ImageRef {
         Reference::parse(&format!("{}/{}:{tag}", self.registry, self.repository)).ok()
     }
 
+    /// `registry/repository@digest`, the store's key for a pinned image,
+    /// when there is a digest.
+    pub fn digest_name(&self) -> Option<String> {
+        let d = self.digest.as_ref()?;
+        Some(format!("{}/{}@{d}", self.registry, self.repository))
+    }
+
     /// Whether the registry is this machine (`localhost`, `127.0.0.0/8`,
     /// `::1`): docker talks plain http to those when https fails.
     pub fn is_local(&self) -> bool {

@@ -270,6 +270,11 @@ pub(crate) fn inspect_json(image: &Image) -> anyhow::Result<Value> {
     Ok(json!({
         "Id": image.id.to_string(),
         "RepoTags": image.names.iter().map(Reference::short).collect::<Vec<_>>(),
+        "RepoDigests": image
+            .repo_digests
+            .iter()
+            .map(|d| kiln_cache::short_name(d))
+            .collect::<Vec<_>>(),
         "Created": config.get("created").cloned().unwrap_or(Value::Null),
         "Author": config.get("author").cloned().unwrap_or(Value::Null),
         "Architecture": config.get("architecture").cloned().unwrap_or(Value::Null),
@@ -327,6 +332,9 @@ pub(crate) fn rmi(args: &RmiArgs, global: &Global) -> anyhow::Result<ExitCode> {
             Ok(report) => {
                 for n in report.untagged {
                     println!("Untagged: {}", n.short());
+                }
+                for d in report.untagged_digests {
+                    println!("Untagged: {}", kiln_cache::short_name(&d));
                 }
                 for d in report.deleted {
                     println!("Deleted: {d}");
