@@ -1207,6 +1207,64 @@ fn miss_line(progress: &str, what: &str) -> String {
         .unwrap_or_else(|| panic!("no MISS for `{what}`:\n{progress}"))
 }
 
+/// A cache record whose layer left the store (a snapshot removed by hand)
+/// is no hit: the step runs again, and so does a later step whose cached
+/// chain holds that layer; the image is whole.
+#[test]
+fn a_cached_result_whose_layer_is_gone_runs_again() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-gone");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nRUN cat /proc/sys/kernel/random/uuid > /one\nRUN echo two > /two\n",
+    )
+    .expect("write");
+    env.build(&ctx, &["-t", "gone:1"]);
+    let layer = layer_of(&env, "gone:1", 1);
+    let hex = layer.strip_prefix("sha256:").expect("sha256");
+    let snap = env.store().join("snapshots").join(format!("v1-{hex}"));
+    assert!(snap.is_dir(), "{}", snap.display());
+    fs_err::remove_dir_all(&snap).expect("rm snapshot");
+    let p = env.build(&ctx, &["-t", "gone:1"]);
+    // The second step's cached chain holds the lost layer, which the new
+    // run of the first (another time in `/one`) does not bring back.
+    for what in ["RUN cat", "RUN echo two"] {
+        let n = step_number(&p, what);
+        let lines = step_lines(&p, &n);
+        assert!(
+            !lines.iter().any(|l| l.ends_with(" CACHED"))
+                && lines.iter().any(|l| l.contains("MISS")),
+            "{what}:\n{p}"
+        );
+    }
+    assert!(
+        miss_line(&p, "RUN cat").contains("its layers are gone"),
+        "{p}"
+    );
+    assert!(p.contains("2 steps run"), "{p}");
+    let o = env.kiln(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "gone:1",
+        "cat",
+        "/one",
+        "/two",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0].len() == 36 && lines[1] == "two",
+        "{out}"
+    );
+    env.assert_clean();
+}
+
 #[test]
 fn miss_causes_name_instruction_arg_and_base_image() {
     if !can_build() {

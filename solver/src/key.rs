@@ -173,7 +173,7 @@ pub enum MissCause {
     /// example an ENV or WORKDIR earlier in the stage).
     SettingsChanged,
     /// The inputs are the same as last time but the cache has no result
-    /// (it was pruned).
+    /// (it was pruned, or a layer it needs left the store).
     RecordMissing,
 }
 
@@ -224,7 +224,9 @@ impl std::fmt::Display for MissCause {
                 write!(f, "the files it reads from {name} changed")
             }
             MissCause::SettingsChanged => write!(f, "build settings changed"),
-            MissCause::RecordMissing => write!(f, "no cached result (pruned)"),
+            MissCause::RecordMissing => {
+                write!(f, "no cached result (pruned, or its layers are gone)")
+            }
         }
     }
 }
