@@ -333,13 +333,15 @@ impl CopyMemo {
         CopyMemo::from_vec(fs_err::read(path).ok()?)
     }
 
-    /// Writes the memo to `path` (temp file + rename: a reader sees the old
-    /// memo or the new one).
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+    /// Writes the memo to `path`: a temp file in `temp_dir` renamed into
+    /// place, so a reader sees the old memo or the new one. `temp_dir` is
+    /// the store's `tmp/` (same file system), which GC empties: a build
+    /// killed while writing leaves nothing beside the memos.
+    pub fn save(&self, path: &Path, temp_dir: &Path) -> std::io::Result<()> {
         use std::io::Write as _;
         let dir = path.parent().unwrap_or(Path::new("."));
         fs_err::create_dir_all(dir)?;
-        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let tmp = tempfile::NamedTempFile::new_in(temp_dir)?;
         let mut w = std::io::BufWriter::with_capacity(64 * 1024, tmp.as_file());
         self.write_to(&mut w)?;
         w.flush()?;
@@ -474,7 +476,7 @@ mod tests {
             known,
         };
         let path = dir.path().join("memo");
-        memo.save(&path).expect("save");
+        memo.save(&path, dir.path()).expect("save");
         let back = CopyMemo::load(&path).expect("load");
         assert_eq!(back.diff_id, memo.diff_id);
         assert_eq!(back.files, memo.files);

@@ -774,9 +774,11 @@ impl StoreRunner {
                     // Only the next build reads it: written beside the next
                     // steps (see `StoreRunner::finish`).
                     let (parent, chain2) = (parent.clone(), chain.clone());
+                    let temp_dir = self.store.root().join("tmp");
                     let save = move || {
                         reuse::save(
                             &memo,
+                            &temp_dir,
                             &parent,
                             &chain2,
                             report,

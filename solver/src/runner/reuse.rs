@@ -95,6 +95,7 @@ pub(super) fn known_for(mut known: KnownFiles, report: &crate::fileop::Report) -
 /// files' contents are `known`.
 pub(super) fn save(
     memo: &Path,
+    temp_dir: &Path,
     parent: &Chain,
     chain: &Chain,
     report: crate::fileop::Report,
@@ -114,5 +115,5 @@ pub(super) fn save(
     };
     // Only a speed-up: a memo that cannot be written costs the next build
     // a full copy.
-    let _ = memo_data.save(memo);
+    let _ = memo_data.save(memo, temp_dir);
 }
