@@ -1689,7 +1689,7 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     }
     fs_err::write(
         ctx.join("Dockerfile"),
-        "FROM busybox:local\nCOPY tree/ /app/\nRUN cat /app/d1/f1.txt\n",
+        "FROM busybox:local\nCOPY tree/ /app/\nRUN cat /app/d1/f1.txt; true\n",
     )
     .expect("dockerfile");
     // Sources changed within a clock tick of a copy are never remembered.
@@ -1702,10 +1702,17 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
             .arg(&ctx)
             .env_remove("KILN_ROOT")
             .env("SOURCE_DATE_EPOCH", "1700000000")
+            .env("KILN_TIMINGS", "1")
             .output()
             .expect("build");
         assert!(o.status.success(), "{}", text(&o.stderr));
         text(&o.stderr)
+    };
+    // Whether the COPY started from the clone the previous build made.
+    let prepared = |progress: &str| {
+        progress
+            .lines()
+            .any(|l| l.starts_with("[timing]") && l.ends_with("upper prepared by the last run"))
     };
     build(&a);
     let first_top = layer_of(&a, "incr", 1);
@@ -1739,9 +1746,17 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     // Unchanged files are the previous build's inodes; changed ones are new.
     let same = meta(&snap.join("app/d0/f0.txt"));
     assert_eq!(same.ino(), meta(&first_snap.join("app/d0/f0.txt")).ino());
-    for changed in ["app/d1/f1.txt", "app/d2/f2.txt", "app/d0/new.txt"] {
-        assert_eq!(meta(&snap.join(changed)).nlink(), 1, "{changed}");
+    for changed in ["app/d1/f1.txt", "app/d2/f2.txt"] {
+        assert_ne!(
+            meta(&snap.join(changed)).ino(),
+            meta(&first_snap.join(changed)).ino(),
+            "{changed}"
+        );
     }
+    assert!(
+        !prepared(&second),
+        "the first build had no memo to prepare for:\n{second}"
+    );
     assert_eq!(meta(&snap.join("app/d2/f2.txt")).mode() & 0o777, 0o600);
     assert_eq!(read(&snap.join("app/d1/f1.txt")), "edited\n");
     assert!(!snap.join("app/d0/f4.txt").exists());
@@ -1764,10 +1779,59 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     .expect("edit");
     let third = build(&a);
     assert!(third.contains("MISS"), "{third}");
+    assert!(
+        prepared(&third),
+        "the second build prepared the third's upper:\n{third}"
+    );
     let c = Env::new();
     build(&c);
     assert_eq!(layer_of(&a, "incr", 1), layer_of(&c, "incr", 1));
     assert_ne!(layer_of(&a, "incr", 1), top);
+    // From a prepared upper: a directory and a file gone, a directory
+    // added, a file edited: still the clean store's layer.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    fs_err::remove_dir_all(ctx.join("tree/d1")).expect("rm dir");
+    fs_err::remove_file(ctx.join("tree/d0/f0.txt")).expect("rm");
+    fs_err::create_dir_all(ctx.join("tree/d3/deep")).expect("mkdir");
+    fs_err::write(ctx.join("tree/d3/deep/x.txt"), "x\n").expect("write");
+    fs_err::write(ctx.join("tree/d2/f1.txt"), "edited too\n").expect("edit");
+    let fourth = build(&a);
+    assert!(prepared(&fourth), "{fourth}");
+    assert!(!fourth.contains("conflicts"), "{fourth}");
+    let clean = |tag: &str| {
+        let e = Env::new();
+        build(&e);
+        let l = layer_of(&e, "incr", 1);
+        assert_eq!(layer_of(&a, "incr", 1), l, "{tag}");
+    };
+    clean("deletions and additions");
+    let snap = a.store().join("snapshots").join(format!(
+        "v1-{}",
+        layer_of(&a, "incr", 1).trim_start_matches("sha256:")
+    ));
+    assert!(!snap.join("app/d1").exists() && !snap.join("app/d0/f0.txt").exists());
+    assert_eq!(read(&snap.join("app/d3/deep/x.txt")), "x\n");
+    // A file that became a directory, and a directory that became a file:
+    // the clone is no start, the copy starts afresh, same layer.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    fs_err::remove_file(ctx.join("tree/d2/f3.txt")).expect("rm");
+    fs_err::create_dir_all(ctx.join("tree/d2/f3.txt")).expect("mkdir");
+    fs_err::write(ctx.join("tree/d2/f3.txt/inner"), "in\n").expect("write");
+    fs_err::remove_dir_all(ctx.join("tree/d3/deep")).expect("rm");
+    fs_err::write(ctx.join("tree/d3/deep"), "now a file\n").expect("write");
+    let fifth = build(&a);
+    assert!(prepared(&fifth), "{fifth}");
+    assert!(
+        fifth
+            .lines()
+            .any(|l| l.ends_with("the prepared upper conflicts")),
+        "{fifth}"
+    );
+    clean("type changes");
+    // `prune` drops the clones (they hold the snapshots' inodes).
+    let o = a.kiln(&["prune", "--force"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(!a.store().join("copy-memo/prepared").exists());
     a.assert_clean();
 }
 

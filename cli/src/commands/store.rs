@@ -55,6 +55,10 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
         all: args.all,
         dry_run: false,
     })?;
+    // The clones made for the next run of each COPY hold the inodes of
+    // the snapshots they came from: they go with any prune.
+    kiln_solver::runner::clear_prepared_copies(&store)
+        .map_err(|e| anyhow::anyhow!("removing the prepared COPY results of the store: {e}"))?;
     if args.all {
         kiln_solver::runner::clear_copy_memos(&store)
             .map_err(|e| anyhow::anyhow!("removing the COPY memos of the store: {e}"))?;

@@ -180,6 +180,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             reuse,
             linked: std::collections::HashSet::new(),
             src_root,
+            seen_dirs: Vec::new(),
         };
         let res = copy_all(
             &mut c,
@@ -195,7 +196,13 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         c.flush();
         c.jobs.clear();
         let settled = c.settle();
-        res.and(settled).map(|()| {
+        let res = res
+            .and(settled)
+            .and_then(|()| match reuse.filter(|r| r.prepared) {
+                Some(r) => remove_unvisited(&r.upper, &c.report.written, &c.seen_dirs),
+                None => Ok(()),
+            });
+        res.map(|()| {
             c.report.bytes += state.bytes.load(Ordering::Relaxed);
             let mut linked: Vec<String> = c
                 .linked
@@ -214,6 +221,58 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             std::mem::take(&mut c.report)
         })
     })
+}
+
+/// With a prepared upper: removes from `upper` what the copy neither
+/// wrote, kept nor went through (what the sources no longer have), behind
+/// the overlay's back as a fresh upper would never have had it (removing
+/// through the overlay would leave whiteouts over the parent's files).
+fn remove_unvisited(
+    upper: &Path,
+    written: &[super::Written],
+    seen_dirs: &[String],
+) -> Result<(), FileOpError> {
+    let mut keep: std::collections::HashSet<&str> =
+        std::collections::HashSet::with_capacity(written.len() * 2);
+    let paths = written
+        .iter()
+        .map(|w| w.path.trim_start_matches('/'))
+        .chain(seen_dirs.iter().map(String::as_str));
+    for p in paths {
+        // A path and its directories (already there: so are they).
+        let mut q = p;
+        while !q.is_empty() && keep.insert(q) {
+            q = q.rfind('/').map_or("", |i| &q[..i]);
+        }
+    }
+    let mut stack = vec![(upper.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for e in fs_err::read_dir(&dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(FileOpError::PreparedConflict {
+                    path: format!("/{rel}/{}", name.to_string_lossy()),
+                });
+            };
+            let r = if rel.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let is_dir = e.file_type()?.is_dir();
+            if keep.contains(r.as_str()) {
+                if is_dir {
+                    stack.push((e.path(), r));
+                }
+            } else if is_dir {
+                fs_err::remove_dir_all(e.path())?;
+            } else {
+                fs_err::remove_file(e.path())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The copied `contents` of the paths written once by the copy: a path
@@ -384,6 +443,9 @@ struct Copier<'a> {
     /// The source root (source paths below it are looked up in the source
     /// stage's layers).
     src_root: &'a Path,
+    /// With a prepared upper: the existing directories the copy went
+    /// through (paths below the destination root).
+    seen_dirs: Vec<String>,
 }
 
 /// What a regular file's copy needs besides its paths.
@@ -645,9 +707,10 @@ impl Copier<'_> {
             match fs_err::symlink_metadata(&cur) {
                 Ok(m) if m.is_dir() => break,
                 Ok(_) => {
-                    return Err(FileOpError::NotADirectory {
+                    let e = FileOpError::NotADirectory {
                         path: self.inner_of(&cur),
-                    });
+                    };
+                    return Err(self.conflict_or(&cur, e));
                 }
                 Err(e) if is_absent(&e) => missing.push(cur.clone()),
                 Err(e) => return Err(e.into()),
@@ -814,6 +877,10 @@ impl Copier<'_> {
             if created {
                 let inner = self.inner_of(&dir);
                 self.report.push(inner, EntryKind::Dir);
+            } else if self.reuse.is_some_and(|r| r.prepared)
+                && let Some(rel) = self.rel_of(&dir)
+            {
+                self.seen_dirs.push(rel.to_owned());
             }
             for (name, entry) in children {
                 let child_meta = entry.metadata()?;
@@ -849,6 +916,9 @@ impl Copier<'_> {
                 self.deferred
                     .push((src.to_path_buf(), dir.clone(), meta.clone(), whose));
             }
+            return Ok(());
+        }
+        if ft.is_file() && meta.nlink() == 1 && self.keep_prepared(target, &meta) {
             return Ok(());
         }
         if !fresh_parent {
@@ -923,6 +993,46 @@ impl Copier<'_> {
         let inner = self.inner_of(target);
         self.report.push(inner, kind);
         Ok(())
+    }
+
+    /// With a prepared upper: whether `target` is the previous result's
+    /// file for an unchanged source (then it is left as it is, and counts
+    /// as linked).
+    fn keep_prepared(&mut self, target: &Path, meta: &Metadata) -> bool {
+        let Some(reuse) = self.reuse.filter(|r| r.prepared && r.remember) else {
+            return false;
+        };
+        let Some(rel) = self.rel_of(target) else {
+            return false;
+        };
+        let id = FileIdentity::of(meta);
+        if !reuse.rememberable(&id) || reuse.previous(rel, &id).is_none() {
+            return false;
+        }
+        let rel = rel.to_owned();
+        self.report.identities.push((rel, Some(id)));
+        let inner = self.inner_of(target);
+        self.report.push(inner, EntryKind::File);
+        self.linked.insert(target.to_path_buf());
+        true
+    }
+
+    /// With a prepared upper: the error for an existing `host` of the
+    /// wrong type when the previous result put it there (else `other`, the
+    /// error a fresh upper gives).
+    fn conflict_or(&self, host: &Path, other: FileOpError) -> FileOpError {
+        let prepared = self
+            .reuse
+            .filter(|r| r.prepared)
+            .zip(self.rel_of(host))
+            .is_some_and(|(r, rel)| fs_err::symlink_metadata(r.upper.join(rel)).is_ok());
+        if prepared {
+            FileOpError::PreparedConflict {
+                path: self.inner_of(host),
+            }
+        } else {
+            other
+        }
     }
 
     /// Path of `target` below the destination root, as the memo keys it.
@@ -1037,6 +1147,13 @@ impl Copier<'_> {
             Err(e) => Err(e.into()),
             Ok(m) if m.is_dir() => Ok((target.to_path_buf(), false)),
             Ok(m) if m.file_type().is_symlink() => {
+                // A link the previous result made is not followed: a fresh
+                // upper would not have it.
+                if let e @ FileOpError::PreparedConflict { .. } =
+                    self.conflict_or(target, FileOpError::Io(io::Error::other("")))
+                {
+                    return Err(e);
+                }
                 let inner = self.inner_of(target);
                 let followed = resolve(self.dest_root, &inner, true)?;
                 if fs_err::metadata(&followed.host).is_ok_and(|m| m.is_dir()) {
@@ -1045,9 +1162,12 @@ impl Copier<'_> {
                     Err(FileOpError::NotADirectory { path: inner })
                 }
             }
-            Ok(_) => Err(FileOpError::NotADirectory {
-                path: self.inner_of(target),
-            }),
+            Ok(_) => Err(self.conflict_or(
+                target,
+                FileOpError::NotADirectory {
+                    path: self.inner_of(target),
+                },
+            )),
         }
     }
 
@@ -1057,9 +1177,12 @@ impl Copier<'_> {
         match fs_err::symlink_metadata(target) {
             Err(e) if is_absent(&e) => Ok(()),
             Err(e) => Err(e.into()),
-            Ok(m) if m.is_dir() => Err(FileOpError::ReplaceDirWithFile {
-                path: self.inner_of(target),
-            }),
+            Ok(m) if m.is_dir() => Err(self.conflict_or(
+                target,
+                FileOpError::ReplaceDirWithFile {
+                    path: self.inner_of(target),
+                },
+            )),
             Ok(_) => Ok(fs_err::remove_file(target)?),
         }
     }

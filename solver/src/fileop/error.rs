@@ -49,6 +49,14 @@ pub enum FileOpError {
         /// The path inside the destination root.
         path: String,
     },
+    /// A copy into a prepared upper (see [`crate::fileop::Reuse::prepared`])
+    /// met an entry of the previous result whose type the sources changed:
+    /// the caller copies again into a fresh upper.
+    #[error("`{path}` changed type since the previous copy")]
+    PreparedConflict {
+        /// The path inside the destination root.
+        path: String,
+    },
     /// Symlinks that loop, or more than 255 of them on one path.
     #[error("too many levels of symbolic links resolving `{path}` inside the root")]
     SymlinkLoop {

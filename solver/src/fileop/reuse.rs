@@ -114,6 +114,11 @@ pub struct Reuse {
     /// Sources changed after this time are not remembered (see the module
     /// documentation).
     pub racy_after_ns: i128,
+    /// `upper` holds a clone of `prev_root` already (directories made,
+    /// every other entry linked): an unchanged file is left as it is, a
+    /// changed one replaced, and what the sources no longer have is
+    /// removed from `upper` at the end.
+    pub prepared: bool,
 }
 
 /// Changes within this long before a copy starts may share a clock tick
@@ -141,6 +146,7 @@ impl Reuse {
             prev,
             upper,
             racy_after_ns: i128::try_from(now.as_nanos()).unwrap_or(i128::MAX),
+            prepared: false,
         }
     }
 

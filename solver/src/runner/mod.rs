@@ -34,7 +34,7 @@ use crate::remote_cache::{ImportedCache, RemoteCacheError};
 use crate::solve::{Step, StepRunner};
 
 pub use mount::{MergedMount, MountError};
-pub use reuse::clear_memos as clear_copy_memos;
+pub use reuse::{clear_memos as clear_copy_memos, clear_prepared as clear_prepared_copies};
 pub use run::RunFailure;
 
 /// A filesystem: its layers, lowest first.
@@ -258,6 +258,26 @@ pub struct StoreRunner {
     read_stages: Arc<std::collections::HashSet<usize>>,
     /// Content digests of layers committed in this build, by diffID.
     layer_digests: Arc<Mutex<HashMap<String, Arc<kiln_cache::ContentDigests>>>>,
+    /// Clones of COPY results being made for the next build; waited for
+    /// when the last copy of the runner is dropped (the end of the build).
+    preparing: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+impl Drop for StoreRunner {
+    fn drop(&mut self) {
+        // The copies made for steps share the list: only the last one
+        // (the build's runner) waits.
+        if Arc::strong_count(&self.preparing) > 1 {
+            return;
+        }
+        let handles = match self.preparing.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        for h in handles {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The stages whose files other steps read by content: sources of
@@ -304,6 +324,7 @@ impl StoreRunner {
             background: Arc::default(),
             read_stages,
             layer_digests: Arc::default(),
+            preparing: Arc::default(),
         }
     }
 
@@ -446,6 +467,7 @@ impl StoreRunner {
             background: Arc::clone(&self.background),
             read_stages: Arc::clone(&self.read_stages),
             layer_digests: Arc::clone(&self.layer_digests),
+            preparing: Arc::clone(&self.preparing),
         }
     }
 
@@ -722,12 +744,16 @@ impl StoreRunner {
                     .flatten();
                 // A stage's files are linked from its snapshots when the copy
                 // keeps their metadata.
+                // The scratch of a second try (see below), kept to the commit.
+                let mut retry_dir = None;
+                let mut loaded = memo.as_deref().map(|m| reuse::load(&self.store, m));
+                let prev = loaded.as_ref().and_then(|l| l.prev.clone());
+                let had_memo = loaded.as_ref().is_some_and(|l| l.had_memo);
                 let mut known = None;
-                let mut linking = |upper: &Path| match &memo {
-                    Some(m) => {
-                        let loaded = reuse::load(&self.store, m, upper);
-                        known = loaded.known;
-                        Some(loaded.reuse)
+                let mut linking = |upper: &Path, prepared: bool| match loaded.as_mut() {
+                    Some(l) => {
+                        known = l.known.take();
+                        Some(l.reuse(upper, prepared))
                     }
                     None if !src_layers.is_empty() && !c.add => Some(Arc::new(
                         fileop::Reuse::from_layers(&src_layers, upper.to_owned()),
@@ -744,20 +770,51 @@ impl StoreRunner {
                         path: root.clone(),
                         source,
                     })?;
-                    fop.reuse = linking(&root);
+                    fop.reuse = linking(&root, false);
                     let report = fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
                     (root, report)
                 } else {
+                    // The previous result, cloned for this run by the last
+                    // one, becomes the upper: only changes are written.
+                    let prepared = match (&memo, &prev) {
+                        (Some(m), Some((prev, _))) => {
+                            reuse::claim_prepared(&self.store, m, prev, &dir.path().join("upper"))
+                        }
+                        _ => false,
+                    };
+                    if prepared {
+                        kiln_cache::timing::mark("copy: upper prepared by the last run");
+                    }
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
                     kiln_cache::timing::mark("copy: mounted");
-                    fop.reuse = linking(merged.upper());
+                    fop.reuse = linking(merged.upper(), prepared);
                     kiln_cache::timing::mark("copy: memo loaded");
-                    let report = fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
-                    kiln_cache::timing::mark("copy: copied");
-                    let upper = merged.unmount().map_err(mount_err)?;
-                    kiln_cache::timing::mark("copy: unmounted");
-                    (upper, report)
+                    match fileop::copy(&src_root, merged.path(), &fop) {
+                        Err(FileOpError::PreparedConflict { .. }) => {
+                            // An entry changed type since the last run: the
+                            // clone is no start; copy into a fresh upper.
+                            drop(merged);
+                            kiln_cache::timing::mark("copy: the prepared upper conflicts");
+                            let fresh = self.scratch("copy-")?;
+                            let mut again = memo.as_deref().map(|m| reuse::load(&self.store, m));
+                            let merged =
+                                MergedMount::mount(&lowers, fresh.path()).map_err(mount_err)?;
+                            fop.reuse = again.as_mut().map(|l| l.reuse(merged.upper(), false));
+                            let report =
+                                fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
+                            let upper = merged.unmount().map_err(mount_err)?;
+                            retry_dir = Some(fresh);
+                            (upper, report)
+                        }
+                        r => {
+                            let report = r.map_err(fo_err)?;
+                            kiln_cache::timing::mark("copy: copied");
+                            let upper = merged.unmount().map_err(mount_err)?;
+                            kiln_cache::timing::mark("copy: unmounted");
+                            (upper, report)
+                        }
+                    }
                 };
                 // A context copy hashes the files it linked with the memo's
                 // contents and those it copied with what it wrote, and
@@ -770,6 +827,17 @@ impl StoreRunner {
                     known
                 });
                 let (chain, recorded) = self.commit_reusing(step, &parent, &upper, known)?;
+                drop(retry_dir);
+                // A COPY run again is likely to run once more (an edit
+                // loop): its result is cloned for that run beside the
+                // steps after it.
+                if let (Some(m), Some(top), true) = (
+                    &memo,
+                    chain.layers.last(),
+                    !c.link && chain.layers.len() > parent.layers.len() && had_memo,
+                ) {
+                    self.prepare_next(m, &top.diff_id);
+                }
                 if let Some(memo) = memo {
                     // Only the next build reads it: written beside the next
                     // steps (see `StoreRunner::finish`).
@@ -799,6 +867,31 @@ impl StoreRunner {
                 }
                 Ok(chain)
             }
+        }
+    }
+
+    /// Starts cloning the snapshot of `diff_id` for the next run of the
+    /// COPY of `memo` (see [`reuse::prepare`]); the runner waits for it
+    /// when dropped. Best effort: a clone that fails leaves nothing.
+    fn prepare_next(&self, memo: &Path, diff_id: &Digest) {
+        let Some(snapshot) = self.store.snapshot_dir(diff_id) else {
+            return;
+        };
+        let Ok(scratch) = self.scratch("prep-") else {
+            return;
+        };
+        let (store, memo, diff_id) = (Arc::clone(&self.store), memo.to_owned(), diff_id.clone());
+        let work = move || {
+            let _ = reuse::prepare(&store, &memo, &diff_id, &snapshot, scratch.path());
+            kiln_cache::timing::mark("copy: next run prepared");
+            drop(scratch);
+        };
+        if let Ok(handle) = std::thread::Builder::new()
+            .name("copy-prepare".to_owned())
+            .spawn(work)
+            && let Ok(mut p) = self.preparing.lock()
+        {
+            p.push(handle);
         }
     }
 

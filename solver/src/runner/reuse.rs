@@ -5,6 +5,8 @@
 //! layers, `SOURCE_DATE_EPOCH`). A memo only points at a snapshot; a memo
 //! whose snapshot is gone links nothing.
 
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,31 +50,239 @@ pub(super) fn memo_path(
     )
 }
 
-/// What a context COPY found in its memo: where to link unchanged files
-/// from, and the contents of that snapshot's small files.
+/// What a context COPY found in its memo: the previous result (its layer
+/// and snapshot), the identities of the sources it was made from, and the
+/// contents of its small files.
 pub(super) struct Loaded {
-    pub reuse: Arc<Reuse>,
+    /// The previous result's layer and snapshot, when the snapshot is here.
+    pub prev: Option<(Digest, PathBuf)>,
+    files: Vec<(String, crate::fileop::FileIdentity)>,
     pub known: Option<KnownFiles>,
+    /// Whether there was a memo at all (this COPY ran before).
+    pub had_memo: bool,
 }
 
-/// The reuse for a copy writing into `upper`, from the memo at `memo`.
-pub(super) fn load(store: &Store, memo: &Path, upper: &Path) -> Loaded {
-    let (prev_root, prev, known) = match CopyMemo::load(memo) {
+/// What the memo at `memo` says.
+pub(super) fn load(store: &Store, memo: &Path) -> Loaded {
+    match CopyMemo::load(memo) {
         Some(m) => {
-            let root = m
+            let prev = m
                 .diff_id
                 .parse::<Digest>()
                 .ok()
-                .and_then(|d| store.snapshot_dir(&d));
-            let known = root.is_some().then_some(m.known);
-            (root, m.files, known)
+                .and_then(|d| store.snapshot_dir(&d).map(|dir| (d, dir)));
+            let known = prev.is_some().then_some(m.known);
+            Loaded {
+                prev,
+                files: m.files,
+                known,
+                had_memo: true,
+            }
         }
-        None => (None, Vec::new(), None),
-    };
-    Loaded {
-        reuse: Arc::new(Reuse::new(prev_root, prev, upper.to_owned())),
-        known,
+        None => Loaded {
+            prev: None,
+            files: Vec::new(),
+            known: None,
+            had_memo: false,
+        },
     }
+}
+
+impl Loaded {
+    /// The reuse for a copy writing into `upper`; `prepared`: `upper`
+    /// already holds a clone of the previous result (see [`prepare`]).
+    pub(super) fn reuse(&mut self, upper: &Path, prepared: bool) -> Arc<Reuse> {
+        let mut reuse = Reuse::new(
+            self.prev.as_ref().map(|(_, dir)| dir.clone()),
+            std::mem::take(&mut self.files),
+            upper.to_owned(),
+        );
+        reuse.prepared = prepared;
+        Arc::new(reuse)
+    }
+}
+
+// ------------------------------------------------------------- prepared
+
+/// The directory of prepared clones (see [`prepare`]).
+fn prepared_dir(store: &Store) -> PathBuf {
+    store.root().join("copy-memo").join("prepared")
+}
+
+/// The name of the clone of `diff_id`'s snapshot for the COPY of `memo`.
+fn prepared_name(memo: &Path, diff_id: &Digest) -> Option<(String, String)> {
+    let key = memo.file_name()?.to_str()?;
+    Some((format!("{key}-"), format!("{key}-{}", diff_id.hex())))
+}
+
+/// Takes the clone [`prepare`] left of `diff_id`'s snapshot for the COPY
+/// of `memo`, moving it to `upper` (which must not exist yet). True when
+/// there was one: `upper` then holds the previous result, every entry but
+/// the directories a hard link to the snapshot's.
+pub(super) fn claim_prepared(store: &Store, memo: &Path, diff_id: &Digest, upper: &Path) -> bool {
+    let Some((_, name)) = prepared_name(memo, diff_id) else {
+        return false;
+    };
+    fs_err::rename(prepared_dir(store).join(name), upper).is_ok()
+}
+
+/// Forgets every prepared clone (`kiln prune`): they hold the inodes of
+/// the snapshots they were made from.
+pub fn clear_prepared(store: &Store) -> std::io::Result<()> {
+    discard(store, &prepared_dir(store))
+}
+
+/// Removes `path` (a clone, or the clones' directory) without racing a
+/// build that claims a clone: it is first renamed away whole (a claim
+/// after that finds nothing), then removed; deleting it in place could
+/// empty a clone another build has just taken as its upper.
+fn discard(store: &Store, path: &Path) -> std::io::Result<()> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let trash = store
+        .root()
+        .join("tmp")
+        .join(format!("trash-{}-{n}", std::process::id()));
+    match fs_err::rename(path, &trash) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => fs_err::remove_dir_all(&trash),
+    }
+}
+
+/// For the next run of the COPY of `memo`: clones `snapshot` (the layer
+/// `diff_id` it just made) into `scratch/tree` — the same directories,
+/// every other entry hard-linked — and leaves it under
+/// `copy-memo/prepared/`, replacing older clones for that COPY. The next
+/// run takes the clone as its upper directory and only writes what
+/// changed, instead of linking every unchanged file while the build waits.
+/// This runs beside the build's later steps. Nothing is left when the
+/// snapshot has overlay whiteouts or opaque directories (a clone would not
+/// mean the same as a fresh upper) or a step fails.
+pub(super) fn prepare(
+    store: &Store,
+    memo: &Path,
+    diff_id: &Digest,
+    snapshot: &Path,
+    scratch: &Path,
+) -> std::io::Result<bool> {
+    let Some((prefix, name)) = prepared_name(memo, diff_id) else {
+        return Ok(false);
+    };
+    let tree = scratch.join("tree");
+    if !clone_tree(snapshot, &tree)? {
+        return Ok(false);
+    }
+    let dir = prepared_dir(store);
+    fs_err::create_dir_all(&dir)?;
+    for e in fs_err::read_dir(&dir)?.flatten() {
+        let n = e.file_name();
+        if n.to_str().is_some_and(|n| n.starts_with(&prefix)) {
+            discard(store, &e.path())?;
+        }
+    }
+    // (Published whole: a claim sees all of it or nothing.)
+    fs_err::rename(&tree, dir.join(&name))?;
+    Ok(true)
+}
+
+/// Clones the tree at `src` into `dest` (made here): directories with
+/// their owner, mode, times and xattrs, everything else hard-linked.
+/// False (and `dest` partly made) when `src` holds an overlay whiteout or
+/// an opaque directory.
+fn clone_tree(src: &Path, dest: &Path) -> std::io::Result<bool> {
+    use nix::fcntl::{AtFlags, OFlag, openat};
+    use nix::sys::stat::{Mode, fstatat};
+    fs_err::create_dir(dest)?;
+    let open_dir = |dir: Option<&std::os::fd::OwnedFd>, path: &Path| {
+        let at = dir.map_or(nix::fcntl::AT_FDCWD, |d| std::os::fd::AsFd::as_fd(d));
+        openat(
+            at,
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(std::io::Error::from)
+    };
+    // (source dir fd, dest dir fd, source path, dest path)
+    let mut stack = vec![(
+        open_dir(None, src)?,
+        open_dir(None, dest)?,
+        src.to_path_buf(),
+        dest.to_path_buf(),
+    )];
+    // Directories whose metadata is set once their entries are in.
+    let mut finish: Vec<(PathBuf, PathBuf)> = Vec::new();
+    while let Some((sfd, dfd, spath, dpath)) = stack.pop() {
+        let mut d = nix::dir::Dir::from_fd(sfd.try_clone()?)?;
+        let mut subdirs = Vec::new();
+        for entry in d.iter() {
+            let entry = entry?;
+            let name = entry.file_name();
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                Some(t) => t,
+                None => {
+                    let st = fstatat(&sfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                    match st.st_mode & nix::libc::S_IFMT {
+                        nix::libc::S_IFDIR => nix::dir::Type::Directory,
+                        nix::libc::S_IFCHR => nix::dir::Type::CharacterDevice,
+                        _ => nix::dir::Type::File,
+                    }
+                }
+            };
+            match kind {
+                nix::dir::Type::Directory => subdirs.push(name.to_owned()),
+                nix::dir::Type::CharacterDevice => {
+                    let st = fstatat(&sfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                    if st.st_rdev == 0 {
+                        return Ok(false);
+                    }
+                    nix::unistd::linkat(&sfd, name, &dfd, name, AtFlags::empty())?;
+                }
+                _ => nix::unistd::linkat(&sfd, name, &dfd, name, AtFlags::empty())?,
+            }
+        }
+        for name in subdirs {
+            let os = std::ffi::OsStr::from_bytes(name.to_bytes());
+            let (s, t) = (spath.join(os), dpath.join(os));
+            nix::sys::stat::mkdirat(&dfd, name.as_c_str(), Mode::from_bits_truncate(0o700))?;
+            stack.push((
+                open_dir(Some(&sfd), Path::new(os))?,
+                open_dir(Some(&dfd), Path::new(os))?,
+                s.clone(),
+                t.clone(),
+            ));
+            finish.push((s, t));
+        }
+    }
+    // Deepest first, so a parent's mtime is set after its children's.
+    for (s, t) in finish.iter().rev() {
+        let m = fs_err::symlink_metadata(s)?;
+        for name in xattr::list(s)? {
+            let n = name.as_encoded_bytes();
+            if n.starts_with(b"trusted.overlay.") || n.starts_with(b"user.overlay.") {
+                if n.ends_with(b".opaque") {
+                    return Ok(false);
+                }
+                continue;
+            }
+            if let Some(v) = xattr::get(s, &name)? {
+                xattr::set(t, &name, &v)?;
+            }
+        }
+        std::os::unix::fs::lchown(t, Some(m.uid()), Some(m.gid()))?;
+        fs_err::set_permissions(t, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        filetime::set_symlink_file_times(
+            t,
+            filetime::FileTime::from_last_access_time(&m),
+            filetime::FileTime::from_last_modification_time(&m),
+        )?;
+    }
+    Ok(true)
 }
 
 /// The contents the layer writer may take from the memo: those of the
@@ -116,4 +326,76 @@ pub(super) fn save(
     // Only a speed-up: a memo that cannot be written costs the next build
     // a full copy.
     let _ = memo_data.save(memo, temp_dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_clone_has_the_directories_metadata_and_links_the_rest() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let src = tmp.path().join("src");
+        fs_err::create_dir_all(src.join("a/b")).unwrap_or_else(|e| panic!("{e}"));
+        fs_err::write(src.join("a/b/f"), "f").unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink("b/f", src.join("a/l")).unwrap_or_else(|e| panic!("{e}"));
+        xattr::set(src.join("a"), "user.kiln.test", b"v").unwrap_or_else(|e| panic!("{e}"));
+        fs_err::set_permissions(src.join("a/b"), std::fs::Permissions::from_mode(0o750))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t = filetime::FileTime::from_unix_time(1_000_000, 5);
+        for d in ["a/b", "a"] {
+            filetime::set_file_times(src.join(d), t, t).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let dest = tmp.path().join("dest");
+        assert!(clone_tree(&src, &dest).unwrap_or_else(|e| panic!("{e}")));
+        let m = |p: &Path| fs_err::symlink_metadata(p).unwrap_or_else(|e| panic!("{e}"));
+        for f in ["a/b/f", "a/l"] {
+            assert_eq!(
+                m(&src.join(f)).ino(),
+                m(&dest.join(f)).ino(),
+                "{f} is linked"
+            );
+        }
+        for d in ["a", "a/b"] {
+            let (s, c) = (m(&src.join(d)), m(&dest.join(d)));
+            assert_ne!(s.ino(), c.ino(), "{d} is a new directory");
+            assert_eq!(
+                (s.mode(), s.uid(), s.gid(), s.mtime(), s.mtime_nsec()),
+                (c.mode(), c.uid(), c.gid(), c.mtime(), c.mtime_nsec()),
+                "{d}"
+            );
+        }
+        assert_eq!(
+            xattr::get(dest.join("a"), "user.kiln.test").unwrap_or_else(|e| panic!("{e}")),
+            Some(b"v".to_vec())
+        );
+    }
+
+    #[test]
+    fn a_tree_with_a_whiteout_or_an_opaque_directory_is_not_cloned() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: this test needs root (whiteouts, trusted xattrs)"
+            );
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let src = tmp.path().join("src");
+        fs_err::create_dir_all(src.join("d")).unwrap_or_else(|e| panic!("{e}"));
+        nix::sys::stat::mknod(
+            &src.join("d/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!clone_tree(&src, &tmp.path().join("c1")).unwrap_or_else(|e| panic!("{e}")));
+        fs_err::remove_file(src.join("d/gone")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(clone_tree(&src, &tmp.path().join("c2")).unwrap_or_else(|e| panic!("{e}")));
+        xattr::set(src.join("d"), "trusted.overlay.opaque", b"y").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!clone_tree(&src, &tmp.path().join("c3")).unwrap_or_else(|e| panic!("{e}")));
+    }
 }
