@@ -130,6 +130,7 @@ impl StoreRunner {
                 step: step.vertex.name.clone(),
                 source,
             })?;
+        kiln_cache::timing::mark("stage digest: mounted");
         let mut stage = BuildContext::of_stage(merged.path());
         // The stage's top layer, if this build committed it with digests.
         if let Some(top) = chain.layers.last()
@@ -142,7 +143,11 @@ impl StoreRunner {
             stage = stage.with_top_layer_digests(d);
         }
         let sum = stage.checksum(patterns, exclude, parents);
-        drop(merged);
+        kiln_cache::timing::mark("stage digest: summed");
+        self.later(move || {
+            drop(merged);
+            drop(dir);
+        });
         let Ok(sum) = sum else {
             return Ok(None);
         };

@@ -259,7 +259,8 @@ pub struct StoreRunner {
     /// Content digests of layers committed in this build, by diffID.
     layer_digests: Arc<Mutex<HashMap<String, Arc<kiln_cache::ContentDigests>>>>,
     /// Clones of COPY results being made for the next build; waited for
-    /// when the last copy of the runner is dropped (the end of the build).
+    /// when the last copy of the runner is dropped (the end of the build),
+    /// as is the rest of the background work.
     preparing: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
@@ -270,6 +271,7 @@ impl Drop for StoreRunner {
         if Arc::strong_count(&self.preparing) > 1 {
             return;
         }
+        self.finish();
         let handles = match self.preparing.lock() {
             Ok(mut p) => std::mem::take(&mut *p),
             Err(p) => std::mem::take(&mut *p.into_inner()),
@@ -352,6 +354,20 @@ impl StoreRunner {
         };
         for h in handles {
             let _ = h.join();
+        }
+    }
+
+    /// Runs `f` (a clean-up: an unmount, a scratch directory's removal)
+    /// on a thread of its own, off the build's critical path;
+    /// [`StoreRunner::finish`] (or dropping the runner) waits for it. If no
+    /// thread starts, `f` is dropped here, which does the clean-up.
+    fn later(&self, f: impl FnOnce() + Send + 'static) {
+        if let Ok(handle) = std::thread::Builder::new()
+            .name("clean-up".to_owned())
+            .spawn(f)
+            && let Ok(mut b) = self.background.lock()
+        {
+            b.push(handle);
         }
     }
 
@@ -722,7 +738,7 @@ impl StoreRunner {
                 // The source: the context, or another stage/image mounted
                 // read-only for the copy.
                 let src_dir = self.scratch("src-")?;
-                let src_mount;
+                let mut src_mount = None;
                 let mut src_layers = Vec::new();
                 let src_root: PathBuf = match &c.from {
                     InputRef::Context => {
@@ -732,9 +748,11 @@ impl StoreRunner {
                     other => {
                         let chain = self.input_chain(step, inputs, other)?;
                         src_layers = self.snapshots(&chain)?;
-                        src_mount =
+                        let m =
                             MergedMount::mount(&src_layers, src_dir.path()).map_err(mount_err)?;
-                        src_mount.path().to_owned()
+                        let root = m.path().to_owned();
+                        src_mount = Some(m);
+                        root
                     }
                 };
                 // A context COPY links the files unchanged since its last
@@ -828,6 +846,12 @@ impl StoreRunner {
                 });
                 let (chain, recorded) = self.commit_reusing(step, &parent, &upper, known)?;
                 drop(retry_dir);
+                // The source's overlay (which the copy walked) goes on a
+                // thread of its own: tearing it down takes milliseconds.
+                self.later(move || {
+                    drop(src_mount);
+                    drop(src_dir);
+                });
                 // A COPY run again is likely to run once more (an edit
                 // loop): its result is cloned for that run beside the
                 // steps after it.
