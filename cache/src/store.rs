@@ -822,12 +822,7 @@ impl Store {
     fn resolve_id(&self, name_or_id: &str) -> Result<Digest> {
         let conn = self.db();
         if name_or_id.contains('@') {
-            let name = digest_name(name_or_id)?;
-            let found: Option<String> = conn
-                .prepare_cached("SELECT image FROM repo_digests WHERE name = ?1")
-                .and_then(|mut st| st.query_row([&name], |r| r.get(0)))
-                .optional()
-                .map_err(self.db_err("looking up digest"))?;
+            let found = self.image_of_digest(&conn, &digest_name(name_or_id)?)?;
             return match found {
                 Some(id) => id.parse(),
                 None => Err(StoreError::NoSuchImage {
@@ -893,6 +888,15 @@ impl Store {
             .and_then(Iterator::collect)
             .map_err(self.db_err("reading names"))?;
         names.iter().map(|n| Reference::parse(n)).collect()
+    }
+
+    /// The image the digest reference `name` (as [`digest_name`] makes it)
+    /// names, if any.
+    fn image_of_digest(&self, conn: &Connection, name: &str) -> Result<Option<String>> {
+        conn.prepare_cached("SELECT image FROM repo_digests WHERE name = ?1")
+            .and_then(|mut st| st.query_row([name], |r| r.get(0)))
+            .optional()
+            .map_err(self.db_err("looking up digest"))
     }
 
     fn repo_digests_of(&self, conn: &Connection, id: &Digest) -> Result<Vec<String>> {
@@ -1043,12 +1047,7 @@ impl Store {
             // A digest reference: drop it; the image goes with its last
             // name or digest.
             let name = digest_name(name_or_id)?;
-            let id: Option<String> = tx
-                .prepare_cached("SELECT image FROM repo_digests WHERE name = ?1")
-                .and_then(|mut st| st.query_row([&name], |r| r.get(0)))
-                .optional()
-                .map_err(&e)?;
-            let Some(id) = id else {
+            let Some(id) = self.image_of_digest(&tx, &name)? else {
                 return Err(StoreError::NoSuchImage {
                     reference: name_or_id.to_owned(),
                 });
