@@ -707,10 +707,11 @@ impl Copier<'_> {
             match fs_err::symlink_metadata(&cur) {
                 Ok(m) if m.is_dir() => break,
                 Ok(_) => {
-                    let e = FileOpError::NotADirectory {
-                        path: self.inner_of(&cur),
-                    };
-                    return Err(self.conflict_or(&cur, e));
+                    return Err(self.prepared_conflict(&cur).unwrap_or_else(|| {
+                        FileOpError::NotADirectory {
+                            path: self.inner_of(&cur),
+                        }
+                    }));
                 }
                 Err(e) if is_absent(&e) => missing.push(cur.clone()),
                 Err(e) => return Err(e.into()),
@@ -1018,21 +1019,17 @@ impl Copier<'_> {
     }
 
     /// With a prepared upper: the error for an existing `host` of the
-    /// wrong type when the previous result put it there (else `other`, the
-    /// error a fresh upper gives).
-    fn conflict_or(&self, host: &Path, other: FileOpError) -> FileOpError {
+    /// wrong type when the previous result put it there (a fresh upper
+    /// would not have it); `None` when it comes from the parent layers.
+    fn prepared_conflict(&self, host: &Path) -> Option<FileOpError> {
         let prepared = self
             .reuse
             .filter(|r| r.prepared)
             .zip(self.rel_of(host))
             .is_some_and(|(r, rel)| fs_err::symlink_metadata(r.upper.join(rel)).is_ok());
-        if prepared {
-            FileOpError::PreparedConflict {
-                path: self.inner_of(host),
-            }
-        } else {
-            other
-        }
+        prepared.then(|| FileOpError::PreparedConflict {
+            path: self.inner_of(host),
+        })
     }
 
     /// Path of `target` below the destination root, as the memo keys it.
@@ -1149,9 +1146,7 @@ impl Copier<'_> {
             Ok(m) if m.file_type().is_symlink() => {
                 // A link the previous result made is not followed: a fresh
                 // upper would not have it.
-                if let e @ FileOpError::PreparedConflict { .. } =
-                    self.conflict_or(target, FileOpError::Io(io::Error::other("")))
-                {
+                if let Some(e) = self.prepared_conflict(target) {
                     return Err(e);
                 }
                 let inner = self.inner_of(target);
@@ -1162,12 +1157,13 @@ impl Copier<'_> {
                     Err(FileOpError::NotADirectory { path: inner })
                 }
             }
-            Ok(_) => Err(self.conflict_or(
-                target,
-                FileOpError::NotADirectory {
-                    path: self.inner_of(target),
-                },
-            )),
+            Ok(_) => {
+                Err(self
+                    .prepared_conflict(target)
+                    .unwrap_or_else(|| FileOpError::NotADirectory {
+                        path: self.inner_of(target),
+                    }))
+            }
         }
     }
 
@@ -1177,12 +1173,11 @@ impl Copier<'_> {
         match fs_err::symlink_metadata(target) {
             Err(e) if is_absent(&e) => Ok(()),
             Err(e) => Err(e.into()),
-            Ok(m) if m.is_dir() => Err(self.conflict_or(
-                target,
+            Ok(m) if m.is_dir() => Err(self.prepared_conflict(target).unwrap_or_else(|| {
                 FileOpError::ReplaceDirWithFile {
                     path: self.inner_of(target),
-                },
-            )),
+                }
+            })),
             Ok(_) => Ok(fs_err::remove_file(target)?),
         }
     }
