@@ -1835,6 +1835,99 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     a.assert_clean();
 }
 
+/// Two builds of one COPY at once, when the last build left a clone for
+/// the next: one of them takes it, the other copies as usual; both make
+/// the layer a clean store makes, and the store checks clean.
+#[test]
+fn two_builds_at_once_share_one_prepared_clone_safely() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-race");
+    for d in 0..4 {
+        for f in 0..40 {
+            let p = ctx.join(format!("tree/d{d}/f{f}.txt"));
+            fs_err::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs_err::write(&p, format!("{d}/{f}\n")).expect("write");
+        }
+    }
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY tree/ /app/\nRUN ls -R /app | wc -l\n",
+    )
+    .expect("dockerfile");
+    let build = |env: &Env| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--root")
+            .arg(env.store())
+            .args(["build", "--progress=plain", "--network=none"])
+            .arg(&ctx)
+            .env_remove("KILN_ROOT")
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .env("KILN_TIMINGS", "1");
+        c
+    };
+    let run = |env: &Env| {
+        let o = build(env).output().expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        (text(&o.stderr), text(&o.stdout).trim().to_owned())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    run(&env);
+    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited\n").expect("edit");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The second run of the COPY leaves a clone for the third.
+    run(&env);
+    assert!(
+        env.store()
+            .join("copy-memo/prepared")
+            .read_dir()
+            .expect("clones")
+            .count()
+            == 1
+    );
+    fs_err::write(ctx.join("tree/d2/f2.txt"), "edited too\n").expect("edit");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            build(&env)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    // (The second may find a clone the first made meanwhile: at least one.)
+    assert!(
+        outs.iter()
+            .any(|o| text(&o.stderr).contains("upper prepared by the last run")),
+        "{}",
+        text(&outs[0].stderr)
+    );
+    let ids: Vec<String> = outs
+        .iter()
+        .map(|o| text(&o.stdout).trim().to_owned())
+        .collect();
+    let clean = Env::new();
+    let (_, clean_id) = run(&clean);
+    assert_eq!(
+        ids,
+        vec![clean_id.clone(), clean_id],
+        "the same image as a clean store's"
+    );
+    let o = env.kiln(&["system", "check", "--verify"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    env.assert_clean();
+}
+
 #[test]
 fn copy_from_a_stage_links_its_files_and_later_writes_copy_up() {
     use std::os::unix::fs::MetadataExt as _;
