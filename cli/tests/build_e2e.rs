@@ -1928,6 +1928,64 @@ fn two_builds_at_once_share_one_prepared_clone_safely() {
     env.assert_clean();
 }
 
+/// A COPY of two sources that write one path: a prepared clone is no
+/// start (the later source's file would be kept over the earlier one's
+/// copy), so the copy starts afresh and gives a clean store's layer.
+#[test]
+fn a_copy_of_several_sources_does_not_start_from_a_clone() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-two");
+    for (d, body) in [("a", "from a\n"), ("b", "from b\n")] {
+        fs_err::create_dir_all(ctx.join(d)).expect("mkdir");
+        fs_err::write(ctx.join(d).join("same.txt"), body).expect("write");
+        fs_err::write(ctx.join(d).join(format!("only-{d}.txt")), body).expect("write");
+    }
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY a/ b/ /app/\nRUN cat /app/same.txt\n",
+    )
+    .expect("dockerfile");
+    let build = |env: &Env| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(env.store())
+            .args(["build", "--progress=plain", "--network=none", "-t", "two"])
+            .arg(&ctx)
+            .env_remove("KILN_ROOT")
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .env("KILN_TIMINGS", "1")
+            .output()
+            .expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    for i in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        fs_err::write(ctx.join("a/only-a.txt"), format!("edit {i}\n")).expect("edit");
+        let p = build(&env);
+        if i == 2 {
+            assert!(p.contains("upper prepared by the last run"), "{p}");
+            assert!(p.contains("the prepared upper conflicts"), "{p}");
+        }
+    }
+    let clean = Env::new();
+    build(&clean);
+    assert_eq!(layer_of(&env, "two", 1), layer_of(&clean, "two", 1));
+    let o = env.kiln(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "two",
+        "cat",
+        "/app/same.txt",
+    ]);
+    assert_eq!(text(&o.stdout), "from b\n");
+    env.assert_clean();
+}
+
 #[test]
 fn copy_from_a_stage_links_its_files_and_later_writes_copy_up() {
     use std::os::unix::fs::MetadataExt as _;

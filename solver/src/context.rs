@@ -175,6 +175,18 @@ pub struct BuildContext {
     /// Content digests of the files of the top layer of a stage (see
     /// [`BuildContext::with_top_layer_digests`]).
     top_layer: Option<std::sync::Arc<kiln_cache::ContentDigests>>,
+    /// The regular files the checksums found, if kept (see
+    /// [`BuildContext::with_seen_files`]).
+    seen: Option<HashMap<String, SeenFile>>,
+}
+
+/// A regular file of the context as a checksum's `lstat` found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenFile {
+    /// Its identity (see [`crate::fileop::FileIdentity`]).
+    pub id: crate::fileop::FileIdentity,
+    /// Its link count.
+    pub nlink: u64,
 }
 
 impl BuildContext {
@@ -190,6 +202,7 @@ impl BuildContext {
             threads: default_threads(),
             map_big_files: false,
             top_layer: None,
+            seen: None,
         }
     }
 
@@ -248,6 +261,20 @@ impl BuildContext {
         self
     }
 
+    /// Keep each regular file's identity as the checksums `lstat` it, by
+    /// context-relative path (see [`BuildContext::take_seen_files`]): a
+    /// COPY from a prepared upper then need not `lstat` it again.
+    pub fn with_seen_files(mut self) -> Self {
+        self.seen = Some(HashMap::new());
+        self
+    }
+
+    /// The files the checksums so far found (empty unless
+    /// [`BuildContext::with_seen_files`]).
+    pub fn take_seen_files(&mut self) -> HashMap<String, SeenFile> {
+        self.seen.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// The context directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -296,6 +323,7 @@ impl BuildContext {
             racy_window_ns: self.racy_window_ns,
             map_big_files: self.map_big_files,
             top_layer: self.top_layer.as_deref(),
+            record_seen: self.seen.is_some(),
         };
         let mut st = WorkerState::new(std::mem::take(&mut self.buf));
         let result = walker.sources(&self.root, &sources, self.threads, &mut st);
@@ -304,6 +332,9 @@ impl BuildContext {
         self.stats.bytes += st.stats.bytes;
         self.stats.from_layer += st.stats.from_layer;
         self.buf = std::mem::take(&mut st.buf);
+        if let Some(seen) = &mut self.seen {
+            seen.extend(st.seen.drain(..));
+        }
         if let Some(c) = &mut self.stat_cache {
             c.apply(std::mem::take(&mut st.updates));
         }
@@ -356,6 +387,9 @@ struct WorkerState {
     /// A skipped (ignored or excluded) directory was walked for a `!`
     /// exception: included entries may lack their parents.
     skipped_walked: bool,
+    /// Regular files as `lstat` found them (see
+    /// [`BuildContext::with_seen_files`]).
+    seen: Vec<(String, SeenFile)>,
 }
 
 impl WorkerState {
@@ -368,6 +402,7 @@ impl WorkerState {
             pending: Vec::new(),
             stats: HashStats::default(),
             skipped_walked: false,
+            seen: Vec::new(),
         }
     }
 
@@ -392,6 +427,7 @@ struct Walker<'a> {
     racy_window_ns: i64,
     map_big_files: bool,
     top_layer: Option<&'a kiln_cache::ContentDigests>,
+    record_seen: bool,
 }
 
 /// The stat cache's directory key of a context-relative path: its parent
@@ -597,6 +633,7 @@ impl Walker<'_> {
                     st.stats.bytes += hs.stats.bytes;
                     st.stats.from_layer += hs.stats.from_layer;
                     st.skipped_walked |= hs.skipped_walked;
+                    st.seen.append(&mut hs.seen);
                 }
                 // A panic in a helper is a bug: pass it on.
                 Err(p) => std::panic::resume_unwind(p),
@@ -754,6 +791,15 @@ impl Walker<'_> {
         } else {
             None
         };
+        if kind == EntryType::File && self.record_seen {
+            st.seen.push((
+                rel.clone(),
+                SeenFile {
+                    id: crate::fileop::FileIdentity::of(meta),
+                    nlink: meta.nlink(),
+                },
+            ));
+        }
         let (content, xattrs) = if kind == EntryType::File {
             let stat = StatKey::of(meta);
             match cached {

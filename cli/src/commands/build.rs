@@ -404,7 +404,9 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         anyhow::Error::new(e).context(format!("opening `{}`", path.display()))
     })?;
     let stat_cache = StatCache::with_db(cache_db.clone())?;
-    let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
+    let mut ctx = BuildContext::open(&context_dir, &df_path)?
+        .with_stat_cache(stat_cache)?
+        .with_seen_files();
     kiln_cache::timing::mark("ctx open");
     let keys = compute_keys(&graph, Some(&mut ctx)).map_err(|e| {
         // Name the Dockerfile line of the step whose context files failed.
@@ -458,6 +460,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
                 NetworkArg::Host | NetworkArg::Default => DefaultNetwork::Host,
             },
             source_date_epoch: epoch,
+            context_files: Arc::new(ctx.take_seen_files()),
         },
     )
     .with_cache_db(cache_db);

@@ -90,6 +90,14 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         .filter(|s| matches!(s, Source::Heredoc { .. }))
         .count();
     let total = entries.len() + urls.len() + heredocs;
+    // A prepared upper is only for one source: with more, a path could be
+    // written twice, and what the upper held there is no longer the
+    // previous result's.
+    if total != 1 && op.reuse.as_deref().is_some_and(|r| r.prepared) {
+        return Err(FileOpError::PreparedConflict {
+            path: op.dest.clone(),
+        });
+    }
     if total > 1 && !dest_is_dir && !op.parents {
         let existing = resolve(dest_root, &dest_abs, true)?;
         if !fs_err::metadata(&existing.host).is_ok_and(|m| m.is_dir()) {
@@ -884,7 +892,6 @@ impl Copier<'_> {
                 self.seen_dirs.push(rel.to_owned());
             }
             for (name, entry) in children {
-                let child_meta = entry.metadata()?;
                 let n = name.to_string_lossy();
                 let child_comps = if comps.is_empty() {
                     n.to_string()
@@ -896,6 +903,20 @@ impl Copier<'_> {
                 } else {
                     format!("{src_rel}/{n}")
                 };
+                if whose == SourceKindFor::Op
+                    && entry.file_type().is_ok_and(|t| t.is_file())
+                    && let Some(seen) = self.seen_unchanged(&child_rel)
+                {
+                    // Skipped as the full path would skip it, or kept as the
+                    // previous result has it: no `lstat`. (A changed file
+                    // takes the full path.)
+                    if self.excluded(&child_comps, &child_rel, whose)
+                        || self.keep_prepared_as(&dir.join(&name), seen)
+                    {
+                        continue;
+                    }
+                }
+                let child_meta = entry.metadata()?;
                 self.copy_entry(
                     &src.join(&name),
                     &child_rel,
@@ -1000,13 +1021,17 @@ impl Copier<'_> {
     /// file for an unchanged source (then it is left as it is, and counts
     /// as linked).
     fn keep_prepared(&mut self, target: &Path, meta: &Metadata) -> bool {
+        self.keep_prepared_as(target, FileIdentity::of(meta))
+    }
+
+    /// [`Copier::keep_prepared`] for a source in the state `id`.
+    fn keep_prepared_as(&mut self, target: &Path, id: FileIdentity) -> bool {
         let Some(reuse) = self.reuse.filter(|r| r.prepared && r.remember) else {
             return false;
         };
         let Some(rel) = self.rel_of(target) else {
             return false;
         };
-        let id = FileIdentity::of(meta);
         if !reuse.rememberable(&id) || reuse.previous(rel, &id).is_none() {
             return false;
         }
@@ -1016,6 +1041,25 @@ impl Copier<'_> {
         self.report.push(inner, EntryKind::File);
         self.linked.insert(target.to_path_buf());
         true
+    }
+
+    /// With a prepared upper and the key checksums' `lstat`s: the state
+    /// they found the regular source file `src_rel` in, when it has one
+    /// link and is as the previous copy remembered it at the same path
+    /// below the destination (then [`Copier::keep_prepared_as`] keeps it).
+    fn seen_unchanged(&self, src_rel: &str) -> Option<FileIdentity> {
+        let reuse = self.reuse.filter(|r| r.prepared)?;
+        let seen = reuse.seen.as_deref()?.get(src_rel)?;
+        (seen.nlink == 1).then_some(seen.id)
+    }
+
+    /// Whether a non-directory at `comps` (below the top-level source) /
+    /// `src_rel` (below the source root) is left out by `--exclude` or
+    /// the `.dockerignore`, as [`Copier::copy_entry`] decides.
+    fn excluded(&self, comps: &str, src_rel: &str, whose: SourceKindFor) -> bool {
+        !comps.is_empty()
+            && (self.exclude.as_ref().is_some_and(|m| m.matches(comps))
+                || (whose == SourceKindFor::Op && self.ignore.is_some_and(|m| m.matches(src_rel))))
     }
 
     /// With a prepared upper: the error for an existing `host` of the

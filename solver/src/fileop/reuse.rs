@@ -119,6 +119,10 @@ pub struct Reuse {
     /// changed one replaced, and what the sources no longer have is
     /// removed from `upper` at the end.
     pub prepared: bool,
+    /// With `prepared`: the source files as the build's key checksums
+    /// `lstat`ed them, by path below the source root; a file found here
+    /// unchanged is kept without another `lstat`.
+    pub seen: Option<std::sync::Arc<std::collections::HashMap<String, crate::context::SeenFile>>>,
 }
 
 /// Changes within this long before a copy starts may share a clock tick
@@ -147,6 +151,7 @@ impl Reuse {
             upper,
             racy_after_ns: i128::try_from(now.as_nanos()).unwrap_or(i128::MAX),
             prepared: false,
+            seen: None,
         }
     }
 

@@ -107,6 +107,9 @@ pub struct RunnerOptions {
     pub network: DefaultNetwork,
     /// `SOURCE_DATE_EPOCH`: layer mtimes are clamped to it.
     pub source_date_epoch: Option<i64>,
+    /// The context's regular files as the key checksums found them (see
+    /// [`crate::context::BuildContext::with_seen_files`]).
+    pub context_files: Arc<HashMap<String, crate::context::SeenFile>>,
 }
 
 /// Why a step failed.
@@ -803,10 +806,19 @@ impl StoreRunner {
                     if prepared {
                         kiln_cache::timing::mark("copy: upper prepared by the last run");
                     }
+                    // The keys' `lstat`s of the context spare the copy its own
+                    // for the files it keeps.
+                    let seen = (prepared && !self.opts.context_files.is_empty())
+                        .then(|| Arc::clone(&self.opts.context_files));
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
                     kiln_cache::timing::mark("copy: mounted");
-                    fop.reuse = linking(merged.upper(), prepared);
+                    fop.reuse = linking(merged.upper(), prepared).map(|mut r| {
+                        if let Some(r) = Arc::get_mut(&mut r) {
+                            r.seen = seen;
+                        }
+                        r
+                    });
                     kiln_cache::timing::mark("copy: memo loaded");
                     match fileop::copy(&src_root, merged.path(), &fop) {
                         Err(FileOpError::PreparedConflict { .. }) => {
