@@ -1672,6 +1672,40 @@ fn layer_of(env: &Env, name: &str, index: usize) -> String {
     img.layers[index].diff_id.to_string()
 }
 
+/// `dirs` x `files` small files under `ctx/tree/d<i>/f<j>.txt`.
+fn write_tree(ctx: &Path, dirs: usize, files: usize) {
+    for d in 0..dirs {
+        for f in 0..files {
+            let p = ctx.join(format!("tree/d{d}/f{f}.txt"));
+            fs_err::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs_err::write(&p, format!("{d}/{f}\n")).expect("write");
+        }
+    }
+}
+
+/// `kiln build` of `ctx` into `env`'s store with a fixed
+/// `SOURCE_DATE_EPOCH` (so two stores give the same layers) and timing
+/// marks, with `extra` arguments.
+fn epoch_build(env: &Env, ctx: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--root")
+        .arg(env.store())
+        .args(["build", "--progress=plain", "--network=none"])
+        .args(extra)
+        .arg(ctx)
+        .env_remove("KILN_ROOT")
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .env("KILN_TIMINGS", "1");
+    c
+}
+
+/// [`epoch_build`], asserting success; the progress (stderr).
+fn epoch_build_ok(env: &Env, ctx: &Path, extra: &[&str]) -> String {
+    let o = epoch_build(env, ctx, extra).output().expect("build");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    text(&o.stderr)
+}
+
 #[test]
 fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -1680,13 +1714,7 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     }
     let a = Env::new();
     let ctx = a.path("ctx-incr");
-    for d in 0..3 {
-        for f in 0..5 {
-            let p = ctx.join(format!("tree/d{d}/f{f}.txt"));
-            fs_err::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            fs_err::write(&p, format!("{d}/{f}\n")).expect("write");
-        }
-    }
+    write_tree(&ctx, 3, 5);
     fs_err::write(
         ctx.join("Dockerfile"),
         "FROM busybox:local\nCOPY tree/ /app/\nRUN cat /app/d1/f1.txt; true\n",
@@ -1694,20 +1722,7 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     .expect("dockerfile");
     // Sources changed within a clock tick of a copy are never remembered.
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let build = |env: &Env| {
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--root")
-            .arg(env.store())
-            .args(["build", "--progress=plain", "--network=none", "-t", "incr"])
-            .arg(&ctx)
-            .env_remove("KILN_ROOT")
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .env("KILN_TIMINGS", "1")
-            .output()
-            .expect("build");
-        assert!(o.status.success(), "{}", text(&o.stderr));
-        text(&o.stderr)
-    };
+    let build = |env: &Env| epoch_build_ok(env, &ctx, &["-t", "incr"]);
     // Whether the COPY started from the clone the previous build made.
     let prepared = |progress: &str| {
         progress
@@ -1845,29 +1860,13 @@ fn two_builds_at_once_share_one_prepared_clone_safely() {
     }
     let env = Env::new();
     let ctx = env.path("ctx-race");
-    for d in 0..4 {
-        for f in 0..40 {
-            let p = ctx.join(format!("tree/d{d}/f{f}.txt"));
-            fs_err::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            fs_err::write(&p, format!("{d}/{f}\n")).expect("write");
-        }
-    }
+    write_tree(&ctx, 4, 40);
     fs_err::write(
         ctx.join("Dockerfile"),
         "FROM busybox:local\nCOPY tree/ /app/\nRUN ls -R /app | wc -l\n",
     )
     .expect("dockerfile");
-    let build = |env: &Env| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        c.arg("--root")
-            .arg(env.store())
-            .args(["build", "--progress=plain", "--network=none"])
-            .arg(&ctx)
-            .env_remove("KILN_ROOT")
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .env("KILN_TIMINGS", "1");
-        c
-    };
+    let build = |env: &Env| epoch_build(env, &ctx, &[]);
     let run = |env: &Env| {
         let o = build(env).output().expect("build");
         assert!(o.status.success(), "{}", text(&o.stderr));
@@ -1948,20 +1947,7 @@ fn a_copy_of_several_sources_does_not_start_from_a_clone() {
         "FROM busybox:local\nCOPY a/ b/ /app/\nRUN cat /app/same.txt\n",
     )
     .expect("dockerfile");
-    let build = |env: &Env| {
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--root")
-            .arg(env.store())
-            .args(["build", "--progress=plain", "--network=none", "-t", "two"])
-            .arg(&ctx)
-            .env_remove("KILN_ROOT")
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .env("KILN_TIMINGS", "1")
-            .output()
-            .expect("build");
-        assert!(o.status.success(), "{}", text(&o.stderr));
-        text(&o.stderr)
-    };
+    let build = |env: &Env| epoch_build_ok(env, &ctx, &["-t", "two"]);
     for i in 0..3 {
         std::thread::sleep(std::time::Duration::from_millis(200));
         fs_err::write(ctx.join("a/only-a.txt"), format!("edit {i}\n")).expect("edit");
