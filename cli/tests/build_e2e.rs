@@ -1927,9 +1927,10 @@ fn two_builds_at_once_share_one_prepared_clone_safely() {
     env.assert_clean();
 }
 
-/// A COPY of two sources that write one path: a prepared clone is no
-/// start (the later source's file would be kept over the earlier one's
-/// copy), so the copy starts afresh and gives a clean store's layer.
+/// A COPY whose one pattern matches two sources that write one path: a
+/// prepared clone is no start (the later source's file would be kept over
+/// the earlier one's copy), so the copy starts afresh and gives a clean
+/// store's layer. (A COPY of two patterns gets no clone at all.)
 #[test]
 fn a_copy_of_several_sources_does_not_start_from_a_clone() {
     if !can_build() {
@@ -1944,7 +1945,7 @@ fn a_copy_of_several_sources_does_not_start_from_a_clone() {
     }
     fs_err::write(
         ctx.join("Dockerfile"),
-        "FROM busybox:local\nCOPY a/ b/ /app/\nRUN cat /app/same.txt\n",
+        "FROM busybox:local\nCOPY [ab] /app/\nRUN cat /app/same.txt\n",
     )
     .expect("dockerfile");
     let build = |env: &Env| epoch_build_ok(env, &ctx, &["-t", "two"]);
@@ -1969,6 +1970,18 @@ fn a_copy_of_several_sources_does_not_start_from_a_clone() {
         "/app/same.txt",
     ]);
     assert_eq!(text(&o.stdout), "from b\n");
+    // Two patterns: no clone is made for the next run.
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY a/ b/ /app/\nRUN cat /app/same.txt\n",
+    )
+    .expect("dockerfile");
+    for i in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        fs_err::write(ctx.join("a/only-a.txt"), format!("again {i}\n")).expect("edit");
+        let p = build(&env);
+        assert!(!p.contains("upper prepared by the last run"), "{p}");
+    }
     env.assert_clean();
 }
 

@@ -866,11 +866,14 @@ impl StoreRunner {
                 });
                 // A COPY run again is likely to run once more (an edit
                 // loop): its result is cloned for that run beside the
-                // steps after it.
+                // steps after it (for one source: see `fileop::copy`).
                 if let (Some(m), Some(top), true) = (
                     &memo,
                     chain.layers.last(),
-                    !c.link && chain.layers.len() > parent.layers.len() && had_memo,
+                    !c.link
+                        && c.sources.len() == 1
+                        && chain.layers.len() > parent.layers.len()
+                        && had_memo,
                 ) {
                     self.prepare_next(m, &top.diff_id);
                 }
