@@ -858,11 +858,14 @@ impl StoreRunner {
                 });
                 let (chain, recorded) = self.commit_reusing(step, &parent, &upper, known)?;
                 drop(retry_dir);
-                // The source's overlay (which the copy walked) goes on a
-                // thread of its own: tearing it down takes milliseconds.
+                // The source's overlay (which the copy walked), the scratch
+                // directory and the copy's lists go on a thread of their
+                // own: tearing them down takes milliseconds.
                 self.later(move || {
                     drop(src_mount);
                     drop(src_dir);
+                    drop(dir);
+                    drop(fop);
                 });
                 // A COPY run again is likely to run once more (an edit
                 // loop): its result is cloned for that run beside the
