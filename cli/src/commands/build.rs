@@ -404,9 +404,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         anyhow::Error::new(e).context(format!("opening `{}`", path.display()))
     })?;
     let stat_cache = StatCache::with_db(cache_db.clone())?;
-    let mut ctx = BuildContext::open(&context_dir, &df_path)?
-        .with_stat_cache(stat_cache)?
-        .with_seen_files();
+    let mut ctx = BuildContext::open(&context_dir, &df_path)?.with_stat_cache(stat_cache)?;
+    // A COPY starting from a clone takes the keys' `lstat`s of its files:
+    // kept only when some clone waits (never on a cold build).
+    if kiln_solver::runner::has_prepared_copies(&store) {
+        ctx = ctx.with_seen_files();
+    }
     kiln_cache::timing::mark("ctx open");
     let keys = compute_keys(&graph, Some(&mut ctx)).map_err(|e| {
         // Name the Dockerfile line of the step whose context files failed.

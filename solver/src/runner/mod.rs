@@ -34,7 +34,10 @@ use crate::remote_cache::{ImportedCache, RemoteCacheError};
 use crate::solve::{Step, StepRunner};
 
 pub use mount::{MergedMount, MountError};
-pub use reuse::{clear_memos as clear_copy_memos, clear_prepared as clear_prepared_copies};
+pub use reuse::{
+    clear_memos as clear_copy_memos, clear_prepared as clear_prepared_copies,
+    has_prepared as has_prepared_copies,
+};
 pub use run::RunFailure;
 
 /// A filesystem: its layers, lowest first.
@@ -365,13 +368,7 @@ impl StoreRunner {
     /// [`StoreRunner::finish`] (or dropping the runner) waits for it. If no
     /// thread starts, `f` is dropped here, which does the clean-up.
     fn later(&self, f: impl FnOnce() + Send + 'static) {
-        if let Ok(handle) = std::thread::Builder::new()
-            .name("clean-up".to_owned())
-            .spawn(f)
-            && let Ok(mut b) = self.background.lock()
-        {
-            b.push(handle);
-        }
+        spawn_onto(&self.background, "clean-up", f);
     }
 
     /// Drops the runner's progress sender (given with
@@ -771,7 +768,7 @@ impl StoreRunner {
                 let prev = loaded.as_ref().and_then(|l| l.prev.clone());
                 let had_memo = loaded.as_ref().is_some_and(|l| l.had_memo);
                 let mut known = None;
-                let mut linking = |upper: &Path, prepared: bool| match loaded.as_mut() {
+                let mut linking = |upper: &Path, prepared: Option<_>| match loaded.as_mut() {
                     Some(l) => {
                         known = l.known.take();
                         Some(l.reuse(upper, prepared))
@@ -791,7 +788,7 @@ impl StoreRunner {
                         path: root.clone(),
                         source,
                     })?;
-                    fop.reuse = linking(&root, false);
+                    fop.reuse = linking(&root, None);
                     let report = fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
                     (root, report)
                 } else {
@@ -808,17 +805,11 @@ impl StoreRunner {
                     }
                     // The keys' `lstat`s of the context spare the copy its own
                     // for the files it keeps.
-                    let seen = (prepared && !self.opts.context_files.is_empty())
-                        .then(|| Arc::clone(&self.opts.context_files));
+                    let seen = prepared.then(|| Arc::clone(&self.opts.context_files));
                     let lowers = self.snapshots(&parent)?;
                     let merged = MergedMount::mount(&lowers, dir.path()).map_err(mount_err)?;
                     kiln_cache::timing::mark("copy: mounted");
-                    fop.reuse = linking(merged.upper(), prepared).map(|mut r| {
-                        if let Some(r) = Arc::get_mut(&mut r) {
-                            r.seen = seen;
-                        }
-                        r
-                    });
+                    fop.reuse = linking(merged.upper(), seen);
                     kiln_cache::timing::mark("copy: memo loaded");
                     match fileop::copy(&src_root, merged.path(), &fop) {
                         Err(FileOpError::PreparedConflict { .. }) => {
@@ -830,7 +821,7 @@ impl StoreRunner {
                             let mut again = memo.as_deref().map(|m| reuse::load(&self.store, m));
                             let merged =
                                 MergedMount::mount(&lowers, fresh.path()).map_err(mount_err)?;
-                            fop.reuse = again.as_mut().map(|l| l.reuse(merged.upper(), false));
+                            fop.reuse = again.as_mut().map(|l| l.reuse(merged.upper(), None));
                             let report =
                                 fileop::copy(&src_root, merged.path(), &fop).map_err(fo_err)?;
                             let upper = merged.unmount().map_err(mount_err)?;
@@ -898,13 +889,7 @@ impl StoreRunner {
                     // (A thread that cannot start loses the memo: the next
                     // build copies everything, as with a memo it cannot
                     // write.)
-                    if let Ok(handle) = std::thread::Builder::new()
-                        .name("copy-memo".to_owned())
-                        .spawn(save)
-                        && let Ok(mut b) = self.background.lock()
-                    {
-                        b.push(handle);
-                    }
+                    spawn_onto(&self.background, "copy-memo", save);
                     kiln_cache::timing::mark("copy: memo saved");
                 }
                 Ok(chain)
@@ -928,13 +913,7 @@ impl StoreRunner {
             kiln_cache::timing::mark("copy: next run prepared");
             drop(scratch);
         };
-        if let Ok(handle) = std::thread::Builder::new()
-            .name("copy-prepare".to_owned())
-            .spawn(work)
-            && let Ok(mut p) = self.preparing.lock()
-        {
-            p.push(handle);
-        }
+        spawn_onto(&self.preparing, "copy-prepare", work);
     }
 
     fn run_sync(
@@ -1071,6 +1050,20 @@ impl StepRunner for StoreRunner {
                 .await;
         guard.disarm();
         res.unwrap_or(Err(RunnerError::Cancelled { step: name }))
+    }
+}
+
+/// Runs `f` on a thread named `name` whose handle goes on `list` (to be
+/// joined later). If no thread starts, `f` is dropped unrun.
+fn spawn_onto(
+    list: &Mutex<Vec<std::thread::JoinHandle<()>>>,
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) {
+    if let Ok(handle) = std::thread::Builder::new().name(name.to_owned()).spawn(f)
+        && let Ok(mut l) = list.lock()
+    {
+        l.push(handle);
     }
 }
 

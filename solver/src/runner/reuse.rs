@@ -5,6 +5,7 @@
 //! layers, `SOURCE_DATE_EPOCH`). A memo only points at a snapshot; a memo
 //! whose snapshot is gone links nothing.
 
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use kiln_cache::{Digest, KnownFiles, Store};
 use sha2::{Digest as _, Sha256};
 
 use super::Chain;
+use crate::context::SeenFile;
 use crate::fileop::{CopyMemo, Reuse};
 use crate::graph::CopyOp;
 
@@ -89,15 +91,21 @@ pub(super) fn load(store: &Store, memo: &Path) -> Loaded {
 }
 
 impl Loaded {
-    /// The reuse for a copy writing into `upper`; `prepared`: `upper`
-    /// already holds a clone of the previous result (see [`prepare`]).
-    pub(super) fn reuse(&mut self, upper: &Path, prepared: bool) -> Arc<Reuse> {
+    /// The reuse for a copy writing into `upper`. With `prepared`, `upper`
+    /// already holds a clone of the previous result (see [`prepare`]), and
+    /// the context files as the keys' checksums found them are given.
+    pub(super) fn reuse(
+        &mut self,
+        upper: &Path,
+        prepared: Option<Arc<HashMap<String, SeenFile>>>,
+    ) -> Arc<Reuse> {
         let mut reuse = Reuse::new(
             self.prev.as_ref().map(|(_, dir)| dir.clone()),
             std::mem::take(&mut self.files),
             upper.to_owned(),
         );
-        reuse.prepared = prepared;
+        reuse.prepared = prepared.is_some();
+        reuse.seen = prepared.filter(|s| !s.is_empty());
         Arc::new(reuse)
     }
 }
@@ -124,6 +132,12 @@ pub(super) fn claim_prepared(store: &Store, memo: &Path, diff_id: &Digest, upper
         return false;
     };
     fs_err::rename(prepared_dir(store).join(name), upper).is_ok()
+}
+
+/// Whether any clone waits for a COPY's next run (else no copy can start
+/// from one, and the keys need not keep their `lstat`s for it).
+pub fn has_prepared(store: &Store) -> bool {
+    fs_err::read_dir(prepared_dir(store)).is_ok_and(|mut d| d.next().is_some())
 }
 
 /// Forgets every prepared clone (`kiln prune`): they hold the inodes of
