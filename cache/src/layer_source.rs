@@ -53,6 +53,20 @@ impl Store {
         opts: &WriteOptions,
         known: Option<KnownFiles>,
     ) -> Result<(LayerInfo, Option<KnownFiles>, Option<ContentDigests>)> {
+        self.commit_snapshot_gated(upper, opts, known, || ())
+    }
+
+    /// [`Store::commit_snapshot_reusing`], calling `gate` once the layer is
+    /// hashed and holding what it returns while `upper` is moved (or
+    /// removed) and recorded: for an upper that other mounts may be
+    /// reading from by its path until then.
+    pub fn commit_snapshot_gated<G>(
+        &self,
+        upper: &Path,
+        opts: &WriteOptions,
+        known: Option<KnownFiles>,
+        gate: impl FnOnce() -> G,
+    ) -> Result<(LayerInfo, Option<KnownFiles>, Option<ContentDigests>)> {
         let _lock = self.lock_shared()?;
         if let Some(epoch) = opts.source_date_epoch {
             clamp_mtimes(upper, epoch)?;
@@ -86,6 +100,7 @@ impl Store {
             .finish()
             .map_err(|e| layer_err(LayerError::WriteTar(e)))?;
         crate::timing::mark("layer hashed");
+        let _gate = gate();
         let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;
         if dir.is_dir() {
             let _ = fs_err::remove_dir_all(upper);

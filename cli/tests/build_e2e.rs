@@ -1927,6 +1927,144 @@ fn two_builds_at_once_share_one_prepared_clone_safely() {
     env.assert_clean();
 }
 
+/// Every regular file under `root` (relative path, contents), sorted.
+fn tree_files(root: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs_err::read_dir(&dir).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).expect("under root");
+                out.push((rel.to_string_lossy().into_owned(), read(&p)));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A COPY whose only consumer is a RUN on top of it hands the RUN its
+/// upper while its layer is hashed and committed on a thread of its own,
+/// and clones that upper for its next run meanwhile (no
+/// SOURCE_DATE_EPOCH: the early clone). The RUN sees the new files, each
+/// build's COPY layer is exactly the context, every layer re-hashes to its
+/// diffID, and a failing RUN on a layer being committed leaves nothing.
+#[test]
+fn a_copy_commits_beside_the_run_on_it_and_clones_its_upper_early() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-beside");
+    write_tree(&ctx, 4, 30);
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY tree/ /app/\n\
+         RUN cat /app/d1/f1.txt > /seen && find /app -type f | wc -l > /count\n",
+    )
+    .expect("dockerfile");
+    let build = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(env.store())
+            .args([
+                "build",
+                "--progress=plain",
+                "--network=none",
+                "-t",
+                "beside",
+            ])
+            .arg(&ctx)
+            .env_remove("KILN_ROOT")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .env("KILN_TIMINGS", "1")
+            .output()
+            .expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    let snapshot = |index: usize| {
+        let layer = layer_of(&env, "beside", index);
+        env.store()
+            .join("snapshots")
+            .join(format!("v1-{}", layer.trim_start_matches("sha256:")))
+    };
+    let mark = |progress: &str, what: &str| {
+        progress
+            .lines()
+            .any(|l| l.starts_with("[timing]") && l.ends_with(what))
+    };
+    let check = |progress: &str, f1: &str, files: usize| {
+        // The COPY layer is the context's tree, the RUN saw it.
+        assert_eq!(
+            tree_files(&snapshot(1).join("app")),
+            tree_files(&ctx.join("tree")),
+            "{progress}"
+        );
+        assert_eq!(read(&snapshot(2).join("seen")), f1, "{progress}");
+        assert_eq!(
+            read(&snapshot(2).join("count")).trim(),
+            files.to_string(),
+            "{progress}"
+        );
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let first = build();
+    assert!(mark(&first, "copy: layer committed beside"), "{first}");
+    check(&first, "1/1\n", 120);
+    // The second run has a memo: its upper is cloned for the third.
+    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited\n").expect("edit");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let second = build();
+    assert!(mark(&second, "copy: layer committed beside"), "{second}");
+    assert!(mark(&second, "copy: next run prepared"), "{second}");
+    check(&second, "edited\n", 120);
+    let clones: Vec<_> = fs_err::read_dir(env.store().join("copy-memo/prepared"))
+        .expect("clones")
+        .collect();
+    assert_eq!(clones.len(), 1);
+    // The third starts from that clone: an edit, a file gone, one added.
+    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited again\n").expect("edit");
+    fs_err::remove_file(ctx.join("tree/d3/f7.txt")).expect("rm");
+    fs_err::write(ctx.join("tree/d0/new.txt"), "new\n").expect("add");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let third = build();
+    assert!(mark(&third, "upper prepared by the last run"), "{third}");
+    check(&third, "edited again\n", 120);
+    let o = env.kiln(&["system", "check", "--verify"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    env.assert_clean();
+    // A RUN that fails on a layer still being committed.
+    fs_err::write(ctx.join("tree/d2/f2.txt"), "edited\n").expect("edit");
+    fs_err::write(
+        ctx.join("Dockerfile.fail"),
+        "FROM busybox:local\nCOPY tree/ /app/\nRUN ls /app/d2 && exit 3\n",
+    )
+    .expect("dockerfile");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args(["build", "--progress=plain", "--network=none", "-f"])
+        .arg(ctx.join("Dockerfile.fail"))
+        .arg(&ctx)
+        .env_remove("KILN_ROOT")
+        .output()
+        .expect("build");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("exit code 3"), "{err}");
+    assert!(
+        err.contains("f2.txt"),
+        "the RUN listed the copied files:\n{err}"
+    );
+    env.assert_clean();
+    let o = env.kiln(&["system", "check", "--verify"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+}
+
 /// A COPY whose one pattern matches two sources that write one path: a
 /// prepared clone is no start (the later source's file would be kept over
 /// the earlier one's copy), so the copy starts afresh and gives a clean

@@ -27,3 +27,18 @@ pub fn tune_allocator() {
         }
     }
 }
+
+/// Puts the calling thread under `SCHED_IDLE`: it runs only on a CPU that
+/// nothing else wants. For a build's background work (cloning a COPY's
+/// result for the next run, writing a memo, tearing down a scratch
+/// directory), which must not take a core from the steps on the build's
+/// critical path (on two cores, a RUN's process and the solver). A thread
+/// that later blocks its caller (a join at the end of a build) still runs:
+/// the waiting caller leaves its CPU free. Returns false if the kernel
+/// refused (the thread keeps its normal policy; nothing else changes).
+pub fn idle_priority() -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads `param` (a valid, live struct) and
+    // changes only the scheduling policy of the calling thread (pid 0).
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 }
+}

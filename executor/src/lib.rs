@@ -64,7 +64,7 @@ mod stubs;
 mod sys;
 mod user;
 
-pub use alloc::tune_allocator;
+pub use alloc::{idle_priority, tune_allocator};
 pub use caps::{DOCKER_DEFAULT_CAPS, docker_default_mask};
 pub use error::{Error, Result};
 pub use helper::{EXEC_ARG, HELPER_ARG, helper_main_if_requested, state_root};

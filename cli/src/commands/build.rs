@@ -528,6 +528,11 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         }
         Err(e) => return Err(e.into()),
     };
+    // Layers committed beside the steps after them (all done once
+    // `finish` returned): their chains.
+    runner
+        .settle_outputs(&mut solved.outputs)
+        .map_err(|e| anyhow::anyhow!("{}", chain_text(&e)))?;
     // The key history (statcache.db) is written while the image is stored
     // (meta.db).
     let (recorded, exported) = std::thread::scope(|scope| {

@@ -16,6 +16,7 @@
 mod content;
 mod hide;
 mod mount;
+mod pending;
 mod reuse;
 mod run;
 
@@ -34,6 +35,7 @@ use crate::remote_cache::{ImportedCache, RemoteCacheError};
 use crate::solve::{Step, StepRunner};
 
 pub use mount::{MergedMount, MountError};
+pub use pending::PendingTop;
 pub use reuse::{
     clear_memos as clear_copy_memos, clear_prepared as clear_prepared_copies,
     has_prepared as has_prepared_copies,
@@ -45,6 +47,10 @@ pub use run::RunFailure;
 pub struct Chain {
     /// The layers (diffIDs and uncompressed sizes).
     pub layers: Vec<ChainLayer>,
+    /// The top layer, while it is being committed (see [`pending`]); its
+    /// entry in `layers` is a placeholder until [`Chain::settled`].
+    #[serde(skip)]
+    pub pending: Option<PendingTop>,
 }
 
 /// One layer of a [`Chain`].
@@ -221,6 +227,15 @@ pub enum RunnerError {
         /// The step.
         step: String,
     },
+    /// The layer of a step, committed beside the steps after it, failed.
+    #[error("the layer of {step} could not be committed")]
+    Committing {
+        /// The step whose layer it is.
+        step: String,
+        /// Why.
+        #[source]
+        source: Arc<RunnerError>,
+    },
 }
 
 fn store_err(what: impl Into<String>) -> impl FnOnce(StoreError) -> RunnerError {
@@ -354,13 +369,35 @@ impl StoreRunner {
 
     /// Waits for the work done for later builds (copy memos) to end.
     pub fn finish(&self) {
-        let handles = match self.background.lock() {
-            Ok(mut b) => std::mem::take(&mut *b),
-            Err(_) => return,
-        };
-        for h in handles {
-            let _ = h.join();
+        // A layer's commit (see `pending`) starts more work for later
+        // builds: wait until none is left.
+        loop {
+            let handles = match self.background.lock() {
+                Ok(mut b) => std::mem::take(&mut *b),
+                Err(_) => return,
+            };
+            if handles.is_empty() {
+                return;
+            }
+            for h in handles {
+                // (The last copy of a runner can be dropped on one of
+                // these threads: it does not wait for itself.)
+                if h.thread().id() != std::thread::current().id() {
+                    let _ = h.join();
+                }
+            }
         }
+    }
+
+    /// Waits for the layers still being committed in `outputs` (see
+    /// [`Chain::settled`]) and puts the committed chains in their place.
+    pub fn settle_outputs<K>(&self, outputs: &mut HashMap<K, Chain>) -> Result<(), RunnerError> {
+        for chain in outputs.values_mut() {
+            if chain.is_pending() {
+                *chain = chain.settled()?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` (a clean-up: an unmount, a scratch directory's removal)
@@ -545,6 +582,9 @@ impl StoreRunner {
 
     /// The snapshot directories of `chain`, lowest first.
     fn snapshots(&self, chain: &Chain) -> Result<Vec<PathBuf>, RunnerError> {
+        if chain.is_pending() {
+            return self.snapshots(&chain.settled()?);
+        }
         chain
             .layers
             .iter()
@@ -607,6 +647,19 @@ impl StoreRunner {
         upper: &Path,
         known: Option<KnownFiles>,
     ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
+        self.commit_gated(step, parent, upper, known, None)
+    }
+
+    /// [`StoreRunner::commit_reusing`] of an upper that RUNs may be
+    /// mounting by its path (see `pending`): moved under its gate.
+    fn commit_gated(
+        &self,
+        step: &Step,
+        parent: &Chain,
+        upper: &Path,
+        known: Option<KnownFiles>,
+        pending: Option<&pending::Pending>,
+    ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
         let empty = fs_err::read_dir(upper)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
@@ -627,7 +680,9 @@ impl StoreRunner {
                 .with_content_digests(digests);
             let (layer, recorded, digests) = self
                 .store
-                .commit_snapshot_reusing(upper, &opts, known)
+                .commit_snapshot_gated(upper, &opts, known, || {
+                    pending.map(pending::Pending::close_gate)
+                })
                 .map_err(store_err(format!(
                     "committing the layer of {}",
                     step.vertex.name
@@ -692,6 +747,7 @@ impl StoreRunner {
                             size: l.size,
                         })
                         .collect(),
+                    pending: None,
                 };
                 if let Ok(mut bases) = self.bases.lock() {
                     bases.insert(id.to_owned(), chain.clone());
@@ -847,54 +903,116 @@ impl StoreRunner {
                     known.absorb(std::mem::take(&mut report.contents));
                     known
                 });
-                let (chain, recorded) = self.commit_reusing(step, &parent, &upper, known)?;
-                drop(retry_dir);
+                let one_source = !c.link && c.sources.len() == 1 && had_memo;
+                let upper_dir = upper.clone();
+                let beside = self.commit_beside(step);
+                // Committed beside the RUNs after it, the upper is cloned
+                // for the next run now, through a descriptor (it is moved
+                // into the store meanwhile), rather than once committed.
+                // (Not with SOURCE_DATE_EPOCH, whose commit changes times.)
+                let early = match &memo {
+                    Some(m) if beside && one_source && self.opts.source_date_epoch.is_none() => {
+                        reuse::open_dir(None, &upper_dir)
+                            .ok()
+                            .map(|fd| (m.clone(), fd))
+                    }
+                    _ => None,
+                };
+                let prepare_after = one_source && early.is_none();
                 // The source's overlay (which the copy walked), the scratch
-                // directory and the copy's lists go on a thread of their
-                // own: tearing them down takes milliseconds.
-                self.later(move || {
+                // directory and the copy's lists: tearing them down takes
+                // milliseconds, done off the critical path.
+                let teardown = move || {
+                    drop(retry_dir);
                     drop(src_mount);
                     drop(src_dir);
                     drop(dir);
                     drop(fop);
-                });
-                // A COPY run again is likely to run once more (an edit
-                // loop): its result is cloned for that run beside the
-                // steps after it (for one source: see `fileop::copy`).
-                if let (Some(m), Some(top), true) = (
-                    &memo,
-                    chain.layers.last(),
-                    !c.link
-                        && c.sources.len() == 1
-                        && chain.layers.len() > parent.layers.len()
-                        && had_memo,
-                ) {
-                    self.prepare_next(m, &top.diff_id);
-                }
-                if let Some(memo) = memo {
-                    // Only the next build reads it: written beside the next
-                    // steps (see `StoreRunner::finish`).
-                    let (parent, chain2) = (parent.clone(), chain.clone());
-                    let temp_dir = self.store.root().join("tmp");
-                    let save = move || {
-                        reuse::save(
-                            &memo,
-                            &temp_dir,
-                            &parent,
-                            &chain2,
-                            report,
-                            recorded.unwrap_or_default(),
-                        );
+                };
+                let tail = move |this: &StoreRunner,
+                                 step: &Step,
+                                 parent: &Chain,
+                                 pending: Option<&pending::Pending>|
+                      -> Result<Chain, RunnerError> {
+                    let (chain, recorded) =
+                        this.commit_gated(step, parent, &upper, known, pending)?;
+                    // A COPY run again is likely to run once more (an edit
+                    // loop): its result is cloned for that run beside the
+                    // steps after it (for one source: see `fileop::copy`).
+                    if let (Some(m), Some(top), true) = (
+                        &memo,
+                        chain.layers.last(),
+                        prepare_after && chain.layers.len() > parent.layers.len(),
+                    ) {
+                        this.prepare_next(m, &top.diff_id);
+                    }
+                    if let Some(memo) = memo {
+                        // Only the next build reads it: written beside the
+                        // next steps (see `StoreRunner::finish`).
+                        let (parent, chain2) = (parent.clone(), chain.clone());
+                        let temp_dir = this.store.root().join("tmp");
+                        let save = move || {
+                            reuse::save(
+                                &memo,
+                                &temp_dir,
+                                &parent,
+                                &chain2,
+                                report,
+                                recorded.unwrap_or_default(),
+                            );
+                        };
+                        // (A thread that cannot start loses the memo: the
+                        // next build copies everything, as with a memo it
+                        // cannot write.)
+                        spawn_onto(&this.background, "copy-memo", save);
+                        kiln_cache::timing::mark("copy: memo saved");
+                    }
+                    Ok(chain)
+                };
+                if beside {
+                    // Only RUNs build on this result: they start on the
+                    // upper while its layer is hashed (see `pending`).
+                    let pending = pending::Pending::new(step.vertex.name.clone(), upper_dir);
+                    if let Some((m, fd)) = early {
+                        self.prepare_early(m, fd, Arc::clone(&pending), parent.layers.len());
+                    }
+                    let setter = pending::Setter(Arc::clone(&pending));
+                    let (this, step2, parent2) = (self.light(), step.clone(), parent.clone());
+                    let work = move || {
+                        let r = tail(&this, &step2, &parent2, Some(&setter.0));
+                        drop(this);
+                        let p = Arc::clone(&setter.0);
+                        setter.set(r);
+                        // A RUN may still read the scratch directory's
+                        // upper (an empty one stays there).
+                        let _gate = p.close_gate();
+                        teardown();
                     };
-                    // (A thread that cannot start loses the memo: the next
-                    // build copies everything, as with a memo it cannot
-                    // write.)
-                    spawn_onto(&self.background, "copy-memo", save);
-                    kiln_cache::timing::mark("copy: memo saved");
+                    spawn_with(&self.background, "layer-commit", false, work);
+                    kiln_cache::timing::mark("copy: layer committed beside");
+                    return Ok(Chain::with_pending(&parent, pending));
                 }
+                let chain = tail(self, step, &parent, None)?;
+                self.later(teardown);
                 Ok(chain)
             }
         }
+    }
+
+    /// Whether a COPY's layer is committed beside the steps after it: when
+    /// every step that reads its result is a RUN on top of it.
+    fn commit_beside(&self, step: &Step) -> bool {
+        use petgraph::visit::EdgeRef as _;
+        let mut consumers = self
+            .graph
+            .graph
+            .edges_directed(step.id, petgraph::Direction::Outgoing)
+            .peekable();
+        consumers.peek().is_some()
+            && consumers.all(|e| {
+                *e.weight() == Edge::Parent
+                    && matches!(self.graph.graph[e.target()].op, Op::Exec(_))
+            })
     }
 
     /// Starts cloning the snapshot of `diff_id` for the next run of the
@@ -916,6 +1034,49 @@ impl StoreRunner {
         spawn_onto(&self.preparing, "copy-prepare", work);
     }
 
+    /// [`StoreRunner::prepare_next`] of a COPY whose layer is committed
+    /// beside the steps after it: clones its upper (`src`, open) now, and
+    /// leaves the clone for the next run once the layer is committed, if
+    /// the upper became its snapshot (a layer the store had already
+    /// makes the upper go instead: the clone may miss files then).
+    fn prepare_early(
+        &self,
+        memo: PathBuf,
+        src: std::os::fd::OwnedFd,
+        pending: Arc<pending::Pending>,
+        below: usize,
+    ) {
+        let Ok(scratch) = self.scratch("prep-") else {
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let work = move || {
+            use std::os::unix::fs::MetadataExt as _;
+            let Ok(ino) = std::fs::File::from(src.try_clone().ok()?)
+                .metadata()
+                .map(|m| (m.dev(), m.ino()))
+            else {
+                return None;
+            };
+            if !reuse::clone_for_next(src, scratch.path()).ok()? {
+                return None;
+            }
+            let chain = pending.wait().ok()?;
+            let top = chain.layers.get(below)?;
+            let snapshot = fs_err::metadata(store.snapshot_dir(&top.diff_id)?).ok()?;
+            if (snapshot.dev(), snapshot.ino()) != ino {
+                return None;
+            }
+            let _ = reuse::publish(&store, &memo, &top.diff_id, scratch.path());
+            kiln_cache::timing::mark("copy: next run prepared");
+            drop(scratch);
+            Some(())
+        };
+        spawn_onto(&self.preparing, "copy-prepare", move || {
+            let _ = work();
+        });
+    }
+
     fn run_sync(
         &self,
         step: &Step,
@@ -923,6 +1084,22 @@ impl StoreRunner {
         progress: &Progress,
         cancel: &run::CancelHandle,
     ) -> Result<Chain, RunnerError> {
+        // Only a RUN starts on a parent whose top layer is still being
+        // committed (see `pending`): every other input is waited for.
+        let keep_pending = matches!(step.vertex.op, Op::Exec(_))
+            && matches!(self.graph.inputs(step.id).first(), Some((_, Edge::Parent)));
+        let settled: Vec<Chain> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 && keep_pending {
+                    Ok(c.clone())
+                } else {
+                    c.settled()
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let inputs = settled.as_slice();
         match &step.vertex.op {
             Op::Source(src) => self.source(step, src),
             Op::StageRef { .. } => {
@@ -974,6 +1151,7 @@ impl StepRunner for StoreRunner {
                         size: *size,
                     })
                     .collect(),
+                pending: None,
             };
             if let Ok(mut h) = self.imported_hits.lock() {
                 h.push((step.key.0.clone(), chain.clone()));
@@ -996,6 +1174,7 @@ impl StepRunner for StoreRunner {
                         size: sizes.get(i).copied().unwrap_or(0),
                     })
                     .collect(),
+                pending: None,
             }
         }))
     }
@@ -1028,9 +1207,15 @@ impl StepRunner for StoreRunner {
     ) -> Result<Option<String>, RunnerError> {
         let this = self.light();
         let (step, inputs) = (step.clone(), inputs.to_vec());
-        tokio::task::spawn_blocking(move || this.content_digest_sync(&step, &inputs))
-            .await
-            .unwrap_or(Ok(None))
+        tokio::task::spawn_blocking(move || {
+            let inputs = inputs
+                .iter()
+                .map(Chain::settled)
+                .collect::<Result<Vec<_>, _>>()?;
+            this.content_digest_sync(&step, &inputs)
+        })
+        .await
+        .unwrap_or(Ok(None))
     }
 
     async fn run(
@@ -1060,6 +1245,24 @@ fn spawn_onto(
     name: &str,
     f: impl FnOnce() + Send + 'static,
 ) {
+    spawn_with(list, name, true, f);
+}
+
+/// [`spawn_onto`]; `idle`: the thread yields to the build's own steps (see
+/// `kiln_executor::idle_priority`), as work for later builds does; work a
+/// step will wait for keeps its priority.
+fn spawn_with(
+    list: &Mutex<Vec<std::thread::JoinHandle<()>>>,
+    name: &str,
+    idle: bool,
+    f: impl FnOnce() + Send + 'static,
+) {
+    let f = move || {
+        if idle {
+            kiln_executor::idle_priority();
+        }
+        f();
+    };
     if let Ok(handle) = std::thread::Builder::new().name(name.to_owned()).spawn(f)
         && let Ok(mut l) = list.lock()
     {

@@ -6,6 +6,7 @@
 //! whose snapshot is gone links nothing.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -180,13 +181,32 @@ pub(super) fn prepare(
     snapshot: &Path,
     scratch: &Path,
 ) -> std::io::Result<bool> {
+    if !clone_for_next(open_dir(None, snapshot)?, scratch)? {
+        return Ok(false);
+    }
+    publish(store, memo, diff_id, scratch)
+}
+
+/// The first half of [`prepare`]: clones the tree of `src` (an open
+/// directory: it may be moved meanwhile, as a COPY's upper becomes its
+/// snapshot) into `scratch/tree`. False when it cannot stand for a fresh
+/// upper (see [`prepare`]).
+pub(super) fn clone_for_next(src: OwnedFd, scratch: &Path) -> std::io::Result<bool> {
+    clone_tree(src, &scratch.join("tree"))
+}
+
+/// The second half of [`prepare`]: leaves `scratch/tree` as the clone of
+/// `diff_id` for the COPY of `memo`, replacing older clones for it.
+pub(super) fn publish(
+    store: &Store,
+    memo: &Path,
+    diff_id: &Digest,
+    scratch: &Path,
+) -> std::io::Result<bool> {
     let Some((prefix, name)) = prepared_name(memo, diff_id) else {
         return Ok(false);
     };
     let tree = scratch.join("tree");
-    if !clone_tree(snapshot, &tree)? {
-        return Ok(false);
-    }
     let dir = prepared_dir(store);
     fs_err::create_dir_all(&dir)?;
     for e in fs_err::read_dir(&dir)?.flatten() {
@@ -200,34 +220,74 @@ pub(super) fn prepare(
     Ok(true)
 }
 
-/// Clones the tree at `src` into `dest` (made here): directories with
-/// their owner, mode, times and xattrs, everything else hard-linked.
-/// False (and `dest` partly made) when `src` holds an overlay whiteout or
-/// an opaque directory.
-fn clone_tree(src: &Path, dest: &Path) -> std::io::Result<bool> {
-    use nix::fcntl::{AtFlags, OFlag, openat};
+/// Opens the directory `path` (relative to `dir` if given), not following
+/// a symlink.
+pub(super) fn open_dir(dir: Option<&OwnedFd>, path: &Path) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    let at = dir.map_or(nix::fcntl::AT_FDCWD, std::os::fd::AsFd::as_fd);
+    openat(
+        at,
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// A directory's metadata, as the clone gives it to its copy.
+struct DirMeta {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    atime: filetime::FileTime,
+    mtime: filetime::FileTime,
+    xattrs: Vec<(std::ffi::OsString, Vec<u8>)>,
+}
+
+/// The metadata of the open directory `fd`; `None` for an opaque one
+/// (which a clone cannot stand for).
+fn dir_meta(fd: &OwnedFd) -> std::io::Result<Option<DirMeta>> {
+    use xattr::FileExt as _;
+    let f = std::fs::File::from(fd.try_clone()?);
+    let m = f.metadata()?;
+    let mut xattrs = Vec::new();
+    for name in f.list_xattr()? {
+        let n = name.as_encoded_bytes();
+        if n.starts_with(b"trusted.overlay.") || n.starts_with(b"user.overlay.") {
+            if n.ends_with(b".opaque") {
+                return Ok(None);
+            }
+            continue;
+        }
+        if let Some(v) = f.get_xattr(&name)? {
+            xattrs.push((name, v));
+        }
+    }
+    Ok(Some(DirMeta {
+        uid: m.uid(),
+        gid: m.gid(),
+        mode: m.mode() & 0o7777,
+        atime: filetime::FileTime::from_last_access_time(&m),
+        mtime: filetime::FileTime::from_last_modification_time(&m),
+        xattrs,
+    }))
+}
+
+/// Clones the tree of the open directory `src` into `dest` (made here):
+/// directories with their owner, mode, times and xattrs, everything else
+/// hard-linked. Works through file descriptors only, so `src` may be
+/// renamed meanwhile. False (and `dest` partly made) when `src` holds an
+/// overlay whiteout or an opaque directory.
+fn clone_tree(src: OwnedFd, dest: &Path) -> std::io::Result<bool> {
+    use nix::fcntl::AtFlags;
     use nix::sys::stat::{Mode, fstatat};
     fs_err::create_dir(dest)?;
-    let open_dir = |dir: Option<&std::os::fd::OwnedFd>, path: &Path| {
-        let at = dir.map_or(nix::fcntl::AT_FDCWD, |d| std::os::fd::AsFd::as_fd(d));
-        openat(
-            at,
-            path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        )
-        .map_err(std::io::Error::from)
-    };
-    // (source dir fd, dest dir fd, source path, dest path)
-    let mut stack = vec![(
-        open_dir(None, src)?,
-        open_dir(None, dest)?,
-        src.to_path_buf(),
-        dest.to_path_buf(),
-    )];
+    // (source dir fd, dest dir fd, dest path)
+    let mut stack = vec![(src, open_dir(None, dest)?, dest.to_path_buf())];
     // Directories whose metadata is set once their entries are in.
-    let mut finish: Vec<(PathBuf, PathBuf)> = Vec::new();
-    while let Some((sfd, dfd, spath, dpath)) = stack.pop() {
+    let mut finish: Vec<(PathBuf, DirMeta)> = Vec::new();
+    while let Some((sfd, dfd, dpath)) = stack.pop() {
         let mut d = nix::dir::Dir::from_fd(sfd.try_clone()?)?;
         let mut subdirs = Vec::new();
         for entry in d.iter() {
@@ -262,39 +322,24 @@ fn clone_tree(src: &Path, dest: &Path) -> std::io::Result<bool> {
         }
         for name in subdirs {
             let os = std::ffi::OsStr::from_bytes(name.to_bytes());
-            let (s, t) = (spath.join(os), dpath.join(os));
+            let t = dpath.join(os);
+            let sub = open_dir(Some(&sfd), Path::new(os))?;
+            let Some(meta) = dir_meta(&sub)? else {
+                return Ok(false);
+            };
             nix::sys::stat::mkdirat(&dfd, name.as_c_str(), Mode::from_bits_truncate(0o700))?;
-            stack.push((
-                open_dir(Some(&sfd), Path::new(os))?,
-                open_dir(Some(&dfd), Path::new(os))?,
-                s.clone(),
-                t.clone(),
-            ));
-            finish.push((s, t));
+            stack.push((sub, open_dir(Some(&dfd), Path::new(os))?, t.clone()));
+            finish.push((t, meta));
         }
     }
     // Deepest first, so a parent's mtime is set after its children's.
-    for (s, t) in finish.iter().rev() {
-        let m = fs_err::symlink_metadata(s)?;
-        for name in xattr::list(s)? {
-            let n = name.as_encoded_bytes();
-            if n.starts_with(b"trusted.overlay.") || n.starts_with(b"user.overlay.") {
-                if n.ends_with(b".opaque") {
-                    return Ok(false);
-                }
-                continue;
-            }
-            if let Some(v) = xattr::get(s, &name)? {
-                xattr::set(t, &name, &v)?;
-            }
+    for (t, m) in finish.iter().rev() {
+        for (name, v) in &m.xattrs {
+            xattr::set(t, name, v)?;
         }
-        std::os::unix::fs::lchown(t, Some(m.uid()), Some(m.gid()))?;
-        fs_err::set_permissions(t, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
-        filetime::set_symlink_file_times(
-            t,
-            filetime::FileTime::from_last_access_time(&m),
-            filetime::FileTime::from_last_modification_time(&m),
-        )?;
+        std::os::unix::fs::lchown(t, Some(m.uid), Some(m.gid))?;
+        fs_err::set_permissions(t, std::fs::Permissions::from_mode(m.mode))?;
+        filetime::set_symlink_file_times(t, m.atime, m.mtime)?;
     }
     Ok(true)
 }
@@ -363,7 +408,13 @@ mod tests {
             filetime::set_file_times(src.join(d), t, t).unwrap_or_else(|e| panic!("{e}"));
         }
         let dest = tmp.path().join("dest");
-        assert!(clone_tree(&src, &dest).unwrap_or_else(|e| panic!("{e}")));
+        // Opened, then moved (as a COPY's upper becomes its snapshot while
+        // it is cloned): the clone goes by the descriptor.
+        let fd = open_dir(None, &src).unwrap_or_else(|e| panic!("{e}"));
+        let moved = tmp.path().join("moved");
+        fs_err::rename(&src, &moved).unwrap_or_else(|e| panic!("{e}"));
+        let src = moved;
+        assert!(clone_tree(fd, &dest).unwrap_or_else(|e| panic!("{e}")));
         let m = |p: &Path| fs_err::symlink_metadata(p).unwrap_or_else(|e| panic!("{e}"));
         for f in ["a/b/f", "a/l"] {
             assert_eq!(
@@ -406,10 +457,28 @@ mod tests {
             0,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert!(!clone_tree(&src, &tmp.path().join("c1")).unwrap_or_else(|e| panic!("{e}")));
+        assert!(
+            !clone_tree(
+                open_dir(None, &src).unwrap_or_else(|e| panic!("{e}")),
+                &tmp.path().join("c1")
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        );
         fs_err::remove_file(src.join("d/gone")).unwrap_or_else(|e| panic!("{e}"));
-        assert!(clone_tree(&src, &tmp.path().join("c2")).unwrap_or_else(|e| panic!("{e}")));
+        assert!(
+            clone_tree(
+                open_dir(None, &src).unwrap_or_else(|e| panic!("{e}")),
+                &tmp.path().join("c2")
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        );
         xattr::set(src.join("d"), "trusted.overlay.opaque", b"y").unwrap_or_else(|e| panic!("{e}"));
-        assert!(!clone_tree(&src, &tmp.path().join("c3")).unwrap_or_else(|e| panic!("{e}")));
+        assert!(
+            !clone_tree(
+                open_dir(None, &src).unwrap_or_else(|e| panic!("{e}")),
+                &tmp.path().join("c3")
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        );
     }
 }

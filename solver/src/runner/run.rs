@@ -167,7 +167,9 @@ impl StoreRunner {
         let line = self.line_of(step.id);
         let name = step.vertex.name.clone();
         let parent = self.parent_chain(step, inputs);
-        let lowers = self.snapshots(&parent)?;
+        // The parent's top layer may still be being committed: then its
+        // upper is mounted, and the gate held until the command is done.
+        let super::pending::Lowers { dirs: lowers, gate } = parent.lowers(|c| self.snapshots(c))?;
         let dir = self.scratch("run-")?;
         let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
         for d in [&upper, &work] {
@@ -469,6 +471,8 @@ impl StoreRunner {
             source,
         })?;
         kiln_cache::timing::mark("run: exited");
+        // The sandbox's overlay went with its mount namespace.
+        drop(gate);
         drop(held);
         drop(secret_files);
         drop(cache_locks);
@@ -495,6 +499,7 @@ impl StoreRunner {
         // Secret and cache mount targets may leave empty stubs; the
         // executor removes those from the upper.
         let _ = PathBuf::new();
+        let parent = parent.settled()?;
         self.commit(step, &parent, &upper)
     }
 }
