@@ -1287,6 +1287,22 @@ pub fn sweep_stale(store: &Store) -> usize {
     let mut removed = 0;
     for e in entries.flatten() {
         let dir = e.path();
+        // A clone being thrown away (`trash-<pid>-<n>`, see
+        // `reuse::discard`) by a build that died meanwhile: never mounted.
+        if let Some(pid) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("trash-"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        {
+            if !Path::new("/proc").join(pid.to_string()).exists()
+                && fs_err::remove_dir_all(&dir).is_ok()
+            {
+                removed += 1;
+            }
+            continue;
+        }
         let Ok(pid) = fs_err::read_to_string(dir.join(OWNER_FILE)) else {
             continue;
         };
@@ -1392,16 +1408,21 @@ mod tests {
         let dead = tmp.join("run-dead");
         let alive = tmp.join("run-alive");
         let foreign = tmp.join("other");
-        for d in [&dead, &alive, &foreign] {
+        // Clones being thrown away by a dead build and by this one.
+        let dead_trash = tmp.join("trash-99999999-0");
+        let live_trash = tmp.join(format!("trash-{}-0", std::process::id()));
+        for d in [&dead, &alive, &foreign, &dead_trash, &live_trash] {
             fs_err::create_dir_all(d.join("upper/x")).unwrap_or_else(|e| panic!("{e}"));
         }
         // pid_max is at most 2^22: this pid cannot be running.
         fs_err::write(dead.join(OWNER_FILE), "99999999").unwrap_or_else(|e| panic!("{e}"));
         fs_err::write(alive.join(OWNER_FILE), std::process::id().to_string())
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(sweep_stale(&store), 1);
+        assert_eq!(sweep_stale(&store), 2);
         assert!(!dead.exists());
+        assert!(!dead_trash.exists());
         assert!(alive.exists());
+        assert!(live_trash.exists(), "a live build's trash is its own");
         assert!(
             foreign.exists(),
             "a directory without an owner file is not ours"
