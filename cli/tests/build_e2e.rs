@@ -1966,26 +1966,7 @@ fn a_copy_commits_beside_the_run_on_it_and_clones_its_upper_early() {
          RUN cat /app/d1/f1.txt > /seen && find /app -type f | wc -l > /count\n",
     )
     .expect("dockerfile");
-    let build = || {
-        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--root")
-            .arg(env.store())
-            .args([
-                "build",
-                "--progress=plain",
-                "--network=none",
-                "-t",
-                "beside",
-            ])
-            .arg(&ctx)
-            .env_remove("KILN_ROOT")
-            .env_remove("SOURCE_DATE_EPOCH")
-            .env("KILN_TIMINGS", "1")
-            .output()
-            .expect("build");
-        assert!(o.status.success(), "{}", text(&o.stderr));
-        text(&o.stderr)
-    };
+    let build = || timed_build(&env, &ctx, &["-t", "beside"]).0;
     let snapshot = |index: usize| {
         let layer = layer_of(&env, "beside", index);
         env.store()
