@@ -662,7 +662,17 @@ fn sigint_cancels_and_leaves_nothing_mounted() {
         return;
     }
     let env = Env::new();
-    let ctx = env.context("cancel");
+    // The RUN starts on the COPY's upper while the 32 MB layer is still
+    // being hashed (see `runner::pending`): it holds that upper when
+    // cancelled, and the commit waits for it.
+    let ctx = env.path("ctx-cancel-big");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        read(&env.context("cancel").join("Dockerfile")).replace("COPY Dockerfile /", "COPY big /"),
+    )
+    .expect("dockerfile");
+    fs_err::write(ctx.join("big"), vec![7u8; 32 << 20]).expect("big");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--root")
         .arg(env.store())
@@ -2044,6 +2054,48 @@ fn a_copy_commits_beside_the_run_on_it_and_clones_its_upper_early() {
     env.assert_clean();
     let o = env.kiln(&["system", "check", "--verify"]);
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+}
+
+/// A RUN whose only consumer is a RUN on top of it is committed beside
+/// that RUN too (at most one pending layer in a chain: each RUN waits for
+/// its parent's commit before its own); the last RUN, read by nothing, is
+/// committed in place. Each RUN sees the one before.
+#[test]
+fn runs_commit_beside_the_runs_on_them() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-runs");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nRUN echo one > /one\nRUN cat /one > /two && echo two >> /two\n\
+         RUN cat /two > /three && echo three >> /three\n",
+    )
+    .expect("dockerfile");
+    let (progress, _, _) = timed_build(&env, &ctx, &["-t", "runs"]);
+    let beside = progress
+        .lines()
+        .filter(|l| l.starts_with("[timing]") && l.ends_with("run: layer committed beside"))
+        .count();
+    assert_eq!(beside, 2, "{progress}");
+    let o = env.kiln(&["run", "--rm", "--network=none", "runs", "cat", "/three"]);
+    assert_eq!(text(&o.stdout), "one\ntwo\nthree\n", "{}", text(&o.stderr));
+    let o = env.kiln(&["system", "check", "--verify"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    env.assert_clean();
+    // A rebuild is all cached, from the records the commits left (not
+    // the build memo, which an `--iidfile` turns off).
+    let iid = env.path("runs.iid");
+    let (again, id, memo) = timed_build(
+        &env,
+        &ctx,
+        &["-t", "runs", "--iidfile", iid.to_str().expect("utf8")],
+    );
+    assert!(!memo);
+    assert_eq!(read(&iid), id);
+    assert!(again.contains("0 steps run"), "{again}");
 }
 
 /// A COPY whose one pattern matches two sources that write one path: a

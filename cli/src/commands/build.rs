@@ -507,16 +507,21 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // The progress sender is gone with the solve future: drain the renderer.
     kiln_cache::timing::mark("solved");
     runner.close_progress();
-    // The copy memos being written for the next build.
-    runner.finish();
+    // (Driving the runtime also drops the steps a failure or Ctrl-C
+    // aborted, which kills their sandboxes: a RUN still running may hold
+    // the upper a layer commit waits for, see `StoreRunner::finish`.)
     let shown = rt.block_on(render).unwrap_or_default();
     let Some(result) = outcome else {
         // Cancelled: the dropped steps killed their sandboxes and unmount
         // on drop; let blocking tasks finish their cleanup.
         rt.shutdown_timeout(std::time::Duration::from_secs(10));
+        runner.finish();
         eprintln!("error: build cancelled");
         return Ok(ExitCode::from(130));
     };
+    // The layers committed beside later steps, and the copy memos being
+    // written for the next build.
+    runner.finish();
     let mut solved = match result {
         Ok(s) => s,
         Err(SolveError::Step { name, source, id }) => {

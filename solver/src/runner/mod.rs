@@ -976,21 +976,9 @@ impl StoreRunner {
                     if let Some((m, fd)) = early {
                         self.prepare_early(m, fd, Arc::clone(&pending), parent.layers.len());
                     }
-                    let setter = pending::Setter(Arc::clone(&pending));
-                    let (this, step2, parent2) = (self.light(), step.clone(), parent.clone());
-                    let work = move || {
-                        let r = tail(&this, &step2, &parent2, Some(&setter.0));
-                        drop(this);
-                        let p = Arc::clone(&setter.0);
-                        setter.set(r);
-                        // A RUN may still read the scratch directory's
-                        // upper (an empty one stays there).
-                        let _gate = p.close_gate();
-                        teardown();
-                    };
-                    spawn_with(&self.background, "layer-commit", false, work);
+                    let chain = self.commit_later(step, &parent, pending, tail, teardown);
                     kiln_cache::timing::mark("copy: layer committed beside");
-                    return Ok(Chain::with_pending(&parent, pending));
+                    return Ok(chain);
                 }
                 let chain = tail(self, step, &parent, None)?;
                 self.later(teardown);
@@ -999,7 +987,42 @@ impl StoreRunner {
         }
     }
 
-    /// Whether a COPY's layer is committed beside the steps after it: when
+    /// Commits `step`'s layer (its upper named by `pending`) with `commit`
+    /// on a thread of its own, then runs `teardown` (the scratch directory
+    /// goes) once no RUN reads the upper; gives `parent` with the layer
+    /// pending on top (see `pending`).
+    pub(super) fn commit_later(
+        &self,
+        step: &Step,
+        parent: &Chain,
+        pending: Arc<pending::Pending>,
+        commit: impl FnOnce(
+            &StoreRunner,
+            &Step,
+            &Chain,
+            Option<&pending::Pending>,
+        ) -> Result<Chain, RunnerError>
+        + Send
+        + 'static,
+        teardown: impl FnOnce() + Send + 'static,
+    ) -> Chain {
+        let setter = pending::Setter(Arc::clone(&pending));
+        let (this, step2, parent2) = (self.light(), step.clone(), parent.clone());
+        let work = move || {
+            let r = commit(&this, &step2, &parent2, Some(&setter.0));
+            drop(this);
+            let p = Arc::clone(&setter.0);
+            setter.set(r);
+            // A RUN may still read the scratch directory's upper (an
+            // empty one stays there).
+            let _gate = p.close_gate();
+            teardown();
+        };
+        spawn_with(&self.background, "layer-commit", false, work);
+        Chain::with_pending(parent, pending)
+    }
+
+    /// Whether a step's layer is committed beside the steps after it: when
     /// every step that reads its result is a RUN on top of it.
     fn commit_beside(&self, step: &Step) -> bool {
         use petgraph::visit::EdgeRef as _;

@@ -499,7 +499,24 @@ impl StoreRunner {
         // Secret and cache mount targets may leave empty stubs; the
         // executor removes those from the upper.
         let _ = PathBuf::new();
+        // (At most one layer of a chain is pending: the parent's is waited
+        // for here, usually done while the command ran.)
         let parent = parent.settled()?;
+        if self.commit_beside(step) {
+            // The RUNs after this one start on its upper while its layer
+            // is hashed.
+            let pending = super::pending::Pending::new(step.vertex.name.clone(), upper.clone());
+            let commit = move |this: &StoreRunner,
+                               step: &Step,
+                               parent: &Chain,
+                               p: Option<&super::pending::Pending>| {
+                this.commit_gated(step, parent, &upper, None, p)
+                    .map(|(chain, _)| chain)
+            };
+            let chain = self.commit_later(step, &parent, pending, commit, move || drop(dir));
+            kiln_cache::timing::mark("run: layer committed beside");
+            return Ok(chain);
+        }
         self.commit(step, &parent, &upper)
     }
 }
