@@ -2017,6 +2017,18 @@ fn a_copy_commits_beside_the_run_on_it_and_clones_its_upper_early() {
         .expect("clones")
         .collect();
     assert_eq!(clones.len(), 1);
+    // `system df` counts it; its files are all the snapshot's (nothing
+    // only the clone holds).
+    let df = text(&env.kiln(&["system", "df"]).stdout);
+    let row = df
+        .lines()
+        .find(|l| l.starts_with("Copy clones"))
+        .unwrap_or_else(|| panic!("{df}"));
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["Copy", "clones", "1", "0B"],
+        "{df}"
+    );
     // The third starts from that clone: an edit, a file gone, one added.
     fs_err::write(ctx.join("tree/d1/f1.txt"), "edited again\n").expect("edit");
     fs_err::remove_file(ctx.join("tree/d3/f7.txt")).expect("rm");

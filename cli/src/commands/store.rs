@@ -79,6 +79,7 @@ pub(crate) fn system(command: SystemCommand, global: &Global) -> anyhow::Result<
         SystemCommand::Df => {
             let store = global.store()?;
             let du = store.disk_usage()?;
+            let (clones, clones_only) = kiln_solver::runner::prepared_copies_usage(&store);
             let rows = vec![
                 ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
                     .map(str::to_owned)
@@ -110,6 +111,15 @@ pub(crate) fn system(command: SystemCommand, global: &Global) -> anyhow::Result<
                     String::new(),
                     String::new(),
                     String::new(),
+                ],
+                // Clones of COPY results for their next run: links to
+                // snapshot files, but they keep a removed snapshot's files.
+                vec![
+                    "Copy clones".into(),
+                    clones.to_string(),
+                    String::new(),
+                    String::new(),
+                    human_size(clones_only),
                 ],
             ];
             print!("{}", table(&rows));

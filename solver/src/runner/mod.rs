@@ -38,7 +38,7 @@ pub use mount::{MergedMount, MountError};
 pub use pending::PendingTop;
 pub use reuse::{
     clear_memos as clear_copy_memos, clear_prepared as clear_prepared_copies,
-    has_prepared as has_prepared_copies,
+    has_prepared as has_prepared_copies, prepared_usage as prepared_copies_usage,
 };
 pub use run::RunFailure;
 

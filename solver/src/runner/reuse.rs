@@ -141,6 +141,36 @@ pub fn has_prepared(store: &Store) -> bool {
     fs_err::read_dir(prepared_dir(store)).is_ok_and(|mut d| d.next().is_some())
 }
 
+/// The prepared clones (`kiln system df`): how many, and the bytes of the
+/// files only they still hold (their snapshot is gone; `kiln prune` frees
+/// them). Their other files are the snapshots' own inodes.
+pub fn prepared_usage(store: &Store) -> (u64, u64) {
+    let Ok(clones) = fs_err::read_dir(prepared_dir(store)) else {
+        return (0, 0);
+    };
+    let (mut count, mut only) = (0, 0);
+    for clone in clones.flatten() {
+        count += 1;
+        let mut stack = vec![clone.path()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs_err::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(m) = e.metadata() else {
+                    continue;
+                };
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else if m.is_file() && m.nlink() == 1 {
+                    only += m.len();
+                }
+            }
+        }
+    }
+    (count, only)
+}
+
 /// Forgets every prepared clone (`kiln prune`): they hold the inodes of
 /// the snapshots they were made from.
 pub fn clear_prepared(store: &Store) -> std::io::Result<()> {
