@@ -186,7 +186,11 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             settings: Arc::clone(&settings),
             deferred: Vec::new(),
             reuse,
-            linked: std::collections::HashSet::new(),
+            // (Keyed by the path's bytes: hashing a `Path` walks its
+            // components, a good part of a copy from a prepared upper.)
+            linked: std::collections::HashSet::with_capacity(
+                reuse.filter(|r| r.prepared).map_or(0, |r| r.prev.len()),
+            ),
             src_root,
             seen_dirs: Vec::new(),
         };
@@ -215,7 +219,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             let mut linked: Vec<String> = c
                 .linked
                 .iter()
-                .filter_map(|t| c.rel_of(t).map(str::to_owned))
+                .filter_map(|t| c.rel_of(Path::new(t)).map(str::to_owned))
                 .collect();
             linked.sort();
             c.report.linked = linked;
@@ -447,7 +451,7 @@ struct Copier<'a> {
     /// Linking files from snapshots instead of copying them.
     reuse: Option<&'a Reuse>,
     /// Targets linked behind the overlay's back (see [`Copier::unlink_linked`]).
-    linked: std::collections::HashSet<PathBuf>,
+    linked: std::collections::HashSet<std::ffi::OsString>,
     /// The source root (source paths below it are looked up in the source
     /// stage's layers).
     src_root: &'a Path,
@@ -669,6 +673,19 @@ fn append_locked<T>(list: &Mutex<Vec<T>>, items: &mut Vec<T>) {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .append(items);
     }
+}
+
+/// `base/name`, or `name` when `base` is empty (without `format!`, which
+/// a copy of thousands of files pays for per file).
+fn join_rel(base: &str, name: &str) -> String {
+    if base.is_empty() {
+        return name.to_owned();
+    }
+    let mut s = String::with_capacity(base.len() + 1 + name.len());
+    s.push_str(base);
+    s.push('/');
+    s.push_str(name);
+    s
 }
 
 /// `path` below `base`, by bytes: the copier's paths are `base` joined
@@ -893,16 +910,8 @@ impl Copier<'_> {
             }
             for (name, entry) in children {
                 let n = name.to_string_lossy();
-                let child_comps = if comps.is_empty() {
-                    n.to_string()
-                } else {
-                    format!("{comps}/{n}")
-                };
-                let child_rel = if src_rel.is_empty() || src_rel == "." {
-                    n.to_string()
-                } else {
-                    format!("{src_rel}/{n}")
-                };
+                let child_comps = join_rel(comps, &n);
+                let child_rel = join_rel(if src_rel == "." { "" } else { src_rel }, &n);
                 if whose == SourceKindFor::Op
                     && entry.file_type().is_ok_and(|t| t.is_file())
                     && let Some(seen) = self.seen_unchanged(&child_rel)
@@ -963,7 +972,7 @@ impl Copier<'_> {
             }
             match self.links.get(&key).filter(|_| meta.nlink() > 1) {
                 Some(first) => {
-                    match (self.linked.contains(first), self.reuse) {
+                    match (self.linked.contains(first.as_os_str()), self.reuse) {
                         // The first name was linked into the upper behind
                         // the overlay's back: so is this one.
                         (true, Some(reuse)) => {
@@ -974,7 +983,7 @@ impl Copier<'_> {
                                 )));
                             };
                             fs_err::hard_link(reuse.upper.join(a), reuse.upper.join(b))?;
-                            self.linked.insert(target.to_path_buf());
+                            self.linked.insert(target.as_os_str().to_owned());
                         }
                         _ => fs_err::hard_link(first, target)?,
                     }
@@ -1032,14 +1041,14 @@ impl Copier<'_> {
         let Some(rel) = self.rel_of(target) else {
             return false;
         };
-        if !reuse.rememberable(&id) || reuse.previous(rel, &id).is_none() {
+        if !reuse.rememberable(&id) || !reuse.has_previous(rel, &id) {
             return false;
         }
         let rel = rel.to_owned();
         self.report.identities.push((rel, Some(id)));
         let inner = self.inner_of(target);
         self.report.push(inner, EntryKind::File);
-        self.linked.insert(target.to_path_buf());
+        self.linked.insert(target.as_os_str().to_owned());
         true
     }
 
@@ -1148,7 +1157,7 @@ impl Copier<'_> {
             .reuse
             .is_some_and(|r| plan.run(r, meta, &mut DirFds::default()));
         if linked {
-            self.linked.insert(target.to_path_buf());
+            self.linked.insert(target.as_os_str().to_owned());
         }
         linked
     }
@@ -1157,7 +1166,7 @@ impl Copier<'_> {
     /// overlay's back is removed from the upper first, so the overlay (which
     /// may remember the path as absent) and its upper agree.
     fn unlink_linked(&mut self, target: &Path) -> Result<(), FileOpError> {
-        if self.linked.remove(target)
+        if self.linked.remove(target.as_os_str())
             && let (Some(reuse), Some(rel)) = (self.reuse, self.rel_of(target))
         {
             fs_err::remove_file(reuse.upper.join(rel))?;
@@ -1273,7 +1282,7 @@ impl Copier<'_> {
         if let (Some(plan), Some(reuse)) = (&job.link, self.reuse)
             && plan.run(reuse, &job.meta, &mut DirFds::default())
         {
-            self.linked.insert(job.target);
+            self.linked.insert(job.target.into_os_string());
             return Ok(());
         }
         let (bytes, content) =
@@ -1349,7 +1358,8 @@ impl Copier<'_> {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        self.linked.extend(linked);
+        self.linked
+            .extend(linked.into_iter().map(PathBuf::into_os_string));
         for (src, dir, meta, whose) in std::mem::take(&mut self.deferred) {
             self.apply_info(&src, &dir, &meta, false, whose)?;
         }

@@ -123,6 +123,9 @@ pub struct Reuse {
     /// `lstat`ed them, by path below the source root; a file found here
     /// unchanged is kept without another `lstat`.
     pub seen: Option<std::sync::Arc<std::collections::HashMap<String, crate::context::SeenFile>>>,
+    /// Where the next lookup in `prev` probably is: one past the last
+    /// found (the copy visits a directory's files in order).
+    pub next_prev: std::sync::atomic::AtomicUsize,
 }
 
 /// Changes within this long before a copy starts may share a clock tick
@@ -152,6 +155,7 @@ impl Reuse {
             racy_after_ns: i128::try_from(now.as_nanos()).unwrap_or(i128::MAX),
             prepared: false,
             seen: None,
+            next_prev: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -175,11 +179,29 @@ impl Reuse {
     /// since that run copied it.
     pub(super) fn previous(&self, rel: &str, id: &FileIdentity) -> Option<PathBuf> {
         let prev_root = self.prev_root.as_ref()?;
-        let i = self
-            .prev
-            .binary_search_by(|(p, _)| p.as_str().cmp(rel))
-            .ok()?;
-        (self.prev[i].1 == *id).then(|| prev_root.join(rel))
+        self.has_previous(rel, id).then(|| prev_root.join(rel))
+    }
+
+    /// Whether [`Reuse::previous`] has a file (without making its path).
+    pub(super) fn has_previous(&self, rel: &str, id: &FileIdentity) -> bool {
+        self.prev_root.is_some() && self.find_prev(rel).is_some_and(|i| self.prev[i].1 == *id)
+    }
+
+    /// The index of `rel` in `prev`: the entry after the last one found
+    /// when it is that one (a copy walks a directory's files in order),
+    /// else by binary search.
+    fn find_prev(&self, rel: &str) -> Option<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let hint = self.next_prev.load(Relaxed);
+        let i = match self.prev.get(hint) {
+            Some((p, _)) if p == rel => hint,
+            _ => self
+                .prev
+                .binary_search_by(|(p, _)| p.as_str().cmp(rel))
+                .ok()?,
+        };
+        self.next_prev.store(i + 1, Relaxed);
+        Some(i)
     }
 
     /// The snapshot file that `src_rel` (a path below the source root) is
@@ -471,6 +493,20 @@ mod tests {
         assert_eq!(reuse.previous("m", &a), Some(dir.path().join("m")));
         assert_eq!(reuse.previous("z", &a), None);
         assert_eq!(reuse.previous("q", &a), None);
+        // In order (the hint is the next entry), backwards and skipping
+        // (binary search), and missing, after each other.
+        let names: Vec<String> = (0..50).map(|i| format!("d/f{i:02}")).collect();
+        let reuse = Reuse::new(
+            Some(dir.path().to_owned()),
+            names.iter().map(|n| (n.clone(), a)).collect(),
+            dir.path().join("upper"),
+        );
+        let order = (0..50).chain((0..50).rev()).chain([3, 40, 7, 7, 8]);
+        for i in order {
+            assert!(reuse.has_previous(&names[i], &a), "{}", names[i]);
+            assert!(!reuse.has_previous(&names[i], &b), "{}", names[i]);
+            assert!(!reuse.has_previous(&format!("{}x", names[i]), &a));
+        }
     }
 
     #[test]
