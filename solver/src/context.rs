@@ -333,6 +333,7 @@ impl BuildContext {
         self.stats.from_layer += st.stats.from_layer;
         self.buf = std::mem::take(&mut st.buf);
         if let Some(seen) = &mut self.seen {
+            seen.reserve(st.seen.len());
             seen.extend(st.seen.drain(..));
         }
         if let Some(c) = &mut self.stat_cache {
