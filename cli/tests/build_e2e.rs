@@ -2068,6 +2068,67 @@ fn a_copy_commits_beside_the_run_on_it_and_clones_its_upper_early() {
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
 }
 
+/// A COPY whose layer the store already has (run again with `--no-cache`
+/// and nothing changed, from the clone of its last result): its commit
+/// drops the upper instead of moving it, so the clone made from that upper
+/// for the next run is not kept (the removal may have taken files from
+/// under it), and the next run copies afresh into the right layer.
+#[test]
+fn a_copy_whose_layer_exists_keeps_no_clone_of_the_dropped_upper() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-again");
+    write_tree(&ctx, 3, 20);
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY tree/ /app/\nRUN cat /app/d1/f1.txt\n",
+    )
+    .expect("dockerfile");
+    let edit = |content: &str| {
+        fs_err::write(ctx.join("tree/d1/f1.txt"), content).expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let build = |extra: &[&str]| {
+        let mut args = vec!["-t", "again"];
+        args.extend_from_slice(extra);
+        timed_build(&env, &ctx, &args).0
+    };
+    let clones = || {
+        fs_err::read_dir(env.store().join("copy-memo/prepared"))
+            .map(Iterator::count)
+            .unwrap_or(0)
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    build(&[]);
+    edit("edited\n");
+    build(&[]);
+    let second = layer_of(&env, "again", 1);
+    assert_eq!(clones(), 1, "the second run leaves a clone");
+    // Nothing changed: the clone is the second run's layer exactly.
+    let third = build(&["--no-cache"]);
+    assert!(third.contains("upper prepared by the last run"), "{third}");
+    assert_eq!(layer_of(&env, "again", 1), second, "{third}");
+    assert_eq!(clones(), 0, "no clone of the dropped upper:\n{third}");
+    // The next run copies afresh, and gives the context's tree.
+    edit("edited again\n");
+    let fourth = build(&[]);
+    assert!(
+        !fourth.contains("upper prepared by the last run"),
+        "{fourth}"
+    );
+    let top = layer_of(&env, "again", 1);
+    let snap = env
+        .store()
+        .join("snapshots")
+        .join(format!("v1-{}", top.trim_start_matches("sha256:")));
+    assert_eq!(tree_files(&snap.join("app")), tree_files(&ctx.join("tree")));
+    let o = env.kiln(&["system", "check", "--verify"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    env.assert_clean();
+}
+
 /// A RUN whose only consumer is a RUN on top of it is committed beside
 /// that RUN too (at most one pending layer in a chain: each RUN waits for
 /// its parent's commit before its own); the last RUN, read by nothing, is
