@@ -675,19 +675,6 @@ fn append_locked<T>(list: &Mutex<Vec<T>>, items: &mut Vec<T>) {
     }
 }
 
-/// `base/name`, or `name` when `base` is empty (without `format!`, which
-/// a copy of thousands of files pays for per file).
-fn join_rel(base: &str, name: &str) -> String {
-    if base.is_empty() {
-        return name.to_owned();
-    }
-    let mut s = String::with_capacity(base.len() + 1 + name.len());
-    s.push_str(base);
-    s.push('/');
-    s.push_str(name);
-    s
-}
-
 /// `path` below `base`, by bytes: the copier's paths are `base` joined
 /// with names, so no component parsing is needed. `Some("")` for `base`
 /// itself.
@@ -910,8 +897,9 @@ impl Copier<'_> {
             }
             for (name, entry) in children {
                 let n = name.to_string_lossy();
-                let child_comps = join_rel(comps, &n);
-                let child_rel = join_rel(if src_rel == "." { "" } else { src_rel }, &n);
+                let child_comps = super::pattern::join_rel(comps, &n);
+                let child_rel =
+                    super::pattern::join_rel(if src_rel == "." { "" } else { src_rel }, &n);
                 if whose == SourceKindFor::Op
                     && entry.file_type().is_ok_and(|t| t.is_file())
                     && let Some(seen) = self.seen_unchanged(&child_rel)
