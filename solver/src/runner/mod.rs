@@ -1075,12 +1075,8 @@ impl StoreRunner {
         let store = Arc::clone(&self.store);
         let work = move || {
             use std::os::unix::fs::MetadataExt as _;
-            let Ok(ino) = std::fs::File::from(src.try_clone().ok()?)
-                .metadata()
-                .map(|m| (m.dev(), m.ino()))
-            else {
-                return None;
-            };
+            let st = nix::sys::stat::fstat(&src).ok()?;
+            let ino = (st.st_dev, st.st_ino);
             if !reuse::clone_for_next(src, scratch.path()).ok()? {
                 return None;
             }
