@@ -33,6 +33,11 @@ pub(crate) enum Report {
     Started { pid: i32 },
     /// The sandbox's rootfs is set up; the payload is about to be executed.
     Ready,
+    /// The helper's last report: the payload's status (or why it has none) is
+    /// above. The helper still releases the sandbox's mount namespace (tearing
+    /// down its overlay) and removes its cgroup after this; see
+    /// [`crate::Running::wait_detached`].
+    Done,
 }
 
 /// [`UserError`] on the wire.

@@ -137,12 +137,12 @@ fn helper_main(exec: bool) -> i32 {
         let _set = GATE.set(gate);
     }
     let result = if exec {
-        run_exec(&sock, lifeline)
+        run_exec(&sock, lifeline).map(|()| 0)
     } else {
         run_helper(&sock, lifeline)
     };
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(fail) => {
             send(sock.as_fd(), &fail.report);
             1
@@ -510,7 +510,9 @@ fn run_exec(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
     supervise(child, report, &sigfd, lifeline, Some((failed_r, alive_w)))
 }
 
-fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
+/// Runs a sandbox; returns the helper's exit code once the sandbox is gone. An
+/// `Err` is a failure before the sandbox started (no [`Report::Done`] follows it).
+fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<i32, Fail> {
     let report = sock.as_fd();
     let spec: SandboxSpec = read_spec(sock)?;
     if spec.process.args.is_empty() {
@@ -540,14 +542,62 @@ fn run_helper(sock: &OwnedFd, lifeline: OwnedFd) -> Result<(), Fail> {
         &sigfd,
         lifeline,
     );
-    if let Some(cg) = &cgroup {
-        if cg.oom_killed() {
-            send(report, &Report::OomKilled);
+    if let Some(cg) = &cgroup
+        && cg.oom_killed()
+    {
+        send(report, &Report::OomKilled);
+    }
+    let (keep, failed) = match result {
+        Ok(keep) => (keep, false),
+        Err(fail) => {
+            send(report, &fail.report);
+            (None, true)
         }
+    };
+    // Everything the caller waits for is said. Releasing the namespace unmounts
+    // the rootfs, which for an overlay of many files takes milliseconds (the
+    // kernel drops every cached dentry and inode of it); a caller that only
+    // needs the status has it already (`Running::wait_detached`).
+    send(report, &Report::Done);
+    drop(keep);
+    if let Some(cg) = &cgroup {
         cg.remove()?;
     }
     drop(state);
-    result
+    Ok(i32::from(failed))
+}
+
+/// A close-on-exec datagram socket pair: the helper's end and init's.
+fn keep_pair() -> Option<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .ok()
+}
+
+/// Sends init's mount namespace (a descriptor of it) into the helper's socket.
+/// A descriptor in flight holds what it refers to, so the namespace, with the
+/// rootfs mounted in it, outlives init until the helper closes its end of the
+/// socket: init's exit then skips the unmount, and the helper's `waitpid`
+/// returns as soon as the payload is gone. Best effort: without it the
+/// namespace goes with init, as before.
+fn lend_namespace(keep: &OwnedFd) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let Ok(ns) = fs_err::File::open("/proc/self/ns/mnt") else {
+        return;
+    };
+    let fds = [ns.file().as_raw_fd()];
+    let _lent = sendmsg::<()>(
+        keep.as_raw_fd(),
+        &[std::io::IoSlice::new(b"n")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    );
 }
 
 fn run_namespaces(
@@ -558,7 +608,7 @@ fn run_namespaces(
     report: BorrowedFd<'_>,
     sigfd: &SignalFd,
     lifeline: OwnedFd,
-) -> Result<(), Fail> {
+) -> Result<Option<OwnedFd>, Fail> {
     let netns = match &spec.network {
         Network::Netns(path) => {
             Some(fs_err::File::open(path).step(|| "open the network namespace".to_owned())?)
@@ -616,11 +666,20 @@ fn run_namespaces(
         Some(DirectPipes::new()?)
     };
 
+    // Init lends its mount namespace to the helper through this socket (see
+    // `lend_namespace`); the helper's end is returned, to be closed once the
+    // status is reported. Without a socket the namespace goes when init does.
+    let (keep, keep_init) = match keep_pair() {
+        Some((ours, theirs)) => (Some(ours), Some(theirs)),
+        None => (None, None),
+    };
+
     // SAFETY: the helper is single-threaded (it is a fresh exec of a binary whose
     // main calls `helper_main_if_requested` first), so the child may run any code.
     let init = match unsafe { fork() }.step(|| "fork the sandbox init".to_owned())? {
         ForkResult::Child => {
             drop(lifeline);
+            drop(keep);
             let (failed, alive) = match direct {
                 Some(d) => (Some(d.failed_w), Some(d.alive_r)),
                 None => (None, None),
@@ -632,7 +691,10 @@ fn run_namespaces(
                 groups_allowed,
                 std::mem::take(&mut procs),
                 report,
-                alive.as_ref(),
+                InitEnds {
+                    alive: alive.as_ref(),
+                    keep: keep_init.as_ref(),
+                },
             ) {
                 Ok(never) => match never {},
                 Err(fail) => {
@@ -650,9 +712,25 @@ fn run_namespaces(
         ForkResult::Parent { child } => child,
     };
     drop(procs);
+    drop(keep_init);
+    // The payload's piped stdout and stderr end when the payload (and init) are
+    // gone, not when the helper is: it gives them up.
+    if let Ok(null) = fs_err::OpenOptions::new().write(true).open("/dev/null") {
+        let _out = nix::unistd::dup2_stdout(null.file());
+        let _err = nix::unistd::dup2_stderr(null.file());
+    }
     send(report, &Report::Started { pid: init.as_raw() });
     let direct = direct.map(|d| (d.failed_r, d.alive_w));
-    supervise(init, report, sigfd, lifeline, direct)
+    supervise(init, report, sigfd, lifeline, direct)?;
+    Ok(keep)
+}
+
+/// Init's ends of the helper's pipes.
+struct InitEnds<'a> {
+    /// Without an init: the read end of [`DirectPipes`]'s `alive` pipe.
+    alive: Option<&'a OwnedFd>,
+    /// Where init lends its mount namespace (see `lend_namespace`).
+    keep: Option<&'a OwnedFd>,
 }
 
 /// The pipes between the helper and a payload that is PID 1 itself (no init).
@@ -779,8 +857,9 @@ fn init_main(
     groups_allowed: bool,
     procs: Vec<fs_err::File>,
     report: BorrowedFd<'_>,
-    alive: Option<&OwnedFd>,
+    ends: InitEnds<'_>,
 ) -> Result<std::convert::Infallible, Fail> {
+    let InitEnds { alive, keep } = ends;
     if spec.init {
         // A recognisable name in `ps` (comm is otherwise the helper binary's name).
         let _named = crate::sys::prctl(libc::PR_SET_NAME, c"kiln-init".as_ptr() as libc::c_ulong);
@@ -804,6 +883,9 @@ fn init_main(
         None::<&str>,
     )
     .step(|| "make `/` private".to_owned())?;
+    if let Some(keep) = keep {
+        lend_namespace(keep);
+    }
     nix::unistd::sethostname(&spec.hostname)
         .step(|| format!("set the hostname `{}`", spec.hostname))?;
     if spec.network == Network::None {

@@ -53,6 +53,7 @@
 mod alloc;
 mod caps;
 mod cgroup;
+mod detached;
 mod error;
 mod fail;
 mod helper;
@@ -66,6 +67,7 @@ mod user;
 
 pub use alloc::{idle_priority, tune_allocator};
 pub use caps::{DOCKER_DEFAULT_CAPS, docker_default_mask};
+pub use detached::{detached_count, wait_detached, wait_detached_using};
 pub use error::{Error, Result};
 pub use helper::{EXEC_ARG, HELPER_ARG, helper_main_if_requested, state_root};
 pub use pty::{Pty, WinSize, get_winsize, openpty, set_winsize};

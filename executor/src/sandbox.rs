@@ -69,6 +69,10 @@ impl Sandbox {
     /// [`Sandbox::spawn`] with the payload's streams given as descriptors.
     pub fn spawn_with_io(&self, spec: &SandboxSpec, io: Io) -> Result<Running> {
         spec.validate()?;
+        if let RootfsSpec::Overlay { lowers, .. } = &spec.rootfs {
+            // A lower that is still the upper of an overlay being torn down.
+            crate::detached::wait_detached_using(lowers);
+        }
         let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
         let overlay = match &spec.rootfs {
             RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
@@ -195,7 +199,8 @@ impl Sandbox {
         let reader = ours.try_clone().ok().map(BufReader::new);
         Ok(Running {
             overlay,
-            child,
+            pid: child.id(),
+            child: Some(child),
             sock: Some(ours),
             reader,
             reports: Vec::new(),
@@ -258,7 +263,8 @@ pub struct Output {
 pub struct Running {
     /// (lowers, upper) of an overlay rootfs, for removing mount-point stubs.
     overlay: Option<(Vec<PathBuf>, PathBuf)>,
-    child: Child,
+    /// The helper; `None` once handed to [`crate::detached`].
+    child: Option<Child>,
     /// The socket to the helper: reports in; shut down for writing to cancel.
     sock: Option<UnixStream>,
     /// Reads the reports (a clone of `sock`); `None` once at EOF.
@@ -272,6 +278,8 @@ pub struct Running {
     stdout: Option<std::fs::File>,
     stderr: Option<std::fs::File>,
     status: Option<ExitStatus>,
+    /// The helper's pid.
+    pid: u32,
 }
 
 impl Running {
@@ -287,7 +295,7 @@ impl Running {
 
     /// The helper's pid (in the caller's pid namespace).
     pub fn helper_pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// Reads one report; `None` at EOF.
@@ -388,15 +396,74 @@ impl Running {
         result
     }
 
+    /// [`Running::wait`], except that it returns as soon as the helper has sent
+    /// its last report, before the sandbox's mount namespace is released and its
+    /// cgroup removed. Releasing the namespace unmounts the rootfs, which for an
+    /// overlay of many files takes milliseconds; the helper does it on its own
+    /// and is reaped later (see [`crate::wait_detached_using`] and
+    /// [`crate::wait_detached`]). The upper directory may still be that
+    /// overlay's upper meanwhile, but no process is left to use it.
+    pub fn wait_detached(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let drains: Vec<_> = [self.stdout.take(), self.stderr.take()]
+            .into_iter()
+            .flatten()
+            .map(|mut f| std::thread::spawn(move || std::io::copy(&mut f, &mut std::io::sink())))
+            .collect();
+        let mut done = false;
+        let read = loop {
+            match self.next_report() {
+                Ok(Some(Report::Done)) => {
+                    done = true;
+                    break Ok(());
+                }
+                Ok(Some(r)) => self.reports.push(r),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        for d in drains {
+            let _drained = d.join();
+        }
+        read?;
+        if !done {
+            // A helper that ended without `Done` (it died): wait as usual.
+            return self.wait_inner();
+        }
+        self.sock = None;
+        self.reader = None;
+        let reports = std::mem::take(&mut self.reports);
+        self.remove_stubs(&reports);
+        if let Some(child) = self.child.take() {
+            crate::detached::hand_over(child, self.overlay.as_ref().map(|(_, u)| u.as_path()));
+        }
+        let status = interpret(reports, "running")?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
     fn wait_inner(&mut self) -> Result<ExitStatus> {
         while let Some(r) = self.next_report()? {
             self.reports.push(r);
         }
         self.sock = None;
         let reports = std::mem::take(&mut self.reports);
-        let helper_status = self.child.wait().map_err(Error::Wait)?;
+        let helper_status = match self.child.take() {
+            Some(mut child) => child.wait().map_err(Error::Wait)?.to_string(),
+            None => "reaped".to_owned(),
+        };
         // The helper has exited, so init and its mount namespace are gone: the upper
         // is no longer mounted and the stubs can go.
+        self.remove_stubs(&reports);
+        let status = interpret(reports, &helper_status)?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// Removes the mount-point stubs the sandbox created in the upper.
+    fn remove_stubs(&self, reports: &[Report]) {
         let stubs: Vec<String> = reports
             .iter()
             .filter_map(|r| {
@@ -413,9 +480,6 @@ impl Running {
         {
             crate::stubs::remove_stubs(upper, lowers, &stubs);
         }
-        let status = interpret(reports, &format!("{helper_status}"))?;
-        self.status = Some(status);
-        Ok(status)
     }
 
     /// Waits, reading stdout and stderr to the end.
@@ -466,7 +530,7 @@ fn interpret(reports: Vec<Report>, helper_status: &str) -> Result<ExitStatus> {
             Report::Signaled { signal } => status = Some(ExitStatus::Signal(signal)),
             Report::OomKilled => oom = true,
             Report::Cancelled => cancelled = true,
-            Report::Stubs(_) | Report::Started { .. } | Report::Ready => {}
+            Report::Stubs(_) | Report::Started { .. } | Report::Ready | Report::Done => {}
         }
     }
     match status {

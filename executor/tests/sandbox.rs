@@ -886,8 +886,17 @@ fn nothing_leaks(init: bool, runs: usize, failures: usize) {
     for i in 0..runs {
         // A fresh upper each time, as RUN steps have.
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leak{i}"));
-        assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(0));
+        if i % 2 == 0 {
+            assert_eq!(sandbox.output(&spec).unwrap().status, ExitStatus::Code(0));
+        } else {
+            // Half of them as a build's RUN waits: the helper unmounts and
+            // removes the cgroup after the status is in.
+            let mut running = sandbox.spawn(&spec).unwrap();
+            assert_eq!(running.wait_detached().unwrap(), ExitStatus::Code(0));
+        }
     }
+    kiln_executor::wait_detached();
+    assert_eq!(kiln_executor::detached_count(), 0);
     spec.process.args = vec!["false".to_owned()];
     for i in 0..failures {
         spec.rootfs = fx.overlay_with(lowers.clone(), &format!("leakf{i}"));
@@ -903,6 +912,72 @@ fn nothing_leaks(init: bool, runs: usize, failures: usize) {
         assert!(matches!(sandbox.output(&spec), Err(Error::Setup { .. })));
     }
     assert_eq!(our_mounts(&fx), mounts, "mounts leaked");
+    assert_eq!(own_children(), children, "processes leaked");
+    assert_eq!(sandbox_temp_dirs(), temps, "temp dirs leaked");
+    assert_eq!(sandbox_cgroups(), cgroups, "cgroups leaked");
+}
+
+/// `wait_detached` gives the status (and the output) while the helper still
+/// has the sandbox's namespace to release; a sandbox whose lower is that upper
+/// waits for the helper first, and nothing is left once all are waited for.
+#[test]
+fn wait_detached_reports_first_and_the_next_mount_of_its_upper_waits() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let sandbox = Sandbox::new().with_helper(HELPER);
+    let (children, temps, cgroups) = (own_children(), sandbox_temp_dirs(), sandbox_cgroups());
+    // Many files make the overlay's unmount take a while.
+    let mut spec = fx.sh(
+        "first",
+        "mkdir /many && cd /many && i=0; while [ $i -lt 4000 ]; do : > f$i; i=$((i+1)); done; \
+         echo made; exit 3",
+    );
+    spec.stdio = kiln_executor::Stdio::Piped;
+    spec.limits = Limits {
+        pids: Some(100),
+        ..Limits::default()
+    };
+    let mut first = sandbox.spawn(&spec).unwrap();
+    let helper = first.helper_pid();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut first.take_stdout().unwrap(), &mut out).unwrap();
+    assert_eq!(out, "made\n");
+    assert_eq!(first.wait_detached().unwrap(), ExitStatus::Code(3));
+    // Waiting again gives the same status.
+    assert_eq!(first.wait().unwrap(), ExitStatus::Code(3));
+    assert_eq!(kiln_executor::detached_count(), 1);
+    let upper = fx.path("first.upper");
+    assert_eq!(fs_err::read_dir(upper.join("many")).unwrap().count(), 4000);
+
+    // The next sandbox stacks the first one's upper over the base, as a RUN
+    // after a RUN does: it waits for the first helper, which is then gone.
+    let mut spec2 = SandboxSpec::new(
+        fx.overlay_with(vec![upper.clone(), fx.lower.clone()], "second"),
+        ProcessSpec::new(["/bin/sh", "-c", "ls /many | wc -l"]),
+    );
+    spec2.stdio = kiln_executor::Stdio::Piped;
+    let mut second = sandbox.spawn(&spec2).unwrap();
+    assert!(
+        !alive(helper),
+        "the first helper still runs after the next spawn"
+    );
+    assert_eq!(kiln_executor::detached_count(), 0);
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut second.take_stdout().unwrap(), &mut out).unwrap();
+    assert_eq!(out.trim(), "4000");
+    assert_eq!(second.wait_detached().unwrap(), ExitStatus::Code(0));
+
+    // Setup failures come back the same way.
+    let mut spec3 = spec2.clone();
+    spec3.rootfs = fx.overlay_with(vec![fx.path("no-such-lower")], "third");
+    let mut third = sandbox.spawn(&spec3).unwrap();
+    assert!(matches!(third.wait_detached(), Err(Error::Setup { .. })));
+
+    kiln_executor::wait_detached();
+    assert_eq!(kiln_executor::detached_count(), 0);
     assert_eq!(own_children(), children, "processes leaked");
     assert_eq!(sandbox_temp_dirs(), temps, "temp dirs leaked");
     assert_eq!(sandbox_cgroups(), cgroups, "cgroups leaked");

@@ -377,7 +377,7 @@ impl StoreRunner {
                 Err(_) => return,
             };
             if handles.is_empty() {
-                return;
+                break;
             }
             for h in handles {
                 // (The last copy of a runner can be dropped on one of
@@ -387,6 +387,9 @@ impl StoreRunner {
                 }
             }
         }
+        // The RUNs' helpers still unmounting their sandboxes (see
+        // `Running::wait_detached`).
+        kiln_executor::wait_detached();
     }
 
     /// Waits for the layers still being committed in `outputs` (see

@@ -71,6 +71,8 @@ impl MergedMount {
     /// Mount `lowers` (lowest first) under `dir/merged`, with `dir/upper`
     /// receiving writes.
     pub fn mount(lowers: &[PathBuf], dir: &Path) -> Result<Self, MountError> {
+        // A lower still the upper of a RUN's overlay being unmounted.
+        kiln_executor::wait_detached_using(lowers);
         let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
         for d in [&upper, &work, &merged] {
             mkdir(d)?;

@@ -466,12 +466,15 @@ impl StoreRunner {
         for r in readers {
             let _ = r.join();
         }
-        let status = running.wait().map_err(|source| RunnerError::Sandbox {
-            step: name.clone(),
-            source,
-        })?;
+        // The status comes before the sandbox's overlay is unmounted: its helper
+        // does that meanwhile, and whatever mounts this upper next waits for it.
+        let status = running
+            .wait_detached()
+            .map_err(|source| RunnerError::Sandbox {
+                step: name.clone(),
+                source,
+            })?;
         kiln_cache::timing::mark("run: exited");
-        // The sandbox's overlay went with its mount namespace.
         drop(gate);
         drop(held);
         drop(secret_files);
