@@ -58,6 +58,7 @@ mod error;
 mod image;
 mod layer_source;
 mod reference;
+mod seal;
 mod spread;
 mod store;
 mod store_gc;
@@ -73,6 +74,7 @@ pub use error::{Result, StoreError};
 pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, parse_rfc3339};
 pub use layer_source::{LayerReader, SnapshotTar};
 pub use reference::{Reference, short_name};
+pub use seal::{DbSeal, now_ns};
 pub use store::{
     CacheResult, Db, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
     MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST, RemoveReport, SCHEMA_VERSION, Store,

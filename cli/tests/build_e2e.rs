@@ -2322,6 +2322,12 @@ fn a_relative_store_path_works() {
     assert_eq!(read(&fs.join("b.txt")), "a\n");
 }
 
+/// Whether a build's `KILN_TIMINGS` output shows the quick memo answered.
+fn quick(err: &str) -> bool {
+    err.lines()
+        .any(|l| l.starts_with("[timing]") && l.ends_with(" quick memo hit"))
+}
+
 /// `kiln build` with `KILN_TIMINGS=1`: (progress, image id, whether the
 /// build memo answered it).
 fn timed_build(env: &Env, ctx: &Path, extra: &[&str]) -> (String, String, bool) {
@@ -2366,9 +2372,31 @@ fn the_build_memo_answers_only_an_unchanged_rebuild() {
     let (second, id2, memo) = timed_build(&env, &ctx, &tag);
     assert!(!memo && second.contains("0 steps run"), "{second}");
     assert_eq!(id1, id2);
+    // (Past the file-time granularity: the memo hit leaves a quick memo
+    // only when the database's last commit is that old.)
+    let past_a_tick = || std::thread::sleep(std::time::Duration::from_millis(30));
+    past_a_tick();
     let (third, id3, memo) = timed_build(&env, &ctx, &tag);
-    assert!(memo, "{third}");
+    assert!(memo && !quick(&third), "{third}");
     assert_eq!(id3, id2);
+    // The hit left a quick memo: the next build answers from it without
+    // opening the database, with the same progress and image.
+    assert_eq!(
+        fs_err::read_dir(env.store().join("memo"))
+            .expect("memo/")
+            .count(),
+        1
+    );
+    let (fourth, id4, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo && quick(&fourth), "{fourth}");
+    assert_eq!(id4, id2);
+    let progress_of = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.starts_with('#') || l.starts_with("built "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(progress_of(&fourth), progress_of(&second));
     // A fully cached build with settled inputs leaves a memo; the next
     // build is answered by it.
     let memo_ready = || {
@@ -2385,17 +2413,23 @@ fn the_build_memo_answers_only_an_unchanged_rebuild() {
             .collect()
     };
     assert_eq!(progress(&third), progress(&second), "the same progress");
-    // The tag is put back on the image when it moved.
+    // The tag is put back on the image when it moved (the quick memo does
+    // not answer: the database changed since).
     let o = env.kiln(&["tag", "busybox:local", "memo:1"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let (_, id, memo) = timed_build(&env, &ctx, &tag);
-    assert!(memo);
+    let (out, id, memo) = timed_build(&env, &ctx, &tag);
+    assert!(memo && !quick(&out), "{out}");
     assert_eq!(id, id2);
     let store = kiln_cache::Store::open(env.store()).expect("store");
     assert_eq!(store.image_id("memo:1").expect("tag").to_string(), id2);
     drop(store);
 
-    // An edited file (same size) misses, and names the file.
+    // A quick memo again, then an edited file (same size): both memos miss,
+    // and the build names the file.
+    past_a_tick();
+    timed_build(&env, &ctx, &tag);
+    let (out, _, _) = timed_build(&env, &ctx, &tag);
+    assert!(quick(&out), "{out}");
     fs_err::write(ctx.join("src/a.txt"), "A\n").expect("edit");
     let (out, id_edit, memo) = timed_build(&env, &ctx, &tag);
     assert!(!memo, "{out}");
@@ -2427,6 +2461,10 @@ fn the_build_memo_answers_only_an_unchanged_rebuild() {
     memo_ready();
     let o = env.kiln(&["prune", "--all", "--force"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        !env.store().join("memo").exists(),
+        "quick memos after a prune"
+    );
     let (out, _, memo) = timed_build(&env, &ctx, &tag);
     assert!(!memo, "{out}");
     assert!(!out.contains("0 steps run"), "{out}");

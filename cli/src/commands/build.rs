@@ -344,8 +344,37 @@ fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<In
     })
 }
 
+/// Whether the context or the Dockerfile comes on stdin.
+fn reads_stdin(args: &BuildArgs) -> bool {
+    args.context.as_os_str() == "-" || args.file.as_deref().is_some_and(|f| f.as_os_str() == "-")
+}
+
 /// Runs `kiln build`.
 pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCode> {
+    // The build memo's key needs no store (none is memoized with stdin): a
+    // rebuild the quick memo answers ends before the store is opened.
+    let early_memo = if reads_stdin(args) {
+        None
+    } else {
+        let input = Input {
+            context: args.context.clone(),
+            dockerfile: args.file.clone(),
+            scope: None,
+            scratch: None,
+        };
+        let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
+        memo_key(args, &input, &opts, source_date_epoch()?)
+    };
+    if let Some((key, ctx)) = &early_memo {
+        let root = global.root.clone().unwrap_or_else(kiln_cache::default_root);
+        if let Some(hit) = std::path::absolute(&root)
+            .ok()
+            .and_then(|root| build_memo::lookup_quick(&root, key, ctx))
+        {
+            kiln_cache::timing::mark("quick memo hit");
+            return memo_hit(args, None, &hit);
+        }
+    }
     let store = Arc::new(global.store()?);
     kiln_cache::timing::mark("store open");
     // Scratch directories (and mounts) of builds that were killed.
@@ -355,12 +384,14 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
     let epoch = source_date_epoch()?;
     // The same inputs as a fully cached build before: its image.
-    let memo = memo_key(args, &input, &opts, epoch);
+    let memo = early_memo;
     if let Some((key, ctx)) = &memo
         && let Some(hit) = build_memo::lookup(&store, key, ctx)
     {
         kiln_cache::timing::mark("memo hit");
-        return memo_hit(args, &store, &hit);
+        let code = memo_hit(args, Some(&store), &hit)?;
+        build_memo::record_quick(&store, key, &hit);
+        return Ok(code);
     }
     let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)
         .map_err(|e| input.rename(e))?;
@@ -663,16 +694,19 @@ fn memo_key(
 
 /// Finishes a build the memo answered: the same output as the build it
 /// remembers, and the tags.
+/// (Without a store: a quick memo's hit, whose tags are in place.)
 fn memo_hit(
     args: &BuildArgs,
-    store: &kiln_cache::Store,
+    store: Option<&kiln_cache::Store>,
     hit: &build_memo::Hit,
 ) -> anyhow::Result<ExitCode> {
     if let Some(w) = &hit.warning {
         eprintln!("{w}");
     }
     Renderer::new(args.progress).render_all(&hit.events);
-    build_memo::tag(store, &hit.image, &args.tags)?;
+    if let Some(store) = store {
+        build_memo::tag(store, &hit.image, &args.tags)?;
+    }
     eprintln!("{}", built_line(&hit.image, 0, hit.cached, hit.skipped));
     println!("{}", hit.image);
     Ok(ExitCode::SUCCESS)

@@ -21,6 +21,12 @@
 //! ran a step drops it (so an edit-and-rebuild loop does not check a stale
 //! memo each time).
 //!
+//! A memo hit also leaves a *quick memo* in `memo/` beside the database:
+//! the hit, its evidence and the database's seal (see [`DbSeal`]). While
+//! the seal holds (no transaction since), the next build with the same
+//! fingerprint answers from it without opening the database: it checks
+//! only the context paths.
+//!
 //! Not memoized: `--no-cache`, `--pull=always`, `--cache-from`/`--cache-to`,
 //! outputs (`-o`, `--iidfile`, `--metadata-file`), `--push`, a context or
 //! Dockerfile on stdin, an `ADD <url>` without `--checksum` (keyed by what
@@ -32,7 +38,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
-use kiln_cache::{CacheResult, Digest, Reference, Store};
+use kiln_cache::{CacheResult, DbSeal, Digest, Reference, Store};
 use kiln_solver::event::Event;
 use kiln_solver::graph::{BuildGraph, CopySource, FileOp, Op, SourceOp, VertexId};
 use kiln_solver::key::{CacheKey, VertexKey};
@@ -74,6 +80,98 @@ pub(crate) struct Hit {
     pub(crate) cached: usize,
     pub(crate) skipped: usize,
     pub(crate) warning: Option<String>,
+    /// The memo's context evidence (kept for the quick memo).
+    evidence: Vec<(String, [i128; 6])>,
+}
+
+/// A memo hit written down with the database's seal (see the module docs).
+#[derive(Debug, Serialize, Deserialize)]
+struct Quick {
+    seal: DbSeal,
+    image: String,
+    evidence: Vec<(String, [i128; 6])>,
+    events: Vec<Event>,
+    cached: usize,
+    skipped: usize,
+    warning: Option<String>,
+}
+
+fn quick_path(root: &Path, key: &str) -> std::path::PathBuf {
+    let name = key.strip_prefix("build-memo:").unwrap_or(key);
+    root.join("memo").join(name)
+}
+
+/// After a memo hit has tagged its image: leaves the quick memo, when the
+/// database's seal is settled (a transaction a moment ago, the tagging's
+/// say, leaves it to the next hit). Best effort.
+pub(crate) fn record_quick(store: &Store, key: &str, hit: &Hit) {
+    let Some(seal) = DbSeal::of(store.root()) else {
+        return;
+    };
+    if !seal.settled(kiln_cache::now_ns()) {
+        return;
+    }
+    let quick = Quick {
+        seal,
+        image: hit.image.to_string(),
+        evidence: hit.evidence.clone(),
+        events: hit.events.clone(),
+        cached: hit.cached,
+        skipped: hit.skipped,
+        warning: hit.warning.clone(),
+    };
+    let Ok(bytes) = serde_json::to_vec(&quick) else {
+        return;
+    };
+    let path = quick_path(store.root(), key);
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    // Written whole, then renamed: a reader sees the old file or the new.
+    let _ = fs_err::create_dir_all(dir).and_then(|()| {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, &bytes)?;
+        tmp.persist(&path).map(drop).map_err(|e| e.error)
+    });
+}
+
+/// Removes every quick memo of `store`.
+pub(crate) fn clear_quick(store: &Store) -> std::io::Result<()> {
+    match fs_err::remove_dir_all(store.root().join("memo")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The quick memo under `key`, when the database is as its seal says and
+/// the context paths are as they were; `None` sends the build down its
+/// usual path. Reads no database: holds the store lock shared while it
+/// checks (GC takes it exclusively), and gives up if GC has it.
+pub(crate) fn lookup_quick(root: &Path, key: &str, context: &Path) -> Option<Hit> {
+    let lock = fs_err::OpenOptions::new()
+        .write(true)
+        .open(root.join("lock"))
+        .ok()?;
+    lock.file().try_lock_shared().ok()?;
+    let bytes = fs_err::read(quick_path(root, key)).ok()?;
+    let quick: Quick = serde_json::from_slice(&bytes).ok()?;
+    if DbSeal::of(root)? != quick.seal {
+        return None;
+    }
+    for (rel, want) in &quick.evidence {
+        let m = fs_err::symlink_metadata(context.join(rel)).ok()?;
+        if identity(&m) != *want {
+            return None;
+        }
+    }
+    Some(Hit {
+        image: quick.image.parse().ok()?,
+        events: quick.events,
+        cached: quick.cached,
+        skipped: quick.skipped,
+        warning: quick.warning,
+        evidence: quick.evidence,
+    })
 }
 
 /// What a build has in hand when it looks for a memo.
@@ -161,6 +259,7 @@ pub(crate) fn lookup(store: &Store, key: &str, context: &Path) -> Option<Hit> {
         cached: memo.cached,
         skipped: memo.skipped,
         warning: memo.warning,
+        evidence: memo.evidence,
     })
 }
 

@@ -63,6 +63,9 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
         kiln_solver::runner::clear_copy_memos(&store)
             .map_err(|e| anyhow::anyhow!("removing the COPY memos of the store: {e}"))?;
     }
+    // Quick build memos: none holds after a prune (the database changed).
+    super::build_memo::clear_quick(&store)
+        .map_err(|e| anyhow::anyhow!("removing the quick build memos of the store: {e}"))?;
     if !report.images.is_empty() {
         println!("Deleted Images:");
         for id in &report.images {
