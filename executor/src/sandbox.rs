@@ -384,16 +384,22 @@ impl Running {
         if let Some(status) = self.status {
             return Ok(status);
         }
-        let drains: Vec<_> = [self.stdout.take(), self.stderr.take()]
-            .into_iter()
-            .flatten()
-            .map(|mut f| std::thread::spawn(move || std::io::copy(&mut f, &mut std::io::sink())))
-            .collect();
+        let drains = self.drain_untaken();
         let result = self.wait_inner();
         for d in drains {
             let _drained = d.join();
         }
         result
+    }
+
+    /// Threads that read the streams not taken to the end (so a chatty payload
+    /// does not block on a full pipe), discarding what they read.
+    fn drain_untaken(&mut self) -> Vec<std::thread::JoinHandle<std::io::Result<u64>>> {
+        [self.stdout.take(), self.stderr.take()]
+            .into_iter()
+            .flatten()
+            .map(|mut f| std::thread::spawn(move || std::io::copy(&mut f, &mut std::io::sink())))
+            .collect()
     }
 
     /// [`Running::wait`], except that it returns as soon as the helper has sent
@@ -407,11 +413,7 @@ impl Running {
         if let Some(status) = self.status {
             return Ok(status);
         }
-        let drains: Vec<_> = [self.stdout.take(), self.stderr.take()]
-            .into_iter()
-            .flatten()
-            .map(|mut f| std::thread::spawn(move || std::io::copy(&mut f, &mut std::io::sink())))
-            .collect();
+        let drains = self.drain_untaken();
         let mut done = false;
         let read = loop {
             match self.next_report() {

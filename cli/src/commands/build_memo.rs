@@ -158,11 +158,8 @@ pub(crate) fn lookup_quick(root: &Path, key: &str, context: &Path) -> Option<Hit
     if DbSeal::of(root)? != quick.seal {
         return None;
     }
-    for (rel, want) in &quick.evidence {
-        let m = fs_err::symlink_metadata(context.join(rel)).ok()?;
-        if identity(&m) != *want {
-            return None;
-        }
+    if !evidence_holds(context, &quick.evidence) {
+        return None;
     }
     Some(Hit {
         image: quick.image.parse().ok()?,
@@ -247,11 +244,8 @@ pub(crate) fn lookup(store: &Store, key: &str, context: &Path) -> Option<Hit> {
     if store.image_id(&image.to_string()).ok()? != image {
         return None;
     }
-    for (rel, want) in &memo.evidence {
-        let m = fs_err::symlink_metadata(context.join(rel)).ok()?;
-        if identity(&m) != *want {
-            return None;
-        }
+    if !evidence_holds(context, &memo.evidence) {
+        return None;
     }
     Some(Hit {
         image,
@@ -374,6 +368,13 @@ fn evidence(context: &Path, keys: &[VertexKey]) -> Option<Vec<(String, [i128; 6]
         out.push((rel.to_owned(), id));
     }
     Some(out)
+}
+
+/// Whether every context path of `evidence` `lstat`s as recorded.
+fn evidence_holds(context: &Path, evidence: &[(String, [i128; 6])]) -> bool {
+    evidence.iter().all(|(rel, want)| {
+        fs_err::symlink_metadata(context.join(rel)).is_ok_and(|m| identity(&m) == *want)
+    })
 }
 
 /// Device, inode, size, mtime (ns), ctime (ns), mode.
