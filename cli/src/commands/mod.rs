@@ -1,6 +1,6 @@
 //! One module per subcommand (or group of subcommands).
 
-mod build;
+pub(crate) mod build;
 mod build_cache;
 mod build_memo;
 mod container;
