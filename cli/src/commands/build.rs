@@ -273,17 +273,22 @@ fn save_stdin(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The input of a build that reads nothing from stdin: the paths as given.
+fn path_input(args: &BuildArgs) -> Input {
+    Input {
+        context: args.context.clone(),
+        dockerfile: args.file.clone(),
+        scope: None,
+        scratch: None,
+    }
+}
+
 fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<Input> {
+    if !reads_stdin(args) {
+        return Ok(path_input(args));
+    }
     let ctx_stdin = args.context.as_os_str() == "-";
     let df_stdin = args.file.as_deref().is_some_and(|f| f.as_os_str() == "-");
-    if !ctx_stdin && !df_stdin {
-        return Ok(Input {
-            context: args.context.clone(),
-            dockerfile: args.file.clone(),
-            scope: None,
-            scratch: None,
-        });
-    }
     if ctx_stdin && df_stdin {
         bail!("the context and the Dockerfile cannot both come from stdin (`-f -` with `-`)");
     }
@@ -353,17 +358,12 @@ fn reads_stdin(args: &BuildArgs) -> bool {
 pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCode> {
     // The build memo's key needs no store (none is memoized with stdin): a
     // rebuild the quick memo answers ends before the store is opened.
+    let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
+    let epoch = source_date_epoch()?;
     let early_memo = if reads_stdin(args) {
         None
     } else {
-        let input = Input {
-            context: args.context.clone(),
-            dockerfile: args.file.clone(),
-            scope: None,
-            scratch: None,
-        };
-        let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
-        memo_key(args, &input, &opts, source_date_epoch()?)
+        memo_key(args, &path_input(args), &opts, epoch)
     };
     if let Some((key, ctx)) = &early_memo {
         let root = global.root.clone().unwrap_or_else(kiln_cache::default_root);
@@ -381,8 +381,6 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     kiln_solver::runner::sweep_stale(&store);
     kiln_cache::timing::mark("swept");
     let input = stdin_input(args, &store)?;
-    let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
-    let epoch = source_date_epoch()?;
     // The same inputs as a fully cached build before: its image.
     let memo = early_memo;
     if let Some((key, ctx)) = &memo
