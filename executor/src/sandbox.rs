@@ -414,23 +414,11 @@ impl Running {
             return Ok(status);
         }
         let drains = self.drain_untaken();
-        let mut done = false;
-        let read = loop {
-            match self.next_report() {
-                Ok(Some(Report::Done)) => {
-                    done = true;
-                    break Ok(());
-                }
-                Ok(Some(r)) => self.reports.push(r),
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
+        let read = self.read_reports(true);
         for d in drains {
             let _drained = d.join();
         }
-        read?;
-        if !done {
+        if !read? {
             // A helper that ended without `Done` (it died): wait as usual.
             return self.wait_inner();
         }
@@ -446,10 +434,20 @@ impl Running {
         Ok(status)
     }
 
-    fn wait_inner(&mut self) -> Result<ExitStatus> {
+    /// Reads the reports up to EOF (or up to [`Report::Done`] with
+    /// `until_done`); true if `Done` stopped it.
+    fn read_reports(&mut self, until_done: bool) -> Result<bool> {
         while let Some(r) = self.next_report()? {
+            if until_done && r == Report::Done {
+                return Ok(true);
+            }
             self.reports.push(r);
         }
+        Ok(false)
+    }
+
+    fn wait_inner(&mut self) -> Result<ExitStatus> {
+        self.read_reports(false)?;
         self.sock = None;
         let reports = std::mem::take(&mut self.reports);
         let helper_status = match self.child.take() {
