@@ -71,8 +71,14 @@ impl Store {
         if let Some(epoch) = opts.source_date_epoch {
             clamp_mtimes(upper, epoch)?;
         }
-        // Hashed on another thread while the tree is walked and read.
+        // Hashed on another thread while the tree is walked and read; a
+        // small layer's tar kept too when asked.
         let mut hw = crate::digest::PipeHasher::new();
+        let mut tee = crate::snapshot_take::BlobTee::new(
+            &mut hw,
+            &self.root().join("tmp"),
+            opts.keep_blob_below,
+        );
         let layer_err = |source| StoreError::Layer {
             what: upper.display().to_string(),
             source,
@@ -80,26 +86,31 @@ impl Store {
         let (recorded, digests) = match known {
             _ if opts.content_digests => {
                 let (_, recorded, digests) =
-                    layer::write_layer_digesting(upper, &mut hw, opts, known).map_err(layer_err)?;
+                    layer::write_layer_digesting(upper, &mut tee, opts, known)
+                        .map_err(layer_err)?;
                 (recorded, Some(digests))
             }
             Some(k) => (
                 Some(
-                    layer::write_layer_reusing(upper, &mut hw, opts, k)
+                    layer::write_layer_reusing(upper, &mut tee, opts, k)
                         .map_err(layer_err)?
                         .1,
                 ),
                 None,
             ),
             None => {
-                layer::write_layer(upper, &mut hw, opts).map_err(layer_err)?;
+                layer::write_layer(upper, &mut tee, opts).map_err(layer_err)?;
                 (None, None)
             }
         };
+        let copy = tee.into_copy();
         let (diff_id, size) = hw
             .finish()
             .map_err(|e| layer_err(LayerError::WriteTar(e)))?;
         crate::timing::mark("layer hashed");
+        if let Some(copy) = copy {
+            self.keep_layer_blob(copy, &diff_id);
+        }
         let _gate = gate();
         let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;
         if dir.is_dir() {

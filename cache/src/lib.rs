@@ -59,6 +59,7 @@ mod image;
 mod layer_source;
 mod reference;
 mod seal;
+mod snapshot_take;
 mod spread;
 mod store;
 mod store_gc;
@@ -75,6 +76,7 @@ pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, pa
 pub use layer_source::{LayerReader, SnapshotTar};
 pub use reference::{Reference, short_name};
 pub use seal::{DbSeal, now_ns};
+pub use snapshot_take::SnapshotUse;
 pub use store::{
     CacheResult, Db, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
     MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST, RemoveReport, SCHEMA_VERSION, Store,

@@ -170,3 +170,95 @@ fn gc_keeps_snapshot_layers_that_cache_records_need_and_drops_the_rest() {
     assert!(!store.has_layer(&kept.diff_id));
     assert!(store.get_cache_record("key-a").expect("get").is_none());
 }
+
+/// A small layer committed with `keep_blob_below` keeps its tar as a blob,
+/// and its snapshot may then be taken over, but only when nothing can miss
+/// it: without a blob, while a build uses it, while a container leases it.
+/// Taken, the layer reads back whole from the blob and unpacks again.
+#[test]
+fn a_snapshot_is_taken_over_only_when_nothing_can_miss_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let dest = |n: &str| store.root().join("tmp").join(n);
+
+    // Over the limit: no blob, nothing to take.
+    let up = upper(&store, "big");
+    let (expected, _) = tar_of(&up, &WriteOptions::default());
+    let limit = expected.len() as u64;
+    let big = store
+        .commit_snapshot_from_dir(&up, &WriteOptions::default().with_blob_below(Some(limit)))
+        .expect("commit");
+    assert!(
+        !store.has_blob(&big.diff_id),
+        "a tar at the limit is not kept"
+    );
+    assert!(
+        !store
+            .take_snapshot(&big.diff_id, &dest("t0"))
+            .expect("take")
+    );
+    assert!(store.snapshot_dir(&big.diff_id).is_some());
+
+    // Under it: the blob is the tar.
+    let up = upper(&store, "small");
+    fs_err::write(up.join("extra"), "x").expect("write");
+    let (expected, digest) = tar_of(&up, &WriteOptions::default());
+    let small = store
+        .commit_snapshot_from_dir(
+            &up,
+            &WriteOptions::default().with_blob_below(Some(expected.len() as u64 + 1)),
+        )
+        .expect("commit");
+    assert_eq!(small.diff_id, digest);
+    assert_eq!(store.read_blob(&digest).expect("blob"), expected);
+    let snap = store.snapshot_dir(&digest).expect("snapshot");
+
+    // In use by a build: not taken (the lock is per open file, so this
+    // process's own use counts too).
+    let (dir, used) = store.use_snapshot(&digest).expect("use");
+    assert_eq!(dir, snap);
+    assert!(!store.take_snapshot(&digest, &dest("t1")).expect("take"));
+    drop(used);
+
+    // Leased by a container: not taken.
+    let rec = kiln_cache::ContainerRecord {
+        id: "c".repeat(64),
+        name: "holder".to_owned(),
+        image: "sha256:0".to_owned(),
+        image_name: "x".to_owned(),
+        config: "{}".to_owned(),
+        state: "created".to_owned(),
+        pid: None,
+        supervisor: None,
+        exit_code: None,
+        oom_killed: false,
+        error: None,
+        restarts: 0,
+        created: 0,
+        started: None,
+        finished: None,
+    };
+    store
+        .create_container(&rec, &[(kiln_cache::LeaseKind::Layer, digest.to_string())])
+        .expect("container");
+    assert!(!store.take_snapshot(&digest, &dest("t2")).expect("take"));
+    store.remove_container(&rec.id).expect("remove container");
+
+    // Free: taken, whole; the layer is blob-only, reads back as before, and
+    // unpacks again on demand; the store checks clean.
+    let taken = dest("t3");
+    assert!(store.take_snapshot(&digest, &taken).expect("take"));
+    assert!(!snap.exists());
+    assert!(taken.join("etc/app/conf").is_file());
+    assert_eq!(tar_of(&taken, &WriteOptions::default()).1, digest);
+    assert!(store.has_layer(&digest));
+    assert!(store.snapshot_dir(&digest).is_none());
+    store.verify_layer(&digest).expect("verify");
+    assert!(store.fsck(true).expect("fsck").is_empty());
+    assert_eq!(store.snapshot_for(&digest).expect("unpack"), snap);
+    assert_eq!(tar_of(&snap, &WriteOptions::default()).1, digest);
+    // Onto a destination that exists: an error, and the snapshot stays.
+    assert!(store.take_snapshot(&digest, &taken).is_err());
+    assert!(snap.join("etc/app/conf").is_file());
+    assert!(store.fsck(true).expect("fsck").is_empty());
+}

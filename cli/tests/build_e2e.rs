@@ -1695,7 +1695,8 @@ fn write_tree(ctx: &Path, dirs: usize, files: usize) {
 
 /// `kiln build` of `ctx` into `env`'s store with a fixed
 /// `SOURCE_DATE_EPOCH` (so two stores give the same layers) and timing
-/// marks, with `extra` arguments.
+/// marks, with `extra` arguments; a COPY's result is cloned for its next
+/// run, never taken over (see [`clone_build`]).
 fn epoch_build(env: &Env, ctx: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
     c.arg("--root")
@@ -1705,7 +1706,9 @@ fn epoch_build(env: &Env, ctx: &Path, extra: &[&str]) -> Command {
         .arg(ctx)
         .env_remove("KILN_ROOT")
         .env("SOURCE_DATE_EPOCH", "1700000000")
-        .env("KILN_TIMINGS", "1");
+        .env("KILN_TIMINGS", "1")
+        // (Its users test the clones made for a COPY's next run.)
+        .env("KILN_TAKE_BELOW", "0");
     c
 }
 
@@ -1860,6 +1863,126 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     a.assert_clean();
 }
 
+/// An edited COPY of a small tree takes its last result's snapshot over
+/// (that layer kept its tar as a blob): no clone is made, the layer is the
+/// one a clean store builds, and the image the last build made still reads
+/// back whole (its layer unpacked again from the blob when run).
+#[test]
+fn an_edited_small_copy_takes_its_last_snapshot_over() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !can_build() {
+        return;
+    }
+    let a = Env::new();
+    let ctx = a.path("ctx-take");
+    write_tree(&ctx, 3, 5);
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY tree/ /app/\nRUN cat /app/d1/f1.txt\n",
+    )
+    .expect("dockerfile");
+    // Sources changed within a clock tick of a copy are never remembered.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // (With a fixed SOURCE_DATE_EPOCH: two stores make the same layers.)
+    let build = |env: &Env| {
+        let o = epoch_build(env, &ctx, &["-t", "take"])
+            .env_remove("KILN_TAKE_BELOW")
+            .output()
+            .expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    let taken = |progress: &str| {
+        progress
+            .lines()
+            .any(|l| l.starts_with("[timing]") && l.ends_with("upper taken from the last run"))
+    };
+    let snapshot = |env: &Env, layer: &str| {
+        env.store()
+            .join("snapshots")
+            .join(format!("v1-{}", layer.trim_start_matches("sha256:")))
+    };
+    let clones = |env: &Env| {
+        fs_err::read_dir(env.store().join("copy-memo/prepared")).map_or(0, Iterator::count)
+    };
+    // The first build has no memo: nothing is kept for a next run.
+    let cold = build(&a);
+    assert!(!taken(&cold), "{cold}");
+    let cold_top = layer_of(&a, "take", 1);
+    {
+        let store = kiln_cache::Store::open(a.store()).expect("open store");
+        assert!(!store.has_blob(&cold_top.parse().expect("digest")));
+    }
+    // The second (a COPY run again) links from the first and keeps its
+    // small layer's tar.
+    fs_err::write(ctx.join("tree/d0/f0.txt"), "edited first\n").expect("edit");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let first = build(&a);
+    assert!(!taken(&first), "{first}");
+    assert!(snapshot(&a, &cold_top).is_dir());
+    let first_top = layer_of(&a, "take", 1);
+    let digest: kiln_cache::Digest = first_top.parse().expect("digest");
+    {
+        let store = kiln_cache::Store::open(a.store()).expect("open store");
+        assert!(store.has_blob(&digest), "the small layer kept its tar");
+    }
+    assert_eq!(clones(&a), 0, "no clone is made for a small layer");
+    let o = a.kiln(&["tag", "take", "take:first"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // Edit one file, chmod another, add one, delete one.
+    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited\n").expect("edit");
+    fs_err::set_permissions(
+        ctx.join("tree/d2/f2.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    fs_err::write(ctx.join("tree/d0/new.txt"), "new\n").expect("add");
+    fs_err::remove_file(ctx.join("tree/d0/f4.txt")).expect("rm");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let second = build(&a);
+    assert!(taken(&second), "{second}");
+    assert!(second.contains("edited"), "the RUN saw the edit:\n{second}");
+    let top = layer_of(&a, "take", 1);
+    assert_ne!(top, first_top);
+    assert!(
+        !snapshot(&a, &first_top).exists(),
+        "the first snapshot became the second's"
+    );
+    assert_eq!(clones(&a), 0);
+    let b = Env::new();
+    build(&b);
+    assert_eq!(layer_of(&b, "take", 1), top, "a clean store's layer");
+    // The first image is whole: its layer reads back from the blob, and
+    // running it unpacks the layer again.
+    {
+        let store = kiln_cache::Store::open(a.store()).expect("open store");
+        store.verify_layer(&digest).expect("the first layer");
+        assert!(store.fsck(true).expect("fsck").is_empty());
+    }
+    let o = a.kiln(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "take:first",
+        "cat",
+        "/app/d1/f1.txt",
+        "/app/d0/f4.txt",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "1/1\n0/4\n");
+    assert!(snapshot(&a, &first_top).is_dir(), "unpacked again");
+    // Again: the second result is taken over in turn.
+    fs_err::write(ctx.join("tree/d2/f0.txt"), "edited again\n").expect("edit");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let third = build(&a);
+    assert!(taken(&third), "{third}");
+    assert!(!snapshot(&a, &top).exists());
+    let c = Env::new();
+    build(&c);
+    assert_eq!(layer_of(&a, "take", 1), layer_of(&c, "take", 1));
+    a.assert_clean();
+}
+
 /// Two builds of one COPY at once, when the last build left a clone for
 /// the next: one of them takes it, the other copies as usual; both make
 /// the layer a clean store makes, and the store checks clean.
@@ -1976,7 +2099,7 @@ fn a_copy_commits_beside_the_run_on_it_and_clones_its_upper_early() {
          RUN cat /app/d1/f1.txt > /seen && find /app -type f | wc -l > /count\n",
     )
     .expect("dockerfile");
-    let build = || timed_build(&env, &ctx, &["-t", "beside"]).0;
+    let build = || clone_build(&env, &ctx, &["-t", "beside"]).0;
     let snapshot = |index: usize| {
         let layer = layer_of(&env, "beside", index);
         env.store()
@@ -2093,7 +2216,7 @@ fn a_copy_whose_layer_exists_keeps_no_clone_of_the_dropped_upper() {
     let build = |extra: &[&str]| {
         let mut args = vec!["-t", "again"];
         args.extend_from_slice(extra);
-        timed_build(&env, &ctx, &args).0
+        clone_build(&env, &ctx, &args).0
     };
     let clones = || {
         fs_err::read_dir(env.store().join("copy-memo/prepared"))
@@ -2331,6 +2454,22 @@ fn quick(err: &str) -> bool {
 /// `kiln build` with `KILN_TIMINGS=1`: (progress, image id, whether the
 /// build memo answered it).
 fn timed_build(env: &Env, ctx: &Path, extra: &[&str]) -> (String, String, bool) {
+    timed_build_with(env, ctx, extra, &[])
+}
+
+/// [`timed_build`] with a COPY's result never taken over by its next run:
+/// a clone is made for that run instead (as for a big layer).
+fn clone_build(env: &Env, ctx: &Path, extra: &[&str]) -> (String, String, bool) {
+    timed_build_with(env, ctx, extra, &[("KILN_TAKE_BELOW", "0")])
+}
+
+/// [`timed_build`] with more environment variables.
+fn timed_build_with(
+    env: &Env,
+    ctx: &Path,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+) -> (String, String, bool) {
     let store = env.store();
     let mut args = vec!["--root", store.to_str().expect("utf8")];
     args.extend_from_slice(&["build", "--progress=plain", "--network=none"]);
@@ -2341,6 +2480,7 @@ fn timed_build(env: &Env, ctx: &Path, extra: &[&str]) -> (String, String, bool) 
         .env_remove("KILN_ROOT")
         .env_remove("SOURCE_DATE_EPOCH")
         .env("KILN_TIMINGS", "1")
+        .envs(vars.iter().copied())
         .output()
         .expect("run kiln");
     let err = text(&o.stderr);

@@ -108,9 +108,22 @@ pub struct WriteOptions {
     /// Also take the sha256 of each regular file's content (see
     /// [`write_layer_digesting`]).
     pub content_digests: bool,
+    /// When a layer is committed as a snapshot (`Store::commit_snapshot_*`):
+    /// also keep its tar as a blob if it is smaller than this many bytes.
+    /// A later build may then take the snapshot directory over
+    /// (`Store::take_snapshot`); the layer stays readable from the blob.
+    pub keep_blob_below: Option<u64>,
 }
 
 impl WriteOptions {
+    /// Keep the tar as a blob below `limit` bytes (see
+    /// [`WriteOptions::keep_blob_below`]).
+    #[must_use]
+    pub fn with_blob_below(mut self, limit: Option<u64>) -> Self {
+        self.keep_blob_below = limit;
+        self
+    }
+
     /// Read big files through a mapping (see [`WriteOptions::map_big_files`]).
     #[must_use]
     pub fn with_mapped_files(mut self) -> Self {

@@ -283,6 +283,9 @@ pub struct StoreRunner {
     /// when the last copy of the runner is dropped (the end of the build),
     /// as is the rest of the background work.
     preparing: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// The snapshots this build mounts or reads, held in use to its end
+    /// (no other build takes them over: see `Store::take_snapshot`).
+    in_use: Arc<Mutex<HashMap<String, kiln_cache::SnapshotUse>>>,
 }
 
 impl Drop for StoreRunner {
@@ -348,6 +351,7 @@ impl StoreRunner {
             read_stages,
             layer_digests: Arc::default(),
             preparing: Arc::default(),
+            in_use: Arc::default(),
         }
     }
 
@@ -524,6 +528,7 @@ impl StoreRunner {
             read_stages: Arc::clone(&self.read_stages),
             layer_digests: Arc::clone(&self.layer_digests),
             preparing: Arc::clone(&self.preparing),
+            in_use: Arc::clone(&self.in_use),
         }
     }
 
@@ -599,11 +604,25 @@ impl StoreRunner {
                             source: Box::new(e),
                         })?;
                 }
-                self.store
-                    .snapshot_for(&l.diff_id)
+                self.use_snapshot(&l.diff_id)
                     .map_err(store_err(format!("unpacking layer `{}`", l.diff_id)))
             })
             .collect()
+    }
+
+    /// The snapshot of `diff_id` (unpacked if need be), held in use until
+    /// the build ends.
+    fn use_snapshot(&self, diff_id: &Digest) -> kiln_cache::Result<PathBuf> {
+        let key = diff_id.to_string();
+        let held = self.in_use.lock().is_ok_and(|u| u.contains_key(&key));
+        if held && let Some(dir) = self.store.snapshot_dir(diff_id) {
+            return Ok(dir);
+        }
+        let (dir, guard) = self.store.use_snapshot(diff_id)?;
+        if let Ok(mut u) = self.in_use.lock() {
+            u.entry(key).or_insert(guard);
+        }
+        Ok(dir)
     }
 
     fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir, RunnerError> {
@@ -650,7 +669,7 @@ impl StoreRunner {
         upper: &Path,
         known: Option<KnownFiles>,
     ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
-        self.commit_gated(step, parent, upper, known, None)
+        self.commit_gated(step, parent, upper, known, None, None)
     }
 
     /// [`StoreRunner::commit_reusing`] of an upper that RUNs may be
@@ -662,6 +681,7 @@ impl StoreRunner {
         upper: &Path,
         known: Option<KnownFiles>,
         pending: Option<&pending::Pending>,
+        blob_below: Option<u64>,
     ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
         let empty = fs_err::read_dir(upper)
             .map(|mut d| d.next().is_none())
@@ -680,7 +700,8 @@ impl StoreRunner {
             let opts = kiln_cache::WriteOptions::default()
                 .with_source_date_epoch(self.opts.source_date_epoch)
                 .with_mapped_files()
-                .with_content_digests(digests);
+                .with_content_digests(digests)
+                .with_blob_below(blob_below);
             let (layer, recorded, digests) = self
                 .store
                 .commit_snapshot_gated(upper, &opts, known, || {
@@ -826,6 +847,31 @@ impl StoreRunner {
                 let mut loaded = memo.as_deref().map(|m| reuse::load(&self.store, m));
                 let prev = loaded.as_ref().and_then(|l| l.prev.clone());
                 let had_memo = loaded.as_ref().is_some_and(|l| l.had_memo);
+                // The previous result becomes the upper: only changes are
+                // written. A small one (with a blob) is taken over whole,
+                // when nothing else uses it; else its clone, made for this
+                // run by the last one, is taken.
+                let prepared = match (&memo, &prev, c.link) {
+                    (Some(m), Some((prev, _)), false) => {
+                        let upper = dir.path().join("upper");
+                        if self.store.take_snapshot(prev, &upper).unwrap_or(false) {
+                            if let Some(l) = loaded.as_mut() {
+                                l.taken_as(&upper);
+                            }
+                            kiln_cache::timing::mark("copy: upper taken from the last run");
+                            true
+                        } else if reuse::claim_prepared(&self.store, m, prev, &upper) {
+                            kiln_cache::timing::mark("copy: upper prepared by the last run");
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    _ => false,
+                };
+                let prev_size = prev
+                    .as_ref()
+                    .and_then(|(d, _)| self.store.layer_size(d).ok().flatten());
                 let mut known = None;
                 let mut linking = |upper: &Path, prepared: Option<_>| match loaded.as_mut() {
                     Some(l) => {
@@ -851,17 +897,6 @@ impl StoreRunner {
                     let report = fileop::copy(&src_root, &root, &fop).map_err(fo_err)?;
                     (root, report)
                 } else {
-                    // The previous result, cloned for this run by the last
-                    // one, becomes the upper: only changes are written.
-                    let prepared = match (&memo, &prev) {
-                        (Some(m), Some((prev, _))) => {
-                            reuse::claim_prepared(&self.store, m, prev, &dir.path().join("upper"))
-                        }
-                        _ => false,
-                    };
-                    if prepared {
-                        kiln_cache::timing::mark("copy: upper prepared by the last run");
-                    }
                     // The keys' `lstat`s of the context spare the copy its own
                     // for the files it keeps.
                     let seen = prepared.then(|| Arc::clone(&self.opts.context_files));
@@ -907,6 +942,11 @@ impl StoreRunner {
                     known
                 });
                 let one_source = !c.link && c.sources.len() == 1 && had_memo;
+                // A small result keeps its tar as a blob, so that the next
+                // run may take its snapshot over (no clone to make).
+                let limit = reuse::small_layer();
+                let small = one_source && prev_size.unwrap_or(0).max(report.bytes) < limit;
+                let blob_below = small.then_some(limit);
                 let upper_dir = upper.clone();
                 let beside = self.commit_beside(step);
                 // Committed beside the RUNs after it, the upper is cloned
@@ -914,7 +954,12 @@ impl StoreRunner {
                 // into the store meanwhile), rather than once committed.
                 // (Not with SOURCE_DATE_EPOCH, whose commit changes times.)
                 let early = match &memo {
-                    Some(m) if beside && one_source && self.opts.source_date_epoch.is_none() => {
+                    Some(m)
+                        if beside
+                            && one_source
+                            && !small
+                            && self.opts.source_date_epoch.is_none() =>
+                    {
                         reuse::open_dir(None, &upper_dir)
                             .ok()
                             .map(|fd| (m.clone(), fd))
@@ -938,15 +983,17 @@ impl StoreRunner {
                                  pending: Option<&pending::Pending>|
                       -> Result<Chain, RunnerError> {
                     let (chain, recorded) =
-                        this.commit_gated(step, parent, &upper, known, pending)?;
+                        this.commit_gated(step, parent, &upper, known, pending, blob_below)?;
                     // A COPY run again is likely to run once more (an edit
                     // loop): its result is cloned for that run beside the
-                    // steps after it (for one source: see `fileop::copy`).
+                    // steps after it (for one source: see `fileop::copy`),
+                    // unless that run can take it over (it has a blob).
                     if let (Some(m), Some(top), true) = (
                         &memo,
                         chain.layers.last(),
                         prepare_after && chain.layers.len() > parent.layers.len(),
-                    ) {
+                    ) && !(small && this.store.has_blob(&top.diff_id))
+                    {
                         this.prepare_next(m, &top.diff_id);
                     }
                     if let Some(memo) = memo {

@@ -63,6 +63,9 @@ pub(super) struct Loaded {
     pub known: Option<KnownFiles>,
     /// Whether there was a memo at all (this COPY ran before).
     pub had_memo: bool,
+    /// The previous result's snapshot was taken over as the upper (see
+    /// [`Loaded::taken_as`]).
+    taken: bool,
 }
 
 /// What the memo at `memo` says.
@@ -80,6 +83,7 @@ pub(super) fn load(store: &Store, memo: &Path) -> Loaded {
                 files: m.files,
                 known,
                 had_memo: true,
+                taken: false,
             }
         }
         None => Loaded {
@@ -87,11 +91,21 @@ pub(super) fn load(store: &Store, memo: &Path) -> Loaded {
             files: Vec::new(),
             known: None,
             had_memo: false,
+            taken: false,
         },
     }
 }
 
 impl Loaded {
+    /// The previous result's snapshot is now `upper` (taken over with
+    /// `Store::take_snapshot`): the copy starts from it as from a clone.
+    pub(super) fn taken_as(&mut self, upper: &Path) {
+        if let Some((_, dir)) = &mut self.prev {
+            *dir = upper.to_owned();
+            self.taken = true;
+        }
+    }
+
     /// The reuse for a copy writing into `upper`. With `prepared`, `upper`
     /// already holds a clone of the previous result (see [`prepare`]), and
     /// the context files as the keys' checksums found them are given.
@@ -106,12 +120,29 @@ impl Loaded {
             upper.to_owned(),
         );
         reuse.prepared = prepared.is_some();
+        reuse.prev_is_upper = self.taken && reuse.prepared;
         reuse.seen = prepared.filter(|s| !s.is_empty());
         Arc::new(reuse)
     }
 }
 
 // ------------------------------------------------------------- prepared
+
+/// The size (bytes of tar) below which a context COPY's result keeps its
+/// tar as a blob, so that its next run takes the snapshot over
+/// (`Store::take_snapshot`) instead of a clone being made for it. Above,
+/// the blob would cost more than the clone.
+/// (`KILN_TAKE_BELOW` sets another limit, in bytes: tests of the clones
+/// use 0.)
+pub(super) fn small_layer() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("KILN_TAKE_BELOW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64 << 20)
+    })
+}
 
 /// The directory of prepared clones (see [`prepare`]).
 fn prepared_dir(store: &Store) -> PathBuf {
@@ -135,10 +166,14 @@ pub(super) fn claim_prepared(store: &Store, memo: &Path, diff_id: &Digest, upper
     fs_err::rename(prepared_dir(store).join(name), upper).is_ok()
 }
 
-/// Whether any clone waits for a COPY's next run (else no copy can start
-/// from one, and the keys need not keep their `lstat`s for it).
+/// Whether a COPY may start from its last result: a clone waits for its
+/// next run, or a memo may let it take its last snapshot over (else the
+/// keys need not keep their `lstat`s for it).
 pub fn has_prepared(store: &Store) -> bool {
+    // (A COPY with a memo may take its last snapshot over instead.)
     fs_err::read_dir(prepared_dir(store)).is_ok_and(|mut d| d.next().is_some())
+        || fs_err::read_dir(store.root().join("copy-memo"))
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "prepared")))
 }
 
 /// The prepared clones (`kiln system df`): how many, and the bytes of the
