@@ -89,6 +89,54 @@ pub(crate) fn remove_stubs(upper: &Path, lowers: &[PathBuf], stubs: &[String]) {
             let _restored = nix::sys::stat::mknodat(&dir, name, SFlag::S_IFCHR, Mode::empty(), 0);
         }
     }
+    drop_copied_up_parents(&upper_fd, lowers, stubs);
+}
+
+/// The directories holding stubs that overlayfs copied up from a lower only
+/// because a stub was made in them (`/etc` for `/etc/hosts`): once empty
+/// again, and with the lower's mode and owner, they go, so the lower's shows
+/// as before the run. (BuildKit's overlay differ leaves such a directory out
+/// of the layer, and restores its time.) Deepest first.
+fn drop_copied_up_parents(upper_fd: &OwnedFd, lowers: &[PathBuf], stubs: &[String]) {
+    let mut parents: Vec<&Path> = stubs
+        .iter()
+        .filter_map(|s| Path::new(s.trim_start_matches('/')).parent())
+        .flat_map(Path::ancestors)
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    parents.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    parents.dedup();
+    for rel in parents {
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            continue;
+        };
+        let Ok(dir) = open_beneath(upper_fd, parent) else {
+            continue;
+        };
+        let Ok(st) = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        else {
+            continue;
+        };
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFDIR {
+            continue;
+        }
+        // The topmost lower's entry (lowers are top-most first): a
+        // directory with the same mode and owner.
+        let lower = lowers
+            .iter()
+            .find_map(|l| fs_err::symlink_metadata(l.join(rel)).ok());
+        let same = lower.is_some_and(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            m.is_dir()
+                && m.mode() & 0o7777 == st.st_mode & 0o7777
+                && m.uid() == st.st_uid
+                && m.gid() == st.st_gid
+        });
+        // (rmdir leaves a directory with entries, whiteouts included.)
+        if same {
+            let _ = nix::unistd::unlinkat(&dir, name, UnlinkatFlags::RemoveDir);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -127,6 +175,39 @@ mod tests {
             outside.join("victim").exists(),
             "followed a link out of the upper"
         );
+    }
+
+    #[test]
+    fn a_parent_copied_up_for_a_stub_goes_when_empty_and_as_in_the_lower() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let (upper, lower) = (tmp.path().join("upper"), tmp.path().join("lower"));
+        for d in ["etc", "run", "srv/data", "opt"] {
+            fs_err::create_dir_all(upper.join(d)).unwrap();
+            fs_err::create_dir_all(lower.join(d)).unwrap();
+        }
+        // /etc and /srv/data as copied up, holding only their stubs; /run
+        // holding a file the payload wrote; /opt with another mode.
+        fs_err::write(upper.join("etc/hosts"), "").unwrap();
+        fs_err::write(upper.join("srv/data/x"), "").unwrap();
+        fs_err::write(upper.join("run/stub"), "").unwrap();
+        fs_err::write(upper.join("run/payload"), "kept").unwrap();
+        fs_err::write(upper.join("opt/stub"), "").unwrap();
+        fs_err::set_permissions(upper.join("opt"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let stubs = ["/etc/hosts", "/srv/data/x", "/run/stub", "/opt/stub"].map(String::from);
+        remove_stubs(&upper, std::slice::from_ref(&lower), &stubs);
+        assert!(!upper.join("etc").exists(), "an empty copied-up /etc stays");
+        assert!(!upper.join("srv").exists(), "its empty parents too");
+        assert_eq!(
+            fs_err::read_to_string(upper.join("run/payload")).unwrap(),
+            "kept"
+        );
+        assert!(upper.join("opt").is_dir(), "a changed mode is a change");
+        // Without a lower directory there, an empty one is the payload's.
+        fs_err::create_dir_all(upper.join("new")).unwrap();
+        fs_err::write(upper.join("new/stub"), "").unwrap();
+        remove_stubs(&upper, &[lower], &["/new/stub".to_owned()]);
+        assert!(upper.join("new").is_dir());
     }
 
     #[test]
