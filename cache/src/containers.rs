@@ -100,6 +100,37 @@ pub struct ContainerRecord {
     pub finished: Option<i64>,
 }
 
+impl ContainerRecord {
+    /// A container just created (state `created`, never started), made at
+    /// `created` (unix nanoseconds).
+    pub fn created(
+        id: String,
+        name: String,
+        image: String,
+        image_name: String,
+        config: String,
+        created: i64,
+    ) -> Self {
+        Self {
+            id,
+            name,
+            image,
+            image_name,
+            config,
+            state: "created".to_owned(),
+            pid: None,
+            supervisor: None,
+            exit_code: None,
+            oom_killed: false,
+            error: None,
+            restarts: 0,
+            created,
+            started: None,
+            finished: None,
+        }
+    }
+}
+
 /// One volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeRecord {
@@ -398,23 +429,14 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, name: &str) -> ContainerRecord {
-        ContainerRecord {
-            id: id.to_owned(),
-            name: name.to_owned(),
-            image: "sha256:00".to_owned(),
-            image_name: "busybox".to_owned(),
-            config: "{}".to_owned(),
-            state: "created".to_owned(),
-            pid: None,
-            supervisor: None,
-            exit_code: None,
-            oom_killed: false,
-            error: None,
-            restarts: 0,
-            created: 1,
-            started: None,
-            finished: None,
-        }
+        ContainerRecord::created(
+            id.to_owned(),
+            name.to_owned(),
+            "sha256:00".to_owned(),
+            "busybox".to_owned(),
+            "{}".to_owned(),
+            1,
+        )
     }
 
     #[test]

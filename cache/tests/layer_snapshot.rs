@@ -221,23 +221,14 @@ fn a_snapshot_is_taken_over_only_when_nothing_can_miss_it() {
     drop(used);
 
     // Leased by a container: not taken.
-    let rec = kiln_cache::ContainerRecord {
-        id: "c".repeat(64),
-        name: "holder".to_owned(),
-        image: "sha256:0".to_owned(),
-        image_name: "x".to_owned(),
-        config: "{}".to_owned(),
-        state: "created".to_owned(),
-        pid: None,
-        supervisor: None,
-        exit_code: None,
-        oom_killed: false,
-        error: None,
-        restarts: 0,
-        created: 0,
-        started: None,
-        finished: None,
-    };
+    let rec = kiln_cache::ContainerRecord::created(
+        "c".repeat(64),
+        "holder".to_owned(),
+        "sha256:0".to_owned(),
+        "x".to_owned(),
+        "{}".to_owned(),
+        0,
+    );
     store
         .create_container(&rec, &[(kiln_cache::LeaseKind::Layer, digest.to_string())])
         .expect("container");

@@ -1693,6 +1693,20 @@ fn write_tree(ctx: &Path, dirs: usize, files: usize) {
     }
 }
 
+/// Edits a [`write_tree`] tree: one file edited (to `edited`), one made
+/// mode 600, one added, one deleted.
+fn edit_tree(ctx: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited\n").expect("edit");
+    fs_err::set_permissions(
+        ctx.join("tree/d2/f2.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    fs_err::write(ctx.join("tree/d0/new.txt"), "new\n").expect("add");
+    fs_err::remove_file(ctx.join("tree/d0/f4.txt")).expect("rm");
+}
+
 /// `kiln build` of `ctx` into `env`'s store with a fixed
 /// `SOURCE_DATE_EPOCH` (so two stores give the same layers) and timing
 /// marks, with `extra` arguments; a COPY's result is cloned for its next
@@ -1721,7 +1735,7 @@ fn epoch_build_ok(env: &Env, ctx: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::MetadataExt as _;
     if !can_build() {
         return;
     }
@@ -1744,15 +1758,7 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     };
     build(&a);
     let first_top = layer_of(&a, "incr", 1);
-    // Edit one file, chmod another, add one, delete one.
-    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited\n").expect("edit");
-    fs_err::set_permissions(
-        ctx.join("tree/d2/f2.txt"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .expect("chmod");
-    fs_err::write(ctx.join("tree/d0/new.txt"), "new\n").expect("add");
-    fs_err::remove_file(ctx.join("tree/d0/f4.txt")).expect("rm");
+    edit_tree(&ctx);
     let second = build(&a);
     let copy = step_number(&second, "COPY tree/ /app/");
     assert!(
@@ -1869,7 +1875,6 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
 /// back whole (its layer unpacked again from the blob when run).
 #[test]
 fn an_edited_small_copy_takes_its_last_snapshot_over() {
-    use std::os::unix::fs::PermissionsExt as _;
     if !can_build() {
         return;
     }
@@ -1929,15 +1934,7 @@ fn an_edited_small_copy_takes_its_last_snapshot_over() {
     assert_eq!(clones(&a), 0, "no clone is made for a small layer");
     let o = a.kiln(&["tag", "take", "take:first"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    // Edit one file, chmod another, add one, delete one.
-    fs_err::write(ctx.join("tree/d1/f1.txt"), "edited\n").expect("edit");
-    fs_err::set_permissions(
-        ctx.join("tree/d2/f2.txt"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .expect("chmod");
-    fs_err::write(ctx.join("tree/d0/new.txt"), "new\n").expect("add");
-    fs_err::remove_file(ctx.join("tree/d0/f4.txt")).expect("rm");
+    edit_tree(&ctx);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let second = build(&a);
     assert!(taken(&second), "{second}");

@@ -299,23 +299,14 @@ fn create(store: &Store, opts: &RunOptions) -> Result<ContainerInfo> {
     }
     let json = serde_json::to_string(&config)
         .map_err(|e| Error::invalid("container configuration", e.to_string()))?;
-    let record = ContainerRecord {
-        id: id.clone(),
+    let record = ContainerRecord::created(
+        id.clone(),
         name,
-        image: image.id.to_string(),
-        image_name: opts.image.clone(),
-        config: json,
-        state: "created".to_owned(),
-        pid: None,
-        supervisor: None,
-        exit_code: None,
-        oom_killed: false,
-        error: None,
-        restarts: 0,
-        created: now_nanos(),
-        started: None,
-        finished: None,
-    };
+        image.id.to_string(),
+        opts.image.clone(),
+        json,
+        now_nanos(),
+    );
     let dir = config.layer_dir(&container_dir(store, &id));
     for sub in ["upper", "work"] {
         let p = dir.join(sub);
