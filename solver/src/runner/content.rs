@@ -16,7 +16,7 @@
 
 use sha2::Digest as _;
 
-use super::{Chain, MergedMount, RunnerError, StoreRunner};
+use super::{Chain, RunnerError, StoreRunner};
 use crate::context::{BuildContext, hex};
 use crate::graph::{CopySource, FileOp, InputRef, Op};
 use crate::solve::Step;
@@ -123,13 +123,8 @@ impl StoreRunner {
             remember(&d);
             return Ok(Some(d));
         }
-        let lowers = self.snapshots(chain)?;
-        let dir = self.scratch("sum-")?;
-        let merged =
-            MergedMount::mount(&lowers, dir.path()).map_err(|source| RunnerError::Mount {
-                step: step.vertex.name.clone(),
-                source,
-            })?;
+        // (Kept for the copy, which reads the same files next.)
+        let merged = self.source_view(&step.vertex.name, chain, true)?;
         kiln_cache::timing::mark("stage digest: mounted");
         let mut stage = BuildContext::of_stage(merged.path());
         // The stage's top layer, if this build committed it with digests.
@@ -144,10 +139,7 @@ impl StoreRunner {
         }
         let sum = stage.checksum(patterns, exclude, parents);
         kiln_cache::timing::mark("stage digest: summed");
-        self.later(move || {
-            drop(merged);
-            drop(dir);
-        });
+        drop(merged);
         let Ok(sum) = sum else {
             return Ok(None);
         };

@@ -286,6 +286,27 @@ pub struct StoreRunner {
     /// The snapshots this build mounts or reads, held in use to its end
     /// (no other build takes them over: see `Store::take_snapshot`).
     in_use: Arc<Mutex<HashMap<String, kiln_cache::SnapshotUse>>>,
+    /// Stage filesystems a stage digest mounted, kept for the copy that
+    /// reads them next (see [`StoreRunner::source_view`]).
+    source_views: Arc<Mutex<HashMap<Vec<String>, Arc<SourceView>>>>,
+}
+
+/// A stage's filesystem, mounted for reading: the stage digest of a `COPY
+/// --from` and the copy itself walk the same mount, the second time through
+/// the dentries the first one made (a fresh overlay costs several times
+/// more per lookup).
+#[derive(Debug)]
+pub(super) struct SourceView {
+    // (Unmounted before its scratch directory goes: fields drop in order.)
+    mount: MergedMount,
+    _dir: tempfile::TempDir,
+}
+
+impl SourceView {
+    /// The merged view.
+    pub(super) fn path(&self) -> &Path {
+        self.mount.path()
+    }
 }
 
 impl Drop for StoreRunner {
@@ -352,6 +373,7 @@ impl StoreRunner {
             layer_digests: Arc::default(),
             preparing: Arc::default(),
             in_use: Arc::default(),
+            source_views: Arc::default(),
         }
     }
 
@@ -373,6 +395,16 @@ impl StoreRunner {
 
     /// Waits for the work done for later builds (copy memos) to end.
     pub fn finish(&self) {
+        // The stage filesystems a stage digest mounted that no copy took
+        // (its step was cached): no step reads them any more.
+        let views = self
+            .source_views
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default();
+        if !views.is_empty() {
+            self.later(move || drop(views));
+        }
         // A layer's commit (see `pending`) starts more work for later
         // builds: wait until none is left.
         loop {
@@ -529,6 +561,7 @@ impl StoreRunner {
             layer_digests: Arc::clone(&self.layer_digests),
             preparing: Arc::clone(&self.preparing),
             in_use: Arc::clone(&self.in_use),
+            source_views: Arc::clone(&self.source_views),
         }
     }
 
@@ -608,6 +641,42 @@ impl StoreRunner {
                     .map_err(store_err(format!("unpacking layer `{}`", l.diff_id)))
             })
             .collect()
+    }
+
+    /// The filesystem `chain` mounted for reading (`step` names the step
+    /// asking, for errors). With `keep`, the mount stays for the next step
+    /// reading it (a stage digest keeps it for its copy); without, it is
+    /// taken out: the caller's to drop once done (the copy).
+    pub(super) fn source_view(
+        &self,
+        step: &str,
+        chain: &Chain,
+        keep: bool,
+    ) -> Result<Arc<SourceView>, RunnerError> {
+        let chain = chain.settled()?;
+        let key: Vec<String> = chain.layers.iter().map(|l| l.diff_id.to_string()).collect();
+        let found = self.source_views.lock().ok().and_then(|mut m| {
+            if keep {
+                m.get(&key).cloned()
+            } else {
+                m.remove(&key)
+            }
+        });
+        if let Some(v) = found {
+            return Ok(v);
+        }
+        let lowers = self.snapshots(&chain)?;
+        let dir = self.scratch("src-")?;
+        let mount =
+            MergedMount::mount(&lowers, dir.path()).map_err(|source| RunnerError::Mount {
+                step: step.to_owned(),
+                source,
+            })?;
+        let view = Arc::new(SourceView { mount, _dir: dir });
+        Ok(match self.source_views.lock() {
+            Ok(mut m) if keep => Arc::clone(m.entry(key).or_insert(view)),
+            _ => view,
+        })
     }
 
     /// The snapshot of `diff_id` (unpacked if need be), held in use until
@@ -817,7 +886,6 @@ impl StoreRunner {
                 fop.apply_ownership = true;
                 // The source: the context, or another stage/image mounted
                 // read-only for the copy.
-                let src_dir = self.scratch("src-")?;
                 let mut src_mount = None;
                 let mut src_layers = Vec::new();
                 let src_root: PathBuf = match &c.from {
@@ -828,10 +896,9 @@ impl StoreRunner {
                     other => {
                         let chain = self.input_chain(step, inputs, other)?;
                         src_layers = self.snapshots(&chain)?;
-                        let m =
-                            MergedMount::mount(&src_layers, src_dir.path()).map_err(mount_err)?;
-                        let root = m.path().to_owned();
-                        src_mount = Some(m);
+                        let view = self.source_view(&step.vertex.name, &chain, false)?;
+                        let root = view.path().to_owned();
+                        src_mount = Some(view);
                         root
                     }
                 };
@@ -973,7 +1040,6 @@ impl StoreRunner {
                 let teardown = move || {
                     drop(retry_dir);
                     drop(src_mount);
-                    drop(src_dir);
                     drop(dir);
                     drop(fop);
                 };
