@@ -1977,6 +1977,26 @@ fn an_edited_small_copy_takes_its_last_snapshot_over() {
     let c = Env::new();
     build(&c);
     assert_eq!(layer_of(&a, "take", 1), layer_of(&c, "take", 1));
+    // A file that became a directory: the taken upper is no start (and is
+    // gone with it), the copy starts afresh; still a clean store's layer,
+    // and the store checks clean.
+    fs_err::remove_file(ctx.join("tree/d2/f3.txt")).expect("rm");
+    fs_err::create_dir_all(ctx.join("tree/d2/f3.txt")).expect("mkdir");
+    fs_err::write(ctx.join("tree/d2/f3.txt/inner"), "in\n").expect("write");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let fourth = build(&a);
+    assert!(taken(&fourth), "{fourth}");
+    assert!(
+        fourth
+            .lines()
+            .any(|l| l.ends_with("the prepared upper conflicts")),
+        "{fourth}"
+    );
+    let d = Env::new();
+    build(&d);
+    assert_eq!(layer_of(&a, "take", 1), layer_of(&d, "take", 1));
+    let o = a.kiln(&["system", "check", "--verify"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
     a.assert_clean();
 }
 
