@@ -206,13 +206,17 @@ impl<W: Write> Write for BlobTee<'_, W> {
 impl Store {
     /// Stores the copy a [`BlobTee`] made of the layer `diff_id` as its
     /// blob (synced). Best effort: on failure the layer just has no blob.
-    pub(crate) fn keep_layer_blob(&self, copy: (fs_err::File, PathBuf), diff_id: &Digest) -> bool {
+    /// (Not a [`crate::BlobWriter`]: that one hashes what it is given, and
+    /// the layer's digest is known already.)
+    pub(crate) fn keep_layer_blob(&self, copy: (fs_err::File, PathBuf), diff_id: &Digest) {
         let (file, temp) = copy;
         let dest = self.blob_path(diff_id);
-        let kept = file.sync_all().is_ok()
+        if file.sync_all().is_ok()
             && (dest.is_file() || fs_err::rename(&temp, &dest).is_ok())
-            && dest.parent().is_some_and(|d| sync_dir(d).is_ok());
+            && let Some(d) = dest.parent()
+        {
+            let _ = sync_dir(d);
+        }
         let _ = fs_err::remove_file(&temp);
-        kept
     }
 }

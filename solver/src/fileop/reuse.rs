@@ -119,10 +119,6 @@ pub struct Reuse {
     /// changed one replaced, and what the sources no longer have is
     /// removed from `upper` at the end.
     pub prepared: bool,
-    /// With `prepared`: `upper` *is* the previous result, taken over
-    /// (`prev_root` names it): nothing is linked from it, as its files are
-    /// already where they belong.
-    pub prev_is_upper: bool,
     /// With `prepared`: the source files as the build's key checksums
     /// `lstat`ed them, by path below the source root; a file found here
     /// unchanged is kept without another `lstat`.
@@ -158,7 +154,6 @@ impl Reuse {
             upper,
             racy_after_ns: i128::try_from(now.as_nanos()).unwrap_or(i128::MAX),
             prepared: false,
-            prev_is_upper: false,
             seen: None,
             next_prev: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -181,9 +176,10 @@ impl Reuse {
     }
 
     /// The previous result's file for `rel`, when its source is unchanged
-    /// since that run copied it.
+    /// since that run copied it. None when the previous result *is* the
+    /// upper (taken over: its files are already where they belong).
     pub(super) fn previous(&self, rel: &str, id: &FileIdentity) -> Option<PathBuf> {
-        let prev_root = self.prev_root.as_ref().filter(|_| !self.prev_is_upper)?;
+        let prev_root = self.prev_root.as_ref().filter(|r| **r != self.upper)?;
         self.has_previous(rel, id).then(|| prev_root.join(rel))
     }
 

@@ -63,9 +63,6 @@ pub(super) struct Loaded {
     pub known: Option<KnownFiles>,
     /// Whether there was a memo at all (this COPY ran before).
     pub had_memo: bool,
-    /// The previous result's snapshot was taken over as the upper (see
-    /// [`Loaded::taken_as`]).
-    taken: bool,
 }
 
 /// What the memo at `memo` says.
@@ -83,7 +80,6 @@ pub(super) fn load(store: &Store, memo: &Path) -> Loaded {
                 files: m.files,
                 known,
                 had_memo: true,
-                taken: false,
             }
         }
         None => Loaded {
@@ -91,7 +87,6 @@ pub(super) fn load(store: &Store, memo: &Path) -> Loaded {
             files: Vec::new(),
             known: None,
             had_memo: false,
-            taken: false,
         },
     }
 }
@@ -102,7 +97,6 @@ impl Loaded {
     pub(super) fn taken_as(&mut self, upper: &Path) {
         if let Some((_, dir)) = &mut self.prev {
             *dir = upper.to_owned();
-            self.taken = true;
         }
     }
 
@@ -120,7 +114,6 @@ impl Loaded {
             upper.to_owned(),
         );
         reuse.prepared = prepared.is_some();
-        reuse.prev_is_upper = self.taken && reuse.prepared;
         reuse.seen = prepared.filter(|s| !s.is_empty());
         Arc::new(reuse)
     }
@@ -170,7 +163,6 @@ pub(super) fn claim_prepared(store: &Store, memo: &Path, diff_id: &Digest, upper
 /// next run, or a memo may let it take its last snapshot over (else the
 /// keys need not keep their `lstat`s for it).
 pub fn has_prepared(store: &Store) -> bool {
-    // (A COPY with a memo may take its last snapshot over instead.)
     fs_err::read_dir(prepared_dir(store)).is_ok_and(|mut d| d.next().is_some())
         || fs_err::read_dir(store.root().join("copy-memo"))
             .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "prepared")))
