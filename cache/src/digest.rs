@@ -232,14 +232,47 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Bytes handed to a [`PipeHasher`]'s thread as they are, without a copy
+/// (a mapping of a big file, say).
+pub type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// What goes to the hashing thread: a filled block, or shared bytes.
+enum Chunk {
+    Block(Vec<u8>),
+    Shared(SharedBytes),
+    /// Everything was sent (a tap may outlive the hasher).
+    End,
+}
+
+/// Hands [`SharedBytes`] to a [`PipeHasher`]'s thread, in order with what
+/// was written to the hasher before (after its [`Write::flush`]).
+#[derive(Clone)]
+pub struct HashTap(std::sync::mpsc::SyncSender<Chunk>);
+
+impl fmt::Debug for HashTap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HashTap")
+    }
+}
+
+impl HashTap {
+    /// Hashes `bytes` after everything flushed to the hasher so far.
+    pub fn send(&self, bytes: SharedBytes) -> io::Result<()> {
+        self.0
+            .send(Chunk::Shared(bytes))
+            .map_err(|_| io::Error::other("the layer hashing thread stopped"))
+    }
+}
+
 /// A sink that hashes what is written to it on another thread, so that
 /// the writer's own work (walking a tree, reading files, faulting in
 /// mapped pages) overlaps the hashing. Bytes are handed over in blocks of
-/// [`PipeHasher::BLOCK`], through a few recycled buffers.
+/// [`PipeHasher::BLOCK`], through a few recycled buffers, or without a
+/// copy through a [`HashTap`].
 #[derive(Debug)]
 pub struct PipeHasher {
     buf: Vec<u8>,
-    to_hasher: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    to_hasher: Option<std::sync::mpsc::SyncSender<Chunk>>,
     recycled: std::sync::mpsc::Receiver<Vec<u8>>,
     hasher: Option<std::thread::JoinHandle<Hasher>>,
     /// The hasher when no thread could be started (hashes inline).
@@ -256,20 +289,37 @@ impl PipeHasher {
     /// Bytes handed to the hashing thread at once.
     pub const BLOCK: usize = 256 * 1024;
 
+    /// Chunks waiting for the hashing thread, at most.
+    const QUEUE: usize = 8;
+
+    /// A tap to hand bytes over without a copy; `None` when the hashing
+    /// is done on the caller's thread.
+    pub fn tap(&self) -> Option<HashTap> {
+        self.to_hasher.clone().map(HashTap)
+    }
+
     /// A sink with its hashing thread started (or, if none can be, one
     /// that hashes on the caller's).
     pub fn new() -> Self {
-        let (to_hasher, blocks) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        // Room for a few chunks: a writer that handed over a big file's
+        // mappings goes on with the files after it meanwhile.
+        let (to_hasher, chunks) = std::sync::mpsc::sync_channel::<Chunk>(Self::QUEUE);
         let (give_back, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let spawned = std::thread::Builder::new()
             .name("layer-hash".to_owned())
             .spawn(move || {
                 let mut h = Hasher::new();
-                while let Ok(mut block) = blocks.recv() {
-                    h.update(&block);
-                    block.clear();
-                    // A full pool just drops the buffer.
-                    let _ = give_back.try_send(block);
+                while let Ok(chunk) = chunks.recv() {
+                    match chunk {
+                        Chunk::Block(mut block) => {
+                            h.update(&block);
+                            block.clear();
+                            // A full pool just drops the buffer.
+                            let _ = give_back.try_send(block);
+                        }
+                        Chunk::Shared(bytes) => h.update((*bytes).as_ref()),
+                        Chunk::End => break,
+                    }
                 }
                 h
             });
@@ -299,7 +349,7 @@ impl PipeHasher {
         let full = std::mem::replace(&mut self.buf, next);
         match &self.to_hasher {
             Some(tx) => tx
-                .send(full)
+                .send(Chunk::Block(full))
                 .map_err(|_| io::Error::other("the layer hashing thread stopped")),
             None => Ok(()),
         }
@@ -314,7 +364,9 @@ impl PipeHasher {
         if !self.buf.is_empty() {
             self.send()?;
         }
-        drop(self.to_hasher.take());
+        if let Some(tx) = self.to_hasher.take() {
+            let _ = tx.send(Chunk::End);
+        }
         let h = self
             .hasher
             .take()
@@ -345,7 +397,12 @@ impl Write for PipeHasher {
         Ok(data.len())
     }
 
+    /// Hands a partly filled block over (so that a [`HashTap`] may go
+    /// next).
     fn flush(&mut self) -> io::Result<()> {
+        if self.to_hasher.is_some() && !self.buf.is_empty() {
+            self.send()?;
+        }
         Ok(())
     }
 }
@@ -353,7 +410,9 @@ impl Write for PipeHasher {
 impl Drop for PipeHasher {
     fn drop(&mut self) {
         // Unfinished (an error on the way): stop the thread.
-        drop(self.to_hasher.take());
+        if let Some(tx) = self.to_hasher.take() {
+            let _ = tx.send(Chunk::End);
+        }
         if let Some(h) = self.hasher.take() {
             let _ = h.join();
         }
@@ -388,6 +447,33 @@ mod tests {
         }
         let (d, n) = PipeHasher::new().finish().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((d, n), (Digest::of_bytes(b""), 0));
+    }
+
+    #[test]
+    fn bytes_tapped_in_hash_in_order_with_those_written() {
+        let data: Vec<u8> = (0..(2 * PipeHasher::BLOCK + 999))
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        let shared =
+            |r: std::ops::Range<usize>| -> SharedBytes { std::sync::Arc::new(data[r].to_vec()) };
+        let mut p = PipeHasher::new();
+        let tap = p.tap().expect("a hashing thread");
+        p.write_all(&data[..1000]).unwrap_or_else(|e| panic!("{e}"));
+        p.flush().unwrap_or_else(|e| panic!("{e}"));
+        tap.send(shared(1000..PipeHasher::BLOCK + 10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        p.write_all(&data[PipeHasher::BLOCK + 10..PipeHasher::BLOCK + 20])
+            .unwrap_or_else(|e| panic!("{e}"));
+        p.flush().unwrap_or_else(|e| panic!("{e}"));
+        tap.send(shared(PipeHasher::BLOCK + 20..data.len() - 5))
+            .unwrap_or_else(|e| panic!("{e}"));
+        p.write_all(&data[data.len() - 5..])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (d, n) = p.finish().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(d, Digest::of_bytes(&data));
+        // The hashing thread is gone: a tap left over says so.
+        assert!(tap.send(shared(0..1)).is_err());
     }
 
     #[test]

@@ -74,6 +74,9 @@ impl Store {
         // Hashed on another thread while the tree is walked and read; a
         // small layer's tar kept too when asked.
         let mut hw = crate::digest::PipeHasher::new();
+        // Big files go to the hasher as mappings, unless the tar is kept
+        // (then the copy needs the bytes).
+        let tap = hw.tap().filter(|_| opts.keep_blob_below.is_none());
         let mut tee = crate::snapshot_take::BlobTee::new(
             &mut hw,
             &self.root().join("tmp"),
@@ -83,26 +86,8 @@ impl Store {
             what: upper.display().to_string(),
             source,
         };
-        let (recorded, digests) = match known {
-            _ if opts.content_digests => {
-                let (_, recorded, digests) =
-                    layer::write_layer_digesting(upper, &mut tee, opts, known)
-                        .map_err(layer_err)?;
-                (recorded, Some(digests))
-            }
-            Some(k) => (
-                Some(
-                    layer::write_layer_reusing(upper, &mut tee, opts, k)
-                        .map_err(layer_err)?
-                        .1,
-                ),
-                None,
-            ),
-            None => {
-                layer::write_layer(upper, &mut tee, opts).map_err(layer_err)?;
-                (None, None)
-            }
-        };
+        let (_, recorded, digests) =
+            layer::write_layer_with(upper, &mut tee, opts, known, tap).map_err(layer_err)?;
         let copy = tee.into_copy();
         let (diff_id, size) = hw
             .finish()

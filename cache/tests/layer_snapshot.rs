@@ -17,6 +17,10 @@ fn upper(store: &Store, name: &str) -> PathBuf {
     dir
 }
 
+fn sha(bytes: &[u8]) -> [u8; 32] {
+    <sha2::Sha256 as sha2::Digest>::digest(bytes).into()
+}
+
 fn tar_of(dir: &Path, opts: &WriteOptions) -> (Vec<u8>, Digest) {
     let mut w = HashingWriter::new(Vec::new());
     kiln_cache::write_layer(dir, &mut w, opts).expect("write layer");
@@ -66,6 +70,54 @@ fn a_snapshot_layer_streams_the_tar_it_was_hashed_as() {
         store.read_blob(&layer.diff_id).expect("read blob"),
         expected
     );
+}
+
+/// Big files (mapped) between small ones, hashed as mappings handed to the
+/// hashing thread while the walk goes on: the same diffID, size and
+/// content digests as the tar written byte by byte. With a kept blob (no
+/// hand-over: the copy needs the bytes) too.
+#[test]
+fn big_files_handed_to_the_hasher_hash_as_the_tar_written_in_full() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let make = |name: &str| {
+        let dir = store.root().join("tmp").join(name);
+        fs_err::create_dir_all(dir.join("d")).expect("mkdir");
+        // 16 MiB + 5 bytes: two mappings, the second short.
+        let big: Vec<u8> = (0..(16u32 << 20) + 5).map(|i| (i % 251) as u8).collect();
+        fs_err::write(dir.join("a.bin"), &big).expect("write");
+        for i in 0..40 {
+            fs_err::write(dir.join(format!("d/f{i}")), format!("small {i}\n")).expect("write");
+        }
+        fs_err::write(dir.join("d/m.bin"), &big[..(1 << 20) + 1]).expect("write");
+        fs_err::write(dir.join("z"), "last\n").expect("write");
+        dir
+    };
+    let opts = WriteOptions::default()
+        .with_mapped_files()
+        .with_content_digests(true);
+    let up = make("tap1");
+    let (expected, expected_digest) = tar_of(&up, &WriteOptions::default());
+    let (layer, _, digests) = store
+        .commit_snapshot_reusing(&up, &opts, None)
+        .expect("commit");
+    assert_eq!(layer.diff_id, expected_digest);
+    assert_eq!(layer.size, expected.len() as u64);
+    let digests = digests.expect("content digests");
+    let big: Vec<u8> = (0..(16u32 << 20) + 5).map(|i| (i % 251) as u8).collect();
+    assert_eq!(digests.get(b"a.bin", big.len() as u64), Some(sha(&big)));
+    assert_eq!(digests.get(b"d/f7", 8), Some(sha(b"small 7\n")));
+    let mut r = store.open_layer(&layer.diff_id).expect("open layer");
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).expect("read");
+    assert_eq!(got, expected);
+
+    // Kept as a blob: written whole, the same layer.
+    let up = make("tap2");
+    let kept = store
+        .commit_snapshot_from_dir(&up, &opts.clone().with_blob_below(Some(64 << 20)))
+        .expect("commit kept");
+    assert_eq!(kept, layer);
 }
 
 #[test]

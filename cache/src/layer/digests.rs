@@ -66,11 +66,11 @@ impl Digesting {
     }
 
     /// Hashes the `size` bytes of `file` (which nothing writes any more)
-    /// through mappings, on another thread. A file that cannot be hashed so
-    /// gets no digest: its reader reads it.
-    pub(super) fn spawn_mapped(&mut self, path: Vec<u8>, file: &File, size: u64) {
+    /// through mappings, on another thread; false if no thread was started.
+    /// A file that cannot be hashed so gets no digest: its reader reads it.
+    pub(super) fn spawn_mapped(&mut self, path: Vec<u8>, file: &File, size: u64) -> bool {
         let Ok(file) = file.try_clone() else {
-            return;
+            return false;
         };
         if self.pending.len() >= MAX_PENDING {
             self.join_one();
@@ -85,8 +85,12 @@ impl Digesting {
                 });
                 matches!(mapped, Ok(true)).then(|| (path, size, h.finalize().into()))
             });
-        if let Ok(handle) = spawned {
-            self.pending.push_back(handle);
+        match spawned {
+            Ok(handle) => {
+                self.pending.push_back(handle);
+                true
+            }
+            Err(_) => false,
         }
     }
 

@@ -30,6 +30,16 @@ pub fn for_each_window(
     len: u64,
     mut f: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<bool> {
+    for_each_mapping(file, len, |m| f(m.bytes()))
+}
+
+/// [`for_each_window`], giving `f` the mappings themselves (to hand them
+/// on to another thread).
+pub fn for_each_mapping(
+    file: &File,
+    len: u64,
+    mut f: impl FnMut(Mapped) -> std::io::Result<()>,
+) -> std::io::Result<bool> {
     let mut off = 0;
     while off < len {
         let n = WINDOW.min(len - off);
@@ -39,7 +49,7 @@ pub fn for_each_window(
             }
             return Err(std::io::Error::other("mapping the file failed"));
         };
-        f(m.bytes())?;
+        f(m)?;
         off += n;
     }
     Ok(true)
@@ -72,6 +82,19 @@ impl Mapped {
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: `ptr` maps `len` readable bytes until `drop`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+// SAFETY: the mapping is read-only and only read through `bytes`; the
+// pointer is not tied to the thread that mapped it (munmap may be called
+// from any thread).
+unsafe impl Send for Mapped {}
+// SAFETY: as above; shared access is reads only.
+unsafe impl Sync for Mapped {}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
     }
 }
 

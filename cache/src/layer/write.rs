@@ -22,6 +22,7 @@ use super::tar_format::{
     KIND_SYMLINK,
 };
 use super::{LayerError, LayerStats, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, WriteOptions};
+use crate::digest::HashTap;
 
 /// Write the OCI layer tar for an overlay upperdir (or any plain directory = a full layer).
 ///
@@ -32,7 +33,7 @@ pub fn write_layer<W: Write>(
     out: W,
     opts: &WriteOptions,
 ) -> Result<LayerStats, LayerError> {
-    write_inner(diff_dir, out, opts, None, None).map(|(stats, _)| stats)
+    write_inner(diff_dir, out, opts, None, None, None).map(|(stats, _)| stats)
 }
 
 /// [`write_layer`], taking the content of the regular files `known` has
@@ -45,13 +46,10 @@ pub fn write_layer_reusing<W: Write>(
     diff_dir: &Path,
     out: W,
     opts: &WriteOptions,
-    mut known: KnownFiles,
+    known: KnownFiles,
 ) -> Result<(LayerStats, KnownFiles), LayerError> {
-    let mut recorded = KnownFiles::default();
-    let (stats, _) = write_inner(diff_dir, out, opts, Some(&mut known), Some(&mut recorded))?;
-    known.keep_used();
-    known.absorb(recorded);
-    Ok((stats, known))
+    let (stats, known, _) = write_layer_with(diff_dir, out, opts, Some(known), None)?;
+    Ok((stats, known.unwrap_or_default()))
 }
 
 /// [`write_layer_reusing`] (or [`write_layer`], without `known`) that also
@@ -67,18 +65,41 @@ pub fn write_layer_digesting<W: Write>(
         content_digests: true,
         ..opts.clone()
     };
+    let (stats, known, digests) = write_layer_with(diff_dir, out, &opts, known, None)?;
+    Ok((stats, known, digests.unwrap_or_default()))
+}
+
+/// [`write_layer_reusing`] with `known`, else [`write_layer`]; with
+/// [`WriteOptions::content_digests`], also the content digests. With a
+/// `tap` (of the [`crate::digest::PipeHasher`] that `out` ends in, when
+/// nothing else between them needs the bytes), big mapped files go to the
+/// hasher as mappings, without a copy: the walk goes on to the next files
+/// while they are hashed.
+pub(crate) fn write_layer_with<W: Write>(
+    diff_dir: &Path,
+    out: W,
+    opts: &WriteOptions,
+    known: Option<KnownFiles>,
+    tap: Option<HashTap>,
+) -> Result<(LayerStats, Option<KnownFiles>, Option<ContentDigests>), LayerError> {
     match known {
         Some(mut known) => {
             let mut recorded = KnownFiles::default();
-            let (stats, digests) =
-                write_inner(diff_dir, out, &opts, Some(&mut known), Some(&mut recorded))?;
+            let (stats, digests) = write_inner(
+                diff_dir,
+                out,
+                opts,
+                Some(&mut known),
+                Some(&mut recorded),
+                tap,
+            )?;
             known.keep_used();
             known.absorb(recorded);
-            Ok((stats, Some(known), digests.unwrap_or_default()))
+            Ok((stats, Some(known), digests))
         }
         None => {
-            let (stats, digests) = write_inner(diff_dir, out, &opts, None, None)?;
-            Ok((stats, None, digests.unwrap_or_default()))
+            let (stats, digests) = write_inner(diff_dir, out, opts, None, None, tap)?;
+            Ok((stats, None, digests))
         }
     }
 }
@@ -89,6 +110,7 @@ fn write_inner<W: Write>(
     opts: &WriteOptions,
     known: Option<&mut KnownFiles>,
     record: Option<&mut KnownFiles>,
+    tap: Option<HashTap>,
 ) -> Result<(LayerStats, Option<ContentDigests>), LayerError> {
     let mut w = Writer {
         out: BufWriter::with_capacity(64 * 1024, out),
@@ -103,6 +125,7 @@ fn write_inner<W: Write>(
         record,
         content: Vec::new(),
         digesting: opts.content_digests.then(Digesting::default),
+        tap,
     };
     // The root itself must be a directory; its own metadata is not part of the diff.
     let md = fs_err::metadata(diff_dir).map_err(|source| LayerError::ReadDiff {
@@ -144,6 +167,8 @@ struct Writer<'k, W: Write> {
     content: Vec<u8>,
     /// The content digests being taken, if they are.
     digesting: Option<Digesting>,
+    /// Where big mapped files go without a copy, if anywhere.
+    tap: Option<HashTap>,
 }
 
 /// Regular files from this size are read through a mapping.
@@ -480,23 +505,42 @@ impl<W: Write> Writer<'_, W> {
                     ),
                 });
             }
+            // The file's own digest is taken on another core while its
+            // bytes go to the tar (the two hashes are independent).
+            let spawned = match (self.digesting.as_mut(), digest_as.as_ref()) {
+                (Some(d), Some(name)) => d.spawn_mapped(name.clone(), &file, size),
+                _ => false,
+            };
             let out = &mut self.out;
             let mut write_err = None;
-            let mapped = super::mapped::for_each_window(&file, size, |bytes| {
-                bytes
-                    .chunks(1 << 20)
-                    .try_for_each(|c| out.write_all(c))
-                    .map_err(|e| {
-                        let kind = e.kind();
-                        write_err = Some(e);
-                        io::Error::from(kind)
-                    })
-            });
+            let mapped = match &self.tap {
+                // What is buffered goes first, then the mappings.
+                Some(tap) => match out.flush() {
+                    Ok(()) => super::mapped::for_each_mapping(&file, size, |m| {
+                        tap.send(std::sync::Arc::new(m)).map_err(|e| {
+                            let kind = e.kind();
+                            write_err = Some(e);
+                            io::Error::from(kind)
+                        })
+                    }),
+                    Err(e) => return Err(LayerError::WriteTar(e)),
+                },
+                None => super::mapped::for_each_window(&file, size, |bytes| {
+                    bytes
+                        .chunks(1 << 20)
+                        .try_for_each(|c| out.write_all(c))
+                        .map_err(|e| {
+                            let kind = e.kind();
+                            write_err = Some(e);
+                            io::Error::from(kind)
+                        })
+                }),
+            };
             if let Some(e) = write_err {
                 return Err(LayerError::WriteTar(e));
             }
             if mapped.map_err(read_err(path))? {
-                if let (Some(d), Some(name)) = (self.digesting.as_mut(), digest_as) {
+                if !spawned && let (Some(d), Some(name)) = (self.digesting.as_mut(), digest_as) {
                     d.spawn_mapped(name, &file, size);
                 }
                 let pad = tar_format::padding(size);
