@@ -248,7 +248,8 @@ impl BuildContext {
     }
 
     /// How recently changed a file may be and still be stat-cached
-    /// (default 2 s; tests use 0).
+    /// (default 2 s, at most 0.1 s where times have nanoseconds; tests
+    /// use 0).
     pub fn with_racy_window(mut self, window: std::time::Duration) -> Self {
         self.racy_window_ns = i64::try_from(window.as_nanos()).unwrap_or(i64::MAX);
         self
@@ -1037,6 +1038,10 @@ fn parse_sha(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// The racy window for times kept in nanoseconds (see [`StatKey::is_racy`]):
+/// ten times the coarsest kernel clock tick.
+const FINE_RACY_NS: i64 = 100_000_000;
+
 /// The stat fields that identify an unchanged file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatKey {
@@ -1067,14 +1072,25 @@ impl StatKey {
         }
     }
 
-    /// Changed within `window_ns` of `now`: a later write could keep the
-    /// same times, so the digest must not be cached.
-    fn is_racy(&self, now: SystemTime, window_ns: i64) -> bool {
+    /// Changed so recently before `now` that a later write could keep the
+    /// same times, so the digest must not be cached. How recently depends
+    /// on the times' granularity: `window_ns` for a file system that keeps
+    /// whole seconds (both times without nanoseconds: FAT keeps 2 s), at
+    /// most [`FINE_RACY_NS`] for one that keeps nanoseconds (the kernel
+    /// stamps them from a clock that advances a tick of at most 10 ms).
+    pub(crate) fn is_racy(&self, now: SystemTime, window_ns: i64) -> bool {
         let now_ns = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         let newest = self.mtime_ns.max(self.ctime_ns);
-        now_ns.saturating_sub(newest) < window_ns
+        let whole_seconds =
+            self.mtime_ns % 1_000_000_000 == 0 && self.ctime_ns % 1_000_000_000 == 0;
+        let window = if whole_seconds {
+            window_ns
+        } else {
+            window_ns.min(FINE_RACY_NS)
+        };
+        now_ns.saturating_sub(newest) < window
     }
 }
 

@@ -255,13 +255,65 @@ fn racy_files_are_not_cached() {
     let store = tempfile::tempdir().expect("store");
     let d = tempfile::tempdir().expect("ctx");
     write(d.path(), "f", "x");
+    // Dated an hour ahead (a clock that is behind, or a write just now):
+    // racy however long the sums take.
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(3600);
+    filetime::set_file_mtime(
+        d.path().join("f"),
+        filetime::FileTime::from_system_time(ahead),
+    )
+    .expect("mtime");
     let mut c = BuildContext::new(d.path(), None)
         .with_stat_cache(StatCache::open(store.path()).expect("open"))
         .expect("load");
     sum(&mut c, &["f"]);
     sum(&mut c, &["f"]);
-    // Just written: within the default window, so hashed both times.
+    // Within the default window, so hashed both times.
     assert_eq!(c.stats().hashed, 2);
+}
+
+/// The racy window follows the times' granularity: 2 s for whole seconds
+/// (a write later in the same second keeps them), 0.1 s for nanoseconds.
+#[test]
+fn the_racy_window_follows_the_granularity_of_the_times() {
+    let now = std::time::SystemTime::now();
+    let now_ns = i64::try_from(
+        now.duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_nanos(),
+    )
+    .expect("fits");
+    let key = |mtime_ns: i64, ctime_ns: i64| StatKey {
+        size: 1,
+        mtime_ns,
+        ctime_ns,
+        ino: 1,
+        dev: 1,
+        mode: 0o100644,
+    };
+    let window = 2_000_000_000;
+    let fine = |ago_ms: i64| {
+        let t = now_ns - ago_ms * 1_000_000;
+        // Not a whole second.
+        let t = if t % 1_000_000_000 == 0 { t - 1 } else { t };
+        key(t, t)
+    };
+    assert!(fine(50).is_racy(now, window));
+    assert!(!fine(500).is_racy(now, window));
+    assert!(!fine(1500).is_racy(now, window));
+    let whole = now_ns / 1_000_000_000 * 1_000_000_000 - 1_000_000_000;
+    assert!(
+        key(whole, whole).is_racy(now, window),
+        "within 2 s, whole seconds"
+    );
+    assert!(!key(whole - 2_000_000_000, whole - 2_000_000_000).is_racy(now, window));
+    // Either time with nanoseconds: they are kept.
+    assert!(!key(whole, fine(500).ctime_ns).is_racy(now, window));
+    // A smaller window than 0.1 s is kept as it is; none is none.
+    assert!(!fine(50).is_racy(now, 10_000_000));
+    assert!(!fine(0).is_racy(now, 0));
+    // Times ahead of the clock are racy.
+    assert!(fine(-5000).is_racy(now, window));
 }
 
 fn record(cache: &mut StatCache, root: &str, dir: &str, name: &str, k: StatKey, d: u8, free: bool) {
