@@ -550,6 +550,30 @@ fn digesting_writer_gives_each_regular_files_content_digest_and_the_same_tar() {
     }
     assert_eq!(digests.get(b"d/link", 5), None, "not a regular file");
     assert_eq!(digests.len(), 6);
+    // Seen without any xattrs, all of them (big files too); not at another size.
+    for name in ["big1", "d/big2", "d/big3", "mid", "d/small", "empty"] {
+        let n = fs_err::metadata(root.join(name)).unwrap().len();
+        assert!(digests.without_xattrs(name.as_bytes(), n), "{name}");
+        assert!(!digests.without_xattrs(name.as_bytes(), n + 1), "{name}");
+    }
+
+    // A file with an xattr, even one the layer leaves out (overlayfs'
+    // own, here as `user.overlay.*`), is not without xattrs.
+    xattr::set(root.join("mid"), "user.overlay.origin", b"x").unwrap();
+    xattr::set(root.join("big1"), "user.note", b"y").unwrap();
+    let (_, _, marked) = write_layer_digesting(&root, std::io::sink(), &opts, None).unwrap();
+    for (name, bare) in [
+        ("mid", false),
+        ("big1", false),
+        ("d/big2", true),
+        ("d/small", true),
+    ] {
+        let n = fs_err::metadata(root.join(name)).unwrap().len();
+        assert_eq!(marked.without_xattrs(name.as_bytes(), n), bare, "{name}");
+        assert!(marked.get(name.as_bytes(), n).is_some(), "{name}");
+    }
+    xattr::remove(root.join("mid"), "user.overlay.origin").unwrap();
+    xattr::remove(root.join("big1"), "user.note").unwrap();
 
     // A file whose content is known is digested from what is known.
     let mut known = KnownFiles::default();
@@ -559,6 +583,8 @@ fn digesting_writer_gives_each_regular_files_content_digest_and_the_same_tar() {
         write_layer_digesting(&root, &mut again, &opts, Some(known)).unwrap();
     assert!(carried.is_some());
     assert_eq!(digests.get(b"d/small", 5), Some(sha(b"SMALL")));
+    // (Its xattrs were not listed.)
+    assert!(!digests.without_xattrs(b"d/small", 5));
     assert_eq!(
         digests.get(b"big1", big.len() as u64 + 4),
         Some(sha(&fs_err::read(root.join("big1")).unwrap()))

@@ -2403,11 +2403,13 @@ fn copy_from_a_stage_links_its_files_and_later_writes_copy_up() {
         ctx.join("Dockerfile"),
         "FROM busybox:local AS a\n\
          RUN mkdir -p /out/sub && echo one > /out/one && echo two > /out/sub/two \
-             && chmod 640 /out/one && chown 7:8 /out/sub/two && ln /out/one /out/hard\n\
+             && chmod 640 /out/one && chown 7:8 /out/sub/two && ln /out/one /out/hard \
+             && echo 'x:x:9:9::/:/bin/sh' >> /etc/passwd\n\
          FROM busybox:local\n\
          COPY --from=a /out /a\n\
          COPY --from=a --chmod=600 /out/sub/two /m/two\n\
-         RUN echo changed >> /a/one\n",
+         RUN echo changed >> /a/one\n\
+         COPY --from=a /etc/passwd /p/passwd\n",
     )
     .expect("dockerfile");
     env.build(&ctx, &["-t", "linked"]);
@@ -2422,7 +2424,7 @@ fn copy_from_a_stage_links_its_files_and_later_writes_copy_up() {
                 .trim_start_matches("sha256:")
         ))
     };
-    let (copy, chmod, run) = (snap(1), snap(2), snap(3));
+    let (copy, chmod, run, copied_up) = (snap(1), snap(2), snap(3), snap(4));
     let meta = |p: PathBuf| fs_err::symlink_metadata(p).expect("stat");
     // The stage's files are its snapshot's inodes, metadata kept.
     let two = meta(copy.join("a/sub/two"));
@@ -2444,6 +2446,17 @@ fn copy_from_a_stage_links_its_files_and_later_writes_copy_up() {
     assert_eq!(read(&fs.join("a/one")), "one\nchanged\n");
     assert_eq!(read(&fs.join("a/sub/two")), "two\n");
     assert_eq!(read(&fs.join("m/two")), "two\n");
+    // A stage file its RUN copied up carries overlayfs' own xattrs: it is
+    // copied, not linked, and none of them reaches the copy's layer (the
+    // stage's fresh files above were seen without any and linked).
+    let p = meta(copied_up.join("p/passwd"));
+    assert_eq!(p.nlink(), 1, "copied, not linked");
+    let private: Vec<_> = xattr::list(copied_up.join("p/passwd"))
+        .expect("xattrs")
+        .filter(|n| n.to_string_lossy().contains("overlay."))
+        .collect();
+    assert!(private.is_empty(), "{private:?}");
+    assert!(read(&fs.join("p/passwd")).ends_with("x:x:9:9::/:/bin/sh\n"));
     env.assert_clean();
 }
 

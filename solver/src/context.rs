@@ -818,7 +818,16 @@ impl Walker<'_> {
                 }
                 _ => {
                     let host = host();
-                    let xattrs = read_xattrs(&host);
+                    // A stage's file its top layer saw without any xattrs
+                    // has none in the stage either (the same file).
+                    let bare = self
+                        .top_layer
+                        .is_some_and(|t| t.without_xattrs(rel.as_bytes(), meta.len()));
+                    let xattrs = if bare {
+                        BTreeMap::new()
+                    } else {
+                        read_xattrs(&host)
+                    };
                     let d = match self
                         .top_layer
                         .and_then(|t| t.get(rel.as_bytes(), meta.len()))

@@ -18,7 +18,8 @@ use sha2::{Digest as _, Sha256};
 /// by path in the layer (as in its tar: relative, no leading `./`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ContentDigests {
-    files: HashMap<Vec<u8>, (u64, [u8; 32])>,
+    /// By path: size, digest, and whether the file had no xattrs at all.
+    files: HashMap<Vec<u8>, (u64, [u8; 32], bool)>,
 }
 
 impl ContentDigests {
@@ -27,13 +28,28 @@ impl ContentDigests {
     pub fn get(&self, path: &[u8], size: u64) -> Option<[u8; 32]> {
         self.files
             .get(path)
-            .filter(|(s, _)| *s == size)
-            .map(|(_, d)| *d)
+            .filter(|(s, _, _)| *s == size)
+            .map(|(_, d, _)| *d)
+    }
+
+    /// Whether the file at `path`, of `size` bytes, was seen to have no
+    /// xattrs at all (not even overlayfs' own) when its digest was taken;
+    /// false when that is not known.
+    pub fn without_xattrs(&self, path: &[u8], size: u64) -> bool {
+        self.files
+            .get(path)
+            .is_some_and(|(s, _, bare)| *s == size && *bare)
     }
 
     /// Records the digest of the `size` bytes of the file at `path`.
     pub fn insert(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32]) {
-        self.files.insert(path, (size, digest));
+        self.files.insert(path, (size, digest, false));
+    }
+
+    /// [`ContentDigests::insert`] for a file seen to have no xattrs at all
+    /// (see [`ContentDigests::without_xattrs`]).
+    pub fn insert_without_xattrs(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32]) {
+        self.files.insert(path, (size, digest, true));
     }
 
     /// How many files have a digest.
@@ -50,7 +66,7 @@ impl ContentDigests {
 /// Big files hashed at once, at most (a third waits for the first).
 const MAX_PENDING: usize = 2;
 
-type Pending = JoinHandle<Option<(Vec<u8>, u64, [u8; 32])>>;
+type Pending = JoinHandle<Option<(Vec<u8>, u64, [u8; 32], bool)>>;
 
 /// Digests being taken while a layer is written: small files by the
 /// writer, big ones on threads beside it.
@@ -61,14 +77,21 @@ pub(super) struct Digesting {
 }
 
 impl Digesting {
-    pub(super) fn add(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32]) {
-        self.done.insert(path, size, digest);
+    /// Records a digest; `bare`: the file has no xattrs at all.
+    pub(super) fn add(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32], bare: bool) {
+        self.done.files.insert(path, (size, digest, bare));
     }
 
     /// Hashes the `size` bytes of `file` (which nothing writes any more)
     /// through mappings, on another thread; false if no thread was started.
     /// A file that cannot be hashed so gets no digest: its reader reads it.
-    pub(super) fn spawn_mapped(&mut self, path: Vec<u8>, file: &File, size: u64) -> bool {
+    pub(super) fn spawn_mapped(
+        &mut self,
+        path: Vec<u8>,
+        file: &File,
+        size: u64,
+        bare: bool,
+    ) -> bool {
         let Ok(file) = file.try_clone() else {
             return false;
         };
@@ -83,7 +106,7 @@ impl Digesting {
                     h.update(bytes);
                     Ok(())
                 });
-                matches!(mapped, Ok(true)).then(|| (path, size, h.finalize().into()))
+                matches!(mapped, Ok(true)).then(|| (path, size, h.finalize().into(), bare))
             });
         match spawned {
             Ok(handle) => {
@@ -96,9 +119,9 @@ impl Digesting {
 
     fn join_one(&mut self) {
         if let Some(handle) = self.pending.pop_front()
-            && let Ok(Some((path, size, digest))) = handle.join()
+            && let Ok(Some((path, size, digest, bare))) = handle.join()
         {
-            self.done.insert(path, size, digest);
+            self.add(path, size, digest, bare);
         }
     }
 

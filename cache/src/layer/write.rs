@@ -198,10 +198,21 @@ enum XattrSource<'a> {
     Path,
 }
 
-/// The xattrs to record, and whether the directory is overlay-opaque.
-fn read_xattrs(path: &Path, src: XattrSource<'_>) -> Result<(Xattrs, bool), LayerError> {
+/// What [`read_xattrs`] found.
+struct FoundXattrs {
+    /// The xattrs to record.
+    kept: Xattrs,
+    /// Whether the directory is overlay-opaque.
+    opaque: bool,
+    /// Whether there were none at all (not even overlayfs' own).
+    none: bool,
+}
+
+/// The xattrs of `path` (see [`FoundXattrs`]).
+fn read_xattrs(path: &Path, src: XattrSource<'_>) -> Result<FoundXattrs, LayerError> {
     let mut out = Vec::new();
     let mut opaque = false;
+    let mut none = true;
     let listed = match src {
         XattrSource::Fd(f) => f.list_xattr(),
         XattrSource::Path => xattr::list(path),
@@ -209,7 +220,13 @@ fn read_xattrs(path: &Path, src: XattrSource<'_>) -> Result<(Xattrs, bool), Laye
     let names = match listed {
         Ok(n) => n,
         // File systems without xattrs (or a kernel refusing `user.` on symlinks) have none.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok((out, false)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+            return Ok(FoundXattrs {
+                kept: out,
+                opaque,
+                none,
+            });
+        }
         Err(e) => {
             return Err(LayerError::ReadDiff {
                 path: path.to_path_buf(),
@@ -218,6 +235,7 @@ fn read_xattrs(path: &Path, src: XattrSource<'_>) -> Result<(Xattrs, bool), Laye
         }
     };
     for name in names {
+        none = false;
         let bytes = name.as_bytes();
         if bytes.ends_with(b".overlay.redirect") || bytes.ends_with(b".overlay.metacopy") {
             // With `redirect_dir` or `metacopy` the upperdir is not a self-contained diff
@@ -245,7 +263,11 @@ fn read_xattrs(path: &Path, src: XattrSource<'_>) -> Result<(Xattrs, bool), Laye
         }
     }
     out.sort();
-    Ok((out, opaque))
+    Ok(FoundXattrs {
+        kept: out,
+        opaque,
+        none,
+    })
 }
 
 fn errno_err(path: &Path) -> impl FnOnce(Errno) -> LayerError + '_ {
@@ -350,7 +372,11 @@ impl<W: Write> Writer<'_, W> {
 
         if fmt == SFlag::S_IFDIR {
             let sub = open_at(dir, base, path, OFlag::O_DIRECTORY)?;
-            let (xattrs, opaque) = read_xattrs(path, XattrSource::Fd(&sub))?;
+            let FoundXattrs {
+                kept: xattrs,
+                opaque,
+                ..
+            } = read_xattrs(path, XattrSource::Fd(&sub))?;
             let mut name = rel.clone();
             name.push(b'/');
             let mut h = self.base_header(name.clone(), KIND_DIR, &st);
@@ -390,7 +416,9 @@ impl<W: Write> Writer<'_, W> {
         } else {
             None
         };
-        let (xattrs, _) = match &file {
+        let FoundXattrs {
+            kept: xattrs, none, ..
+        } = match &file {
             Some(f) => read_xattrs(path, XattrSource::Fd(f))?,
             None => read_xattrs(path, XattrSource::Path)?,
         };
@@ -433,7 +461,7 @@ impl<W: Write> Writer<'_, W> {
                 self.emit(&h)?;
                 self.content.clear();
                 let digest_as = self.digesting.is_some().then(|| h.name.clone());
-                self.copy_file(file, path, h.size, record, digest_as)?;
+                self.copy_file(file, path, h.size, record, digest_as.map(|n| (n, none)))?;
                 if let (Some(rel), Some(rec)) = (rel_for_record, self.record.as_deref_mut()) {
                     rec.record(&rel, &self.content);
                 }
@@ -479,7 +507,8 @@ impl<W: Write> Writer<'_, W> {
             .map_err(LayerError::WriteTar)?;
         self.stats.bytes += size + pad as u64;
         if let Some(d) = self.digesting.as_mut() {
-            d.add(h.name, size, sha2::Sha256::digest(content).into());
+            // (Its xattrs were not listed: not known to have none.)
+            d.add(h.name, size, sha2::Sha256::digest(content).into(), false);
         }
         Ok(())
     }
@@ -490,7 +519,7 @@ impl<W: Write> Writer<'_, W> {
         path: &Path,
         size: u64,
         record: bool,
-        digest_as: Option<Vec<u8>>,
+        digest_as: Option<(Vec<u8>, bool)>,
     ) -> Result<(), LayerError> {
         if size >= MAP_FROM && !record && self.opts.map_big_files {
             // The file's size now must be the size stat'ed (the mapping's
@@ -508,7 +537,7 @@ impl<W: Write> Writer<'_, W> {
             // The file's own digest is taken on another core while its
             // bytes go to the tar (the two hashes are independent).
             let spawned = match (self.digesting.as_mut(), digest_as.as_ref()) {
-                (Some(d), Some(name)) => d.spawn_mapped(name.clone(), &file, size),
+                (Some(d), Some((name, bare))) => d.spawn_mapped(name.clone(), &file, size, *bare),
                 _ => false,
             };
             let out = &mut self.out;
@@ -540,8 +569,10 @@ impl<W: Write> Writer<'_, W> {
                 return Err(LayerError::WriteTar(e));
             }
             if mapped.map_err(read_err(path))? {
-                if !spawned && let (Some(d), Some(name)) = (self.digesting.as_mut(), digest_as) {
-                    d.spawn_mapped(name, &file, size);
+                if !spawned
+                    && let (Some(d), Some((name, bare))) = (self.digesting.as_mut(), digest_as)
+                {
+                    d.spawn_mapped(name, &file, size, bare);
                 }
                 let pad = tar_format::padding(size);
                 self.out
@@ -589,8 +620,10 @@ impl<W: Write> Writer<'_, W> {
             }
             left -= n as u64;
         }
-        if let (Some(d), Some(name), Some(h)) = (self.digesting.as_mut(), digest_as, content_hash) {
-            d.add(name, size, h.finalize().into());
+        if let (Some(d), Some((name, bare)), Some(h)) =
+            (self.digesting.as_mut(), digest_as, content_hash)
+        {
+            d.add(name, size, h.finalize().into(), bare);
         }
         let pad = tar_format::padding(size);
         self.out

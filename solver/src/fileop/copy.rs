@@ -18,7 +18,7 @@ use kiln_parser::PatternMatcher;
 use super::chmod::ModeChange;
 use super::chown::{Owner, resolve_owner};
 use super::pattern::{ResolveOptions, resolve_sources};
-use super::reuse::{DirFds, Expected, FileIdentity, Reuse};
+use super::reuse::{Check, DirFds, Expected, FileIdentity, Reuse};
 use super::root::{clean_abs, is_absent, resolve};
 use super::{CopyOp, EntryKind, FileOpError, InRoot, Report, Source, SourceKind, archive, http};
 
@@ -535,12 +535,19 @@ impl LinkPlan {
     fn run(&self, reuse: &Reuse, meta: &Metadata, dirs: &mut DirFds) -> bool {
         match &self.previous {
             // A file an earlier copy made: no overlayfs xattrs on it.
-            Some(prev) => reuse.link(prev, &self.rel, &self.expect, false, dirs),
+            Some(prev) => reuse.link(prev, &self.rel, &self.expect, Check::Nothing, dirs),
             None => self
                 .src_rel
                 .as_deref()
                 .and_then(|r| reuse.in_source_layers(r, meta))
-                .is_some_and(|from| reuse.link(&from, &self.rel, &self.expect, true, dirs)),
+                .is_some_and(|(from, xattrs)| {
+                    let check = if xattrs {
+                        Check::Xattrs
+                    } else {
+                        Check::Metadata
+                    };
+                    reuse.link(&from, &self.rel, &self.expect, check, dirs)
+                }),
         }
     }
 }

@@ -102,6 +102,10 @@ pub struct Reuse {
     /// The snapshot directories of the source stage, topmost first
     /// (`COPY --from`); empty for the context.
     pub source_layers: Vec<PathBuf>,
+    /// The content digests of the topmost source layer, when this build
+    /// committed it: a file they saw without any xattrs needs no check
+    /// for overlayfs' own.
+    pub source_top: Option<std::sync::Arc<kiln_cache::ContentDigests>>,
     /// The previous result's snapshot; `None`: nothing to link from (the
     /// copy still records identities for next time).
     pub prev_root: Option<PathBuf>,
@@ -149,6 +153,7 @@ impl Reuse {
         Reuse {
             remember: true,
             source_layers: Vec::new(),
+            source_top: None,
             prev_root,
             prev,
             upper,
@@ -168,6 +173,17 @@ impl Reuse {
             upper,
             ..Reuse::default()
         }
+    }
+
+    /// With the topmost source layer's content digests (see
+    /// [`Reuse::source_top`]).
+    #[must_use]
+    pub fn with_source_top(
+        mut self,
+        top: Option<std::sync::Arc<kiln_cache::ContentDigests>>,
+    ) -> Self {
+        self.source_top = top;
+        self
     }
 
     /// Whether a source in this state may be remembered.
@@ -207,9 +223,15 @@ impl Reuse {
 
     /// The snapshot file that `src_rel` (a path below the source root) is
     /// in the source stage's overlay: the topmost layer that has the path,
-    /// when it is the inode `seen` (what the overlay showed).
-    pub(super) fn in_source_layers(&self, src_rel: &str, seen: &Metadata) -> Option<PathBuf> {
-        for layer in &self.source_layers {
+    /// when it is the inode `seen` (what the overlay showed). With it,
+    /// whether it may have overlayfs' own xattrs (false when the topmost
+    /// layer's digests saw it without any).
+    pub(super) fn in_source_layers(
+        &self,
+        src_rel: &str,
+        seen: &Metadata,
+    ) -> Option<(PathBuf, bool)> {
+        for (i, layer) in self.source_layers.iter().enumerate() {
             let candidate = layer.join(src_rel);
             match fs_err::symlink_metadata(&candidate) {
                 Ok(m) => {
@@ -220,7 +242,12 @@ impl Reuse {
                         && (m.ctime(), m.ctime_nsec()) == (seen.ctime(), seen.ctime_nsec())
                         && m.mode() == seen.mode()
                         && (m.uid(), m.gid()) == (seen.uid(), seen.gid());
-                    return same.then_some(candidate);
+                    let bare = i == 0
+                        && self
+                            .source_top
+                            .as_ref()
+                            .is_some_and(|t| t.without_xattrs(src_rel.as_bytes(), m.size()));
+                    return same.then_some((candidate, !bare));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(_) => return None,
@@ -241,7 +268,7 @@ impl Reuse {
         from: &Path,
         rel: &str,
         expect: &Expected,
-        check: bool,
+        check: Check,
         dirs: &mut DirFds,
     ) -> bool {
         use nix::fcntl::AtFlags;
@@ -254,7 +281,7 @@ impl Reuse {
         let Some(from_fd) = dirs.from.open(from_dir) else {
             return false;
         };
-        if !check {
+        if check == Check::Nothing {
             let Some(to_fd) = dirs.to.open(to_dir) else {
                 return false;
             };
@@ -283,7 +310,7 @@ impl Reuse {
                 })
             })
         };
-        if !same || private() {
+        if !same || (check == Check::Xattrs && private()) {
             return false;
         }
         let Some(to_fd) = dirs.to.open(to_dir) else {
@@ -296,6 +323,17 @@ impl Reuse {
         };
         nix::unistd::linkat(from_fd, from_name, to_fd, to_name, AtFlags::empty()).is_ok()
     }
+}
+
+/// What [`Reuse::link`] checks of the file it links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Check {
+    /// Nothing (the previous run's file).
+    Nothing,
+    /// That it looks as expected.
+    Metadata,
+    /// That it looks as expected and has no overlayfs xattrs.
+    Xattrs,
 }
 
 /// The directories a copy worker linked from and to last, kept open.

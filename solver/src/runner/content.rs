@@ -128,13 +128,7 @@ impl StoreRunner {
         kiln_cache::timing::mark("stage digest: mounted");
         let mut stage = BuildContext::of_stage(merged.path());
         // The stage's top layer, if this build committed it with digests.
-        if let Some(top) = chain.layers.last()
-            && let Some(d) = self
-                .layer_digests
-                .lock()
-                .ok()
-                .and_then(|all| all.get(&top.diff_id.to_string()).cloned())
-        {
+        if let Some(d) = self.top_layer_digests(chain) {
             stage = stage.with_top_layer_digests(d);
         }
         let sum = stage.checksum(patterns, exclude, parents);

@@ -888,6 +888,7 @@ impl StoreRunner {
                 // read-only for the copy.
                 let mut src_mount = None;
                 let mut src_layers = Vec::new();
+                let mut src_top = None;
                 let src_root: PathBuf = match &c.from {
                     InputRef::Context => {
                         fop.ignore.clone_from(&self.opts.ignore);
@@ -896,6 +897,7 @@ impl StoreRunner {
                     other => {
                         let chain = self.input_chain(step, inputs, other)?;
                         src_layers = self.snapshots(&chain)?;
+                        src_top = self.top_layer_digests(&chain);
                         let view = self.source_view(&step.vertex.name, &chain, false)?;
                         let root = view.path().to_owned();
                         src_mount = Some(view);
@@ -946,7 +948,8 @@ impl StoreRunner {
                         Some(l.reuse(upper, prepared))
                     }
                     None if !src_layers.is_empty() && !c.add => Some(Arc::new(
-                        fileop::Reuse::from_layers(&src_layers, upper.to_owned()),
+                        fileop::Reuse::from_layers(&src_layers, upper.to_owned())
+                            .with_source_top(src_top.clone()),
                     )),
                     None => None,
                 };
@@ -1136,6 +1139,19 @@ impl StoreRunner {
         };
         spawn_with(&self.background, "layer-commit", false, work);
         Chain::with_pending(parent, pending)
+    }
+
+    /// The content digests of `chain`'s top layer, if this build committed
+    /// it with them.
+    pub(super) fn top_layer_digests(
+        &self,
+        chain: &Chain,
+    ) -> Option<Arc<kiln_cache::ContentDigests>> {
+        let top = chain.layers.last()?;
+        self.layer_digests
+            .lock()
+            .ok()
+            .and_then(|all| all.get(&top.diff_id.to_string()).cloned())
     }
 
     /// Whether a step's layer is committed beside the steps after it: when
