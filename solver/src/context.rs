@@ -820,18 +820,15 @@ impl Walker<'_> {
                     let host = host();
                     // A stage's file its top layer saw without any xattrs
                     // has none in the stage either (the same file).
-                    let bare = self
+                    let top = self
                         .top_layer
-                        .is_some_and(|t| t.without_xattrs(rel.as_bytes(), meta.len()));
-                    let xattrs = if bare {
+                        .and_then(|t| t.entry(rel.as_bytes(), meta.len()));
+                    let xattrs = if top.is_some_and(|(_, bare)| bare) {
                         BTreeMap::new()
                     } else {
                         read_xattrs(&host)
                     };
-                    let d = match self
-                        .top_layer
-                        .and_then(|t| t.get(rel.as_bytes(), meta.len()))
-                    {
+                    let d = match top.map(|(d, _)| d) {
                         Some(d) => {
                             st.stats.from_layer += 1;
                             d
@@ -1087,7 +1084,7 @@ impl StatKey {
     /// whole seconds (both times without nanoseconds: FAT keeps 2 s), at
     /// most [`FINE_RACY_NS`] for one that keeps nanoseconds (the kernel
     /// stamps them from a clock that advances a tick of at most 10 ms).
-    pub(crate) fn is_racy(&self, now: SystemTime, window_ns: i64) -> bool {
+    fn is_racy(&self, now: SystemTime, window_ns: i64) -> bool {
         let now_ns = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));

@@ -26,30 +26,28 @@ impl ContentDigests {
     /// The digest of the file at `path`, if it was taken and the file had
     /// `size` bytes.
     pub fn get(&self, path: &[u8], size: u64) -> Option<[u8; 32]> {
-        self.files
-            .get(path)
-            .filter(|(s, _, _)| *s == size)
-            .map(|(_, d, _)| *d)
+        self.entry(path, size).map(|(d, _)| d)
     }
 
     /// Whether the file at `path`, of `size` bytes, was seen to have no
     /// xattrs at all (not even overlayfs' own) when its digest was taken;
     /// false when that is not known.
     pub fn without_xattrs(&self, path: &[u8], size: u64) -> bool {
+        self.entry(path, size).is_some_and(|(_, bare)| bare)
+    }
+
+    /// [`ContentDigests::get`] and [`ContentDigests::without_xattrs`] in
+    /// one lookup.
+    pub fn entry(&self, path: &[u8], size: u64) -> Option<([u8; 32], bool)> {
         self.files
             .get(path)
-            .is_some_and(|(s, _, bare)| *s == size && *bare)
+            .filter(|(s, _, _)| *s == size)
+            .map(|(_, d, bare)| (*d, *bare))
     }
 
     /// Records the digest of the `size` bytes of the file at `path`.
     pub fn insert(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32]) {
         self.files.insert(path, (size, digest, false));
-    }
-
-    /// [`ContentDigests::insert`] for a file seen to have no xattrs at all
-    /// (see [`ContentDigests::without_xattrs`]).
-    pub fn insert_without_xattrs(&mut self, path: Vec<u8>, size: u64, digest: [u8; 32]) {
-        self.files.insert(path, (size, digest, true));
     }
 
     /// How many files have a digest.

@@ -88,7 +88,7 @@ use std::path::PathBuf;
 pub use apply::apply_layer;
 pub use digests::ContentDigests;
 pub use known::KnownFiles;
-pub use mapped::{Mapped, for_each_mapping, for_each_window};
+pub use mapped::{Mapped, for_each_window};
 pub(crate) use write::write_layer_with;
 pub use write::{write_layer, write_layer_digesting, write_layer_reusing};
 

@@ -540,12 +540,7 @@ impl LinkPlan {
                 .src_rel
                 .as_deref()
                 .and_then(|r| reuse.in_source_layers(r, meta))
-                .is_some_and(|(from, xattrs)| {
-                    let check = if xattrs {
-                        Check::Xattrs
-                    } else {
-                        Check::Metadata
-                    };
+                .is_some_and(|(from, check)| {
                     reuse.link(&from, &self.rel, &self.expect, check, dirs)
                 }),
         }

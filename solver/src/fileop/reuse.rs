@@ -223,14 +223,14 @@ impl Reuse {
 
     /// The snapshot file that `src_rel` (a path below the source root) is
     /// in the source stage's overlay: the topmost layer that has the path,
-    /// when it is the inode `seen` (what the overlay showed). With it,
-    /// whether it may have overlayfs' own xattrs (false when the topmost
-    /// layer's digests saw it without any).
+    /// when it is the inode `seen` (what the overlay showed). With it, what
+    /// [`Reuse::link`] checks: no xattrs either when the topmost layer's
+    /// digests saw the file without any.
     pub(super) fn in_source_layers(
         &self,
         src_rel: &str,
         seen: &Metadata,
-    ) -> Option<(PathBuf, bool)> {
+    ) -> Option<(PathBuf, Check)> {
         for (i, layer) in self.source_layers.iter().enumerate() {
             let candidate = layer.join(src_rel);
             match fs_err::symlink_metadata(&candidate) {
@@ -247,7 +247,8 @@ impl Reuse {
                             .source_top
                             .as_ref()
                             .is_some_and(|t| t.without_xattrs(src_rel.as_bytes(), m.size()));
-                    return same.then_some((candidate, !bare));
+                    let check = if bare { Check::Metadata } else { Check::Xattrs };
+                    return same.then_some((candidate, check));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(_) => return None,
