@@ -53,6 +53,7 @@ pub use layer::{
 
 mod blob;
 mod containers;
+mod content_hash;
 mod digest;
 mod error;
 mod image;
@@ -70,6 +71,7 @@ pub mod registry;
 
 pub use blob::{BlobReader, BlobWriter};
 pub use containers::{ContainerRecord, LeaseKind, VolumeRecord};
+pub use content_hash::{CONTENT_ALGORITHM, ContentHasher, content_digest};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Result, StoreError};
 pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, parse_rfc3339};

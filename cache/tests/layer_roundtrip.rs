@@ -512,8 +512,8 @@ fn big_files_round_trip_byte_for_byte() {
 #[test]
 fn digesting_writer_gives_each_regular_files_content_digest_and_the_same_tar() {
     use kiln_cache::layer::{KnownFiles, write_layer_digesting};
-    use sha2::Digest as _;
-    let sha = |b: &[u8]| -> [u8; 32] { sha2::Sha256::digest(b).into() };
+    // Content digests are BLAKE3 (see `kiln_cache::content_digest`).
+    let sha = |b: &[u8]| -> [u8; 32] { *blake3::hash(b).as_bytes() };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("tree");
     fs_err::create_dir_all(root.join("d")).unwrap();

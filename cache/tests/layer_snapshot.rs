@@ -17,8 +17,9 @@ fn upper(store: &Store, name: &str) -> PathBuf {
     dir
 }
 
+/// A content digest (BLAKE3, see `kiln_cache::content_digest`).
 fn sha(bytes: &[u8]) -> [u8; 32] {
-    <sha2::Sha256 as sha2::Digest>::digest(bytes).into()
+    *blake3::hash(bytes).as_bytes()
 }
 
 fn tar_of(dir: &Path, opts: &WriteOptions) -> (Vec<u8>, Digest) {

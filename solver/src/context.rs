@@ -9,9 +9,9 @@
 //! op's `--exclude` patterns (relative to the copied directory).
 //!
 //! Each entry's digest is sha256 over its context-relative path, type,
-//! permission bits, uid, gid, link target, xattrs and content digest —
-//! never its times — and the op's digest is sha256 over the sorted
-//! `(path, entry digest)` list. Symlinks are hashed as links; a source
+//! permission bits, uid, gid, link target, xattrs and content digest
+//! (BLAKE3, see [`kiln_cache::content_digest`]) — never its times — and
+//! the op's digest is sha256 over the sorted `(path, entry digest)` list. Symlinks are hashed as links; a source
 //! path that is itself a link is followed inside the context only.
 
 use std::collections::{BTreeMap, HashMap};
@@ -118,7 +118,8 @@ pub struct FileEntry {
     pub size: u64,
     /// A symlink's target.
     pub link_target: Option<String>,
-    /// `sha256:<hex>` of the content (regular files).
+    /// `blake3:<hex>` of the content (regular files; see
+    /// [`kiln_cache::content_digest`]).
     pub content: Option<String>,
     /// `sha256:<hex>` over all of the above and the xattrs.
     pub digest: String,
@@ -841,7 +842,7 @@ impl Walker<'_> {
         } else {
             (None, read_xattrs(&host()))
         };
-        let content = content.map(|d| sha_string(&d));
+        let content = content.map(|d| content_string(&d));
         // sha256 over `rel \0 kind \0 mode(octal) \0 uid \0 gid \0 link \0
         // content \0 [rdev \0] (xattr=hex \0)*`.
         let b = &mut st.scratch;
@@ -905,7 +906,7 @@ impl Walker<'_> {
     ) -> Result<[u8; 32], ContextError> {
         let stat = StatKey::of(meta);
         let mut f = fs_err::File::open(host).map_err(io_err(host))?;
-        let mut h = Sha256::new();
+        let mut h = kiln_cache::ContentHasher::new();
         // A stage's big files (which nothing writes any more) are hashed
         // from a mapping: no copy out of the page cache.
         if self.map_big_files
@@ -918,7 +919,7 @@ impl Walker<'_> {
         {
             st.stats.hashed += 1;
             st.stats.bytes += meta.len();
-            return Ok(h.finalize().into());
+            return Ok(h.finalize());
         }
         if st.buf.is_empty() {
             st.buf = vec![0u8; 256 * 1024];
@@ -932,7 +933,7 @@ impl Walker<'_> {
             n_total += n as u64;
             h.update(&st.buf[..n]);
         }
-        let digest: [u8; 32] = h.finalize().into();
+        let digest = h.finalize();
         st.stats.hashed += 1;
         st.stats.bytes += n_total;
         // A file read while it may still change within the timestamp
@@ -1017,31 +1018,25 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// `sha256:<hex>`.
 fn sha_string(d: &[u8; 32]) -> String {
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
+    labelled("sha256", d)
+}
+
+/// A content digest as an entry shows it: `blake3:<hex>` (see
+/// [`kiln_cache::content_digest`]).
+fn content_string(d: &[u8; 32]) -> String {
+    labelled(kiln_cache::CONTENT_ALGORITHM, d)
+}
+
+/// `<algorithm>:<hex>`.
+fn labelled(algorithm: &str, d: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(algorithm.len() + 65);
+    s.push_str(algorithm);
+    s.push(':');
     for b in d {
         s.push(char::from(HEX[usize::from(b >> 4)]));
         s.push(char::from(HEX[usize::from(b & 15)]));
     }
     s
-}
-
-/// The bytes of `sha256:<hex>` (`None`: not that form).
-fn parse_sha(s: &str) -> Option<[u8; 32]> {
-    let h = s.strip_prefix("sha256:")?.as_bytes();
-    if h.len() != 64 {
-        return None;
-    }
-    let nib = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = nib(h[2 * i])? << 4 | nib(h[2 * i + 1])?;
-    }
-    Some(out)
 }
 
 /// The racy window for times kept in nanoseconds (see [`StatKey::is_racy`]):
@@ -1129,10 +1124,12 @@ struct CachedStat {
 }
 
 /// One part of a directory's stat cache entries (see [`DirParts`]): the
-/// stored blob, version byte 1, the part's index and the directory's part
+/// stored blob, version byte 2, the part's index and the directory's part
 /// count (`u32` each), then per entry (sorted by name) `u16` name length,
 /// name, size, mtime, ctime, inode, device (8 bytes each), mode (4), flags
-/// (1: bit 0 = no xattrs), content sha256 (32), little-endian.
+/// (1: bit 0 = no xattrs), content digest (32, see
+/// [`kiln_cache::content_digest`]), little-endian. (Version 1 held sha256
+/// content digests: such parts are not read.)
 #[derive(Debug, Default)]
 struct DirBlob {
     data: Vec<u8>,
@@ -1145,7 +1142,7 @@ struct DirBlob {
     dirty: bool,
 }
 
-const BLOB_VERSION: u8 = 1;
+const BLOB_VERSION: u8 = 2;
 const HEADER_LEN: usize = 1 + 4 + 4;
 const FIXED_LEN: usize = 8 * 5 + 4 + 1 + 32;
 
@@ -1496,86 +1493,15 @@ impl StatCache {
                 rows_of.entry(d).or_default().push(blob);
             }
         }
-        let mut dirs: HashMap<String, DirParts> = rows_of
+        // (Older kiln versions' per-file table, `stat_cache`, holds sha256
+        // content digests: not read.)
+        let dirs: HashMap<String, DirParts> = rows_of
             .into_iter()
             .map(|(d, rows)| (d, DirParts::from_rows(rows)))
             .collect();
-        if dirs.is_empty() {
-            dirs = self.load_legacy(&root)?;
-        }
         let n = dirs.values().map(DirParts::len).sum();
         self.index = StatIndex { root, dirs };
         Ok(n)
-    }
-
-    /// The entries of `root` in the per-file table of older kiln versions,
-    /// to be written in the new form at the next flush.
-    fn load_legacy(&self, root: &str) -> Result<HashMap<String, DirParts>, ContextError> {
-        let e = self.db_err();
-        let conn = self.db.conn();
-        let has_legacy = conn
-            .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'stat_cache'")
-            .and_then(|mut st| st.exists([]))
-            .map_err(&e)?;
-        if !has_legacy {
-            return Ok(HashMap::new());
-        }
-        // (Databases from before `xattr_free`: not known.)
-        let has_xattr_free = conn
-            .prepare("SELECT 1 FROM pragma_table_info('stat_cache') WHERE name = 'xattr_free'")
-            .and_then(|mut st| st.exists([]))
-            .map_err(&e)?;
-        let prefix = format!("{root}/");
-        // Every path under `prefix` sorts between `prefix` and `prefix`
-        // with its final `/` replaced by `0` (the next byte).
-        let upper = format!("{root}0");
-        let mut stmt = conn
-            .prepare(if has_xattr_free {
-                "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, xattr_free
-                 FROM stat_cache WHERE path >= ?1 AND path < ?2"
-            } else {
-                "SELECT path, size, mtime_ns, ctime_ns, ino, dev, mode, digest, 0
-                 FROM stat_cache WHERE path >= ?1 AND path < ?2"
-            })
-            .map_err(&e)?;
-        let mut rows = stmt.query([&prefix, &upper]).map_err(&e)?;
-        let mut by_dir: HashMap<String, BTreeMap<Vec<u8>, CachedStat>> = HashMap::new();
-        while let Some(r) = rows.next().map_err(&e)? {
-            let path: String = r.get(0).map_err(&e)?;
-            let digest: String = r.get(7).map_err(&e)?;
-            let (Some(rel), Some(digest)) = (path.strip_prefix(&prefix), parse_sha(&digest)) else {
-                continue;
-            };
-            let (d, name) = split_rel(rel);
-            let c = CachedStat {
-                stat: StatKey {
-                    size: r.get::<_, i64>(1).map_err(&e)? as u64,
-                    mtime_ns: r.get(2).map_err(&e)?,
-                    ctime_ns: r.get(3).map_err(&e)?,
-                    ino: r.get::<_, i64>(4).map_err(&e)? as u64,
-                    dev: r.get::<_, i64>(5).map_err(&e)? as u64,
-                    mode: r.get(6).map_err(&e)?,
-                },
-                digest,
-                xattr_free: r.get::<_, bool>(8).map_err(&e)?,
-            };
-            by_dir
-                .entry(d.to_owned())
-                .or_default()
-                .insert(name.as_bytes().to_vec(), c);
-        }
-        Ok(by_dir
-            .into_iter()
-            .map(|(d, entries)| {
-                (
-                    d,
-                    DirParts {
-                        parts: DirParts::split(&entries),
-                        stale_from: None,
-                    },
-                )
-            })
-            .collect())
     }
 
     /// Adds newly hashed files to the loaded entries (visible to lookups

@@ -455,6 +455,12 @@ fn digests_keep_their_format_with_and_without_threads_and_cache() {
     assert_eq!(one.files.len(), 300 + 7 + 7 * 3 + 3);
     for e in &one.files {
         assert_eq!(e.digest, reference_entry_digest(d.path(), e), "{}", e.path);
+        // A file's content digest is BLAKE3 of its bytes.
+        let content = (e.kind == EntryType::File).then(|| {
+            let bytes = fs_err::read(d.path().join(&e.path)).expect("read");
+            format!("blake3:{}", blake3::hash(&bytes).to_hex())
+        });
+        assert_eq!(e.content, content, "{}", e.path);
     }
     let mut h = Sha256::new();
     for e in &one.files {
@@ -538,20 +544,35 @@ fn stat_cache_sees_every_stat_change_after_a_reload() {
 }
 
 #[test]
-fn a_stat_cache_of_an_older_kiln_is_read_and_migrated() {
+fn a_stat_cache_of_an_older_kiln_is_not_trusted_and_is_replaced() {
     let store = tempfile::tempdir().expect("store");
     let d = tempfile::tempdir().expect("ctx");
     for i in 0..10 {
         write(d.path(), &format!("s/f{i}"), &format!("c{i}"));
+        write(d.path(), &format!("t/f{i}"), &format!("c{i}"));
     }
-    let (expected, _) = {
-        let mut c = BuildContext::new(d.path(), None);
-        (sum(&mut c, &["."]), ())
-    };
-    // The per-file table an older kiln wrote (one entry with a wrong
-    // digest for an outdated stat, one for another context).
+    let expected = sum(&mut BuildContext::new(d.path(), None), &["."]);
+    let run = || cached_run(d.path(), store.path(), &["."]);
+    assert_eq!(run().1.hashed, 20);
+    // What older kilns wrote: sha256 content digests, in the per-file
+    // table (for `t/`) and in version 1 parts (for `s/`), with stats that
+    // match the files. Trusted, they would give `s/` and `t/` other keys.
     {
         let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
+        let mut part: Vec<u8> = conn
+            .query_row("SELECT entries FROM stat_parts WHERE dir = 's'", [], |r| {
+                r.get(0)
+            })
+            .expect("part of s/");
+        assert_eq!(part[0], 2, "parts are version 2");
+        part[0] = 1;
+        conn.execute(
+            "UPDATE stat_parts SET entries = ?1 WHERE dir = 's'",
+            [&part],
+        )
+        .expect("version 1");
+        conn.execute("DELETE FROM stat_parts WHERE dir = 't'", [])
+            .expect("delete t/");
         conn.execute_batch(
             "CREATE TABLE stat_cache (
                 path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
@@ -560,49 +581,33 @@ fn a_stat_cache_of_an_older_kiln_is_read_and_migrated() {
             ) WITHOUT ROWID;",
         )
         .expect("schema");
-        for e in expected.files.iter().filter(|f| f.kind == EntryType::File) {
+        for e in expected.files.iter().filter(|f| f.path.starts_with("t/f")) {
             let host = d.path().join(&e.path);
             let k = StatKey::of(&fs_err::metadata(&host).expect("stat"));
-            let (size, digest) = if e.path == "s/f0" {
-                (k.size as i64 + 1, "sha256:".to_owned() + &"0".repeat(64))
-            } else {
-                (k.size as i64, e.content.clone().expect("content"))
-            };
+            let sha = hex(&Sha256::digest(fs_err::read(&host).expect("read")));
             conn.execute(
                 "INSERT INTO stat_cache VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 rusqlite::params![
                     host.to_string_lossy(),
-                    size,
+                    k.size as i64,
                     k.mtime_ns,
                     k.ctime_ns,
                     k.ino as i64,
                     k.dev as i64,
                     k.mode,
-                    digest
+                    format!("sha256:{sha}")
                 ],
             )
             .expect("row");
         }
-        conn.execute(
-            "INSERT INTO stat_cache VALUES (?1, 1, 1, 1, 1, 1, 1, 'sha256:x')",
-            [format!("{}x/f", d.path().display())],
-        )
-        .expect("row");
     }
-    let run = || cached_run(d.path(), store.path(), &["."]);
     let (s, st) = run();
     assert_eq!(s, expected);
-    // The outdated entry was not trusted.
-    assert_eq!((st.hashed, st.cached), (1, 9));
+    assert_eq!((st.hashed, st.cached), (20, 0));
     // Written in the new form: the next run uses it.
     let (s, st) = run();
     assert_eq!(s, expected);
-    assert_eq!((st.hashed, st.cached), (0, 10));
-    let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
-    let rows: i64 = conn
-        .query_row("SELECT count(*) FROM stat_parts", [], |r| r.get(0))
-        .expect("count");
-    assert_eq!(rows, 1);
+    assert_eq!((st.hashed, st.cached), (0, 20));
 }
 
 #[test]

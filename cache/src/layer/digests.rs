@@ -12,9 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::thread::JoinHandle;
 
-use sha2::{Digest as _, Sha256};
+use crate::ContentHasher;
 
-/// The sha256 of the content of a layer's regular files, with their sizes,
+/// The content digest (see [`crate::content_digest`]) of a layer's regular files, with their sizes,
 /// by path in the layer (as in its tar: relative, no leading `./`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ContentDigests {
@@ -99,12 +99,12 @@ impl Digesting {
         let spawned = std::thread::Builder::new()
             .name("layer-digest".to_owned())
             .spawn(move || {
-                let mut h = Sha256::new();
+                let mut h = ContentHasher::new();
                 let mapped = super::mapped::for_each_window(&file, size, |bytes| {
                     h.update(bytes);
                     Ok(())
                 });
-                matches!(mapped, Ok(true)).then(|| (path, size, h.finalize().into(), bare))
+                matches!(mapped, Ok(true)).then(|| (path, size, h.finalize(), bare))
             });
         match spawned {
             Ok(handle) => {

@@ -106,7 +106,7 @@ pub struct WriteOptions {
     /// for trees nothing writes any more (snapshots, the upper of a finished step): a file
     /// truncated while mapped raises SIGBUS.
     pub map_big_files: bool,
-    /// Also take the sha256 of each regular file's content (see
+    /// Also take the content digest (see [`crate::content_digest`]) of each regular file (see
     /// [`write_layer_digesting`]).
     pub content_digests: bool,
     /// When a layer is committed as a snapshot (`Store::commit_snapshot_*`):

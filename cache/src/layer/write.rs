@@ -8,8 +8,6 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use sha2::Digest as _;
-
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
@@ -53,7 +51,7 @@ pub fn write_layer_reusing<W: Write>(
 }
 
 /// [`write_layer_reusing`] (or [`write_layer`], without `known`) that also
-/// takes the sha256 of every regular file's content (see
+/// takes the content digest of every regular file's content (see
 /// [`ContentDigests`]); big files are hashed on another thread meanwhile.
 pub fn write_layer_digesting<W: Write>(
     diff_dir: &Path,
@@ -508,7 +506,7 @@ impl<W: Write> Writer<'_, W> {
         self.stats.bytes += size + pad as u64;
         if let Some(d) = self.digesting.as_mut() {
             // (Its xattrs were not listed: not known to have none.)
-            d.add(h.name, size, sha2::Sha256::digest(content).into(), false);
+            d.add(h.name, size, crate::content_digest(content), false);
         }
         Ok(())
     }
@@ -587,7 +585,7 @@ impl<W: Write> Writer<'_, W> {
             self.copy_buf.resize(want, 0);
         }
         let mut left = size;
-        let mut content_hash = digest_as.as_ref().map(|_| sha2::Sha256::new());
+        let mut content_hash = digest_as.as_ref().map(|_| crate::ContentHasher::new());
         let mut reader = file.take(size);
         while left > 0 {
             let n = match reader.read(&mut self.copy_buf) {
@@ -623,7 +621,7 @@ impl<W: Write> Writer<'_, W> {
         if let (Some(d), Some((name, bare)), Some(h)) =
             (self.digesting.as_mut(), digest_as, content_hash)
         {
-            d.add(name, size, h.finalize().into(), bare);
+            d.add(name, size, h.finalize(), bare);
         }
         let pad = tar_format::padding(size);
         self.out
