@@ -230,6 +230,9 @@ pub struct FsckProblem {
 pub struct Store {
     root: PathBuf,
     db: Db,
+    /// Where this process makes its scratch trees (see
+    /// [`Store::scratch_parent`]), taken at the first ask.
+    lane: std::sync::OnceLock<PathBuf>,
 }
 
 /// A SQLite connection shared by the threads of a process, with its
@@ -382,12 +385,24 @@ impl Store {
         Ok(Store {
             root,
             db: Db::new(conn, db_path),
+            lane: std::sync::OnceLock::new(),
         })
     }
 
     /// The store's root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The directory under `tmp/` in which this process makes the scratch
+    /// trees its steps write (a RUN's upper, a COPY's): one of the lanes
+    /// that successive processes take in turn, so that a build does not
+    /// write its files where the last one's, just pruned, were (see
+    /// `spread`). Scratch trees there are swept and collected as those
+    /// directly in `tmp/` are.
+    pub fn scratch_parent(&self) -> &Path {
+        self.lane
+            .get_or_init(|| crate::spread::take_lane(&self.root.join("tmp")))
     }
 
     pub(crate) fn db(&self) -> MutexGuard<'_, Connection> {

@@ -167,7 +167,18 @@ impl Store {
             }
         }
         // Temp files: nobody else holds the store lock, so none is in use.
-        for entry in read_dir(&self.root().join("tmp"))? {
+        // The scratch lanes and their counter stay (where they are placed
+        // matters, see `spread`), their contents go.
+        let tmp = self.root().join("tmp");
+        let mut temps = Vec::new();
+        for entry in read_dir(&tmp)? {
+            if !crate::spread::is_lane(&entry.file_name()) {
+                temps.push(entry);
+            } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                temps.extend(read_dir(&entry.path())?);
+            }
+        }
+        for entry in temps {
             report.temp_files += 1;
             report.bytes += entry.metadata().map_or(0, |m| m.len());
             if !opts.dry_run {

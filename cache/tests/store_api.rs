@@ -310,6 +310,9 @@ fn gc_keeps_what_names_and_cache_records_need() {
     store.remove("cached", false).expect("rm");
     store.remove("gone", false).expect("rm");
     fs_err::write(tmp.path().join("root/tmp/stale"), b"x").expect("stale temp");
+    // A scratch tree left in a lane: it goes, the lane stays.
+    let lane = store.scratch_parent().to_path_buf();
+    fs_err::create_dir_all(lane.join("run-x/upper")).expect("scratch in a lane");
     let dry = store
         .gc(GcOptions {
             all: false,
@@ -322,7 +325,14 @@ fn gc_keeps_what_names_and_cache_records_need() {
     );
     let report = store.gc(GcOptions::default()).expect("gc");
     assert_eq!(report.blobs, dry.blobs);
-    assert_eq!(report.temp_files, 1);
+    assert_eq!(report.temp_files, 2);
+    assert!(lane.is_dir(), "lanes stay");
+    assert_eq!(fs_err::read_dir(&lane).expect("lane").count(), 0);
+    let left: Vec<_> = fs_err::read_dir(tmp.path().join("root/tmp"))
+        .expect("tmp")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.iter().all(|n| kiln_cache::is_lane(n)), "{left:?}");
     assert!(store.has_blob(&kept.layers[0].diff_id));
     assert!(
         store.has_blob(&cached.layers[0].diff_id),

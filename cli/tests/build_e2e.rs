@@ -106,11 +106,27 @@ impl Env {
         let root = self.tmp.path().to_string_lossy().into_owned();
         let ours: Vec<&str> = mounts.lines().filter(|l| l.contains(&root)).collect();
         assert!(ours.is_empty(), "left mounted:\n{}", ours.join("\n"));
-        let left: Vec<_> = fs_err::read_dir(self.store().join("tmp"))
-            .expect("tmp")
-            .filter_map(Result::ok)
-            .map(|e| e.file_name())
-            .collect();
+        // The scratch lanes and their counter stay, empty (see
+        // `kiln_cache::Store::scratch_parent`).
+        let mut left = Vec::new();
+        for e in fs_err::read_dir(self.store().join("tmp")).expect("tmp") {
+            let e = e.expect("entry");
+            let name = e.file_name();
+            if name == "lane-next" {
+                continue;
+            }
+            let is_lane = name.to_str().is_some_and(|n| {
+                n.strip_prefix("lane-")
+                    .is_some_and(|d| d.len() == 2 && d.bytes().all(|b| b.is_ascii_digit()))
+            });
+            if !is_lane {
+                left.push(e.path());
+                continue;
+            }
+            for inner in fs_err::read_dir(e.path()).expect("lane") {
+                left.push(inner.expect("entry").path());
+            }
+        }
         assert!(left.is_empty(), "left in the store's tmp: {left:?}");
     }
 }

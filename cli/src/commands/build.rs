@@ -292,11 +292,11 @@ fn stdin_input(args: &BuildArgs, store: &kiln_cache::Store) -> anyhow::Result<In
     if ctx_stdin && df_stdin {
         bail!("the context and the Dockerfile cannot both come from stdin (`-f -` with `-`)");
     }
-    let tmp = store.root().join("tmp");
-    fs_err::create_dir_all(&tmp)?;
+    let tmp = store.scratch_parent();
+    fs_err::create_dir_all(tmp)?;
     let scratch = tempfile::Builder::new()
         .prefix("stdin-")
-        .tempdir_in(&tmp)
+        .tempdir_in(tmp)
         .with_context(|| format!("creating a scratch directory under `{}`", tmp.display()))?;
     // Whose it is, so that a killed build's leftovers are swept.
     fs_err::write(

@@ -695,7 +695,7 @@ impl StoreRunner {
     }
 
     fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir, RunnerError> {
-        let tmp = self.store.root().join("tmp");
+        let tmp = self.store.scratch_parent().to_path_buf();
         let dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(&tmp)
@@ -1433,10 +1433,20 @@ pub fn sweep_stale(store: &Store) -> usize {
     let Ok(entries) = fs_err::read_dir(&tmp) else {
         return 0;
     };
+    // Scratch directories are in `tmp/` and in its lanes (see
+    // `Store::scratch_parent`).
+    let mut candidates = Vec::new();
+    for e in entries.flatten() {
+        if !kiln_cache::is_lane(&e.file_name()) {
+            candidates.push(e);
+        } else if let Ok(inner) = fs_err::read_dir(e.path()) {
+            candidates.extend(inner.flatten());
+        }
+    }
     // The mount table, read once a dead owner's directory is found.
     let mut mount_points: Option<Vec<PathBuf>> = None;
     let mut removed = 0;
-    for e in entries.flatten() {
+    for e in candidates {
         let dir = e.path();
         // A clone being thrown away (`trash-<pid>-<n>`, see
         // `reuse::discard`) by a build that died meanwhile: never mounted.
@@ -1562,15 +1572,35 @@ mod tests {
         // Clones being thrown away by a dead build and by this one.
         let dead_trash = tmp.join("trash-99999999-0");
         let live_trash = tmp.join(format!("trash-{}-0", std::process::id()));
-        for d in [&dead, &alive, &foreign, &dead_trash, &live_trash] {
+        // Scratch directories in a lane (see `Store::scratch_parent`).
+        let lane = store.scratch_parent().to_path_buf();
+        assert_ne!(lane, tmp);
+        let dead_in_lane = lane.join("run-dead");
+        let alive_in_lane = lane.join("run-alive");
+        for d in [
+            &dead,
+            &alive,
+            &foreign,
+            &dead_trash,
+            &live_trash,
+            &dead_in_lane,
+            &alive_in_lane,
+        ] {
             fs_err::create_dir_all(d.join("upper/x")).unwrap_or_else(|e| panic!("{e}"));
         }
         // pid_max is at most 2^22: this pid cannot be running.
-        fs_err::write(dead.join(OWNER_FILE), "99999999").unwrap_or_else(|e| panic!("{e}"));
-        fs_err::write(alive.join(OWNER_FILE), std::process::id().to_string())
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(sweep_stale(&store), 2);
+        for d in [&dead, &dead_in_lane] {
+            fs_err::write(d.join(OWNER_FILE), "99999999").unwrap_or_else(|e| panic!("{e}"));
+        }
+        for d in [&alive, &alive_in_lane] {
+            fs_err::write(d.join(OWNER_FILE), std::process::id().to_string())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(sweep_stale(&store), 3);
         assert!(!dead.exists());
+        assert!(!dead_in_lane.exists());
+        assert!(alive_in_lane.exists());
+        assert!(lane.exists(), "the lane stays");
         assert!(!dead_trash.exists());
         assert!(alive.exists());
         assert!(live_trash.exists(), "a live build's trash is its own");
