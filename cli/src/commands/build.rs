@@ -549,8 +549,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         return Ok(ExitCode::from(130));
     };
     // The layers committed beside later steps, and the copy memos being
-    // written for the next build.
-    runner.finish();
+    // written for the next build. (The RUNs' helpers, still unmounting
+    // their sandboxes, are waited for when the runner is dropped, after
+    // the export.)
+    runner.finish_background();
     let mut solved = match result {
         Ok(s) => s,
         Err(SolveError::Step { name, source, id }) => {

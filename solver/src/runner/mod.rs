@@ -393,8 +393,19 @@ impl StoreRunner {
         self
     }
 
-    /// Waits for the work done for later builds (copy memos) to end.
+    /// Waits for the work done for later builds (copy memos) to end, and
+    /// for the RUNs' helpers still unmounting their sandboxes.
     pub fn finish(&self) {
+        self.finish_background();
+        // (See `Running::wait_detached`.)
+        kiln_executor::wait_detached();
+    }
+
+    /// [`StoreRunner::finish`] but for the RUNs' helpers: unmounting a
+    /// sandbox whose overlay saw many files takes them milliseconds, which
+    /// can go on beside the export; the runner's drop waits for them (so
+    /// does a later `finish`).
+    pub fn finish_background(&self) {
         // The stage filesystems a stage digest mounted that no copy took
         // (its step was cached): no step reads them any more.
         let views = self
@@ -423,9 +434,6 @@ impl StoreRunner {
                 }
             }
         }
-        // The RUNs' helpers still unmounting their sandboxes (see
-        // `Running::wait_detached`).
-        kiln_executor::wait_detached();
     }
 
     /// Waits for the layers still being committed in `outputs` (see
