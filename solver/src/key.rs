@@ -78,6 +78,12 @@ pub struct KeyInputs {
     pub files: BTreeMap<String, String>,
     /// The combined digest of `files`.
     pub files_digest: Option<String>,
+    /// How the contents of `files` were hashed
+    /// ([`kiln_cache::CONTENT_ALGORITHM`]); empty in the history that kilns
+    /// from before BLAKE3 content digests wrote (theirs were sha256), whose
+    /// file digests cannot be compared with today's.
+    #[serde(default)]
+    pub content_hash: String,
 }
 
 impl KeyInputs {
@@ -175,6 +181,10 @@ pub enum MissCause {
     /// The inputs are the same as last time but the cache has no result
     /// (it was pruned, or a layer it needs left the store).
     RecordMissing,
+    /// The step reads files and its last build was by a kiln that hashed
+    /// file contents another way: its keys and file digests differ from
+    /// today's whatever the files are.
+    ContentHashChanged,
 }
 
 impl std::fmt::Display for MissCause {
@@ -227,6 +237,10 @@ impl std::fmt::Display for MissCause {
             MissCause::RecordMissing => {
                 write!(f, "no cached result (pruned, or its layers are gone)")
             }
+            MissCause::ContentHashChanged => write!(
+                f,
+                "built before by an older kiln, which hashed file contents another way"
+            ),
         }
     }
 }
@@ -462,6 +476,7 @@ pub fn compute_keys(
             image,
             files,
             files_digest,
+            content_hash: kiln_cache::CONTENT_ALGORITHM.to_owned(),
         };
         // A config change does not touch the filesystem: it has its
         // parent's key, so an ARG/ENV/LABEL change misses only the steps
@@ -832,6 +847,7 @@ impl KeyHistory {
                     vars: i.vars.clone(),
                     image: i.image.clone(),
                     files_digest: i.files_digest.clone(),
+                    content_hash: i.content_hash.clone(),
                 };
                 let json = serde_json::to_vec(&slim).map_err(|source| KeyError::Serialize {
                     step: loc.stage.clone(),
@@ -894,7 +910,18 @@ impl KeyHistory {
         let Some(loc) = &current.locator else {
             return Ok(vec![MissCause::FirstBuild]);
         };
-        let causes = match self.previous_row(loc)? {
+        let previous = self.previous_row(loc)?;
+        // File digests of another content hash differ whatever the files.
+        let other_hash = |prev: &KeyInputs| {
+            prev.content_hash != current.content_hash
+                && (prev.files_digest.is_some() || current.files_digest.is_some())
+        };
+        if let Some(PreviousRow::Whole(prev) | PreviousRow::Split { inputs: prev, .. }) = &previous
+            && other_hash(prev)
+        {
+            return Ok(vec![MissCause::ContentHashChanged]);
+        }
+        let causes = match previous {
             None => return Ok(vec![MissCause::FirstBuild]),
             Some(PreviousRow::Whole(prev)) => explain_miss(&prev, current),
             Some(PreviousRow::Split {
@@ -936,6 +963,7 @@ impl KeyHistory {
                         vars: current.vars.clone(),
                         image: current.image.clone(),
                         files_digest: current.files_digest.clone(),
+                        content_hash: current.content_hash.clone(),
                     };
                     explain_miss(&inputs, &subset)
                 } else {

@@ -25,6 +25,7 @@ fn inputs() -> KeyInputs {
             ("Cargo.toml".to_owned(), "sha256:b".to_owned()),
         ]),
         files_digest: Some("sha256:files".into()),
+        content_hash: kiln_cache::CONTENT_ALGORITHM.to_owned(),
     }
 }
 
@@ -465,7 +466,9 @@ fn a_one_file_change_rewrites_one_bucket_and_is_named() {
 #[test]
 fn a_key_history_row_of_an_older_kiln_still_explains() {
     let store = tempfile::tempdir().expect("store");
-    let old = with_files(300, None);
+    // (Older kilns hashed contents with sha256 and wrote no `content_hash`.)
+    let mut old = with_files(300, None);
+    old.content_hash = String::new();
     {
         // The table and row as kiln wrote them before the file buckets.
         let conn = rusqlite::Connection::open(store.path().join("statcache.db")).expect("db");
@@ -485,11 +488,10 @@ fn a_key_history_row_of_an_older_kiln_still_explains() {
     }
     let mut h = KeyHistory::open(store.path(), "scope").expect("open");
     let edited = with_files(300, Some(7));
+    // Its file digests are not comparable with today's.
     assert_eq!(
         h.explain(&edited).expect("explain"),
-        [MissCause::FileChanged {
-            path: "src/mod7/file7.c".into()
-        }]
+        [MissCause::ContentHashChanged]
     );
     // Recorded in the new tables, which win from then on.
     h.record([&edited]).expect("record");
@@ -501,7 +503,59 @@ fn a_key_history_row_of_an_older_kiln_still_explains() {
     h.db.conn()
         .execute("UPDATE key_history3_files SET files = x'00'", [])
         .expect("damage");
-    assert_eq!(h.explain(&old).expect("explain"), [MissCause::FirstBuild]);
+    assert_eq!(
+        h.explain(&with_files(300, None)).expect("explain"),
+        [MissCause::FirstBuild]
+    );
+}
+
+#[test]
+fn a_step_last_built_with_another_content_hash_is_not_said_to_have_changed_files() {
+    let store = tempfile::tempdir().expect("store");
+    let mut h = KeyHistory::open(store.path(), "scope").expect("open");
+    // As a kiln from before BLAKE3 content digests recorded them: a step
+    // that reads files, and one that reads none.
+    let mut copy = with_files(50, None);
+    copy.content_hash = String::new();
+    let mut run = inputs();
+    run.files.clear();
+    run.files_digest = None;
+    run.locator = Some(StepLocator {
+        stage: "build".into(),
+        index: Some(2),
+        line: 4,
+    });
+    run.content_hash = String::new();
+    h.record([&copy, &run]).expect("record");
+    // Today's digests of the same files differ: not "file changed".
+    let mut copy_now = with_files(50, Some(3));
+    assert_eq!(copy_now.content_hash, kiln_cache::CONTENT_ALGORITHM);
+    assert_eq!(
+        h.explain(&copy_now).expect("explain"),
+        [MissCause::ContentHashChanged]
+    );
+    assert_eq!(
+        MissCause::ContentHashChanged.to_string(),
+        "built before by an older kiln, which hashed file contents another way"
+    );
+    // A step that reads no files compares as before.
+    let mut run_now = run.clone();
+    run_now.content_hash = kiln_cache::CONTENT_ALGORITHM.to_owned();
+    assert_eq!(
+        h.explain(&run_now).expect("explain"),
+        [MissCause::RecordMissing]
+    );
+    // Recorded by today's kiln: files compare again.
+    copy_now = with_files(50, None);
+    copy_now.files_digest = Some("sha256:files-now".into());
+    h.record([&copy_now]).expect("record");
+    let edited = with_files(50, Some(9));
+    assert_eq!(
+        h.explain(&edited).expect("explain"),
+        [MissCause::FileChanged {
+            path: "src/mod9/file9.c".into()
+        }]
+    );
 }
 
 #[test]
