@@ -11,8 +11,9 @@
 //! Each entry's digest is sha256 over its context-relative path, type,
 //! permission bits, uid, gid, link target, xattrs and content digest
 //! (BLAKE3, see [`kiln_cache::content_digest`]) — never its times — and
-//! the op's digest is sha256 over the sorted `(path, entry digest)` list. Symlinks are hashed as links; a source
-//! path that is itself a link is followed inside the context only.
+//! the op's digest is sha256 over the sorted `(path, entry digest)` list.
+//! Symlinks are hashed as links; a source path that is itself a link is
+//! followed inside the context only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
