@@ -4,10 +4,11 @@
 //! new directory's near its parent's. Every scratch tree of a build is
 //! made under the store's `tmp/`, so the files of a step land in the block
 //! groups that the previous build's files (since pruned) used. On an ext4
-//! without a journal, the allocator skips inodes freed in the last
-//! `dirty_expire_centisecs` × 10 (30 s by default) and re-scans them for
-//! each new inode: creating 20,000 files right after `kiln prune` removed
-//! 20,000 took 4.9 s there, against 0.7 s otherwise.
+//! without a journal, the allocator skips inodes freed in the last 60 s
+//! (360 s while their inode table block is not written back yet; see
+//! `recently_deleted` in the kernel's `fs/ext4/ialloc.c`) and re-scans
+//! them for each new inode: creating 20,000 files right after `kiln prune`
+//! removed 20,000 took 4.9 s there, against 0.7 s otherwise.
 //!
 //! A directory flagged `FS_TOPDIR_FL` (`chattr +T`) makes the allocator
 //! spread its subdirectories over the file system as it does those of
@@ -31,9 +32,11 @@ use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 /// How many lanes the scratch trees of successive processes rotate over:
-/// with a build every 2 s, a lane comes back after the allocator has
-/// stopped skipping what its last tree freed.
-pub const LANES: u32 = 16;
+/// with a build every 6 s, a lane comes back after the allocator has
+/// stopped skipping what its last tree freed (up to 360 s). With 16, a
+/// loop of cold builds came back to its first lanes within that window,
+/// and the RUN's file creation in them showed `recently_deleted` again.
+pub const LANES: u32 = 64;
 
 /// The counter of the next lane, in `tmp/`.
 const NEXT_LANE: &str = "lane-next";
