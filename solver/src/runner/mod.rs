@@ -1443,11 +1443,17 @@ pub fn sweep_stale(store: &Store) -> usize {
     };
     // Scratch directories are in `tmp/` and in its lanes (see
     // `Store::scratch_parent`).
+    // A lane holds only scratch directories: one with no subdirectory (a
+    // link count of exactly 2; btrfs says 1 for any directory) is empty,
+    // and is not read. (A build reads them all before it starts.)
+    use std::os::unix::fs::MetadataExt as _;
     let mut candidates = Vec::new();
     for e in entries.flatten() {
         if !kiln_cache::is_lane(&e.file_name()) {
             candidates.push(e);
-        } else if let Ok(inner) = fs_err::read_dir(e.path()) {
+        } else if e.metadata().is_ok_and(|m| m.is_dir() && m.nlink() != 2)
+            && let Ok(inner) = fs_err::read_dir(e.path())
+        {
             candidates.extend(inner.flatten());
         }
     }
