@@ -79,7 +79,7 @@ pub use layer_source::{LayerReader, SnapshotTar};
 pub use reference::{Reference, short_name};
 pub use seal::{DbSeal, now_ns};
 pub use snapshot_take::SnapshotUse;
-pub use spread::{LANES, is_lane};
+pub use spread::is_lane;
 pub use store::{
     CacheResult, Db, DiskUsage, FsckProblem, GcOptions, GcReport, MEDIA_CONFIG, MEDIA_LAYER_GZIP,
     MEDIA_LAYER_TAR, MEDIA_LAYER_ZSTD, MEDIA_MANIFEST, RemoveReport, SCHEMA_VERSION, Store,

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 /// stopped skipping what its last tree freed (up to 360 s). With 16, a
 /// loop of cold builds came back to its first lanes within that window,
 /// and the RUN's file creation in them showed `recently_deleted` again.
-pub const LANES: u32 = 64;
+pub(crate) const LANES: u32 = 64;
 
 /// The counter of the next lane, in `tmp/`.
 const NEXT_LANE: &str = "lane-next";

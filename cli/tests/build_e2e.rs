@@ -111,20 +111,12 @@ impl Env {
         let mut left = Vec::new();
         for e in fs_err::read_dir(self.store().join("tmp")).expect("tmp") {
             let e = e.expect("entry");
-            let name = e.file_name();
-            if name == "lane-next" {
-                continue;
-            }
-            let is_lane = name.to_str().is_some_and(|n| {
-                n.strip_prefix("lane-")
-                    .is_some_and(|d| d.len() == 2 && d.bytes().all(|b| b.is_ascii_digit()))
-            });
-            if !is_lane {
+            if !kiln_cache::is_lane(&e.file_name()) {
                 left.push(e.path());
-                continue;
-            }
-            for inner in fs_err::read_dir(e.path()).expect("lane") {
-                left.push(inner.expect("entry").path());
+            } else if e.file_type().expect("type").is_dir() {
+                for inner in fs_err::read_dir(e.path()).expect("lane") {
+                    left.push(inner.expect("entry").path());
+                }
             }
         }
         assert!(left.is_empty(), "left in the store's tmp: {left:?}");
