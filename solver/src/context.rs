@@ -179,7 +179,7 @@ pub struct BuildContext {
     top_layer: Option<std::sync::Arc<kiln_cache::ContentDigests>>,
     /// The regular files the checksums found, if kept (see
     /// [`BuildContext::with_seen_files`]).
-    seen: Option<HashMap<String, SeenFile>>,
+    seen: Option<kiln_cache::FileMap<String, SeenFile>>,
 }
 
 /// A regular file of the context as a checksum's `lstat` found it.
@@ -268,13 +268,13 @@ impl BuildContext {
     /// context-relative path (see [`BuildContext::take_seen_files`]): a
     /// COPY from a prepared upper then need not `lstat` it again.
     pub fn with_seen_files(mut self) -> Self {
-        self.seen = Some(HashMap::new());
+        self.seen = Some(kiln_cache::FileMap::default());
         self
     }
 
     /// The files the checksums so far found (empty unless
     /// [`BuildContext::with_seen_files`]).
-    pub fn take_seen_files(&mut self) -> HashMap<String, SeenFile> {
+    pub fn take_seen_files(&mut self) -> kiln_cache::FileMap<String, SeenFile> {
         self.seen.as_mut().map(std::mem::take).unwrap_or_default()
     }
 

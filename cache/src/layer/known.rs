@@ -13,8 +13,6 @@
 //! before it hands the set to [`write_layer_reusing`](super::write_layer_reusing);
 //! the writer still checks that each file's size is the recorded one.
 
-use std::collections::HashMap;
-
 /// Files bigger than this are not recorded (reading them is not dominated
 /// by per-file system calls).
 pub const MAX_FILE: u64 = 64 * 1024;
@@ -27,7 +25,7 @@ pub const MAX_TOTAL: usize = 32 << 20;
 pub struct KnownFiles {
     /// Buffers holding the contents (a loaded file is one, untouched).
     chunks: Vec<Vec<u8>>,
-    files: HashMap<Vec<u8>, Entry>,
+    files: crate::FileMap<Vec<u8>, Entry>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -184,7 +182,7 @@ impl KnownFiles {
             index.push((path, len));
         }
         let mut off = bytes.len() - r.0.len();
-        let mut files = HashMap::with_capacity(n);
+        let mut files = crate::FileMap::with_capacity_and_hasher(n, Default::default());
         for (path, len) in index {
             let end = off.checked_add(len)?;
             if end > bytes.len() {

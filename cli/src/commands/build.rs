@@ -548,11 +548,6 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         eprintln!("error: build cancelled");
         return Ok(ExitCode::from(130));
     };
-    // The layers committed beside later steps, and the copy memos being
-    // written for the next build. (The RUNs' helpers, still unmounting
-    // their sandboxes, are waited for when the runner is dropped, after
-    // the export.)
-    runner.finish_background();
     let mut solved = match result {
         Ok(s) => s,
         Err(SolveError::Step { name, source, id }) => {
@@ -599,6 +594,13 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         kiln_cache::timing::mark("history recorded");
         (recorded, exported)
     });
+    // The rest of the work started beside the steps: the copy memos being
+    // written for the next build, the clean-ups, the layers committed
+    // beside later steps that the image does not hold (`settle_outputs`
+    // waited for those it holds). It ran beside the export. (The RUNs'
+    // helpers, still unmounting their sandboxes, are waited for when the
+    // runner is dropped.)
+    runner.finish_background();
     recorded?;
     let image = exported?;
     for o in &args.output {

@@ -188,8 +188,9 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             reuse,
             // (Keyed by the path's bytes: hashing a `Path` walks its
             // components, a good part of a copy from a prepared upper.)
-            linked: std::collections::HashSet::with_capacity(
+            linked: kiln_cache::FileSet::with_capacity_and_hasher(
                 reuse.filter(|r| r.prepared).map_or(0, |r| r.prev.len()),
+                Default::default(),
             ),
             src_root,
             seen_dirs: Vec::new(),
@@ -244,8 +245,8 @@ fn remove_unvisited(
     written: &[super::Written],
     seen_dirs: &[String],
 ) -> Result<(), FileOpError> {
-    let mut keep: std::collections::HashSet<&str> =
-        std::collections::HashSet::with_capacity(written.len() * 2);
+    let mut keep: kiln_cache::FileSet<&str> =
+        kiln_cache::FileSet::with_capacity_and_hasher(written.len() * 2, Default::default());
     let paths = written
         .iter()
         .map(|w| w.path.trim_start_matches('/'))
@@ -298,7 +299,8 @@ fn written_once(
     if contents.is_empty() {
         return known;
     }
-    let mut times: HashMap<&[u8], u32> = HashMap::with_capacity(written.len());
+    let mut times: kiln_cache::FileMap<&[u8], u32> =
+        kiln_cache::FileMap::with_capacity_and_hasher(written.len(), Default::default());
     for w in written {
         let rel = w.path.strip_prefix('/').unwrap_or(&w.path);
         *times.entry(rel.as_bytes()).or_default() += 1;
@@ -451,7 +453,7 @@ struct Copier<'a> {
     /// Linking files from snapshots instead of copying them.
     reuse: Option<&'a Reuse>,
     /// Targets linked behind the overlay's back (see [`Copier::unlink_linked`]).
-    linked: std::collections::HashSet<std::ffi::OsString>,
+    linked: kiln_cache::FileSet<std::ffi::OsString>,
     /// The source root (source paths below it are looked up in the source
     /// stage's layers).
     src_root: &'a Path,

@@ -126,7 +126,7 @@ pub struct Reuse {
     /// With `prepared`: the source files as the build's key checksums
     /// `lstat`ed them, by path below the source root; a file found here
     /// unchanged is kept without another `lstat`.
-    pub seen: Option<std::sync::Arc<std::collections::HashMap<String, crate::context::SeenFile>>>,
+    pub seen: Option<std::sync::Arc<kiln_cache::FileMap<String, crate::context::SeenFile>>>,
     /// Where the next lookup in `prev` probably is: one past the last
     /// found (the copy visits a directory's files in order).
     pub next_prev: std::sync::atomic::AtomicUsize,

@@ -118,7 +118,7 @@ pub struct RunnerOptions {
     pub source_date_epoch: Option<i64>,
     /// The context's regular files as the key checksums found them (see
     /// [`crate::context::BuildContext::with_seen_files`]).
-    pub context_files: Arc<HashMap<String, crate::context::SeenFile>>,
+    pub context_files: Arc<kiln_cache::FileMap<String, crate::context::SeenFile>>,
 }
 
 /// Why a step failed.

@@ -5,7 +5,6 @@
 //! layers, `SOURCE_DATE_EPOCH`). A memo only points at a snapshot; a memo
 //! whose snapshot is gone links nothing.
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -106,7 +105,7 @@ impl Loaded {
     pub(super) fn reuse(
         &mut self,
         upper: &Path,
-        prepared: Option<Arc<HashMap<String, SeenFile>>>,
+        prepared: Option<Arc<kiln_cache::FileMap<String, SeenFile>>>,
     ) -> Arc<Reuse> {
         let mut reuse = Reuse::new(
             self.prev.as_ref().map(|(_, dir)| dir.clone()),
