@@ -537,13 +537,13 @@ impl LinkPlan {
     fn run(&self, reuse: &Reuse, meta: &Metadata, dirs: &mut DirFds) -> bool {
         match &self.previous {
             // A file an earlier copy made: no overlayfs xattrs on it.
-            Some(prev) => reuse.link(prev, &self.rel, &self.expect, Check::Nothing, dirs),
+            Some(prev) => reuse.link(prev, &self.rel, &self.expect, Check::Nothing, None, dirs),
             None => self
                 .src_rel
                 .as_deref()
-                .and_then(|r| reuse.in_source_layers(r, meta))
-                .is_some_and(|(from, check)| {
-                    reuse.link(&from, &self.rel, &self.expect, check, dirs)
+                .and_then(|r| reuse.in_source_layers(r, meta, dirs))
+                .is_some_and(|(from, check, stat)| {
+                    reuse.link(&from, &self.rel, &self.expect, check, Some(stat), dirs)
                 }),
         }
     }

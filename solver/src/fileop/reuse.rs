@@ -27,6 +27,7 @@
 //! (unlinks it from the upper) before it writes that path again, so the
 //! overlay's view and its upper never disagree about a path it touches.
 
+use nix::sys::stat::FileStat;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -230,27 +231,41 @@ impl Reuse {
         &self,
         src_rel: &str,
         seen: &Metadata,
-    ) -> Option<(PathBuf, Check)> {
+        dirs: &mut DirFds,
+    ) -> Option<(PathBuf, Check, FileStat)> {
         for (i, layer) in self.source_layers.iter().enumerate() {
             let candidate = layer.join(src_rel);
-            match fs_err::symlink_metadata(&candidate) {
-                Ok(m) => {
-                    let same = m.file_type().is_file()
-                        && m.ino() == seen.ino()
-                        && m.size() == seen.size()
-                        && (m.mtime(), m.mtime_nsec()) == (seen.mtime(), seen.mtime_nsec())
-                        && (m.ctime(), m.ctime_nsec()) == (seen.ctime(), seen.ctime_nsec())
-                        && m.mode() == seen.mode()
-                        && (m.uid(), m.gid()) == (seen.uid(), seen.gid());
-                    let bare = i == 0
-                        && self
-                            .source_top
-                            .as_ref()
-                            .is_some_and(|t| t.without_xattrs(src_rel.as_bytes(), m.size()));
-                    let check = if bare { Check::Metadata } else { Check::Xattrs };
-                    return same.then_some((candidate, check));
+            let (Some(dir), Some(name)) = (candidate.parent(), candidate.file_name()) else {
+                return None;
+            };
+            // Relative to the layer's directory, kept open for the files
+            // after it (no walk of the whole path for each).
+            let found = match dirs.from.open_or_err(dir) {
+                Ok(fd) => {
+                    nix::sys::stat::fstatat(fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(m) => {
+                    let same = m.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG
+                        && m.st_ino == seen.ino()
+                        && u64::try_from(m.st_size).is_ok_and(|n| n == seen.size())
+                        && (m.st_mtime, m.st_mtime_nsec) == (seen.mtime(), seen.mtime_nsec())
+                        && (m.st_ctime, m.st_ctime_nsec) == (seen.ctime(), seen.ctime_nsec())
+                        && m.st_mode == seen.mode()
+                        && (m.st_uid, m.st_gid) == (seen.uid(), seen.gid());
+                    let bare = i == 0
+                        && self.source_top.as_ref().is_some_and(|t| {
+                            t.without_xattrs(
+                                src_rel.as_bytes(),
+                                u64::try_from(m.st_size).unwrap_or(0),
+                            )
+                        });
+                    let check = if bare { Check::Metadata } else { Check::Xattrs };
+                    return same.then_some((candidate, check, m));
+                }
+                Err(nix::errno::Errno::ENOENT) => {}
                 Err(_) => return None,
             }
         }
@@ -270,6 +285,7 @@ impl Reuse {
         rel: &str,
         expect: &Expected,
         check: Check,
+        stat: Option<FileStat>,
         dirs: &mut DirFds,
     ) -> bool {
         use nix::fcntl::AtFlags;
@@ -292,8 +308,9 @@ impl Reuse {
             return nix::unistd::linkat(from_fd, from_name, to_fd, to_name, AtFlags::empty())
                 .is_ok();
         }
-        let Ok(pm) = nix::sys::stat::fstatat(from_fd, from_name, AtFlags::AT_SYMLINK_NOFOLLOW)
-        else {
+        let Some(pm) = stat.or_else(|| {
+            nix::sys::stat::fstatat(from_fd, from_name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()
+        }) else {
             return false;
         };
         let same = pm.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG
@@ -363,6 +380,27 @@ impl DirSlot {
             self.0 = Some((dir.to_owned(), fd));
         }
         self.0.as_ref().map(|(_, fd)| fd.as_fd())
+    }
+
+    /// [`DirSlot::open`], with the error of a directory that cannot be
+    /// opened.
+    fn open_or_err(&mut self, dir: &Path) -> nix::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        if self.0.as_ref().is_none_or(|(p, _)| p != dir) {
+            self.0 = None;
+            let fd = nix::fcntl::open(
+                dir,
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )?;
+            self.0 = Some((dir.to_owned(), fd));
+        }
+        self.0
+            .as_ref()
+            .map(|(_, fd)| fd.as_fd())
+            .ok_or(nix::errno::Errno::EBADF)
     }
 
     /// The held directory, if it is `dir`.
