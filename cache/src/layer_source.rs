@@ -53,18 +53,20 @@ impl Store {
         opts: &WriteOptions,
         known: Option<KnownFiles>,
     ) -> Result<(LayerInfo, Option<KnownFiles>, Option<ContentDigests>)> {
-        self.commit_snapshot_gated(upper, opts, known, || ())
+        self.commit_snapshot_gated(upper, opts, known, |_, _| {}, || ())
     }
 
-    /// [`Store::commit_snapshot_reusing`], calling `gate` once the layer is
-    /// hashed and holding what it returns while `upper` is moved (or
-    /// removed) and recorded: for an upper that other mounts may be
+    /// [`Store::commit_snapshot_reusing`], calling `hashed` with the layer
+    /// and the recorded contents (which it may take) once the layer is
+    /// hashed, then `gate`, holding what it returns while `upper` is moved
+    /// (or removed) and recorded: for an upper that other mounts may be
     /// reading from by its path until then.
     pub fn commit_snapshot_gated<G>(
         &self,
         upper: &Path,
         opts: &WriteOptions,
         known: Option<KnownFiles>,
+        hashed: impl FnOnce(&LayerInfo, &mut Option<KnownFiles>),
         gate: impl FnOnce() -> G,
     ) -> Result<(LayerInfo, Option<KnownFiles>, Option<ContentDigests>)> {
         let _lock = self.lock_shared()?;
@@ -86,7 +88,7 @@ impl Store {
             what: upper.display().to_string(),
             source,
         };
-        let (_, recorded, digests) =
+        let (_, mut recorded, digests) =
             layer::write_layer_with(upper, &mut tee, opts, known, tap).map_err(layer_err)?;
         let copy = tee.into_copy();
         let (diff_id, size) = hw
@@ -96,6 +98,13 @@ impl Store {
         if let Some(copy) = copy {
             self.keep_layer_blob(copy, &diff_id);
         }
+        hashed(
+            &LayerInfo {
+                diff_id: diff_id.clone(),
+                size,
+            },
+            &mut recorded,
+        );
         let _gate = gate();
         let (id, dir, _snapshot_lock) = self.lock_snapshot(&diff_id)?;
         if dir.is_dir() {

@@ -121,6 +121,10 @@ pub struct RunnerOptions {
     pub context_files: Arc<kiln_cache::FileMap<String, crate::context::SeenFile>>,
 }
 
+/// What a commit does with the new chain and the new layer's recorded
+/// contents once the layer is hashed (see `StoreRunner::commit_gated`).
+type OnHashed = Box<dyn FnOnce(&StoreRunner, &Chain, Option<KnownFiles>) + Send>;
+
 /// Why a step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -746,11 +750,14 @@ impl StoreRunner {
         upper: &Path,
         known: Option<KnownFiles>,
     ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
-        self.commit_gated(step, parent, upper, known, None, None)
+        self.commit_gated(step, parent, upper, known, None, None, None)
     }
 
     /// [`StoreRunner::commit_reusing`] of an upper that RUNs may be
     /// mounting by its path (see `pending`): moved under its gate.
+    /// `on_hashed` gets the new chain and the recorded contents as soon as
+    /// the layer is hashed, before the gate (then none are given back).
+    #[allow(clippy::too_many_arguments)]
     fn commit_gated(
         &self,
         step: &Step,
@@ -759,6 +766,7 @@ impl StoreRunner {
         known: Option<KnownFiles>,
         pending: Option<&pending::Pending>,
         blob_below: Option<u64>,
+        on_hashed: Option<OnHashed>,
     ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
         let empty = fs_err::read_dir(upper)
             .map(|mut d| d.next().is_none())
@@ -781,9 +789,17 @@ impl StoreRunner {
                 .with_blob_below(blob_below);
             let (layer, recorded, digests) = self
                 .store
-                .commit_snapshot_gated(upper, &opts, known, || {
-                    pending.map(pending::Pending::close_gate)
-                })
+                .commit_snapshot_gated(
+                    upper,
+                    &opts,
+                    known,
+                    |layer, recorded| {
+                        if let Some(f) = on_hashed {
+                            f(self, &parent.with(layer.clone()), recorded.take());
+                        }
+                    },
+                    || pending.map(pending::Pending::close_gate),
+                )
                 .map_err(store_err(format!(
                     "committing the layer of {}",
                     step.vertex.name
@@ -1054,13 +1070,44 @@ impl StoreRunner {
                     drop(dir);
                     drop(fop);
                 };
+                // The memo for the next build, written as soon as the layer
+                // is hashed (a RUN committed beside may still be running):
+                // only the next build reads it, beside the next steps (see
+                // `StoreRunner::finish`). (A commit that then fails leaves
+                // a memo of a layer the store lacks, which the next build
+                // does not use.)
+                let parent_for_memo = parent.clone();
+                let on_hashed: Option<OnHashed> = memo.clone().map(|memo| {
+                    Box::new(
+                        move |this: &StoreRunner, chain: &Chain, recorded: Option<KnownFiles>| {
+                            let (parent, chain2) = (parent_for_memo, chain.clone());
+                            let temp_dir = this.store.root().join("tmp");
+                            let save = move || {
+                                reuse::save(
+                                    &memo,
+                                    &temp_dir,
+                                    &parent,
+                                    &chain2,
+                                    report,
+                                    recorded.unwrap_or_default(),
+                                );
+                            };
+                            // (A thread that cannot start loses the memo: the
+                            // next build copies everything, as with a memo it
+                            // cannot write.)
+                            spawn_onto(&this.background, "copy-memo", save);
+                            kiln_cache::timing::mark("copy: memo saved");
+                        },
+                    ) as OnHashed
+                });
                 let tail = move |this: &StoreRunner,
                                  step: &Step,
                                  parent: &Chain,
                                  pending: Option<&pending::Pending>|
                       -> Result<Chain, RunnerError> {
-                    let (chain, recorded) =
-                        this.commit_gated(step, parent, &upper, known, pending, blob_below)?;
+                    let (chain, _) = this.commit_gated(
+                        step, parent, &upper, known, pending, blob_below, on_hashed,
+                    )?;
                     // A COPY run again is likely to run once more (an edit
                     // loop): its result is cloned for that run beside the
                     // steps after it (for one source: see `fileop::copy`),
@@ -1072,27 +1119,6 @@ impl StoreRunner {
                     ) && !(small && this.store.has_blob(&top.diff_id))
                     {
                         this.prepare_next(m, &top.diff_id);
-                    }
-                    if let Some(memo) = memo {
-                        // Only the next build reads it: written beside the
-                        // next steps (see `StoreRunner::finish`).
-                        let (parent, chain2) = (parent.clone(), chain.clone());
-                        let temp_dir = this.store.root().join("tmp");
-                        let save = move || {
-                            reuse::save(
-                                &memo,
-                                &temp_dir,
-                                &parent,
-                                &chain2,
-                                report,
-                                recorded.unwrap_or_default(),
-                            );
-                        };
-                        // (A thread that cannot start loses the memo: the
-                        // next build copies everything, as with a memo it
-                        // cannot write.)
-                        spawn_onto(&this.background, "copy-memo", save);
-                        kiln_cache::timing::mark("copy: memo saved");
                     }
                     Ok(chain)
                 };

@@ -513,7 +513,7 @@ impl StoreRunner {
                                step: &Step,
                                parent: &Chain,
                                p: Option<&super::pending::Pending>| {
-                this.commit_gated(step, parent, &upper, None, p, None)
+                this.commit_gated(step, parent, &upper, None, p, None, None)
                     .map(|(chain, _)| chain)
             };
             let chain = self.commit_later(step, &parent, pending, commit, move || drop(dir));
