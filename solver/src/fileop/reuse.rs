@@ -367,23 +367,11 @@ struct DirSlot(Option<(PathBuf, std::os::fd::OwnedFd)>);
 impl DirSlot {
     /// The open directory `dir` (opened now unless it is the one held).
     fn open(&mut self, dir: &Path) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        if self.0.as_ref().is_none_or(|(p, _)| p != dir) {
-            let fd = nix::fcntl::open(
-                dir,
-                nix::fcntl::OFlag::O_RDONLY
-                    | nix::fcntl::OFlag::O_DIRECTORY
-                    | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            )
-            .ok()?;
-            self.0 = Some((dir.to_owned(), fd));
-        }
-        self.0.as_ref().map(|(_, fd)| fd.as_fd())
+        self.open_or_err(dir).ok()
     }
 
     /// [`DirSlot::open`], with the error of a directory that cannot be
-    /// opened.
+    /// opened (then none is held).
     fn open_or_err(&mut self, dir: &Path) -> nix::Result<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         if self.0.as_ref().is_none_or(|(p, _)| p != dir) {
