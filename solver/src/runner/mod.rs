@@ -1035,10 +1035,22 @@ impl StoreRunner {
                     known.absorb(std::mem::take(&mut report.contents));
                     known
                 });
-                let one_source = !c.link && c.sources.len() == 1 && had_memo;
+                let one_source = !c.link && c.sources.len() == 1;
+                // A COPY that ran before is likely to run once more (an
+                // edit loop).
+                let again = one_source && had_memo;
                 // A small result keeps its tar as a blob, so that the next
-                // run may take its snapshot over (no clone to make).
-                let limit = reuse::small_layer();
+                // run may take its snapshot over (no clone to make). On a
+                // first run (a cold build, which may not run it again) only
+                // a smaller one: the tar is made anyway, keeping it costs a
+                // write of its size. (Without, the first rebuild after a
+                // cold build linked every file from the last result: 42 ms
+                // for s3's 5,000 files, against 12-16 ms taken over.)
+                let limit = if again {
+                    reuse::small_layer()
+                } else {
+                    reuse::small_layer() / 4
+                };
                 let small = one_source && prev_size.unwrap_or(0).max(report.bytes) < limit;
                 let blob_below = small.then_some(limit);
                 let upper_dir = upper.clone();
@@ -1049,10 +1061,7 @@ impl StoreRunner {
                 // (Not with SOURCE_DATE_EPOCH, whose commit changes times.)
                 let early = match &memo {
                     Some(m)
-                        if beside
-                            && one_source
-                            && !small
-                            && self.opts.source_date_epoch.is_none() =>
+                        if beside && again && !small && self.opts.source_date_epoch.is_none() =>
                     {
                         reuse::open_dir(None, &upper_dir)
                             .ok()
@@ -1060,7 +1069,7 @@ impl StoreRunner {
                     }
                     _ => None,
                 };
-                let prepare_after = one_source && early.is_none();
+                let prepare_after = again && early.is_none();
                 // The source's overlay (which the copy walked), the scratch
                 // directory and the copy's lists: tearing them down takes
                 // milliseconds, done off the critical path.
