@@ -548,6 +548,13 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         eprintln!("error: build cancelled");
         return Ok(ExitCode::from(130));
     };
+    // A failed build waits for the work started beside its steps (the
+    // clean-ups of its scratch directories) before it reports: the last
+    // copy of the runner may be on one of those threads, whose drop does
+    // not wait for itself. (A build that goes on waits after its export.)
+    if result.is_err() {
+        runner.finish_background();
+    }
     let mut solved = match result {
         Ok(s) => s,
         Err(SolveError::Step { name, source, id }) => {
@@ -561,9 +568,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     };
     // Layers committed beside the steps after them (all done once
     // `finish` returned): their chains.
-    runner
-        .settle_outputs(&mut solved.outputs)
-        .map_err(|e| anyhow::anyhow!("{}", chain_text(&e)))?;
+    if let Err(e) = runner.settle_outputs(&mut solved.outputs) {
+        runner.finish_background();
+        bail!("{}", chain_text(&e));
+    }
     // The key history (statcache.db) is written while the image is stored
     // (meta.db).
     let (recorded, exported) = std::thread::scope(|scope| {
