@@ -295,9 +295,9 @@ impl Reuse {
         else {
             return false;
         };
-        let Some(from_fd) = dirs.from.open(from_dir) else {
+        if dirs.from.open(from_dir).is_none() {
             return false;
-        };
+        }
         if check == Check::Nothing {
             let Some(to_fd) = dirs.to.open(to_dir) else {
                 return false;
@@ -308,9 +308,8 @@ impl Reuse {
             return nix::unistd::linkat(from_fd, from_name, to_fd, to_name, AtFlags::empty())
                 .is_ok();
         }
-        let Some(pm) = stat.or_else(|| {
-            nix::sys::stat::fstatat(from_fd, from_name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()
-        }) else {
+        // (Checked: the stat `Reuse::in_source_layers` found it by.)
+        let Some(pm) = stat else {
             return false;
         };
         let same = pm.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG

@@ -121,9 +121,9 @@ pub struct RunnerOptions {
     pub context_files: Arc<kiln_cache::FileMap<String, crate::context::SeenFile>>,
 }
 
-/// What a commit does with the new chain and the new layer's recorded
+/// What a commit does with the new layer and its small files' recorded
 /// contents once the layer is hashed (see `StoreRunner::commit_gated`).
-type OnHashed = Box<dyn FnOnce(&StoreRunner, &Chain, Option<KnownFiles>) + Send>;
+type OnHashed = Box<dyn FnOnce(&StoreRunner, &LayerInfo, Option<KnownFiles>) + Send>;
 
 /// Why a step failed.
 #[derive(Debug, thiserror::Error)]
@@ -736,27 +736,15 @@ impl StoreRunner {
 
     /// Commit `upper` as a layer on `parent`; an empty upper adds no layer.
     fn commit(&self, step: &Step, parent: &Chain, upper: &Path) -> Result<Chain, RunnerError> {
-        self.commit_reusing(step, parent, upper, None)
-            .map(|(chain, _)| chain)
+        self.commit_gated(step, parent, upper, None, None, None, None)
     }
 
-    /// [`StoreRunner::commit`], hashing the layer with the contents `known`
-    /// has (see [`kiln_cache::KnownFiles`]); gives back the contents of the
-    /// new layer's small files.
-    fn commit_reusing(
-        &self,
-        step: &Step,
-        parent: &Chain,
-        upper: &Path,
-        known: Option<KnownFiles>,
-    ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
-        self.commit_gated(step, parent, upper, known, None, None, None)
-    }
-
-    /// [`StoreRunner::commit_reusing`] of an upper that RUNs may be
-    /// mounting by its path (see `pending`): moved under its gate.
-    /// `on_hashed` gets the new chain and the recorded contents as soon as
-    /// the layer is hashed, before the gate (then none are given back).
+    /// [`StoreRunner::commit`] of an upper that RUNs may be mounting by its
+    /// path (see `pending`): moved under its gate. The layer is hashed with
+    /// the contents `known` has (see [`kiln_cache::KnownFiles`]);
+    /// `on_hashed` gets the new layer and its small files' contents as soon
+    /// as it is hashed, before the gate (an empty upper adds no layer, and
+    /// `on_hashed` is not called).
     #[allow(clippy::too_many_arguments)]
     fn commit_gated(
         &self,
@@ -767,12 +755,12 @@ impl StoreRunner {
         pending: Option<&pending::Pending>,
         blob_below: Option<u64>,
         on_hashed: Option<OnHashed>,
-    ) -> Result<(Chain, Option<KnownFiles>), RunnerError> {
+    ) -> Result<Chain, RunnerError> {
         let empty = fs_err::read_dir(upper)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
-        let (chain, recorded) = if empty {
-            (parent.clone(), None)
+        let chain = if empty {
+            parent.clone()
         } else {
             // The step is over: nothing writes its upper any more. A RUN
             // of a stage that others read takes its files' digests too (a
@@ -787,7 +775,7 @@ impl StoreRunner {
                 .with_mapped_files()
                 .with_content_digests(digests)
                 .with_blob_below(blob_below);
-            let (layer, recorded, digests) = self
+            let (layer, _, digests) = self
                 .store
                 .commit_snapshot_gated(
                     upper,
@@ -795,7 +783,7 @@ impl StoreRunner {
                     known,
                     |layer, recorded| {
                         if let Some(f) = on_hashed {
-                            f(self, &parent.with(layer.clone()), recorded.take());
+                            f(self, layer, recorded.take());
                         }
                     },
                     || pending.map(pending::Pending::close_gate),
@@ -809,12 +797,12 @@ impl StoreRunner {
             {
                 all.insert(layer.diff_id.to_string(), Arc::new(d));
             }
-            (parent.with(layer), recorded)
+            parent.with(layer)
         };
         kiln_cache::timing::mark("commit: layer");
         self.record(step, &chain)?;
         kiln_cache::timing::mark("commit: recorded");
-        Ok((chain, recorded))
+        Ok(chain)
     }
 
     fn record(&self, step: &Step, chain: &Chain) -> Result<(), RunnerError> {
@@ -1085,18 +1073,18 @@ impl StoreRunner {
                 // `StoreRunner::finish`). (A commit that then fails leaves
                 // a memo of a layer the store lacks, which the next build
                 // does not use.)
-                let parent_for_memo = parent.clone();
                 let on_hashed: Option<OnHashed> = memo.clone().map(|memo| {
                     Box::new(
-                        move |this: &StoreRunner, chain: &Chain, recorded: Option<KnownFiles>| {
-                            let (parent, chain2) = (parent_for_memo, chain.clone());
-                            let temp_dir = this.store.root().join("tmp");
+                        move |this: &StoreRunner,
+                              layer: &LayerInfo,
+                              recorded: Option<KnownFiles>| {
+                            let (diff_id, temp_dir) =
+                                (layer.diff_id.clone(), this.store.root().join("tmp"));
                             let save = move || {
                                 reuse::save(
                                     &memo,
                                     &temp_dir,
-                                    &parent,
-                                    &chain2,
+                                    &diff_id,
                                     report,
                                     recorded.unwrap_or_default(),
                                 );
@@ -1114,7 +1102,7 @@ impl StoreRunner {
                                  parent: &Chain,
                                  pending: Option<&pending::Pending>|
                       -> Result<Chain, RunnerError> {
-                    let (chain, _) = this.commit_gated(
+                    let chain = this.commit_gated(
                         step, parent, &upper, known, pending, blob_below, on_hashed,
                     )?;
                     // A COPY run again is likely to run once more (an edit

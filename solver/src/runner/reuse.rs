@@ -416,25 +416,17 @@ pub(super) fn known_for(mut known: KnownFiles, report: &crate::fileop::Report) -
 }
 
 /// Leaves the memo for the next build: the files of `report` went into the
-/// top layer of `chain` (when the copy added a layer at all), whose small
-/// files' contents are `known`.
+/// layer `diff_id`, whose small files' contents are `known`.
 pub(super) fn save(
     memo: &Path,
     temp_dir: &Path,
-    parent: &Chain,
-    chain: &Chain,
+    diff_id: &Digest,
     report: crate::fileop::Report,
     known: KnownFiles,
 ) {
-    if chain.layers.len() <= parent.layers.len() {
-        return;
-    }
-    let Some(top) = chain.layers.last() else {
-        return;
-    };
     let files = report.remembered();
     let memo_data = CopyMemo {
-        diff_id: top.diff_id.to_string(),
+        diff_id: diff_id.to_string(),
         files,
         known,
     };

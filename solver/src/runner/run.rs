@@ -514,7 +514,6 @@ impl StoreRunner {
                                parent: &Chain,
                                p: Option<&super::pending::Pending>| {
                 this.commit_gated(step, parent, &upper, None, p, None, None)
-                    .map(|(chain, _)| chain)
             };
             let chain = self.commit_later(step, &parent, pending, commit, move || drop(dir));
             kiln_cache::timing::mark("run: layer committed beside");
