@@ -67,12 +67,14 @@ impl Syncer {
 }
 
 impl BlobWriter {
-    pub(crate) fn create(tmp_dir: &Path, blobs_dir: &Path) -> Result<BlobWriter> {
+    /// A writer into a new temp file in `tmp_dir`, through a buffer of
+    /// `capacity` bytes.
+    pub(crate) fn create(tmp_dir: &Path, blobs_dir: &Path, capacity: usize) -> Result<BlobWriter> {
         let temp = tmp_dir.join(unique_name("blob"));
         let file = fs_err::File::create(&temp)
             .map_err(|e| StoreError::io("creating temp file", &temp, e))?;
         Ok(BlobWriter {
-            inner: Some(HashingWriter::new(BufWriter::with_capacity(1 << 20, file))),
+            inner: Some(HashingWriter::new(BufWriter::with_capacity(capacity, file))),
             temp,
             blobs_dir: blobs_dir.to_owned(),
             syncer: None,

@@ -6,7 +6,9 @@
 //! `snapshots/`. The tar is made only when something needs the bytes (`save`,
 //! `--output`, push), by [`Store::open_layer`], which streams it from the
 //! directory and checks that it still hashes to the diffID. Such a layer
-//! has no blob until then; [`Store::has_layer`] counts either form.
+//! has no blob until then; [`Store::has_layer`] counts either form. (A
+//! small layer's tar is also kept packed at commit, when asked: see
+//! [`crate::WriteOptions::keep_blob_below`] and [`Store::packed_layer`].)
 //!
 //! The writer is deterministic, so the same directory always gives the same
 //! bytes. `SOURCE_DATE_EPOCH` clamping is applied to the directory itself
@@ -30,7 +32,7 @@ use crate::digest::{Digest, Hasher};
 use crate::error::{Result, StoreError};
 use crate::image::LayerInfo;
 use crate::layer::{self, ContentDigests, KnownFiles, LayerError, LayerStats, WriteOptions};
-use crate::store::{SNAPSHOT_PREFIX, Store, now};
+use crate::store::{MEDIA_LAYER_ZSTD, SNAPSHOT_PREFIX, Store, now};
 
 impl Store {
     /// Commits `upper` (an overlay upperdir or a plain tree, inside the
@@ -79,11 +81,7 @@ impl Store {
         // Big files go to the hasher as mappings, unless the tar is kept
         // (then the copy needs the bytes).
         let tap = hw.tap().filter(|_| opts.keep_blob_below.is_none());
-        let mut tee = crate::snapshot_take::BlobTee::new(
-            &mut hw,
-            &self.root().join("tmp"),
-            opts.keep_blob_below,
-        );
+        let mut tee = crate::snapshot_take::BlobTee::new(&mut hw, self, opts.keep_blob_below);
         let layer_err = |source| StoreError::Layer {
             what: upper.display().to_string(),
             source,
@@ -159,41 +157,72 @@ impl Store {
         dir.is_dir().then_some(dir)
     }
 
-    /// Whether the layer `diff_id` is here, as a blob or a snapshot.
+    /// Whether the layer `diff_id` is here: as a blob, packed (see
+    /// [`Store::packed_layer`]) or as a snapshot.
     pub fn has_layer(&self, diff_id: &Digest) -> bool {
-        self.has_blob(diff_id) || self.snapshot_dir(diff_id).is_some()
+        self.has_blob(diff_id)
+            || self.snapshot_dir(diff_id).is_some()
+            || self.packed_layer(diff_id).ok().flatten().is_some()
+    }
+
+    /// Whether the tar of layer `diff_id` is stored, as a blob or packed:
+    /// its snapshot is then not its only copy (see [`Store::take_snapshot`]).
+    pub fn has_layer_tar(&self, diff_id: &Digest) -> Result<bool> {
+        Ok(self.has_blob(diff_id) || self.packed_layer(diff_id)?.is_some())
+    }
+
+    /// The blob holding layer `diff_id` zstd-compressed, if there is one:
+    /// the form a small layer's tar is kept in at commit (see
+    /// [`crate::WriteOptions::keep_blob_below`]), or a variant an export
+    /// made. The layer can be read back from it ([`Store::open_layer`]).
+    pub fn packed_layer(&self, diff_id: &Digest) -> Result<Option<Digest>> {
+        Ok(self
+            .compressed_layer(diff_id, MEDIA_LAYER_ZSTD)?
+            .map(|(blob, _)| blob))
     }
 
     /// The uncompressed size of layer `diff_id`: its blob's length, or the
-    /// size recorded with its snapshot. Reads no layer content.
+    /// size recorded for it (a packed or snapshot layer). Reads no layer
+    /// content.
     pub fn layer_size(&self, diff_id: &Digest) -> Result<Option<u64>> {
         if let Some(n) = self.blob_len(diff_id) {
             return Ok(Some(n));
         }
-        if self.snapshot_dir(diff_id).is_none() {
+        if !self.has_layer(diff_id) {
             return Ok(None);
         }
         self.recorded_layer_size(diff_id)
     }
 
-    /// Opens the uncompressed tar of layer `diff_id`: its blob, or else a
-    /// stream made from its snapshot. Either way the reader fails at its
-    /// end if the bytes do not hash to `diff_id`.
+    /// Opens the uncompressed tar of layer `diff_id`: its blob, or else its
+    /// packed blob decompressed, or else a stream made from its snapshot.
+    /// Either way the reader fails at its end if the bytes do not hash to
+    /// `diff_id`.
     pub fn open_layer(&self, diff_id: &Digest) -> Result<LayerReader> {
         if self.has_blob(diff_id) {
             return self.open_blob(diff_id).map(LayerReader::Blob);
         }
-        let Some(dir) = self.snapshot_dir(diff_id) else {
-            return Err(StoreError::BlobMissing {
-                digest: diff_id.to_string(),
-            });
+        let missing = || StoreError::BlobMissing {
+            digest: diff_id.to_string(),
         };
-        let Some(size) = self.recorded_layer_size(diff_id)? else {
-            return Err(StoreError::BlobMissing {
-                digest: diff_id.to_string(),
-            });
-        };
-        SnapshotTar::spawn(dir, diff_id.clone(), size).map(LayerReader::Snapshot)
+        let packed = self.packed_layer(diff_id)?;
+        let dir = self.snapshot_dir(diff_id);
+        if packed.is_none() && dir.is_none() {
+            return Err(missing());
+        }
+        let size = self.recorded_layer_size(diff_id)?.ok_or_else(missing)?;
+        match (packed, dir) {
+            (Some(blob), _) => {
+                let path = self.blob_path(&blob);
+                let reader = self.open_blob(&blob)?;
+                PackedTar::new(reader, path, diff_id.clone(), size)
+                    .map(|p| LayerReader::Packed(Box::new(p)))
+            }
+            (None, Some(dir)) => {
+                SnapshotTar::spawn(dir, diff_id.clone(), size).map(LayerReader::Snapshot)
+            }
+            (None, None) => Err(missing()),
+        }
     }
 
     /// Makes sure layer `diff_id` has a blob (writing its tar from the
@@ -219,11 +248,14 @@ impl Store {
     }
 }
 
-/// The uncompressed tar of a layer: its blob or a stream from its snapshot.
+/// The uncompressed tar of a layer: its blob, its packed blob decompressed,
+/// or a stream from its snapshot.
 #[derive(Debug)]
 pub enum LayerReader {
     /// A stored blob.
     Blob(BlobReader),
+    /// A packed (zstd) blob, decompressed while it is read.
+    Packed(Box<PackedTar>),
     /// Made from the snapshot directory while it is read.
     Snapshot(SnapshotTar),
 }
@@ -233,6 +265,7 @@ impl LayerReader {
     pub fn len(&self) -> Result<u64> {
         match self {
             LayerReader::Blob(b) => b.len(),
+            LayerReader::Packed(p) => Ok(p.size),
             LayerReader::Snapshot(s) => Ok(s.size),
         }
     }
@@ -247,6 +280,7 @@ impl LayerReader {
     pub fn error(&self, e: io::Error) -> StoreError {
         let path = match self {
             LayerReader::Blob(_) => PathBuf::from("<blob>"),
+            LayerReader::Packed(p) => p.path.clone(),
             LayerReader::Snapshot(s) => s.dir.clone(),
         };
         into_store_error(e, &path)
@@ -257,8 +291,68 @@ impl Read for LayerReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             LayerReader::Blob(b) => b.read(buf),
+            LayerReader::Packed(p) => p.read(buf),
             LayerReader::Snapshot(s) => s.read(buf),
         }
+    }
+}
+
+/// A layer tar decompressed from its packed blob. The blob reader checks
+/// the blob against its own name, this one the tar against the diffID.
+pub struct PackedTar {
+    decoder: zstd::stream::read::Decoder<'static, io::BufReader<BlobReader>>,
+    hasher: Option<Hasher>,
+    digest: Digest,
+    size: u64,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for PackedTar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedTar")
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedTar {
+    fn new(blob: BlobReader, path: PathBuf, digest: Digest, size: u64) -> Result<PackedTar> {
+        let decoder = zstd::stream::read::Decoder::new(blob)
+            .map_err(|e| StoreError::io("decompressing layer", &path, e))?;
+        Ok(PackedTar {
+            decoder,
+            hasher: Some(Hasher::new()),
+            digest,
+            size,
+            path,
+        })
+    }
+}
+
+impl Read for PackedTar {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.decoder.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            if let Some(h) = self.hasher.take() {
+                let actual = h.finish();
+                if actual != self.digest {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        StoreError::Corrupt {
+                            digest: self.digest.to_string(),
+                            actual: actual.to_string(),
+                        },
+                    ));
+                }
+            }
+            return Ok(0);
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
     }
 }
 

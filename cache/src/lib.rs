@@ -75,7 +75,7 @@ pub use content_hash::{CONTENT_ALGORITHM, ContentHasher, content_digest};
 pub use digest::{Digest, Hasher, HashingReader, HashingWriter};
 pub use error::{Result, StoreError};
 pub use image::{Image, ImageSummary, LayerInfo, format_rfc3339, parse_config, parse_rfc3339};
-pub use layer_source::{LayerReader, SnapshotTar};
+pub use layer_source::{LayerReader, PackedTar, SnapshotTar};
 pub use reference::{Reference, short_name};
 pub use seal::{DbSeal, now_ns};
 pub use snapshot_take::SnapshotUse;

@@ -7,9 +7,10 @@
 //! ([`Store::take_snapshot`]). That is only done when nothing can miss the
 //! directory:
 //!
-//! - the layer has a blob (its tar, kept at commit with
-//!   [`crate::WriteOptions::keep_blob_below`]): whoever needs the snapshot
-//!   again unpacks it from there ([`Store::snapshot_for`]);
+//! - the layer has its tar stored: as a blob, or packed (zstd-compressed,
+//!   as a commit with [`crate::WriteOptions::keep_blob_below`] keeps it,
+//!   see [`Store::has_layer_tar`]); whoever needs the snapshot again
+//!   unpacks it from there ([`Store::snapshot_for`]);
 //! - no container holds a lease on the layer;
 //! - no build mounts or reads it: users hold a shared lock on it
 //!   ([`Store::use_snapshot`]) and the taker needs the exclusive one.
@@ -23,11 +24,11 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::params;
 
-use crate::blob::{sync_dir, unique_name};
+use crate::blob::BlobWriter;
 use crate::containers::LeaseKind;
 use crate::digest::Digest;
 use crate::error::{Result, StoreError};
-use crate::store::{SNAPSHOT_PREFIX, Store};
+use crate::store::{MEDIA_LAYER_ZSTD, SNAPSHOT_PREFIX, Store};
 
 /// A build's use of a snapshot (see [`Store::use_snapshot`]): while it is
 /// held, no other build takes the directory over.
@@ -99,12 +100,12 @@ impl Store {
 
     /// Moves the snapshot directory of `diff_id` to `dest` (which must not
     /// exist, on the store's filesystem), if nothing can miss it (see the
-    /// module docs): the layer has a blob, no container leases it, no
-    /// [`SnapshotUse`] is held. The layer is then blob-only until it is
+    /// module docs): the layer's tar is stored, no container leases it, no
+    /// [`SnapshotUse`] is held. The layer is then tar-only until it is
     /// unpacked again. False, with nothing changed, otherwise.
     pub fn take_snapshot(&self, diff_id: &Digest, dest: &Path) -> Result<bool> {
         let _store = self.lock_shared()?;
-        if !self.has_blob(diff_id)
+        if !self.has_layer_tar(diff_id)?
             || !self
                 .lease_holders(LeaseKind::Layer, &diff_id.to_string())?
                 .is_empty()
@@ -130,25 +131,26 @@ impl Store {
     }
 }
 
-/// The tar of a layer on its way to the hasher, copied to a temp file while
-/// it stays below a limit (see [`crate::WriteOptions::keep_blob_below`]).
-/// The copy is a convenience: a failure to write it only drops it.
+/// The tar of a layer on its way to the hasher, also packed (zstd, level 1)
+/// into a blob while it stays below a limit (see
+/// [`crate::WriteOptions::keep_blob_below`]). Packed, a layer of many small
+/// files takes a hundredth of its size (s3's 5,000 files: 5.2 MB of tar,
+/// 48 KB packed): fewer bytes to write and sync, and a store that grows by
+/// that much per edit-loop build. The copy is a convenience: a failure to
+/// write it only drops it.
 pub(crate) struct BlobTee<'a, W> {
     inner: &'a mut W,
-    copy: Option<(io::BufWriter<fs_err::File>, PathBuf)>,
+    copy: Option<zstd::stream::write::Encoder<'static, BlobWriter>>,
     written: u64,
     limit: u64,
 }
 
 impl<'a, W: Write> BlobTee<'a, W> {
-    /// Copies to a new file in `tmp_dir` when `limit` is given.
-    pub(crate) fn new(inner: &'a mut W, tmp_dir: &Path, limit: Option<u64>) -> Self {
-        let copy = limit.and_then(|_| {
-            let path = tmp_dir.join(unique_name("layer-blob"));
-            fs_err::File::create(&path)
-                .ok()
-                .map(|f| (io::BufWriter::with_capacity(1 << 20, f), path))
-        });
+    /// Packs into a new blob of `store` when `limit` is given.
+    pub(crate) fn new(inner: &'a mut W, store: &Store, limit: Option<u64>) -> Self {
+        let copy = limit
+            .and_then(|_| store.blob_writer_sized(64 << 10).ok())
+            .and_then(|w| zstd::stream::write::Encoder::new(w, 1).ok());
         Self {
             inner,
             copy,
@@ -157,42 +159,23 @@ impl<'a, W: Write> BlobTee<'a, W> {
         }
     }
 
-    /// The copy, if it was kept whole: flushed, not yet synced.
-    pub(crate) fn into_copy(mut self) -> Option<(fs_err::File, PathBuf)> {
-        let (f, path) = self.copy.take()?;
-        match f.into_inner() {
-            Ok(f) => Some((f, path)),
-            Err(_) => {
-                let _ = fs_err::remove_file(path);
-                None
-            }
-        }
-    }
-}
-
-impl<W> Drop for BlobTee<'_, W> {
-    fn drop(&mut self) {
-        drop_copy(&mut self.copy);
-    }
-}
-
-/// Drops a [`BlobTee`]'s copy, removing its file.
-fn drop_copy(copy: &mut Option<(io::BufWriter<fs_err::File>, PathBuf)>) {
-    if let Some((f, path)) = copy.take() {
-        drop(f);
-        let _ = fs_err::remove_file(path);
+    /// The packed copy, if the whole tar went into it: finished, not yet
+    /// committed.
+    pub(crate) fn into_copy(mut self) -> Option<BlobWriter> {
+        self.copy.take()?.finish().ok()
     }
 }
 
 impl<W: Write> Write for BlobTee<'_, W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(data)?;
-        if let Some((f, _)) = &mut self.copy {
+        if let Some(enc) = &mut self.copy {
             let fits = self.written + (n as u64) < self.limit;
-            if fits && f.write_all(&data[..n]).is_ok() {
+            if fits && enc.write_all(&data[..n]).is_ok() {
                 self.written += n as u64;
             } else {
-                drop_copy(&mut self.copy);
+                // (Dropped, the blob writer removes its temp file.)
+                self.copy = None;
             }
         }
         Ok(n)
@@ -204,19 +187,12 @@ impl<W: Write> Write for BlobTee<'_, W> {
 }
 
 impl Store {
-    /// Stores the copy a [`BlobTee`] made of the layer `diff_id` as its
-    /// blob (synced). Best effort: on failure the layer just has no blob.
-    /// (Not a [`crate::BlobWriter`]: that one hashes what it is given, and
-    /// the layer's digest is known already.)
-    pub(crate) fn keep_layer_blob(&self, copy: (fs_err::File, PathBuf), diff_id: &Digest) {
-        let (file, temp) = copy;
-        let dest = self.blob_path(diff_id);
-        if file.sync_all().is_ok()
-            && (dest.is_file() || fs_err::rename(&temp, &dest).is_ok())
-            && let Some(d) = dest.parent()
-        {
-            let _ = sync_dir(d);
+    /// Stores the packed copy a [`BlobTee`] made of the layer `diff_id`
+    /// (synced), recorded as its zstd variant. Best effort: on failure the
+    /// layer just has no stored tar.
+    pub(crate) fn keep_layer_blob(&self, copy: BlobWriter, diff_id: &Digest) {
+        if let Ok((digest, size)) = copy.commit(None, "packed layer") {
+            let _ = self.record_compressed_layer(diff_id, &digest, MEDIA_LAYER_ZSTD, size);
         }
-        let _ = fs_err::remove_file(&temp);
     }
 }

@@ -464,7 +464,17 @@ impl Store {
 
     /// Starts writing a blob; call [`BlobWriter::commit`] to store it.
     pub fn blob_writer(&self) -> Result<BlobWriter> {
-        BlobWriter::create(&self.root.join("tmp"), &self.root.join("blobs/sha256"))
+        self.blob_writer_sized(1 << 20)
+    }
+
+    /// [`Store::blob_writer`] with a write buffer of `capacity` bytes (for
+    /// a blob known to be small).
+    pub(crate) fn blob_writer_sized(&self, capacity: usize) -> Result<BlobWriter> {
+        BlobWriter::create(
+            &self.root.join("tmp"),
+            &self.root.join("blobs/sha256"),
+            capacity,
+        )
     }
 
     /// Stores everything `reader` yields as a blob, hashing while streaming.
@@ -673,15 +683,18 @@ impl Store {
             let temp = snapshots.join(unique_name(&format!(".tmp-{id}")));
             mkdir(&temp)?;
             let result = (|| {
-                let mut blob = self.open_blob(diff_id)?;
-                layer::apply_layer(&mut blob, &temp, &layer::ApplyOptions::default()).map_err(
+                // (Its blob or packed blob: there is no snapshot to stream.)
+                let mut tar = self.open_layer(diff_id)?;
+                layer::apply_layer(&mut tar, &temp, &layer::ApplyOptions::default()).map_err(
                     |source| StoreError::Layer {
                         what: diff_id.to_string(),
                         source,
                     },
                 )?;
-                // The tar may end before the file does; the digest covers all.
-                blob.finish()
+                // The tar may end before the stream does; the digest covers all.
+                io::copy(&mut tar, &mut io::sink())
+                    .map(|_| ())
+                    .map_err(|e| tar.error(e))
             })();
             if let Err(e) = result {
                 let _ = fs_err::remove_dir_all(&temp);

@@ -321,6 +321,14 @@ impl Store {
                 };
                 if self.has_blob(&d) {
                     check(l, &format!("{what} layer"), &mut p);
+                } else if let Ok(Some(packed)) = self.packed_layer(&d) {
+                    // The packed blob, and what it unpacks to.
+                    if check(&packed.to_string(), &format!("{what} packed layer"), &mut p).is_some()
+                        && verify_content
+                        && let Err(e) = self.verify_layer(&d)
+                    {
+                        p(format!("{what} layer: {e}"));
+                    }
                 } else if self.snapshot_dir(&d).is_none() {
                     p(format!("{what} layer: blob `{d}` is missing"));
                 } else if verify_content && let Err(e) = self.verify_layer(&d) {

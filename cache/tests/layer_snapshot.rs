@@ -256,7 +256,7 @@ fn a_snapshot_is_taken_over_only_when_nothing_can_miss_it() {
     );
     assert!(store.snapshot_dir(&big.diff_id).is_some());
 
-    // Under it: the blob is the tar.
+    // Under it: the tar is kept, packed (zstd) into a blob of its own.
     let up = upper(&store, "small");
     fs_err::write(up.join("extra"), "x").expect("write");
     let (expected, digest) = tar_of(&up, &WriteOptions::default());
@@ -267,7 +267,15 @@ fn a_snapshot_is_taken_over_only_when_nothing_can_miss_it() {
         )
         .expect("commit");
     assert_eq!(small.diff_id, digest);
-    assert_eq!(store.read_blob(&digest).expect("blob"), expected);
+    assert!(!store.has_blob(&digest), "not kept as a plain blob");
+    assert!(store.has_layer_tar(&digest).expect("layer tar"));
+    let packed = store.packed_layer(&digest).expect("packed").expect("blob");
+    let packed_bytes = store.read_blob(&packed).expect("packed blob");
+    assert!(packed_bytes.len() < expected.len() / 4, "compressed");
+    assert_eq!(
+        zstd::decode_all(packed_bytes.as_slice()).expect("zstd"),
+        expected
+    );
     let snap = store.snapshot_dir(&digest).expect("snapshot");
 
     // In use by a build: not taken (the lock is per open file, so this
@@ -302,6 +310,17 @@ fn a_snapshot_is_taken_over_only_when_nothing_can_miss_it() {
     assert!(store.has_layer(&digest));
     assert!(store.snapshot_dir(&digest).is_none());
     store.verify_layer(&digest).expect("verify");
+    let mut tar = Vec::new();
+    store
+        .open_layer(&digest)
+        .expect("open")
+        .read_to_end(&mut tar)
+        .expect("read");
+    assert_eq!(tar, expected, "the layer reads back from its packed blob");
+    assert_eq!(
+        store.layer_size(&digest).expect("size"),
+        Some(tar.len() as u64)
+    );
     assert!(store.fsck(true).expect("fsck").is_empty());
     assert_eq!(store.snapshot_for(&digest).expect("unpack"), snap);
     assert_eq!(tar_of(&snap, &WriteOptions::default()).1, digest);
@@ -309,4 +328,108 @@ fn a_snapshot_is_taken_over_only_when_nothing_can_miss_it() {
     assert!(store.take_snapshot(&digest, &taken).is_err());
     assert!(snap.join("etc/app/conf").is_file());
     assert!(store.fsck(true).expect("fsck").is_empty());
+}
+
+/// A layer whose only copy is its packed blob (its snapshot taken over):
+/// GC keeps the packed blob while the layer is live and drops it with the
+/// layer; a packed blob that does not unpack to the diffID is refused when
+/// read, unpacked or checked, and leaves no snapshot behind.
+#[test]
+fn a_packed_layer_is_kept_by_gc_and_refused_when_it_does_not_match() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let dest = |n: &str| store.root().join("tmp").join(n);
+    let up = upper(&store, "p");
+    let (expected, _) = tar_of(&up, &WriteOptions::default());
+    let layer = store
+        .commit_snapshot_from_dir(&up, &WriteOptions::default().with_blob_below(Some(1 << 20)))
+        .expect("commit");
+    assert!(
+        store
+            .take_snapshot(&layer.diff_id, &dest("t"))
+            .expect("take")
+    );
+    let packed = store
+        .packed_layer(&layer.diff_id)
+        .expect("packed")
+        .expect("blob");
+    store
+        .put_cache_record(
+            "key-p",
+            &CacheResult {
+                diff_ids: vec![layer.diff_id.clone()],
+                config: None,
+                extra: serde_json::Value::Null,
+            },
+        )
+        .expect("record");
+    store.gc(GcOptions::default()).expect("gc");
+    assert!(store.has_blob(&packed), "a live layer's packed blob stays");
+    assert!(store.has_layer(&layer.diff_id));
+    store.verify_layer(&layer.diff_id).expect("verify");
+
+    // Swap in a packed blob of another tar (a good blob, the wrong layer).
+    let mut other = expected.clone();
+    let at = other
+        .windows(6)
+        .position(|w| w == b"a = 1\n")
+        .expect("file content in the tar");
+    other[at + 4] = b'9';
+    let bad = store
+        .put_blob_bytes(&zstd::encode_all(other.as_slice(), 1).expect("zstd"))
+        .expect("blob");
+    fs_err::remove_file(store.blob_path(&packed)).expect("remove");
+    store
+        .record_compressed_layer(
+            &layer.diff_id,
+            &bad,
+            kiln_cache::MEDIA_LAYER_ZSTD,
+            other.len() as u64,
+        )
+        .expect("record");
+    assert_eq!(
+        store.packed_layer(&layer.diff_id).expect("packed"),
+        Some(bad.clone())
+    );
+    let mut r = store.open_layer(&layer.diff_id).expect("open");
+    let err = r.read_to_end(&mut Vec::new()).expect_err("must not verify");
+    let err = r.error(err);
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    let err = store
+        .snapshot_for(&layer.diff_id)
+        .expect_err("no snapshot from a bad packed blob");
+    let chain = anyhow_chain(&err);
+    assert!(chain.contains(layer.diff_id.short()), "{chain}");
+    assert!(chain.contains("corrupt"), "{chain}");
+    assert!(store.snapshot_dir(&layer.diff_id).is_none());
+    let left: Vec<_> = fs_err::read_dir(store.root().join("snapshots"))
+        .expect("snapshots")
+        .map(|e| e.expect("entry").file_name())
+        .filter(|n| !n.to_string_lossy().ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "nothing half-unpacked: {left:?}");
+    let problems = store.fsck(true).expect("fsck");
+    assert!(problems.is_empty(), "no image uses it yet: {problems:?}");
+
+    // `prune --all` drops the layer and its packed blob.
+    store
+        .gc(GcOptions {
+            all: true,
+            dry_run: false,
+        })
+        .expect("gc all");
+    assert!(!store.has_blob(&bad));
+    assert!(!store.has_layer(&layer.diff_id));
+}
+
+/// An error and its sources, one line.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -1878,9 +1878,9 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
 }
 
 /// An edited COPY of a small tree takes its last result's snapshot over
-/// (that layer kept its tar as a blob): no clone is made, the layer is the
+/// (that layer kept its tar, packed): no clone is made, the layer is the
 /// one a clean store builds, and the image the last build made still reads
-/// back whole (its layer unpacked again from the blob when run).
+/// back whole (its layer unpacked again from the packed blob when run).
 #[test]
 fn an_edited_small_copy_takes_its_last_snapshot_over() {
     if !can_build() {
@@ -1925,9 +1925,24 @@ fn an_edited_small_copy_takes_its_last_snapshot_over() {
     let cold_top = layer_of(&a, "take", 1);
     {
         let store = kiln_cache::Store::open(a.store()).expect("open store");
+        let d = cold_top.parse().expect("digest");
         assert!(
-            store.has_blob(&cold_top.parse().expect("digest")),
+            store.has_layer_tar(&d).expect("layer tar"),
             "the cold build kept its small layer's tar"
+        );
+        // Packed, not as a plain tar blob.
+        assert!(!store.has_blob(&d), "kept packed, not plain");
+        let packed = store
+            .packed_layer(&d)
+            .expect("packed")
+            .expect("packed blob");
+        let packed_len = fs_err::metadata(store.blob_path(&packed))
+            .expect("blob")
+            .len();
+        let tar_len = store.layer_size(&d).expect("size").expect("recorded size");
+        assert!(
+            packed_len * 4 < tar_len,
+            "packed {packed_len} bytes against {tar_len} of tar"
         );
     }
     // So the second (the first rebuild) takes the first's snapshot over,
@@ -1944,7 +1959,10 @@ fn an_edited_small_copy_takes_its_last_snapshot_over() {
     let digest: kiln_cache::Digest = first_top.parse().expect("digest");
     {
         let store = kiln_cache::Store::open(a.store()).expect("open store");
-        assert!(store.has_blob(&digest), "the small layer kept its tar");
+        assert!(
+            store.has_layer_tar(&digest).expect("layer tar"),
+            "the small layer kept its tar"
+        );
     }
     assert_eq!(clones(&a), 0, "no clone is made for a small layer");
     let o = a.kiln(&["tag", "take", "take:first"]);
@@ -1964,8 +1982,8 @@ fn an_edited_small_copy_takes_its_last_snapshot_over() {
     let b = Env::new();
     build(&b);
     assert_eq!(layer_of(&b, "take", 1), top, "a clean store's layer");
-    // The first image is whole: its layer reads back from the blob, and
-    // running it unpacks the layer again.
+    // The first image is whole: its layer reads back from the packed blob,
+    // and running it unpacks the layer again.
     {
         let store = kiln_cache::Store::open(a.store()).expect("open store");
         store.verify_layer(&digest).expect("the first layer");

@@ -1108,12 +1108,12 @@ impl StoreRunner {
                     // A COPY run again is likely to run once more (an edit
                     // loop): its result is cloned for that run beside the
                     // steps after it (for one source: see `fileop::copy`),
-                    // unless that run can take it over (it has a blob).
+                    // unless that run can take it over (its tar is stored).
                     if let (Some(m), Some(top), true) = (
                         &memo,
                         chain.layers.last(),
                         prepare_after && chain.layers.len() > parent.layers.len(),
-                    ) && !(small && this.store.has_blob(&top.diff_id))
+                    ) && !(small && this.store.has_layer_tar(&top.diff_id).unwrap_or(false))
                     {
                         this.prepare_next(m, &top.diff_id);
                     }
