@@ -67,7 +67,7 @@ mod user;
 
 pub use alloc::{idle_priority, tune_allocator};
 pub use caps::{DOCKER_DEFAULT_CAPS, docker_default_mask};
-pub use detached::{detached_count, wait_detached, wait_detached_using};
+pub use detached::{detached_count, release_detached, wait_detached, wait_detached_using};
 pub use error::{Error, Result};
 pub use helper::{EXEC_ARG, HELPER_ARG, helper_main_if_requested, state_root};
 pub use pty::{Pty, WinSize, get_winsize, openpty, set_winsize};

@@ -917,6 +917,58 @@ fn nothing_leaks(init: bool, runs: usize, failures: usize) {
     assert_eq!(sandbox_cgroups(), cgroups, "cgroups leaked");
 }
 
+/// A released helper (`release_detached`, for a process about to exit) is
+/// recorded instead of waited for; a later mount of its upper (here in the
+/// same process, as one in another process would) finds the record, waits
+/// for the helper to finish unmounting, and removes the record.
+#[test]
+fn a_released_helper_is_waited_for_by_the_next_mount_of_its_upper() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let sandbox = Sandbox::new().with_helper(HELPER);
+    // Many files make the overlay's unmount take a while (tens of ms).
+    let spec = fx.sh(
+        "rel",
+        "mkdir /many && cd /many && i=0; while [ $i -lt 8000 ]; do : > f$i; i=$((i+1)); done",
+    );
+    let mut first = sandbox.spawn(&spec).unwrap();
+    let helper = first.helper_pid();
+    assert_eq!(first.wait_detached().unwrap(), ExitStatus::Code(0));
+    kiln_executor::release_detached();
+    assert_eq!(kiln_executor::detached_count(), 0, "released, not kept");
+    let euid = nix::unistd::geteuid().as_raw();
+    let record = kiln_executor::state_root()
+        .join(format!("kiln-teardown-{euid}"))
+        .join(helper.to_string());
+    assert!(
+        record.is_file(),
+        "a helper still unmounting is recorded ({})",
+        record.display()
+    );
+    let upper = fx.path("rel.upper");
+    let mut spec2 = SandboxSpec::new(
+        fx.overlay_with(vec![upper.clone(), fx.lower.clone()], "rel2"),
+        ProcessSpec::new(["/bin/sh", "-c", "ls /many | wc -l"]),
+    );
+    spec2.stdio = kiln_executor::Stdio::Piped;
+    let mut second = sandbox.spawn(&spec2).unwrap();
+    assert!(
+        !alive(helper),
+        "the released helper still runs after the next spawn"
+    );
+    assert!(!record.exists(), "the record is removed once waited for");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut second.take_stdout().unwrap(), &mut out).unwrap();
+    assert_eq!(out.trim(), "8000");
+    assert_eq!(second.wait().unwrap(), ExitStatus::Code(0));
+    // (Released, the helper is this process's zombie until reaped here; a
+    // CLI exits and its heir reaps it.)
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(helper as i32), None);
+}
+
 /// `wait_detached` gives the status (and the output) while the helper still
 /// has the sandbox's namespace to release; a sandbox whose lower is that upper
 /// waits for the helper first, and nothing is left once all are waited for.

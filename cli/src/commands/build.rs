@@ -658,6 +658,12 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             build_memo::forget(&store, key);
         }
     }
+    // The RUNs' helpers still unmounting their sandboxes (a sandbox whose
+    // overlay saw many files takes them milliseconds) finish after this
+    // process has exited, recorded so that a later mount of their uppers
+    // waits for them (see `kiln_executor::release_detached`). A failed
+    // build waits for them instead: it leaves nothing behind.
+    kiln_executor::release_detached();
     println!("{}", image.id);
     Ok(ExitCode::SUCCESS)
 }
