@@ -116,6 +116,9 @@ pub(crate) fn fill_from_image(data: &Path, lowers: &[PathBuf], target: &str) -> 
         opts.push(":");
         opts.push(blank.as_os_str());
     }
+    // A lower that is still the upper of a RUN's sandbox being torn down
+    // (a build that just exited leaves its helpers to finish).
+    kiln_executor::wait_detached_using(lowers);
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     let mounted = mount(
         Some("overlay"),
