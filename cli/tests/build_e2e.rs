@@ -1877,6 +1877,59 @@ fn incremental_copy_links_unchanged_files_and_equals_a_clean_build() {
     a.assert_clean();
 }
 
+/// A COPY keeps its layer's tar (for a later take-over) only when the
+/// layer is small, counting the files it links from a stage as well as
+/// those it writes: a `COPY --from` of a stage's big file (linked, not
+/// written) does not start a tar it would drop at the limit, after
+/// compressing that much for nothing (s1's 50 MB: 20 ms).
+#[test]
+fn a_copy_keeps_its_tar_only_below_the_limit_linked_files_included() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-keep");
+    fs_err::create_dir_all(&ctx).expect("ctx");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local AS a\n\
+         RUN mkdir /out && head -c 300000 /dev/zero > /out/big && echo s > /out/small\n\
+         FROM busybox:local\n\
+         COPY --from=a /out/small /s\n\
+         COPY --from=a /out /a\n",
+    )
+    .expect("dockerfile");
+    // A first run keeps a tar below a quarter of the limit: 100,000 bytes.
+    let o = epoch_build(&env, &ctx, &["-t", "keep"])
+        .env("KILN_TAKE_BELOW", "400000")
+        .output()
+        .expect("build");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let progress = text(&o.stderr);
+    let kept: Vec<&str> = progress
+        .lines()
+        .filter(|l| l.starts_with("[timing]") && l.ends_with("the layer's tar is kept"))
+        .collect();
+    assert_eq!(
+        kept.len(),
+        1,
+        "only the small COPY keeps its tar:\n{progress}"
+    );
+    let store = kiln_cache::Store::open(env.store()).expect("open store");
+    let small: kiln_cache::Digest = layer_of(&env, "keep", 1).parse().expect("digest");
+    let big: kiln_cache::Digest = layer_of(&env, "keep", 2).parse().expect("digest");
+    assert!(
+        store.has_layer_tar(&small).expect("small"),
+        "the small layer's tar is kept"
+    );
+    assert!(
+        !store.has_layer_tar(&big).expect("big"),
+        "the big layer's is not"
+    );
+    drop(store);
+    env.assert_clean();
+}
+
 /// An edited COPY of a small tree takes its last result's snapshot over
 /// (that layer kept its tar, packed): no clone is made, the layer is the
 /// one a clean store builds, and the image the last build made still reads

@@ -949,6 +949,9 @@ impl Copier<'_> {
         }
         let kind = if ft.is_file() {
             let key = (meta.dev(), meta.ino());
+            if meta.nlink() == 1 || !self.links.contains_key(&key) {
+                self.report.file_bytes += meta.size();
+            }
             if meta.nlink() == 1 {
                 // The common case, on a worker, on file descriptors only.
                 let inner = self.inner_of(target);
@@ -1037,6 +1040,7 @@ impl Copier<'_> {
             return false;
         }
         let rel = rel.to_owned();
+        self.report.file_bytes += id.size();
         self.report.identities.push((rel, Some(id)));
         let inner = self.inner_of(target);
         self.report.push(inner, EntryKind::File);

@@ -210,6 +210,10 @@ pub struct Report {
     pub sources_read: Vec<String>,
     /// Bytes of file content written.
     pub bytes: u64,
+    /// Bytes of the regular files the copy put in place, written, linked
+    /// or kept from a previous result alike (one count per hard-linked
+    /// file): about the size of the layer's tar, before it is made.
+    pub file_bytes: u64,
     /// With reuse on: the source identity of each regular file copied, by
     /// path below the destination root, as a log: a later entry for a path
     /// replaces an earlier one, `None` forgets it (see

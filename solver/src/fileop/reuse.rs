@@ -39,6 +39,11 @@ use std::time::{Duration, SystemTime};
 pub struct FileIdentity(u64, u64, u64, i64, i64, i64, i64, u32, u32, u32);
 
 impl FileIdentity {
+    /// The file's size.
+    pub fn size(&self) -> u64 {
+        self.2
+    }
+
     /// The identity of a file from its `lstat`.
     pub fn of(meta: &Metadata) -> FileIdentity {
         FileIdentity(

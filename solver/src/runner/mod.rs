@@ -1039,8 +1039,13 @@ impl StoreRunner {
                 } else {
                     reuse::small_layer() / 4
                 };
-                let small = one_source && prev_size.unwrap_or(0).max(report.bytes) < limit;
+                // (Linked and kept files count: they are in the tar too.)
+                let size = report.bytes.max(report.file_bytes);
+                let small = one_source && prev_size.unwrap_or(0).max(size) < limit;
                 let blob_below = small.then_some(limit);
+                if small {
+                    kiln_cache::timing::mark("copy: the layer's tar is kept");
+                }
                 let upper_dir = upper.clone();
                 let beside = self.commit_beside(step);
                 // Committed beside the RUNs after it, the upper is cloned
