@@ -222,7 +222,8 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
                 .iter()
                 .filter_map(|t| c.rel_of(Path::new(t)).map(str::to_owned))
                 .collect();
-            linked.sort();
+            // (Distinct paths: an unstable sort orders them the same.)
+            linked.sort_unstable();
             c.report.linked = linked;
             let contents = std::mem::take(
                 &mut *state

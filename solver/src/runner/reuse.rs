@@ -404,14 +404,12 @@ fn clone_tree(src: OwnedFd, dest: &Path) -> std::io::Result<bool> {
 /// files the copy linked from the previous result (the same inodes, so the
 /// same bytes at the same path), and no others.
 pub(super) fn known_for(mut known: KnownFiles, report: &crate::fileop::Report) -> KnownFiles {
-    known.retain(|p| {
-        std::str::from_utf8(p).is_ok_and(|p| {
-            report
-                .linked
-                .binary_search_by(|l| l.as_str().cmp(p))
-                .is_ok()
-        })
-    });
+    // (A hashed set: a binary search per file of a 5,000-file memo made
+    // 65,000 string comparisons, 1.5 ms of the copy.)
+    let mut linked: kiln_cache::FileSet<&[u8]> =
+        kiln_cache::FileSet::with_capacity_and_hasher(report.linked.len(), Default::default());
+    linked.extend(report.linked.iter().map(|l| l.as_bytes()));
+    known.retain(|p| linked.contains(p));
     known
 }
 
