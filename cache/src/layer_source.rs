@@ -297,6 +297,24 @@ impl Read for LayerReader {
     }
 }
 
+/// Checks what `hasher` took in (once: it is taken) against `digest`; a
+/// mismatch is an `InvalidData` error carrying [`StoreError::Corrupt`].
+fn check_hashed(hasher: &mut Option<Hasher>, digest: &Digest) -> io::Result<()> {
+    if let Some(h) = hasher.take() {
+        let actual = h.finish();
+        if actual != *digest {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                StoreError::Corrupt {
+                    digest: digest.to_string(),
+                    actual: actual.to_string(),
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A layer tar decompressed from its packed blob. The blob reader checks
 /// the blob against its own name, this one the tar against the diffID.
 pub struct PackedTar {
@@ -335,18 +353,7 @@ impl Read for PackedTar {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.decoder.read(buf)?;
         if n == 0 && !buf.is_empty() {
-            if let Some(h) = self.hasher.take() {
-                let actual = h.finish();
-                if actual != self.digest {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        StoreError::Corrupt {
-                            digest: self.digest.to_string(),
-                            actual: actual.to_string(),
-                        },
-                    ));
-                }
-            }
+            check_hashed(&mut self.hasher, &self.digest)?;
             return Ok(0);
         }
         if let Some(h) = &mut self.hasher {
@@ -410,19 +417,7 @@ impl SnapshotTar {
                 }
             }
         }
-        if let Some(h) = self.hasher.take() {
-            let actual = h.finish();
-            if actual != self.digest {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    StoreError::Corrupt {
-                        digest: self.digest.to_string(),
-                        actual: actual.to_string(),
-                    },
-                ));
-            }
-        }
-        Ok(())
+        check_hashed(&mut self.hasher, &self.digest)
     }
 }
 

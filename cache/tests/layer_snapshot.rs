@@ -398,7 +398,11 @@ fn a_packed_layer_is_kept_by_gc_and_refused_when_it_does_not_match() {
     let err = store
         .snapshot_for(&layer.diff_id)
         .expect_err("no snapshot from a bad packed blob");
-    let chain = anyhow_chain(&err);
+    let chain: Vec<String> =
+        std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
+    let chain = chain.join(": ");
     assert!(chain.contains(layer.diff_id.short()), "{chain}");
     assert!(chain.contains("corrupt"), "{chain}");
     assert!(store.snapshot_dir(&layer.diff_id).is_none());
@@ -420,16 +424,4 @@ fn a_packed_layer_is_kept_by_gc_and_refused_when_it_does_not_match() {
         .expect("gc all");
     assert!(!store.has_blob(&bad));
     assert!(!store.has_layer(&layer.diff_id));
-}
-
-/// An error and its sources, one line.
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
