@@ -205,24 +205,14 @@ impl Store {
         let missing = || StoreError::BlobMissing {
             digest: diff_id.to_string(),
         };
-        let packed = self.packed_layer(diff_id)?;
-        let dir = self.snapshot_dir(diff_id);
-        if packed.is_none() && dir.is_none() {
-            return Err(missing());
+        let size = || self.recorded_layer_size(diff_id)?.ok_or_else(missing);
+        if let Some(blob) = self.packed_layer(diff_id)? {
+            let reader = self.open_blob(&blob)?;
+            return PackedTar::new(reader, self.blob_path(&blob), diff_id.clone(), size()?)
+                .map(|p| LayerReader::Packed(Box::new(p)));
         }
-        let size = self.recorded_layer_size(diff_id)?.ok_or_else(missing)?;
-        match (packed, dir) {
-            (Some(blob), _) => {
-                let path = self.blob_path(&blob);
-                let reader = self.open_blob(&blob)?;
-                PackedTar::new(reader, path, diff_id.clone(), size)
-                    .map(|p| LayerReader::Packed(Box::new(p)))
-            }
-            (None, Some(dir)) => {
-                SnapshotTar::spawn(dir, diff_id.clone(), size).map(LayerReader::Snapshot)
-            }
-            (None, None) => Err(missing()),
-        }
+        let dir = self.snapshot_dir(diff_id).ok_or_else(missing)?;
+        SnapshotTar::spawn(dir, diff_id.clone(), size()?).map(LayerReader::Snapshot)
     }
 
     /// Makes sure layer `diff_id` has a blob (writing its tar from the

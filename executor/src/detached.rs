@@ -55,16 +55,17 @@ pub(crate) fn hand_over(child: Child, upper: Option<&Path>) {
 /// ([`release_detached`]). Returns at once when no helper is detached and
 /// none is recorded.
 pub fn wait_detached_using(dirs: &[PathBuf]) {
-    let records = record_dir().and_then(|d| recorded(&d).ok().filter(|r| !r.is_empty()));
+    let records = record_dir(false).and_then(|d| recorded(&d).ok().filter(|r| !r.is_empty()));
+    if records.is_none() && list().is_empty() {
+        return;
+    }
+    let ids: Vec<(u64, u64)> = dirs.iter().filter_map(|d| identity(d)).collect();
+    // (Not under the list's lock: these are other processes' helpers.)
+    if let Some(records) = records {
+        wait_recorded(records, &ids);
+    }
     let mut waiting = {
         let mut list = list();
-        if list.is_empty() && records.is_none() {
-            return;
-        }
-        let ids: Vec<(u64, u64)> = dirs.iter().filter_map(|d| identity(d)).collect();
-        if let Some(records) = records {
-            wait_recorded(records, &ids);
-        }
         let (hit, rest): (Vec<_>, Vec<_>) = list
             .drain(..)
             .partition(|d| d.upper.is_some_and(|u| ids.contains(&u)));
@@ -82,7 +83,7 @@ pub fn wait_detached_using(dirs: &[PathBuf]) {
 /// recorded is waited for, as [`wait_detached`] does.
 pub fn release_detached() {
     let all = std::mem::take(&mut *list());
-    let dir = record_dir();
+    let dir = record_dir(true);
     for mut d in all {
         if !matches!(d.child.try_wait(), Ok(None)) {
             continue;
@@ -103,18 +104,19 @@ pub fn release_detached() {
 
 /// The directory of released helpers' records: `kiln-teardown-<euid>` in
 /// [`crate::state_root`] (a tmpfs: records do not outlive a reboot, nor do
-/// the pids they name), made on first use; `None` if it cannot be made or
-/// is not this user's.
-fn record_dir() -> Option<PathBuf> {
+/// the pids they name), made when missing if `create` (a reader has
+/// nothing to read then); `None` if it is missing or not this user's.
+fn record_dir(create: bool) -> Option<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
     let euid = nix::unistd::geteuid().as_raw();
     let dir = crate::state_root().join(format!("kiln-teardown-{euid}"));
     let m = match fs_err::symlink_metadata(&dir) {
         Ok(m) => m,
-        Err(_) => {
+        Err(_) if create => {
             let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
             fs_err::symlink_metadata(&dir).ok()?
         }
+        Err(_) => return None,
     };
     (m.is_dir() && m.uid() == euid).then_some(dir)
 }

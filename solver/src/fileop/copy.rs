@@ -217,14 +217,11 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             });
         res.map(|()| {
             c.report.bytes += state.bytes.load(Ordering::Relaxed);
-            let mut linked: Vec<String> = c
+            c.report.linked = c
                 .linked
                 .iter()
                 .filter_map(|t| c.rel_of(Path::new(t)).map(str::to_owned))
                 .collect();
-            // (Distinct paths: an unstable sort orders them the same.)
-            linked.sort_unstable();
-            c.report.linked = linked;
             let contents = std::mem::take(
                 &mut *state
                     .contents

@@ -220,7 +220,7 @@ pub struct Report {
     /// [`Report::remembered`]).
     pub identities: Vec<(String, Option<FileIdentity>)>,
     /// With reuse on: the regular files hard-linked from a snapshot instead
-    /// of copied, by path below the destination root (sorted).
+    /// of copied, by path below the destination root (in no order).
     pub linked: Vec<String>,
     /// With [`CopyOp::record_contents`]: the contents of small xattr-free
     /// regular files the copy wrote (and did not write over), by path below
