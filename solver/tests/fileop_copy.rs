@@ -870,3 +870,149 @@ fn recorded_contents_are_what_was_written_and_hash_to_the_same_layer() {
     write(&r2.src, "d/a.txt", "alpha");
     assert!(run(&r2, &op(&["d"], "/out/")).contents.is_empty());
 }
+
+/// The regular files below `root` as a COPY's keys `lstat` them (what a
+/// copy into a prepared upper is handed), by path below `root`.
+fn seen_files(root: &Path) -> kiln_cache::FileMap<String, kiln_solver::context::SeenFile> {
+    let mut out = kiln_cache::FileMap::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs_err::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let m = fs_err::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let id = fileop::FileIdentity::of(&m);
+                out.insert(
+                    rel,
+                    kiln_solver::context::SeenFile {
+                        id,
+                        nlink: m.nlink(),
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Every entry below `root`: path, type and mode, content or link target.
+fn tree(root: &Path) -> Vec<(String, u32, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs_err::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs_err::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let body = if m.is_dir() {
+                stack.push(p.clone());
+                String::new()
+            } else if m.file_type().is_symlink() {
+                fs_err::read_link(&p).unwrap().display().to_string()
+            } else {
+                fs_err::read_to_string(&p).unwrap()
+            };
+            out.push((rel, m.mode(), body));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A copy into a prepared upper (the previous result, written in place)
+/// keeps the files whose sources are unchanged (the same inodes, listed in
+/// `kept` only), writes the changed and new ones, and removes what the
+/// source no longer has or the `.dockerignore` now hides, directory by
+/// directory: the upper ends up as a fresh copy would make it.
+#[test]
+fn a_prepared_copy_keeps_unchanged_files_and_removes_what_is_gone() {
+    use std::sync::Arc;
+    let r = roots();
+    for f in [
+        "a/f1",
+        "a/f2",
+        "a/sub/g1",
+        "a/sub/g2",
+        "b/h1",
+        "b/deep/h2",
+        "top.txt",
+    ] {
+        write(&r.src, f, f);
+    }
+    symlink("f1", r.src.join("a/link")).unwrap();
+    // Sources changed within a clock tick of a copy are not remembered.
+    std::thread::sleep(Duration::from_millis(200));
+    let upper = r.dst.clone();
+    let mut first = op(&["."], "/app/");
+    first.reuse = Some(Arc::new(fileop::Reuse::new(
+        None,
+        Vec::new(),
+        upper.clone(),
+    )));
+    let rep = run(&r, &first);
+    assert!(rep.kept.is_empty());
+    let prev = rep.remembered();
+    assert_eq!(prev.len(), 7, "{prev:?}");
+    let ino = |rel: &str| fs_err::symlink_metadata(upper.join(rel)).unwrap().ino();
+    let (g2_ino, top_ino) = (ino("app/a/sub/g2"), ino("app/top.txt"));
+
+    // Edit one file, remove another and a whole directory, add a file and a
+    // directory, and hide one more file with the `.dockerignore`.
+    write(&r.src, "a/f1", "edited");
+    fs_err::remove_file(r.src.join("a/f2")).unwrap();
+    fs_err::remove_dir_all(r.src.join("b")).unwrap();
+    write(&r.src, "a/new", "new");
+    write(&r.src, "c/x", "x");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = op(&["."], "/app/");
+    second.ignore = Some(kiln_parser::PatternMatcher::new(["a/sub/g1"]).unwrap());
+    let mut reuse = fileop::Reuse::new(Some(upper.clone()), prev, upper.clone());
+    reuse.prepared = true;
+    reuse.seen = Some(Arc::new(seen_files(&r.src)));
+    second.reuse = Some(Arc::new(reuse));
+    let rep = run(&r, &second);
+
+    // Kept: a/sub/g2 and top.txt, in place, listed only in `kept`.
+    let mut kept: Vec<&str> = rep.kept.iter().map(|(p, _)| p.as_str()).collect();
+    kept.sort_unstable();
+    assert_eq!(kept, ["app/a/sub/g2", "app/top.txt"]);
+    assert_eq!((ino("app/a/sub/g2"), ino("app/top.txt")), (g2_ino, top_ino));
+    assert!(
+        !rep.written.iter().any(|w| w.path == "/app/top.txt"),
+        "{:?}",
+        rep.written
+    );
+    assert!(rep.written.iter().any(|w| w.path == "/app/a/f1"));
+    // What the next run remembers: the kept files and the ones written.
+    let next: Vec<String> = rep.remembered().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        next,
+        [
+            "app/a/f1",
+            "app/a/new",
+            "app/a/sub/g2",
+            "app/c/x",
+            "app/top.txt"
+        ]
+    );
+
+    // The upper is what a fresh copy of the sources makes.
+    let fresh = r._tmp.path().join("fresh");
+    fs_err::create_dir(&fresh).unwrap();
+    let mut clean = op(&["."], "/app/");
+    clean.ignore = second.ignore.clone();
+    fileop::copy(&r.src, &fresh, &clean).unwrap();
+    assert_eq!(tree(&upper), tree(&fresh));
+    assert!(!upper.join("app/b").exists());
+    assert!(!upper.join("app/a/f2").exists());
+    assert!(!upper.join("app/a/sub/g1").exists());
+}

@@ -175,7 +175,9 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             stamped: Vec::new(),
             report: Report {
                 identities: Vec::with_capacity(
-                    reuse.filter(|r| r.remember).map_or(0, |r| r.prev.len()),
+                    reuse
+                        .filter(|r| r.remember && !r.prepared)
+                        .map_or(0, |r| r.prev.len()),
                 ),
                 ..Report::default()
             },
@@ -187,13 +189,11 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
             deferred: Vec::new(),
             reuse,
             // (Keyed by the path's bytes: hashing a `Path` walks its
-            // components, a good part of a copy from a prepared upper.)
-            linked: kiln_cache::FileSet::with_capacity_and_hasher(
-                reuse.filter(|r| r.prepared).map_or(0, |r| r.prev.len()),
-                Default::default(),
-            ),
+            // components.)
+            linked: kiln_cache::FileSet::default(),
             src_root,
-            seen_dirs: Vec::new(),
+            reconciled: Vec::new(),
+            merged_dirs: 0,
         };
         let res = copy_all(
             &mut c,
@@ -212,7 +212,7 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
         let res = res
             .and(settled)
             .and_then(|()| match reuse.filter(|r| r.prepared) {
-                Some(r) => remove_unvisited(&r.upper, &c.report.written, &c.seen_dirs),
+                Some(r) => remove_unvisited(&r.upper, &c.report, &c.reconciled),
                 None => Ok(()),
             });
         res.map(|()| {
@@ -238,24 +238,42 @@ pub fn copy(src_root: &Path, dest_root: &Path, op: &CopyOp) -> Result<Report, Fi
 /// wrote, kept nor went through (what the sources no longer have), behind
 /// the overlay's back as a fresh upper would never have had it (removing
 /// through the overlay would leave whiteouts over the parent's files).
+/// The directories `reconciled` (paths below the destination root) were
+/// brought in line as the copy went through them (see
+/// [`Copier::reconcile`]): they are kept and not read again.
 fn remove_unvisited(
     upper: &Path,
-    written: &[super::Written],
-    seen_dirs: &[String],
+    report: &super::Report,
+    reconciled: &[String],
 ) -> Result<(), FileOpError> {
-    let mut keep: kiln_cache::FileSet<&str> =
-        kiln_cache::FileSet::with_capacity_and_hasher(written.len() * 2, Default::default());
-    let paths = written
-        .iter()
-        .map(|w| w.path.trim_start_matches('/'))
-        .chain(seen_dirs.iter().map(String::as_str));
-    for p in paths {
-        // A path and its directories (already there: so are they).
-        let mut q = p;
-        while !q.is_empty() && keep.insert(q) {
-            q = q.rfind('/').map_or("", |i| &q[..i]);
-        }
+    let done: kiln_cache::FileSet<&str> = reconciled.iter().map(String::as_str).collect();
+    if done.contains("") {
+        return Ok(());
     }
+    // What else to keep, made when an entry outside those directories is
+    // found (a destination's parents made by an earlier run, a single
+    // file's source).
+    let keep_set = || {
+        let mut keep: kiln_cache::FileSet<&str> = kiln_cache::FileSet::with_capacity_and_hasher(
+            2 * (report.written.len() + report.kept.len()),
+            Default::default(),
+        );
+        let paths = report
+            .written
+            .iter()
+            .map(|w| w.path.trim_start_matches('/'))
+            .chain(report.kept.iter().map(|(p, _)| p.as_str()))
+            .chain(done.iter().copied());
+        for p in paths {
+            // A path and its directories (already there: so are they).
+            let mut q = p;
+            while !q.is_empty() && keep.insert(q) {
+                q = q.rfind('/').map_or("", |i| &q[..i]);
+            }
+        }
+        keep
+    };
+    let mut keep = None;
     let mut stack = vec![(upper.to_path_buf(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
         for e in fs_err::read_dir(&dir)? {
@@ -272,7 +290,10 @@ fn remove_unvisited(
                 format!("{rel}/{name}")
             };
             let is_dir = e.file_type()?.is_dir();
-            if keep.contains(r.as_str()) {
+            if is_dir && done.contains(r.as_str()) {
+                continue;
+            }
+            if keep.get_or_insert_with(keep_set).contains(r.as_str()) {
                 if is_dir {
                     stack.push((e.path(), r));
                 }
@@ -284,6 +305,16 @@ fn remove_unvisited(
         }
     }
     Ok(())
+}
+
+/// `buf` = `dir/name` (`name` when `dir` is empty).
+fn join_into(buf: &mut String, dir: &str, name: &str) {
+    buf.clear();
+    if !dir.is_empty() {
+        buf.push_str(dir);
+        buf.push('/');
+    }
+    buf.push_str(name);
 }
 
 /// The copied `contents` of the paths written once by the copy: a path
@@ -456,8 +487,11 @@ struct Copier<'a> {
     /// stage's layers).
     src_root: &'a Path,
     /// With a prepared upper: the existing directories the copy went
-    /// through (paths below the destination root).
-    seen_dirs: Vec<String>,
+    /// through and brought in line (paths below the destination root,
+    /// `""` for the root; see [`Copier::reconcile`]).
+    reconciled: Vec<String>,
+    /// How many existing directories the copy went through.
+    merged_dirs: usize,
 }
 
 /// What a regular file's copy needs besides its paths.
@@ -889,46 +923,88 @@ impl Copier<'_> {
                 .map(|e| e.map(|e| (e.file_name(), e)))
                 .collect::<Result<_, _>>()?;
             children.sort_by(|a, b| a.0.cmp(&b.0));
+            // With a prepared upper, an existing directory is brought in
+            // line with the source as the copy goes through it.
+            let dir_rel = if created {
+                None
+            } else {
+                self.merged_dirs += 1;
+                self.reuse
+                    .filter(|r| r.prepared)
+                    .and_then(|_| below(&dir, self.dest_root))
+                    .and_then(std::ffi::OsStr::to_str)
+                    .map(str::to_owned)
+            };
             if created {
                 let inner = self.inner_of(&dir);
                 self.report.push(inner, EntryKind::Dir);
-            } else if self.reuse.is_some_and(|r| r.prepared)
-                && let Some(rel) = self.rel_of(&dir)
-            {
-                self.seen_dirs.push(rel.to_owned());
+            } else if let Some(rel) = &dir_rel {
+                self.reconciled.push(rel.clone());
             }
-            for (name, entry) in children {
-                let n = name.to_string_lossy();
-                let child_comps = super::pattern::join_rel(comps, &n);
-                let child_rel =
-                    super::pattern::join_rel(if src_rel == "." { "" } else { src_rel }, &n);
-                if whose == SourceKindFor::Op
-                    && entry.file_type().is_ok_and(|t| t.is_file())
-                    && let Some(seen) = self.seen_unchanged(&child_rel)
-                {
-                    // Skipped as the full path would skip it, or kept as the
-                    // previous result has it: no `lstat`. (A changed file
-                    // takes the full path.)
-                    if self.excluded(&child_comps, &child_rel, whose)
-                        || self.keep_prepared_as(&dir.join(&name), seen)
+            // The keys' `lstat`s of the context's files, when this copy may
+            // keep what the previous result has.
+            let seen = self
+                .reuse
+                .filter(|r| r.prepared && r.remember && whose == SourceKindFor::Op)
+                .and_then(|r| r.seen.clone());
+            let src_prefix = if src_rel == "." { "" } else { src_rel };
+            let (mut src_buf, mut dest_buf) = (String::new(), String::new());
+            let mut visited = Vec::with_capacity(dir_rel.as_ref().map_or(0, |_| children.len()));
+            for (name, entry) in &children {
+                let before = self.visits();
+                // An unchanged file the previous result has is kept without
+                // an `lstat` or a path made for it; one the patterns leave
+                // out is skipped as the full path would skip it. (A changed
+                // file takes the full path.)
+                let done = match (&seen, &dir_rel, name.to_str()) {
+                    (Some(seen), Some(dir_rel), Some(n))
+                        if entry.file_type().is_ok_and(|t| t.is_file()) =>
                     {
-                        continue;
+                        join_into(&mut src_buf, src_prefix, n);
+                        match seen.get(src_buf.as_str()).filter(|f| f.nlink == 1) {
+                            Some(f) => {
+                                let id = f.id;
+                                let skipped = (self.exclude.is_some() || self.ignore.is_some())
+                                    && self.excluded(
+                                        &super::pattern::join_rel(comps, n),
+                                        &src_buf,
+                                        whose,
+                                    );
+                                skipped || {
+                                    join_into(&mut dest_buf, dir_rel, n);
+                                    self.keep_prepared_at(&dest_buf, id)
+                                }
+                            }
+                            None => false,
+                        }
                     }
+                    _ => false,
+                };
+                if !done {
+                    let n = name.to_string_lossy();
+                    let child_comps = super::pattern::join_rel(comps, &n);
+                    let child_rel = super::pattern::join_rel(src_prefix, &n);
+                    let child_meta = entry.metadata()?;
+                    self.copy_entry(
+                        &src.join(name),
+                        &child_rel,
+                        &child_comps,
+                        &dir.join(name),
+                        if created {
+                            Placement::InCreatedDir
+                        } else {
+                            Placement::InExistingDir
+                        },
+                        whose,
+                        Some(child_meta),
+                    )?;
                 }
-                let child_meta = entry.metadata()?;
-                self.copy_entry(
-                    &src.join(&name),
-                    &child_rel,
-                    &child_comps,
-                    &dir.join(&name),
-                    if created {
-                        Placement::InCreatedDir
-                    } else {
-                        Placement::InExistingDir
-                    },
-                    whose,
-                    Some(child_meta),
-                )?;
+                if dir_rel.is_some() {
+                    visited.push(self.visits() != before);
+                }
+            }
+            if let Some(rel) = &dir_rel {
+                self.reconcile(rel, &children, &visited)?;
             }
             // An existing top-level destination keeps its metadata; created
             // or nested directories take the source's (after the children,
@@ -1028,32 +1104,85 @@ impl Copier<'_> {
 
     /// [`Copier::keep_prepared`] for a source in the state `id`.
     fn keep_prepared_as(&mut self, target: &Path, id: FileIdentity) -> bool {
+        match self.rel_of(target) {
+            Some(rel) => self.keep_prepared_at(rel, id),
+            None => false,
+        }
+    }
+
+    /// [`Copier::keep_prepared_as`] for the path `rel` below the
+    /// destination root. A kept file is only recorded in
+    /// [`Report::kept`](super::Report::kept): a copy into a prepared upper
+    /// has one source, so nothing writes that path again.
+    fn keep_prepared_at(&mut self, rel: &str, id: FileIdentity) -> bool {
         let Some(reuse) = self.reuse.filter(|r| r.prepared && r.remember) else {
             return false;
         };
-        let Some(rel) = self.rel_of(target) else {
-            return false;
-        };
-        if !reuse.rememberable(&id) || !reuse.has_previous(rel, &id) {
+        if !reuse.rememberable(&id) {
             return false;
         }
-        let rel = rel.to_owned();
+        let Some(i) = reuse.previous_index(rel, &id) else {
+            return false;
+        };
         self.report.file_bytes += id.size();
-        self.report.identities.push((rel, Some(id)));
-        let inner = self.inner_of(target);
-        self.report.push(inner, EntryKind::File);
-        self.linked.insert(target.as_os_str().to_owned());
+        self.report.kept.push(reuse, i);
         true
     }
 
-    /// With a prepared upper and the key checksums' `lstat`s: the state
-    /// they found the regular source file `src_rel` in, when it has one
-    /// link and is as the previous copy remembered it at the same path
-    /// below the destination (then [`Copier::keep_prepared_as`] keeps it).
-    fn seen_unchanged(&self, src_rel: &str) -> Option<FileIdentity> {
-        let reuse = self.reuse.filter(|r| r.prepared)?;
-        let seen = reuse.seen.as_deref()?.get(src_rel)?;
-        (seen.nlink == 1).then_some(seen.id)
+    /// How many entries the copy has put in place, kept or gone through
+    /// so far: a child of a directory counts as visited when this grows.
+    fn visits(&self) -> usize {
+        self.report.written.len() + self.report.kept.len() + self.merged_dirs
+    }
+
+    /// With a prepared upper: removes from the upper's directory `rel`
+    /// (below the destination root) what the copy just went through in it
+    /// without visiting (`children` of the source, sorted by name, and
+    /// whether each was `visited`): what the source no longer has, or the
+    /// patterns now leave out. Behind the overlay's back, as
+    /// [`remove_unvisited`] does.
+    fn reconcile(
+        &self,
+        rel: &str,
+        children: &[(std::ffi::OsString, fs_err::DirEntry)],
+        visited: &[bool],
+    ) -> Result<(), FileOpError> {
+        let Some(reuse) = self.reuse else {
+            return Ok(());
+        };
+        let dir = if rel.is_empty() {
+            reuse.upper.clone()
+        } else {
+            reuse.upper.join(rel)
+        };
+        let entries = match fs_err::read_dir(&dir) {
+            Ok(d) => d,
+            // Only in the parent layers: nothing of the previous result.
+            Err(e) if is_absent(&e) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut names = entries
+            .map(|e| e.map(|e| (e.file_name(), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kept = children
+            .iter()
+            .zip(visited)
+            .filter(|(_, v)| **v)
+            .map(|(c, _)| c.0.as_os_str())
+            .peekable();
+        for (name, e) in names {
+            while kept.next_if(|k| *k < name.as_os_str()).is_some() {}
+            if kept.next_if(|k| *k == name.as_os_str()).is_some() {
+                continue;
+            }
+            if e.file_type()?.is_dir() {
+                fs_err::remove_dir_all(e.path())?;
+            } else {
+                fs_err::remove_file(e.path())?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether a non-directory at `comps` (below the top-level source) /

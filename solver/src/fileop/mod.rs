@@ -203,7 +203,9 @@ pub struct Written {
 /// What an op did, for logging and for the cache-key code.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
-    /// Every entry written, in the order written.
+    /// Every entry written, in the order written (not the files [`kept`]).
+    ///
+    /// [`kept`]: Report::kept
     pub written: Vec<Written>,
     /// Source paths read, relative to the source root (`/`-separated, no
     /// leading `/`; `.` is the root itself), after wildcard expansion.
@@ -227,6 +229,54 @@ pub struct Report {
     /// the destination root, for the layer writer (which then need not
     /// read them back).
     pub contents: kiln_cache::KnownFiles,
+    /// With a prepared upper: the files left there as the previous result
+    /// has them (their sources unchanged). They are in no other list.
+    pub kept: Kept,
+}
+
+/// The files a copy into a prepared upper left as they were: entries of the
+/// previous result's identities ([`Reuse::prev`]), by index (no path is
+/// copied for them on the copy's way).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Kept {
+    prev: std::sync::Arc<[(String, FileIdentity)]>,
+    indices: Vec<u32>,
+}
+
+impl Kept {
+    /// How many files were kept.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether no file was kept.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// The kept files: path below the destination root, source identity.
+    pub fn iter(&self) -> impl Iterator<Item = &(String, FileIdentity)> + '_ {
+        self.indices
+            .iter()
+            .filter_map(|&i| self.prev.get(i as usize))
+    }
+
+    /// Records `prev[i]` (of `reuse`'s previous identities) as kept.
+    pub(crate) fn push(&mut self, reuse: &Reuse, i: usize) {
+        if self.indices.is_empty() {
+            self.prev = std::sync::Arc::clone(&reuse.prev);
+        }
+        // (An index past u32 is not kept: the file is copied instead.)
+        if let Ok(i) = u32::try_from(i) {
+            self.indices.push(i);
+        }
+    }
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kept({} files)", self.indices.len())
+    }
 }
 
 impl Report {
@@ -235,9 +285,12 @@ impl Report {
     }
 
     /// The identities to remember: the last entry of each path in
-    /// [`Report::identities`] that is not a `None`, sorted by path.
+    /// [`Report::identities`] that is not a `None`, and the files
+    /// [`Report::kept`], sorted by path.
     pub fn remembered(self) -> Vec<(String, FileIdentity)> {
         let mut log = self.identities;
+        // (A kept file was visited once: it has no entry in the log.)
+        log.extend(self.kept.iter().map(|(p, id)| (p.clone(), Some(*id))));
         // Stable: for one path, the later entry stays later.
         log.sort_by(|a, b| a.0.cmp(&b.0));
         let mut out: Vec<(String, FileIdentity)> = Vec::with_capacity(log.len());

@@ -117,7 +117,7 @@ pub struct Reuse {
     pub prev_root: Option<PathBuf>,
     /// Source identities of the regular files in `prev_root`, by path below
     /// the destination root, sorted by path.
-    pub prev: Vec<(String, FileIdentity)>,
+    pub prev: std::sync::Arc<[(String, FileIdentity)]>,
     /// Where new entries really land: the overlay's upper directory (or the
     /// destination root itself when nothing is mounted).
     pub upper: PathBuf,
@@ -161,7 +161,7 @@ impl Reuse {
             source_layers: Vec::new(),
             source_top: None,
             prev_root,
-            prev,
+            prev: prev.into(),
             upper,
             racy_after_ns: i128::try_from(now.as_nanos()).unwrap_or(i128::MAX),
             prepared: false,
@@ -207,7 +207,13 @@ impl Reuse {
 
     /// Whether [`Reuse::previous`] has a file (without making its path).
     pub(super) fn has_previous(&self, rel: &str, id: &FileIdentity) -> bool {
-        self.prev_root.is_some() && self.find_prev(rel).is_some_and(|i| self.prev[i].1 == *id)
+        self.previous_index(rel, id).is_some()
+    }
+
+    /// The index in [`Reuse::prev`] of the file [`Reuse::previous`] has.
+    pub(super) fn previous_index(&self, rel: &str, id: &FileIdentity) -> Option<usize> {
+        self.prev_root.as_ref()?;
+        self.find_prev(rel).filter(|&i| self.prev[i].1 == *id)
     }
 
     /// The index of `rel` in `prev`: the entry after the last one found

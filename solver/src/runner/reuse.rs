@@ -401,14 +401,17 @@ fn clone_tree(src: OwnedFd, dest: &Path) -> std::io::Result<bool> {
 }
 
 /// The contents the layer writer may take from the memo: those of the
-/// files the copy linked from the previous result (the same inodes, so the
-/// same bytes at the same path), and no others.
+/// files the copy linked from the previous result or kept where it was
+/// (the same inodes, so the same bytes at the same path), and no others.
 pub(super) fn known_for(mut known: KnownFiles, report: &crate::fileop::Report) -> KnownFiles {
     // (A hashed set: a binary search per file of a 5,000-file memo made
     // 65,000 string comparisons, 1.5 ms of the copy.)
-    let mut linked: kiln_cache::FileSet<&[u8]> =
-        kiln_cache::FileSet::with_capacity_and_hasher(report.linked.len(), Default::default());
+    let mut linked: kiln_cache::FileSet<&[u8]> = kiln_cache::FileSet::with_capacity_and_hasher(
+        report.linked.len() + report.kept.len(),
+        Default::default(),
+    );
     linked.extend(report.linked.iter().map(|l| l.as_bytes()));
+    linked.extend(report.kept.iter().map(|(p, _)| p.as_bytes()));
     known.retain(|p| linked.contains(p));
     known
 }
@@ -438,6 +441,39 @@ mod tests {
     use std::os::unix::fs::MetadataExt as _;
 
     use super::*;
+
+    /// The layer writer takes from the memo the contents of the files the
+    /// copy linked or kept in place, never those of files it wrote anew or
+    /// that are gone.
+    #[test]
+    fn the_writer_is_given_the_contents_of_linked_and_kept_files_only() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = tmp.path().join("f");
+        fs_err::write(&f, "x").unwrap_or_else(|e| panic!("{e}"));
+        let id = crate::fileop::FileIdentity::of(
+            &fs_err::symlink_metadata(&f).unwrap_or_else(|e| panic!("{e}")),
+        );
+        let reuse = Reuse::new(
+            Some(tmp.path().to_owned()),
+            vec![("app/gone".to_owned(), id), ("app/kept".to_owned(), id)],
+            tmp.path().to_owned(),
+        );
+        let mut known = KnownFiles::default();
+        for p in ["app/kept", "app/linked", "app/written", "app/gone"] {
+            known.record(p.as_bytes(), p.as_bytes());
+        }
+        let mut report = crate::fileop::Report {
+            linked: vec!["app/linked".to_owned()],
+            ..crate::fileop::Report::default()
+        };
+        report.kept.push(&reuse, 1);
+        let known = known_for(known, &report);
+        assert_eq!(known.get(b"app/kept"), Some(&b"app/kept"[..]));
+        assert_eq!(known.get(b"app/linked"), Some(&b"app/linked"[..]));
+        assert_eq!(known.get(b"app/written"), None);
+        assert_eq!(known.get(b"app/gone"), None);
+        assert_eq!(known.len(), 2);
+    }
 
     #[test]
     fn a_clone_has_the_directories_metadata_and_links_the_rest() {
