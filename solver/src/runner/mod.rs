@@ -1013,16 +1013,11 @@ impl StoreRunner {
                         }
                     }
                 };
-                // A context copy hashes the files it linked with the memo's
-                // contents and those it copied with what it wrote, and
-                // records them for the next run.
-                let known = memo.is_some().then(|| {
-                    let mut known = known
-                        .map(|k| reuse::known_for(k, &report))
-                        .unwrap_or_default();
-                    known.absorb(std::mem::take(&mut report.contents));
-                    known
-                });
+                // A context copy hashes the files it linked or kept with the
+                // memo's contents and those it copied with what it wrote, and
+                // records them for the next run. (Sorted out with the commit,
+                // beside the steps after it when it is.)
+                let known = memo.is_some().then_some(known);
                 let one_source = !c.link && c.sources.len() == 1;
                 // A COPY that ran before is likely to run once more (an
                 // edit loop).
@@ -1078,8 +1073,10 @@ impl StoreRunner {
                 // `StoreRunner::finish`). (A commit that then fails leaves
                 // a memo of a layer the store lacks, which the next build
                 // does not use.)
-                let on_hashed: Option<OnHashed> = memo.clone().map(|memo| {
-                    Box::new(
+                let memo_to_save = memo.clone();
+                let on_hashed = move |report: fileop::Report| -> Option<OnHashed> {
+                    let memo = memo_to_save?;
+                    Some(Box::new(
                         move |this: &StoreRunner,
                               layer: &LayerInfo,
                               recorded: Option<KnownFiles>| {
@@ -1100,13 +1097,21 @@ impl StoreRunner {
                             spawn_onto(&this.background, "copy-memo", save);
                             kiln_cache::timing::mark("copy: memo saved");
                         },
-                    ) as OnHashed
-                });
+                    ) as OnHashed)
+                };
                 let tail = move |this: &StoreRunner,
                                  step: &Step,
                                  parent: &Chain,
                                  pending: Option<&pending::Pending>|
                       -> Result<Chain, RunnerError> {
+                    let known = known.map(|known| {
+                        let mut known = known
+                            .map(|k| reuse::known_for(k, &report))
+                            .unwrap_or_default();
+                        known.absorb(std::mem::take(&mut report.contents));
+                        known
+                    });
+                    let on_hashed = on_hashed(report);
                     let chain = this.commit_gated(
                         step, parent, &upper, known, pending, blob_below, on_hashed,
                     )?;
