@@ -490,15 +490,57 @@ impl Store {
         w.commit(expected, "stored blob")
     }
 
-    /// Stores `data` as a blob.
+    /// Stores `data` as a blob (see [`Store::put_small_blobs`]).
     pub fn put_blob_bytes(&self, data: &[u8]) -> Result<Digest> {
-        // Blobs are immutable: one already here with the same size is this
-        // content (reads verify it), so a no-op rebuild writes nothing.
-        let digest = Digest::of_bytes(data);
-        if fs_err::metadata(self.blob_path(&digest)).is_ok_and(|m| m.len() == data.len() as u64) {
-            return Ok(digest);
+        self.put_small_blobs(&[data])?;
+        Ok(Digest::of_bytes(data))
+    }
+
+    /// Stores small blobs (an image's config and manifest) together: each
+    /// missing one is written and fsynced to a temp file, then all are
+    /// renamed into place and the blob directory is synced once (one
+    /// directory sync instead of one per blob). Gives their digests, in
+    /// order.
+    pub fn put_small_blobs(&self, blobs: &[&[u8]]) -> Result<Vec<Digest>> {
+        use std::io::Write as _;
+        /// A temp file removed unless it was renamed into place.
+        struct Staged(PathBuf, PathBuf);
+        impl Drop for Staged {
+            fn drop(&mut self) {
+                let _ = fs_err::remove_file(&self.0);
+            }
         }
-        Ok(self.put_blob_from_reader(data, None)?.0)
+        let mut digests = Vec::with_capacity(blobs.len());
+        let mut staged = Vec::new();
+        for data in blobs {
+            let digest = Digest::of_bytes(data);
+            let dest = self.blob_path(&digest);
+            // Blobs are immutable: one already here with the same size is
+            // this content (reads verify it), so a no-op rebuild writes
+            // nothing.
+            if !fs_err::metadata(&dest).is_ok_and(|m| m.len() == data.len() as u64)
+                && !staged.iter().any(|s: &Staged| s.1 == dest)
+            {
+                let temp = self.root.join("tmp").join(unique_name("blob"));
+                let guard = Staged(temp, dest);
+                let write = || -> io::Result<()> {
+                    let mut f = fs_err::File::create(&guard.0)?;
+                    f.write_all(data)?;
+                    f.sync_all()
+                };
+                write().map_err(|e| StoreError::io("writing blob", &guard.0, e))?;
+                staged.push(guard);
+            }
+            digests.push(digest);
+        }
+        if staged.is_empty() {
+            return Ok(digests);
+        }
+        for s in &staged {
+            fs_err::rename(&s.0, &s.1).map_err(|e| StoreError::io("storing blob", &s.1, e))?;
+        }
+        crate::blob::sync_dir(&self.root.join("blobs/sha256"))?;
+        Ok(digests)
     }
 
     /// Opens a blob for streaming; the reader fails at its end if the
@@ -756,7 +798,6 @@ impl Store {
                 });
             }
         }
-        self.put_blob_bytes(config_json)?;
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": MEDIA_MANIFEST,
@@ -777,7 +818,8 @@ impl Store {
                 what: config_digest.to_string(),
                 reason: e.to_string(),
             })?;
-        let manifest_digest = self.put_blob_bytes(&manifest_bytes)?;
+        self.put_small_blobs(&[config_json, &manifest_bytes])?;
+        let manifest_digest = Digest::of_bytes(&manifest_bytes);
         let size: u64 = layers.iter().map(|l| l.size).sum();
         let t = now();
         {

@@ -55,6 +55,36 @@ fn blobs_are_content_addressed_and_verified() {
     );
 }
 
+/// An image's config and manifest are stored together: each written once
+/// (one already there, or given twice, is not written again), readable and
+/// verified, and nothing is left in `tmp/`.
+#[test]
+fn small_blobs_are_stored_together() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(tmp.path().join("root")).expect("open");
+    let old = store.put_blob_bytes(b"already here").expect("put");
+    let blobs: [&[u8]; 4] = [b"config", b"already here", b"manifest", b"config"];
+    let digests = store.put_small_blobs(&blobs).expect("put together");
+    assert_eq!(
+        digests,
+        blobs
+            .iter()
+            .map(|b| Digest::of_bytes(b))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(digests[1], old);
+    for (d, b) in digests.iter().zip(blobs) {
+        assert_eq!(store.read_blob(d).expect("read"), b);
+        store.verify_blob(d).expect("verify");
+    }
+    assert_eq!(
+        fs_err::read_dir(tmp.path().join("root/tmp"))
+            .expect("tmp")
+            .count(),
+        0
+    );
+}
+
 #[test]
 fn big_blob_goes_through_the_background_syncer() {
     let tmp = tempfile::tempdir().expect("tmp");
