@@ -455,8 +455,20 @@ impl CopyMemo {
         self.write_to(&mut w)?;
         w.flush()?;
         drop(w);
-        tmp.persist(path).map_err(|e| e.error)?;
-        Ok(())
+        // Not renamed over the old memo: ext4 (`auto_da_alloc`) would then
+        // start writing the new one back at once, and the build's next
+        // fsync (its image's config and manifest) would wait for those
+        // bytes. (A reader in between finds no memo and copies everything.)
+        match fs_err::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        match tmp.persist_noclobber(path) {
+            Ok(_) => Ok(()),
+            // Another build wrote its memo meanwhile: the same COPY's, kept.
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e.error),
+        }
     }
 
     /// The memo as bytes (see [`CopyMemo::write_to`]).
@@ -604,6 +616,16 @@ mod tests {
         assert_eq!(back.diff_id, memo.diff_id);
         assert_eq!(back.files, memo.files);
         assert_eq!(back.known, memo.known);
+        // A later run's memo replaces it (the old one is removed first).
+        let later = CopyMemo {
+            diff_id: "sha256:01".to_owned(),
+            files: vec![("app/f".to_owned(), id)],
+            known: kiln_cache::KnownFiles::default(),
+        };
+        later.save(&path, dir.path()).expect("save again");
+        let back = CopyMemo::load(&path).expect("load again");
+        later.save(&path, dir.path()).expect("save once more");
+        assert_eq!((back.diff_id, back.files), (later.diff_id, later.files));
         let bytes = memo.to_bytes();
         for cut in 0..bytes.len() {
             assert!(
