@@ -51,7 +51,7 @@ pub use chmod::ModeChange;
 pub use copy::copy;
 pub use error::FileOpError;
 pub use pattern::{ResolveOptions, SourceEntry, files_read, go_match, resolve_sources};
-pub use reuse::{CopyMemo, FileIdentity, Reuse};
+pub use reuse::{CopyMemo, FileIdentity, MemoContents, Reuse};
 pub use root::resolve_in_root;
 pub use workdir::mkdir_workdir;
 

@@ -507,6 +507,20 @@ impl CopyMemo {
     /// [`CopyMemo::from_bytes`], keeping `bytes` as the known contents'
     /// data.
     pub fn from_vec(bytes: Vec<u8>) -> Option<CopyMemo> {
+        let (mut memo, contents) = CopyMemo::from_vec_deferred(bytes)?;
+        memo.known = contents.parse()?;
+        Some(memo)
+    }
+
+    /// [`CopyMemo::load`] without the known contents, which come back to
+    /// be parsed later (by the layer commit, off a build's critical path):
+    /// the memo's `known` is empty.
+    pub fn load_deferred(path: &Path) -> Option<(CopyMemo, MemoContents)> {
+        CopyMemo::from_vec_deferred(fs_err::read(path).ok()?)
+    }
+
+    /// [`CopyMemo::from_vec`], the known contents left to parse.
+    fn from_vec_deferred(bytes: Vec<u8>) -> Option<(CopyMemo, MemoContents)> {
         let mut r = bytes.strip_prefix(MEMO_MAGIC)?;
         let mut take = |n: usize| -> Option<&[u8]> {
             if n > r.len() {
@@ -535,12 +549,28 @@ impl CopyMemo {
             files.push((rel, FileIdentity::from_fields(f)?));
         }
         let start = bytes.len() - r.len();
-        let known = kiln_cache::KnownFiles::from_vec(bytes, start)?;
-        Some(CopyMemo {
-            diff_id,
-            files,
-            known,
-        })
+        Some((
+            CopyMemo {
+                diff_id,
+                files,
+                known: kiln_cache::KnownFiles::default(),
+            },
+            MemoContents { bytes, start },
+        ))
+    }
+}
+
+/// A memo's known contents, not parsed yet (see [`CopyMemo::load_deferred`]).
+#[derive(Debug)]
+pub struct MemoContents {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl MemoContents {
+    /// The known contents; `None` when they are damaged.
+    pub fn parse(self) -> Option<kiln_cache::KnownFiles> {
+        kiln_cache::KnownFiles::from_vec(self.bytes, self.start)
     }
 }
 
@@ -616,6 +646,11 @@ mod tests {
         assert_eq!(back.diff_id, memo.diff_id);
         assert_eq!(back.files, memo.files);
         assert_eq!(back.known, memo.known);
+        // Loaded with its contents left for later: the same, once parsed.
+        let (head, contents) = CopyMemo::load_deferred(&path).expect("load deferred");
+        assert_eq!((&head.diff_id, &head.files), (&memo.diff_id, &memo.files));
+        assert!(head.known.is_empty());
+        assert_eq!(contents.parse(), Some(memo.known.clone()));
         // A later run's memo replaces it (the old one is removed first).
         let later = CopyMemo {
             diff_id: "sha256:01".to_owned(),

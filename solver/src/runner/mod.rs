@@ -1106,6 +1106,7 @@ impl StoreRunner {
                       -> Result<Chain, RunnerError> {
                     let known = known.map(|known| {
                         let mut known = known
+                            .and_then(fileop::MemoContents::parse)
                             .map(|k| reuse::known_for(k, &report))
                             .unwrap_or_default();
                         known.absorb(std::mem::take(&mut report.contents));

@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::Chain;
 use crate::context::SeenFile;
-use crate::fileop::{CopyMemo, Reuse};
+use crate::fileop::{CopyMemo, MemoContents, Reuse};
 use crate::graph::CopyOp;
 
 /// Forgets every COPY memo of the store (`kiln prune --all`): the next run
@@ -59,21 +59,22 @@ pub(super) struct Loaded {
     /// The previous result's layer and snapshot, when the snapshot is here.
     pub prev: Option<(Digest, PathBuf)>,
     files: Vec<(String, crate::fileop::FileIdentity)>,
-    pub known: Option<KnownFiles>,
+    /// Parsed by the layer commit (see [`CopyMemo::load_deferred`]).
+    pub known: Option<MemoContents>,
     /// Whether there was a memo at all (this COPY ran before).
     pub had_memo: bool,
 }
 
 /// What the memo at `memo` says.
 pub(super) fn load(store: &Store, memo: &Path) -> Loaded {
-    match CopyMemo::load(memo) {
-        Some(m) => {
+    match CopyMemo::load_deferred(memo) {
+        Some((m, contents)) => {
             let prev = m
                 .diff_id
                 .parse::<Digest>()
                 .ok()
                 .and_then(|d| store.snapshot_dir(&d).map(|dir| (d, dir)));
-            let known = prev.is_some().then_some(m.known);
+            let known = prev.is_some().then_some(contents);
             Loaded {
                 prev,
                 files: m.files,
