@@ -1124,8 +1124,10 @@ impl Copier<'_> {
         let Some(i) = reuse.previous_index(rel, &id) else {
             return false;
         };
+        if !self.report.kept.push(reuse, i) {
+            return false;
+        }
         self.report.file_bytes += id.size();
-        self.report.kept.push(reuse, i);
         true
     }
 

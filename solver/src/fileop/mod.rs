@@ -261,15 +261,17 @@ impl Kept {
             .filter_map(|&i| self.prev.get(i as usize))
     }
 
-    /// Records `prev[i]` (of `reuse`'s previous identities) as kept.
-    pub(crate) fn push(&mut self, reuse: &Reuse, i: usize) {
+    /// Records `prev[i]` (of `reuse`'s previous identities) as kept; false
+    /// when it cannot be (an index past `u32`: the file is copied instead).
+    pub(crate) fn push(&mut self, reuse: &Reuse, i: usize) -> bool {
+        let Ok(i) = u32::try_from(i) else {
+            return false;
+        };
         if self.indices.is_empty() {
             self.prev = std::sync::Arc::clone(&reuse.prev);
         }
-        // (An index past u32 is not kept: the file is copied instead.)
-        if let Ok(i) = u32::try_from(i) {
-            self.indices.push(i);
-        }
+        self.indices.push(i);
+        true
     }
 }
 

@@ -467,7 +467,7 @@ mod tests {
             linked: vec!["app/linked".to_owned()],
             ..crate::fileop::Report::default()
         };
-        report.kept.push(&reuse, 1);
+        assert!(report.kept.push(&reuse, 1));
         let known = known_for(known, &report);
         assert_eq!(known.get(b"app/kept"), Some(&b"app/kept"[..]));
         assert_eq!(known.get(b"app/linked"), Some(&b"app/linked"[..]));
