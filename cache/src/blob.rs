@@ -85,7 +85,20 @@ impl BlobWriter {
     /// Makes the blob durable and visible under its digest. When
     /// `expected` is given and the content differs, nothing is stored and
     /// the error names both digests.
-    pub fn commit(mut self, expected: Option<&Digest>, context: &str) -> Result<(Digest, u64)> {
+    pub fn commit(self, expected: Option<&Digest>, context: &str) -> Result<(Digest, u64)> {
+        let blobs_dir = self.blobs_dir.clone();
+        let placed = self.place(expected, context)?;
+        sync_dir(&blobs_dir)?;
+        Ok(placed)
+    }
+
+    /// [`BlobWriter::commit`] but for the blob directory's sync, which the
+    /// caller does once after placing several blobs.
+    pub(crate) fn place(
+        mut self,
+        expected: Option<&Digest>,
+        context: &str,
+    ) -> Result<(Digest, u64)> {
         let Some(inner) = self.inner.take() else {
             return Err(StoreError::io(
                 "committing blob",
@@ -116,7 +129,6 @@ impl BlobWriter {
         // Renaming over an existing blob is fine: same name, same bytes
         // (and it heals a blob that was found corrupt and moved aside).
         fs_err::rename(&self.temp, &dest).map_err(|e| StoreError::io("storing blob", &dest, e))?;
-        sync_dir(&self.blobs_dir)?;
         Ok((digest, len))
     }
 }

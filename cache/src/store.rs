@@ -497,49 +497,32 @@ impl Store {
     }
 
     /// Stores small blobs (an image's config and manifest) together: each
-    /// missing one is written and fsynced to a temp file, then all are
-    /// renamed into place and the blob directory is synced once (one
-    /// directory sync instead of one per blob). Gives their digests, in
-    /// order.
+    /// missing one is written, fsynced and renamed into place, then the
+    /// blob directory is synced once (one directory sync instead of one per
+    /// blob). Gives their digests, in order.
     pub fn put_small_blobs(&self, blobs: &[&[u8]]) -> Result<Vec<Digest>> {
         use std::io::Write as _;
-        /// A temp file removed unless it was renamed into place.
-        struct Staged(PathBuf, PathBuf);
-        impl Drop for Staged {
-            fn drop(&mut self) {
-                let _ = fs_err::remove_file(&self.0);
-            }
-        }
-        let mut digests = Vec::with_capacity(blobs.len());
-        let mut staged = Vec::new();
+        let mut digests: Vec<Digest> = Vec::with_capacity(blobs.len());
+        let mut placed = false;
         for data in blobs {
             let digest = Digest::of_bytes(data);
-            let dest = self.blob_path(&digest);
             // Blobs are immutable: one already here with the same size is
             // this content (reads verify it), so a no-op rebuild writes
             // nothing.
-            if !fs_err::metadata(&dest).is_ok_and(|m| m.len() == data.len() as u64)
-                && !staged.iter().any(|s: &Staged| s.1 == dest)
+            if !fs_err::metadata(self.blob_path(&digest))
+                .is_ok_and(|m| m.len() == data.len() as u64)
             {
-                let temp = self.root.join("tmp").join(unique_name("blob"));
-                let guard = Staged(temp, dest);
-                let write = || -> io::Result<()> {
-                    let mut f = fs_err::File::create(&guard.0)?;
-                    f.write_all(data)?;
-                    f.sync_all()
-                };
-                write().map_err(|e| StoreError::io("writing blob", &guard.0, e))?;
-                staged.push(guard);
+                let mut w = self.blob_writer_sized(data.len().max(1))?;
+                w.write_all(data)
+                    .map_err(|e| StoreError::io("writing blob", self.root.join("tmp"), e))?;
+                w.place(Some(&digest), "stored blob")?;
+                placed = true;
             }
             digests.push(digest);
         }
-        if staged.is_empty() {
-            return Ok(digests);
+        if placed {
+            crate::blob::sync_dir(&self.root.join("blobs/sha256"))?;
         }
-        for s in &staged {
-            fs_err::rename(&s.0, &s.1).map_err(|e| StoreError::io("storing blob", &s.1, e))?;
-        }
-        crate::blob::sync_dir(&self.root.join("blobs/sha256"))?;
         Ok(digests)
     }
 
