@@ -297,12 +297,20 @@ fn remove_unvisited(
                 if is_dir {
                     stack.push((e.path(), r));
                 }
-            } else if is_dir {
-                fs_err::remove_dir_all(e.path())?;
             } else {
-                fs_err::remove_file(e.path())?;
+                remove_entry(&e, is_dir)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Removes the entry `e` (a directory with all below it).
+fn remove_entry(e: &fs_err::DirEntry, is_dir: bool) -> Result<(), FileOpError> {
+    if is_dir {
+        fs_err::remove_dir_all(e.path())?;
+    } else {
+        fs_err::remove_file(e.path())?;
     }
     Ok(())
 }
@@ -1152,12 +1160,7 @@ impl Copier<'_> {
         let Some(reuse) = self.reuse else {
             return Ok(());
         };
-        let dir = if rel.is_empty() {
-            reuse.upper.clone()
-        } else {
-            reuse.upper.join(rel)
-        };
-        let entries = match fs_err::read_dir(&dir) {
+        let entries = match fs_err::read_dir(reuse.upper.join(rel)) {
             Ok(d) => d,
             // Only in the parent layers: nothing of the previous result.
             Err(e) if is_absent(&e) => return Ok(()),
@@ -1178,11 +1181,7 @@ impl Copier<'_> {
             if kept.next_if(|k| *k == name.as_os_str()).is_some() {
                 continue;
             }
-            if e.file_type()?.is_dir() {
-                fs_err::remove_dir_all(e.path())?;
-            } else {
-                fs_err::remove_file(e.path())?;
-            }
+            remove_entry(&e, e.file_type()?.is_dir())?;
         }
         Ok(())
     }
