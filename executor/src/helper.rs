@@ -6,7 +6,8 @@
 //! multi-threaded parent), passing `__kiln-sandbox` as argv\[1\] and one end of a
 //! Unix socket pair as the helper's stdin. The socket carries:
 //!
-//! - the spec, caller → helper: an 8-byte little-endian length, then JSON;
+//! - the spec, caller → helper: an 8-byte little-endian length, then JSON
+//!   (sent at once, or later to a helper started ahead: `Sandbox::prepare`);
 //! - reports, helper/init/payload → caller: JSON lines ([`Report`]), one `write`
 //!   each (short, so lines from different processes never interleave);
 //! - the lifeline: the caller never writes after the spec. When it cancels

@@ -71,7 +71,7 @@ pub use detached::{detached_count, release_detached, wait_detached, wait_detache
 pub use error::{Error, Result};
 pub use helper::{EXEC_ARG, HELPER_ARG, helper_main_if_requested, state_root};
 pub use pty::{Pty, WinSize, get_winsize, openpty, set_winsize};
-pub use sandbox::{ExitStatus, Io, Output, Running, Sandbox};
+pub use sandbox::{ExitStatus, Io, Output, Prepared, Running, Sandbox};
 pub use spec::{
     DEFAULT_PATH_ENV, ExecSpec, Limits, Mount, MountKind, Network, ProcessSpec, ResolvedUser,
     Rlimit, RlimitResource, RootfsSpec, SandboxSpec, Stdio, User,

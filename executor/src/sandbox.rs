@@ -68,17 +68,32 @@ impl Sandbox {
 
     /// [`Sandbox::spawn`] with the payload's streams given as descriptors.
     pub fn spawn_with_io(&self, spec: &SandboxSpec, io: Io) -> Result<Running> {
-        spec.validate()?;
-        if let RootfsSpec::Overlay { lowers, .. } = &spec.rootfs {
-            // A lower that is still the upper of an overlay being torn down.
-            crate::detached::wait_detached_using(lowers);
-        }
-        let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
-        let overlay = match &spec.rootfs {
-            RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
-            RootfsSpec::Dir(_) => None,
+        let (json, overlay) = handover(spec)?;
+        self.start(HELPER_ARG, Some(&json), spec.stdio, io, overlay, spec.gated)
+    }
+
+    /// Starts a sandbox helper that waits for its spec, with the payload's
+    /// streams as `stdio` says (no stdin, no gate): [`Sandbox::spawn_prepared`]
+    /// hands it one. Exec'ing the helper and its start-up (milliseconds for a
+    /// big binary such as kiln) then happen before the sandbox is wanted.
+    /// Dropped unused, the helper reads the end of its socket and exits.
+    pub fn prepare(&self, stdio: Stdio) -> Result<Prepared> {
+        let running = self.start(HELPER_ARG, None, stdio, Io::default(), None, false)?;
+        Ok(Prepared {
+            running: Some(running),
+            stdio,
+        })
+    }
+
+    /// [`Sandbox::spawn`] by `prepared`. A spec it was not prepared for
+    /// (other streams, a gate) is spawned anew (`prepared` exits).
+    pub fn spawn_prepared(&self, mut prepared: Prepared, spec: &SandboxSpec) -> Result<Running> {
+        let fits = spec.stdio == prepared.stdio && !spec.gated;
+        let Some(running) = prepared.running.take().filter(|_| fits) else {
+            return self.spawn(spec);
         };
-        self.start(HELPER_ARG, &json, spec.stdio, io, overlay, spec.gated)
+        let (json, overlay) = handover(spec)?;
+        Ok(running.hand(&json, overlay))
     }
 
     /// Starts `spec.process` inside the running sandbox whose PID 1 is `spec.pid`
@@ -90,13 +105,15 @@ impl Sandbox {
             });
         }
         let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
-        self.start(EXEC_ARG, &json, Stdio::Inherit, io, None, false)
+        self.start(EXEC_ARG, Some(&json), Stdio::Inherit, io, None, false)
     }
 
+    /// Starts the helper (`arg` says which) and, with `json`, hands it the
+    /// spec.
     fn start(
         &self,
         arg: &str,
-        json: &[u8],
+        json: Option<&[u8]>,
         stdio: Stdio,
         io: Io,
         overlay: Option<(Vec<PathBuf>, PathBuf)>,
@@ -181,11 +198,6 @@ impl Sandbox {
             source,
         })?;
         drop(cmd);
-        // A helper that died at once closes the socket: its report or exit says why.
-        let len = u64::try_from(json.len()).unwrap_or(u64::MAX).to_le_bytes();
-        let _written = (&ours)
-            .write_all(&len)
-            .and_then(|()| (&ours).write_all(json));
         let stdout = child
             .stdout
             .take()
@@ -197,8 +209,8 @@ impl Sandbox {
             .filter(|_| piped)
             .map(|s| std::fs::File::from(OwnedFd::from(s)));
         let reader = ours.try_clone().ok().map(BufReader::new);
-        Ok(Running {
-            overlay,
+        let running = Running {
+            overlay: None,
             pid: child.id(),
             child: Some(child),
             sock: Some(ours),
@@ -209,12 +221,48 @@ impl Sandbox {
             stdout,
             stderr,
             status: None,
+        };
+        Ok(match json {
+            Some(json) => running.hand(json, overlay),
+            None => running,
         })
     }
 
     /// Runs `spec` to completion, collecting stdout and stderr.
     pub fn output(&self, spec: &SandboxSpec) -> Result<Output> {
         self.spawn(spec)?.wait_with_output()
+    }
+}
+
+/// What the helper of `spec` is handed (its JSON), and the rootfs's
+/// (lowers, upper) if it is an overlay: once `spec` is checked, and no lower
+/// is the upper of an overlay still being torn down.
+fn handover(spec: &SandboxSpec) -> Result<(Vec<u8>, Option<(Vec<PathBuf>, PathBuf)>)> {
+    spec.validate()?;
+    if let RootfsSpec::Overlay { lowers, .. } = &spec.rootfs {
+        crate::detached::wait_detached_using(lowers);
+    }
+    let json = serde_json::to_vec(spec).map_err(Error::EncodeSpec)?;
+    let overlay = match &spec.rootfs {
+        RootfsSpec::Overlay { lowers, upper, .. } => Some((lowers.clone(), upper.clone())),
+        RootfsSpec::Dir(_) => None,
+    };
+    Ok((json, overlay))
+}
+
+/// A sandbox helper waiting for its spec (see [`Sandbox::prepare`]).
+#[derive(Debug)]
+pub struct Prepared {
+    /// Dropped without a spec, the helper exits (it reads the end of its
+    /// socket) and is reaped.
+    running: Option<Running>,
+    stdio: Stdio,
+}
+
+impl Prepared {
+    /// The helper's pid (in the caller's pid namespace).
+    pub fn helper_pid(&self) -> Option<u32> {
+        self.running.as_ref().map(Running::helper_pid)
     }
 }
 
@@ -283,6 +331,21 @@ pub struct Running {
 }
 
 impl Running {
+    /// Hands the helper its spec (`json`); `overlay`: the rootfs's (lowers,
+    /// upper), if it is an overlay.
+    fn hand(mut self, json: &[u8], overlay: Option<(Vec<PathBuf>, PathBuf)>) -> Running {
+        self.overlay = overlay;
+        // A helper that died at once closes the socket: its report or exit
+        // says why.
+        if let Some(sock) = &self.sock {
+            let len = u64::try_from(json.len()).unwrap_or(u64::MAX).to_le_bytes();
+            let _written = (&*sock)
+                .write_all(&len)
+                .and_then(|()| (&*sock).write_all(json));
+        }
+        self
+    }
+
     /// The read end of the payload's stdout (with [`Stdio::Piped`]), once.
     pub fn take_stdout(&mut self) -> Option<std::fs::File> {
         self.stdout.take()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kiln_executor::{
     Error, ExitStatus, Limits, Mount, MountKind, Network, Output, ProcessSpec, RootfsSpec, Sandbox,
-    SandboxSpec, User, UserError,
+    SandboxSpec, Stdio, User, UserError,
 };
 
 static LOCK: Mutex<()> = Mutex::new(());
@@ -506,6 +506,59 @@ fn a_stale_volatile_work_dir_is_a_clear_error() {
 /// The payload as PID 1 ignores signals it has no handler for, so cancelling must
 /// (and does) use SIGKILL from outside the namespace. A SIGKILL from elsewhere is
 /// the payload's own status, not a cancel.
+/// A helper started before its spec (`Sandbox::prepare`, as the builder
+/// starts one for the RUN after a COPY) runs the sandbox it is handed later
+/// as a spawned one does. One never handed a spec is gone once dropped (no
+/// process, no zombie); a spec with other streams than it was started with
+/// is spawned anew, and the prepared helper goes.
+#[test]
+fn a_prepared_helper_runs_the_spec_it_is_handed_later() {
+    let _g = LOCK.lock();
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let sandbox = Sandbox::new().with_helper(HELPER);
+    let prepared = sandbox.prepare(Stdio::Piped).unwrap();
+    let pid = prepared.helper_pid().unwrap();
+    // It waits for the spec meanwhile.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(alive(pid), "the prepared helper did not wait for its spec");
+    let spec = fx.sh(
+        "prepared",
+        "echo made here > /made; echo out; echo err >&2; exit 4",
+    );
+    let running = sandbox.spawn_prepared(prepared, &spec).unwrap();
+    assert_eq!(running.helper_pid(), pid);
+    let out = running.wait_with_output().unwrap();
+    assert_eq!(out.status, ExitStatus::Code(4), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+    assert_eq!(
+        fs_err::read_to_string(fx.path("prepared.upper/made")).unwrap(),
+        "made here\n"
+    );
+    assert!(!alive(pid));
+
+    let unused = sandbox.prepare(Stdio::Piped).unwrap();
+    let pid = unused.helper_pid().unwrap();
+    assert!(alive(pid));
+    drop(unused);
+    assert!(
+        !alive(pid),
+        "a prepared helper dropped unused is left behind"
+    );
+
+    let prepared = sandbox.prepare(Stdio::Piped).unwrap();
+    let pid = prepared.helper_pid().unwrap();
+    let mut spec = fx.sh("prepared2", "exit 3");
+    spec.stdio = Stdio::Null;
+    let mut running = sandbox.spawn_prepared(prepared, &spec).unwrap();
+    assert_ne!(running.helper_pid(), pid);
+    assert_eq!(running.wait().unwrap(), ExitStatus::Code(3));
+    assert!(!alive(pid));
+}
+
 #[test]
 fn kill_ends_a_pid_1_payload_without_signal_handlers() {
     let _g = LOCK.lock();
