@@ -391,6 +391,9 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         build_memo::record_quick(&store, key, &hit);
         return Ok(code);
     }
+    // A build that runs steps needs scratch directories: the first is
+    // made meanwhile.
+    let ahead = kiln_solver::runner::ScratchAhead::start(Arc::clone(&store));
     let (df_path, df) = read_dockerfile(input.dockerfile.as_deref(), &input.context)
         .map_err(|e| input.rename(e))?;
     // How messages name the Dockerfile (`-` when it came on stdin).
@@ -495,7 +498,8 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             context_files: Arc::new(ctx.take_seen_files()),
         },
     )
-    .with_cache_db(cache_db);
+    .with_cache_db(cache_db)
+    .with_scratch_ahead(ahead);
     if let Some(cache) = imported {
         runner = runner.with_imported(cache, progress.clone());
     }
