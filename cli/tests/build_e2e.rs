@@ -500,6 +500,51 @@ fn missing_copy_source_names_path_and_line() {
     env.assert_clean();
 }
 
+/// A `COPY --from` of a path the stage lacks fails in the copy (its key
+/// needs no such file), with the RUN after it waiting for it: the build
+/// leaves no process behind, not even the sandbox helper started for that
+/// RUN meanwhile, and nothing mounted.
+#[test]
+fn a_failed_copy_leaves_no_sandbox_helper() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("missingfrom");
+    // Processes of this build carry the token in their environment.
+    let token = format!("KILN_TEST_TOKEN=missingfrom-{}", std::process::id());
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args(["build", "--progress=plain", "--network=none"])
+        .arg(&ctx)
+        .env_remove("KILN_ROOT")
+        .env(
+            "KILN_TEST_TOKEN",
+            token.trim_start_matches("KILN_TEST_TOKEN="),
+        )
+        .output()
+        .expect("run kiln");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("/nothere"), "{err}");
+    assert!(err.contains("line 5"), "{err}");
+    let left: Vec<String> = fs_err::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            fs_err::read(e.path().join("environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == token.as_bytes()))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "processes of the failed build left: {left:?}"
+    );
+    env.assert_clean();
+}
+
 #[test]
 fn missing_base_image_is_a_clear_error() {
     if !can_build() {

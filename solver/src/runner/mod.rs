@@ -354,7 +354,13 @@ pub struct StoreRunner {
     source_views: Arc<Mutex<HashMap<Vec<String>, Arc<SourceView>>>>,
     /// The first scratch directory, made ahead (see [`ScratchAhead`]).
     ahead: Option<Arc<ScratchAhead>>,
+    /// A sandbox helper started for the next RUN (see
+    /// [`StoreRunner::prepare_helper`]).
+    helper_ahead: Arc<Mutex<Option<HelperAhead>>>,
 }
+
+/// A sandbox helper being started (see [`StoreRunner::prepare_helper`]).
+type HelperAhead = std::thread::JoinHandle<Option<kiln_executor::Prepared>>;
 
 /// A stage's filesystem, mounted for reading: the stage digest of a `COPY
 /// --from` and the copy itself walk the same mount, the second time through
@@ -440,6 +446,7 @@ impl StoreRunner {
             in_use: Arc::default(),
             source_views: Arc::default(),
             ahead: None,
+            helper_ahead: Arc::default(),
         }
     }
 
@@ -489,6 +496,11 @@ impl StoreRunner {
             .unwrap_or_default();
         if !views.is_empty() {
             self.later(move || drop(views));
+        }
+        // A helper started for a RUN that did not come: it exits once
+        // told so (its drop waits for that).
+        if let Some(helper) = self.helper_ahead.lock().ok().and_then(|mut h| h.take()) {
+            self.later(move || drop(helper.join()));
         }
         // A layer's commit (see `pending`) starts more work for later
         // builds: wait until none is left.
@@ -645,6 +657,7 @@ impl StoreRunner {
             in_use: Arc::clone(&self.in_use),
             source_views: Arc::clone(&self.source_views),
             ahead: self.ahead.clone(),
+            helper_ahead: Arc::clone(&self.helper_ahead),
         }
     }
 
@@ -1256,6 +1269,42 @@ impl StoreRunner {
             .and_then(|all| all.get(&top.diff_id.to_string()).cloned())
     }
 
+    /// Starts a sandbox helper on a thread of its own for the RUN that will
+    /// come after a step, unless one is waiting already: exec'ing the
+    /// helper (the kiln binary) and its start-up, 2-3 ms, then overlap the
+    /// step (see `kiln_executor::Sandbox::prepare`).
+    fn prepare_helper(&self) {
+        let Ok(mut slot) = self.helper_ahead.lock() else {
+            return;
+        };
+        if slot.is_some() {
+            return;
+        }
+        let sandbox = self.sandbox.clone();
+        *slot = std::thread::Builder::new()
+            .name("helper-ahead".to_owned())
+            .spawn(move || sandbox.prepare(kiln_executor::Stdio::Piped).ok())
+            .ok();
+    }
+
+    /// The helper [`StoreRunner::prepare_helper`] started, if any.
+    fn take_helper(&self) -> Option<kiln_executor::Prepared> {
+        let handle = self.helper_ahead.lock().ok()?.take()?;
+        handle.join().ok().flatten()
+    }
+
+    /// Whether a RUN builds on a step's result.
+    fn feeds_a_run(&self, step: &Step) -> bool {
+        use petgraph::visit::EdgeRef as _;
+        self.graph
+            .graph
+            .edges_directed(step.id, petgraph::Direction::Outgoing)
+            .any(|e| {
+                *e.weight() == Edge::Parent
+                    && matches!(self.graph.graph[e.target()].op, Op::Exec(_))
+            })
+    }
+
     /// Whether a step's layer is committed beside the steps after it: when
     /// every step that reads its result is a RUN on top of it.
     fn commit_beside(&self, step: &Step) -> bool {
@@ -1353,6 +1402,11 @@ impl StoreRunner {
             })
             .collect::<Result<_, _>>()?;
         let inputs = settled.as_slice();
+        // The RUN after this step will find its sandbox's helper started
+        // (a RUN starts the next one once it has taken its own).
+        if !matches!(step.vertex.op, Op::Exec(_)) && self.feeds_a_run(step) {
+            self.prepare_helper();
+        }
         match &step.vertex.op {
             Op::Source(src) => self.source(step, src),
             Op::StageRef { .. } => {

@@ -397,13 +397,17 @@ impl StoreRunner {
             return Err(RunnerError::Cancelled { step: name });
         }
         kiln_cache::timing::mark("run: prepared");
-        let mut running = self
-            .sandbox
-            .spawn(&spec)
-            .map_err(|source| RunnerError::Sandbox {
-                step: name.clone(),
-                source,
-            })?;
+        let spawned = match self.take_helper() {
+            Some(helper) => self.sandbox.spawn_prepared(helper, &spec),
+            None => self.sandbox.spawn(&spec),
+        };
+        if self.feeds_a_run(step) {
+            self.prepare_helper();
+        }
+        let mut running = spawned.map_err(|source| RunnerError::Sandbox {
+            step: name.clone(),
+            source,
+        })?;
         kiln_cache::timing::mark("run: spawned");
         let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
