@@ -503,9 +503,8 @@ impl StoreRunner {
             })
             .into());
         }
-        // Secret and cache mount targets may leave empty stubs; the
-        // executor removes those from the upper.
-        let _ = PathBuf::new();
+        // (Secret and cache mount targets may leave empty stubs: the
+        // executor removed those from the upper.)
         // (At most one layer of a chain is pending: the parent's is waited
         // for here, usually done while the command ran.)
         let parent = parent.settled()?;
@@ -523,7 +522,13 @@ impl StoreRunner {
             kiln_cache::timing::mark("run: layer committed beside");
             return Ok(chain);
         }
-        self.commit(step, &parent, &upper)
+        let chain = self.commit(step, &parent, &upper);
+        // The scratch directory (the overlay's work directory, an empty
+        // upper) goes off the critical path: removing each directory
+        // waits for its blocks' discard, on a file system mounted with
+        // `discard`.
+        self.later(move || drop(dir));
+        chain
     }
 }
 
