@@ -996,7 +996,9 @@ fn read_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
     };
     for name in names {
         let n = name.to_string_lossy().into_owned();
-        if n == "security.selinux" {
+        // Host labels, and overlayfs' own (an overlay never shows them; a
+        // stage's layer read in its directory may have them).
+        if n == "security.selinux" || is_overlay_private(&n) {
             continue;
         }
         if let Ok(Some(v)) = xattr::get(path, &name) {
@@ -1004,6 +1006,12 @@ fn read_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
         }
     }
     out
+}
+
+/// Whether `name` is one of overlayfs' own xattrs (`trusted.overlay.*`,
+/// `user.overlay.*`): never part of a file's content in kiln.
+pub(crate) fn is_overlay_private(name: &str) -> bool {
+    name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.")
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -1642,10 +1642,15 @@ fn copy_xattr_list(
         Err(e) => return Err(with_path(e, src).into()),
     };
     for name in names {
+        let lossy = name.to_string_lossy();
+        // overlayfs' own: they would make a snapshot say what overlayfs
+        // reads as its own (an overlay never shows them anyway).
+        if crate::context::is_overlay_private(&lossy) {
+            continue;
+        }
         let Some(value) = get(&name).map_err(|e| with_path(e, src))? else {
             continue;
         };
-        let lossy = name.to_string_lossy();
         match set(&name, &value) {
             Ok(()) => {}
             Err(e)
