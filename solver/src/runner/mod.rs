@@ -983,10 +983,23 @@ impl StoreRunner {
                         let chain = self.input_chain(step, inputs, other)?;
                         src_layers = self.snapshots(&chain)?;
                         src_top = self.top_layer_digests(&chain);
-                        let view = self.source_view(&step.vertex.name, &chain, false)?;
-                        let root = view.path().to_owned();
-                        src_mount = Some(view);
-                        root
+                        // Files that only the stage's top layer has are read
+                        // in its directory (as its content digest did).
+                        let patterns = content::path_sources(c);
+                        match src_layers.last() {
+                            Some(top)
+                                if !c.parents && content::only_in_top(&src_layers, &patterns) =>
+                            {
+                                kiln_cache::timing::mark("copy: from the top layer");
+                                top.clone()
+                            }
+                            _ => {
+                                let view = self.source_view(&step.vertex.name, &chain, false)?;
+                                let root = view.path().to_owned();
+                                src_mount = Some(view);
+                                root
+                            }
+                        }
                     }
                 };
                 // A context COPY links the files unchanged since its last
