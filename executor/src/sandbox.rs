@@ -116,7 +116,7 @@ impl Sandbox {
         json: Option<&[u8]>,
         stdio: Stdio,
         io: Io,
-        overlay: Option<(Vec<PathBuf>, PathBuf)>,
+        overlay: Option<OverlayDirs>,
         gated: bool,
     ) -> Result<Running> {
         // One socket carries the spec, the reports and the lifeline (see
@@ -234,10 +234,13 @@ impl Sandbox {
     }
 }
 
+/// An overlay rootfs's lowers and upper.
+type OverlayDirs = (Vec<PathBuf>, PathBuf);
+
 /// What the helper of `spec` is handed (its JSON), and the rootfs's
 /// (lowers, upper) if it is an overlay: once `spec` is checked, and no lower
 /// is the upper of an overlay still being torn down.
-fn handover(spec: &SandboxSpec) -> Result<(Vec<u8>, Option<(Vec<PathBuf>, PathBuf)>)> {
+fn handover(spec: &SandboxSpec) -> Result<(Vec<u8>, Option<OverlayDirs>)> {
     spec.validate()?;
     if let RootfsSpec::Overlay { lowers, .. } = &spec.rootfs {
         crate::detached::wait_detached_using(lowers);
@@ -310,7 +313,7 @@ pub struct Output {
 #[derive(Debug)]
 pub struct Running {
     /// (lowers, upper) of an overlay rootfs, for removing mount-point stubs.
-    overlay: Option<(Vec<PathBuf>, PathBuf)>,
+    overlay: Option<OverlayDirs>,
     /// The helper; `None` once handed to [`crate::detached`].
     child: Option<Child>,
     /// The socket to the helper: reports in; shut down for writing to cancel.
@@ -333,7 +336,7 @@ pub struct Running {
 impl Running {
     /// Hands the helper its spec (`json`); `overlay`: the rootfs's (lowers,
     /// upper), if it is an overlay.
-    fn hand(mut self, json: &[u8], overlay: Option<(Vec<PathBuf>, PathBuf)>) -> Running {
+    fn hand(mut self, json: &[u8], overlay: Option<OverlayDirs>) -> Running {
         self.overlay = overlay;
         // A helper that died at once closes the socket: its report or exit
         // says why.

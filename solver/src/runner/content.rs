@@ -264,10 +264,12 @@ pub(super) fn only_in_top(layers: &[std::path::PathBuf], patterns: &[String]) ->
             }
             let rel: std::path::PathBuf = parts.iter().collect();
             lowers.iter().all(|l| {
-                matches!(
-                    std::fs::symlink_metadata(l.join(&rel)).map_err(|e| e.raw_os_error()),
-                    Err(Some(nix::libc::ENOENT | nix::libc::ENOTDIR))
-                )
+                fs_err::symlink_metadata(l.join(&rel)).is_err_and(|e| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    )
+                })
             })
         })
 }
