@@ -205,18 +205,29 @@ impl Drop for MergedMount {
     }
 }
 
+/// For tests that mount overlays: whether this process may (root); under
+/// `CI=true` it must, and the test fails instead of being skipped.
+#[cfg(test)]
+pub(crate) fn can_mount_in_tests() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(
+        root || !in_ci,
+        "this test mounts an overlay: it needs root in CI"
+    );
+    root
+}
+
 #[cfg(test)]
 mod tests {
-    use super::MergedMount;
+    use super::{MergedMount, can_mount_in_tests};
 
     /// A mount a descriptor still holds for a moment (as a `posix_spawn`
     /// child does until its `execve`) is unmounted once it is let go; one
     /// held for good is an error after the waits, not a hang.
     #[test]
     fn a_briefly_busy_mount_is_unmounted_once_free() {
-        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        if !nix::unistd::geteuid().is_root() {
-            assert!(!in_ci, "this test mounts an overlay: it needs root in CI");
+        if !can_mount_in_tests() {
             return;
         }
         let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
