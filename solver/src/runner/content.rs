@@ -116,29 +116,17 @@ impl StoreRunner {
             remember(&d);
             return Ok(Some(d));
         }
-        // Read in the top layer's directory when only it has the files
-        // (the copy does the same), else through an overlay, kept for the
-        // copy, which reads the same files next.
-        let layers = self.snapshots(chain)?;
-        let merged = if parents || !only_in_top(&layers, patterns) {
-            Some(self.source_view(&step.vertex.name, chain, true)?)
-        } else {
-            None
-        };
+        // (A view is kept for the copy, which reads the same files next.)
+        let source = self.stage_source(&step.vertex.name, chain, patterns, parents, true)?;
         kiln_cache::timing::mark("stage digest: mounted");
-        let root = match (&merged, layers.last()) {
-            (Some(view), _) => view.path(),
-            (None, Some(top)) => top.as_path(),
-            (None, None) => return Ok(None),
-        };
-        let mut stage = BuildContext::of_stage(root);
+        let mut stage = BuildContext::of_stage(&source.root);
         // The stage's top layer, if this build committed it with digests.
         if let Some(d) = self.top_layer_digests(chain) {
             stage = stage.with_top_layer_digests(d);
         }
         let sum = stage.checksum(patterns, exclude, parents);
         kiln_cache::timing::mark("stage digest: summed");
-        drop(merged);
+        drop(source);
         let Ok(sum) = sum else {
             return Ok(None);
         };
@@ -398,7 +386,6 @@ mod tests {
                 .checksum(&sel, &[], false)
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(through.digest, direct_all.digest, "{sel:?}");
-
             assert!(!through.files.is_empty());
             if sel[0] == "/out" {
                 assert_ne!(direct.digest, direct_all.digest, "the exclusion counts");

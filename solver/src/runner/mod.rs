@@ -373,6 +373,16 @@ pub(super) struct SourceView {
     _dir: tempfile::TempDir,
 }
 
+/// Where a step reads a stage's files (see [`StoreRunner::stage_source`]).
+pub(super) struct StageSource {
+    /// The directory they are read in.
+    pub(super) root: PathBuf,
+    /// The mount `root` is in, if they are read through one.
+    pub(super) view: Option<Arc<SourceView>>,
+    /// The stage's snapshot directories, lowest first.
+    pub(super) layers: Vec<PathBuf>,
+}
+
 impl SourceView {
     /// The merged view.
     pub(super) fn path(&self) -> &Path {
@@ -775,6 +785,38 @@ impl StoreRunner {
         })
     }
 
+    /// Where to read `patterns` (with `--parents` or not) of the stage
+    /// filesystem `chain`: the top layer's directory when only it has them
+    /// (see [`content::only_in_top`]), else a mounted view of it (with
+    /// `keep`, kept for the next step that reads it: see
+    /// [`StoreRunner::source_view`]).
+    pub(super) fn stage_source(
+        &self,
+        step: &str,
+        chain: &Chain,
+        patterns: &[String],
+        parents: bool,
+        keep: bool,
+    ) -> Result<StageSource, RunnerError> {
+        let layers = self.snapshots(chain)?;
+        if let Some(top) = layers.last().filter(|_| !parents)
+            && content::only_in_top(&layers, patterns)
+        {
+            kiln_cache::timing::mark("stage files: in the top layer");
+            return Ok(StageSource {
+                root: top.clone(),
+                view: None,
+                layers,
+            });
+        }
+        let view = self.source_view(step, chain, keep)?;
+        Ok(StageSource {
+            root: view.path().to_owned(),
+            view: Some(view),
+            layers,
+        })
+    }
+
     /// The snapshot of `diff_id` (unpacked if need be), held in use until
     /// the build ends.
     fn use_snapshot(&self, diff_id: &Digest) -> kiln_cache::Result<PathBuf> {
@@ -981,25 +1023,17 @@ impl StoreRunner {
                     }
                     other => {
                         let chain = self.input_chain(step, inputs, other)?;
-                        src_layers = self.snapshots(&chain)?;
                         src_top = self.top_layer_digests(&chain);
-                        // Files that only the stage's top layer has are read
-                        // in its directory (as its content digest did).
-                        let patterns = content::path_sources(c);
-                        match src_layers.last() {
-                            Some(top)
-                                if !c.parents && content::only_in_top(&src_layers, &patterns) =>
-                            {
-                                kiln_cache::timing::mark("copy: from the top layer");
-                                top.clone()
-                            }
-                            _ => {
-                                let view = self.source_view(&step.vertex.name, &chain, false)?;
-                                let root = view.path().to_owned();
-                                src_mount = Some(view);
-                                root
-                            }
-                        }
+                        let source = self.stage_source(
+                            &step.vertex.name,
+                            &chain,
+                            &content::path_sources(c),
+                            c.parents,
+                            false,
+                        )?;
+                        src_layers = source.layers;
+                        src_mount = source.view;
+                        source.root
                     }
                 };
                 // A context COPY links the files unchanged since its last
