@@ -1536,7 +1536,12 @@ impl StatCache {
             source,
         };
         let mut conn = self.db.conn();
-        let tx = conn.transaction().map_err(e)?;
+        // IMMEDIATE: a deferred transaction that reads first and then
+        // writes fails at once (SQLITE_BUSY, no busy wait) when another
+        // build wrote statcache.db after its read began.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(e)?;
         {
             let mut drop_rows = tx
                 .prepare_cached(

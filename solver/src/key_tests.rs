@@ -584,3 +584,31 @@ fn one_shared_connection_serves_the_stat_cache_the_history_and_the_memo() {
     let again = ContentMemo::open(dir.path()).expect("reopen");
     assert_eq!(again.get("id").expect("get").as_deref(), Some("sha256:aa"));
 }
+
+/// Two builds finishing at once: one records its history while the other
+/// holds statcache.db's write lock. The record waits for the lock (the
+/// busy timeout) instead of failing with "database is locked", which a
+/// transaction that read before it wrote did at once.
+#[test]
+fn recording_waits_for_another_builds_write() {
+    let store = tempfile::tempdir().expect("store");
+    let mut h = KeyHistory::open(store.path(), "scope").expect("open");
+    h.record([&inputs()]).expect("first record");
+    let other = crate::context::open_cache_db(&store.path().join("statcache.db")).expect("open");
+    other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        other.execute_batch("COMMIT").expect("commit");
+    });
+    let mut changed = inputs();
+    changed.definition = r#"{"op":"exec","args":["make","all"]}"#.into();
+    let started = std::time::Instant::now();
+    h.record([&changed]).expect("record beside another writer");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    holder.join().expect("holder");
+    let again = KeyHistory::open(store.path(), "scope").expect("reopen");
+    assert_eq!(
+        again.explain(&changed).expect("explain"),
+        [MissCause::RecordMissing]
+    );
+}
