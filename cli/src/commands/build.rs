@@ -477,6 +477,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             context_dir.display()
         ),
     };
+    let seen_files = Arc::new(ctx.take_seen_files());
     let mut history = KeyHistory::with_db(cache_db.clone(), &scope)?;
     kiln_cache::timing::mark("history open");
     let graph = Arc::new(graph);
@@ -495,7 +496,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
                 NetworkArg::Host | NetworkArg::Default => DefaultNetwork::Host,
             },
             source_date_epoch: epoch,
-            context_files: Arc::new(ctx.take_seen_files()),
+            context_files: Arc::clone(&seen_files),
         },
     )
     .with_cache_db(cache_db)
@@ -669,6 +670,11 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // build waits for them instead: it leaves nothing behind.
     kiln_executor::release_detached();
     println!("{}", image.id);
+    // The process exits next: the maps of every file the keys and the
+    // copies went through are left to it rather than freed one by one
+    // (1-1.5 ms for 5,000 context files). Only memory: what has a `Drop`
+    // that does work (the runner, the databases) is dropped as usual.
+    std::mem::forget((keys, seen_files));
     Ok(ExitCode::SUCCESS)
 }
 
