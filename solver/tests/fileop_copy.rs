@@ -927,6 +927,13 @@ fn tree(root: &Path) -> Vec<(String, u32, String)> {
             } else {
                 fs_err::read_to_string(&p).unwrap()
             };
+            // (Times from the sources: not those of the destination
+            // directory the copy made, stamped as it wrote into it.)
+            let body = if rel.contains('/') {
+                format!("{body} @{}.{}", m.mtime(), m.mtime_nsec())
+            } else {
+                body
+            };
             out.push((rel, m.mode(), body));
         }
     }
@@ -967,7 +974,8 @@ fn a_prepared_copy_keeps_unchanged_files_and_removes_what_is_gone() {
     let rep = run(&r, &first);
     assert!(rep.kept.is_empty());
     let prev = rep.remembered();
-    assert_eq!(prev.len(), 7, "{prev:?}");
+    // Seven regular files and five directories (not the link).
+    assert_eq!(prev.len(), 12, "{prev:?}");
     let ino = |rel: &str| fs_err::symlink_metadata(upper.join(rel)).unwrap().ino();
     let (g2_ino, top_ino) = (ino("app/a/sub/g2"), ino("app/top.txt"));
 
@@ -999,13 +1007,18 @@ fn a_prepared_copy_keeps_unchanged_files_and_removes_what_is_gone() {
     );
     assert!(rep.written.iter().any(|w| w.path == "/app/a/f1"));
     // What the next run remembers: the kept files and the ones written.
-    let next: Vec<String> = rep.remembered().into_iter().map(|(p, _)| p).collect();
+    let prev = rep.remembered();
+    let next: Vec<&str> = prev.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
         next,
         [
+            "app",
+            "app/a",
             "app/a/f1",
             "app/a/new",
+            "app/a/sub",
             "app/a/sub/g2",
+            "app/c",
             "app/c/x",
             "app/top.txt"
         ]
@@ -1021,4 +1034,60 @@ fn a_prepared_copy_keeps_unchanged_files_and_removes_what_is_gone() {
     assert!(!upper.join("app/b").exists());
     assert!(!upper.join("app/a/f2").exists());
     assert!(!upper.join("app/a/sub/g1").exists());
+
+    // A third run after one more edit: the directories whose sources are
+    // as they were, every entry copied, are neither read again nor given
+    // their metadata again (their ctimes stay); the edited file's
+    // directory is.
+    let ctime = |rel: &str| {
+        let m = fs_err::symlink_metadata(upper.join(rel)).unwrap();
+        (m.ctime(), m.ctime_nsec())
+    };
+    let before = (ctime("app/c"), ctime("app/a/sub"), ctime("app/a"));
+    write(&r.src, "a/f1", "edited again");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut third = op(&["."], "/app/");
+    third.ignore = second.ignore.clone();
+    let mut reuse = fileop::Reuse::new(Some(upper.clone()), prev, upper.clone());
+    reuse.prepared = true;
+    reuse.seen = Some(Arc::new(seen_files(&r.src)));
+    third.reuse = Some(Arc::new(reuse));
+    let rep = run(&r, &third);
+    let written: Vec<&str> = rep.written.iter().map(|w| w.path.as_str()).collect();
+    // (A symlink is made anew each time.)
+    assert_eq!(written, ["/app/a/f1", "/app/a/link"]);
+    assert_eq!(ctime("app/c"), before.0);
+    // (One with an entry the patterns leave out is gone through again.)
+    assert_ne!(ctime("app/a/sub"), before.1);
+    assert_ne!(ctime("app/a"), before.2);
+    let fresh = r._tmp.path().join("fresh2");
+    fs_err::create_dir(&fresh).unwrap();
+    fileop::copy(&r.src, &fresh, &clean).unwrap();
+    assert_eq!(tree(&upper), tree(&fresh));
+
+    // A file the `.dockerignore` now hides in such a directory is still
+    // removed (not every entry was gone through).
+    let prev = rep.remembered();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = op(&["."], "/app/");
+    fourth.ignore = Some(kiln_parser::PatternMatcher::new(["a/sub/g1", "c/x"]).unwrap());
+    let mut reuse = fileop::Reuse::new(Some(upper.clone()), prev, upper.clone());
+    reuse.prepared = true;
+    reuse.seen = Some(Arc::new(seen_files(&r.src)));
+    fourth.reuse = Some(Arc::new(reuse));
+    let rep = run(&r, &fourth);
+    assert!(
+        rep.written
+            .iter()
+            .all(|w| w.kind == fileop::EntryKind::Symlink),
+        "{:?}",
+        rep.written
+    );
+    assert!(!upper.join("app/c/x").exists());
+    let fresh = r._tmp.path().join("fresh3");
+    fs_err::create_dir(&fresh).unwrap();
+    let mut clean = op(&["."], "/app/");
+    clean.ignore = fourth.ignore.clone();
+    fileop::copy(&r.src, &fresh, &clean).unwrap();
+    assert_eq!(tree(&upper), tree(&fresh));
 }

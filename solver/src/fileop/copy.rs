@@ -949,6 +949,10 @@ impl Copier<'_> {
             } else if let Some(rel) = &dir_rel {
                 self.reconciled.push(rel.clone());
             }
+            // Whether the previous result has this directory as its source
+            // is now (see `Copier::remember_dir`).
+            let unchanged = self.remember_dir(&dir, &meta, whose) && dir_rel.is_some();
+            let written_before = self.report.written.len();
             // The keys' `lstat`s of the context's files, when this copy may
             // keep what the previous result has.
             let seen = self
@@ -1011,13 +1015,23 @@ impl Copier<'_> {
                     visited.push(self.visits() != before);
                 }
             }
-            if let Some(rel) = &dir_rel {
+            // A directory whose source has the entries it had last time
+            // (its identity is unchanged), every one of them gone through
+            // again, has nothing to remove; and nothing written in it, the
+            // previous result's owner, mode, xattrs and times still stand.
+            let in_line = unchanged && visited.iter().all(|v| *v);
+            if let Some(rel) = &dir_rel
+                && !in_line
+            {
                 self.reconcile(rel, &children, &visited)?;
             }
+            let as_before = in_line
+                && self.report.written.len() == written_before
+                && self.settings.time.is_none();
             // An existing top-level destination keeps its metadata; created
             // or nested directories take the source's (after the children,
             // so the mtime sticks).
-            if (created || overwrite_meta) && dir == target {
+            if (created || overwrite_meta) && dir == target && !as_before {
                 self.deferred
                     .push((src.to_path_buf(), dir.clone(), meta.clone(), whose));
             }
@@ -1137,6 +1151,29 @@ impl Copier<'_> {
         }
         self.report.file_bytes += id.size();
         true
+    }
+
+    /// Remembers the source identity of the context directory copied to
+    /// `dir` for the next run, as files' are (see [`Reuse::prev`]); true
+    /// when the previous run remembered the same one: no entry was added,
+    /// removed or renamed in it since, nor its metadata changed (each moves
+    /// its ctime).
+    fn remember_dir(&mut self, dir: &Path, meta: &Metadata, whose: SourceKindFor) -> bool {
+        let Some(reuse) = self
+            .reuse
+            .filter(|r| r.remember && whose == SourceKindFor::Op)
+        else {
+            return false;
+        };
+        let Some(rel) = self.rel_of(dir) else {
+            return false;
+        };
+        let id = FileIdentity::of(meta);
+        if !reuse.rememberable(&id) {
+            return false;
+        }
+        self.report.identities.push((rel.to_owned(), Some(id)));
+        reuse.previous_index(rel, &id).is_some()
     }
 
     /// How many entries the copy has put in place, kept or gone through

@@ -216,10 +216,10 @@ pub struct Report {
     /// or kept from a previous result alike (one count per hard-linked
     /// file): about the size of the layer's tar, before it is made.
     pub file_bytes: u64,
-    /// With reuse on: the source identity of each regular file copied, by
-    /// path below the destination root, as a log: a later entry for a path
-    /// replaces an earlier one, `None` forgets it (see
-    /// [`Report::remembered`]).
+    /// With reuse on: the source identity of each regular file and context
+    /// directory copied, by path below the destination root, as a log: a
+    /// later entry for a path replaces an earlier one, `None` forgets it
+    /// (see [`Report::remembered`]).
     pub identities: Vec<(String, Option<FileIdentity>)>,
     /// With reuse on: the regular files hard-linked from a snapshot instead
     /// of copied, by path below the destination root (in no order).

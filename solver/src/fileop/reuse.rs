@@ -115,8 +115,8 @@ pub struct Reuse {
     /// The previous result's snapshot; `None`: nothing to link from (the
     /// copy still records identities for next time).
     pub prev_root: Option<PathBuf>,
-    /// Source identities of the regular files in `prev_root`, by path below
-    /// the destination root, sorted by path.
+    /// Source identities of the regular files and directories in
+    /// `prev_root`, by path below the destination root, sorted by path.
     pub prev: std::sync::Arc<[(String, FileIdentity)]>,
     /// Where new entries really land: the overlay's upper directory (or the
     /// destination root itself when nothing is mounted).
@@ -427,7 +427,8 @@ pub(super) struct Expected {
 pub struct CopyMemo {
     /// The result layer's diffID.
     pub diff_id: String,
-    /// Path below the destination root -> source identity.
+    /// Path below the destination root -> source identity (regular files
+    /// and directories).
     pub files: Vec<(String, FileIdentity)>,
     /// The contents of the result layer's small files (see
     /// [`kiln_cache::KnownFiles`]).
