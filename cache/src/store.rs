@@ -420,13 +420,7 @@ impl Store {
     }
 
     pub(crate) fn lock(&self, exclusive: bool) -> Result<StoreLock> {
-        let path = self.root.join("lock");
-        let file = fs_err::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| StoreError::io("opening store lock", &path, e))?;
+        let (file, path) = self.lock_file()?;
         let r = if exclusive {
             file.lock()
         } else {
@@ -436,10 +430,35 @@ impl Store {
         Ok(StoreLock { _file: file })
     }
 
+    /// The store's lock file, opened (made if missing), and its path.
+    fn lock_file(&self) -> Result<(fs_err::File, PathBuf)> {
+        let path = self.root.join("lock");
+        let file = fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("opening store lock", &path, e))?;
+        Ok((file, path))
+    }
+
     /// Takes the store lock shared: GC waits until it is dropped. Hold it
     /// across "write blobs, then reference them" sequences.
     pub fn lock_shared(&self) -> Result<StoreLock> {
         self.lock(false)
+    }
+
+    /// Whether another holder (a build, a load, a pull) has the store lock
+    /// now, so that GC would wait for it.
+    pub fn in_use(&self) -> Result<bool> {
+        let (file, path) = self.lock_file()?;
+        match file.file().try_lock() {
+            Ok(()) => Ok(false),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(StoreError::io("locking the store", &path, e))
+            }
+        }
     }
 
     // ---------------------------------------------------------------- blobs

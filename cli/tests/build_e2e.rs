@@ -780,6 +780,86 @@ fn sigint_cancels_and_leaves_nothing_mounted() {
     assert!(!text(&o.stdout).contains("cancel"), "{}", text(&o.stdout));
 }
 
+/// `kiln prune -a` while a build runs waits for the build to end (it holds
+/// the store lock shared) instead of removing the scratch tree of its
+/// running RUN and the layers it has committed but not yet recorded: the
+/// build succeeds, and the store checks clean.
+#[test]
+fn prune_waits_for_a_running_build() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-prune");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(ctx.join("f.txt"), "kept\n").expect("f.txt");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:local\nCOPY f.txt /f.txt\n\
+         RUN echo started && sleep 2 && cat /f.txt > /out.txt\nRUN cat /out.txt\n",
+    )
+    .expect("dockerfile");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args([
+            "build",
+            "--progress=plain",
+            "--network=none",
+            "-t",
+            "pruned:1",
+        ])
+        .arg(&ctx)
+        .env_remove("KILN_ROOT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.ends_with(" started") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the RUN started");
+    let pruned = env.kiln(&["prune", "-a", "-f"]);
+    let status = child.wait().expect("wait");
+    let out = reader.join().expect("reader");
+    assert!(pruned.status.success(), "{}", text(&pruned.stderr));
+    assert!(
+        text(&pruned.stderr).contains("waiting for the builds using the store to finish"),
+        "{}",
+        text(&pruned.stderr)
+    );
+    assert!(status.success(), "{out}");
+    assert!(out.contains("built sha256:"), "{out}");
+    let o = env.kiln(&["system", "check"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    let o = env.kiln(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "pruned:1",
+        "cat",
+        "/out.txt",
+    ]);
+    assert_eq!(text(&o.stdout).trim(), "kept", "{}", text(&o.stderr));
+    env.assert_clean();
+}
+
 #[test]
 fn sigkill_leftovers_are_swept_by_the_next_build() {
     if !can_build() {

@@ -376,6 +376,10 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         }
     }
     let store = Arc::new(global.store()?);
+    // The build holds the store lock shared from here to its end: GC
+    // (`kiln prune`) waits for it rather than removing its scratch trees
+    // and the layers it has committed but not yet recorded.
+    let _in_use = store.lock_shared()?;
     kiln_cache::timing::mark("store open");
     // Scratch directories (and mounts) of builds that were killed.
     kiln_solver::runner::sweep_stale(&store);

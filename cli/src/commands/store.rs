@@ -51,6 +51,9 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
             return Ok(ExitCode::SUCCESS);
         }
     }
+    if store.in_use()? {
+        eprintln!("waiting for the builds using the store to finish...");
+    }
     let report = store.gc(GcOptions {
         all: args.all,
         dry_run: false,
