@@ -177,6 +177,10 @@ pub struct GcOptions {
     pub all: bool,
     /// Only report; change nothing.
     pub dry_run: bool,
+    /// Build cache to keep, in bytes (`prune --keep-storage`): the least
+    /// recently used cache records go until the layers that only cache
+    /// records need (their uncompressed sizes) fit. Ignored with `all`.
+    pub keep_bytes: Option<u64>,
 }
 
 /// What [`Store::gc`] removed (or would remove).

@@ -92,12 +92,26 @@ impl Store {
                     live_layers.insert(target);
                 }
             }
+            // Over `keep_bytes`: the least recently used records go first.
+            let evicted = match opts.keep_bytes {
+                Some(keep) if !opts.all => {
+                    least_recently_used(&tx, &live_layers, keep).map_err(&e)?
+                }
+                _ => HashSet::new(),
+            };
+            report.cache_records += evicted.len() as u64;
+            if !opts.dry_run {
+                for key in &evicted {
+                    tx.execute("DELETE FROM cache_records WHERE key = ?1", [key])
+                        .map_err(&e)?;
+                }
+            }
             if !opts.all {
-                let results: Vec<String> = tx
-                    .prepare("SELECT result FROM cache_records")
-                    .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                let results: Vec<(String, String)> = tx
+                    .prepare("SELECT key, result FROM cache_records")
+                    .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
                     .map_err(&e)?;
-                for json in results {
+                for (_, json) in results.into_iter().filter(|(k, _)| !evicted.contains(k)) {
                     if let Ok(r) = serde_json::from_str::<CacheResult>(&json) {
                         live_layers.extend(r.diff_ids.iter().map(ToString::to_string));
                         live_blobs.extend(r.config.iter().map(ToString::to_string));
@@ -229,6 +243,7 @@ impl Store {
             .gc(GcOptions {
                 all: false,
                 dry_run: true,
+                ..GcOptions::default()
             })?
             .bytes;
         Ok(du)
@@ -345,4 +360,57 @@ impl Store {
         }
         Ok(problems)
     }
+}
+
+/// The cache records to drop, least recently used first, so that the
+/// layers only cache records need (not those of `pinned`: kept images,
+/// leases) add up to at most `keep` bytes (uncompressed).
+fn least_recently_used(
+    tx: &rusqlite::Transaction<'_>,
+    pinned: &BTreeSet<String>,
+    keep: u64,
+) -> rusqlite::Result<HashSet<String>> {
+    let sizes: std::collections::HashMap<String, u64> = tx
+        .prepare("SELECT diff_id, size FROM layers")?
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let records: Vec<(String, Vec<String>)> = tx
+        .prepare("SELECT key, result FROM cache_records ORDER BY last_used, created, key")?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .map(|row| {
+            row.map(|(key, json)| {
+                let mut layers: Vec<String> = serde_json::from_str::<CacheResult>(&json)
+                    .map(|r| r.diff_ids.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                layers.retain(|l| !pinned.contains(l));
+                layers.sort_unstable();
+                layers.dedup();
+                (key, layers)
+            })
+        })
+        .collect::<rusqlite::Result<_>>()?;
+    let mut holders: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (_, layers) in &records {
+        for l in layers {
+            *holders.entry(l.as_str()).or_default() += 1;
+        }
+    }
+    let size = |l: &str| sizes.get(l).copied().unwrap_or(0);
+    let mut held: u64 = holders.keys().map(|l| size(l)).sum();
+    let mut out = HashSet::new();
+    for (key, layers) in &records {
+        if held <= keep {
+            break;
+        }
+        out.insert(key.clone());
+        for l in layers {
+            if let Some(n) = holders.get_mut(l.as_str()) {
+                *n -= 1;
+                if *n == 0 {
+                    held = held.saturating_sub(size(l));
+                }
+            }
+        }
+    }
+    Ok(out)
 }

@@ -222,6 +222,7 @@ fn gc_keeps_snapshot_layers_that_cache_records_need_and_drops_the_rest() {
         .gc(GcOptions {
             all: true,
             dry_run: false,
+            ..GcOptions::default()
         })
         .expect("gc all");
     assert!(!store.has_layer(&kept.diff_id));
@@ -420,6 +421,7 @@ fn a_packed_layer_is_kept_by_gc_and_refused_when_it_does_not_match() {
         .gc(GcOptions {
             all: true,
             dry_run: false,
+            ..GcOptions::default()
         })
         .expect("gc all");
     assert!(!store.has_blob(&bad));

@@ -341,6 +341,7 @@ fn gc_keeps_what_names_and_cache_records_need() {
         .gc(GcOptions {
             all: false,
             dry_run: true,
+            ..GcOptions::default()
         })
         .expect("dry");
     assert!(
@@ -374,6 +375,7 @@ fn gc_keeps_what_names_and_cache_records_need() {
         .gc(GcOptions {
             all: true,
             dry_run: false,
+            ..GcOptions::default()
         })
         .expect("gc all");
     assert!(all.images.is_empty(), "named images survive prune --all");
@@ -512,6 +514,87 @@ fn newer_schema_is_refused() {
         matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
         "{err}"
     );
+}
+
+/// `keep_bytes` (`prune --keep-storage`): the least recently used cache
+/// records go until the layers only cache records need fit; a layer a named
+/// image has does not count, and a dry run only reports.
+#[test]
+fn gc_keep_bytes_drops_the_least_recently_used_records() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().join("root");
+    let store = Store::open(&root).expect("open");
+    let named = import(&store, tmp.path(), "n", "named");
+    let imgs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|s| import(&store, tmp.path(), s, &format!("img-{s}")))
+        .collect();
+    let record = |key: &str, layers: Vec<Digest>| {
+        store
+            .put_cache_record(
+                key,
+                &CacheResult {
+                    diff_ids: layers,
+                    config: None,
+                    extra: serde_json::Value::Null,
+                },
+            )
+            .expect("record");
+    };
+    let layer = |i: &kiln_cache::Image| i.layers[0].diff_id.clone();
+    record("old", vec![layer(&imgs[0])]);
+    record("mid", vec![layer(&imgs[1]), layer(&named)]);
+    record("new", vec![layer(&imgs[2])]);
+    for s in ["a", "b", "c"] {
+        store.remove(&format!("img-{s}"), false).expect("rm");
+    }
+    {
+        let conn = rusqlite::Connection::open(root.join("meta.db")).expect("db");
+        for (key, t) in [("old", 100), ("mid", 200), ("new", 300)] {
+            conn.execute(
+                "UPDATE cache_records SET last_used = ?1 WHERE key = ?2",
+                rusqlite::params![t, key],
+            )
+            .expect("age");
+        }
+    }
+    let size = |i: &kiln_cache::Image| {
+        store
+            .layer_size(&layer(i))
+            .expect("size")
+            .expect("recorded")
+    };
+    // "old" and "mid" must go to fit; "new" alone fits. (Peeking at the
+    // records does not count as a use.)
+    let keep = size(&imgs[1]) + size(&imgs[2]) - 1;
+    let opts = GcOptions {
+        keep_bytes: Some(keep),
+        ..GcOptions::default()
+    };
+    let dry = store
+        .gc(GcOptions {
+            dry_run: true,
+            ..opts
+        })
+        .expect("dry");
+    assert_eq!(dry.cache_records, 2);
+    assert!(store.peek_cache_record("old").expect("get").is_some());
+    let report = store.gc(opts).expect("gc");
+    assert_eq!(report.cache_records, 2);
+    assert!(store.peek_cache_record("old").expect("get").is_none());
+    assert!(store.peek_cache_record("mid").expect("get").is_none());
+    assert!(store.peek_cache_record("new").expect("get").is_some());
+    assert!(!store.has_blob(&layer(&imgs[0])));
+    assert!(!store.has_blob(&layer(&imgs[1])));
+    assert!(store.has_blob(&layer(&imgs[2])));
+    assert!(
+        store.has_blob(&layer(&named)),
+        "a named image's layer stays"
+    );
+    // Within the limit: nothing more goes.
+    let again = store.gc(opts).expect("gc");
+    assert_eq!(again.cache_records, 0);
+    assert!(store.fsck(true).expect("fsck").is_empty());
 }
 
 #[test]

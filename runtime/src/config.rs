@@ -199,13 +199,14 @@ impl ContainerConfig {
     }
 }
 
-/// Parses a docker memory size: `512`, `64k`, `64m`, `1g` (`b`, and a trailing
-/// `b` after the unit, as in `64mb`, are accepted).
-pub fn parse_memory(s: &str) -> Result<u64> {
+/// Parses a docker byte size: `512`, `64k`, `64m`, `1.5g`, `2t` (powers of
+/// 1024; a trailing `b` after the unit, as in `64mb`, and `kib` etc. are
+/// accepted), as docker's `RAMInBytes` does.
+pub fn parse_bytes(s: &str) -> Result<u64> {
     let bad = || {
         Error::invalid(
-            format!("memory size `{s}`"),
-            "expected a number with an optional unit b, k, m or g",
+            format!("size `{s}`"),
+            "expected a number with an optional unit b, k, m, g or t",
         )
     };
     let lower = s.trim().to_ascii_lowercase();
@@ -213,6 +214,7 @@ pub fn parse_memory(s: &str) -> Result<u64> {
         .strip_suffix('b')
         .filter(|t| !t.is_empty())
         .unwrap_or(&lower);
+    let t = t.strip_suffix('i').unwrap_or(t);
     let (num, mult) = match t.chars().last() {
         Some('k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('m') => (&t[..t.len() - 1], 1 << 20),
@@ -220,11 +222,21 @@ pub fn parse_memory(s: &str) -> Result<u64> {
         Some('t') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    if !n.is_finite() || n <= 0.0 {
+    let n: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 || n * mult as f64 >= u64::MAX as f64 {
         return Err(bad());
     }
-    let bytes = (n * mult as f64) as u64;
+    Ok((n * mult as f64) as u64)
+}
+
+/// Parses a docker memory size (see [`parse_bytes`]): at least 6 MB.
+pub fn parse_memory(s: &str) -> Result<u64> {
+    let bytes = parse_bytes(s).map_err(|_| {
+        Error::invalid(
+            format!("memory size `{s}`"),
+            "expected a number with an optional unit b, k, m or g",
+        )
+    })?;
     if bytes < 6 << 20 {
         return Err(Error::invalid(
             format!("--memory `{s}`"),
@@ -500,6 +512,14 @@ mod tests {
         assert_eq!(parse_memory("64MB").unwrap(), 64 << 20);
         assert!(parse_memory("1k").unwrap_err().to_string().contains("6MB"));
         assert!(parse_memory("lots").is_err());
+        assert_eq!(parse_bytes("0").unwrap(), 0);
+        assert_eq!(parse_bytes("10GB").unwrap(), 10 << 30);
+        assert_eq!(parse_bytes("1.5gib").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_bytes("2t").unwrap(), 2 << 40);
+        assert!(parse_bytes("-1g").is_err());
+        assert!(parse_bytes("g").is_err());
+        assert!(parse_bytes("1e30").is_err());
         assert_eq!(parse_cpus("1.5").unwrap(), 1500);
         assert_eq!(parse_cpus("0.01").unwrap(), 10);
         assert!(parse_cpus("-1").is_err());

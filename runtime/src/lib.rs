@@ -21,7 +21,8 @@ mod tty;
 pub mod volume;
 
 pub use config::{
-    ContainerConfig, MountConfig, MountSource, RestartPolicy, RunOptions, parse_cpus, parse_memory,
+    ContainerConfig, MountConfig, MountSource, RestartPolicy, RunOptions, parse_bytes, parse_cpus,
+    parse_memory,
 };
 pub use container::{
     ContainerInfo, ExecOptions, LogEntry, RunOutcome, container_dir, exec, inspect, kill, list,

@@ -18,6 +18,16 @@ pub(crate) struct PruneArgs {
     /// Don't ask for confirmation.
     #[arg(short, long)]
     force: bool,
+    /// Build cache to keep (e.g. `10GB`, `512MB`): the least recently used
+    /// cache records go until the rest fits.
+    #[arg(long, value_name = "SIZE", value_parser = parse_keep_storage)]
+    keep_storage: Option<u64>,
+}
+
+/// A `--keep-storage` size, as docker reads it: bytes, or a number with a
+/// unit (`k`, `m`, `g`, `t`; `b`, `kb`, `kib` alike: powers of 1024).
+fn parse_keep_storage(s: &str) -> Result<u64, String> {
+    kiln_runtime::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 /// `kiln system ...`.
@@ -57,6 +67,7 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
     let report = store.gc(GcOptions {
         all: args.all,
         dry_run: false,
+        keep_bytes: args.keep_storage,
     })?;
     // The clones made for the next run of each COPY hold the inodes of
     // the snapshots they came from: they go with any prune.
