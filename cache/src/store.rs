@@ -181,6 +181,9 @@ pub struct GcOptions {
     /// recently used cache records go until the layers that only cache
     /// records need (their uncompressed sizes) fit. Ignored with `all`.
     pub keep_bytes: Option<u64>,
+    /// When another holder has the store lock (a build, a load), return
+    /// at once (see [`GcReport::busy`]) instead of waiting for it.
+    pub skip_if_busy: bool,
 }
 
 /// What [`Store::gc`] removed (or would remove).
@@ -198,6 +201,8 @@ pub struct GcReport {
     pub temp_files: u64,
     /// Bytes of blobs and temp files freed (snapshots not counted).
     pub bytes: u64,
+    /// Nothing was done: the store was in use ([`GcOptions::skip_if_busy`]).
+    pub busy: bool,
 }
 
 /// Space used, for `kiln system df`.
@@ -455,14 +460,32 @@ impl Store {
     /// Whether another holder (a build, a load, a pull) has the store lock
     /// now, so that GC would wait for it.
     pub fn in_use(&self) -> Result<bool> {
+        Ok(self.try_lock_exclusive()?.is_none())
+    }
+
+    /// The store lock, exclusive, if nobody else holds it now.
+    pub(crate) fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
         let (file, path) = self.lock_file()?;
         match file.file().try_lock() {
-            Ok(()) => Ok(false),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Ok(()) => Ok(Some(StoreLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(StoreError::io("locking the store", &path, e))
             }
         }
+    }
+
+    /// The uncompressed size of every layer the store records (images' and
+    /// build cache's alike): one cheap query, for deciding whether a GC
+    /// may be due.
+    pub fn layers_size(&self) -> Result<u64> {
+        let n: i64 = self
+            .db()
+            .query_row("SELECT coalesce(sum(size), 0) FROM layers", [], |r| {
+                r.get(0)
+            })
+            .map_err(self.db_err("summing layer sizes"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     // ---------------------------------------------------------------- blobs

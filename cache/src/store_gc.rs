@@ -20,7 +20,19 @@ impl Store {
     /// snapshots and temp files. Holds the store lock exclusively.
     pub fn gc(&self, opts: GcOptions) -> Result<GcReport> {
         // A dry run only reads: the shared lock lets it run beside loads.
-        let _lock = self.lock(!opts.dry_run)?;
+        let _lock = if opts.skip_if_busy && !opts.dry_run {
+            match self.try_lock_exclusive()? {
+                Some(l) => l,
+                None => {
+                    return Ok(GcReport {
+                        busy: true,
+                        ..GcReport::default()
+                    });
+                }
+            }
+        } else {
+            self.lock(!opts.dry_run)?
+        };
         let mut report = GcReport::default();
         let e = self.db_err("collecting garbage");
         let (live_blobs, live_layers) = {
@@ -388,6 +400,8 @@ fn least_recently_used(
                 (key, layers)
             })
         })
+        // A record whose layers are all kept anyway frees nothing.
+        .filter(|row| row.as_ref().map_or(true, |(_, layers)| !layers.is_empty()))
         .collect::<rusqlite::Result<_>>()?;
     let mut holders: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (_, layers) in &records {

@@ -860,6 +860,82 @@ fn prune_waits_for_a_running_build() {
     env.assert_clean();
 }
 
+/// Over `KILN_GC_KEEP_STORAGE`, a build that made layers collects the
+/// least recently used build cache (as BuildKit's GC keeps `keepBytes`):
+/// the replaced image's layers go, so building it again runs its RUN anew;
+/// the image just built stays whole. `kiln prune --keep-storage 0` then
+/// drops every record that holds a layer no image has.
+#[test]
+fn builds_keep_the_build_cache_under_its_limit() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("ctx-gc");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    let dockerfile = |n: u32| {
+        fs_err::write(
+            ctx.join("Dockerfile"),
+            format!(
+                "FROM busybox:local\nRUN head -c 200000 /dev/urandom > /blob && echo {n} > /n\n"
+            ),
+        )
+        .expect("dockerfile");
+    };
+    let build = |limit: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(env.store())
+            .args(["build", "--progress=plain", "--network=none", "-t", "gc:1"])
+            .arg(&ctx)
+            .env_remove("KILN_ROOT")
+            .env("KILN_GC_KEEP_STORAGE", limit)
+            .output()
+            .expect("build");
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    dockerfile(1);
+    let first = build("100KB");
+    assert!(!first.contains("pruned"), "{first}");
+    dockerfile(2);
+    // The first image lost its name: its 200 KB layer is only build cache.
+    let second = build("100KB");
+    assert!(
+        second.contains("cache records, 20") && second.contains("kB of layers"),
+        "{second}"
+    );
+    let o = env.kiln(&["run", "--rm", "--network", "none", "gc:1", "cat", "/n"]);
+    assert_eq!(text(&o.stdout).trim(), "2", "{}", text(&o.stderr));
+    dockerfile(1);
+    let again = build("off");
+    assert!(
+        step_lines(&again, &step_number(&again, "RUN head"))
+            .iter()
+            .all(|l| !l.ends_with("CACHED")),
+        "{again}"
+    );
+    // Without a limit reached, nothing goes: the second image's RUN is
+    // still cached.
+    dockerfile(2);
+    let cached = build("100MB");
+    assert!(cached.contains(" CACHED"), "{cached}");
+    assert!(!cached.contains("pruned"), "{cached}");
+    let o = env.kiln(&["prune", "--keep-storage", "0", "-f"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    dockerfile(1);
+    let after = build("off");
+    assert!(
+        step_lines(&after, &step_number(&after, "RUN head"))
+            .iter()
+            .all(|l| !l.ends_with("CACHED")),
+        "{after}"
+    );
+    let o = env.kiln(&["system", "check"]);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    env.assert_clean();
+}
+
 #[test]
 fn sigkill_leftovers_are_swept_by_the_next_build() {
     if !can_build() {

@@ -379,7 +379,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // The build holds the store lock shared from here to its end: GC
     // (`kiln prune`) waits for it rather than removing its scratch trees
     // and the layers it has committed but not yet recorded.
-    let _in_use = store.lock_shared()?;
+    let in_use = store.lock_shared()?;
     kiln_cache::timing::mark("store open");
     // Scratch directories (and mounts) of builds that were killed.
     kiln_solver::runner::sweep_stale(&store);
@@ -674,6 +674,14 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // build waits for them instead: it leaves nothing behind.
     kiln_executor::release_detached();
     println!("{}", image.id);
+    // A build that made layers may have taken the build cache past its
+    // limit: the least recently used goes (see `store::auto_gc`), once this
+    // build no longer holds the store.
+    drop(in_use);
+    if solved.ran > 0 {
+        super::store::auto_gc(&store);
+        kiln_cache::timing::mark("gc checked");
+    }
     // The process exits next: the maps of every file the keys and the
     // copies went through are left to it rather than freed one by one
     // (1-1.5 ms for 5,000 context files). Only memory: what has a `Drop`

@@ -4,7 +4,7 @@ use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use kiln_cache::GcOptions;
+use kiln_cache::{GcOptions, GcReport};
 
 use super::Global;
 use super::format::{human_size, table};
@@ -64,22 +64,14 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
     if store.in_use()? {
         eprintln!("waiting for the builds using the store to finish...");
     }
-    let report = store.gc(GcOptions {
-        all: args.all,
-        dry_run: false,
-        keep_bytes: args.keep_storage,
-    })?;
-    // The clones made for the next run of each COPY hold the inodes of
-    // the snapshots they came from: they go with any prune.
-    kiln_solver::runner::clear_prepared_copies(&store)
-        .map_err(|e| anyhow::anyhow!("removing the prepared COPY results of the store: {e}"))?;
-    if args.all {
-        kiln_solver::runner::clear_copy_memos(&store)
-            .map_err(|e| anyhow::anyhow!("removing the COPY memos of the store: {e}"))?;
-    }
-    // Quick build memos: none holds after a prune (the database changed).
-    super::build_memo::clear_quick(&store)
-        .map_err(|e| anyhow::anyhow!("removing the quick build memos of the store: {e}"))?;
+    let report = collect(
+        &store,
+        GcOptions {
+            all: args.all,
+            keep_bytes: args.keep_storage,
+            ..GcOptions::default()
+        },
+    )?;
     if !report.images.is_empty() {
         println!("Deleted Images:");
         for id in &report.images {
@@ -89,6 +81,92 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
     }
     println!("Total reclaimed space: {}", human_size(report.bytes));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A GC of the store with `opts`, and what goes with any: the clones made
+/// for the next run of each COPY (they hold the inodes of the snapshots
+/// they came from), the COPY memos with `all`, and the quick build memos
+/// (none holds once the database changed).
+pub(crate) fn collect(store: &kiln_cache::Store, opts: GcOptions) -> anyhow::Result<GcReport> {
+    let report = store.gc(opts)?;
+    if report.busy {
+        return Ok(report);
+    }
+    kiln_solver::runner::clear_prepared_copies(store)
+        .map_err(|e| anyhow::anyhow!("removing the prepared COPY results of the store: {e}"))?;
+    if opts.all {
+        kiln_solver::runner::clear_copy_memos(store)
+            .map_err(|e| anyhow::anyhow!("removing the COPY memos of the store: {e}"))?;
+    }
+    super::build_memo::clear_quick(store)
+        .map_err(|e| anyhow::anyhow!("removing the quick build memos of the store: {e}"))?;
+    Ok(report)
+}
+
+/// The build cache a store keeps before a build collects it (BuildKit's
+/// default `keepBytes`): `KILN_GC_KEEP_STORAGE` (a size, or `off`), else
+/// a tenth of the store's file system, else 2 GB. `None`: off.
+fn auto_gc_limit(root: &std::path::Path) -> Option<u64> {
+    match std::env::var("KILN_GC_KEEP_STORAGE") {
+        Ok(v) if v.eq_ignore_ascii_case("off") => None,
+        Ok(v) => kiln_runtime::parse_bytes(&v).ok(),
+        Err(_) => Some(
+            nix::sys::statvfs::statvfs(root)
+                .ok()
+                .map(|s| s.blocks().saturating_mul(s.fragment_size()) / 10)
+                .filter(|&n| n > 0)
+                .unwrap_or(2 << 30),
+        ),
+    }
+}
+
+/// Where the layers' size after the last automatic GC is kept: the next
+/// one waits until the store has grown past it (by a tenth of the limit),
+/// so that named images bigger than the limit do not make every build
+/// collect in vain.
+const GC_FLOOR_FILE: &str = "gc-floor";
+
+/// After a build that made layers: when the store's layers exceed the
+/// build cache limit ([`auto_gc_limit`]), the least recently used build
+/// cache goes, as `kiln prune --keep-storage LIMIT` does, unless another
+/// build or load is using the store. Best effort: a failure is reported,
+/// never fails the build.
+pub(crate) fn auto_gc(store: &kiln_cache::Store) {
+    let Some(limit) = auto_gc_limit(store.root()) else {
+        return;
+    };
+    let Ok(total) = store.layers_size() else {
+        return;
+    };
+    let floor_path = store.root().join(GC_FLOOR_FILE);
+    let floor = fs_err::read_to_string(&floor_path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if total <= limit || total <= floor.saturating_add(limit / 10) {
+        return;
+    }
+    let opts = GcOptions {
+        keep_bytes: Some(limit),
+        skip_if_busy: true,
+        ..GcOptions::default()
+    };
+    match collect(store, opts) {
+        Ok(r) if r.busy => {}
+        Ok(r) => {
+            let after = store.layers_size().unwrap_or(total);
+            if r.cache_records > 0 {
+                eprintln!(
+                    "build cache over {} (KILN_GC_KEEP_STORAGE): pruned {} cache records, {} of layers",
+                    human_size(limit),
+                    r.cache_records,
+                    human_size(total.saturating_sub(after))
+                );
+            }
+            let _ = fs_err::write(&floor_path, after.to_string());
+        }
+        Err(e) => eprintln!("warning: collecting the build cache failed: {e:#}"),
+    }
 }
 
 pub(crate) fn system(command: SystemCommand, global: &Global) -> anyhow::Result<ExitCode> {
