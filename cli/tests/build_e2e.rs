@@ -709,40 +709,24 @@ fn json_progress_is_one_event_per_line() {
     assert!(events.iter().any(|e| e["event"] == "vertex_finished"));
 }
 
-#[test]
-fn sigint_cancels_and_leaves_nothing_mounted() {
-    if !can_build() {
-        return;
-    }
-    let env = Env::new();
-    // The RUN starts on the COPY's upper while the 32 MB layer is still
-    // being hashed (see `runner::pending`): it holds that upper when
-    // cancelled, and the commit waits for it.
-    let ctx = env.path("ctx-cancel-big");
-    fs_err::create_dir_all(&ctx).expect("mkdir");
-    fs_err::write(
-        ctx.join("Dockerfile"),
-        read(&env.context("cancel").join("Dockerfile")).replace("COPY Dockerfile /", "COPY big /"),
-    )
-    .expect("dockerfile");
-    fs_err::write(ctx.join("big"), vec![7u8; 32 << 20]).expect("big");
+/// Starts `kiln build -t TAG CTX` and returns once a line of its progress
+/// ends with ` started` (a RUN's output): the build, and the thread that
+/// collects its progress output (stderr) until it exits.
+fn build_until_started(
+    env: &Env,
+    ctx: &Path,
+    tag: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--root")
         .arg(env.store())
-        .args([
-            "build",
-            "--progress=plain",
-            "--network=none",
-            "-t",
-            "cancel:1",
-        ])
-        .arg(&ctx)
+        .args(["build", "--progress=plain", "--network=none", "-t", tag])
+        .arg(ctx)
         .env_remove("KILN_ROOT")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
-    // Wait for the RUN's first line of output, then Ctrl-C.
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -762,6 +746,28 @@ fn sigint_cancels_and_leaves_nothing_mounted() {
     });
     rx.recv_timeout(std::time::Duration::from_secs(30))
         .expect("the RUN started");
+    (child, reader)
+}
+
+#[test]
+fn sigint_cancels_and_leaves_nothing_mounted() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    // The RUN starts on the COPY's upper while the 32 MB layer is still
+    // being hashed (see `runner::pending`): it holds that upper when
+    // cancelled, and the commit waits for it.
+    let ctx = env.path("ctx-cancel-big");
+    fs_err::create_dir_all(&ctx).expect("mkdir");
+    fs_err::write(
+        ctx.join("Dockerfile"),
+        read(&env.context("cancel").join("Dockerfile")).replace("COPY Dockerfile /", "COPY big /"),
+    )
+    .expect("dockerfile");
+    fs_err::write(ctx.join("big"), vec![7u8; 32 << 20]).expect("big");
+    // Wait for the RUN's first line of output, then Ctrl-C.
+    let (mut child, reader) = build_until_started(&env, &ctx, "cancel:1");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("kill");
     let t = std::time::Instant::now();
@@ -799,41 +805,7 @@ fn prune_waits_for_a_running_build() {
          RUN echo started && sleep 2 && cat /f.txt > /out.txt\nRUN cat /out.txt\n",
     )
     .expect("dockerfile");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--root")
-        .arg(env.store())
-        .args([
-            "build",
-            "--progress=plain",
-            "--network=none",
-            "-t",
-            "pruned:1",
-        ])
-        .arg(&ctx)
-        .env_remove("KILN_ROOT")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.ends_with(" started") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(30))
-        .expect("the RUN started");
+    let (mut child, reader) = build_until_started(&env, &ctx, "pruned:1");
     let pruned = env.kiln(&["prune", "-a", "-f"]);
     let status = child.wait().expect("wait");
     let out = reader.join().expect("reader");
