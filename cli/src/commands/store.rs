@@ -71,6 +71,7 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
             keep_bytes: args.keep_storage,
             ..GcOptions::default()
         },
+        false,
     )?;
     if !report.images.is_empty() {
         println!("Deleted Images:");
@@ -85,15 +86,24 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
 
 /// A GC of the store with `opts`, and what goes with any: the clones made
 /// for the next run of each COPY (they hold the inodes of the snapshots
-/// they came from), the COPY memos with `all`, and the quick build memos
-/// (none holds once the database changed).
-pub(crate) fn collect(store: &kiln_cache::Store, opts: GcOptions) -> anyhow::Result<GcReport> {
+/// they came from; with `keep_clones` only those whose snapshot went), the
+/// COPY memos with `all`, and the quick build memos (none holds once the
+/// database changed).
+pub(crate) fn collect(
+    store: &kiln_cache::Store,
+    opts: GcOptions,
+    keep_clones: bool,
+) -> anyhow::Result<GcReport> {
     let report = store.gc(opts)?;
     if report.busy {
         return Ok(report);
     }
-    kiln_solver::runner::clear_prepared_copies(store)
-        .map_err(|e| anyhow::anyhow!("removing the prepared COPY results of the store: {e}"))?;
+    if keep_clones {
+        kiln_solver::runner::clear_orphaned_copies(store)
+    } else {
+        kiln_solver::runner::clear_prepared_copies(store)
+    }
+    .map_err(|e| anyhow::anyhow!("removing the prepared COPY results of the store: {e}"))?;
     if opts.all {
         kiln_solver::runner::clear_copy_memos(store)
             .map_err(|e| anyhow::anyhow!("removing the COPY memos of the store: {e}"))?;
@@ -151,7 +161,9 @@ pub(crate) fn auto_gc(store: &kiln_cache::Store) {
         skip_if_busy: true,
         ..GcOptions::default()
     };
-    match collect(store, opts) {
+    // (The clones of the COPY results that stay are kept for their next
+    // run: an edit loop goes on as fast.)
+    match collect(store, opts, true) {
         Ok(r) if r.busy => {}
         Ok(r) => {
             let after = store.layers_size().unwrap_or(total);

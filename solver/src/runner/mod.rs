@@ -37,8 +37,9 @@ use crate::solve::{Step, StepRunner};
 pub use mount::{MergedMount, MountError};
 pub use pending::PendingTop;
 pub use reuse::{
-    clear_memos as clear_copy_memos, clear_prepared as clear_prepared_copies,
-    has_prepared as has_prepared_copies, prepared_usage as prepared_copies_usage,
+    clear_memos as clear_copy_memos, clear_orphaned_prepared as clear_orphaned_copies,
+    clear_prepared as clear_prepared_copies, has_prepared as has_prepared_copies,
+    prepared_usage as prepared_copies_usage,
 };
 pub use run::RunFailure;
 

@@ -204,6 +204,30 @@ pub fn clear_prepared(store: &Store) -> std::io::Result<()> {
     discard(store, &prepared_dir(store))
 }
 
+/// Removes the prepared clones whose snapshot is gone (a GC collected its
+/// layer): no COPY can start from them any more (see [`claim_prepared`]),
+/// and they hold the collected files' inodes. The others stay for their
+/// next run.
+pub fn clear_orphaned_prepared(store: &Store) -> std::io::Result<()> {
+    let entries = match fs_err::read_dir(prepared_dir(store)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let layer = name
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, hex)| format!("sha256:{hex}").parse::<Digest>().ok());
+        if layer.is_none_or(|d| store.snapshot_dir(&d).is_none()) {
+            discard(store, &entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes `path` (a clone, or the clones' directory) without racing a
 /// build that claims a clone: it is first renamed away whole (a claim
 /// after that finds nothing), then removed; deleting it in place could
@@ -474,6 +498,41 @@ mod tests {
         assert_eq!(known.get(b"app/written"), None);
         assert_eq!(known.get(b"app/gone"), None);
         assert_eq!(known.len(), 2);
+    }
+
+    /// After a GC: the clones whose snapshot went (and names that are no
+    /// clone's) are removed; a clone whose snapshot is still here stays.
+    #[test]
+    fn only_the_clones_of_collected_snapshots_are_removed() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(tmp.path().join("store")).unwrap_or_else(|e| panic!("{e}"));
+        let upper = tmp.path().join("upper");
+        fs_err::create_dir_all(&upper).unwrap_or_else(|e| panic!("{e}"));
+        fs_err::write(upper.join("f"), "f").unwrap_or_else(|e| panic!("{e}"));
+        let layer = store
+            .commit_snapshot_from_dir(&upper, &kiln_cache::WriteOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .diff_id;
+        assert!(store.snapshot_dir(&layer).is_some());
+        let gone = Digest::of_bytes(b"collected");
+        let dir = prepared_dir(&store);
+        let live = dir.join(format!("memo1-{}", layer.hex()));
+        let orphan = dir.join(format!("memo2-{}", gone.hex()));
+        let junk = dir.join("not-a-clone");
+        for d in [&live, &orphan, &junk] {
+            fs_err::create_dir_all(d.join("sub")).unwrap_or_else(|e| panic!("{e}"));
+        }
+        clear_orphaned_prepared(&store).unwrap_or_else(|e| panic!("{e}"));
+        assert!(live.is_dir());
+        assert!(!orphan.exists());
+        assert!(!junk.exists());
+        // Nothing is left behind in the store's tmp/ either.
+        let trash: Vec<_> = fs_err::read_dir(store.root().join("tmp"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("trash-"))
+            .collect();
+        assert!(trash.is_empty(), "{trash:?}");
     }
 
     #[test]
