@@ -201,6 +201,9 @@ pub struct GcReport {
     pub temp_files: u64,
     /// Bytes of blobs and temp files freed (snapshots not counted).
     pub bytes: u64,
+    /// What the snapshots removed held: their layers' uncompressed sizes
+    /// (as recorded; a snapshot of an unrecorded layer counts nothing).
+    pub snapshot_bytes: u64,
     /// Nothing was done: the store was in use ([`GcOptions::skip_if_busy`]).
     pub busy: bool,
 }

@@ -34,6 +34,9 @@ impl Store {
             self.lock(!opts.dry_run)?
         };
         let mut report = GcReport::default();
+        // The uncompressed sizes of the layers that go: what their
+        // snapshots free.
+        let mut dead_sizes: std::collections::HashMap<String, u64> = Default::default();
         let e = self.db_err("collecting garbage");
         let (live_blobs, live_layers) = {
             let mut conn = self.db();
@@ -140,12 +143,21 @@ impl Store {
                 }
             }
             live_blobs.extend(live_layers.iter().cloned());
+            let all_layers: Vec<(String, i64)> = tx
+                .prepare("SELECT diff_id, size FROM layers")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(&e)?;
+            for (l, size) in &all_layers {
+                if !live_layers.contains(l) {
+                    dead_sizes.insert(l.clone(), u64::try_from(*size).unwrap_or(0));
+                }
+            }
             if !opts.dry_run {
-                let all_layers: Vec<String> = tx
-                    .prepare("SELECT diff_id FROM layers")
-                    .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-                    .map_err(&e)?;
-                for l in all_layers.iter().filter(|l| !live_layers.contains(*l)) {
+                for l in all_layers
+                    .iter()
+                    .map(|(l, _)| l)
+                    .filter(|l| !live_layers.contains(*l))
+                {
                     tx.execute("DELETE FROM layers WHERE diff_id = ?1", [l])
                         .map_err(&e)?;
                     tx.execute("DELETE FROM layer_blobs WHERE diff_id = ?1", [l])
@@ -186,6 +198,11 @@ impl Store {
                     report.temp_files += 1;
                 } else {
                     report.snapshots += 1;
+                    report.snapshot_bytes += base
+                        .strip_prefix(SNAPSHOT_PREFIX)
+                        .and_then(|hex| dead_sizes.get(&format!("sha256:{hex}")))
+                        .copied()
+                        .unwrap_or(0);
                 }
             }
             if !opts.dry_run {

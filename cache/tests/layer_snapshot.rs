@@ -215,6 +215,8 @@ fn gc_keeps_snapshot_layers_that_cache_records_need_and_drops_the_rest() {
     assert!(store.get_cache_record("key-a").expect("get").is_some());
     let report = store.gc(GcOptions::default()).expect("gc");
     assert_eq!(report.snapshots, 1, "{report:?}");
+    // What the snapshot held counts in what was freed: its layer's size.
+    assert_eq!(report.snapshot_bytes, dropped.size, "{report:?}");
     assert!(store.has_layer(&kept.diff_id));
     assert!(!store.has_layer(&dropped.diff_id));
     // `prune --all` drops the cache record, and with it the layer.

@@ -80,7 +80,10 @@ pub(crate) fn prune(args: &PruneArgs, global: &Global) -> anyhow::Result<ExitCod
         }
         println!();
     }
-    println!("Total reclaimed space: {}", human_size(report.bytes));
+    println!(
+        "Total reclaimed space: {}",
+        human_size(report.bytes + report.snapshot_bytes)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
