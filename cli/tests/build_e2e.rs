@@ -854,11 +854,13 @@ fn builds_keep_the_build_cache_under_its_limit() {
         )
         .expect("dockerfile");
     };
-    let build = |limit: &str| {
+    // `kiln build -t TAG CTX` under the limit `limit`: its progress.
+    let build_as = |tag: &str, limit: &str, extra: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .arg("--root")
             .arg(env.store())
-            .args(["build", "--progress=plain", "--network=none", "-t", "gc:1"])
+            .args(["build", "--progress=plain", "--network=none", "-t", tag])
+            .args(extra)
             .arg(&ctx)
             .env_remove("KILN_ROOT")
             .env("KILN_GC_KEEP_STORAGE", limit)
@@ -867,6 +869,7 @@ fn builds_keep_the_build_cache_under_its_limit() {
         assert!(o.status.success(), "{}", text(&o.stderr));
         text(&o.stderr)
     };
+    let build = |limit: &str| build_as("gc:1", limit, &[]);
     dockerfile(1);
     let first = build("100KB");
     assert!(!first.contains("pruned"), "{first}");
@@ -893,6 +896,12 @@ fn builds_keep_the_build_cache_under_its_limit() {
     let cached = build("100MB");
     assert!(cached.contains(" CACHED"), "{cached}");
     assert!(!cached.contains("pruned"), "{cached}");
+    // A limit that is no size says so (and collects nothing).
+    let warned = build_as("gc:2", "lots", &["--no-cache"]);
+    assert!(
+        warned.contains("warning: KILN_GC_KEEP_STORAGE: "),
+        "{warned}"
+    );
     let o = env.kiln(&["prune", "--keep-storage", "0", "-f"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     dockerfile(1);

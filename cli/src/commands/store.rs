@@ -122,7 +122,13 @@ pub(crate) fn collect(
 fn auto_gc_limit(root: &std::path::Path) -> Option<u64> {
     match std::env::var("KILN_GC_KEEP_STORAGE") {
         Ok(v) if v.eq_ignore_ascii_case("off") => None,
-        Ok(v) => kiln_runtime::parse_bytes(&v).ok(),
+        Ok(v) => match kiln_runtime::parse_bytes(&v) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!("warning: KILN_GC_KEEP_STORAGE: {e}; the build cache is not collected");
+                None
+            }
+        },
         Err(_) => Some(
             nix::sys::statvfs::statvfs(root)
                 .ok()
