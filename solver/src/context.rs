@@ -1038,13 +1038,17 @@ fn content_string(d: &[u8; 32]) -> String {
 
 /// `<algorithm>:<hex>`.
 fn labelled(algorithm: &str, d: &[u8; 32]) -> String {
+    // (Two digests per context file: the hex is made in a byte buffer, not
+    // a char at a time.)
+    let mut hex = [0u8; 64];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(d) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
+    }
     let mut s = String::with_capacity(algorithm.len() + 65);
     s.push_str(algorithm);
     s.push(':');
-    for b in d {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 15)]));
-    }
+    s.push_str(std::str::from_utf8(&hex).unwrap_or_default());
     s
 }
 
