@@ -1540,12 +1540,7 @@ impl StatCache {
             source,
         };
         let mut conn = self.db.conn();
-        // IMMEDIATE: a deferred transaction that reads first and then
-        // writes fails at once (SQLITE_BUSY, no busy wait) when another
-        // build wrote statcache.db after its read began.
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(e)?;
+        let tx = begin_write(&mut conn).map_err(e)?;
         {
             let mut drop_rows = tx
                 .prepare_cached(
@@ -1613,6 +1608,16 @@ pub(crate) fn open_cache_db(path: &Path) -> rusqlite::Result<rusqlite::Connectio
         conn.pragma_update(None, "user_version", CACHE_SCHEMA)?;
     }
     Ok(conn)
+}
+
+/// A write transaction on `statcache.db`: `BEGIN IMMEDIATE`, which waits
+/// (the busy timeout) for another build's write. A deferred transaction
+/// that reads first and then writes fails at once (SQLITE_BUSY, no busy
+/// wait) when another build wrote after its read began.
+pub(crate) fn begin_write(
+    conn: &mut rusqlite::Connection,
+) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
 }
 
 /// The version of `statcache.db`'s tables ([`CACHE_TABLES`]).

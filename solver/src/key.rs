@@ -803,12 +803,7 @@ impl KeyHistory {
             source,
         };
         let mut conn = self.db.conn();
-        // IMMEDIATE: a deferred transaction that reads first and then
-        // writes fails at once (SQLITE_BUSY, no busy wait) when another
-        // build wrote statcache.db after its read began.
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(e)?;
+        let tx = crate::context::begin_write(&mut conn).map_err(e)?;
         {
             let mut old_hashes = tx
                 .prepare_cached(
