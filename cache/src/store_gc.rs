@@ -107,10 +107,23 @@ impl Store {
                     live_layers.insert(target);
                 }
             }
+            // Every layer with its uncompressed size (for the eviction, and
+            // what the snapshots that go free).
+            let all_layers: Vec<(String, u64)> = tx
+                .prepare("SELECT diff_id, size FROM layers")
+                .and_then(|mut st| {
+                    st.query_map([], |r| {
+                        Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0)))
+                    })?
+                    .collect()
+                })
+                .map_err(&e)?;
             // Over `keep_bytes`: the least recently used records go first.
             let evicted = match opts.keep_bytes {
                 Some(keep) if !opts.all => {
-                    least_recently_used(&tx, &live_layers, keep).map_err(&e)?
+                    let sizes: std::collections::HashMap<&str, u64> =
+                        all_layers.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+                    least_recently_used(&tx, &live_layers, &sizes, keep).map_err(&e)?
                 }
                 _ => HashSet::new(),
             };
@@ -143,13 +156,9 @@ impl Store {
                 }
             }
             live_blobs.extend(live_layers.iter().cloned());
-            let all_layers: Vec<(String, i64)> = tx
-                .prepare("SELECT diff_id, size FROM layers")
-                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-                .map_err(&e)?;
             for (l, size) in &all_layers {
                 if !live_layers.contains(l) {
-                    dead_sizes.insert(l.clone(), u64::try_from(*size).unwrap_or(0));
+                    dead_sizes.insert(l.clone(), *size);
                 }
             }
             if !opts.dry_run {
@@ -393,16 +402,13 @@ impl Store {
 
 /// The cache records to drop, least recently used first, so that the
 /// layers only cache records need (not those of `pinned`: kept images,
-/// leases) add up to at most `keep` bytes (uncompressed).
+/// leases) add up to at most `keep` bytes (uncompressed, from `sizes`).
 fn least_recently_used(
     tx: &rusqlite::Transaction<'_>,
     pinned: &BTreeSet<String>,
+    sizes: &std::collections::HashMap<&str, u64>,
     keep: u64,
 ) -> rusqlite::Result<HashSet<String>> {
-    let sizes: std::collections::HashMap<String, u64> = tx
-        .prepare("SELECT diff_id, size FROM layers")?
-        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?
-        .collect::<rusqlite::Result<_>>()?;
     let records: Vec<(String, Vec<String>)> = tx
         .prepare("SELECT key, result FROM cache_records ORDER BY last_used, created, key")?
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
