@@ -990,6 +990,47 @@ fn http_get_local(port: u16) -> String {
 }
 
 #[test]
+fn network_default_is_the_bridge_as_in_docker() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new();
+    let addr = |network: &str| {
+        let o = env.kiln(&[
+            "run",
+            "--rm",
+            "--network",
+            network,
+            "busybox:local",
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+        ]);
+        assert!(o.status.success(), "{network}: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    // The bridge gives the container an eth0 with an address of its subnet;
+    // `none` gives only lo.
+    let subnet = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("eth0"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|a| a.rsplit_once('.'))
+            .map(|(net, _)| net.to_owned())
+    };
+    let default = addr("default");
+    assert!(subnet(&default).is_some(), "{default}");
+    assert_eq!(subnet(&default), subnet(&addr("bridge")));
+    assert_eq!(subnet(&addr("none")), None);
+    // Nor can a network of that name be made.
+    let o = env.kiln(&["network", "create", "default"]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("default"), "{}", text(&o.stderr));
+    env.assert_nothing_left(&[], &[]);
+}
+
+#[test]
 fn containers_on_a_bridge_network_talk_by_name_and_a_published_port_answers() {
     if !can_run() {
         return;

@@ -51,7 +51,8 @@ pub(crate) struct RunArgs {
     /// Mount the container's root file system read-only.
     #[arg(long = "read-only")]
     read_only: bool,
-    /// The network: bridge (the default, as docker's), none, host or a network name.
+    /// The network: bridge (the default, as docker's; `default` names it too), none, host
+    /// or a network name.
     #[arg(long, default_value = "bridge")]
     network: String,
     /// A name for the container on its network.
@@ -115,7 +116,12 @@ fn options(a: &RunArgs) -> kiln_runtime::Result<RunOptions> {
         volumes: a.volume.clone(),
         tmpfs: a.tmpfs.clone(),
         read_only: a.read_only,
-        network: a.network.clone(),
+        // docker's name for the daemon's default network: the bridge.
+        network: if a.network == "default" {
+            kiln_runtime::network::DEFAULT_NETWORK.to_owned()
+        } else {
+            a.network.clone()
+        },
         aliases: a.network_alias.clone(),
         publish: a.publish.clone(),
         hostname: a.hostname.clone(),

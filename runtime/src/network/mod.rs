@@ -670,7 +670,8 @@ fn create_locked(store_root: &Path, name: &str, opts: &CreateOptions) -> Result<
 
 /// `kiln network create NAME`.
 pub fn create(store_root: &Path, name: &str, opts: &CreateOptions) -> Result<NetworkInfo> {
-    if PREDEFINED.contains(&name) {
+    // (`default` is `kiln run`'s other name for the bridge, as docker's.)
+    if PREDEFINED.contains(&name) || name == "default" {
         return Err(NetworkError::Predefined(name.to_owned(), "created"));
     }
     if !valid_name(name) {
