@@ -19,12 +19,16 @@ pub(crate) enum ProgressMode {
     Plain,
     /// One JSON object per line.
     Json,
+    /// Nothing (`-q`, as docker's; buildx's `--progress=quiet`): only the
+    /// image ID on stdout, and warnings and errors.
+    Quiet,
 }
 
 /// Renders events to stderr.
 #[derive(Debug)]
 pub(crate) struct Renderer {
     json: bool,
+    quiet: bool,
     tty: Option<Tty>,
     /// Vertex index -> display number (`#N`), in order of first appearance.
     numbers: HashMap<usize, usize>,
@@ -40,10 +44,11 @@ impl Renderer {
             // Asked for: drawn with ANSI codes even into a pipe, as docker.
             ProgressMode::Tty => Some(Tty::new(!terminal)),
             ProgressMode::Auto => (terminal && !ci).then(|| Tty::new(false)),
-            ProgressMode::Plain | ProgressMode::Json => None,
+            ProgressMode::Plain | ProgressMode::Json | ProgressMode::Quiet => None,
         };
         Self {
             json: mode == ProgressMode::Json,
+            quiet: mode == ProgressMode::Quiet,
             tty,
             numbers: HashMap::new(),
             started: Instant::now(),
@@ -57,6 +62,9 @@ impl Renderer {
 
     /// The text of one event (without newline), or `None` to print nothing.
     pub(crate) fn line(&mut self, e: &Event) -> Option<String> {
+        if self.quiet {
+            return None;
+        }
         if self.json {
             return Some(e.to_json_line());
         }
@@ -100,6 +108,9 @@ impl Renderer {
             for e in events {
                 self.render(e);
             }
+            return;
+        }
+        if self.quiet {
             return;
         }
         let mut out = String::new();

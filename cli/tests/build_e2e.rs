@@ -709,6 +709,58 @@ fn json_progress_is_one_event_per_line() {
     assert!(events.iter().any(|e| e["event"] == "vertex_finished"));
 }
 
+#[test]
+fn quiet_prints_only_the_image_id_or_the_error() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("edit");
+    let c = ctx.to_str().expect("utf8");
+    // A build that runs its steps, then one the memo answers, then
+    // `--progress=quiet`: stdout is the image ID, stderr is empty.
+    let mut ids = Vec::new();
+    for args in [
+        ["build", "-q", "--network=none", "-t", "quiet:1", c],
+        ["build", "--quiet", "--network=none", "-t", "quiet:1", c],
+        [
+            "build",
+            "--progress=quiet",
+            "--network=none",
+            "-t",
+            "quiet:1",
+            c,
+        ],
+    ] {
+        let o = env.kiln(&args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stderr), "", "{args:?}");
+        let out = text(&o.stdout);
+        let id = out.strip_suffix('\n').unwrap_or_default().to_owned();
+        assert!(
+            id.starts_with("sha256:") && !id.contains('\n'),
+            "{args:?}: {out:?}"
+        );
+        ids.push(id);
+    }
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    assert_eq!(env.config("quiet:1")["rootfs"]["type"], "layers");
+    // A failing RUN still says what failed, with the tail of its output.
+    let fail = env.context("fail");
+    let o = env.kiln(&[
+        "build",
+        "-q",
+        "--network=none",
+        fail.to_str().expect("utf8"),
+    ]);
+    assert!(!o.status.success());
+    assert_eq!(text(&o.stdout), "");
+    let err = text(&o.stderr);
+    assert!(err.contains("exit code 7"), "{err}");
+    assert!(err.contains("boom-on-stderr"), "{err}");
+    assert!(!err.contains("#1 "), "progress printed:\n{err}");
+}
+
 /// Starts `kiln build -t TAG CTX` and returns once a line of its progress
 /// ends with ` started` (a RUN's output): the build, and the thread that
 /// collects its progress output (stderr) until it exits.

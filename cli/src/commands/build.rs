@@ -75,6 +75,10 @@ pub(crate) struct BuildArgs {
     /// Progress output.
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressMode,
+    /// No progress output: only the image ID (on stdout), warnings and
+    /// errors (`--progress=quiet`).
+    #[arg(short = 'q', long)]
+    quiet: bool,
     /// The network of RUN steps.
     #[arg(long, value_enum, default_value = "default")]
     network: NetworkArg,
@@ -113,6 +117,22 @@ pub(crate) struct BuildArgs {
     push: bool,
     /// The build context directory, or `-` for a tar (or a Dockerfile) on stdin.
     context: PathBuf,
+}
+
+impl BuildArgs {
+    /// `--progress`, or `quiet` with `-q`.
+    fn progress_mode(&self) -> ProgressMode {
+        if self.quiet {
+            ProgressMode::Quiet
+        } else {
+            self.progress
+        }
+    }
+
+    /// Whether only the image ID, warnings and errors are printed.
+    fn is_quiet(&self) -> bool {
+        self.progress_mode() == ProgressMode::Quiet
+    }
 }
 
 /// `kiln graph` flags.
@@ -523,7 +543,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let mut renderer = Renderer::new(args.progress);
+    let mut renderer = Renderer::new(args.progress_mode());
     // The events shown are kept for the build memo.
     let keep_events = memo.is_some();
     let render = rt.spawn(async move {
@@ -635,15 +655,19 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
         });
         fs_err::write(f, serde_json::to_vec_pretty(&meta)?)?;
     }
-    eprintln!(
-        "{}",
-        built_line(&image.id, solved.ran, solved.cached, solved.skipped)
-    );
+    if !args.is_quiet() {
+        eprintln!(
+            "{}",
+            built_line(&image.id, solved.ran, solved.cached, solved.skipped)
+        );
+    }
     if args.push {
         for t in &args.tags {
             let pushed = super::registry::push_image(&store, t, true, true)
                 .with_context(|| format!("pushing `{t}`"))?;
-            eprintln!("pushed {t} ({})", pushed.digest);
+            if !args.is_quiet() {
+                eprintln!("pushed {t} ({})", pushed.digest);
+            }
         }
     }
     if let Some((key, ctx)) = &memo {
@@ -679,7 +703,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     // build no longer holds the store.
     drop(in_use);
     if solved.ran > 0 {
-        super::store::auto_gc(&store);
+        super::store::auto_gc(&store, args.is_quiet());
         kiln_cache::timing::mark("gc checked");
     }
     // The process exits next: the maps of every file the keys and the
@@ -741,11 +765,13 @@ fn memo_hit(
     if let Some(w) = &hit.warning {
         eprintln!("{w}");
     }
-    Renderer::new(args.progress).render_all(&hit.events);
+    Renderer::new(args.progress_mode()).render_all(&hit.events);
     if let Some(store) = store {
         build_memo::tag(store, &hit.image, &args.tags)?;
     }
-    eprintln!("{}", built_line(&hit.image, 0, hit.cached, hit.skipped));
+    if !args.is_quiet() {
+        eprintln!("{}", built_line(&hit.image, 0, hit.cached, hit.skipped));
+    }
     println!("{}", hit.image);
     Ok(ExitCode::SUCCESS)
 }

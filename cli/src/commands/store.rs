@@ -149,8 +149,8 @@ const GC_FLOOR_FILE: &str = "gc-floor";
 /// build cache limit ([`auto_gc_limit`]), the least recently used build
 /// cache goes, as `kiln prune --keep-storage LIMIT` does, unless another
 /// build or load is using the store. Best effort: a failure is reported,
-/// never fails the build.
-pub(crate) fn auto_gc(store: &kiln_cache::Store) {
+/// never fails the build. `quiet`: only a failure is reported.
+pub(crate) fn auto_gc(store: &kiln_cache::Store, quiet: bool) {
     let Some(limit) = auto_gc_limit(store.root()) else {
         return;
     };
@@ -176,7 +176,7 @@ pub(crate) fn auto_gc(store: &kiln_cache::Store) {
         Ok(r) if r.busy => {}
         Ok(r) => {
             let after = store.layers_size().unwrap_or(total);
-            if r.cache_records > 0 {
+            if r.cache_records > 0 && !quiet {
                 eprintln!(
                     "build cache over {} (KILN_GC_KEEP_STORAGE): pruned {} cache records, {} of layers",
                     human_size(limit),
