@@ -761,6 +761,69 @@ fn quiet_prints_only_the_image_id_or_the_error() {
     assert!(!err.contains("#1 "), "progress printed:\n{err}");
 }
 
+#[test]
+fn platform_flag_as_in_buildkit() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("platform");
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let host = format!("linux/{arch}");
+    // This machine's platform: the automatic args say so, and so does the
+    // config.
+    let out = env.rootfs(&ctx, &["--platform", &host, "-t", "p:host"], "host-root");
+    assert_eq!(
+        read(&out.join("platform")),
+        format!("{host} {host} {arch}\n")
+    );
+    assert_eq!(env.config("p:host")["architecture"], arch);
+    // Another platform: the base image in the store is for this one, so it
+    // is no base (offline, the pull fails), and the error says why.
+    let foreign = if arch == "s390x" {
+        "linux/arm64"
+    } else {
+        "linux/s390x"
+    };
+    for pull in ["--pull=never", "--pull=missing"] {
+        let o = env.build_raw(&ctx, &["--platform", foreign, pull, "-t", "p:foreign"]);
+        assert!(!o.status.success(), "{pull}");
+        let err = text(&o.stderr);
+        assert!(
+            err.contains(&format!("for {host}")) && err.contains(foreign),
+            "{pull}: {err}"
+        );
+    }
+    assert!(!text(&env.kiln(&["images"]).stdout).contains("p:foreign"));
+    env.assert_clean();
+    // Cross-building: the tools stage runs here (FROM
+    // --platform=$BUILDPLATFORM); the result is for the target.
+    let cross = ctx.join("Dockerfile.cross");
+    let df = cross.to_str().expect("utf8");
+    let out = env.rootfs(
+        &ctx,
+        &["-f", df, "--platform", foreign, "-t", "p:cross"],
+        "cross-root",
+    );
+    assert_eq!(
+        read(&out.join("built-for")),
+        format!("{host} -> {foreign}\n")
+    );
+    let config = env.config("p:cross");
+    assert_eq!(config["architecture"], foreign.trim_start_matches("linux/"));
+    assert_eq!(config["os"], "linux");
+    // One platform at a time; and a platform has to parse.
+    for bad in ["linux/amd64,linux/arm64", "linux//v7"] {
+        let o = env.build_raw(&ctx, &["--platform", bad]);
+        assert!(!o.status.success(), "{bad}");
+        assert!(text(&o.stderr).contains(bad), "{}", text(&o.stderr));
+    }
+}
+
 /// Starts `kiln build -t TAG CTX` and returns once a line of its progress
 /// ends with ` started` (a RUN's output): the build, and the thread that
 /// collects its progress output (stderr) until it exits.

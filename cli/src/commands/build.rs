@@ -59,6 +59,10 @@ pub(crate) struct BuildArgs {
     /// Build this stage.
     #[arg(long)]
     target: Option<String>,
+    /// The platform of the result (`os/arch[/variant]`; default: this
+    /// machine's). One at a time.
+    #[arg(long, value_name = "PLATFORM", value_parser = parse_platform)]
+    platform: Option<kiln_solver::graph::Platform>,
     /// Run every step.
     #[arg(long)]
     no_cache: bool,
@@ -374,11 +378,25 @@ fn reads_stdin(args: &BuildArgs) -> bool {
     args.context.as_os_str() == "-" || args.file.as_deref().is_some_and(|f| f.as_os_str() == "-")
 }
 
+/// `--platform`: one `os/arch[/variant]`.
+fn parse_platform(s: &str) -> Result<kiln_solver::graph::Platform, String> {
+    if s.contains(',') {
+        return Err(format!(
+            "`{s}`: kiln builds one platform at a time (a build per platform)"
+        ));
+    }
+    kiln_solver::graph::Platform::parse(s)
+        .ok_or_else(|| format!("`{s}` is no platform (`os/arch[/variant]`, as `linux/arm64`)"))
+}
+
 /// Runs `kiln build`.
 pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCode> {
     // The build memo's key needs no store (none is memoized with stdin): a
     // rebuild the quick memo answers ends before the store is opened.
-    let opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
+    let mut opts = build_options(&args.build_args, args.target.clone(), Some(args.network));
+    if let Some(p) = &args.platform {
+        opts.target_platform = p.clone();
+    }
     let epoch = source_date_epoch()?;
     let early_memo = if reads_stdin(args) {
         None

@@ -443,12 +443,24 @@ impl PullingResolver {
     ) -> Result<kiln_solver::plan::ImageInfo, kiln_solver::plan::ResolveError> {
         use kiln_solver::plan::ImageResolver as _;
         let local = || self.inner.resolve(reference, platform);
+        // The platform of the image of that name in the store, when it is
+        // not the one asked for.
+        let mut other = None;
         let want_pull = match self.policy {
             PullPolicy::Never => false,
             PullPolicy::Always => true,
             PullPolicy::Missing => match self.store.resolve(reference) {
-                // Here: this is the image (one lookup, not two).
-                Ok(image) => return Ok(kiln_solver::runner::StoreResolver::info(&image)),
+                // Here, for that platform: this is the image (one lookup,
+                // not two).
+                Ok(image) if kiln_solver::runner::other_platform(&image, platform).is_none() => {
+                    return Ok(kiln_solver::runner::StoreResolver::info(&image));
+                }
+                // Here for another platform: pulled for this one, as
+                // BuildKit resolves a base image by platform.
+                Ok(image) => {
+                    other = kiln_solver::runner::other_platform(&image, platform);
+                    true
+                }
                 Err(StoreError::NoSuchImage { .. }) => true,
                 Err(e) => return Err(Box::new(e)),
             },
@@ -468,8 +480,11 @@ impl PullingResolver {
                 variant: (!platform.variant.is_empty()).then(|| platform.variant.clone()),
             };
             eprintln!("pulling base image {image}");
+            let why = other.map_or_else(String::new, |o| {
+                format!(" for {platform} (the store's is for {o})")
+            });
             pull_image(&self.store, &image, Some(p), true, true)
-                .map_err(|e| format!("pulling base image `{reference}`: {e:#}"))?;
+                .map_err(|e| format!("pulling base image `{reference}`{why}: {e:#}"))?;
             if let Ok(mut pulled) = self.pulled.lock() {
                 pulled.push(reference.to_owned());
             }

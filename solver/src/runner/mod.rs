@@ -1754,10 +1754,45 @@ impl crate::plan::ImageResolver for StoreResolver {
     fn resolve(
         &self,
         reference: &str,
-        _platform: &crate::graph::Platform,
+        platform: &crate::graph::Platform,
     ) -> Result<crate::plan::ImageInfo, crate::plan::ResolveError> {
-        Ok(StoreResolver::info(&self.store.resolve(reference)?))
+        let image = self.store.resolve(reference)?;
+        if let Some(has) = other_platform(&image, platform) {
+            return Err(format!(
+                "the image in the store is for {has}, not {platform} (pull it for {platform}, \
+                 or build for {has})"
+            )
+            .into());
+        }
+        Ok(StoreResolver::info(&image))
     }
+}
+
+/// The platform `image` is for, when it is not `want`: the OS and the
+/// architecture differ, or both name a variant and those differ. (An image
+/// whose config names no architecture suits any.)
+pub fn other_platform(
+    image: &kiln_cache::Image,
+    want: &crate::graph::Platform,
+) -> Option<crate::graph::Platform> {
+    let config = &image.config;
+    let has = crate::graph::Platform::parse(&format!(
+        "{}/{}/{}",
+        config.os(),
+        config.architecture(),
+        config.variant().as_deref().unwrap_or("-")
+    ))
+    .map(|mut p| {
+        if p.variant == "-" {
+            p.variant.clear();
+        }
+        p
+    })?;
+    let arch = has.architecture.as_str();
+    let differs = has.os != want.os
+        || (!arch.is_empty() && arch != want.architecture)
+        || (!has.variant.is_empty() && !want.variant.is_empty() && has.variant != want.variant);
+    differs.then_some(has)
 }
 
 #[cfg(test)]
