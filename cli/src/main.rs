@@ -127,6 +127,16 @@ mod tests {
                 "type=local,dest=out",
                 ".",
             ],
+            &[
+                "kiln",
+                "build",
+                "-q",
+                "--platform",
+                "linux/arm64/v8",
+                "--rm",
+                "--force-rm=false",
+                ".",
+            ],
         ];
         for line in lines {
             let full = Cli::try_parse_from(*line).expect("the full parser reads it");

@@ -83,6 +83,15 @@ pub(crate) struct BuildArgs {
     /// errors (`--progress=quiet`).
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// Accepted and ignored, as docker's BuildKit builder does: the legacy
+    /// builder's removal of intermediate containers (kiln leaves none).
+    #[arg(long, hide = true, value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    rm: Option<bool>,
+    /// Accepted and ignored (see `--rm`).
+    #[arg(long = "force-rm", hide = true, value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    force_rm: Option<bool>,
     /// The network of RUN steps.
     #[arg(long, value_enum, default_value = "default")]
     network: NetworkArg,
