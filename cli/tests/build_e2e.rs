@@ -824,6 +824,51 @@ fn platform_flag_as_in_buildkit() {
     }
 }
 
+#[test]
+fn add_host_reaches_the_runs_hosts_file_and_the_key() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("addhost");
+    let hosts = [
+        "--add-host",
+        "db.internal:10.1.2.3",
+        "--add-host=v6.internal=::1",
+    ];
+    let out = env.rootfs(&ctx, &hosts, "with-hosts");
+    assert_eq!(
+        read(&out.join("hosts-seen")),
+        "10.1.2.3\tdb.internal\n::1\tv6.internal\n"
+    );
+    // The sandbox's /etc/hosts is no part of the layer.
+    let etc_hosts = out.join("etc/hosts");
+    assert!(
+        !etc_hosts.exists() || !read(&etc_hosts).contains("internal"),
+        "{}",
+        read(&etc_hosts)
+    );
+    // The same hosts: cached. Without them: the RUN runs again.
+    let again = env.build(&ctx, &hosts);
+    let run = step_number(&again, "RUN grep");
+    assert!(
+        step_lines(&again, &run).contains(&format!("{run} CACHED").as_str()),
+        "{again}"
+    );
+    let out = env.rootfs(&ctx, &[], "without");
+    assert_eq!(read(&out.join("hosts-seen")), "");
+    for bad in [
+        "nohost",
+        "h:not-an-ip",
+        "h:host-gateway",
+        "bad/name:10.0.0.1",
+    ] {
+        let o = env.build_raw(&ctx, &["--add-host", bad]);
+        assert!(!o.status.success(), "{bad}");
+        assert!(text(&o.stderr).contains(bad), "{bad}: {}", text(&o.stderr));
+    }
+}
+
 /// Starts `kiln build -t TAG CTX` and returns once a line of its progress
 /// ends with ` started` (a RUN's output): the build, and the thread that
 /// collects its progress output (stderr) until it exits.

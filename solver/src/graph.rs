@@ -259,6 +259,11 @@ pub struct RunOp {
     pub security: Option<Security>,
     /// `--mount`s, expanded.
     pub mounts: Vec<MountSpec>,
+    /// `/etc/hosts` lines (`IP\tNAME`) of the build's `--add-host`s: part
+    /// of the key, as in BuildKit's exec op (absent when there are none,
+    /// so other keys stay as they were).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<String>,
 }
 
 /// Where a `RUN --mount` or a `COPY` reads from.

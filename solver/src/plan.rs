@@ -73,6 +73,8 @@ pub struct BuildOptions {
     /// (`None` or `Default`: the default). Part of their keys, as in
     /// BuildKit, where it is the exec op's network mode.
     pub network: Option<kiln_parser::Network>,
+    /// `--add-host`: `/etc/hosts` lines (`IP\tNAME`) of every RUN.
+    pub extra_hosts: Vec<String>,
 }
 
 impl Default for BuildOptions {
@@ -83,6 +85,7 @@ impl Default for BuildOptions {
             build_platform: Platform::host(),
             target_platform: Platform::host(),
             network: None,
+            extra_hosts: Vec::new(),
         }
     }
 }
@@ -1122,6 +1125,7 @@ impl<'a> Planner<'a> {
                         },
                         security: run.security,
                         mounts,
+                        extra_hosts: self.opts.extra_hosts.clone(),
                     }),
                     h,
                 )

@@ -13,6 +13,7 @@ fn opts(args: &[(&str, &str)]) -> BuildOptions {
         build_platform: Platform::parse("linux/amd64").unwrap_or_else(Platform::host),
         target_platform: Platform::parse("linux/arm64/v8").unwrap_or_else(Platform::host),
         network: None,
+        extra_hosts: Vec::new(),
     }
 }
 

@@ -95,6 +95,9 @@ pub(crate) struct BuildArgs {
     /// The network of RUN steps.
     #[arg(long, value_enum, default_value = "default")]
     network: NetworkArg,
+    /// A line for the RUNs' `/etc/hosts`: `HOST:IP` (or `HOST=IP`).
+    #[arg(long = "add-host", value_name = "HOST:IP", value_parser = parse_add_host)]
+    add_host: Vec<String>,
     /// A secret: `id=ID,src=FILE` or `id=ID,env=VAR`.
     #[arg(long, value_name = "SPEC")]
     secret: Vec<String>,
@@ -387,6 +390,30 @@ fn reads_stdin(args: &BuildArgs) -> bool {
     args.context.as_os_str() == "-" || args.file.as_deref().is_some_and(|f| f.as_os_str() == "-")
 }
 
+/// `--add-host HOST:IP` (or `HOST=IP`, as docker splits it): the
+/// `/etc/hosts` line `IP\tHOST`.
+fn parse_add_host(s: &str) -> Result<String, String> {
+    let (host, ip) = s
+        .split_once('=')
+        .or_else(|| s.split_once(':'))
+        .ok_or_else(|| format!("`{s}`: expected HOST:IP"))?;
+    if ip == "host-gateway" {
+        return Err(format!(
+            "`{s}`: host-gateway names the docker daemon's bridge, which kiln's RUNs \
+             (on the host's network or none) do not have: give the address"
+        ));
+    }
+    let ip: std::net::IpAddr = ip
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .map_err(|_| format!("`{s}`: `{ip}` is no IP address"))?;
+    let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if host.is_empty() || !host.chars().all(name_char) {
+        return Err(format!("`{s}`: `{host}` is no host name"));
+    }
+    Ok(format!("{ip}\t{host}"))
+}
+
 /// `--platform`: one `os/arch[/variant]`.
 fn parse_platform(s: &str) -> Result<kiln_solver::graph::Platform, String> {
     if s.contains(',') {
@@ -406,6 +433,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
     if let Some(p) = &args.platform {
         opts.target_platform = p.clone();
     }
+    opts.extra_hosts.clone_from(&args.add_host);
     let epoch = source_date_epoch()?;
     let early_memo = if reads_stdin(args) {
         None

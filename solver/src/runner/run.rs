@@ -385,6 +385,7 @@ impl StoreRunner {
             process,
         );
         spec.mounts = mounts;
+        spec.extra_hosts.clone_from(&r.extra_hosts);
         spec.network = match r.network {
             Some(kiln_parser::Network::Host) => Network::Host,
             Some(kiln_parser::Network::None) => Network::None,
@@ -684,6 +685,7 @@ mod tests {
             network: None,
             security: None,
             mounts: Vec::new(),
+            extra_hosts: Vec::new(),
         }
     }
 
