@@ -869,6 +869,73 @@ fn add_host_reaches_the_runs_hosts_file_and_the_key() {
     }
 }
 
+#[test]
+fn ssh_mounts_forward_the_agent_as_buildkit_does() {
+    if !can_build() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.context("ssh");
+    // An agent's socket (what the RUN sends through it is the relay's
+    // unit test: busybox has no client).
+    let agent = env.path("agent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&agent).expect("agent socket");
+    let default = format!("default={}", agent.display());
+    let other = format!("other={}", agent.display());
+    let out = env.rootfs(&ctx, &["--ssh", &default, "--ssh", &other], "ssh-root");
+    // The default: at /run/buildkit/ssh_agent.0, root's, 0600.
+    assert_eq!(
+        read(&out.join("default-seen")),
+        "600 0 0 /run/buildkit/ssh_agent.0\n"
+    );
+    // Placed and owned as the mount says.
+    assert_eq!(
+        read(&out.join("other-seen")),
+        "660 1000 1001 /tmp/agent.sock\nSSH_AUTH_SOCK=/tmp/agent.sock\n"
+    );
+    // An agent not given: no socket (the mount is optional), the variable
+    // still names where it would be.
+    assert_eq!(
+        read(&out.join("absent-seen")),
+        "SSH_AUTH_SOCK=/run/buildkit/ssh_agent.0\nno-socket\n"
+    );
+    // Nothing of the mounts is left in a layer.
+    assert!(!out.join("run/buildkit").exists());
+    assert!(!out.join("tmp/agent.sock").exists());
+    // Required and not given: the line and the id.
+    let required = ctx.join("Dockerfile.required");
+    let o = env.build_raw(&ctx, &["-f", required.to_str().expect("utf8")]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("ssh agent `needed`"),
+        "{err}"
+    );
+    env.assert_clean();
+    // `--ssh` needs an agent socket: not a key file, and `default` alone
+    // needs SSH_AUTH_SOCK (unset here).
+    let o = env.build_raw(&ctx, &["--ssh", "default=/etc/passwd"]);
+    assert!(
+        text(&o.stderr).contains("no agent socket"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(env.store())
+        .args(["build", "--no-cache", "--network=none", "--ssh", "default"])
+        .arg(&ctx)
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .expect("run kiln");
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("SSH_AUTH_SOCK is not set"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
 /// Starts `kiln build -t TAG CTX` and returns once a line of its progress
 /// ends with ` started` (a RUN's output): the build, and the thread that
 /// collects its progress output (stderr) until it exits.

@@ -98,6 +98,10 @@ pub(crate) struct BuildArgs {
     /// A line for the RUNs' `/etc/hosts`: `HOST:IP` (or `HOST=IP`).
     #[arg(long = "add-host", value_name = "HOST:IP", value_parser = parse_add_host)]
     add_host: Vec<String>,
+    /// An SSH agent for `RUN --mount=type=ssh`: `default` (the agent at
+    /// `$SSH_AUTH_SOCK`), `ID` or `ID=SOCKET`.
+    #[arg(long, value_name = "ID[=SOCKET]")]
+    ssh: Vec<String>,
     /// A secret: `id=ID,src=FILE` or `id=ID,env=VAR`.
     #[arg(long, value_name = "SPEC")]
     secret: Vec<String>,
@@ -244,6 +248,37 @@ fn secrets(specs: &[String]) -> anyhow::Result<BTreeMap<String, SecretSource>> {
             SecretSource::Env(id.clone())
         };
         out.insert(id.clone(), src);
+    }
+    Ok(out)
+}
+
+/// `--ssh default|ID[=SOCKET]`: the agent sockets by id (`default` alone:
+/// `$SSH_AUTH_SOCK`, as docker). BuildKit also takes private key files;
+/// kiln forwards agents only.
+fn ssh_agents(specs: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let mut out = BTreeMap::new();
+    for s in specs {
+        let (id, path) = match s.split_once('=') {
+            Some((id, path)) => (id.to_owned(), PathBuf::from(path)),
+            None => match std::env::var_os("SSH_AUTH_SOCK").filter(|v| !v.is_empty()) {
+                Some(sock) => (s.clone(), PathBuf::from(sock)),
+                None => bail!(
+                    "`--ssh {s}`: SSH_AUTH_SOCK is not set\nhint: start an agent, or give its socket: `--ssh {s}=SOCKET`"
+                ),
+            },
+        };
+        if id.is_empty() || path.as_os_str().is_empty() || s.contains(',') {
+            bail!("`--ssh {s}`: expected `default`, `ID` or `ID=SOCKET` (one agent socket)");
+        }
+        let meta = fs_err::metadata(&path).with_context(|| format!("`--ssh {s}`"))?;
+        if !meta.file_type().is_socket() {
+            bail!(
+                "`--ssh {s}`: `{}` is no agent socket (kiln forwards an SSH agent, not key files)",
+                path.display()
+            );
+        }
+        out.insert(id, path);
     }
     Ok(out)
 }
@@ -570,6 +605,7 @@ pub(crate) fn build(args: &BuildArgs, global: &Global) -> anyhow::Result<ExitCod
             context: context_dir.clone(),
             ignore,
             secrets: secrets(&args.secret)?,
+            ssh: ssh_agents(&args.ssh)?,
             network: match args.network {
                 NetworkArg::None => DefaultNetwork::None,
                 NetworkArg::Host | NetworkArg::Default => DefaultNetwork::Host,

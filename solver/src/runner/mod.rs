@@ -19,6 +19,7 @@ mod mount;
 mod pending;
 mod reuse;
 mod run;
+mod ssh;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -113,6 +114,8 @@ pub struct RunnerOptions {
     pub ignore: Option<kiln_parser::PatternMatcher>,
     /// `--secret`s by id.
     pub secrets: BTreeMap<String, SecretSource>,
+    /// `--ssh`: the agent sockets by id.
+    pub ssh: BTreeMap<String, PathBuf>,
     /// `--network` for RUN.
     pub network: DefaultNetwork,
     /// `SOURCE_DATE_EPOCH`: layer mtimes are clamped to it.
@@ -199,6 +202,27 @@ pub enum RunnerError {
         id: String,
         /// The Dockerfile line.
         line: usize,
+    },
+    /// A `RUN --mount=type=ssh,required=true` whose agent was not given.
+    #[error(
+        "line {line}: ssh agent `{id}` was not given\nhint: forward it with `--ssh {id}` (the agent at $SSH_AUTH_SOCK) or `--ssh {id}=SOCKET`"
+    )]
+    SshMissing {
+        /// The ssh id.
+        id: String,
+        /// The Dockerfile line.
+        line: usize,
+    },
+    /// The socket that relays an SSH agent into a RUN could not be made.
+    #[error("cannot forward ssh agent `{id}` at `{}`", path.display())]
+    SshRelay {
+        /// The ssh id.
+        id: String,
+        /// The relay's socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// Reading a secret failed.
     #[error("cannot read secret `{id}`")]

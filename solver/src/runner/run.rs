@@ -192,6 +192,8 @@ impl StoreRunner {
         let mut held: Vec<MergedMount> = Vec::new();
         let mut secret_files: Vec<tempfile::NamedTempFile> = Vec::new();
         let mut cache_locks: Vec<fs_err::File> = Vec::new();
+        let mut agents: Vec<super::ssh::AgentRelay> = Vec::new();
+        let mut ssh_mounts = 0;
         for (i, m) in r.mounts.iter().enumerate() {
             match m.kind {
                 MountType::Cache => {
@@ -363,7 +365,53 @@ impl StoreRunner {
                         },
                     });
                 }
-                MountType::Ssh => {}
+                MountType::Ssh => {
+                    // As BuildKit: `default` unless named; the n-th ssh mount
+                    // of the RUN at `/run/buildkit/ssh_agent.<n>` unless
+                    // placed; SSH_AUTH_SOCK names the first, unless set.
+                    let id = m.id.clone().unwrap_or_else(|| "default".to_owned());
+                    let target = if m.target.is_empty() {
+                        format!("/run/buildkit/ssh_agent.{ssh_mounts}")
+                    } else {
+                        m.target.clone()
+                    };
+                    ssh_mounts += 1;
+                    if !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                        env.push(format!("SSH_AUTH_SOCK={target}"));
+                    }
+                    let Some(agent) = self.opts.ssh.get(&id) else {
+                        if m.required == Some(true) {
+                            return Err(RunnerError::SshMissing { id, line });
+                        }
+                        continue;
+                    };
+                    let number = |v: &Option<String>, radix: u32, default: u32| {
+                        v.as_deref()
+                            .and_then(|x| u32::from_str_radix(x, radix).ok())
+                            .unwrap_or(default)
+                    };
+                    let path = dir.path().join(format!("ssh-{i}.sock"));
+                    let relay = super::ssh::AgentRelay::start(
+                        &path,
+                        agent,
+                        number(&m.uid, 10, 0),
+                        number(&m.gid, 10, 0),
+                        number(&m.mode, 8, 0o600),
+                    )
+                    .map_err(|source| RunnerError::SshRelay {
+                        id: id.clone(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                    mounts.push(Mount {
+                        target,
+                        kind: MountKind::Bind {
+                            source: relay.path().to_owned(),
+                            readonly: false,
+                        },
+                    });
+                    agents.push(relay);
+                }
             }
         }
         let mut process = ProcessSpec::new(args);
@@ -484,6 +532,7 @@ impl StoreRunner {
         drop(held);
         drop(secret_files);
         drop(cache_locks);
+        drop(agents);
         if cancel.is_cancelled() || status == kiln_executor::ExitStatus::Cancelled {
             return Err(RunnerError::Cancelled { step: name });
         }
