@@ -817,10 +817,24 @@ fn platform_flag_as_in_buildkit() {
     assert_eq!(config["architecture"], foreign.trim_start_matches("linux/"));
     assert_eq!(config["os"], "linux");
     // One platform at a time; and a platform has to parse.
-    for bad in ["linux/amd64,linux/arm64", "linux//v7"] {
-        let o = env.build_raw(&ctx, &["--platform", bad]);
-        assert!(!o.status.success(), "{bad}");
-        assert!(text(&o.stderr).contains(bad), "{}", text(&o.stderr));
+    assert_each_refused(
+        &env,
+        &ctx,
+        "--platform",
+        &["linux/amd64,linux/arm64", "linux//v7"],
+    );
+}
+
+/// `kiln build FLAG VALUE CTX` fails for each of `values`, naming it.
+fn assert_each_refused(env: &Env, ctx: &Path, flag: &str, values: &[&str]) {
+    for bad in values {
+        let o = env.build_raw(ctx, &[flag, bad]);
+        assert!(!o.status.success(), "{flag} {bad}");
+        assert!(
+            text(&o.stderr).contains(bad),
+            "{flag} {bad}: {}",
+            text(&o.stderr)
+        );
     }
 }
 
@@ -857,16 +871,17 @@ fn add_host_reaches_the_runs_hosts_file_and_the_key() {
     );
     let out = env.rootfs(&ctx, &[], "without");
     assert_eq!(read(&out.join("hosts-seen")), "");
-    for bad in [
-        "nohost",
-        "h:not-an-ip",
-        "h:host-gateway",
-        "bad/name:10.0.0.1",
-    ] {
-        let o = env.build_raw(&ctx, &["--add-host", bad]);
-        assert!(!o.status.success(), "{bad}");
-        assert!(text(&o.stderr).contains(bad), "{bad}: {}", text(&o.stderr));
-    }
+    assert_each_refused(
+        &env,
+        &ctx,
+        "--add-host",
+        &[
+            "nohost",
+            "h:not-an-ip",
+            "h:host-gateway",
+            "bad/name:10.0.0.1",
+        ],
+    );
 }
 
 #[test]
