@@ -34,7 +34,7 @@ impl AgentRelay {
         gid: u32,
         mode: u32,
     ) -> io::Result<AgentRelay> {
-        let listener = UnixListener::bind(path)?;
+        let listener = bind_short(path)?;
         std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
         fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))?;
         let accept_on = listener.try_clone()?;
@@ -46,7 +46,7 @@ impl AgentRelay {
                 for client in accept_on.incoming() {
                     let Ok(client) = client else { break };
                     // An agent that is gone closes the client's connection.
-                    if let Ok(upstream) = UnixStream::connect(&agent) {
+                    if let Ok(upstream) = connect_short(&agent) {
                         relay(client, upstream);
                     }
                 }
@@ -62,6 +62,35 @@ impl AgentRelay {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A name for the socket at `path` that fits a socket address (108
+/// bytes): the path itself, or, when it is longer, the name in its
+/// directory opened, through `/proc/self/fd/<fd>/` (the directory stays
+/// open as long as the name is used). A store at a long path can still
+/// forward an agent.
+fn short_name(path: &Path) -> io::Result<(PathBuf, Option<fs_err::File>)> {
+    const MAX: usize = 100;
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) if path.as_os_str().len() >= MAX => {
+            let dir = fs_err::File::open(dir)?;
+            let short = Path::new("/proc/self/fd")
+                .join(dir.file().as_raw_fd().to_string())
+                .join(name);
+            Ok((short, Some(dir)))
+        }
+        _ => Ok((path.to_owned(), None)),
+    }
+}
+
+fn bind_short(path: &Path) -> io::Result<UnixListener> {
+    let (name, _dir) = short_name(path)?;
+    UnixListener::bind(name)
+}
+
+fn connect_short(path: &Path) -> io::Result<UnixStream> {
+    let (name, _dir) = short_name(path)?;
+    UnixStream::connect(name)
 }
 
 /// Copies each way on a thread of its own; each side's end of input shuts
@@ -108,11 +137,18 @@ mod tests {
 
     /// Bytes go both ways through the relay, the socket has the asked
     /// owner and mode, and dropping the relay stops it and removes it.
+    /// (In a directory whose path is too long for a socket address.)
     #[test]
     fn relays_both_ways_with_the_owner_and_mode_asked() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let top = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = top
+            .path()
+            .join("a-directory-name-that-makes-the-path-long".repeat(3));
+        fs_err::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert!(dir.join("relay.sock").as_os_str().len() > 108);
+        let dir = tempfile::tempdir_in(&dir).unwrap_or_else(|e| panic!("{e}"));
         let agent_path = dir.path().join("agent.sock");
-        let agent = UnixListener::bind(&agent_path).unwrap_or_else(|e| panic!("{e}"));
+        let agent = bind_short(&agent_path).unwrap_or_else(|e| panic!("{e}"));
         // The agent answers each request with it reversed, then closes.
         let agent_thread = std::thread::spawn(move || {
             for _ in 0..2 {
@@ -141,7 +177,7 @@ mod tests {
             (uid, gid, 0o660)
         );
         for _ in 0..2 {
-            let mut c = UnixStream::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+            let mut c = connect_short(&path).unwrap_or_else(|e| panic!("{e}"));
             c.write_all(b"ping").unwrap_or_else(|e| panic!("{e}"));
             let mut answer = Vec::new();
             c.read_to_end(&mut answer).unwrap_or_else(|e| panic!("{e}"));
@@ -150,6 +186,6 @@ mod tests {
         agent_thread.join().unwrap_or_else(|_| panic!("agent"));
         drop(relay);
         assert!(!path.exists(), "the relay's socket stays");
-        assert!(UnixStream::connect(&path).is_err());
+        assert!(connect_short(&path).is_err());
     }
 }
