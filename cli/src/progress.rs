@@ -110,9 +110,6 @@ impl Renderer {
             }
             return;
         }
-        if self.quiet {
-            return;
-        }
         let mut out = String::new();
         for e in events {
             if let Some(l) = self.line(e) {

@@ -62,13 +62,21 @@ impl Platform {
             return None;
         }
         let host = Self::host();
-        Some(Self {
-            os: parts[0].to_lowercase(),
-            architecture: parts
-                .get(1)
-                .map_or(host.architecture, |a| normalize_arch(&a.to_lowercase())),
-            variant: parts.get(2).map(|v| v.to_lowercase()).unwrap_or_default(),
-        })
+        Some(Self::from_parts(
+            parts[0],
+            parts.get(1).copied().unwrap_or(&host.architecture),
+            parts.get(2).copied().unwrap_or_default(),
+        ))
+    }
+
+    /// The platform of these parts, as an image config or a manifest names
+    /// them: lowercase, the architecture by Go's name.
+    pub fn from_parts(os: &str, architecture: &str, variant: &str) -> Self {
+        Self {
+            os: os.to_lowercase(),
+            architecture: normalize_arch(&architecture.to_lowercase()),
+            variant: variant.to_lowercase(),
+        }
     }
 }
 
@@ -313,6 +321,25 @@ pub struct MountSpec {
     pub size: Option<String>,
     /// `env=` (secret).
     pub env: Option<String>,
+}
+
+impl MountSpec {
+    /// `uid=`, when it is a number.
+    pub fn uid(&self) -> Option<u32> {
+        self.uid.as_deref().and_then(|u| u.parse().ok())
+    }
+
+    /// `gid=`, when it is a number.
+    pub fn gid(&self) -> Option<u32> {
+        self.gid.as_deref().and_then(|g| g.parse().ok())
+    }
+
+    /// `mode=`, when it is an octal number.
+    pub fn mode(&self) -> Option<u32> {
+        self.mode
+            .as_deref()
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+    }
 }
 
 /// A file operation.

@@ -450,17 +450,17 @@ impl PullingResolver {
             PullPolicy::Never => false,
             PullPolicy::Always => true,
             PullPolicy::Missing => match self.store.resolve(reference) {
-                // Here, for that platform: this is the image (one lookup,
-                // not two).
-                Ok(image) if kiln_solver::runner::other_platform(&image, platform).is_none() => {
-                    return Ok(kiln_solver::runner::StoreResolver::info(&image));
-                }
-                // Here for another platform: pulled for this one, as
-                // BuildKit resolves a base image by platform.
-                Ok(image) => {
-                    other = kiln_solver::runner::other_platform(&image, platform);
-                    true
-                }
+                Ok(image) => match kiln_solver::runner::other_platform(&image, platform) {
+                    // Here, for that platform: this is the image (one
+                    // lookup, not two).
+                    None => return Ok(kiln_solver::runner::StoreResolver::info(&image)),
+                    // Here for another platform: pulled for this one, as
+                    // BuildKit resolves a base image by platform.
+                    Some(o) => {
+                        other = Some(o);
+                        true
+                    }
+                },
                 Err(StoreError::NoSuchImage { .. }) => true,
                 Err(e) => return Err(Box::new(e)),
             },

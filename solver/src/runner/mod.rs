@@ -1794,27 +1794,22 @@ impl crate::plan::ImageResolver for StoreResolver {
 
 /// The platform `image` is for, when it is not `want`: the OS and the
 /// architecture differ, or both name a variant and those differ. (An image
-/// whose config names no architecture suits any.)
+/// whose config names no OS or architecture suits any.)
 pub fn other_platform(
     image: &kiln_cache::Image,
     want: &crate::graph::Platform,
 ) -> Option<crate::graph::Platform> {
     let config = &image.config;
-    let has = crate::graph::Platform::parse(&format!(
-        "{}/{}/{}",
-        config.os(),
-        config.architecture(),
-        config.variant().as_deref().unwrap_or("-")
-    ))
-    .map(|mut p| {
-        if p.variant == "-" {
-            p.variant.clear();
-        }
-        p
-    })?;
-    let arch = has.architecture.as_str();
+    let has = crate::graph::Platform::from_parts(
+        &config.os().to_string(),
+        &config.architecture().to_string(),
+        config.variant().as_deref().unwrap_or_default(),
+    );
+    if has.os.is_empty() || has.architecture.is_empty() {
+        return None;
+    }
     let differs = has.os != want.os
-        || (!arch.is_empty() && arch != want.architecture)
+        || has.architecture != want.architecture
         || (!has.variant.is_empty() && !want.variant.is_empty() && has.variant != want.variant);
     differs.then_some(has)
 }

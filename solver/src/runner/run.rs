@@ -385,18 +385,13 @@ impl StoreRunner {
                         }
                         continue;
                     };
-                    let number = |v: &Option<String>, radix: u32, default: u32| {
-                        v.as_deref()
-                            .and_then(|x| u32::from_str_radix(x, radix).ok())
-                            .unwrap_or(default)
-                    };
                     let path = dir.path().join(format!("ssh-{i}.sock"));
                     let relay = super::ssh::AgentRelay::start(
                         &path,
                         agent,
-                        number(&m.uid, 10, 0),
-                        number(&m.gid, 10, 0),
-                        number(&m.mode, 8, 0o600),
+                        m.uid().unwrap_or(0),
+                        m.gid().unwrap_or(0),
+                        m.mode().unwrap_or(0o600),
                     )
                     .map_err(|source| RunnerError::SshRelay {
                         id: id.clone(),
@@ -615,16 +610,11 @@ fn cache_dir(
                 });
             }
         }
-        let uid = m.uid.as_deref().and_then(|u| u.parse::<u32>().ok());
-        let gid = m.gid.as_deref().and_then(|g| g.parse::<u32>().ok());
+        let (uid, gid) = (m.uid(), m.gid());
         if uid.is_some() || gid.is_some() {
             std::os::unix::fs::chown(dir, uid, gid).map_err(scratch_err(dir))?;
         }
-        let mode = m
-            .mode
-            .as_deref()
-            .and_then(|x| u32::from_str_radix(x, 8).ok())
-            .unwrap_or(0o755);
+        let mode = m.mode().unwrap_or(0o755);
         use std::os::unix::fs::PermissionsExt as _;
         fs_err::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7777))
             .map_err(scratch_err(dir))
